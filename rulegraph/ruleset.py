@@ -134,6 +134,6 @@ class RuleSet:
         best = [b for b in found if b.specificity == top]
         latest = max(b.layer for b in best)
         best = [b for b in best if b.layer == latest]
-        if len({(b.selector, b.rule) for b in best}) > 1 or len({b.selector for b in best}) > 1:
+        if len(best) > 1:
             raise AmbiguousBinding(node, best)
         return best[0]

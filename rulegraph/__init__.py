@@ -1,0 +1,14 @@
+"""rulegraph: declarative rule-graph attribution for ONNX models.
+
+A rule file assigns a backward rule to each op type; rulegraph checks it against the model and
+compiles model + rules into one ONNX model computing the forward and the relevance pass together.
+"""
+
+from .errors import CoverageError, ModelError, RuleSyntaxError, RulegraphError
+from .explainer import Explainer, Result
+from .graph import Graph, load
+from .ruleset import RuleSet
+
+__all__ = ["CoverageError", "Explainer", "Graph", "ModelError", "Result", "RuleSet", "RuleSyntaxError",
+           "RulegraphError", "load"]
+__version__ = "0.1.0"

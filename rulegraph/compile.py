@@ -1,0 +1,397 @@
+"""Compile model + rules into one ONNX model: the forward pass and the relevance pass together.
+
+The reverse walk (RULES.md §1): every active tensor ``t`` gets an associated number ``a(t)``. The
+pass starts at the start tensor (the chosen output, the input of a node bound to ``start``, or a
+tensor the user names), visits the nodes on the relevance path in reverse topological order, asks
+each node's rule for its inputs' numbers, and sums contributions where a tensor feeds several
+nodes. It finishes at the float graph inputs, where the quantity turns ``a(x)`` into the
+attribution.
+
+Graph inputs of the compiled model: the model's own, plus ``rulegraph/target`` (int64 [N], a class
+index per batch row; negative means arg-max) or, in seed mode, ``rulegraph/seed`` (a float array
+shaped like the start tensor). Outputs: the model's own, then those named in ``Compiled``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .emit import Tape
+from .errors import CoverageError, ModelError, RulegraphError
+from .graph import Graph, Node
+from .kinds import NORMALIZING
+from .rules import RULES
+from .ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
+from .vjp import LINEAR_BIAS, VJPS, WINDOW_SUMS, VjpContext
+
+TARGET = "rulegraph/target"
+SEED = "rulegraph/seed"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Which binding a node got (for ``rulegraph ops``); ``binding`` is None when it has none."""
+
+    node: Node
+    binding: Binding | None
+    on_path: bool
+    problem: str | None = None
+
+
+@dataclass
+class Compiled:
+    """The explainer model and the names of what it computes."""
+
+    model: onnx.ModelProto
+    graph: Graph
+    ruleset: RuleSet
+    start_tensor: str
+    seed_mode: bool
+    attribution: dict[str, str] = field(default_factory=dict)   # graph input -> output name
+    saliency: dict[str, str] = field(default_factory=dict)
+    bias_shares: dict[str, str] = field(default_factory=dict)   # node name -> output name [N]
+    bias_total: str | None = None
+    start_value: str = ""        # Σ view(start) per batch row [N]
+    start_output: str = ""       # the start tensor itself
+    model_outputs: list[str] = field(default_factory=list)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.model.graph.input]
+
+
+class RuleContext(VjpContext):
+    """What a rule emitter may read and call (rules.py); extends the VJP context."""
+
+    def __init__(self, base: VjpContext, a_out, params, ruleset: RuleSet, bias_sink):
+        super().__init__(base.node, base.graph, base.tape, base.active, base.request_output)
+        self.a_out = a_out
+        self.params = params
+        self.quantity = ruleset.quantity
+        self.bias_policy = ruleset.bias
+        self.kind = base.node.kind
+        self._bias_sink = bias_sink
+
+    def vjp(self, g: list[str | None]) -> list[str | None]:
+        return _run_vjp(self, g)
+
+    def linear_bias(self) -> str | None:
+        """The bias of a linear op as a constant tensor name, or None."""
+        fn = LINEAR_BIAS.get(self.node.op_type)
+        value = None if fn is None else fn(self)
+        if value is None or not np.any(value):
+            return None
+        return self.tape.const(np.asarray(value, dtype=self.tape.float_dtype), hint="bias")
+
+    def report_bias(self, share: str) -> None:
+        self._bias_sink(self.node, share)
+
+    def value_at_zero(self) -> str | None:
+        """``f(0)`` of an elementwise node as a constant, or None when it is 0."""
+        from .graph import _evaluate
+
+        rank = self.graph.rank(self.x) or 1
+        consts = dict(self.graph.constants)
+        zero_name = "__rulegraph_zero__"
+        consts[zero_name] = np.zeros([1] * rank, dtype=self.tape.float_dtype)
+        proto = helper.make_node(self.node.op_type, [zero_name] + self.node.inputs[1:], ["f0"])
+        proto.attribute.extend(self.node.attribute_protos)
+        try:
+            value = _evaluate(proto, consts, self.graph.opset)[0]
+        except Exception as exc:
+            raise self.fail(f"cannot evaluate f(0): {exc}") from exc
+        if not np.any(value):
+            return None
+        return self.tape.const(np.asarray(value, dtype=self.tape.float_dtype), hint="f0")
+
+    def apply_node_to(self, a: str) -> str:
+        return self.tape.copy_node(self.node, [a] + self.node.inputs[1:])
+
+    def window_sum(self, xs: list[str | None]) -> str:
+        return self._window(0)(self, xs)
+
+    def window_sum_vjp(self, g: str) -> list[str | None]:
+        return self._window(1)(self, g)
+
+    def _window(self, i: int):
+        entry = WINDOW_SUMS.get(self.node.op_type)
+        if entry is None:
+            raise self.fail(f"the radial rule has no window for {self.node.op_type}; it supports "
+                            f"{', '.join(sorted(WINDOW_SUMS))}")
+        return entry[i]
+
+
+def _run_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
+    fn = VJPS.get(ctx.node.op_type)
+    if fn is None:
+        raise ctx.fail(f"no VJP for op type {ctx.node.op_type}; supported: {', '.join(sorted(VJPS))}")
+    result = fn(ctx, g)
+    if len(result) != len(ctx.node.inputs):
+        raise AssertionError(f"VJP of {ctx.node.op_type} returned {len(result)} entries for "
+                             f"{len(ctx.node.inputs)} inputs")
+    return [r if active else None for r, active in zip(result, ctx.active)]
+
+
+# --------------------------------------------------------------------------------------------------
+# which nodes are on the path, and which binding each gets
+
+
+def path_nodes(graph: Graph, start_tensor: str) -> list[Node]:
+    """Nodes with an active input whose output reaches ``start_tensor``, in topological order."""
+    if start_tensor in graph.producer:
+        producer = graph.producer[start_tensor].name
+        ancestors = nx.ancestors(graph.nx, producer) | {producer}
+    else:
+        ancestors = set()
+    return [n for n in graph.nodes if n.name in ancestors and any(t in graph.active for t in n.inputs)]
+
+
+def node_infos(nodes: list[Node]) -> dict[str, NodeInfo]:
+    first: dict[str, str] = {}
+    last: dict[str, str] = {}
+    for n in nodes:
+        first.setdefault(n.op_type, n.name)
+        last[n.op_type] = n.name
+    return {n.name: NodeInfo(n.name, n.op_type, n.kind or "unknown", first[n.op_type] == n.name,
+                             last[n.op_type] == n.name) for n in nodes}
+
+
+def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> list[Assignment]:
+    """The binding of every node on the path, with a problem sentence where there is none."""
+    infos = infos or node_infos(nodes)
+    out = []
+    for n in nodes:
+        try:
+            binding = ruleset.binding_for(infos[n.name])
+        except AmbiguousBinding as exc:
+            out.append(Assignment(n, None, True, str(exc)))
+            continue
+        out.append(Assignment(n, binding, True, _problem(n, binding)))
+    return out
+
+
+def _accepting(kind: str | None) -> list[str]:
+    return sorted(name for name, spec in RULES.items() if kind in spec.kinds and name != "start")
+
+
+def _problem(node: Node, binding: Binding | None) -> str | None:
+    if node.kind is None:
+        return (f"{node}: rulegraph does not know op type {node.op_type}; it knows "
+                f"{', '.join(sorted(VJPS))}")
+    if binding is None:
+        extra = " (normalizing ops need an explicit rule, e.g. `Softmax -> start`)" if node.kind == NORMALIZING else ""
+        return (f"{node}, kind {node.kind}, has no rule{extra}; add a binding such as "
+                f"`{node.op_type} -> {_accepting(node.kind)[0]}` (rules accepting {node.kind}: "
+                f"{', '.join(_accepting(node.kind))})")
+    spec = RULES[binding.rule.name]
+    if node.kind not in spec.kinds:
+        return (f"{node} is {node.kind}, but '{binding.selector} -> {binding.rule}' at {binding.location} "
+                f"binds rule '{spec.name}', which accepts {', '.join(sorted(spec.kinds))}; rules "
+                f"accepting {node.kind}: {', '.join(_accepting(node.kind))}")
+    return None
+
+
+def find_start(graph: Graph, ruleset: RuleSet, output: str | None, start_tensor: str | None) -> str:
+    """The tensor the pass starts at (see the module docstring)."""
+    if start_tensor is not None:
+        if start_tensor not in graph.active:
+            raise RulegraphError(f"cannot start at tensor '{start_tensor}': it is not an activation "
+                                 "computed from a float input of the model")
+        return start_tensor
+    if output is None:
+        output = graph.outputs[0]
+    elif output not in graph.outputs:
+        raise RulegraphError(f"the model has no output '{output}'; its outputs: {', '.join(graph.outputs)}")
+    candidates = path_nodes(graph, output)
+    infos = node_infos(candidates)
+    starts = []
+    for n in candidates:
+        try:
+            b = ruleset.binding_for(infos[n.name])
+        except AmbiguousBinding:
+            continue
+        if b is not None and b.rule.name == "start":
+            starts.append(n)
+    if not starts:
+        if output not in graph.active:
+            raise RulegraphError(f"output '{output}' does not depend on a float input of the model")
+        return output
+    # the start node nearest the input wins only if it is unique on every path; keep it simple
+    node = starts[-1] if len(starts) == 1 else None
+    if node is None:
+        names = ", ".join(str(n) for n in starts)
+        raise RulegraphError(f"several nodes are bound to 'start' on the way to '{output}': {names}; "
+                             "bind 'start' to one of them with node \"...\"")
+    return node.inputs[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# compile
+
+
+def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
+                      start_tensor: str | None = None, seed_mode: bool = False) -> Compiled:
+    """Build the explainer model (forward + relevance pass) and check it with onnx.checker."""
+    start = find_start(graph, ruleset, output, start_tensor)
+    nodes = path_nodes(graph, start)
+    assignments = assign(graph, ruleset, nodes)
+    problems = [a.problem for a in assignments if a.problem]
+    if problems:
+        raise CoverageError(f"{ruleset.source}: {len(problems)} node(s) cannot be explained:\n  - "
+                            + "\n  - ".join(problems))
+
+    dtype = helper.tensor_dtype_to_np_dtype(graph.dtypes.get(start, TensorProto.FLOAT))
+    taken = {t for n in graph.nodes for t in n.inputs + n.outputs} | set(graph.constants) | set(graph.inputs)
+    tape = Tape(graph.opset, taken, float_dtype=dtype)
+    compiled = Compiled(graph.model, graph, ruleset, start, seed_mode)
+    extra_outputs: dict[str, dict[int, str]] = {}
+
+    def request_output(node: Node, index: int) -> str:
+        if index < len(node.outputs) and node.outputs[index]:
+            return node.outputs[index]
+        slots = extra_outputs.setdefault(node.name, {})
+        if index not in slots:
+            slots[index] = tape.fresh(f"{node.op_type}_out{index}")
+        return slots[index]
+
+    bias_terms: dict[str, list[str]] = {}
+
+    def bias_sink(node: Node, share: str) -> None:
+        bias_terms.setdefault(node.name, []).append(share)
+
+    a: dict[str, list[str]] = {start: [_seed(tape, graph, ruleset, start, seed_mode, compiled)]}
+    for assignment in reversed(assignments):
+        node, binding = assignment.node, assignment.binding
+        a_out = [tape.sum(a[o]) if o in a else None for o in node.outputs]
+        if all(x is None for x in a_out):
+            continue
+        active = [t in graph.active for t in node.inputs]
+        tape.scope = f"{node.name}/"
+        base = VjpContext(node, graph, tape, active, request_output)
+        spec = RULES[binding.rule.name]
+        ctx = RuleContext(base, a_out, dict(binding.rule.params), ruleset, bias_sink)
+        try:
+            result = spec.emit(ctx)
+        except RulegraphError:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ModelError(f"{node}: rule '{spec.name}' failed: {exc}") from exc
+        if len(result) != len(node.inputs):
+            raise AssertionError(f"rule '{spec.name}' on {node} returned {len(result)} entries for "
+                                 f"{len(node.inputs)} inputs")
+        for tensor, contribution in zip(node.inputs, result):
+            if contribution is not None and tensor in graph.active:
+                a.setdefault(tensor, []).append(contribution)
+    tape.scope = ""
+
+    outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms)
+    compiled.model = _assemble(graph, tape, extra_outputs, outputs, seed_mode, start)
+    return compiled
+
+
+def _row_sum(tape: Tape, x: str) -> str:
+    """Σ over every axis but the batch axis: [N, ...] -> [N]."""
+    flat = tape.op("Flatten", x, axis=1)
+    return tape.reduce_sum(flat, [1], keepdims=False)
+
+
+def _view(tape: Tape, quantity: str, tensor: str, a: str) -> str:
+    """The conserved view of a tensor (RULES.md §1): ``a`` for relevance, ``t ⊙ a`` otherwise."""
+    return a if quantity == "relevance" else tape.op("Mul", tensor, a)
+
+
+def _seed(tape: Tape, graph: Graph, ruleset: RuleSet, start: str, seed_mode: bool, compiled: Compiled) -> str:
+    """``a(start)``: ``y ⊙ onehot`` (relevance, or ``start output``) or ``onehot``."""
+    if seed_mode:
+        onehot = SEED
+    else:
+        classes = tape.op("Range", tape.const(np.array(0, dtype=np.int64)),
+                          tape.op("Squeeze", tape.shape(start, start=1, end=2)),
+                          tape.const(np.array(1, dtype=np.int64)))
+        rank = graph.rank(start) or 2
+        classes = tape.op("Reshape", classes, tape.ints([1, -1] + [1] * (rank - 2)))
+        argmax = tape.op("ArgMax", start, axis=1, keepdims=1)
+        target = tape.op("Reshape", TARGET, tape.ints([-1] + [1] * (rank - 1)))
+        chosen = tape.op("Where", tape.op("Less", target, tape.ints([0])), argmax, target)
+        onehot = tape.op("Cast", tape.op("Equal", classes, chosen), to=graph.dtypes.get(start, TensorProto.FLOAT))
+    mode = ruleset.start or ("output" if ruleset.quantity == "relevance" else "one")
+    seed = tape.op("Mul", start, onehot) if mode == "output" else onehot
+    compiled.start_value = _row_sum(tape, _view(tape, ruleset.quantity, start, seed))
+    return seed
+
+
+def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, bias_terms) -> dict:
+    """Attribution per float input, bias shares; returns the new outputs with their shapes."""
+    for x in graph.float_inputs():
+        ax = tape.sum(a[x]) if x in a else tape.zeros_like(x)
+        if ruleset.quantity == "relevance":
+            compiled.attribution[x] = tape.op("Identity", ax)
+        else:
+            compiled.saliency[x] = tape.op("Identity", ax)
+            compiled.attribution[x] = tape.op("Mul", x, ax)
+    outputs = {o: graph.shapes.get(x) for d in (compiled.attribution, compiled.saliency) for x, o in d.items()}
+    row = [graph.dim(graph.float_inputs()[0], 0) if graph.float_inputs() else "N"]
+    if ruleset.bias in ("blame", "total") and bias_terms:
+        per_node = {name: _row_sum(tape, tape.sum(terms)) for name, terms in bias_terms.items()}
+        compiled.bias_total = tape.sum(list(per_node.values())) if len(per_node) > 1 else tape.op("Identity", next(iter(per_node.values())))
+        outputs[compiled.bias_total] = row
+        if ruleset.bias == "blame":
+            compiled.bias_shares = per_node
+            outputs.update({o: row for o in per_node.values()})
+    compiled.start_output = compiled.start_tensor
+    outputs[compiled.start_value] = row
+    return outputs
+
+
+def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list | None], seed_mode: bool,
+              start: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(graph.model)
+    g = model.graph
+    for node in g.node:
+        for index, name in extra_outputs.get(node.name, {}).items():
+            while len(node.output) <= index:
+                node.output.append("")
+            node.output[index] = name
+    g.node.extend(tape.nodes)
+    g.initializer.extend(tape.initializers)
+    if seed_mode:
+        elem = graph.dtypes.get(start, TensorProto.FLOAT)
+        g.input.append(helper.make_tensor_value_info(SEED, elem, graph.shapes.get(start)))
+    else:
+        g.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]))
+    existing = {o.name for o in g.output}
+    elem = graph.dtypes.get(start, TensorProto.FLOAT)
+    for name, shape in list(outputs.items()) + [(start, graph.shapes.get(start))]:
+        if name not in existing:
+            dims = shape if shape is not None else []
+            g.output.append(helper.make_tensor_value_info(name, elem, dims))
+            existing.add(name)
+    _prune(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise AssertionError(f"the compiled explainer is not valid ONNX: {exc}") from exc
+    return model
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers nothing downstream uses (e.g. bias shares under ``absorb``)."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if i.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)

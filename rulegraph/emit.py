@@ -1,0 +1,132 @@
+"""The tape: the only user of ``onnx.helper``. Fresh names, constants, nodes.
+
+VJPs and rules never build protobufs themselves; they call ``tape.op(...)`` and get tensor names
+back. The tape knows the model's opset, so helpers such as ``reduce_sum`` and ``unsqueeze`` emit
+the right form (axes as attribute or as input).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+class Tape:
+    """Collects the nodes and constants of the backward pass."""
+
+    def __init__(self, opset: int, taken_names: set[str], float_dtype=np.float32, prefix: str = "rg"):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.float_dtype = np.dtype(float_dtype)
+        self._taken = set(taken_names)
+        self._prefix = prefix
+        self._counter = 0
+        self._consts: dict[tuple, str] = {}
+        self.scope = ""
+
+    # names ---------------------------------------------------------------------------------------
+    def fresh(self, hint: str = "t") -> str:
+        while True:
+            self._counter += 1
+            name = f"{self._prefix}/{self.scope}{hint}_{self._counter}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+
+    # constants -----------------------------------------------------------------------------------
+    def const(self, value, dtype=None, hint: str = "c") -> str:
+        """An initializer holding ``value``; small constants are shared."""
+        array = np.asarray(value, dtype=dtype if dtype is not None else None)
+        if array.dtype == np.float64 and dtype is None:
+            array = array.astype(self.float_dtype)
+        key = None
+        if array.size <= 16:
+            key = (array.dtype.str, array.shape, array.tobytes())
+            if key in self._consts:
+                return self._consts[key]
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        if key is not None:
+            self._consts[key] = name
+        return name
+
+    def scalar(self, value: float, like: str | None = None) -> str:
+        """A float scalar of the backward's dtype (``like`` documents which tensor it pairs with)."""
+        return self.const(np.array(value, dtype=self.float_dtype), hint="k")
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(np.asarray(list(values), dtype=np.int64), hint="i")
+
+    # nodes ---------------------------------------------------------------------------------------
+    def op(self, op_type: str, *inputs: str | None, outputs: int = 1, domain: str = "", **attrs):
+        """Emit one node; returns its output name (or a list when ``outputs > 1``)."""
+        names = [self.fresh(op_type) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(
+            op_type, ["" if i is None else i for i in inputs], names, name=names[0], domain=domain,
+            **{k: v for k, v in attrs.items() if v is not None}))
+        return names[0] if outputs == 1 else names
+
+    def copy_node(self, node, inputs: Sequence[str | None], outputs: int | None = None):
+        """Emit ``node``'s op with its attributes on other inputs; returns the first output."""
+        n_out = outputs if outputs is not None else 1
+        names = [self.fresh(node.op_type) for _ in range(n_out)]
+        proto = helper.make_node(node.op_type, ["" if i is None else i for i in inputs], names,
+                                 name=names[0], domain=node.domain)
+        proto.attribute.extend(node.attribute_protos)
+        self.nodes.append(proto)
+        return names[0] if n_out == 1 else names
+
+    # opset-aware helpers --------------------------------------------------------------------------
+    def reduce(self, op_type: str, x: str, axes: Sequence[int] | str | None, keepdims: bool = True) -> str:
+        """ReduceSum/ReduceMean/ReduceMax/... over ``axes`` (ints, or a tensor name of int64 axes)."""
+        axes_as_input = op_type == "ReduceSum" or self.opset >= 18
+        if axes is None:
+            return self.op(op_type, x, keepdims=int(keepdims))
+        if isinstance(axes, str):
+            if not axes_as_input:
+                raise ValueError(f"{op_type} at opset {self.opset} cannot take axes as a tensor")
+            return self.op(op_type, x, axes, keepdims=int(keepdims), noop_with_empty_axes=1)
+        if axes_as_input:
+            return self.op(op_type, x, self.ints(axes), keepdims=int(keepdims))
+        return self.op(op_type, x, keepdims=int(keepdims), axes=list(axes))
+
+    def reduce_sum(self, x: str, axes, keepdims: bool = True) -> str:
+        return self.reduce("ReduceSum", x, axes, keepdims)
+
+    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        return self.op("Unsqueeze", x, self.ints(axes))
+
+    def shape(self, x: str, start: int | None = None, end: int | None = None) -> str:
+        return self.op("Shape", x, start=start, end=end)
+
+    def reshape_like(self, g: str, x: str) -> str:
+        return self.op("Reshape", g, self.shape(x))
+
+    def zeros_like(self, x: str) -> str:
+        zero = numpy_helper.from_array(np.zeros(1, dtype=self.float_dtype), "value")
+        return self.op("ConstantOfShape", self.shape(x), value=zero)
+
+    def sum(self, terms: Sequence[str]) -> str:
+        terms = list(terms)
+        if len(terms) == 1:
+            return terms[0]
+        return self.op("Sum", *terms)
+
+    # arithmetic used by several rules -------------------------------------------------------------
+    def blip(self, d: str, eps: float) -> str:
+        """``d + ε·sign(d)`` with ``sign(0) = +1`` (RULES.md §3); ``d`` itself when ε = 0."""
+        if eps == 0:
+            return d
+        nonneg = self.op("GreaterOrEqual", d, self.scalar(0.0))
+        step = self.op("Where", nonneg, self.scalar(eps), self.scalar(-eps))
+        return self.op("Add", d, step)
+
+    def safe_div(self, a: str, d: str) -> str:
+        """``a / d`` with 0 where ``d = 0`` (a zero denominator carries nothing)."""
+        zero = self.op("Equal", d, self.scalar(0.0))
+        safe = self.op("Where", zero, self.scalar(1.0), d)
+        return self.op("Where", zero, self.scalar(0.0), self.op("Div", a, safe))

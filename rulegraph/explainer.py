@@ -1,0 +1,184 @@
+"""The Python interface: ``Explainer(model, rules).explain(x, target=...)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from . import graph as graph_mod
+from . import runtime
+from .compile import SEED, TARGET, Compiled, compile_explainer
+from .errors import RulegraphError
+from .ruleset import RuleSet
+
+
+@dataclass
+class Result:
+    """What one explain run gives, per batch row where it has a batch axis.
+
+    ``attribution``: input name -> array shaped like that input (for the first float input also
+    ``.map``); ``saliency``: ``a(x)`` itself (importance quantity); ``bias_shares``: bias node ->
+    [N] share; ``bias_total`` [N]; ``start_value`` [N]: Σ of the conserved view at the start;
+    ``delta`` [N]: Σ attribution + Σ bias shares − start_value (0 when the rules conserve);
+    ``outputs``: the model's own outputs; ``target`` [N]: the class explained per row.
+    """
+
+    attribution: dict[str, np.ndarray]
+    saliency: dict[str, np.ndarray]
+    bias_shares: dict[str, np.ndarray]
+    bias_total: np.ndarray | None
+    start_value: np.ndarray
+    outputs: dict[str, np.ndarray]
+    start: np.ndarray
+    target: np.ndarray | None = None
+    device: str = "cpu"
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def map(self) -> np.ndarray:
+        """The attribution of the first float input."""
+        return next(iter(self.attribution.values()))
+
+    @property
+    def delta(self) -> np.ndarray:
+        """End-to-end conservation error per row (RULES.md §5)."""
+        total = sum(a.reshape(len(a), -1).sum(axis=1).astype(np.float64) for a in self.attribution.values())
+        if self.bias_total is not None:
+            total = total + self.bias_total.astype(np.float64)
+        return total - self.start_value.astype(np.float64)
+
+    @property
+    def relative_delta(self) -> np.ndarray:
+        scale = np.maximum(np.abs(self.start_value.astype(np.float64)), 1e-12)
+        return self.delta / scale
+
+
+def _load_rules(rules: str | Path | RuleSet) -> RuleSet:
+    if isinstance(rules, RuleSet):
+        return rules
+    from . import dsl
+
+    return dsl.load(rules)
+
+
+class Explainer:
+    """Model + rule file, compiled once into one ONNX explainer and run with onnxruntime.
+
+    ``model``: a path or a ModelProto; ``rules``: a rule file path, a bundled rule file's name
+    (``"lrp-epsilon"``) or a RuleSet. ``output`` names the model output to explain (default: the
+    first); ``start`` names any intermediate tensor to start at instead.
+    """
+
+    def __init__(self, model: str | Path | onnx.ModelProto, rules: str | Path | RuleSet,
+                 providers: list[str] | None = None, output: str | None = None,
+                 start: str | None = None, threads: int = 0):
+        self.graph = graph_mod.load(model)
+        self.ruleset = _load_rules(rules)
+        self.providers = providers
+        self.output = output
+        self.start = start
+        self.threads = threads
+        self._compiled: dict[bool, Compiled] = {}
+
+    def compiled(self, seed_mode: bool = False) -> Compiled:
+        if seed_mode not in self._compiled:
+            self._compiled[seed_mode] = compile_explainer(self.graph, self.ruleset, self.output,
+                                                          self.start, seed_mode)
+        return self._compiled[seed_mode]
+
+    def save(self, path: str | Path, seed_mode: bool = False) -> Path:
+        """Write the explainer ONNX model; any ONNX runtime can run it without rulegraph."""
+        path = Path(path)
+        onnx.save(self.compiled(seed_mode).model, str(path))
+        return path
+
+    def _feeds(self, x) -> dict[str, np.ndarray]:
+        inputs = self.graph.inputs
+        if isinstance(x, Mapping):
+            missing = [i for i in inputs if i not in x]
+            unknown = [k for k in x if k not in inputs]
+            if missing or unknown:
+                raise RulegraphError(f"the model's inputs are {inputs}; missing {missing}, unknown {unknown}")
+            feeds = dict(x)
+        else:
+            if len(inputs) != 1:
+                raise RulegraphError(f"the model has {len(inputs)} inputs ({', '.join(inputs)}); "
+                                     "pass a dict {name: array}")
+            feeds = {inputs[0]: x}
+        out = {}
+        for name, value in feeds.items():
+            value = np.asarray(value)
+            want = onnx.helper.tensor_dtype_to_np_dtype(self.graph.dtypes.get(name, onnx.TensorProto.FLOAT))
+            rank = self.graph.rank(name)
+            if rank is not None and value.ndim == rank - 1:
+                value = value[None]
+            if rank is not None and value.ndim != rank:
+                raise RulegraphError(f"input '{name}' must have rank {rank} (shape "
+                                     f"{self.graph.shapes.get(name)}), got shape {value.shape}")
+            out[name] = np.ascontiguousarray(value.astype(want, copy=False))
+        return out
+
+    def _static_batch(self) -> int | None:
+        dims = [self.graph.dim(i, 0) for i in self.graph.inputs if self.graph.rank(i)]
+        return dims[0] if dims and isinstance(dims[0], int) else None
+
+    def explain(self, x, target: int | str | np.ndarray | list = "argmax") -> Result:
+        """Explain a batch. ``target``: a class index (one, or one per row), ``"argmax"``, or a seed
+        array shaped like the start tensor (a neuron or channel objective)."""
+        feeds = self._feeds(x)
+        n = next(iter(feeds.values())).shape[0]
+        seed_mode = isinstance(target, np.ndarray) and target.dtype.kind == "f"
+        compiled = self.compiled(seed_mode)
+        if seed_mode:
+            feeds[SEED] = target.astype(onnx.helper.tensor_dtype_to_np_dtype(
+                self.graph.dtypes.get(compiled.start_tensor, onnx.TensorProto.FLOAT)))
+        else:
+            feeds[TARGET] = _targets(target, n)
+        sess = runtime.session(compiled.model.SerializeToString(), self.providers, self.threads)
+        values = _run_in_chunks(sess, feeds, self._static_batch(), n)
+        start = values[compiled.start_tensor]
+        chosen = None
+        if not seed_mode:
+            chosen = feeds[TARGET].copy()
+            if start.ndim >= 2:
+                chosen = np.where(chosen < 0, start.reshape(n, start.shape[1], -1)[:, :, 0].argmax(axis=1), chosen)
+        return Result(
+            attribution={x: values[o] for x, o in compiled.attribution.items()},
+            saliency={x: values[o] for x, o in compiled.saliency.items()},
+            bias_shares={k: values[o] for k, o in compiled.bias_shares.items()},
+            bias_total=values[compiled.bias_total] if compiled.bias_total else None,
+            start_value=values[compiled.start_value],
+            outputs={o: values[o] for o in self.graph.outputs},
+            start=start,
+            target=chosen,
+            device=runtime.device_of(sess),
+        )
+
+
+def _run_in_chunks(sess, feeds: dict[str, np.ndarray], static_batch: int | None, n: int) -> dict:
+    """One run, or one per chunk when the model was exported with a fixed batch size."""
+    names = [o.name for o in sess.get_outputs()]
+    step = static_batch if static_batch and static_batch != n else n
+    if n % step:
+        raise RulegraphError(f"the model was exported with a fixed batch of {step}; a batch of {n} "
+                             f"is not a multiple of it (re-export with a dynamic batch axis)")
+    runs = [sess.run(names, {k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+    return {name: np.concatenate([r[j] for r in runs]) if runs[0][j].ndim else runs[0][j]
+            for j, name in enumerate(names)}
+
+
+def _targets(target, n: int) -> np.ndarray:
+    if isinstance(target, str):
+        if target != "argmax":
+            raise RulegraphError(f"target must be a class index, 'argmax' or a seed array, got '{target}'")
+        return np.full(n, -1, dtype=np.int64)
+    t = np.asarray(target, dtype=np.int64).reshape(-1)
+    if t.size == 1:
+        return np.full(n, int(t[0]), dtype=np.int64)
+    if t.size != n:
+        raise RulegraphError(f"got {t.size} targets for a batch of {n}")
+    return t

@@ -1,0 +1,296 @@
+"""ONNX -> Graph: nodes in topological order, constants, shapes, dtypes and op kinds.
+
+Reading a model:
+
+1. refuse ops outside the default ONNX domain, naming the node;
+2. upgrade opsets below ``MIN_OPSET`` (the backward needs ScatterElements with ``reduction="add"``,
+   opset 16);
+3. name unnamed nodes; treat initializers, Constant nodes and graph inputs that have an
+   initializer (old exports such as mnist-8) as constants, and fold every node whose inputs are all
+   constants (a Reshape of a weight, shape arithmetic on static shapes);
+4. infer shapes and dtypes;
+5. mark *active* tensors: floats computed from a float graph input. Only active tensors carry an
+   associated number; integer tensors (shapes, token ids) and constants never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import ModelError, node_ref
+from .kinds import OP_KINDS, kind_of
+
+MIN_OPSET = 17
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
+#: Ops that must never be folded even when their inputs are constant.
+NOT_FOLDABLE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                          "Multinomial", "Bernoulli"})
+
+
+@dataclass
+class Node:
+    """One ONNX node, with its attributes as Python values and its op kind."""
+
+    name: str
+    op_type: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    attribute_protos: list[onnx.AttributeProto]
+    domain: str = ""
+    kind: str | None = None
+    index: int = 0
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.attrs.get(name, default)
+
+    def __str__(self) -> str:
+        return node_ref(self.name, self.op_type)
+
+
+@dataclass
+class Graph:
+    """A model read for explanation. ``nodes`` holds only the nodes left after constant folding."""
+
+    model: onnx.ModelProto
+    opset: int
+    nodes: list[Node]
+    constants: dict[str, np.ndarray]
+    inputs: list[str]
+    outputs: list[str]
+    dtypes: dict[str, int]
+    shapes: dict[str, list[int | str | None] | None]
+    active: set[str]
+    nx: nx.DiGraph = field(repr=False)
+    producer: dict[str, Node] = field(default_factory=dict)
+    consumers: dict[str, list[Node]] = field(default_factory=dict)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def is_const(self, tensor: str) -> bool:
+        return tensor in self.constants
+
+    def rank(self, tensor: str) -> int | None:
+        shape = self.shapes.get(tensor)
+        return None if shape is None else len(shape)
+
+    def static_shape(self, tensor: str) -> tuple[int, ...] | None:
+        if tensor in self.constants:
+            return tuple(self.constants[tensor].shape)
+        shape = self.shapes.get(tensor)
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            return None
+        return tuple(shape)
+
+    def dim(self, tensor: str, axis: int) -> int | str | None:
+        if tensor in self.constants:
+            return self.constants[tensor].shape[axis]
+        shape = self.shapes.get(tensor)
+        return None if shape is None else shape[axis]
+
+    def is_float(self, tensor: str) -> bool:
+        return self.dtypes.get(tensor) in FLOAT_TYPES
+
+    def float_inputs(self) -> list[str]:
+        return [i for i in self.inputs if self.is_float(i)]
+
+
+def load(model: str | Path | onnx.ModelProto) -> Graph:
+    """Read a model from a path or a ModelProto (which is copied, never modified)."""
+    proto = _read(model)
+    _check_domains(proto)
+    proto = _upgrade(proto)
+    _name_nodes(proto)
+    constants = _collect_constants(proto)
+    nodes_proto = _fold_constants(proto, constants)
+    proto = _rebuild(proto, nodes_proto, constants)
+    return _build(proto, constants)
+
+
+def _read(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    path = Path(model)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf decode errors, external data outside the folder
+        raise ModelError(f"{path}: cannot read the ONNX model: {exc}") from exc
+
+
+def opset_of(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ModelError("the model imports no default ONNX opset")
+
+
+def _check_domains(proto: onnx.ModelProto) -> None:
+    for i, node in enumerate(proto.graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            name = node.name or f"#{i}"
+            raise ModelError(f"{node_ref(name, node.op_type)} is in domain '{node.domain}'; rulegraph "
+                             "explains only standard ONNX ops (re-export without custom ops)")
+    for node in proto.graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ModelError(f"{node_ref(node.name, node.op_type)} has a subgraph (control flow); "
+                             "rulegraph explains straight-line graphs: export with the branch resolved")
+
+
+def _upgrade(proto: onnx.ModelProto) -> onnx.ModelProto:
+    version = opset_of(proto)
+    if version >= MIN_OPSET:
+        return proto
+    try:
+        upgraded = onnx.version_converter.convert_version(proto, MIN_OPSET)
+    except Exception as exc:
+        raise ModelError(f"cannot upgrade the model from opset {version} to {MIN_OPSET} (needed by "
+                         f"the backward pass): {exc}") from exc
+    return upgraded
+
+
+def _name_nodes(proto: onnx.ModelProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(proto.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def _collect_constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    constants = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    return constants
+
+
+def _evaluate(node: onnx.NodeProto, constants: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
+    """Run one node on constant inputs with the ONNX reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {name: constants[name] for name in node.input if name}
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+              for n, v in feeds.items()]
+    outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output if o]
+    graph = helper.make_graph([node], "fold", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
+def _fold_constants(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
+    """Evaluate every node whose inputs are all constant; returns the nodes that remain."""
+    opset = opset_of(proto)
+    remaining = []
+    for node in proto.graph.node:
+        foldable = (node.op_type not in NOT_FOLDABLE
+                    and all(not name or name in constants for name in node.input))
+        if not foldable:
+            remaining.append(node)
+            continue
+        try:
+            values = _evaluate(node, constants, opset)
+        except Exception as exc:
+            raise ModelError(f"{node_ref(node.name, node.op_type)}: cannot evaluate it on its constant "
+                             f"inputs: {exc}") from exc
+        for name, value in zip([o for o in node.output if o], values):
+            constants[name] = np.asarray(value)
+    return remaining
+
+
+def _rebuild(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], constants) -> onnx.ModelProto:
+    """The model with folded nodes removed and every constant an initializer (used ones only)."""
+    used = {name for node in nodes for name in node.input} | {o.name for o in proto.graph.output}
+    graph = proto.graph
+    inputs = [i for i in graph.input if i.name not in constants]
+    initializers = [numpy_helper.from_array(v, name) for name, v in constants.items() if name in used]
+    new_graph = helper.make_graph(nodes, graph.name or "model", inputs, list(graph.output), initializers)
+    model = helper.make_model(new_graph, opset_imports=list(proto.opset_import),
+                              ir_version=max(proto.ir_version, 8))
+    return model
+
+
+def _shape_of(type_proto) -> list[int | str | None] | None:
+    tensor = type_proto.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for d in tensor.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> Graph:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"shape inference failed on the model: {exc}") from exc
+    dtypes: dict[str, int] = {}
+    shapes: dict[str, list | None] = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        dtypes[vi.name] = vi.type.tensor_type.elem_type
+        shapes[vi.name] = _shape_of(vi.type)
+    for name, value in constants.items():
+        dtypes[name] = helper.np_dtype_to_tensor_dtype(value.dtype)
+        shapes[name] = list(value.shape)
+
+    nodes: list[Node] = []
+    for i, p in enumerate(proto.graph.node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in p.attribute}
+        nodes.append(Node(p.name, p.op_type, list(p.input), list(p.output), attrs, list(p.attribute),
+                          p.domain, index=i))
+
+    dag = nx.DiGraph()
+    producer = {o: n for n in nodes for o in n.outputs if o}
+    consumers: dict[str, list[Node]] = {}
+    for n in nodes:
+        dag.add_node(n.name, node=n)
+        for t in n.inputs:
+            if not t:
+                continue
+            consumers.setdefault(t, []).append(n)
+            if t in producer:
+                dag.add_edge(producer[t].name, n.name, tensor=t)
+    if not nx.is_directed_acyclic_graph(dag):
+        raise ModelError("the model graph has a cycle")
+    order = list(nx.lexicographical_topological_sort(dag, key=lambda name: dag.nodes[name]["node"].index))
+    nodes = [dag.nodes[name]["node"] for name in order]
+    for i, n in enumerate(nodes):
+        n.index = i
+
+    inputs = [i.name for i in proto.graph.input if i.name not in constants]
+    graph = Graph(proto, opset_of(proto), nodes, constants, inputs, [o.name for o in proto.graph.output],
+                  dtypes, shapes, set(), dag, producer, consumers)
+    _mark_active(graph)
+    return graph
+
+
+def _mark_active(graph: Graph) -> None:
+    """Active tensors: float outputs of nodes with an active input, starting at the float inputs."""
+    active = set(graph.float_inputs())
+    for n in graph.nodes:
+        flags = [t in active for t in n.inputs]
+        if any(flags):
+            for o in n.outputs:
+                if o and (graph.is_float(o) or (o not in graph.dtypes and n.op_type in OP_KINDS)):
+                    active.add(o)
+        n.kind = kind_of(n.op_type, flags)
+    graph.active = active

@@ -1,0 +1,56 @@
+"""onnxruntime sessions: provider choice, caching, and a quiet CUDA probe on CPU machines.
+
+The GPU is detected by creating the session and reading ``session.get_providers()``:
+``get_available_providers()`` lists CUDA on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+from .errors import RuntimeMissingError
+
+INSTALL_HINT = ("rulegraph needs onnxruntime: install `rulegraph[cpu]` (onnxruntime) or "
+                "`rulegraph[gpu]` (onnxruntime-gpu, CUDA 13); not both, they clobber each other")
+
+
+def ort():
+    """The onnxruntime module, or one clear error naming the extra to install."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeMissingError(INSTALL_HINT) from exc
+    return onnxruntime
+
+
+def default_providers() -> list[str]:
+    available = ort().get_available_providers()
+    preferred = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return preferred + ["CPUExecutionProvider"]
+
+
+def _session(model_bytes: bytes, providers: tuple[str, ...], threads: int):
+    rt = ort()
+    options = rt.SessionOptions()
+    options.log_severity_level = 3  # silence the CUDA probe's warnings on machines without a GPU
+    if threads:
+        options.intra_op_num_threads = threads
+    return rt.InferenceSession(model_bytes, sess_options=options, providers=list(providers))
+
+
+@lru_cache(maxsize=32)
+def _cached(digest: str, model_bytes: bytes, providers: tuple[str, ...], threads: int):
+    return _session(model_bytes, providers, threads)
+
+
+def session(model_bytes: bytes, providers: list[str] | None = None, threads: int = 0):
+    """A cached session for a serialized model (keyed by its content hash)."""
+    chosen = tuple(providers or default_providers())
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    return _cached(digest, model_bytes, chosen, threads)
+
+
+def device_of(sess) -> str:
+    """'cuda' when the session really got the CUDA provider, else 'cpu'."""
+    return "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"

@@ -1,0 +1,849 @@
+"""Op knowledge: the table op type -> VJP emitter, plus each linear op's bias and each max op's
+window sum.
+
+A VJP emitter has one signature, ``vjp(ctx, g) -> list[str | None]``: ``g`` holds one cotangent per
+node output (``None`` where an output gets nothing), and the result one per node input (``None``
+for constants, integer inputs and inputs that need nothing, ``ctx.active[i]`` false). Emitters
+read forward tensors by name (the compiled model holds the forward pass) and emit nodes on
+``ctx.tape``; they never run anything.
+
+Conventions taken from autograd: ties of a max go to the first index; Relu's mask is ``y > 0``
+(so the derivative at 0 is 0), LeakyRelu's is ``x > 0``, Clip's is ``min <= x <= max``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .emit import Tape
+from .errors import ModelError
+from .graph import Graph, Node
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass
+class VjpContext:
+    """What a VJP emitter may read: the node, the graph, the tape, and which inputs need numbers."""
+
+    node: Node
+    graph: Graph
+    tape: Tape
+    active: list[bool]
+    request_output: Callable[[Node, int], str]
+
+    @property
+    def x(self) -> str:
+        return self.node.inputs[0]
+
+    @property
+    def y(self) -> str:
+        return self.node.outputs[0]
+
+    def const(self, i: int) -> np.ndarray | None:
+        """The value of input ``i`` when it is a constant (or absent), else None."""
+        if i >= len(self.node.inputs) or not self.node.inputs[i]:
+            return None
+        return self.graph.constants.get(self.node.inputs[i])
+
+    def fail(self, why: str) -> ModelError:
+        return ModelError(f"{self.node}: {why}")
+
+
+VJPS: dict[str, Callable[[VjpContext, list], list]] = {}
+#: op type -> bias of a linear op, broadcastable to its output (a constant), or None.
+LINEAR_BIAS: dict[str, Callable[[VjpContext], np.ndarray | None]] = {}
+#: max op type -> (window sum S(values), its transpose Sᵀ(g)); used by the radial rule.
+WINDOW_SUMS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def vjp(*op_types: str):
+    def register(fn):
+        for op in op_types:
+            VJPS[op] = fn
+        return fn
+
+    return register
+
+
+def linear_bias(*op_types: str):
+    def register(fn):
+        for op in op_types:
+            LINEAR_BIAS[op] = fn
+        return fn
+
+    return register
+
+
+def window_sum(op_type: str, transpose: Callable):
+    def register(fn):
+        WINDOW_SUMS[op_type] = (fn, transpose)
+        return fn
+
+    return register
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _dims(graph: Graph, tensor: str) -> list | None:
+    if tensor in graph.constants:
+        return list(graph.constants[tensor].shape)
+    return graph.shapes.get(tensor)
+
+
+def unbroadcast(ctx: VjpContext, g: str, g_of: str, x: str) -> str:
+    """Sum ``g`` (shaped like tensor ``g_of``) down to the shape of ``x`` (numpy broadcasting)."""
+    t = ctx.tape
+    gd, xd = _dims(ctx.graph, g_of), _dims(ctx.graph, x)
+    if gd is None or xd is None:
+        raise ctx.fail(f"the rank of '{x}' or '{g_of}' is unknown; cannot undo broadcasting "
+                       "(run shape inference on the model, or export with static ranks)")
+    lead = len(gd) - len(xd)
+    axes = list(range(lead))
+    for i, dx in enumerate(xd):
+        dy = gd[lead + i]
+        if dx == 1 and dy != 1:
+            axes.append(lead + i)
+    if axes:
+        g = t.reduce_sum(g, axes, keepdims=True)
+    if lead:
+        g = t.reshape_like(g, x)
+    return g
+
+
+def _zeros_for(ctx: VjpContext, tensor: str) -> str:
+    return ctx.tape.zeros_like(tensor)
+
+
+def _where_positive(t: Tape, cond_of: str, g: str, strict: bool = True) -> str:
+    cond = t.op("Greater" if strict else "GreaterOrEqual", cond_of, t.scalar(0.0))
+    return t.op("Where", cond, g, t.scalar(0.0))
+
+
+def _spatial_attrs(ctx: VjpContext, kernel: list[int]) -> tuple[list, list, list, list]:
+    """strides, dilations, begin pads, end pads of a Conv/pool node; auto_pad made explicit."""
+    node, n = ctx.node, len(kernel)
+    strides = list(node.attr("strides", [1] * n))
+    dilations = list(node.attr("dilations", [1] * n))
+    pads = list(node.attr("pads", [0] * (2 * n)))
+    auto_pad = node.attr("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        shape = ctx.graph.static_shape(ctx.x)
+        pads = []
+        begin, end = [], []
+        for i in range(n):
+            dk = dilations[i] * (kernel[i] - 1) + 1
+            if strides[i] == 1:
+                total = dk - 1
+            elif shape is not None:
+                size = shape[2 + i]
+                out = -(-size // strides[i])
+                total = max(0, (out - 1) * strides[i] + dk - size)
+            else:
+                raise ctx.fail("auto_pad SAME with stride > 1 needs static spatial sizes; export with "
+                               "explicit pads or fixed input size")
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        pads = begin + end
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * n)
+    return strides, dilations, pads[:n], pads[n:]
+
+
+def conv_input_vjp(ctx: VjpContext, g: str, weight: np.ndarray, group: int, strides, dilations,
+                   pads_begin, pads_end, x: str, y: str) -> str:
+    """Cotangent of a Conv's input ``x`` for a constant ``weight`` [M, C/G, *K].
+
+    Stride 1: a Conv with channel-swapped, spatially flipped weights (fast on onnxruntime's CPU).
+    Otherwise a ConvTranspose with the same weights, its output cut or zero-extended at the end to
+    the input's size (the trailing rows a strided window never reaches get nothing).
+    """
+    t = ctx.tape
+    kernel = list(weight.shape[2:])
+    n = len(kernel)
+    dk = [dilations[i] * (kernel[i] - 1) + 1 for i in range(n)]
+    full_begin = [dk[i] - 1 - pads_begin[i] for i in range(n)]
+    full_end = [dk[i] - 1 - pads_end[i] for i in range(n)]
+    if all(s == 1 for s in strides) and min(full_begin + full_end) >= 0:
+        m, cg = weight.shape[0], weight.shape[1]
+        w = weight.reshape(group, m // group, cg, *kernel).swapaxes(1, 2).reshape(group * cg, m // group, *kernel)
+        w = np.ascontiguousarray(np.flip(w, axis=tuple(range(2, 2 + n))))
+        return t.op("Conv", g, t.const(w, hint="w_flip"), group=group, dilations=list(dilations),
+                    pads=full_begin + full_end, kernel_shape=kernel)
+    ct = t.op("ConvTranspose", g, t.const(weight, hint="w"), group=group, dilations=list(dilations),
+              strides=list(strides), pads=list(pads_begin) + [0] * n, kernel_shape=kernel)
+    xs, ys = ctx.graph.static_shape(x), ctx.graph.static_shape(y)
+    if xs is not None and ys is not None:
+        extent = [strides[i] * (ys[2 + i] - 1) + dk[i] - pads_begin[i] for i in range(n)]
+        if all(e >= s for e, s in zip(extent, xs[2:])):
+            if extent == list(xs[2:]):
+                return ct
+            return t.op("Slice", ct, t.ints([0] * n), t.ints(xs[2:]), t.ints(range(2, 2 + n)))
+        cut = [min(e, s) for e, s in zip(extent, xs[2:])]
+        sliced = t.op("Slice", ct, t.ints([0] * n), t.ints(cut), t.ints(range(2, 2 + n)))
+        tail = [s - c for s, c in zip(xs[2:], cut)]
+        return t.op("Pad", sliced, t.ints([0] * (n + 2) + [0, 0] + tail))
+    # symbolic sizes: cut to the input's size, then zero-extend what is missing
+    size = t.shape(x, start=2)
+    sliced = t.op("Slice", ct, t.ints([0] * n), size, t.ints(range(2, 2 + n)))
+    missing = t.op("Max", t.op("Sub", size, t.shape(sliced, start=2)), t.ints([0]))
+    pads = t.op("Concat", t.ints([0] * (n + 2) + [0, 0]), missing, axis=0)
+    return t.op("Pad", sliced, pads)
+
+
+# --------------------------------------------------------------------------------------------------
+# linear
+
+
+@vjp("Add", "Sum")
+def _add(ctx, g):
+    return [unbroadcast(ctx, g[0], ctx.y, x) if a else None for x, a in zip(ctx.node.inputs, ctx.active)]
+
+
+@vjp("Sub")
+def _sub(ctx, g):
+    a, b = ctx.active
+    t = ctx.tape
+    return [unbroadcast(ctx, g[0], ctx.y, ctx.node.inputs[0]) if a else None,
+            unbroadcast(ctx, t.op("Neg", g[0]), ctx.y, ctx.node.inputs[1]) if b else None]
+
+
+@vjp("Neg")
+def _neg(ctx, g):
+    return [ctx.tape.op("Neg", g[0])]
+
+
+@vjp("Mul")
+def _mul(ctx, g):
+    t = ctx.tape
+    a, b = ctx.node.inputs
+    return [unbroadcast(ctx, t.op("Mul", g[0], b), ctx.y, a) if ctx.active[0] else None,
+            unbroadcast(ctx, t.op("Mul", g[0], a), ctx.y, b) if ctx.active[1] else None]
+
+
+@vjp("Div")
+def _div(ctx, g):
+    t = ctx.tape
+    a, b = ctx.node.inputs
+    ga = t.op("Div", g[0], b)
+    return [unbroadcast(ctx, ga, ctx.y, a) if ctx.active[0] else None,
+            unbroadcast(ctx, t.op("Neg", t.op("Mul", ga, ctx.y)), ctx.y, b) if ctx.active[1] else None]
+
+
+def _swap_last(t: Tape, x: str, rank: int) -> str:
+    perm = list(range(rank))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    return t.op("Transpose", x, perm=perm)
+
+
+@vjp("MatMul")
+def _matmul(ctx, g):
+    t, graph = ctx.tape, ctx.graph
+    a, b = ctx.node.inputs
+    ra, rb = graph.rank(a), graph.rank(b)
+    if ra is None or rb is None:
+        raise ctx.fail("MatMul operands of unknown rank")
+    bc = ctx.const(1)
+    if ctx.active[0] and not ctx.active[1] and bc is not None and rb == 2 and ra >= 2:
+        return [t.op("MatMul", g[0], t.const(np.ascontiguousarray(bc.T), hint="wT")), None]
+    # general case: promote 1-D operands, multiply by the transposes, sum out broadcast axes
+    a2 = t.unsqueeze(a, [0]) if ra == 1 else a
+    b2 = t.unsqueeze(b, [1]) if rb == 1 else b
+    g2 = g[0]
+    if ra == 1:
+        g2 = t.unsqueeze(g2, [-2]) if rb != 1 else t.unsqueeze(g2, [0])
+    if rb == 1:
+        g2 = t.unsqueeze(g2, [-1])
+    out = [None, None]
+    if ctx.active[0]:
+        da = t.op("MatMul", g2, _swap_last(t, b2, max(rb, 2)))
+        out[0] = _sum_to(t, da, a)
+    if ctx.active[1]:
+        db = t.op("MatMul", _swap_last(t, a2, max(ra, 2)), g2)
+        out[1] = _sum_to(t, db, b)
+    return out
+
+
+def _sum_to(t: Tape, d: str, x: str) -> str:
+    """Sum ``d`` over the leading axes ``x`` lacks and the axes where ``x`` has size 1."""
+    return t.reshape_like(_reduce_where_one(t, d, x), x)
+
+
+def _reduce_where_one(t: Tape, d: str, x: str) -> str:
+    """ReduceSum ``d`` over the axes where ``x``'s (right-aligned) dims are 1 and ``d``'s are not."""
+    xs, ds = t.shape(x), t.shape(d)
+    rank_d = t.op("Size", ds)
+    rank_x = t.op("Size", xs)
+    lead = t.op("Sub", rank_d, rank_x)
+    ones = t.op("Expand", t.ints([1]), t.op("Reshape", lead, t.ints([1])))
+    xs_full = t.op("Concat", ones, xs, axis=0)
+    differ = t.op("And", t.op("Equal", xs_full, t.ints([1])), t.op("Not", t.op("Equal", ds, t.ints([1]))))
+    axes = t.op("Reshape", t.op("NonZero", differ), t.ints([-1]))
+    return t.op("ReduceSum", d, axes, keepdims=1, noop_with_empty_axes=1)
+
+
+@vjp("Gemm")
+def _gemm(ctx, g):
+    t = ctx.tape
+    node = ctx.node
+    alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
+    trans_a, trans_b = node.attr("transA", 0), node.attr("transB", 0)
+    a, b = node.inputs[:2]
+    out: list[str | None] = [None] * len(node.inputs)
+    bc = ctx.const(1)
+    if ctx.active[0]:
+        if bc is not None:
+            w = bc if trans_b else bc.T  # B'ᵀ
+            da = t.op("MatMul", g[0], t.const(np.ascontiguousarray(alpha * w), hint="wT"))
+        else:
+            bt = b if trans_b else t.op("Transpose", b, perm=[1, 0])
+            da = t.op("MatMul", g[0], bt)
+            if alpha != 1.0:
+                da = t.op("Mul", da, t.scalar(alpha))
+        out[0] = t.op("Transpose", da, perm=[1, 0]) if trans_a else da
+    if ctx.active[1]:
+        at = t.op("Transpose", a, perm=[1, 0]) if not trans_a else a  # A'ᵀ
+        db = t.op("MatMul", at, g[0])
+        if alpha != 1.0:
+            db = t.op("Mul", db, t.scalar(alpha))
+        out[1] = t.op("Transpose", db, perm=[1, 0]) if trans_b else db
+    if len(node.inputs) > 2 and node.inputs[2] and ctx.active[2]:
+        gc = g[0] if beta == 1.0 else t.op("Mul", g[0], t.scalar(beta))
+        out[2] = unbroadcast(ctx, gc, ctx.y, node.inputs[2])
+    return out
+
+
+@vjp("Conv")
+def _conv(ctx, g):
+    weight = ctx.const(1)
+    if weight is None or ctx.active[1] or (len(ctx.active) > 2 and ctx.active[2]):
+        raise ctx.fail("a Conv whose weights or bias are computed from the input is not supported; "
+                       "rulegraph needs constant Conv weights")
+    kernel = list(weight.shape[2:])
+    strides, dilations, pb, pe = _spatial_attrs(ctx, kernel)
+    dx = conv_input_vjp(ctx, g[0], weight, ctx.node.attr("group", 1), strides, dilations, pb, pe,
+                        ctx.x, ctx.y)
+    return [dx] + [None] * (len(ctx.node.inputs) - 1)
+
+
+def _pool_kernel(ctx: VjpContext) -> list[int]:
+    return list(ctx.node.attr("kernel_shape"))
+
+
+def _channels(ctx: VjpContext) -> int:
+    c = ctx.graph.dim(ctx.x, 1)
+    if not isinstance(c, int):
+        raise ctx.fail("the channel count must be static to differentiate a pooling op")
+    return c
+
+
+def _sum_pool_transpose(ctx: VjpContext, g: str, scale: float) -> str:
+    """Transpose of ``scale ×`` the window sum of a pooling node: a depthwise conv VJP."""
+    kernel = _pool_kernel(ctx)
+    c = _channels(ctx)
+    strides, dilations, pb, pe = _spatial_attrs(ctx, kernel)
+    weight = np.full([c, 1] + kernel, scale, dtype=ctx.tape.float_dtype)
+    return conv_input_vjp(ctx, g, weight, c, strides, dilations, pb, pe, ctx.x, ctx.y)
+
+
+def _sum_pool(ctx: VjpContext, x: str) -> str:
+    """Σ over each pooling window of ``ctx.node`` applied to ``x`` (padding counts as 0)."""
+    t = ctx.tape
+    kernel = _pool_kernel(ctx)
+    strides, dilations, pb, pe = _spatial_attrs(ctx, kernel)
+    dilated = any(d != 1 for d in dilations)
+    if dilated and t.opset < 19:
+        raise ctx.fail("a dilated pooling window needs opset 19 here (AveragePool dilations)")
+    avg = t.op("AveragePool", x, kernel_shape=kernel, strides=strides, pads=pb + pe,
+               ceil_mode=ctx.node.attr("ceil_mode", 0), count_include_pad=1,
+               dilations=dilations if dilated else None)
+    return t.op("Mul", avg, t.scalar(float(math.prod(kernel))))
+
+
+@vjp("AveragePool")
+def _average_pool(ctx, g):
+    """``y = Σ_window x / n``: n is the window size, or the count of non-pad cells."""
+    t = ctx.tape
+    kernel = _pool_kernel(ctx)
+    size = math.prod(kernel)
+    _, _, pb, pe = _spatial_attrs(ctx, kernel)
+    gy = g[0]
+    if not ctx.node.attr("count_include_pad", 0) and (any(pb) or any(pe) or ctx.node.attr("ceil_mode", 0)):
+        valid = _sum_pool(ctx, t.op("Add", t.zeros_like(ctx.x), t.scalar(1.0)))
+        gy = t.op("Div", gy, t.op("Div", valid, t.scalar(float(size))))
+    return [_sum_pool_transpose(ctx, gy, 1.0 / size)]
+
+
+def _reduce_axes(ctx: VjpContext) -> list[int] | None:
+    """Normalised axes of a Reduce* node (attribute or constant input); None means all axes."""
+    node = ctx.node
+    axes = node.attr("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1]:
+        value = ctx.const(1)
+        if value is None:
+            raise ctx.fail("reduction axes computed at run time are not supported")
+        axes = value.tolist()
+    rank = ctx.graph.rank(ctx.x)
+    if rank is None:
+        raise ctx.fail("the input's rank is unknown")
+    if not axes:
+        return None if not node.attr("noop_with_empty_axes", 0) else []
+    return sorted(a % rank for a in axes)
+
+
+def _expand_back(ctx: VjpContext, g: str, axes: list[int] | None) -> str:
+    """Undo a reduction's shape: restore reduced axes (if not kept) and expand to the input."""
+    t = ctx.tape
+    rank = ctx.graph.rank(ctx.x)
+    axes = list(range(rank)) if axes is None else axes
+    if not ctx.node.attr("keepdims", 1) and axes:
+        g = t.unsqueeze(g, axes)
+    return t.op("Expand", g, t.shape(ctx.x))
+
+
+def _count(ctx: VjpContext, axes: list[int] | None) -> str:
+    """Number of elements averaged, as a float tensor (a constant when sizes are static)."""
+    t = ctx.tape
+    rank = ctx.graph.rank(ctx.x)
+    axes = list(range(rank)) if axes is None else axes
+    dims = [ctx.graph.dim(ctx.x, a) for a in axes]
+    if all(isinstance(d, int) for d in dims):
+        return t.scalar(float(math.prod(dims)))
+    sizes = t.op("Gather", t.shape(ctx.x), t.ints(axes), axis=0)
+    return t.op("Cast", t.op("ReduceProd", sizes, keepdims=0), to=_onnx_float(t))
+
+
+def _onnx_float(t: Tape) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(t.float_dtype)
+
+
+@vjp("ReduceSum")
+def _reduce_sum(ctx, g):
+    return [_expand_back(ctx, g[0], _reduce_axes(ctx))] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("ReduceMean")
+def _reduce_mean(ctx, g):
+    axes = _reduce_axes(ctx)
+    spread = _expand_back(ctx, g[0], axes)
+    return [ctx.tape.op("Div", spread, _count(ctx, axes))] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("GlobalAveragePool")
+def _global_average_pool(ctx, g):
+    axes = list(range(2, ctx.graph.rank(ctx.x)))
+    spread = ctx.tape.op("Expand", g[0], ctx.tape.shape(ctx.x))
+    return [ctx.tape.op("Div", spread, _count(ctx, axes))]
+
+
+def _batchnorm_scale(ctx: VjpContext) -> tuple[np.ndarray, np.ndarray]:
+    """(s, b) of the inference BatchNormalization ``y = s·x + b``, shaped to broadcast over x."""
+    values = [ctx.const(i) for i in range(1, 5)]
+    if any(v is None for v in values):
+        raise ctx.fail("BatchNormalization needs constant scale, bias, mean and variance (inference)")
+    scale, bias, mean, var = (v.astype(np.float64) for v in values)
+    s = scale / np.sqrt(var + ctx.node.attr("epsilon", 1e-5))
+    rank = ctx.graph.rank(ctx.x) or 4
+    shape = [-1] + [1] * (rank - 2)
+    dtype = ctx.tape.float_dtype
+    return s.reshape(shape).astype(dtype), (bias - s * mean).reshape(shape).astype(dtype)
+
+
+@vjp("BatchNormalization")
+def _batchnorm(ctx, g):
+    if ctx.node.attr("training_mode", 0):
+        raise ctx.fail("BatchNormalization in training mode; export the model in eval mode")
+    s, _ = _batchnorm_scale(ctx)
+    return [ctx.tape.op("Mul", g[0], ctx.tape.const(s, hint="bn_s"))] + [None] * 4
+
+
+# biases of linear ops -----------------------------------------------------------------------------
+
+
+@linear_bias("Gemm")
+def _gemm_bias(ctx):
+    c = ctx.const(2)
+    return None if c is None else ctx.node.attr("beta", 1.0) * c
+
+
+@linear_bias("Conv")
+def _conv_bias(ctx):
+    b = ctx.const(2)
+    if b is None:
+        return None
+    return b.reshape([-1] + [1] * ((ctx.graph.rank(ctx.x) or 4) - 2))
+
+
+@linear_bias("BatchNormalization")
+def _batchnorm_bias(ctx):
+    return _batchnorm_scale(ctx)[1]
+
+
+@linear_bias("Add", "Sum")
+def _add_bias(ctx):
+    consts = [ctx.const(i) for i, a in enumerate(ctx.active) if not a]
+    consts = [c for c in consts if c is not None]
+    return sum(consts[1:], consts[0]) if consts else None
+
+
+@linear_bias("Sub")
+def _sub_bias(ctx):
+    c0, c1 = ctx.const(0), ctx.const(1)
+    if c1 is not None and ctx.active[0]:
+        return -c1
+    if c0 is not None and ctx.active[1]:
+        return c0
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# nonlinear (elementwise)
+
+
+@vjp("Relu")
+def _relu(ctx, g):
+    return [_where_positive(ctx.tape, ctx.y, g[0])]
+
+
+@vjp("LeakyRelu")
+def _leaky_relu(ctx, g):
+    t = ctx.tape
+    alpha = ctx.node.attr("alpha", 0.01)
+    positive = t.op("Greater", ctx.x, t.scalar(0.0))
+    return [t.op("Where", positive, g[0], t.op("Mul", g[0], t.scalar(alpha)))]
+
+
+@vjp("PRelu")
+def _prelu(ctx, g):
+    t = ctx.tape
+    if ctx.active[1]:
+        raise ctx.fail("PRelu with a slope computed from the input is not supported")
+    positive = t.op("Greater", ctx.x, t.scalar(0.0))
+    return [t.op("Where", positive, g[0], t.op("Mul", g[0], ctx.node.inputs[1])), None]
+
+
+@vjp("Sigmoid")
+def _sigmoid(ctx, g):
+    t = ctx.tape
+    one_minus = t.op("Sub", t.scalar(1.0), ctx.y)
+    return [t.op("Mul", g[0], t.op("Mul", ctx.y, one_minus))]
+
+
+@vjp("Tanh")
+def _tanh(ctx, g):
+    t = ctx.tape
+    return [t.op("Mul", g[0], t.op("Sub", t.scalar(1.0), t.op("Mul", ctx.y, ctx.y)))]
+
+
+@vjp("Softplus")
+def _softplus(ctx, g):
+    return [ctx.tape.op("Mul", g[0], ctx.tape.op("Sigmoid", ctx.x))]
+
+
+@vjp("Elu")
+def _elu(ctx, g):
+    t = ctx.tape
+    alpha = ctx.node.attr("alpha", 1.0)
+    positive = t.op("Greater", ctx.x, t.scalar(0.0))
+    slope = t.op("Add", ctx.y, t.scalar(alpha))
+    return [t.op("Where", positive, g[0], t.op("Mul", g[0], slope))]
+
+
+@vjp("Selu")
+def _selu(ctx, g):
+    t = ctx.tape
+    alpha = ctx.node.attr("alpha", 1.67326319217681884765625)
+    gamma = ctx.node.attr("gamma", 1.05070102214813232421875)
+    positive = t.op("Greater", ctx.x, t.scalar(0.0))
+    slope = t.op("Add", ctx.y, t.scalar(alpha * gamma))
+    return [t.op("Where", positive, t.op("Mul", g[0], t.scalar(gamma)), t.op("Mul", g[0], slope))]
+
+
+@vjp("Erf")
+def _erf(ctx, g):
+    t = ctx.tape
+    gauss = t.op("Exp", t.op("Neg", t.op("Mul", ctx.x, ctx.x)))
+    return [t.op("Mul", g[0], t.op("Mul", gauss, t.scalar(2.0 / math.sqrt(math.pi))))]
+
+
+@vjp("Gelu")
+def _gelu(ctx, g):
+    t, x = ctx.tape, ctx.x
+    approx = ctx.node.attr("approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else approx
+    if approx == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        x2 = t.op("Mul", x, x)
+        inner = t.op("Mul", t.scalar(k), t.op("Add", x, t.op("Mul", t.scalar(0.044715), t.op("Mul", x2, x))))
+        th = t.op("Tanh", inner)
+        dinner = t.op("Mul", t.scalar(k), t.op("Add", t.scalar(1.0), t.op("Mul", t.scalar(3 * 0.044715), x2)))
+        sech2 = t.op("Sub", t.scalar(1.0), t.op("Mul", th, th))
+        d = t.op("Add", t.op("Mul", t.scalar(0.5), t.op("Add", t.scalar(1.0), th)),
+                 t.op("Mul", t.op("Mul", t.scalar(0.5), x), t.op("Mul", sech2, dinner)))
+    else:
+        cdf = t.op("Mul", t.scalar(0.5), t.op("Add", t.scalar(1.0), t.op("Erf", t.op("Mul", x, t.scalar(1 / math.sqrt(2))))))
+        pdf = t.op("Mul", t.scalar(1 / math.sqrt(2 * math.pi)), t.op("Exp", t.op("Mul", t.scalar(-0.5), t.op("Mul", x, x))))
+        d = t.op("Add", cdf, t.op("Mul", x, pdf))
+    return [t.op("Mul", g[0], d)]
+
+
+@vjp("HardSigmoid")
+def _hard_sigmoid(ctx, g):
+    t = ctx.tape
+    alpha = ctx.node.attr("alpha", 0.2)
+    beta = ctx.node.attr("beta", 0.5)
+    z = t.op("Add", t.op("Mul", ctx.x, t.scalar(alpha)), t.scalar(beta))
+    inside = t.op("And", t.op("Greater", z, t.scalar(0.0)), t.op("Less", z, t.scalar(1.0)))
+    return [t.op("Where", inside, t.op("Mul", g[0], t.scalar(alpha)), t.scalar(0.0))]
+
+
+@vjp("HardSwish")
+def _hard_swish(ctx, g):
+    t, x = ctx.tape, ctx.x
+    mid = t.op("Div", t.op("Add", t.op("Mul", x, t.scalar(2.0)), t.scalar(3.0)), t.scalar(6.0))
+    above = t.op("Greater", x, t.scalar(3.0))
+    below = t.op("Less", x, t.scalar(-3.0))
+    d = t.op("Where", above, t.scalar(1.0), t.op("Where", below, t.scalar(0.0), mid))
+    return [t.op("Mul", g[0], d)]
+
+
+@vjp("Clip")
+def _clip(ctx, g):
+    t, x = ctx.tape, ctx.x
+    inside = None
+    for i, op in ((1, "GreaterOrEqual"), (2, "LessOrEqual")):
+        if i < len(ctx.node.inputs) and ctx.node.inputs[i]:
+            cond = t.op(op, x, ctx.node.inputs[i])
+            inside = cond if inside is None else t.op("And", inside, cond)
+    gx = g[0] if inside is None else t.op("Where", inside, g[0], t.scalar(0.0))
+    return [gx] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("Abs")
+def _abs(ctx, g):
+    return [ctx.tape.op("Mul", g[0], ctx.tape.op("Sign", ctx.x))]
+
+
+# --------------------------------------------------------------------------------------------------
+# normalizing
+
+
+def _softmax_axis(ctx: VjpContext) -> int:
+    return ctx.node.attr("axis", -1)
+
+
+@vjp("Softmax")
+def _softmax(ctx, g):
+    t = ctx.tape
+    dot = t.reduce_sum(t.op("Mul", g[0], ctx.y), [_softmax_axis(ctx)], keepdims=True)
+    return [t.op("Mul", ctx.y, t.op("Sub", g[0], dot))]
+
+
+@vjp("LogSoftmax")
+def _log_softmax(ctx, g):
+    t = ctx.tape
+    total = t.reduce_sum(g[0], [_softmax_axis(ctx)], keepdims=True)
+    return [t.op("Sub", g[0], t.op("Mul", t.op("Exp", ctx.y), total))]
+
+
+# --------------------------------------------------------------------------------------------------
+# route
+
+
+@vjp("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(ctx, g):
+    return [ctx.tape.reshape_like(g[0], ctx.x)] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("Identity", "Dropout")
+def _identity(ctx, g):
+    return [g[0]] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("Transpose")
+def _transpose(ctx, g):
+    perm = ctx.node.attr("perm")
+    if perm is None:
+        perm = list(reversed(range(ctx.graph.rank(ctx.x))))
+    inverse = list(np.argsort(perm))
+    return [ctx.tape.op("Transpose", g[0], perm=[int(i) for i in inverse])]
+
+
+@vjp("Concat")
+def _concat(ctx, g):
+    t = ctx.tape
+    axis = ctx.node.attr("axis")
+    inputs = ctx.node.inputs
+    dims = [ctx.graph.dim(x, axis) for x in inputs]
+    if all(isinstance(d, int) for d in dims):
+        sizes = t.ints(dims)
+    else:
+        sizes = t.op("Concat", *[t.op("Gather", t.shape(x), t.ints([axis]), axis=0) for x in inputs], axis=0)
+    parts = t.op("Split", g[0], sizes, axis=axis, outputs=len(inputs)) if len(inputs) > 1 else [g[0]]
+    return [p if a else None for p, a in zip(parts, ctx.active)]
+
+
+@vjp("Split")
+def _split(ctx, g):
+    t = ctx.tape
+    pieces = [gi if gi is not None else _zeros_for(ctx, out) for gi, out in zip(g, ctx.node.outputs)]
+    return [t.op("Concat", *pieces, axis=ctx.node.attr("axis", 0))] + [None] * (len(ctx.node.inputs) - 1)
+
+
+def _positions(ctx: VjpContext) -> str:
+    """An int64 tensor shaped like the input holding each element's flat index."""
+    t = ctx.tape
+    numel = t.op("ReduceProd", t.shape(ctx.x), keepdims=0)
+    flat = t.op("Range", t.const(np.array(0, dtype=np.int64)), numel, t.const(np.array(1, dtype=np.int64)))
+    return t.op("Reshape", flat, t.shape(ctx.x))
+
+
+def _scatter_back(ctx: VjpContext, selected: str, g: str, reduction: str | None) -> str:
+    """Add each element of ``g`` into the input position it was taken from."""
+    t = ctx.tape
+    flat_zero = t.op("Reshape", t.zeros_like(ctx.x), t.ints([-1]))
+    idx = t.op("Reshape", selected, t.ints([-1]))
+    vals = t.op("Reshape", g, t.ints([-1]))
+    scattered = t.op("ScatterElements", flat_zero, idx, vals, axis=0, reduction=reduction)
+    return t.reshape_like(scattered, ctx.x)
+
+
+@vjp("Slice")
+def _slice(ctx, g):
+    taken = ctx.tape.copy_node(ctx.node, [_positions(ctx)] + ctx.node.inputs[1:])
+    return [_scatter_back(ctx, taken, g[0], None)] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("Gather")
+def _gather(ctx, g):
+    if ctx.active[1]:
+        raise ctx.fail("Gather indices must be integers")
+    taken = ctx.tape.copy_node(ctx.node, [_positions(ctx), ctx.node.inputs[1]])
+    return [_scatter_back(ctx, taken, g[0], "add"), None]
+
+
+@vjp("Pad")
+def _pad(ctx, g):
+    t = ctx.tape
+    mode = ctx.node.attr("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise ctx.fail(f"Pad mode '{mode}' is not supported (only constant padding is a route)")
+    pads = ctx.const(1)
+    if pads is None:
+        raise ctx.fail("Pad amounts computed at run time are not supported")
+    rank = ctx.graph.rank(ctx.x)
+    axes = ctx.const(3)
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    n = len(axes)
+    begin, end = [int(p) for p in pads[:n]], [int(p) for p in pads[n:]]
+    if min(begin + end) < 0:
+        raise ctx.fail("Pad with negative amounts (cropping) is not supported")
+    ends = [-e if e else INT64_MAX for e in end]
+    return [t.op("Slice", g[0], t.ints(begin), t.ints(ends), t.ints(axes))] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("Expand")
+def _expand(ctx, g):
+    return [unbroadcast(ctx, g[0], ctx.y, ctx.x), None]
+
+
+# --------------------------------------------------------------------------------------------------
+# max
+
+
+@vjp("MaxPool")
+def _maxpool(ctx, g):
+    if ctx.node.attr("storage_order", 0):
+        raise ctx.fail("MaxPool with storage_order=1 is not supported")
+    indices = ctx.request_output(ctx.node, 1)
+    return [_scatter_back(ctx, indices, g[0], "add")]
+
+
+@vjp("Max")
+def _max(ctx, g):
+    t = ctx.tape
+    taken = None
+    out = []
+    for x, active in zip(ctx.node.inputs, ctx.active):
+        hit = t.op("Equal", x, ctx.y)
+        if taken is not None:
+            hit = t.op("And", hit, t.op("Not", taken))
+        taken = hit if taken is None else t.op("Or", taken, hit)
+        out.append(unbroadcast(ctx, t.op("Where", hit, g[0], t.scalar(0.0)), ctx.y, x) if active else None)
+    return out
+
+
+def _argmax_mask(ctx: VjpContext, flat: str, axis: int) -> str:
+    """Boolean mask of the first arg-max along ``axis`` of ``flat`` (ties: the first index)."""
+    t = ctx.tape
+    am = t.op("ArgMax", flat, axis=axis, keepdims=1)
+    size = t.op("Gather", t.shape(flat), t.ints([axis]), axis=0)
+    rng = t.op("Range", t.const(np.array(0, dtype=np.int64)), t.op("Squeeze", size),
+               t.const(np.array(1, dtype=np.int64)))
+    rank = ctx.graph.rank(ctx.x) if flat == ctx.x else 3
+    shape = [1] * rank
+    shape[axis] = -1
+    return t.op("Equal", t.op("Reshape", rng, t.ints(shape)), am)
+
+
+@vjp("GlobalMaxPool")
+def _global_max_pool(ctx, g):
+    t = ctx.tape
+    flat = t.op("Reshape", ctx.x, t.ints([0, 0, -1]))
+    mask = _argmax_mask(ctx, flat, 2)
+    spread = t.op("Where", mask, t.op("Reshape", g[0], t.ints([0, 0, 1])), t.scalar(0.0))
+    return [t.reshape_like(spread, ctx.x)]
+
+
+@vjp("ReduceMax")
+def _reduce_max(ctx, g):
+    t = ctx.tape
+    axes = _reduce_axes(ctx)
+    if axes is None or len(axes) != 1:
+        raise ctx.fail("ReduceMax over several axes is not supported; reduce one axis at a time")
+    gk = g[0] if ctx.node.attr("keepdims", 1) else t.unsqueeze(g[0], axes)
+    mask = _argmax_mask(ctx, ctx.x, axes[0])
+    return [t.op("Where", mask, gk, t.scalar(0.0))] + [None] * (len(ctx.node.inputs) - 1)
+
+
+# window sums for the radial rule ------------------------------------------------------------------
+
+
+def _maxpool_sum_transpose(ctx, g):
+    return [_sum_pool_transpose(ctx, g, 1.0)]
+
+
+@window_sum("MaxPool", _maxpool_sum_transpose)
+def _maxpool_sum(ctx, xs):
+    return _sum_pool(ctx, xs[0])
+
+
+def _global_sum_transpose(ctx, g):
+    return [ctx.tape.op("Expand", g, ctx.tape.shape(ctx.x))]
+
+
+@window_sum("GlobalMaxPool", _global_sum_transpose)
+def _global_max_sum(ctx, xs):
+    return ctx.tape.reduce_sum(xs[0], list(range(2, ctx.graph.rank(ctx.x))), keepdims=True)
+
+
+def _max_sum_transpose(ctx, g):
+    return [unbroadcast(ctx, g, ctx.y, x) if a else None for x, a in zip(ctx.node.inputs, ctx.active)]
+
+
+@window_sum("Max", _max_sum_transpose)
+def _max_sum(ctx, xs):
+    t = ctx.tape
+    terms = [x for x in xs if x is not None]
+    return t.sum(terms) if len(terms) > 1 else t.op("Identity", terms[0])
