@@ -1,0 +1,211 @@
+"""``rulegraph explain | compile | lint | ops | demo``.
+
+Exit codes: 0 success, 1 a checked property does not hold (a node without a rule in ``ops``),
+2 bad input (unreadable model, rule file error, bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RulegraphError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def bundled_models_dir() -> Path:
+    """Where the example models live: the repository's models/ or the installed package data."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "models", here / "bundled_models"):
+        if (candidate / "digits_cnn.onnx").is_file():
+            return candidate
+    raise RulegraphError("the bundled example models are missing from this installation")
+
+
+def load_input(path: str, explainer, scale: float = 1.0):
+    """Model input from .npy, .npz (arrays named like the model's inputs, or one array) or an image."""
+    p = Path(path)
+    if not p.is_file():
+        raise RulegraphError(f"{path}: no such input file")
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        return np.load(p)
+    if suffix == ".npz":
+        with np.load(p) as data:
+            arrays = {k: data[k] for k in data.files}
+        names = explainer.graph.inputs
+        if set(names) <= set(arrays):
+            return {n: arrays[n] for n in names}
+        if len(arrays) == 1 or "x" in arrays:
+            return arrays.get("x", next(iter(arrays.values())))
+        raise RulegraphError(f"{path}: holds {sorted(arrays)}; expected arrays named {names} or one array 'x'")
+    if suffix in IMAGE_SUFFIXES:
+        from .viz import load_image
+
+        name = explainer.graph.inputs[0]
+        shape = explainer.graph.shapes.get(name)
+        if shape is None or len(shape) != 4:
+            raise RulegraphError(f"{path}: an image needs a model input of shape [N, C, H, W]; "
+                                 f"'{name}' has {shape}")
+        return load_image(p, shape, scale)
+    raise RulegraphError(f"{path}: unknown input format '{suffix}' (use .npy, .npz or an image)")
+
+
+def _parse_target(text: str):
+    if text == "argmax":
+        return "argmax"
+    if text.endswith(".npy"):
+        return np.load(text)
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise RulegraphError(f"--target must be 'argmax', class indices like 3 or 3,5, or a seed .npy "
+                             f"file; got '{text}'") from None
+
+
+def summary(result) -> str:
+    """The per-row lines printed after an explain run: class, start value, sums and delta."""
+    lines = []
+    for i in range(len(result.start_value)):
+        attr = sum(float(a[i].sum()) for a in result.attribution.values())
+        bias = float(result.bias_total[i]) if result.bias_total is not None else 0.0
+        target = "" if result.target is None else f"class {int(result.target[i])}: "
+        lines.append(f"row {i}: {target}start {result.start_value[i]:.6g}, attribution {attr:.6g}, "
+                     f"bias {bias:.6g}, conservation delta {result.delta[i]:.3g} "
+                     f"({abs(result.relative_delta[i]):.2e} relative)")
+    return "\n".join(lines)
+
+
+def cmd_explain(args) -> int:
+    from .explainer import Explainer
+
+    explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
+    x = load_input(args.input, explainer, args.scale)
+    result = explainer.explain(x, target=_parse_target(args.target))
+    print(summary(result))
+    if args.out:
+        np.save(args.out, result.map)
+        print(f"attribution written to {args.out}")
+    if args.heatmap:
+        from .viz import save_heatmap
+
+        save_heatmap(result.map[0], args.heatmap)
+        print(f"heatmap written to {args.heatmap}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .explainer import Explainer
+
+    explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
+    path = explainer.save(args.o)
+    compiled = explainer.compiled()
+    print(f"explainer written to {path}: inputs {compiled.input_names}, attribution outputs "
+          f"{list(compiled.attribution.values())}")
+    return 0
+
+
+def cmd_lint(args) -> int:
+    from . import dsl
+
+    ruleset = dsl.load(args.rules)
+    print(f"{args.rules}: ok ({len(ruleset.bindings)} bindings, quantity {ruleset.quantity}, bias {ruleset.bias})")
+    return 0
+
+
+def cmd_ops(args) -> int:
+    from . import dsl
+    from .compile import assign, find_start, path_nodes
+    from .graph import load
+
+    graph = load(args.model)
+    ruleset = dsl.load(args.rules)
+    start = find_start(graph, ruleset, args.output, args.start)
+    rows = assign(graph, ruleset, path_nodes(graph, start))
+    width = max([len(r.node.name) for r in rows] + [4])
+    print(f"{'node':<{width}}  {'op type':<20} {'kind':<12} rule")
+    missing = 0
+    for r in rows:
+        if r.problem:
+            missing += 1
+            rule = "!! " + r.problem
+        else:
+            rule = f"{r.binding.rule}    ({r.binding.selector} at {r.binding.location})"
+        print(f"{r.node.name:<{width}}  {r.node.op_type:<20} {r.node.kind or '?':<12} {rule}")
+    print(f"{len(rows)} nodes on the relevance path (start: '{start}'); {missing} without a usable rule")
+    return 1 if missing else 0
+
+
+def cmd_demo(args) -> int:
+    from .explainer import Explainer
+
+    models = bundled_models_dir()
+    model, image = models / "digits_cnn.onnx", models / "digit_3.png"
+    explainer = Explainer(model, args.rules)
+    x = load_input(str(image), explainer)
+    result = explainer.explain(x)
+    logits = next(iter(result.outputs.values()))[0]
+    print(f"model: {model.name} (bundled digits CNN), input: {image.name}, rules: {args.rules}")
+    print(f"predicted class: {int(np.argmax(logits))} (logit {logits.max():.3f}) on {result.device}")
+    print(summary(result))
+    from .viz import save_heatmap
+
+    save_heatmap(result.map[0], args.heatmap)
+    print(f"heatmap written to {args.heatmap}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rulegraph", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_and_rules(p):
+        p.add_argument("model", help="the ONNX model file")
+        p.add_argument("--rules", required=True, help="a rule file, or a bundled one's name (lrp-epsilon)")
+        p.add_argument("--output", help="the model output to explain (default: the first)")
+        p.add_argument("--start", help="start at this intermediate tensor instead")
+
+    p = sub.add_parser("explain", help="attribute one input batch")
+    model_and_rules(p)
+    p.add_argument("--input", required=True, help=".npy, .npz or an image file")
+    p.add_argument("--target", default="argmax", help="argmax, class indices (3 or 3,5), or a seed .npy")
+    p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
+    p.add_argument("--out", help="write the attribution of the first input here (.npy)")
+    p.add_argument("--heatmap", help="write a heatmap of the first row here (.png)")
+    p.set_defaults(run=cmd_explain)
+
+    p = sub.add_parser("compile", help="write the explainer ONNX model (forward + relevance pass)")
+    model_and_rules(p)
+    p.add_argument("-o", required=True, help="where to write the explainer .onnx")
+    p.set_defaults(run=cmd_compile)
+
+    p = sub.add_parser("lint", help="check a rule file on its own")
+    p.add_argument("rules")
+    p.set_defaults(run=cmd_lint)
+
+    p = sub.add_parser("ops", help="which node gets which rule")
+    model_and_rules(p)
+    p.set_defaults(run=cmd_ops)
+
+    p = sub.add_parser("demo", help="explain a bundled digit with a bundled model; write a heatmap")
+    p.add_argument("--rules", default="lrp-epsilon")
+    p.add_argument("--heatmap", default="rulegraph-demo.png")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RulegraphError as exc:
+        print(f"rulegraph {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
