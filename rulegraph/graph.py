@@ -218,8 +218,9 @@ def _rebuild(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], constants) -> 
     inputs = [i for i in graph.input if i.name not in constants]
     initializers = [numpy_helper.from_array(v, name) for name, v in constants.items() if name in used]
     new_graph = helper.make_graph(nodes, graph.name or "model", inputs, list(graph.output), initializers)
-    model = helper.make_model(new_graph, opset_imports=list(proto.opset_import),
-                              ir_version=max(proto.ir_version, 8))
+    # the lowest IR version that holds these opsets: runtimes lag behind the onnx package's newest IR
+    ir_version = max(8, helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True))
+    model = helper.make_model(new_graph, opset_imports=list(proto.opset_import), ir_version=ir_version)
     return model
 
 
