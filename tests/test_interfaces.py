@@ -1,0 +1,123 @@
+"""Model import and the Python interface: Constant-node weights, old opsets, several inputs and
+outputs, integer inputs, seed-array targets, intermediate start tensors, clear model errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rulegraph import Explainer, ModelError, RulegraphError
+from rulegraph import graph as G
+
+F = TensorProto.FLOAT
+RNG = np.random.default_rng(7)
+W1 = RNG.normal(size=(6, 4)).astype(np.float32)
+W2 = RNG.normal(size=(3, 6)).astype(np.float32)
+
+
+def mlp(weights_as_constant_nodes=False, opset=17):
+    """x[N,4] -> MatMul W1ᵀ -> Relu -> MatMul W2ᵀ -> y[N,3]; named intermediate 'h'."""
+    consts = {"w1t": W1.T.copy(), "w2t": W2.T.copy()}
+    nodes = [helper.make_node("MatMul", ["x", "w1t"], ["z"], name="fc1"),
+             helper.make_node("Relu", ["z"], ["h"], name="relu"),
+             helper.make_node("MatMul", ["h", "w2t"], ["y"], name="fc2")]
+    inits = []
+    if weights_as_constant_nodes:
+        nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v)) for k, v in consts.items()] + nodes
+    else:
+        inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", F, ["N", 4])],
+                              [helper.make_tensor_value_info("y", F, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def gradient(x, target):
+    z = x @ W1.T
+    return ((z > 0) * (np.eye(3)[target] @ W2)) @ W1
+
+
+X = RNG.normal(size=(5, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize("constant_nodes", [False, True])
+@pytest.mark.parametrize("opset", [9, 13, 17])
+def test_gradient_on_constant_nodes_and_old_opsets(constant_nodes, opset):
+    result = Explainer(mlp(constant_nodes, opset), "gradient").explain(X, target=[0, 1, 2, 0, 1])
+    np.testing.assert_allclose(result.saliency["x"], gradient(X, [0, 1, 2, 0, 1]), rtol=1e-5, atol=1e-6)
+
+
+def test_user_model_is_not_modified():
+    model = mlp()
+    before = model.SerializeToString()
+    Explainer(model, "gradient").explain(X)
+    assert model.SerializeToString() == before
+
+
+def test_seed_array_target_and_intermediate_start():
+    seed = RNG.normal(size=(5, 6)).astype(np.float32)
+    result = Explainer(mlp(), "gradient", start="h").explain(X, target=seed)
+    z = X @ W1.T
+    np.testing.assert_allclose(result.saliency["x"], ((z > 0) * seed) @ W1, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RulegraphError, match="cannot start at tensor 'nope'"):
+        Explainer(mlp(), "gradient", start="nope").explain(X)
+
+
+def two_inputs_two_outputs():
+    """y1 = (a + Gather(E, ids).sum(1)) W; y2 = Relu(a); ids is int64 and gets nothing."""
+    emb = RNG.normal(size=(10, 4)).astype(np.float32)
+    w = RNG.normal(size=(4, 3)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+             helper.make_node("ReduceSum", ["e", "axis1"], ["es"], keepdims=0, name="pool"),
+             helper.make_node("Add", ["a", "es"], ["s"], name="add"),
+             helper.make_node("MatMul", ["s", "w"], ["y1"], name="fc"),
+             helper.make_node("Relu", ["a"], ["y2"], name="relu")]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("a", F, ["N", 4]),
+                                            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 2])],
+                              [helper.make_tensor_value_info("y1", F, ["N", 3]),
+                               helper.make_tensor_value_info("y2", F, ["N", 4])],
+                              [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(w, "w"),
+                               numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), w
+
+
+def test_several_inputs_and_outputs_by_name():
+    model, w = two_inputs_two_outputs()
+    a = RNG.normal(size=(2, 4)).astype(np.float32)
+    ids = np.array([[1, 2], [3, 3]], dtype=np.int64)
+    result = Explainer(model, "gradient", output="y1").explain({"a": a, "ids": ids}, target=[2, 0])
+    assert set(result.attribution) == {"a"}  # integer inputs are never differentiated
+    np.testing.assert_allclose(result.saliency["a"], w.T[[2, 0]], rtol=1e-6)
+    assert set(result.outputs) == {"y1", "y2"}
+    with pytest.raises(RulegraphError, match="pass a dict"):
+        Explainer(model, "gradient").explain(a)
+
+
+def test_custom_domain_is_refused_naming_the_node():
+    model = mlp()
+    model.graph.node[1].domain = "com.example"
+    model.graph.node[1].op_type = "FancyRelu"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    with pytest.raises(ModelError, match=r"node 'relu' \(FancyRelu\) is in domain 'com.example'"):
+        G.load(model)
+
+
+def test_unknown_op_is_named():
+    model = mlp()
+    model.graph.node[1].op_type = "Softsign"
+    from rulegraph import CoverageError
+
+    with pytest.raises(CoverageError, match=r"node 'relu' \(Softsign\): rulegraph does not know op type"):
+        Explainer(model, "gradient").explain(X)
+
+
+def test_bad_model_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="cannot read the ONNX model"):
+        G.load(bad)
+
+
+def test_wrong_rank_input_is_explained():
+    with pytest.raises(RulegraphError, match=r"input 'x' must have rank 2"):
+        Explainer(mlp(), "gradient").explain(np.zeros((1, 2, 3, 4), np.float32))
