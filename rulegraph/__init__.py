@@ -4,7 +4,7 @@ A rule file assigns a backward rule to each op type; rulegraph checks it against
 compiles model + rules into one ONNX model computing the forward and the relevance pass together.
 """
 
-from .errors import CoverageError, ModelError, RuleSyntaxError, RulegraphError
+from .errors import CoverageError, ModelError, RulegraphError, RuleSyntaxError
 from .explainer import Explainer, Result
 from .graph import Graph, load
 from .ruleset import RuleSet

@@ -7,7 +7,7 @@ the right form (axes as attribute or as input).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx

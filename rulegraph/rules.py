@@ -12,8 +12,8 @@ and its conservation class per (quantity, kind) (RULES.md §5), which the checke
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from .kinds import BILINEAR, LINEAR, MAX, NONLINEAR, NORMALIZING, ROUTE
 

@@ -14,8 +14,8 @@ match one node are an error; a binding in an including file overrides one from a
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .errors import Location
 

@@ -14,8 +14,8 @@ Conventions taken from autograd: ties of a max go to the first index; Relu's mas
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
