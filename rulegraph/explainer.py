@@ -83,12 +83,20 @@ class Explainer:
         self.start = start
         self.threads = threads
         self._compiled: dict[bool, Compiled] = {}
+        self._sessions: dict[bool, object] = {}
 
     def compiled(self, seed_mode: bool = False) -> Compiled:
         if seed_mode not in self._compiled:
             self._compiled[seed_mode] = compile_explainer(self.graph, self.ruleset, self.output,
                                                           self.start, seed_mode)
         return self._compiled[seed_mode]
+
+    def session(self, seed_mode: bool = False):
+        """The onnxruntime session of the compiled explainer (created once)."""
+        if seed_mode not in self._sessions:
+            model_bytes = self.compiled(seed_mode).model.SerializeToString()
+            self._sessions[seed_mode] = runtime.session(model_bytes, self.providers, self.threads)
+        return self._sessions[seed_mode]
 
     def save(self, path: str | Path, seed_mode: bool = False) -> Path:
         """Write the explainer ONNX model; any ONNX runtime can run it without rulegraph."""
@@ -138,7 +146,7 @@ class Explainer:
                 self.graph.dtypes.get(compiled.start_tensor, onnx.TensorProto.FLOAT)))
         else:
             feeds[TARGET] = _targets(target, n)
-        sess = runtime.session(compiled.model.SerializeToString(), self.providers, self.threads)
+        sess = self.session(seed_mode)
         values = _run_in_chunks(sess, feeds, self._static_batch(), n)
         start = values[compiled.start_tensor]
         chosen = None

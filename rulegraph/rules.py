@@ -121,7 +121,9 @@ def normalized(ctx) -> list[str | None]:
     d = y
     if bias is not None and ctx.bias_policy == "ignore":
         d = t.op("Sub", y, bias)
-    s = t.safe_div(ctx.a_out[0], t.blip(d, ctx.params["eps"]))
+    eps = ctx.params["eps"]
+    # |blip(d)| >= ε > 0 never vanishes; only ε = 0 needs the zero guard
+    s = t.op("Div", ctx.a_out[0], t.blip(d, eps)) if eps > 0 else t.safe_div(ctx.a_out[0], d)
     grads = ctx.vjp([s] + [None] * (len(ctx.node.outputs) - 1))
     out = [None if g is None else t.op("Mul", x, g) for x, g in zip(ctx.node.inputs, grads)]
     if bias is not None and ctx.bias_policy != "ignore":
