@@ -58,6 +58,7 @@ class Compiled:
     bias_total: str | None = None
     start_value: str = ""        # Σ view(start) per batch row [N]
     start_output: str = ""       # the start tensor itself
+    node_sums: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)  # node -> (in, out, bias)
     model_outputs: list[str] = field(default_factory=list)
 
     @property
@@ -235,8 +236,14 @@ def find_start(graph: Graph, ruleset: RuleSet, output: str | None, start_tensor:
 
 
 def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
-                      start_tensor: str | None = None, seed_mode: bool = False) -> Compiled:
-    """Build the explainer model (forward + relevance pass) and check it with onnx.checker."""
+                      start_tensor: str | None = None, seed_mode: bool = False,
+                      node_sums: bool = False) -> Compiled:
+    """Build the explainer model (forward + relevance pass) and check it with onnx.checker.
+
+    ``node_sums`` adds, per node on the path, three [N] outputs (RULES.md §5): Σ of the conserved
+    view over what the node gives its inputs, over its outputs' numbers, and over its bias shares,
+    so one run measures every node's conservation.
+    """
     start = find_start(graph, ruleset, output, start_tensor)
     nodes = path_nodes(graph, start)
     assignments = assign(graph, ruleset, nodes)
@@ -287,11 +294,31 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
         for tensor, contribution in zip(node.inputs, result):
             if contribution is not None and tensor in graph.active:
                 a.setdefault(tensor, []).append(contribution)
+        if node_sums:
+            compiled.node_sums[node.name] = _node_sums(tape, ruleset.quantity, node, a_out, result,
+                                                       bias_terms.get(node.name, []), graph)
     tape.scope = ""
 
     outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms)
+    row = [graph.dim(start, 0)]
+    outputs.update({name: row for sums in compiled.node_sums.values() for name in sums if name})
     compiled.model = _assemble(graph, tape, extra_outputs, outputs, seed_mode, start)
     return compiled
+
+
+def _node_sums(tape: Tape, quantity: str, node: Node, a_out, a_in, bias_shares, graph: Graph):
+    """(Σ view over what the node gives its inputs, Σ view over its outputs, Σ bias shares), each
+    [N]; None where there is nothing to sum."""
+
+    def total(pairs) -> str | None:
+        terms = [_row_sum(tape, _view(tape, quantity, t, v)) for t, v in pairs
+                 if v is not None and t in graph.active]
+        if not terms:
+            return None
+        return tape.sum(terms) if len(terms) > 1 else tape.op("Identity", terms[0])
+
+    bias = _row_sum(tape, tape.sum(bias_shares)) if bias_shares else None
+    return total(zip(node.inputs, a_in)), total(zip(node.outputs, a_out)), bias
 
 
 def _row_sum(tape: Tape, x: str) -> str:
