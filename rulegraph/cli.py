@@ -1,7 +1,7 @@
-"""``rulegraph explain | compile | lint | ops | demo``.
+"""``rulegraph explain | check | compile | lint | ops | demo``.
 
-Exit codes: 0 success, 1 a checked property does not hold (a node without a rule in ``ops``),
-2 bad input (unreadable model, rule file error, bad arguments).
+Exit codes: 0 success, 1 a checked property does not hold (``check``; a node without a rule in
+``ops``), 2 bad input (unreadable model, rule file error, bad arguments).
 """
 
 from __future__ import annotations
@@ -109,6 +109,25 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from .check import check
+    from .explainer import Explainer
+
+    x = None
+    if args.input:
+        x = load_input(args.input, Explainer(args.model, args.rules), args.scale)
+    samples = 0 if x is not None else args.samples
+    report = check(args.model, args.rules, x=x, samples=samples, tolerance=args.tolerance,
+                   probes=args.probes, output=args.output, start=args.start)
+    text = {"text": report.to_text, "json": report.to_json, "junit": report.to_junit}[args.format]()
+    if args.output_file:
+        Path(args.output_file).write_text(text if text.endswith("\n") else text + "\n")
+        print(f"report written to {args.output_file}: {'OK' if report.ok else 'FAILED'}")
+    else:
+        print(text)
+    return 0 if report.ok else 1
+
+
 def cmd_lint(args) -> int:
     from . import dsl
 
@@ -182,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     model_and_rules(p)
     p.add_argument("-o", required=True, help="where to write the explainer .onnx")
     p.set_defaults(run=cmd_compile)
+
+    p = sub.add_parser("check", help="coverage, conservation and consistency of a rule file on a model (CI)")
+    model_and_rules(p)
+    p.add_argument("--input", help="measure conservation on this input (.npy, .npz, image)")
+    p.add_argument("--samples", type=int, default=4, help="else on N seeded random inputs (0: static only)")
+    p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="largest leak allowed, relative to the start value")
+    p.add_argument("--probes", action="store_true", help="also run the consistency probes")
+    p.add_argument("--format", choices=["text", "json", "junit"], default="text")
+    p.add_argument("--output-file", help="write the report here instead of standard output")
+    p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("lint", help="check a rule file on its own")
     p.add_argument("rules")

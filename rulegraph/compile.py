@@ -172,7 +172,7 @@ def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> lis
         except AmbiguousBinding as exc:
             out.append(Assignment(n, None, True, str(exc)))
             continue
-        out.append(Assignment(n, binding, True, _problem(n, binding)))
+        out.append(Assignment(n, binding, True, _problem(n, binding, ruleset.quantity)))
     return out
 
 
@@ -180,14 +180,21 @@ def _accepting(kind: str | None) -> list[str]:
     return sorted(name for name, spec in RULES.items() if kind in spec.kinds and name != "start")
 
 
-def _problem(node: Node, binding: Binding | None) -> str | None:
+def _suggestion(kind: str, quantity: str) -> str:
+    """A rule for ``kind`` that conserves ``quantity`` if one exists, else the first accepting one."""
+    rules = _accepting(kind)
+    exact = [r for r in rules if RULES[r].conservation_of(quantity, kind, "Relu") in ("exact", "approximate")]
+    return (exact or rules)[0]
+
+
+def _problem(node: Node, binding: Binding | None, quantity: str = "relevance") -> str | None:
     if node.kind is None:
         return (f"{node}: rulegraph does not know op type {node.op_type}; it knows "
                 f"{', '.join(sorted(VJPS))}")
     if binding is None:
         extra = " (normalizing ops need an explicit rule, e.g. `Softmax -> start`)" if node.kind == NORMALIZING else ""
         return (f"{node}, kind {node.kind}, has no rule{extra}; add a binding such as "
-                f"`{node.op_type} -> {_accepting(node.kind)[0]}` (rules accepting {node.kind}: "
+                f"`{node.op_type} -> {_suggestion(node.kind, quantity)}` (rules accepting {node.kind}: "
                 f"{', '.join(_accepting(node.kind))})")
     spec = RULES[binding.rule.name]
     if node.kind not in spec.kinds:
@@ -393,6 +400,11 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
     else:
         g.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]))
     existing = {o.name for o in g.output}
+    for out in g.output:  # outputs declared without a shape take the inferred one
+        tensor_type = out.type.tensor_type
+        if not tensor_type.HasField("shape") and graph.shapes.get(out.name) is not None:
+            elem_type = tensor_type.elem_type or graph.dtypes.get(out.name, TensorProto.FLOAT)
+            out.CopyFrom(helper.make_tensor_value_info(out.name, elem_type, graph.shapes[out.name]))
     elem = graph.dtypes.get(start, TensorProto.FLOAT)
     for name, shape in list(outputs.items()) + [(start, graph.shapes.get(start))]:
         if name not in existing:

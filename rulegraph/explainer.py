@@ -24,7 +24,9 @@ class Result:
     ``.map``); ``saliency``: ``a(x)`` itself (importance quantity); ``bias_shares``: bias node ->
     [N] share; ``bias_total`` [N]; ``start_value`` [N]: Σ of the conserved view at the start;
     ``delta`` [N]: Σ attribution + Σ bias shares − start_value (0 when the rules conserve);
-    ``outputs``: the model's own outputs; ``target`` [N]: the class explained per row.
+    ``outputs``: the model's own outputs; ``target`` [N]: the class explained per row;
+    ``node_sums``: node -> (Σ view given to its inputs, Σ view of its outputs, Σ bias shares), [N]
+    each (None where empty), when asked for.
     """
 
     attribution: dict[str, np.ndarray]
@@ -36,7 +38,7 @@ class Result:
     start: np.ndarray
     target: np.ndarray | None = None
     device: str = "cpu"
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    node_sums: dict[str, tuple] = field(default_factory=dict)  # node -> (inputs, outputs, bias) [N]
 
     @property
     def map(self) -> np.ndarray:
@@ -82,21 +84,24 @@ class Explainer:
         self.output = output
         self.start = start
         self.threads = threads
-        self._compiled: dict[bool, Compiled] = {}
-        self._sessions: dict[bool, object] = {}
+        self._compiled: dict[tuple[bool, bool], Compiled] = {}
+        self._sessions: dict[tuple[bool, bool], object] = {}
 
-    def compiled(self, seed_mode: bool = False) -> Compiled:
-        if seed_mode not in self._compiled:
-            self._compiled[seed_mode] = compile_explainer(self.graph, self.ruleset, self.output,
-                                                          self.start, seed_mode)
-        return self._compiled[seed_mode]
+    def compiled(self, seed_mode: bool = False, node_sums: bool = False) -> Compiled:
+        """The explainer model; ``node_sums`` adds per-node conservation sums (rulegraph check)."""
+        key = (seed_mode, node_sums)
+        if key not in self._compiled:
+            self._compiled[key] = compile_explainer(self.graph, self.ruleset, self.output, self.start,
+                                                    seed_mode, node_sums)
+        return self._compiled[key]
 
-    def session(self, seed_mode: bool = False):
+    def session(self, seed_mode: bool = False, node_sums: bool = False):
         """The onnxruntime session of the compiled explainer (created once)."""
-        if seed_mode not in self._sessions:
-            model_bytes = self.compiled(seed_mode).model.SerializeToString()
-            self._sessions[seed_mode] = runtime.session(model_bytes, self.providers, self.threads)
-        return self._sessions[seed_mode]
+        key = (seed_mode, node_sums)
+        if key not in self._sessions:
+            model_bytes = self.compiled(seed_mode, node_sums).model.SerializeToString()
+            self._sessions[key] = runtime.session(model_bytes, self.providers, self.threads)
+        return self._sessions[key]
 
     def save(self, path: str | Path, seed_mode: bool = False) -> Path:
         """Write the explainer ONNX model; any ONNX runtime can run it without rulegraph."""
@@ -134,19 +139,20 @@ class Explainer:
         dims = [self.graph.dim(i, 0) for i in self.graph.inputs if self.graph.rank(i)]
         return dims[0] if dims and isinstance(dims[0], int) else None
 
-    def explain(self, x, target: int | str | np.ndarray | list = "argmax") -> Result:
+    def explain(self, x, target: int | str | np.ndarray | list = "argmax", node_sums: bool = False) -> Result:
         """Explain a batch. ``target``: a class index (one, or one per row), ``"argmax"``, or a seed
-        array shaped like the start tensor (a neuron or channel objective)."""
+        array shaped like the start tensor (a neuron or channel objective). ``node_sums`` also
+        returns each node's conservation sums (``Result.node_sums``) from the same run."""
         feeds = self._feeds(x)
         n = next(iter(feeds.values())).shape[0]
         seed_mode = isinstance(target, np.ndarray) and target.dtype.kind == "f"
-        compiled = self.compiled(seed_mode)
+        compiled = self.compiled(seed_mode, node_sums)
         if seed_mode:
             feeds[SEED] = target.astype(onnx.helper.tensor_dtype_to_np_dtype(
                 self.graph.dtypes.get(compiled.start_tensor, onnx.TensorProto.FLOAT)))
         else:
             feeds[TARGET] = _targets(target, n)
-        sess = self.session(seed_mode)
+        sess = self.session(seed_mode, node_sums)
         values = _run_in_chunks(sess, feeds, self._static_batch(), n)
         start = values[compiled.start_tensor]
         chosen = None
@@ -164,6 +170,8 @@ class Explainer:
             start=start,
             target=chosen,
             device=runtime.device_of(sess),
+            node_sums={node: tuple(None if o is None else values[o] for o in names)
+                       for node, names in compiled.node_sums.items()},
         )
 
 

@@ -19,6 +19,12 @@ from .kinds import BILINEAR, LINEAR, MAX, NONLINEAR, NORMALIZING, ROUTE
 
 EXACT, APPROXIMATE, LEAKS_BIAS, NONE = "exact", "approximate", "leaks bias", "none"
 ALL_KINDS = frozenset({LINEAR, NONLINEAR, MAX, ROUTE, BILINEAR, NORMALIZING})
+#: f(c·x) = c·f(x) for c > 0, so x·f'(x) = f(x): the gradient conserves the importance view.
+POSITIVELY_HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu", "Abs"})
+
+
+def _exact_if_homogeneous(op_type: str) -> str:
+    return EXACT if op_type in POSITIVELY_HOMOGENEOUS else NONE
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,10 @@ class RuleSpec:
                 problems.append(f"parameter '{p.name}' of rule '{self.name}': {msg}")
         return out, problems
 
-    def conservation_of(self, quantity: str, kind: str) -> str:
-        return self.conservation.get((quantity, kind), NONE)
+    def conservation_of(self, quantity: str, kind: str, op_type: str = "") -> str:
+        """The rule's conservation class on a node (RULES.md §5), before bias and ε are counted."""
+        value = self.conservation.get((quantity, kind), NONE)
+        return value(op_type) if callable(value) else value
 
 
 RULES: dict[str, RuleSpec] = {}
@@ -96,7 +104,7 @@ def _classes(**by_quantity: Mapping[str, str]) -> dict[tuple[str, str], str]:
 @rule("gradient", ALL_KINDS,
       conservation=_classes(
           relevance={MAX: EXACT, ROUTE: EXACT},
-          importance={LINEAR: LEAKS_BIAS, MAX: EXACT, ROUTE: EXACT, NONLINEAR: "exact if f is positively homogeneous"},
+          importance={LINEAR: LEAKS_BIAS, MAX: EXACT, ROUTE: EXACT, NONLINEAR: _exact_if_homogeneous},
           difference={LINEAR: EXACT, ROUTE: EXACT}))
 def gradient(ctx) -> list[str | None]:
     """``a(x) = VJP_x(a(y))``; a bias b of a linear op takes ``b ⊙ a(y)`` (RULES.md §3)."""

@@ -1,0 +1,308 @@
+"""Is a rule file sound for a model? Static checks, predicted and measured conservation, and the
+consistency probes (RULES.md §4-5), gathered in one Report with text, JSON and JUnit renderings.
+
+Conservation per node (RULES.md §5): ``Σ view(what the node gives its inputs) + Σ bias shares =
+Σ view(its outputs' numbers)``. Each (rule, quantity, kind) has a class: exact, approximate (ε),
+leaks bias (exact once biases are blamed) or none; ``predict`` derives it per node without running
+anything, ``measure`` reads every node's sums from one run of the compiled explainer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+
+from .compile import Assignment, RuleContext, assign, find_start, path_nodes
+from .emit import Tape
+from .errors import RulegraphError
+from .graph import Graph
+from .kinds import LINEAR, ROUTE
+from .rules import APPROXIMATE, EXACT, LEAKS_BIAS, NONE, RULES
+from .ruleset import RuleSet
+from .vjp import VjpContext
+
+SCHEMA_VERSION = 1
+COUNTED_BIAS = ("blame", "total")  # policies under which bias shares count towards conservation
+#: how bad a class is, for the end-to-end prediction (the worst node decides)
+SEVERITY = {EXACT: 0, APPROXIMATE: 1, LEAKS_BIAS: 2, NONE: 3}
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """A static finding: ``severity`` error (fails the check) or warning; ``where`` is a rule file
+    location or an ONNX node."""
+
+    severity: str
+    code: str
+    where: str
+    message: str
+
+
+@dataclass
+class NodeCheck:
+    """One node on the relevance path: its rule, predicted class and (once measured) its leak."""
+
+    node: str
+    op_type: str
+    kind: str
+    rule: str
+    binding: str
+    predicted: str
+    cause: str
+    leak: float | None = None        # max over rows of |out − in − counted bias| / |start value|
+    bias_share: float | None = None  # max over rows of |bias shares| / |start value|
+
+
+@dataclass
+class Report:
+    """Everything ``rulegraph check`` found; ``ok`` when every checked property holds."""
+
+    model: str
+    rules: str
+    quantity: str
+    bias: str
+    tolerance: float
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    nodes: list[NodeCheck] = field(default_factory=list)
+    predicted: str = EXACT
+    measured: float | None = None      # end to end: max |Σ attribution + bias − start| / |start|
+    samples: int = 0
+    probes: list = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity == "error"]
+
+    def properties(self) -> list[tuple[str, bool, str]]:
+        """(name, passed, detail) of every checked property: one JUnit test case each."""
+        props = [("static: every node on the path has a rule its kind accepts", not self.errors,
+                  "\n".join(f"{d.where}: {d.message}" for d in self.errors))]
+        if self.measured is not None:
+            props.append(("conservation: end to end", self.measured <= self.tolerance,
+                          f"max relative delta {self.measured:.2e} (tolerance {self.tolerance:g}); "
+                          f"predicted {self.predicted}"))
+            for n in self.nodes:
+                ok = n.leak is None or n.leak <= self.tolerance
+                detail = f"leak {n.leak:.2e}" if n.leak is not None else "not measured"
+                props.append((f"conservation: node {n.node} ({n.op_type}) under {n.rule}", ok,
+                              f"{detail}; predicted {n.predicted}" + (f" ({n.cause})" if n.cause else "")))
+        for p in self.probes:
+            if p.skipped:
+                continue
+            props.append((f"consistency: {p.probe}", p.consistent,
+                          f"max difference {p.max_difference:.3g}; " + "; ".join(p.responsible)))
+        return props
+
+    @property
+    def ok(self) -> bool:
+        return all(passed for _, passed, _ in self.properties())
+
+    # renderings ------------------------------------------------------------------------------------
+    def to_text(self, limit: int = 25) -> str:
+        lines = [f"rulegraph check: {self.model} with {self.rules} (quantity {self.quantity}, bias {self.bias})"]
+        for d in self.diagnostics:
+            lines.append(f"{d.severity}: {d.where}: {d.message}")
+        if self.nodes:
+            lines.append("")
+            lines.append(f"{'node':<40} {'op type':<18} {'rule':<26} {'predicted':<12} {'leak':>10}  cause")
+            ordered = sorted(self.nodes, key=lambda n: (-(n.leak or 0.0), -SEVERITY[n.predicted], n.node))
+            for n in ordered[:limit]:
+                leak = "-" if n.leak is None else f"{n.leak:.2e}"
+                lines.append(f"{n.node[:40]:<40} {n.op_type:<18} {n.rule[:26]:<26} {n.predicted:<12} {leak:>10}  {n.cause}")
+            if len(ordered) > limit:
+                lines.append(f"... {len(ordered) - limit} more nodes (worst first; use --format json for all)")
+        lines.append("")
+        lines.append(f"predicted end to end: {self.predicted}")
+        if self.measured is not None:
+            lines.append(f"measured end to end on {self.samples} input(s): max relative delta {self.measured:.2e} "
+                         f"(tolerance {self.tolerance:g})")
+        for p in self.probes:
+            state = "skipped: " + p.skipped if p.skipped else ("consistent" if p.consistent else "INCONSISTENT")
+            lines.append(f"probe {p.probe}: {state}" + ("" if p.skipped else f" (max difference {p.max_difference:.3g})"))
+            if not p.skipped and not p.consistent:
+                lines.extend(f"    {r}" for r in p.responsible)
+        failed = [name for name, passed, _ in self.properties() if not passed]
+        lines.append("")
+        lines.append("OK: every checked property holds" if not failed else
+                     f"FAILED: {len(failed)} propert{'y' if len(failed) == 1 else 'ies'} violated: " + "; ".join(failed[:5]))
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        """Stable JSON (schema version 1; documented in the README, section "rulegraph check")."""
+        doc = {
+            "schema": SCHEMA_VERSION, "ok": self.ok, "model": self.model, "rules": self.rules,
+            "quantity": self.quantity, "bias": self.bias, "tolerance": self.tolerance,
+            "samples": self.samples,
+            "end_to_end": {"predicted": self.predicted, "measured": self.measured},
+            "diagnostics": [asdict(d) for d in self.diagnostics],
+            "nodes": [asdict(n) for n in self.nodes],
+            "probes": [{"probe": p.probe, "consistent": p.consistent, "max_difference": p.max_difference,
+                        "responsible": list(p.responsible), "skipped": p.skipped} for p in self.probes],
+            "properties": [{"name": n, "passed": ok, "detail": d} for n, ok, d in self.properties()],
+        }
+        return json.dumps(doc, indent=2, sort_keys=False, default=float)
+
+    def to_junit(self) -> str:
+        props = self.properties()
+        failures = sum(1 for _, ok, _ in props if not ok)
+        cases = []
+        for name, ok, detail in props:
+            body = "" if ok else f"<failure message={quoteattr(detail.splitlines()[0] if detail else name)}>{escape(detail)}</failure>"
+            cases.append(f'    <testcase classname="rulegraph.check" name={quoteattr(name)}>{body}</testcase>')
+        head = (f'<testsuite name={quoteattr("rulegraph check " + self.rules)} tests="{len(props)}" '
+                f'failures="{failures}" errors="0">')
+        return "\n".join(['<?xml version="1.0" encoding="utf-8"?>', "<testsuites>", "  " + head, *cases,
+                          "  </testsuite>", "</testsuites>"]) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# static checks and predictions
+
+
+def _context(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> RuleContext:
+    node = assignment.node
+    tape = Tape(graph.opset, set())
+    base = VjpContext(node, graph, tape, [t in graph.active for t in node.inputs], lambda n, i: "")
+    params = dict(assignment.binding.rule.params) if assignment.binding else {}
+    return RuleContext(base, [None] * len(node.outputs), params, ruleset, lambda n, s: None)
+
+
+def _has_bias(ctx: RuleContext, rule: str) -> bool:
+    if ctx.kind == LINEAR and rule in ("gradient", "normalized"):
+        return ctx.linear_bias() is not None
+    if rule == "slope":
+        return ctx.value_at_zero() is not None
+    return False
+
+
+def predict_node(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> tuple[str, str]:
+    """(class, cause) of one node (RULES.md §5), counting its bias, the policy and ε."""
+    node, rule = assignment.node, assignment.binding.rule
+    spec = RULES[rule.name]
+    quantity, policy = ruleset.quantity, ruleset.bias
+    cls = spec.conservation_of(quantity, node.kind, node.op_type)
+    if rule.name == "normalized" and cls != NONE:
+        cls = APPROXIMATE if rule.params.get("eps", 0) > 0 else EXACT
+    ctx = _context(graph, assignment, ruleset)
+    has_bias = _has_bias(ctx, rule.name)
+    counted = policy in COUNTED_BIAS or (rule.name == "normalized" and policy == "ignore")
+    if cls == LEAKS_BIAS:
+        cls = EXACT if not has_bias or counted else LEAKS_BIAS
+    elif cls in (EXACT, APPROXIMATE) and has_bias and not counted:
+        cls = LEAKS_BIAS
+    if node.kind == ROUTE and any(t and t in graph.constants and graph.is_float(t) for t in node.inputs[:1]):
+        cls = NONE
+    causes = {EXACT: "", APPROXIMATE: f"ε = {rule.params.get('eps', 0):g} in the denominators",
+              LEAKS_BIAS: f"bias {policy}ed: its share is dropped" if policy == "absorb" else "bias share not counted",
+              NONE: f"rule '{rule.name}' does not conserve {quantity} on {node.kind} ops"}
+    if cls == LEAKS_BIAS and policy == "absorb":
+        causes[LEAKS_BIAS] = "bias absorbed (use `bias blame` to report its share)"
+    return cls, causes[cls]
+
+
+def static(graph: Graph, ruleset: RuleSet, output: str | None = None, start: str | None = None):
+    """(diagnostics, node checks with predictions, end-to-end prediction): no inference run."""
+    diagnostics: list[Diagnostic] = []
+    try:
+        start_tensor = find_start(graph, ruleset, output, start)
+    except RulegraphError as exc:
+        return [Diagnostic("error", "start", ruleset.source, str(exc))], [], NONE
+    assignments = assign(graph, ruleset, path_nodes(graph, start_tensor))
+    nodes: list[NodeCheck] = []
+    for a in assignments:
+        if a.problem:
+            code = "ambiguous" if a.binding is None and "equal specificity" in a.problem else (
+                "no-rule" if a.binding is None else "wrong-kind")
+            if a.node.kind is None:
+                code = "unknown-op"
+            message = a.problem.removeprefix(f"{a.node}: ").removeprefix(f"{a.node}, ").removeprefix(f"{a.node} ")
+            diagnostics.append(Diagnostic("error", code, str(a.node), message))
+            continue
+        cls, cause = predict_node(graph, a, ruleset)
+        nodes.append(NodeCheck(a.node.name, a.node.op_type, a.node.kind, str(a.binding.rule),
+                               f"{a.binding.selector} at {a.binding.location}", cls, cause))
+    used = {id(a.binding) for a in assignments if a.binding is not None}
+    for b in ruleset.bindings:
+        if id(b) not in used and b.rule.name != "start":
+            diagnostics.append(Diagnostic("warning", "unused-binding", str(b.location),
+                                          f"'{b.selector} -> {b.rule}' matches no node on the relevance path"))
+    diagnostics += _silent_overrides(ruleset)
+    predicted = max((n.predicted for n in nodes), key=SEVERITY.__getitem__, default=EXACT)
+    if any(d.severity == "error" for d in diagnostics):
+        predicted = NONE
+    return diagnostics, nodes, predicted
+
+
+def _silent_overrides(ruleset: RuleSet) -> list[Diagnostic]:
+    """A binding in an including file whose selector an included file already binds."""
+    out = []
+    for b in ruleset.bindings:
+        for earlier in ruleset.bindings:
+            if earlier.layer < b.layer and earlier.selector == b.selector and str(earlier.rule) != str(b.rule):
+                out.append(Diagnostic("warning", "override", str(b.location),
+                                      f"'{b.selector} -> {b.rule}' overrides '{earlier.selector} -> "
+                                      f"{earlier.rule}' from {earlier.location}"))
+                break
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# measured conservation
+
+
+def sample_inputs(graph: Graph, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded standard-normal inputs (integers: zeros) for every model input."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name in graph.inputs:
+        shape = graph.shapes.get(name)
+        if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+            raise RulegraphError(f"input '{name}' has shape {shape}: --samples needs static sizes "
+                                 "beyond the batch axis; pass --input instead")
+        dims = [samples] + list(shape[1:])
+        dtype = np.float32 if graph.is_float(name) else np.int64
+        feeds[name] = rng.normal(size=dims).astype(dtype) if graph.is_float(name) else np.zeros(dims, dtype)
+    return feeds
+
+
+def measure(explainer, x, report: Report, target="argmax") -> None:
+    """Fill each node's measured leak and the end-to-end delta, from one compiled run."""
+    result = explainer.explain(x, target=target, node_sums=True)
+    scale = np.maximum(np.abs(result.start_value.astype(np.float64)), 1e-12)
+    counted = explainer.ruleset.bias in COUNTED_BIAS
+    by_name = {n.node: n for n in report.nodes}
+    for node, (given, outs, bias) in result.node_sums.items():
+        check = by_name.get(node)
+        if check is None or outs is None:
+            continue
+        leak = outs.astype(np.float64) - (0 if given is None else given.astype(np.float64))
+        if bias is not None:
+            check.bias_share = float(np.max(np.abs(bias) / scale))
+            if counted or (check.rule.startswith("normalized") and explainer.ruleset.bias == "ignore"):
+                leak = leak - bias
+        check.leak = float(np.max(np.abs(leak) / scale))
+    report.measured = float(np.max(np.abs(result.relative_delta)))
+    report.samples = len(result.start_value)
+
+
+def check(model, rules, x=None, samples: int = 0, tolerance: float = 1e-3, probes: bool = False,
+          output: str | None = None, start: str | None = None, providers=None) -> Report:
+    """Run every check that applies: static always, measured with inputs (``x`` or ``samples``),
+    consistency probes when asked."""
+    from .explainer import Explainer
+
+    explainer = Explainer(model, rules, providers=providers, output=output, start=start)
+    ruleset = explainer.ruleset
+    diagnostics, nodes, predicted = static(explainer.graph, ruleset, output, start)
+    report = Report(str(model) if not hasattr(model, "SerializeToString") else "<model>", ruleset.source,
+                    ruleset.quantity, ruleset.bias, tolerance, diagnostics, nodes, predicted)
+    if not report.errors and (x is not None or samples):
+        measure(explainer, x if x is not None else sample_inputs(explainer.graph, samples), report)
+    if probes:
+        from .probes import run_probes
+
+        report.probes = run_probes(ruleset)
+    return report

@@ -1,0 +1,215 @@
+"""rulegraph check: the RULES.md §5 table derived and measured cell by cell, seeded violations,
+the CI exit codes, one compiled run for all node sums, and golden reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rulegraph import dsl
+from rulegraph.check import check
+from rulegraph.cli import main
+from rulegraph.testing import assert_conserves
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden" / "check"
+MLP = ROOT / "models" / "digits_mlp.onnx"
+CNN = ROOT / "models" / "digits_cnn.onnx"
+F = TensorProto.FLOAT
+RNG = np.random.default_rng(11)
+
+
+def model(op: str, x_shape, consts=(), attrs=None, name="op"):
+    """x → op(x, *consts) → y, float32, symbolic batch."""
+    node = helper.make_node(op, ["x"] + [n for n, _ in consts], ["y"], name=name, **(attrs or {}))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F, ["N", *x_shape])],
+                              [helper.make_tensor_value_info("y", F, None)],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in consts])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+GEMM = model("Gemm", [6], [("W", RNG.normal(size=(4, 6))), ("B", RNG.normal(size=4))], {"transB": 1})
+SIGMOID = model("Sigmoid", [6])
+RELU = model("Relu", [6])
+MAXPOOL = model("MaxPool", [2, 4, 4], attrs={"kernel_shape": [2, 2], "strides": [2, 2]})
+TRANSPOSE = model("Transpose", [2, 3], attrs={"perm": [0, 2, 1]})
+
+
+def rules(kind: str, rule: str, quantity: str, bias: str = "blame"):
+    return dsl.parse(f"rulegraph 1\nquantity {quantity}\nbias {bias}\n{kind} -> {rule}\n", source="cell.rules")
+
+
+# (model, kind, rule, quantity, bias policy, expected class): RULES.md §5, one row per cell
+CELLS = [
+    (GEMM, "linear", "normalized(eps = 0.01)", "relevance", "blame", "approximate"),
+    (GEMM, "linear", "normalized(eps = 0)", "relevance", "blame", "exact"),
+    (GEMM, "linear", "normalized(eps = 0)", "relevance", "absorb", "leaks bias"),
+    (GEMM, "linear", "normalized(eps = 0.01)", "importance", "blame", "none"),
+    (GEMM, "linear", "gradient", "relevance", "blame", "none"),
+    (GEMM, "linear", "gradient", "importance", "absorb", "leaks bias"),
+    (GEMM, "linear", "gradient", "importance", "blame", "exact"),
+    (SIGMOID, "nonlinear", "ignore", "relevance", "blame", "exact"),
+    (SIGMOID, "nonlinear", "ignore", "importance", "blame", "none"),
+    (SIGMOID, "nonlinear", "slope", "importance", "blame", "exact"),
+    (SIGMOID, "nonlinear", "slope", "importance", "absorb", "leaks bias"),
+    (SIGMOID, "nonlinear", "slope", "relevance", "blame", "none"),
+    (SIGMOID, "nonlinear", "gradient", "importance", "blame", "none"),
+    (RELU, "nonlinear", "gradient", "importance", "blame", "exact"),
+    # (Relu alone would conserve here: a(y) = y ⊙ onehot vanishes where y = 0; Sigmoid does not)
+    (SIGMOID, "nonlinear", "gradient", "relevance", "blame", "none"),
+    (MAXPOOL, "max", "gradient", "relevance", "blame", "exact"),
+    (MAXPOOL, "max", "gradient", "importance", "blame", "exact"),
+    (MAXPOOL, "max", "radial", "relevance", "blame", "exact"),
+    (MAXPOOL, "max", "radial", "importance", "blame", "none"),
+    (TRANSPOSE, "route", "gradient", "relevance", "blame", "exact"),
+    (TRANSPOSE, "route", "gradient", "importance", "blame", "exact"),
+]
+
+
+@pytest.mark.parametrize("onnx_model,kind,rule,quantity,bias,expected", CELLS,
+                         ids=[f"{c[2]}-{c[1]}-{c[3]}-{c[4]}" for c in CELLS])
+def test_conservation_table_cell(onnx_model, kind, rule, quantity, bias, expected):
+    """The checker derives the cell's class, and one measured run confirms it."""
+    report = check(onnx_model, rules(kind, rule, quantity, bias), samples=8, tolerance=1e-5)
+    (node,) = report.nodes
+    assert node.predicted == expected
+    assert report.predicted == expected
+    if expected == "exact":
+        assert node.leak < 1e-5 and report.measured < 1e-5
+    elif expected == "approximate":
+        assert 1e-7 < node.leak < 0.1  # the ε terms, small but present
+    elif expected == "leaks bias":
+        assert node.leak > 1e-3 and node.bias_share is not None
+        assert node.leak == pytest.approx(node.bias_share, rel=1e-3)  # the leak is the bias's share
+    else:
+        assert node.leak > 1e-3
+
+
+def write(tmp_path, text: str, name="r.rules") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def sigmoid_mlp():
+    w1, w2 = RNG.normal(size=(5, 6)), RNG.normal(size=(3, 5))
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Sigmoid", ["h"], ["s"], name="act"),
+             helper.make_node("Gemm", ["s", "w2"], ["y"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["N", 6])],
+                              [helper.make_tensor_value_info("y", F, ["N", 3])],
+                              [numpy_helper.from_array(w.astype(np.float32), n) for n, w in (("w1", w1), ("w2", w2))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+SEEDED = [
+    ("bias absorbed", CNN, 'rulegraph 1\ninclude "lrp-epsilon"\nbias absorb\n', "bias absorbed", "BatchNormalization"),
+    ("eps 100", CNN, 'rulegraph 1\ninclude "lrp-epsilon"\nlinear -> normalized(eps = 100)\n', "ε = 100", "Gemm"),
+    ("gradient on sigmoid", None, 'rulegraph 1\ninclude "lrp-epsilon"\nSigmoid -> gradient\n',
+     "rule 'gradient' does not conserve relevance on nonlinear ops", "act"),
+    ("missing rule", CNN, "rulegraph 1\nlinear -> normalized(eps = 0)\nmax -> gradient\nroute -> gradient\n",
+     "kind nonlinear, has no rule; add a binding such as `Relu -> ignore`", "Relu"),
+]
+
+
+@pytest.mark.parametrize("name,onnx_path,text,cause,node", SEEDED, ids=[s[0] for s in SEEDED])
+def test_seeded_violations_exit_1_and_name_the_node(tmp_path, capsys, name, onnx_path, text, cause, node):
+    if onnx_path is None:
+        onnx_path = tmp_path / "sigmoid.onnx"
+        import onnx
+
+        onnx.save(sigmoid_mlp(), str(onnx_path))
+    assert main(["check", str(onnx_path), "--rules", write(tmp_path, text), "--samples", "4"]) == 1
+    out = capsys.readouterr().out
+    assert cause in out and node in out and "FAILED" in out
+
+
+def test_bad_rule_file_exits_2(tmp_path, capsys):
+    assert main(["check", str(CNN), "--rules", write(tmp_path, "rulegraph 1\nlinear => gradient\n")]) == 2
+    assert "r.rules:2:" in capsys.readouterr().err
+
+
+def test_sound_file_exits_0_in_every_format(tmp_path, capsys):
+    for fmt in ("text", "json", "junit"):
+        out = tmp_path / f"report.{fmt}"
+        assert main(["check", str(CNN), "--rules", "lrp-epsilon", "--format", fmt, "--output-file", str(out)]) == 0
+        assert out.stat().st_size > 0
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert doc["ok"] is True and doc["schema"] == 1
+
+
+def test_node_sums_cost_one_compiled_run(monkeypatch):
+    """Every node's conservation comes from one run of one compiled explainer."""
+    import onnxruntime
+
+    calls = []
+    real = onnxruntime.InferenceSession.run
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", counting)
+    report = check(CNN, "lrp-epsilon", samples=8)
+    assert len(calls) == 1
+    assert len(report.nodes) == 10 and all(n.leak is not None for n in report.nodes)
+
+
+def test_assert_conserves():
+    assert_conserves(MLP, "lrp-epsilon")
+    with pytest.raises(AssertionError, match="conservation: end to end"):
+        assert_conserves(MLP, "gradient")
+
+
+def test_static_warnings_unused_binding_and_override(tmp_path):
+    text = 'rulegraph 1\ninclude "lrp-epsilon"\nlinear -> normalized(eps = 0.1)\nGlobalMaxPool -> radial\n'
+    report = check(MLP, write(tmp_path, text))
+    codes = {(d.code, d.severity) for d in report.diagnostics}
+    assert ("override", "warning") in codes and ("unused-binding", "warning") in codes
+    override = next(d for d in report.diagnostics if d.code == "override")
+    assert "lrp-epsilon.rules" in override.message and ":3:" in override.where
+
+
+def mask_numbers(text: str) -> str:
+    """Leaks and deltas differ in their last bits across machines: pin everything else."""
+    return re.sub(r"-?\d+\.\d+e[-+]\d+|-?\d\.\d+e[-+]\d+", "<num>", text)
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("RULEGRAPH_UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_golden_reports():
+    """Static reports are pinned whole; the measured one with its numbers masked (its rows are
+    ordered by leak, and the absorbed biases differ by far more than float noise)."""
+    static_report = check(MLP, "lrp-epsilon")
+    static_report.model = "models/digits_mlp.onnx"
+    golden("mlp-lrp-epsilon.txt", static_report.to_text() + "\n")
+    golden("mlp-lrp-epsilon.json", static_report.to_json() + "\n")
+    golden("mlp-lrp-epsilon.xml", static_report.to_junit())
+    absorbed = check(MLP, dsl.parse('rulegraph 1\ninclude "lrp-epsilon"\nbias absorb\n', source="absorb.rules"),
+                     samples=2)
+    absorbed.model = "models/digits_mlp.onnx"
+    golden("mlp-absorb.txt", mask_numbers(absorbed.to_text()) + "\n")
+    golden("mlp-absorb.xml", mask_numbers(absorbed.to_junit()))
+    failing = check(MLP, dsl.parse("rulegraph 1\nlinear -> gradient\nroute -> gradient\n", source="partial.rules"))
+    failing.model = "models/digits_mlp.onnx"
+    golden("mlp-missing-rule.txt", failing.to_text() + "\n")
+    golden("mlp-missing-rule.xml", failing.to_junit())
+
+
+def test_text_report_puts_the_worst_node_first():
+    report = check(CNN, dsl.parse('rulegraph 1\ninclude "lrp-epsilon"\nbias absorb\n', source="a.rules"), samples=2)
+    rows = [line for line in report.to_text().splitlines() if line.startswith("/")]
+    leaks = [float(re.search(r"\s(\d\.\d\de[-+]\d\d)\s", row).group(1)) for row in rows]
+    assert leaks == sorted(leaks, reverse=True) and leaks[0] > 1e-3
