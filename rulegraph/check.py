@@ -81,9 +81,9 @@ class Report:
         props = [("static: every node on the path has a rule its kind accepts", not self.errors,
                   "\n".join(f"{d.where}: {d.message}" for d in self.errors))]
         if self.measured is not None:
-            props.append(("conservation: end to end", self.measured <= self.tolerance,
-                          f"max relative delta {self.measured:.2e} (tolerance {self.tolerance:g}); "
-                          f"predicted {self.predicted}"))
+            detail = (f"max relative delta {self.measured:.2e} (tolerance {self.tolerance:g}); "
+                      f"predicted {self.predicted}")
+            props.append(("conservation: end to end", self.measured <= self.tolerance, detail))
             for n in self.nodes:
                 ok = n.leak is None or n.leak <= self.tolerance
                 detail = f"leak {n.leak:.2e}" if n.leak is not None else "not measured"

@@ -230,4 +230,4 @@ def test_missing_rule_names_node_and_candidates():
         compile_explainer(G.load(SIG), ruleset("gradient", kind="linear"))
     message = str(info.value)
     assert "node 'the_Sigmoid' (Sigmoid), kind nonlinear, has no rule" in message
-    assert "`Sigmoid -> gradient`" in message and "slope" in message
+    assert "`Sigmoid -> ignore`" in message and "slope" in message
