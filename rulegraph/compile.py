@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -143,13 +142,20 @@ def _run_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
 
 
 def path_nodes(graph: Graph, start_tensor: str) -> list[Node]:
-    """Nodes with an active input whose output reaches ``start_tensor``, in topological order."""
-    if start_tensor in graph.producer:
-        producer = graph.producer[start_tensor].name
-        ancestors = nx.ancestors(graph.nx, producer) | {producer}
-    else:
-        ancestors = set()
-    return [n for n in graph.nodes if n.name in ancestors and any(t in graph.active for t in n.inputs)]
+    """Nodes on an active path from a float input to ``start_tensor``, in topological order.
+
+    Walks back from the start over active tensors only, so shape computations (Shape, Gather on
+    shapes) that feed a Reshape's integer input are not on the path.
+    """
+    needed = {start_tensor}
+    on_path: list[Node] = []
+    for node in reversed(graph.nodes):
+        if any(o in needed for o in node.outputs if o):
+            active_inputs = [t for t in node.inputs if t in graph.active]
+            if active_inputs:
+                on_path.append(node)
+                needed.update(active_inputs)
+    return list(reversed(on_path))
 
 
 def node_infos(nodes: list[Node]) -> dict[str, NodeInfo]:
@@ -307,8 +313,9 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     tape.scope = ""
 
     outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms)
-    row = [graph.dim(start, 0)]
-    outputs.update({name: row for sums in compiled.node_sums.values() for name in sums if name})
+    if compiled.node_sums:
+        row = [graph.dim(start, 0) if graph.rank(start) else "N"]
+        outputs.update({name: row for sums in compiled.node_sums.values() for name in sums if name})
     compiled.model = _assemble(graph, tape, extra_outputs, outputs, seed_mode, start)
     return compiled
 

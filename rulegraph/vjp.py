@@ -181,6 +181,8 @@ def conv_input_vjp(ctx: VjpContext, g: str, weight: np.ndarray, group: int, stri
     ct = t.op("ConvTranspose", g, t.const(weight, hint="w"), group=group, dilations=list(dilations),
               strides=list(strides), pads=list(pads_begin) + [0] * n, kernel_shape=kernel)
     xs, ys = ctx.graph.static_shape(x), ctx.graph.static_shape(y)
+    if ctx.node.attr("ceil_mode", 0):
+        ys = None  # onnx shape inference keeps a last window that starts in the end padding; runtimes drop it
     if xs is not None and ys is not None:
         extent = [strides[i] * (ys[2 + i] - 1) + dk[i] - pads_begin[i] for i in range(n)]
         if all(e >= s for e, s in zip(extent, xs[2:])):
@@ -265,16 +267,20 @@ def _matmul(ctx, g):
     out = [None, None]
     if ctx.active[0]:
         da = t.op("MatMul", g2, _swap_last(t, b2, max(rb, 2)))
-        out[0] = _sum_to(t, da, a)
+        out[0] = _sum_to(t, da, a2, a)
     if ctx.active[1]:
         db = t.op("MatMul", _swap_last(t, a2, max(ra, 2)), g2)
-        out[1] = _sum_to(t, db, b)
+        out[1] = _sum_to(t, db, b2, b)
     return out
 
 
-def _sum_to(t: Tape, d: str, x: str) -> str:
-    """Sum ``d`` over the leading axes ``x`` lacks and the axes where ``x`` has size 1."""
-    return t.reshape_like(_reduce_where_one(t, d, x), x)
+def _sum_to(t: Tape, d: str, promoted: str, x: str) -> str:
+    """Sum ``d`` to the shape of ``promoted`` (``x`` as multiplied: 1-D made 2-D), reshape to ``x``.
+
+    Summing against ``x`` itself is wrong for a 1-D right operand: ``[K]`` aligns with the trailing
+    size-1 axis of ``d = [..., K, 1]``, not with K.
+    """
+    return t.reshape_like(_reduce_where_one(t, d, promoted), x)
 
 
 def _reduce_where_one(t: Tape, d: str, x: str) -> str:
@@ -354,31 +360,47 @@ def _sum_pool_transpose(ctx: VjpContext, g: str, scale: float) -> str:
     return conv_input_vjp(ctx, g, weight, c, strides, dilations, pb, pe, ctx.x, ctx.y)
 
 
-def _sum_pool(ctx: VjpContext, x: str) -> str:
-    """Σ over each pooling window of ``ctx.node`` applied to ``x`` (padding counts as 0)."""
+def _sum_pool(ctx: VjpContext, x: str, pad_value: float = 0.0) -> str:
+    """Σ over each pooling window of ``ctx.node`` applied to ``x``: pad cells hold ``pad_value``,
+    cells a ceil_mode window reaches past the padded input hold 0.
+
+    A depthwise Conv with ones, not ``AveragePool × size``: an AveragePool divides a ceil_mode
+    window that overhangs by fewer cells (onnxruntime and onnx.reference agree), and onnxruntime
+    refuses an AveragePool whose (fused) padding is not smaller than the kernel.
+    """
     t = ctx.tape
     kernel = _pool_kernel(ctx)
+    n = len(kernel)
     strides, dilations, pb, pe = _spatial_attrs(ctx, kernel)
-    dilated = any(d != 1 for d in dilations)
-    if dilated and t.opset < 19:
-        raise ctx.fail("a dilated pooling window needs opset 19 here (AveragePool dilations)")
-    avg = t.op("AveragePool", x, kernel_shape=kernel, strides=strides, pads=pb + pe,
-               ceil_mode=ctx.node.attr("ceil_mode", 0), count_include_pad=1,
-               dilations=dilations if dilated else None)
-    return t.op("Mul", avg, t.scalar(float(math.prod(kernel))))
+    if pad_value and (any(pb) or any(pe)):
+        x = t.op("Pad", x, t.ints([0, 0] + pb + [0, 0] + pe), t.scalar(pad_value))
+        pb, pe = [0] * n, [0] * n
+    ceil = ctx.node.attr("ceil_mode", 0)
+    if ceil:  # room for the last, partial window; extra windows are cut below
+        pe = [e + s - 1 for e, s in zip(pe, strides)]
+    c = _channels(ctx)
+    ones = t.const(np.ones([c, 1] + kernel, dtype=t.float_dtype), hint="ones")
+    total = t.op("Conv", x, ones, group=c, kernel_shape=kernel, strides=strides, dilations=dilations,
+                 pads=pb + pe)
+    if ceil:
+        total = t.op("Slice", total, t.ints([0] * n), t.shape(ctx.y, start=2), t.ints(range(2, 2 + n)))
+    return total
 
 
 @vjp("AveragePool")
 def _average_pool(ctx, g):
-    """``y = Σ_window x / n``: n is the window size, or the count of non-pad cells."""
+    """``y = Σ_window x / n``: n counts the window's cells inside the padded input
+    (count_include_pad=1) or inside the input (count_include_pad=0); ceil_mode windows may be short."""
     t = ctx.tape
     kernel = _pool_kernel(ctx)
     size = math.prod(kernel)
     _, _, pb, pe = _spatial_attrs(ctx, kernel)
+    include_pad = ctx.node.attr("count_include_pad", 0)
     gy = g[0]
-    if not ctx.node.attr("count_include_pad", 0) and (any(pb) or any(pe) or ctx.node.attr("ceil_mode", 0)):
-        valid = _sum_pool(ctx, t.op("Add", t.zeros_like(ctx.x), t.scalar(1.0)))
-        gy = t.op("Div", gy, t.op("Div", valid, t.scalar(float(size))))
+    if ctx.node.attr("ceil_mode", 0) or (not include_pad and (any(pb) or any(pe))):
+        ones = t.op("Add", t.zeros_like(ctx.x), t.scalar(1.0))
+        count = _sum_pool(ctx, ones, pad_value=float(include_pad))
+        gy = t.op("Div", gy, t.op("Div", count, t.scalar(float(size))))
     return [_sum_pool_transpose(ctx, gy, 1.0 / size)]
 
 

@@ -1,0 +1,160 @@
+"""Test oracles: small ONNX models built with onnx.helper, the ONNX reference evaluator, and a
+finite-difference check of a compiled VJP.
+
+The VJP oracle: compile a model with the gradient rule in seed mode, so the explainer computes
+``v = J(x)ᵀ s`` for a seed ``s`` shaped like the output, and compare ``Σ_i <v_i, d_i>`` with the
+central difference ``<s, (f(x + h d) − f(x − h d)) / 2h>`` along one random direction ``d`` that
+perturbs every float input at once. Everything runs in float64 on ``onnx.reference``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+from onnx.reference.ops._op import OpRunUnaryNum
+from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ConvTranspose
+from onnx.reference.ops.op_max_pool import MaxPool as _MaxPool
+
+from rulegraph import graph as G
+from rulegraph.compile import SEED, Compiled, compile_explainer
+from rulegraph.errors import Location
+from rulegraph.ruleset import Binding, RuleCall, RuleSet, Selector
+
+KINDS = ("linear", "nonlinear", "max", "route", "bilinear", "normalizing")
+#: Every kind bound to the gradient rule, importance quantity: saliency = the plain VJP.
+GRADIENT = RuleSet(tuple(Binding(Selector("kind", k), RuleCall("gradient", {}), Location("test", 1, 1))
+                         for k in KINDS), quantity="importance")
+
+
+# Known defects of onnx.reference (onnx 1.23) replaced by correct kernels -------------------------
+
+
+class Erf(OpRunUnaryNum):
+    """The reference Erf computes in float32 (``np.vectorize(erf, otypes=["f"])``): too coarse for
+    a finite difference with h = 1e-6. This one keeps the input's precision."""
+
+    def _run(self, x):
+        return (np.vectorize(math.erf, otypes=[x.dtype])(x).astype(x.dtype),)
+
+
+class Gelu(OpRun):
+    """The reference Gelu runs its function body, whose Erf is the float32 one above."""
+
+    op_domain = ""
+
+    def _run(self, x, approximate=None):
+        if approximate == "tanh":
+            return (0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),)
+        erf = np.vectorize(math.erf, otypes=[x.dtype])
+        return ((0.5 * x * (1 + erf(x / math.sqrt(2)))).astype(x.dtype),)
+
+
+class ConvTranspose(_ConvTranspose):
+    """The reference ConvTranspose mixes up the channels of groups > 1 (it slices W by output
+    channels and writes one output channel per group); run each group with group = 1 instead."""
+
+    def _run(self, X, W, B=None, group=None, **attrs):
+        group = group or 1
+        if group == 1:
+            return super()._run(X, W, B, group=1, **attrs)
+        c, m = X.shape[1] // group, W.shape[1]
+        parts = [super(ConvTranspose, self)._run(X[:, g * c:(g + 1) * c], W[g * c:(g + 1) * c],
+                                                 None if B is None else B[g * m:(g + 1) * m], group=1,
+                                                 **attrs)[0] for g in range(group)]
+        return (np.concatenate(parts, axis=1),)
+
+
+class MaxPool(_MaxPool):
+    """The reference MaxPool returns wrong Indices on its stride-1 fast path (CommonPool); use its
+    general path, which agrees with onnxruntime, for every stride."""
+
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
+             storage_order=None, strides=None):
+        n = len(kernel_shape)
+        return self._max_pool(x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations or [1] * n,
+                              kernel_shape=kernel_shape, pads=pads, storage_order=storage_order,
+                              strides=strides or [1] * n)
+
+
+REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool]
+
+
+def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,
+               outputs: Sequence[str] = ("y",), opset: int = 17, elem: int = TensorProto.DOUBLE,
+               ) -> onnx.ModelProto:
+    """A model of ``nodes``; ``inputs`` maps graph input names to shapes (ints or symbols),
+    ``consts`` initializer names to arrays; outputs get their shapes from shape inference."""
+    value_infos = [helper.make_tensor_value_info(name, elem, list(shape)) for name, shape in inputs.items()]
+    out_infos = [helper.make_tensor_value_info(name, elem, None) for name in outputs]
+    inits = [numpy_helper.from_array(np.asarray(v), name) for name, v in (consts or {}).items()]
+    graph = helper.make_graph(list(nodes), "test", value_infos, out_infos, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset <= 17 else 9 if opset <= 20 else 10
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    model.graph.ClearField("output")
+    model.graph.output.extend(inferred.graph.output)
+    onnx.checker.check_model(model)
+    return model
+
+
+def one_node(op_type: str, args: Sequence[str], inputs: Mapping[str, Sequence], consts=None,
+             opset: int = 17, elem: int = TensorProto.DOUBLE, **attrs) -> onnx.ModelProto:
+    """A model of one node ``op_type(*args) -> y``; ``args`` names graph inputs, consts or ''."""
+    node = helper.make_node(op_type, list(args), ["y"], name=f"the_{op_type}", **attrs)
+    return make_model([node], inputs, consts, opset=opset, elem=elem)
+
+
+def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], outputs=None) -> dict[str, np.ndarray]:
+    """Run ``model`` with the ONNX reference evaluator; returns output name -> array."""
+    names = list(outputs) if outputs is not None else [o.name for o in model.graph.output]
+    values = ReferenceEvaluator(model, new_ops=REFERENCE_FIXES).run(names, dict(feeds))
+    return dict(zip(names, values))
+
+
+def compile_seed(model: onnx.ModelProto, rules: RuleSet = GRADIENT) -> Compiled:
+    """The explainer of ``model`` in seed mode (extra input SEED, shaped like the output)."""
+    return compile_explainer(G.load(model), rules, seed_mode=True)
+
+
+def reference_vjp(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], seed: np.ndarray,
+                  compiled: Compiled | None = None) -> dict[str, np.ndarray]:
+    """``J(x)ᵀ seed`` for every float graph input, run on the reference evaluator."""
+    compiled = compiled or compile_seed(model)
+    names = list(compiled.saliency.values())
+    values = run(compiled.model, {**feeds, SEED: seed}, names)
+    return {x: values[o] for x, o in compiled.saliency.items()}
+
+
+def check_vjp(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], rng: np.random.Generator,
+              h: float = 1e-6, rtol: float = 1e-6, seed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Assert the compiled VJP of ``model`` at ``feeds`` matches central differences; returns it.
+
+    ``seed`` (shaped like the output) defaults to a random normal one.
+
+    The tolerance is relative to ``Σ |s ⊙ fd|`` so that cancellation in the inner product cannot
+    hide or fake an error.
+    """
+    out_name = model.graph.output[0].name
+    y = run(model, feeds, [out_name])[out_name]
+    seed = rng.standard_normal(np.shape(y)) if seed is None else seed
+    vjps = reference_vjp(model, feeds, seed)
+    assert set(vjps) == set(feeds), f"saliency for {sorted(vjps)}, inputs {sorted(feeds)}"
+    direction = {k: rng.standard_normal(np.shape(v)) for k, v in feeds.items()}
+    plus = run(model, {k: feeds[k] + h * direction[k] for k in feeds}, [out_name])[out_name]
+    minus = run(model, {k: feeds[k] - h * direction[k] for k in feeds}, [out_name])[out_name]
+    fd = (plus - minus) / (2 * h)
+    for k, v in vjps.items():
+        assert v.shape == np.shape(feeds[k]), f"VJP of '{k}' has shape {v.shape}, input {np.shape(feeds[k])}"
+        assert np.all(np.isfinite(v)), f"VJP of '{k}' is not finite"
+    lhs = sum(float(np.sum(vjps[k] * direction[k])) for k in feeds)
+    rhs = float(np.sum(seed * fd))
+    scale = float(np.sum(np.abs(seed * fd))) + float(np.sum([np.abs(vjps[k] * direction[k]).sum() for k in feeds]))
+    assert abs(lhs - rhs) <= rtol * max(scale, 1e-12), (
+        f"<VJP, d> = {lhs!r} but <s, FD> = {rhs!r} (difference {lhs - rhs:.3g}, scale {scale:.3g})")
+    return vjps

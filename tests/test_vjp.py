@@ -1,0 +1,515 @@
+"""The VJP table (rulegraph/vjp.py), one row per op case, against central finite differences.
+
+Each row is a small float64 ONNX model with graph output ``y``. The oracle (tests/oracles.py)
+compiles it with the gradient rule in seed mode, runs it on the ONNX reference evaluator and
+compares ``<J(x)ᵀ s, d>`` with ``<s, (f(x + h d) − f(x − h d)) / 2h>`` along one random direction
+that perturbs every activation input at once. Constant operands (weights) are initializers.
+
+Piecewise ops are sampled away from their kinks (the sampler of each row says how), so that the
+finite difference with h = 1e-6 never crosses one.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from oracles import GRADIENT, check_vjp, compile_seed, make_model, one_node, run
+
+from rulegraph import Explainer, ModelError
+from rulegraph.compile import SEED
+from rulegraph.errors import Location
+from rulegraph.ruleset import Binding, RuleCall, RuleSet, Selector
+
+W = np.random.default_rng(1234)   # constant operands (weights), fixed at collection time
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def weight(*shape) -> np.ndarray:
+    return W.standard_normal(shape)
+
+
+def ints(*values) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+# samplers: (rng, {input name: shape}) -> feeds ------------------------------------------------------
+
+
+def normal(scale: float = 1.0) -> Callable:
+    def sample(rng, shapes):
+        return {k: scale * rng.standard_normal(s) for k, s in shapes.items()}
+    return sample
+
+
+NORMAL = normal()
+
+
+def away(*kinks: float, margin: float = 0.05, scale: float = 1.0) -> Callable:
+    """Normal samples pushed at least ``margin`` away from every kink (h·|d| ≈ 1e-6 never crosses)."""
+    def sample(rng, shapes):
+        feeds = {}
+        for k, s in shapes.items():
+            x = scale * rng.standard_normal(s)
+            for kink in kinks:
+                near = np.abs(x - kink) < margin
+                x = np.where(near, kink + np.where(x >= kink, margin, -margin), x)
+            feeds[k] = x
+        return feeds
+    return sample
+
+
+def distinct(rng, shapes):
+    """All values of all inputs distinct and 4/n apart (a scaled permutation): no max ties."""
+    sizes = [int(np.prod(s)) for s in shapes.values()]
+    n = sum(sizes)
+    values = (rng.permutation(n) - n / 2) * (4.0 / n)
+    feeds, at = {}, 0
+    for (k, s), size in zip(shapes.items(), sizes):
+        feeds[k] = values[at:at + size].reshape(s)
+        at += size
+    return feeds
+
+
+# cases --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    model: onnx.ModelProto
+    sample: Callable = NORMAL
+
+    def param(self):
+        return pytest.param(self, id=self.id)
+
+
+def op(id: str, op_type: str, args, inputs, consts=None, opset=17, sample=NORMAL, **attrs) -> Case:
+    """A one-node row: ``op_type(*args) -> y``."""
+    return Case(id, one_node(op_type, args, inputs, consts, opset=opset, **attrs), sample)
+
+
+def nodes(id: str, node_list, inputs, consts=None, opset=17, sample=NORMAL) -> Case:
+    """A few-node row; the last node writes ``y``."""
+    return Case(id, make_model(node_list, inputs, consts, opset=opset), sample)
+
+
+N = helper.make_node
+X234 = {"x": [2, 3, 4]}
+
+GEMM = [
+    op("Gemm-plain", "Gemm", ["x", "w"], {"x": [3, 4]}, {"w": weight(4, 5)}),
+    op("Gemm-transB-alpha-beta-C", "Gemm", ["x", "w", "c"], {"x": [3, 4]},
+       {"w": weight(5, 4), "c": weight(5)}, alpha=0.7, beta=1.3, transB=1),
+    op("Gemm-transA-C2d", "Gemm", ["x", "w", "c"], {"x": [4, 3]}, {"w": weight(4, 5), "c": weight(3, 5)},
+       transA=1, beta=0.5),
+    op("Gemm-transA-transB", "Gemm", ["x", "w"], {"x": [4, 3]}, {"w": weight(5, 4)}, transA=1, transB=1,
+       alpha=2.0),
+    op("Gemm-activation-B", "Gemm", ["x", "x1", "c"], {"x": [3, 4], "x1": [4, 5]}, {"c": weight(1, 5)},
+       alpha=0.6),
+    op("Gemm-activation-B-transA-transB", "Gemm", ["x", "x1"], {"x": [4, 3], "x1": [5, 4]},
+       transA=1, transB=1, alpha=1.5),
+    op("Gemm-const-A-activation-B", "Gemm", ["w", "x", "c"], {"x": [5, 4]}, {"w": weight(3, 4), "c": weight(5)},
+       transB=1, alpha=0.9),
+]
+
+MATMUL = [
+    op("MatMul-const-right-2d", "MatMul", ["x", "w"], {"x": [3, 4]}, {"w": weight(4, 5)}),
+    op("MatMul-const-right-batched", "MatMul", ["x", "w"], {"x": [2, 3, 4]}, {"w": weight(4, 5)}),
+    op("MatMul-const-left-2d", "MatMul", ["w", "x"], {"x": [2, 4, 5]}, {"w": weight(3, 4)}),
+    op("MatMul-batched-activations", "MatMul", ["x", "x1"], {"x": [2, 3, 4, 5], "x1": [2, 3, 5, 6]}),
+    op("MatMul-broadcast-3d-2d", "MatMul", ["x", "x1"], {"x": [3, 4, 5], "x1": [5, 6]}),
+    op("MatMul-broadcast-size1-batch", "MatMul", ["x", "x1"], {"x": [2, 1, 4, 5], "x1": [3, 5, 6]}),
+    op("MatMul-1d-left-activations", "MatMul", ["x", "x1"], {"x": [4], "x1": [2, 4, 5]}),
+    op("MatMul-1d-right-activations", "MatMul", ["x", "x1"], {"x": [2, 3, 4], "x1": [4]}),
+    # a scalar product; Unsqueeze keeps the start tensor rank 1 (see test_scalar_start_tensor)
+    nodes("MatMul-1d-both", [N("MatMul", ["x", "x1"], ["p"]), N("Unsqueeze", ["p", "axes"], ["y"])],
+          {"x": [4], "x1": [4]}, {"axes": ints(0)}),
+    op("MatMul-1d-left-const-right", "MatMul", ["x", "w"], {"x": [4]}, {"w": weight(4, 5)}),
+    op("MatMul-const-1d-right", "MatMul", ["x", "w"], {"x": [2, 3, 4]}, {"w": weight(4)}),
+    op("MatMul-const-1d-left", "MatMul", ["w", "x"], {"x": [2, 4, 5]}, {"w": weight(4)}),
+]
+
+CONV = [
+    op("Conv-1d", "Conv", ["x", "w", "b"], {"x": [2, 3, 7]}, {"w": weight(4, 3, 3), "b": weight(4)}),
+    op("Conv-2d-pads1", "Conv", ["x", "w", "b"], {"x": [2, 3, 6, 5]}, {"w": weight(4, 3, 3, 3), "b": weight(4)},
+       pads=[1, 1, 1, 1]),
+    op("Conv-2d-stride2-pads1", "Conv", ["x", "w"], {"x": [1, 2, 7, 7]}, {"w": weight(3, 2, 3, 3)},
+       strides=[2, 2], pads=[1, 1, 1, 1]),
+    op("Conv-asymmetric-pads", "Conv", ["x", "w"], {"x": [1, 2, 6, 5]}, {"w": weight(3, 2, 3, 2)},
+       pads=[0, 1, 1, 2]),
+    op("Conv-asymmetric-pads-stride2", "Conv", ["x", "w"], {"x": [1, 2, 7, 6]}, {"w": weight(3, 2, 3, 3)},
+       pads=[0, 1, 1, 2], strides=[2, 2]),
+    op("Conv-dilation2", "Conv", ["x", "w"], {"x": [1, 2, 9, 8]}, {"w": weight(3, 2, 3, 3)},
+       dilations=[2, 2], pads=[2, 1, 2, 1]),
+    op("Conv-dilation2-stride2", "Conv", ["x", "w"], {"x": [1, 2, 10, 9]}, {"w": weight(3, 2, 3, 2)},
+       dilations=[2, 2], strides=[2, 2]),
+    op("Conv-groups2", "Conv", ["x", "w", "b"], {"x": [1, 4, 6, 6]}, {"w": weight(6, 2, 3, 3), "b": weight(6)},
+       group=2, pads=[1, 1, 1, 1]),
+    op("Conv-groups2-stride2", "Conv", ["x", "w"], {"x": [2, 4, 7, 6]}, {"w": weight(6, 2, 3, 3)},
+       group=2, strides=[2, 2]),
+    op("Conv-depthwise", "Conv", ["x", "w"], {"x": [2, 3, 6, 6]}, {"w": weight(3, 1, 3, 3)},
+       group=3, pads=[1, 1, 1, 1]),
+    op("Conv-depthwise-multiplier2-stride2", "Conv", ["x", "w"], {"x": [1, 3, 7, 7]}, {"w": weight(6, 1, 3, 3)},
+       group=3, strides=[2, 2], pads=[1, 1, 1, 1]),
+    op("Conv-same-upper-stride2", "Conv", ["x", "w"], {"x": [1, 2, 7, 6]}, {"w": weight(3, 2, 3, 3)},
+       auto_pad="SAME_UPPER", strides=[2, 2]),
+    op("Conv-same-lower-stride2", "Conv", ["x", "w"], {"x": [1, 2, 7, 6]}, {"w": weight(3, 2, 4, 2)},
+       auto_pad="SAME_LOWER", strides=[2, 2]),
+    op("Conv-same-upper-even-kernel", "Conv", ["x", "w"], {"x": [1, 2, 6, 5]}, {"w": weight(3, 2, 2, 4)},
+       auto_pad="SAME_UPPER"),
+    op("Conv-same-lower-even-kernel", "Conv", ["x", "w"], {"x": [1, 2, 6, 5]}, {"w": weight(3, 2, 2, 4)},
+       auto_pad="SAME_LOWER"),
+    op("Conv-valid", "Conv", ["x", "w"], {"x": [1, 2, 6, 5]}, {"w": weight(3, 2, 3, 3)}, auto_pad="VALID"),
+    # stride 2 on 8 rows with kernel 3: windows reach rows 0..6, row 7 gets nothing
+    op("Conv-stride2-uncovered-tail", "Conv", ["x", "w"], {"x": [1, 2, 8, 8]}, {"w": weight(3, 2, 3, 3)},
+       strides=[2, 2]),
+    # odd sizes, end padding 2: the transposed conv overshoots and is cut
+    op("Conv-stride2-odd-end-pads", "Conv", ["x", "w"], {"x": [1, 2, 9, 7]}, {"w": weight(3, 2, 3, 3)},
+       strides=[2, 2], pads=[0, 0, 2, 2]),
+    # H: end padding 1 but a tail row uncovered (cut, then zero-extend); W: overshoot (cut)
+    op("Conv-stride3-end-pad-mixed", "Conv", ["x", "w"], {"x": [1, 2, 9, 10]}, {"w": weight(3, 2, 2, 2)},
+       strides=[3, 3], pads=[0, 0, 1, 1]),
+    op("Conv-1d-stride2-pads", "Conv", ["x", "w"], {"x": [2, 3, 10]}, {"w": weight(2, 3, 4)},
+       strides=[2], pads=[2, 1]),
+]
+
+# max pooling: `distinct` inputs have no ties, so the arg-max of each window is unique
+POOL = [
+    op("MaxPool-k3-s1-overlap", "MaxPool", ["x"], {"x": [1, 2, 6, 6]}, sample=distinct, kernel_shape=[3, 3]),
+    op("MaxPool-k3-s2-pads", "MaxPool", ["x"], {"x": [2, 2, 7, 7]}, sample=distinct, kernel_shape=[3, 3],
+       strides=[2, 2], pads=[1, 1, 1, 1]),
+    op("MaxPool-k2-s2", "MaxPool", ["x"], {"x": [2, 3, 6, 4]}, sample=distinct, kernel_shape=[2, 2],
+       strides=[2, 2]),
+    op("MaxPool-ceil-mode", "MaxPool", ["x"], {"x": [1, 2, 6, 6]}, sample=distinct, kernel_shape=[3, 3],
+       strides=[2, 2], ceil_mode=1),
+    op("MaxPool-1d", "MaxPool", ["x"], {"x": [2, 3, 9]}, sample=distinct, kernel_shape=[3], strides=[2],
+       pads=[1, 1]),
+    op("AveragePool-exclude-pad", "AveragePool", ["x"], {"x": [1, 2, 7, 7]}, kernel_shape=[3, 3],
+       strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=0),
+    op("AveragePool-include-pad", "AveragePool", ["x"], {"x": [1, 2, 6, 5]}, kernel_shape=[3, 3],
+       pads=[1, 1, 1, 1], count_include_pad=1),
+    op("AveragePool-exclude-pad-asymmetric", "AveragePool", ["x"], {"x": [1, 2, 6, 5]}, kernel_shape=[3, 2],
+       pads=[0, 1, 2, 0], count_include_pad=0),
+    op("AveragePool-ceil-mode", "AveragePool", ["x"], {"x": [1, 2, 6, 6]}, kernel_shape=[3, 3],
+       strides=[2, 2], ceil_mode=1),
+    op("AveragePool-ceil-mode-include-pad", "AveragePool", ["x"], {"x": [1, 2, 6, 6]}, kernel_shape=[3, 3],
+       strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1, count_include_pad=1),
+    op("AveragePool-ceil-mode-exclude-pad", "AveragePool", ["x"], {"x": [1, 2, 7, 6]}, kernel_shape=[3, 2],
+       strides=[2, 2], pads=[1, 0, 1, 1], ceil_mode=1),
+    # the last window would start in the end padding: onnxruntime and onnx.reference drop it
+    op("AveragePool-ceil-mode-window-in-pad", "AveragePool", ["x"], {"x": [1, 2, 6, 6]}, kernel_shape=[2, 2],
+       strides=[2, 2], pads=[0, 0, 1, 1], ceil_mode=1, count_include_pad=1),
+    # stride 3 > kernel 2: the last ceil window would start in the end padding and is dropped by the
+    # runtimes, while onnx shape inference keeps it (output 3x3 inferred, 2x2 computed)
+    op("AveragePool-ceil-mode-stride-over-kernel", "AveragePool", ["x"], {"x": [1, 2, 6, 6]}, kernel_shape=[2, 2],
+       strides=[3, 3], pads=[0, 0, 1, 1], ceil_mode=1),
+    op("AveragePool-1d-stride1-ceil", "AveragePool", ["x"], {"x": [2, 3, 7]}, kernel_shape=[3], pads=[1, 2],
+       ceil_mode=1),
+    op("AveragePool-same-upper-exclude-pad", "AveragePool", ["x"], {"x": [1, 2, 7, 6]}, kernel_shape=[3, 3],
+       strides=[2, 2], auto_pad="SAME_UPPER"),
+    op("AveragePool-opset19-dilations", "AveragePool", ["x"], {"x": [1, 2, 8, 7]}, opset=19, kernel_shape=[2, 3],
+       dilations=[2, 2], pads=[1, 1, 1, 1]),
+    op("MaxPool-dilations-same-lower", "MaxPool", ["x"], {"x": [1, 2, 8, 7]}, sample=distinct, kernel_shape=[2, 2],
+       dilations=[2, 2], auto_pad="SAME_LOWER"),
+    op("AveragePool-no-pads", "AveragePool", ["x"], {"x": [2, 2, 6, 6]}, kernel_shape=[2, 2], strides=[2, 2]),
+    op("GlobalAveragePool", "GlobalAveragePool", ["x"], {"x": [2, 3, 4, 5]}),
+    op("GlobalMaxPool", "GlobalMaxPool", ["x"], {"x": [2, 3, 4, 5]}, sample=distinct),
+]
+
+REDUCE = [
+    op("ReduceMean-attr-axes-keepdims1", "ReduceMean", ["x"], X234, axes=[1]),
+    op("ReduceMean-attr-axes-keepdims0", "ReduceMean", ["x"], X234, axes=[0, 2], keepdims=0),
+    nodes("ReduceMean-all-axes", [N("ReduceMean", ["x"], ["m"], keepdims=0), N("Unsqueeze", ["m", "axes"], ["y"])],
+          X234, {"axes": ints(0)}),
+    op("ReduceMean-opset18-axes-input", "ReduceMean", ["x", "axes"], X234, {"axes": ints(-1)}, opset=18,
+       keepdims=0),
+    op("ReduceMean-opset18-keepdims1", "ReduceMean", ["x", "axes"], X234, {"axes": ints(0, 1)}, opset=18),
+    op("ReduceSum-axes-input-keepdims0", "ReduceSum", ["x", "axes"], X234, {"axes": ints(1, 2)}, keepdims=0),
+    op("ReduceSum-keepdims1", "ReduceSum", ["x", "axes"], X234, {"axes": ints(-2)}),
+    # distinct inputs: the maximum along the axis is unique
+    op("ReduceMax-one-axis", "ReduceMax", ["x"], X234, sample=distinct, axes=[1]),
+    op("ReduceMax-keepdims0", "ReduceMax", ["x"], X234, sample=distinct, axes=[-1], keepdims=0),
+    op("ReduceMax-opset18-axes-input", "ReduceMax", ["x", "axes"], X234, {"axes": ints(0)}, opset=18,
+       sample=distinct, keepdims=0),
+]
+
+BN = [op("BatchNormalization", "BatchNormalization", ["x", "s", "b", "m", "v"], {"x": [2, 3, 4, 4]},
+         {"s": weight(3), "b": weight(3), "m": weight(3), "v": 0.5 + W.random(3)}, epsilon=1e-3)]
+
+
+def _binary_rows(op_type: str, sample: Callable, const_scale: float = 0.0) -> list[Case]:
+    """Broadcast against a constant [3, 1], a constant scalar, and activations [3, 1] and []."""
+    c31 = weight(3, 1)
+    c = np.array(1.7)
+    if const_scale:  # Div: denominators kept away from 0
+        c31 = np.sign(c31) * (np.abs(c31) + const_scale)
+    return [
+        op(f"{op_type}-const-3x1", op_type, ["x", "c"], X234, {"c": c31}, sample=sample),
+        op(f"{op_type}-const-left-3x1", op_type, ["c", "x"], X234, {"c": c31}, sample=sample),
+        op(f"{op_type}-const-scalar", op_type, ["x", "c"], X234, {"c": c}, sample=sample),
+        op(f"{op_type}-activations-3x1", op_type, ["x", "x1"], {"x": [2, 3, 4], "x1": [3, 1]}, sample=sample),
+        op(f"{op_type}-activations-3x1-left", op_type, ["x1", "x"], {"x": [2, 3, 4], "x1": [3, 1]},
+           sample=sample),
+        op(f"{op_type}-activation-scalar", op_type, ["x", "x1"], {"x": [2, 3, 4], "x1": []}, sample=sample),
+        op(f"{op_type}-activations-same-shape", op_type, ["x", "x1"], {"x": [2, 3, 4], "x1": [2, 3, 4]},
+           sample=sample),
+    ]
+
+
+# Div: every value at least 0.5 away from 0, so 1/b is smooth along the finite difference
+ARITHMETIC = (_binary_rows("Add", normal()) + _binary_rows("Sub", normal()) + _binary_rows("Mul", normal())
+              + _binary_rows("Div", away(0.0, margin=0.5), const_scale=0.5) + [
+    op("Neg", "Neg", ["x"], X234),
+    op("Sum-3-broadcast", "Sum", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [4], "x2": [3, 1]}),
+    op("Sum-with-const", "Sum", ["x", "c", "x1"], {"x": [2, 3, 4], "x1": [2, 3, 4]}, {"c": weight(4)}),
+])
+
+# elementwise: kinks at 0 (Relu, LeakyRelu, PRelu, Elu, Selu, Abs) or at the listed points are
+# avoided by the `away` sampler
+ELEMENTWISE = [
+    op("Relu", "Relu", ["x"], X234, sample=away(0.0)),
+    op("LeakyRelu", "LeakyRelu", ["x"], X234, sample=away(0.0), alpha=0.1),
+    op("PRelu-slope-Cx1x1", "PRelu", ["x", "slope"], {"x": [2, 3, 4, 5]}, {"slope": weight(3, 1, 1)},
+       sample=away(0.0)),
+    op("Sigmoid", "Sigmoid", ["x"], X234, sample=normal(2.0)),
+    op("Tanh", "Tanh", ["x"], X234, sample=normal(2.0)),
+    op("Softplus", "Softplus", ["x"], X234, sample=normal(2.0)),
+    op("Elu", "Elu", ["x"], X234, sample=away(0.0), alpha=0.7),
+    op("Selu", "Selu", ["x"], X234, sample=away(0.0)),
+    op("Selu-attrs", "Selu", ["x"], X234, sample=away(0.0), alpha=1.3, gamma=0.8),
+    op("Clip-min-max", "Clip", ["x", "lo", "hi"], X234, {"lo": np.array(-0.5), "hi": np.array(0.8)},
+       sample=away(-0.5, 0.8)),
+    op("Clip-min-only", "Clip", ["x", "lo"], X234, {"lo": np.array(-0.3)}, sample=away(-0.3)),
+    op("Clip-max-only", "Clip", ["x", "", "hi"], X234, {"hi": np.array(0.4)}, sample=away(0.4)),
+    op("Erf", "Erf", ["x"], X234, sample=normal(1.5)),
+    op("Gelu-none", "Gelu", ["x"], X234, opset=20, sample=normal(2.0)),
+    op("Gelu-tanh", "Gelu", ["x"], X234, opset=20, sample=normal(2.0), approximate="tanh"),
+    # alpha 0.3, beta 0.4: kinks where 0.3 x + 0.4 is 0 or 1
+    op("HardSigmoid", "HardSigmoid", ["x"], X234, sample=away(-4 / 3, 2.0, scale=2.5), alpha=0.3, beta=0.4),
+    op("HardSigmoid-defaults", "HardSigmoid", ["x"], X234, sample=away(-2.5, 2.5, scale=3.0)),
+    op("HardSwish", "HardSwish", ["x"], X234, sample=away(-3.0, 3.0, scale=3.0)),
+    op("Abs", "Abs", ["x"], X234, sample=away(0.0)),
+]
+
+ROUTE = [
+    op("Reshape", "Reshape", ["x", "shape"], X234, {"shape": ints(4, -1)}),
+    op("Reshape-zero-dim", "Reshape", ["x", "shape"], X234, {"shape": ints(0, 0, 2, 2)}),
+    op("Flatten-axis2", "Flatten", ["x"], {"x": [2, 3, 4, 5]}, axis=2),
+    op("Flatten-default", "Flatten", ["x"], {"x": [2, 3, 4, 5]}),
+    op("Transpose-perm", "Transpose", ["x"], X234, perm=[2, 0, 1]),
+    op("Transpose-default", "Transpose", ["x"], X234),
+    op("Squeeze", "Squeeze", ["x", "axes"], {"x": [2, 1, 4, 1]}, {"axes": ints(1)}),
+    op("Squeeze-all", "Squeeze", ["x"], {"x": [2, 1, 4, 1]}),
+    op("Unsqueeze", "Unsqueeze", ["x", "axes"], X234, {"axes": ints(0, 3)}),
+    op("Identity", "Identity", ["x"], X234),
+    op("Dropout-inference", "Dropout", ["x"], X234),
+    op("Concat-3-axis1", "Concat", ["x", "x1", "x2"], {"x": [2, 1, 4], "x1": [2, 3, 4], "x2": [2, 2, 4]}, axis=1),
+    op("Concat-negative-axis-with-const", "Concat", ["x", "c", "x1"], {"x": [2, 3, 1], "x1": [2, 3, 2]},
+       {"c": weight(2, 3, 3)}, axis=-1),
+    nodes("Split-then-Concat-reordered", [
+        N("Split", ["x", "sizes"], ["s0", "s1", "s2"], axis=1),
+        N("Concat", ["s2", "s0", "s1"], ["y"], axis=1)], {"x": [2, 6, 4]}, {"sizes": ints(1, 2, 3)}),
+    nodes("Split-equal-then-Mul", [
+        N("Split", ["x"], ["s0", "s1", "s2"], axis=-1),
+        N("Mul", ["s0", "s1"], ["p"]),
+        N("Add", ["p", "s2"], ["y"])], {"x": [2, 3, 6]}),
+    nodes("Split-one-output-unused", [
+        N("Split", ["x", "sizes"], ["s0", "s1", "s2"], axis=1),
+        N("Concat", ["s2", "s0"], ["y"], axis=1)], {"x": [2, 6, 4]}, {"sizes": ints(2, 2, 2)}),
+    nodes("Split-opset18-num-outputs", [
+        N("Split", ["x"], ["s0", "s1", "s2"], axis=0, num_outputs=3),
+        N("Concat", ["s1", "s2", "s0"], ["y"], axis=0)], {"x": [7, 3]}, opset=18),
+    op("Slice-steps2-axes-subset", "Slice", ["x", "starts", "ends", "axes", "steps"], {"x": [5, 6, 7]},
+       {"starts": ints(0, 1), "ends": ints(5, 7), "axes": ints(0, 2), "steps": ints(2, 2)}),
+    op("Slice-negative-step", "Slice", ["x", "starts", "ends", "axes", "steps"], {"x": [5, 6, 7]},
+       {"starts": ints(5), "ends": ints(-7), "axes": ints(1), "steps": ints(-2)}),
+    op("Slice-negative-step-to-start", "Slice", ["x", "starts", "ends", "axes", "steps"], {"x": [5, 6, 7]},
+       {"starts": ints(-1, 4), "ends": ints(-INT64_MAX, 0), "axes": ints(-1, 0), "steps": ints(-3, -1)}),
+    op("Slice-no-axes", "Slice", ["x", "starts", "ends"], {"x": [5, 6]}, {"starts": ints(1, 2), "ends": ints(4, 100)}),
+    op("Pad-constant-begin-end", "Pad", ["x", "pads"], X234, {"pads": ints(0, 1, 2, 1, 0, 3)}),
+    op("Pad-constant-value", "Pad", ["x", "pads", "value"], X234, {"pads": ints(1, 0, 0, 0, 2, 1),
+                                                                   "value": np.array(0.5)}),
+    op("Pad-opset18-axes", "Pad", ["x", "pads", "", "axes"], X234, {"pads": ints(1, 2, 0, 1), "axes": ints(1, -1)},
+       opset=18),
+    op("Gather-duplicates-axis1", "Gather", ["x", "idx"], {"x": [3, 5, 4]}, {"idx": ints(0, 4, 4, -1, 2, 0)},
+       axis=1),
+    op("Gather-2d-indices-axis0", "Gather", ["x", "idx"], {"x": [4, 3]}, {"idx": np.array([[1, 1], [3, 0]])}),
+    op("Gather-scalar-index", "Gather", ["x", "idx"], X234, {"idx": np.array(2, dtype=np.int64)}, axis=2),
+    op("Expand-3x1", "Expand", ["x", "shape"], {"x": [3, 1]}, {"shape": ints(2, 3, 4)}),
+    op("Expand-rank-up", "Expand", ["x", "shape"], {"x": [4]}, {"shape": ints(3, 1)}),
+]
+
+# `distinct`: values of all operands are distinct, so the maximum is never a tie
+MAX = [
+    op("Max-3-broadcast", "Max", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [3, 1], "x2": [4]}, sample=distinct),
+    op("Max-same-shape", "Max", ["x", "x1"], {"x": [2, 3, 4], "x1": [2, 3, 4]}, sample=distinct),
+    op("Max-with-const", "Max", ["x", "c"], X234, {"c": np.linspace(-0.51, 0.49, 4)}, sample=distinct),
+]
+
+NORMALIZING = [
+    op("Softmax-axis1", "Softmax", ["x"], X234, axis=1),
+    op("Softmax-axis-1", "Softmax", ["x"], X234, axis=-1),
+    op("LogSoftmax-axis1", "LogSoftmax", ["x"], X234, axis=1),
+    op("LogSoftmax-axis-1", "LogSoftmax", ["x"], X234, axis=-1),
+]
+
+CASES = GEMM + MATMUL + CONV + POOL + REDUCE + BN + ARITHMETIC + ELEMENTWISE + ROUTE + MAX + NORMALIZING
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    return {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CASES])
+def test_vjp_matches_finite_differences(case: Case):
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    feeds = case.sample(rng, _shapes(case.model))
+    check_vjp(case.model, feeds, rng)
+
+
+def test_case_ids_unique():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
+
+
+def test_scalar_start_tensor():
+    """A model whose output is a scalar (no batch axis) still compiles and differentiates."""
+    model = one_node("MatMul", ["x", "x1"], {"x": [4], "x1": [4]})
+    rng = np.random.default_rng(0)
+    check_vjp(model, {"x": rng.standard_normal(4), "x1": rng.standard_normal(4)}, rng)
+
+
+# unsupported ops: a ModelError naming the node -----------------------------------------------------
+
+UNSUPPORTED = [
+    op("Conv-activation-weights", "Conv", ["x", "x1"], {"x": [1, 2, 5, 5], "x1": [3, 2, 3, 3]}),
+    op("Pad-reflect", "Pad", ["x", "pads"], X234, {"pads": ints(0, 1, 1, 0, 1, 1)}, mode="reflect"),
+    op("ReduceMax-two-axes", "ReduceMax", ["x"], X234, axes=[1, 2]),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in UNSUPPORTED])
+def test_unsupported_raises_model_error(case: Case):
+    node = case.model.graph.node[0]
+    with pytest.raises(ModelError, match=f"'{node.name}' \\({node.op_type}\\)"):
+        compile_seed(case.model)
+
+
+# symbolic shapes on onnxruntime (float32) against the float64 reference --------------------------
+
+
+@dataclass
+class SymCase:
+    id: str
+    op_type: str
+    args: list
+    symbolic: dict          # input name -> shape with symbols (the onnxruntime model)
+    concrete: dict          # input name -> the shape fed
+    consts: dict
+    attrs: dict
+    sample: Callable = NORMAL
+
+    def param(self):
+        return pytest.param(self, id=self.id)
+
+    def model(self, shapes, elem, dtype) -> onnx.ModelProto:
+        consts = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in self.consts.items()}
+        return one_node(self.op_type, self.args, shapes, consts, elem=elem, **self.attrs)
+
+
+SYMBOLIC = [
+    SymCase("Conv-stride2-uncovered-tail", "Conv", ["x", "w", "b"], {"x": ["N", 2, "H", "W"]},
+            {"x": [2, 2, 8, 9]}, {"w": weight(3, 2, 3, 3), "b": weight(3)}, {"strides": [2, 2]}),
+    SymCase("Conv-stride3-end-pad-mixed", "Conv", ["x", "w"], {"x": ["N", 2, "H", "W"]},
+            {"x": [2, 2, 9, 10]}, {"w": weight(3, 2, 2, 2)}, {"strides": [3, 3], "pads": [0, 0, 1, 1]}),
+    SymCase("Conv-stride2-odd-end-pads", "Conv", ["x", "w"], {"x": ["N", 2, "H", "W"]},
+            {"x": [3, 2, 9, 7]}, {"w": weight(3, 2, 3, 3)}, {"strides": [2, 2], "pads": [1, 0, 2, 2]}),
+    SymCase("Conv-stride1", "Conv", ["x", "w"], {"x": ["N", 2, "H", "W"]},
+            {"x": [2, 2, 6, 5]}, {"w": weight(3, 2, 3, 3)}, {"pads": [1, 1, 1, 1]}),
+    SymCase("Conv-groups2-stride2", "Conv", ["x", "w"], {"x": ["N", 4, "H", "W"]},
+            {"x": [2, 4, 7, 6]}, {"w": weight(6, 2, 3, 3)}, {"group": 2, "strides": [2, 2]}),
+    SymCase("Conv-depthwise-stride2", "Conv", ["x", "w"], {"x": ["N", 3, "H", "W"]},
+            {"x": [2, 3, 7, 7]}, {"w": weight(6, 1, 3, 3)}, {"group": 3, "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    SymCase("MaxPool-k3-s1", "MaxPool", ["x"], {"x": ["N", 2, "H", "W"]}, {"x": [2, 2, 6, 5]}, {},
+            {"kernel_shape": [3, 3]}, sample=distinct),
+    SymCase("MaxPool-k3-s2-pads", "MaxPool", ["x"], {"x": ["N", 2, "H", "W"]}, {"x": [2, 2, 7, 8]}, {},
+            {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, sample=distinct),
+    SymCase("AveragePool-exclude-pad", "AveragePool", ["x"], {"x": ["N", 2, "H", "W"]}, {"x": [2, 2, 7, 8]}, {},
+            {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 0}),
+    SymCase("AveragePool-ceil-include-pad", "AveragePool", ["x"], {"x": ["N", 2, "H", "W"]}, {"x": [2, 2, 6, 7]},
+            {}, {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 1,
+                 "ceil_mode": 1}),
+    SymCase("AveragePool-ceil-exclude-pad", "AveragePool", ["x"], {"x": ["N", 2, "H", "W"]}, {"x": [2, 2, 6, 7]},
+            {}, {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 1, 1], "ceil_mode": 1}),
+    SymCase("Slice-steps", "Slice", ["x", "starts", "ends", "axes", "steps"], {"x": ["N", 3, "H", "W"]},
+            {"x": [2, 3, 7, 6]}, {"starts": ints(1, -1), "ends": ints(INT64_MAX, -INT64_MAX),
+                                  "axes": ints(2, 3), "steps": ints(2, -2)}, {}),
+    SymCase("Concat-symbolic-axis", "Concat", ["x", "x1", "x2"],
+            {"x": ["N", 2, "H", "W"], "x1": ["N", 2, "H1", "W"], "x2": ["N", 2, "H2", "W"]},
+            {"x": [2, 2, 3, 4], "x1": [2, 2, 1, 4], "x2": [2, 2, 2, 4]}, {}, {"axis": 2}),
+    SymCase("Mul-activations-broadcast", "Mul", ["x", "x1"], {"x": ["N", 3, "W"], "x1": ["N", 3, 1]},
+            {"x": [2, 3, 4], "x1": [2, 3, 1]}, {}, {}),
+    SymCase("ReduceMean-symbolic-axes", "ReduceMean", ["x"], {"x": ["N", 2, "H", "W"]}, {"x": [2, 2, 3, 5]}, {},
+            {"axes": [2, 3], "keepdims": 0}),
+    SymCase("GlobalAveragePool", "GlobalAveragePool", ["x"], {"x": ["N", 2, "H", "W"]}, {"x": [2, 2, 3, 5]}, {},
+            {}),
+    SymCase("GlobalMaxPool", "GlobalMaxPool", ["x"], {"x": ["N", 2, "H", "W"]}, {"x": [2, 2, 3, 5]}, {}, {},
+            sample=distinct),
+    SymCase("Gemm-transB-C", "Gemm", ["x", "w", "c"], {"x": ["N", 4]}, {"x": [3, 4]},
+            {"w": weight(5, 4), "c": weight(5)}, {"transB": 1, "alpha": 0.7}),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in SYMBOLIC])
+def test_symbolic_shapes_on_onnxruntime(case: SymCase):
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    feeds = {k: v.astype(np.float32) for k, v in case.sample(rng, case.concrete).items()}
+    reference = case.model(case.concrete, TensorProto.DOUBLE, np.float64)
+    feeds64 = {k: v.astype(np.float64) for k, v in feeds.items()}
+    y = run(reference, feeds64)["y"]
+    seed = rng.standard_normal(y.shape).astype(np.float32)
+    want = check_vjp(reference, feeds64, rng, seed=seed.astype(np.float64))
+    explainer = Explainer(case.model(case.symbolic, TensorProto.FLOAT, np.float32), GRADIENT)
+    symbolic_dims = [d for d in explainer.graph.shapes["x"] if isinstance(d, str)]
+    assert symbolic_dims, "the model must keep symbolic dims"
+    got = explainer.explain(feeds, target=seed).saliency
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-4 * np.abs(value).max(), err_msg=name)
+
+
+# the window sums of max ops (used by the radial rule) -------------------------------------------
+
+RADIAL = RuleSet((Binding(Selector("kind", "max"), RuleCall("radial", {}), Location("test", 1, 1)),),
+                 quantity="relevance")
+
+WINDOWED = [
+    op("MaxPool-k3-s1", "MaxPool", ["x"], {"x": [1, 2, 6, 6]}, kernel_shape=[3, 3]),
+    op("MaxPool-k3-s2-pads", "MaxPool", ["x"], {"x": [2, 2, 7, 7]}, kernel_shape=[3, 3], strides=[2, 2],
+       pads=[1, 1, 1, 1]),
+    op("MaxPool-ceil-mode-pads", "MaxPool", ["x"], {"x": [1, 2, 6, 7]}, kernel_shape=[3, 2], strides=[2, 2],
+       pads=[1, 0, 1, 1], ceil_mode=1),
+    op("GlobalMaxPool", "GlobalMaxPool", ["x"], {"x": [2, 3, 4, 5]}),
+    op("Max-3-broadcast", "Max", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [3, 1], "x2": [4]}),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in WINDOWED])
+def test_window_sum_conserves_under_radial(case: Case):
+    """Radial max with positive inputs is exact: Σ a(x) = Σ a(y) only if every window sum is right."""
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    feeds = {k: 0.1 + np.abs(v) for k, v in distinct(rng, _shapes(case.model)).items()}
+    y = run(case.model, feeds)["y"]
+    seed = rng.standard_normal(y.shape)
+    compiled = compile_seed(case.model, RADIAL)
+    names = list(compiled.attribution.values())
+    got = run(compiled.model, {**feeds, SEED: seed}, names)
+    total = sum(float(v.sum()) for v in got.values())
+    want = float(np.sum(y * seed))   # relevance starts at y ⊙ seed
+    assert total == pytest.approx(want, rel=1e-9, abs=1e-9)
