@@ -14,7 +14,7 @@ shaped like the start tensor). Outputs: the model's own, then those named in ``C
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -26,7 +26,7 @@ from .graph import Graph, Node
 from .kinds import NORMALIZING
 from .rules import RULES
 from .ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
-from .vjp import LINEAR_BIAS, VJPS, WINDOW_SUMS, VjpContext
+from .vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
 
 TARGET = "rulegraph/target"
 SEED = "rulegraph/seed"
@@ -109,6 +109,34 @@ class RuleContext(VjpContext):
             return None
         return self.tape.const(np.asarray(value, dtype=self.tape.float_dtype), hint="f0")
 
+    def variant(self, weight_fn, bias_fn=None) -> LinearVariant:
+        """This linear op with constant weights ``weight_fn(w)`` and bias ``bias_fn(b)`` (no bias
+        when ``bias_fn`` is None): the building block of the LRP family (Montavon et al. 2019)."""
+        entry = LINEAR_PARAMS.get(self.node.op_type)
+        if entry is None:
+            raise self.fail(f"rule needs a Conv, Gemm or MatMul with constant weights, not {self.node.op_type}")
+        weight_index, bias_index = entry(self)
+        inputs = list(self.node.inputs)
+        constants: dict[str, np.ndarray] = {}
+        dtype = self.tape.float_dtype
+
+        def put(index: int, value: np.ndarray) -> None:
+            value = np.asarray(value, dtype=dtype)
+            inputs[index] = self.tape.const(value, hint="w_mod")
+            constants[inputs[index]] = value
+
+        put(weight_index, weight_fn(self.const(weight_index).astype(np.float64)))
+        if bias_index is not None and bias_index < len(inputs) and inputs[bias_index]:
+            if bias_fn is None:
+                inputs[bias_index] = ""
+            else:
+                put(bias_index, bias_fn(self.const(bias_index).astype(np.float64)))
+        graph = replace(self.graph, constants={**self.graph.constants, **constants},
+                        shapes={**self.graph.shapes, **{k: list(v.shape) for k, v in constants.items()}})
+        node = replace(self.node, inputs=inputs)
+        return LinearVariant(VjpContext(node, graph, self.tape, self.active, self.request_output),
+                             1 - weight_index if weight_index < 2 else 0)
+
     def apply_node_to(self, a: str) -> str:
         return self.tape.copy_node(self.node, [a] + self.node.inputs[1:])
 
@@ -124,6 +152,24 @@ class RuleContext(VjpContext):
             raise self.fail(f"the radial rule has no window for {self.node.op_type}; it supports "
                             f"{', '.join(sorted(WINDOW_SUMS))}")
         return entry[i]
+
+
+@dataclass
+class LinearVariant:
+    """A linear op with modified weights: its forward on any input, and its VJP."""
+
+    ctx: VjpContext
+    activation_index: int
+
+    def forward(self, x: str) -> str:
+        """The modified op applied to ``x`` (no bias unless the variant kept one)."""
+        inputs = list(self.ctx.node.inputs)
+        inputs[self.activation_index] = x
+        return self.ctx.tape.copy_node(self.ctx.node, inputs)
+
+    def transpose(self, g: str) -> str:
+        """``Lᵀg`` of the modified op with respect to its activation input."""
+        return _run_vjp(self.ctx, [g] + [None] * (len(self.ctx.node.outputs) - 1))[self.activation_index]
 
 
 def _run_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:

@@ -57,6 +57,9 @@ class VjpContext:
 VJPS: dict[str, Callable[[VjpContext, list], list]] = {}
 #: op type -> bias of a linear op, broadcastable to its output (a constant), or None.
 LINEAR_BIAS: dict[str, Callable[[VjpContext], np.ndarray | None]] = {}
+#: linear op type -> (index of its constant weight input, index of its bias input or None);
+#: the LRP family re-runs these ops with modified weights (Montavon et al. 2019).
+LINEAR_PARAMS: dict[str, Callable[[VjpContext], tuple[int, int | None]]] = {}
 #: max op type -> (window sum S(values), its transpose Sᵀ(g)); used by the radial rule.
 WINDOW_SUMS: dict[str, tuple[Callable, Callable]] = {}
 
@@ -74,6 +77,15 @@ def linear_bias(*op_types: str):
     def register(fn):
         for op in op_types:
             LINEAR_BIAS[op] = fn
+        return fn
+
+    return register
+
+
+def linear_params(*op_types: str):
+    def register(fn):
+        for op in op_types:
+            LINEAR_PARAMS[op] = fn
         return fn
 
     return register
@@ -487,6 +499,31 @@ def _batchnorm(ctx, g):
         raise ctx.fail("BatchNormalization in training mode; export the model in eval mode")
     s, _ = _batchnorm_scale(ctx)
     return [ctx.tape.op("Mul", g[0], ctx.tape.const(s, hint="bn_s"))] + [None] * 4
+
+
+# weights and biases of linear ops ----------------------------------------------------------------
+
+
+def _weight_operand(ctx: VjpContext) -> int:
+    active = [i for i, a in enumerate(ctx.active[:2]) if a]
+    if len(active) != 1 or ctx.const(1 - active[0]) is None:
+        raise ctx.fail("the LRP weight rules need one activation and one constant weight operand")
+    return 1 - active[0]
+
+
+@linear_params("Gemm")
+def _gemm_params(ctx):
+    return _weight_operand(ctx), 2
+
+
+@linear_params("Conv")
+def _conv_params(ctx):
+    return 1, 2
+
+
+@linear_params("MatMul")
+def _matmul_params(ctx):
+    return _weight_operand(ctx), None
 
 
 # biases of linear ops -----------------------------------------------------------------------------
