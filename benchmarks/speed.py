@@ -23,8 +23,8 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rulegraph import Explainer, runtime  # noqa: E402
-from rulegraph.compile import TARGET  # noqa: E402
+from rulegraph import Explainer, runtime
+from rulegraph.compile import TARGET
 
 
 def median_time(fn, repeat: int) -> float:
