@@ -179,7 +179,9 @@ def radial(ctx) -> list[str | None]:
     """
     t = ctx.tape
     a = ctx.a_out[0]
-    positive = [None if not act else t.op("Relu", x) for x, act in zip(ctx.node.inputs, ctx.active)]
+    # a constant operand of Max takes part in the window; its share is a bias share
+    positive = [t.op("Relu", x) if act or ctx.const(i) is not None else None
+                for i, (x, act) in enumerate(zip(ctx.node.inputs, ctx.active))]
     window_sum = ctx.window_sum(positive)
     has_positive = t.op("Greater", window_sum, t.scalar(0.0, like=a))
     zero = t.scalar(0.0, like=a)
@@ -187,8 +189,11 @@ def radial(ctx) -> list[str | None]:
     rest = t.op("Where", has_positive, zero, a)
     spread = ctx.window_sum_vjp(share)
     fallback = ctx.vjp([rest])
-    return [None if p is None else t.op("Add", t.op("Mul", p, s), g)
-            for p, s, g in zip(positive, spread, fallback)]
+    for p, act in zip(positive, ctx.active):
+        if p is not None and not act:
+            ctx.report_bias(t.op("Mul", p, share))
+    return [t.op("Add", t.op("Mul", p, s), g) if act else None
+            for p, s, g, act in zip(positive, spread, fallback, ctx.active)]
 
 
 @rule("start", ALL_KINDS)

@@ -231,3 +231,11 @@ def test_missing_rule_names_node_and_candidates():
     message = str(info.value)
     assert "node 'the_Sigmoid' (Sigmoid), kind nonlinear, has no rule" in message
     assert "`Sigmoid -> ignore`" in message and "slope" in message
+
+
+def test_radial_max_with_a_constant_operand_blames_it():
+    """``max(x, 1)``: the constant is in the window; its share is reported as a bias share."""
+    model = one_node("Max", [1, 2], [1, 2], [("c", np.array(1.0))])
+    out = run(model, ruleset("radial", kind="max"), np.array([[0.5, 3.0]]), np.array([[1.0, 1.0]]))
+    np.testing.assert_allclose(out["R"], [[0.5 / 1.5, 3.0 / 4.0]], rtol=1e-12)
+    np.testing.assert_allclose(out["bias"]["the_Max"], [1.0 / 1.5 + 1.0 / 4.0], rtol=1e-12)
