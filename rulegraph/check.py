@@ -187,7 +187,7 @@ def predict_node(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> tupl
     if rule.name == "normalized" and cls != NONE:
         cls = APPROXIMATE if rule.params.get("eps", 0) > 0 else EXACT
     ctx = _context(graph, assignment, ruleset)
-    has_bias = _has_bias(ctx, rule.name)
+    has_bias = quantity != "difference" and _has_bias(ctx, rule.name)
     counted = policy in COUNTED_BIAS or (rule.name == "normalized" and policy == "ignore")
     if cls == LEAKS_BIAS:
         cls = EXACT if not has_bias or counted else LEAKS_BIAS

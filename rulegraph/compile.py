@@ -9,7 +9,8 @@ attribution.
 
 Graph inputs of the compiled model: the model's own, plus ``rulegraph/target`` (int64 [N], a class
 index per batch row; negative means arg-max) or, in seed mode, ``rulegraph/seed`` (a float array
-shaped like the start tensor). Outputs: the model's own, then those named in ``Compiled``.
+shaped like the start tensor); under the difference quantity also ``rulegraph/baseline/<input>``
+per float input, on which a copy of the path's forward nodes runs in the same model. Outputs: the model's own, then those named in ``Compiled``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
 
 TARGET = "rulegraph/target"
 SEED = "rulegraph/seed"
+BASELINE_PREFIX = "rulegraph/baseline/"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Compiled:
     start_value: str = ""        # Σ view(start) per batch row [N]
     start_output: str = ""       # the start tensor itself
     node_sums: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)  # node -> (in, out, bias)
+    baseline_inputs: dict[str, str] = field(default_factory=dict)  # graph input -> its baseline input
     model_outputs: list[str] = field(default_factory=list)
 
     @property
@@ -68,8 +71,9 @@ class Compiled:
 class RuleContext(VjpContext):
     """What a rule emitter may read and call (rules.py); extends the VJP context."""
 
-    def __init__(self, base: VjpContext, a_out, params, ruleset: RuleSet, bias_sink):
+    def __init__(self, base: VjpContext, a_out, params, ruleset: RuleSet, bias_sink, baseline_of=None):
         super().__init__(base.node, base.graph, base.tape, base.active, base.request_output)
+        self.baseline_of = baseline_of or {}
         self.a_out = a_out
         self.params = params
         self.quantity = ruleset.quantity
@@ -79,6 +83,13 @@ class RuleContext(VjpContext):
 
     def vjp(self, g: list[str | None]) -> list[str | None]:
         return _run_vjp(self, g)
+
+    def baseline(self, tensor: str) -> str:
+        """``t'``: the tensor computed on the baseline input (difference quantity only)."""
+        if tensor not in self.baseline_of:
+            raise self.fail(f"rule needs the baseline forward pass (quantity difference); "
+                            f"'{tensor}' has none under quantity {self.quantity}")
+        return self.baseline_of[tensor]
 
     def linear_bias(self) -> str | None:
         """The bias of a linear op as a constant tensor name, or None."""
@@ -330,7 +341,9 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     def bias_sink(node: Node, share: str) -> None:
         bias_terms.setdefault(node.name, []).append(share)
 
-    a: dict[str, list[str]] = {start: [_seed(tape, graph, ruleset, start, seed_mode, compiled)]}
+    baseline_of = _baseline_forward(tape, graph, nodes) if ruleset.quantity == "difference" else {}
+    view = _Views(tape, ruleset.quantity, baseline_of)
+    a: dict[str, list[str]] = {start: [_seed(tape, graph, ruleset, start, seed_mode, compiled, view)]}
     for assignment in reversed(assignments):
         node, binding = assignment.node, assignment.binding
         a_out = [tape.sum(a[o]) if o in a else None for o in node.outputs]
@@ -340,7 +353,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
         tape.scope = f"{node.name}/"
         base = VjpContext(node, graph, tape, active, request_output)
         spec = RULES[binding.rule.name]
-        ctx = RuleContext(base, a_out, dict(binding.rule.params), ruleset, bias_sink)
+        ctx = RuleContext(base, a_out, dict(binding.rule.params), ruleset, bias_sink, baseline_of)
         try:
             result = spec.emit(ctx)
         except RulegraphError:
@@ -354,24 +367,25 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
             if contribution is not None and tensor in graph.active:
                 a.setdefault(tensor, []).append(contribution)
         if node_sums:
-            compiled.node_sums[node.name] = _node_sums(tape, ruleset.quantity, node, a_out, result,
+            compiled.node_sums[node.name] = _node_sums(tape, view, node, a_out, result,
                                                        bias_terms.get(node.name, []), graph)
     tape.scope = ""
 
-    outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms)
+    outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms, view)
     if compiled.node_sums:
         row = [graph.dim(start, 0) if graph.rank(start) else "N"]
         outputs.update({name: row for sums in compiled.node_sums.values() for name in sums if name})
-    compiled.model = _assemble(graph, tape, extra_outputs, outputs, seed_mode, start)
+    compiled.baseline_inputs = {x: baseline_of[x] for x in graph.float_inputs() if x in baseline_of}
+    compiled.model = _assemble(graph, tape, extra_outputs, outputs, seed_mode, start, compiled.baseline_inputs)
     return compiled
 
 
-def _node_sums(tape: Tape, quantity: str, node: Node, a_out, a_in, bias_shares, graph: Graph):
+def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, graph: Graph):
     """(Σ view over what the node gives its inputs, Σ view over its outputs, Σ bias shares), each
     [N]; None where there is nothing to sum."""
 
     def total(pairs) -> str | None:
-        terms = [_row_sum(tape, _view(tape, quantity, t, v)) for t, v in pairs
+        terms = [_row_sum(tape, view(t, v)) for t, v in pairs
                  if v is not None and t in graph.active]
         if not terms:
             return None
@@ -387,12 +401,41 @@ def _row_sum(tape: Tape, x: str) -> str:
     return tape.reduce_sum(flat, [1], keepdims=False)
 
 
-def _view(tape: Tape, quantity: str, tensor: str, a: str) -> str:
-    """The conserved view of a tensor (RULES.md §1): ``a`` for relevance, ``t ⊙ a`` otherwise."""
-    return a if quantity == "relevance" else tape.op("Mul", tensor, a)
+class _Views:
+    """The conserved view of a tensor (RULES.md §1): ``a`` (relevance), ``t ⊙ a`` (importance),
+    ``(t − t') ⊙ a`` (difference; ``t'`` from the baseline forward pass)."""
+
+    def __init__(self, tape: Tape, quantity: str, baseline_of: dict[str, str]):
+        self.tape, self.quantity, self.baseline_of = tape, quantity, baseline_of
+        self._deltas: dict[str, str] = {}
+
+    def delta(self, tensor: str) -> str:
+        if tensor not in self._deltas:
+            self._deltas[tensor] = self.tape.op("Sub", tensor, self.baseline_of[tensor])
+        return self._deltas[tensor]
+
+    def __call__(self, tensor: str, a: str) -> str:
+        if self.quantity == "relevance":
+            return a
+        if self.quantity == "difference":
+            return self.tape.op("Mul", self.delta(tensor), a)
+        return self.tape.op("Mul", tensor, a)
 
 
-def _seed(tape: Tape, graph: Graph, ruleset: RuleSet, start: str, seed_mode: bool, compiled: Compiled) -> str:
+def _baseline_forward(tape: Tape, graph: Graph, nodes: list[Node]) -> dict[str, str]:
+    """Copies of the path's nodes on the baseline inputs ``rulegraph/baseline/<input>``: every
+    active tensor ``t`` gets its baseline twin ``t'`` in the same compiled run."""
+    baseline_of = {x: f"{BASELINE_PREFIX}{x}" for x in graph.float_inputs()}
+    for node in nodes:
+        inputs = [baseline_of.get(t, t) for t in node.inputs]
+        outputs = tape.copy_node(node, inputs, outputs=len(node.outputs))
+        outputs = [outputs] if isinstance(outputs, str) else outputs
+        baseline_of.update({o: b for o, b in zip(node.outputs, outputs) if o in graph.active})
+    return baseline_of
+
+
+def _seed(tape: Tape, graph: Graph, ruleset: RuleSet, start: str, seed_mode: bool, compiled: Compiled,
+          view: _Views) -> str:
     """``a(start)``: ``y ⊙ onehot`` (relevance, or ``start output``) or ``onehot``."""
     if seed_mode:
         onehot = SEED
@@ -408,19 +451,20 @@ def _seed(tape: Tape, graph: Graph, ruleset: RuleSet, start: str, seed_mode: boo
         onehot = tape.op("Cast", tape.op("Equal", classes, chosen), to=graph.dtypes.get(start, TensorProto.FLOAT))
     mode = ruleset.start or ("output" if ruleset.quantity == "relevance" else "one")
     seed = tape.op("Mul", start, onehot) if mode == "output" else onehot
-    compiled.start_value = _row_sum(tape, _view(tape, ruleset.quantity, start, seed))
+    compiled.start_value = _row_sum(tape, view(start, seed))
     return seed
 
 
-def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, bias_terms) -> dict:
-    """Attribution per float input, bias shares; returns the new outputs with their shapes."""
+def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, bias_terms, view) -> dict:
+    """Attribution per float input (``R = a(x)``, ``x ⊙ a(x)`` or ``(x − x') ⊙ a(x)``) and the
+    saliency ``a(x)`` where the quantity has one; bias shares; the new outputs with their shapes."""
     for x in graph.float_inputs():
         ax = tape.sum(a[x]) if x in a else tape.zeros_like(x)
         if ruleset.quantity == "relevance":
             compiled.attribution[x] = tape.op("Identity", ax)
         else:
             compiled.saliency[x] = tape.op("Identity", ax)
-            compiled.attribution[x] = tape.op("Mul", x, ax)
+            compiled.attribution[x] = view(x, ax)
     outputs = {o: graph.shapes.get(x) for d in (compiled.attribution, compiled.saliency) for x, o in d.items()}
     row = [graph.dim(graph.float_inputs()[0], 0) if graph.float_inputs() else "N"]
     if ruleset.bias in ("blame", "total") and bias_terms:
@@ -436,7 +480,7 @@ def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, b
 
 
 def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list | None], seed_mode: bool,
-              start: str) -> onnx.ModelProto:
+              start: str, baseline_inputs: dict[str, str]) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     g = model.graph
@@ -452,6 +496,8 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
         g.input.append(helper.make_tensor_value_info(SEED, elem, graph.shapes.get(start)))
     else:
         g.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]))
+    for x, name in baseline_inputs.items():
+        g.input.append(helper.make_tensor_value_info(name, graph.dtypes[x], graph.shapes.get(x)))
     existing = {o.name for o in g.output}
     for out in g.output:  # outputs declared without a shape take the inferred one
         tensor_type = out.type.tensor_type

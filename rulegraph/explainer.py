@@ -139,10 +139,13 @@ class Explainer:
         dims = [self.graph.dim(i, 0) for i in self.graph.inputs if self.graph.rank(i)]
         return dims[0] if dims and isinstance(dims[0], int) else None
 
-    def explain(self, x, target: int | str | np.ndarray | list = "argmax", node_sums: bool = False) -> Result:
+    def explain(self, x, target: int | str | np.ndarray | list = "argmax", node_sums: bool = False,
+                baseline=None) -> Result:
         """Explain a batch. ``target``: a class index (one, or one per row), ``"argmax"``, or a seed
         array shaped like the start tensor (a neuron or channel objective). ``node_sums`` also
-        returns each node's conservation sums (``Result.node_sums``) from the same run."""
+        returns each node's conservation sums (``Result.node_sums``) from the same run.
+        ``baseline`` (difference quantity): an array, a dict per input, or a baseline name
+        (``zeros``, ``mean``, ``blur``, ``file:<path>``); default: the rule file's ``baseline``."""
         feeds = self._feeds(x)
         n = next(iter(feeds.values())).shape[0]
         seed_mode = isinstance(target, np.ndarray) and target.dtype.kind == "f"
@@ -152,6 +155,9 @@ class Explainer:
                 self.graph.dtypes.get(compiled.start_tensor, onnx.TensorProto.FLOAT)))
         else:
             feeds[TARGET] = _targets(target, n)
+        for name, baseline_input in compiled.baseline_inputs.items():
+            given = baseline.get(name) if isinstance(baseline, Mapping) else baseline
+            feeds[baseline_input] = make_baseline(self.ruleset.baseline if given is None else given, feeds[name])
         sess = self.session(seed_mode, node_sums)
         values = _run_in_chunks(sess, feeds, self._static_batch(), n)
         start = values[compiled.start_tensor]
@@ -173,6 +179,51 @@ class Explainer:
             node_sums={node: tuple(None if o is None else values[o] for o in names)
                        for node, names in compiled.node_sums.items()},
         )
+
+
+def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur over every axis after the first two (reflecting borders)."""
+    radius = max(1, int(round(3 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    out = x.astype(np.float64)
+    for axis in range(2, x.ndim):
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="reflect" if out.shape[axis] > radius else "edge")
+        out = sum(w * np.take(padded, range(i, i + out.shape[axis]), axis=axis) for i, w in enumerate(taps))
+    return out.astype(x.dtype)
+
+
+def make_baseline(kind, x: np.ndarray) -> np.ndarray:
+    """The baseline ``x'`` for input ``x`` (DeepLIFT's reference; RULES.md §3 baseline_difference).
+
+    ``zeros``; ``mean`` (the batch mean, every row); ``blur`` (a Gaussian blur with σ = one tenth
+    of the smallest spatial size, at least 1 pixel: a **decision**, the literature varies);
+    ``file:<path>`` (a .npy broadcast to x's shape); or an array.
+    """
+    if isinstance(kind, np.ndarray) or isinstance(kind, (list, tuple, float, int)):
+        value = np.asarray(kind, dtype=x.dtype)
+    elif kind in (None, "zeros"):
+        value = np.zeros_like(x)
+    elif kind == "mean":
+        value = x.mean(axis=0, keepdims=True)
+    elif kind == "blur":
+        if x.ndim < 3:
+            raise RulegraphError(f"baseline blur needs spatial axes; the input has shape {x.shape}")
+        value = _gaussian_blur(x, max(1.0, min(x.shape[2:]) / 10))
+    elif isinstance(kind, str) and kind.startswith("file:"):
+        path = kind.removeprefix("file:")
+        try:
+            value = np.load(path).astype(x.dtype)
+        except OSError as exc:
+            raise RulegraphError(f"baseline file {path}: {exc}") from exc
+    else:
+        raise RulegraphError(f"unknown baseline {kind!r}: use zeros, mean, blur, file:<path> or an array")
+    try:
+        return np.ascontiguousarray(np.broadcast_to(value, x.shape).astype(x.dtype))
+    except ValueError:
+        raise RulegraphError(f"the baseline's shape {value.shape} does not fit the input's {x.shape}") from None
 
 
 def _run_in_chunks(sess, feeds: dict[str, np.ndarray], static_batch: int | None, n: int) -> dict:

@@ -29,12 +29,16 @@ def _exact_if_homogeneous(op_type: str) -> str:
 
 @dataclass(frozen=True)
 class Param:
-    """A rule parameter; ``default=None`` makes it required; ``check`` returns an error or None."""
+    """A rule parameter; ``default=None`` makes it required; ``check`` returns an error or None.
+
+    A number, unless ``choices`` lists the strings it may take (``max = "relu"``).
+    """
 
     name: str
-    default: float | None = None
+    default: float | str | None = None
     check: Callable[[float], str | None] | None = None
     doc: str = ""
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,12 @@ class RuleSpec:
             if key not in known:
                 expected = ", ".join(known) or "no parameters"
                 problems.append(f"rule '{self.name}' has no parameter '{key}' (it takes {expected})")
+            elif known[key].choices:
+                if value in known[key].choices:
+                    out[key] = value
+                else:
+                    options = " or ".join(f'"{c}"' for c in known[key].choices)
+                    problems.append(f"parameter '{key}' of rule '{self.name}' must be {options}, got {value!r}")
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 problems.append(f"parameter '{key}' of rule '{self.name}' must be a number, got {value!r}")
             else:
@@ -107,9 +117,11 @@ def _classes(**by_quantity: Mapping[str, str]) -> dict[tuple[str, str], str]:
           importance={LINEAR: LEAKS_BIAS, MAX: EXACT, ROUTE: EXACT, NONLINEAR: _exact_if_homogeneous},
           difference={LINEAR: EXACT, ROUTE: EXACT}))
 def gradient(ctx) -> list[str | None]:
-    """``a(x) = VJP_x(a(y))``; a bias b of a linear op takes ``b ⊙ a(y)`` (RULES.md §3)."""
+    """``a(x) = VJP_x(a(y))``; a bias b of a linear op takes ``b ⊙ a(y)`` (RULES.md §3), except
+    under the difference quantity, where it cancels."""
     grads = ctx.vjp(ctx.a_out)
-    if ctx.kind == LINEAR and (bias := ctx.linear_bias()) is not None:
+    # under the difference quantity a bias cancels in y − y': it has no share
+    if ctx.kind == LINEAR and ctx.quantity != "difference" and (bias := ctx.linear_bias()) is not None:
         ctx.report_bias(ctx.tape.op("Mul", bias, ctx.a_out[0]))
     return grads
 
@@ -200,3 +212,7 @@ def radial(ctx) -> list[str | None]:
 def start(ctx) -> list[str | None]:
     """Start the pass at this node's input: explain the logits, not the probabilities."""
     raise AssertionError("the compiler handles 'start' nodes itself")
+
+
+# The baseline-difference rule (DeepLIFT) lives in its own module; importing it registers it.
+from . import deeplift  # noqa: E402, F401

@@ -53,7 +53,7 @@ class RuleCall:
     def __str__(self) -> str:
         if not self.params:
             return self.name
-        args = ", ".join(f"{k} = {v}" for k, v in self.params.items())
+        args = ", ".join(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v:g}" for k, v in self.params.items())
         return f"{self.name}({args})"
 
 

@@ -759,12 +759,15 @@ def _split(ctx, g):
     return [t.op("Concat", *pieces, axis=ctx.node.attr("axis", 0))] + [None] * (len(ctx.node.inputs) - 1)
 
 
-def _positions(ctx: VjpContext) -> str:
-    """An int64 tensor shaped like the input holding each element's flat index."""
-    t = ctx.tape
-    numel = t.op("ReduceProd", t.shape(ctx.x), keepdims=0)
+def positions(t: Tape, tensor: str) -> str:
+    """An int64 tensor shaped like ``tensor`` holding each element's flat index."""
+    numel = t.op("ReduceProd", t.shape(tensor), keepdims=0)
     flat = t.op("Range", t.const(np.array(0, dtype=np.int64)), numel, t.const(np.array(1, dtype=np.int64)))
-    return t.op("Reshape", flat, t.shape(ctx.x))
+    return t.op("Reshape", flat, t.shape(tensor))
+
+
+def _positions(ctx: VjpContext) -> str:
+    return positions(ctx.tape, ctx.x)
 
 
 def _scatter_back(ctx: VjpContext, selected: str, g: str, reduction: str | None) -> str:

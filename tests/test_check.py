@@ -42,7 +42,9 @@ TRANSPOSE = model("Transpose", [2, 3], attrs={"perm": [0, 2, 1]})
 
 
 def rules(kind: str, rule: str, quantity: str, bias: str = "blame"):
-    return dsl.parse(f"rulegraph 1\nquantity {quantity}\nbias {bias}\n{kind} -> {rule}\n", source="cell.rules")
+    baseline = "baseline mean\n" if quantity == "difference" else ""
+    return dsl.parse(f"rulegraph 1\nquantity {quantity}\nbias {bias}\n{baseline}{kind} -> {rule}\n",
+                     source="cell.rules")
 
 
 # (model, kind, rule, quantity, bias policy, expected class): RULES.md §5, one row per cell
@@ -69,6 +71,18 @@ CELLS = [
     (MAXPOOL, "max", "radial", "importance", "blame", "none"),
     (TRANSPOSE, "route", "gradient", "relevance", "blame", "exact"),
     (TRANSPOSE, "route", "gradient", "importance", "blame", "exact"),
+    # difference (baseline: the batch mean)
+    (GEMM, "linear", "normalized(eps = 0.01)", "difference", "blame", "none"),
+    (GEMM, "linear", "gradient", "difference", "absorb", "exact"),  # the bias cancels in y − y'
+    (GEMM, "linear", "baseline_difference", "difference", "blame", "exact"),
+    (SIGMOID, "nonlinear", "ignore", "difference", "blame", "none"),
+    (SIGMOID, "nonlinear", "gradient", "difference", "blame", "none"),
+    (SIGMOID, "nonlinear", "baseline_difference", "difference", "blame", "exact"),
+    (MAXPOOL, "max", "gradient", "difference", "blame", "none"),
+    (MAXPOOL, "max", 'baseline_difference(max = "softness")', "difference", "blame", "exact"),
+    (MAXPOOL, "max", 'baseline_difference(max = "relu")', "difference", "blame", "exact"),
+    (TRANSPOSE, "route", "gradient", "difference", "blame", "exact"),
+    (TRANSPOSE, "route", "baseline_difference", "difference", "blame", "exact"),
 ]
 
 
