@@ -18,7 +18,7 @@ sums to ``y − y'`` (summation-to-delta), except where equal maxima fall back t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -183,7 +183,7 @@ class Explainer:
 
 def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur over every axis after the first two (reflecting borders)."""
-    radius = max(1, int(round(3 * sigma)))
+    radius = max(1, round(3 * sigma))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps /= taps.sum()
     out = x.astype(np.float64)
@@ -202,7 +202,7 @@ def make_baseline(kind, x: np.ndarray) -> np.ndarray:
     of the smallest spatial size, at least 1 pixel: a **decision**, the literature varies);
     ``file:<path>`` (a .npy broadcast to x's shape); or an array.
     """
-    if isinstance(kind, np.ndarray) or isinstance(kind, (list, tuple, float, int)):
+    if isinstance(kind, (np.ndarray, list, tuple, float, int)):
         value = np.asarray(kind, dtype=x.dtype)
     elif kind in (None, "zeros"):
         value = np.zeros_like(x)

@@ -215,4 +215,4 @@ def start(ctx) -> list[str | None]:
 
 
 # The baseline-difference rule (DeepLIFT) lives in its own module; importing it registers it.
-from . import deeplift  # noqa: E402, F401
+from . import deeplift  # noqa: F401

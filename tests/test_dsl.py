@@ -49,7 +49,7 @@ BUNDLED = {
                                           "max": "gradient", "route": "gradient"}),
     "gradient-x-input": ("importance", "blame", {"linear": "gradient", "nonlinear": "slope",
                                                  "max": "gradient", "route": "gradient"}),
-    "lrp-0": ("relevance", "blame", {"linear": "normalized(eps = 0.0)", "nonlinear": "ignore",
+    "lrp-0": ("relevance", "blame", {"linear": "normalized(eps = 0)", "nonlinear": "ignore",
                                      "max": "gradient", "route": "gradient"}),
     "lrp-epsilon": ("relevance", "blame", {"linear": "normalized(eps = 1e-06)", "nonlinear": "ignore",
                                            "max": "gradient", "route": "gradient"}),
