@@ -85,7 +85,7 @@ class Explainer:
         self.start = start
         self.threads = threads
         self._compiled: dict[tuple[bool, bool], Compiled] = {}
-        self._sessions: dict[tuple[bool, bool], object] = {}
+        self._sessions: dict = {}
 
     def compiled(self, seed_mode: bool = False, node_sums: bool = False) -> Compiled:
         """The explainer model; ``node_sums`` adds per-node conservation sums (rulegraph check)."""
@@ -102,6 +102,20 @@ class Explainer:
             model_bytes = self.compiled(seed_mode, node_sums).model.SerializeToString()
             self._sessions[key] = runtime.session(model_bytes, self.providers, self.threads)
         return self._sessions[key]
+
+    def forward(self, x) -> dict[str, np.ndarray]:
+        """The model alone on ``x``: its outputs and the start tensor (loops and argmax use it)."""
+        if "forward" not in self._sessions:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.graph.model)
+            start = self.compiled().start_tensor
+            if start not in {o.name for o in model.graph.output}:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(
+                    start, self.graph.dtypes.get(start, onnx.TensorProto.FLOAT), self.graph.shapes.get(start)))
+            self._sessions["forward"] = runtime.session(model.SerializeToString(), self.providers, self.threads)
+        feeds = self._feeds(x)
+        n = next(iter(feeds.values())).shape[0]
+        return _run_in_chunks(self._sessions["forward"], feeds, self._static_batch(), n)
 
     def save(self, path: str | Path, seed_mode: bool = False) -> Path:
         """Write the explainer ONNX model; any ONNX runtime can run it without rulegraph."""
@@ -135,17 +149,49 @@ class Explainer:
             out[name] = np.ascontiguousarray(value.astype(want, copy=False))
         return out
 
+    def _loop(self, name: str | None, params: dict):
+        """The loop to run: the one named here (with ``params``), else the rule file's, else None."""
+        from .loops import LOOPS
+        from .ruleset import RuleCall
+
+        if name is None:
+            return getattr(self.ruleset, "loop", None)
+        if name not in LOOPS:
+            raise RulegraphError(f"unknown loop '{name}'; loops: {', '.join(LOOPS)}")
+        resolved, problems = LOOPS[name].resolve_params(params)
+        if problems:
+            raise RulegraphError("; ".join(problems))
+        return RuleCall(name, resolved)
+
+    def _without_loop(self) -> Explainer:
+        """This explainer, answering ``explain`` with the plain pass (what a loop runs inside)."""
+        if getattr(self.ruleset, "loop", None) is None:
+            return self
+        inner = object.__new__(Explainer)
+        inner.__dict__.update(self.__dict__)
+        from dataclasses import replace
+
+        inner.ruleset = replace(self.ruleset, loop=None)
+        return inner
+
     def _static_batch(self) -> int | None:
         dims = [self.graph.dim(i, 0) for i in self.graph.inputs if self.graph.rank(i)]
         return dims[0] if dims and isinstance(dims[0], int) else None
 
     def explain(self, x, target: int | str | np.ndarray | list = "argmax", node_sums: bool = False,
-                baseline=None) -> Result:
+                baseline=None, loop: str | None = None, **loop_params) -> Result:
         """Explain a batch. ``target``: a class index (one, or one per row), ``"argmax"``, or a seed
         array shaped like the start tensor (a neuron or channel objective). ``node_sums`` also
         returns each node's conservation sums (``Result.node_sums``) from the same run.
         ``baseline`` (difference quantity): an array, a dict per input, or a baseline name
-        (``zeros``, ``mean``, ``blur``, ``file:<path>``); default: the rule file's ``baseline``."""
+        (``zeros``, ``mean``, ``blur``, ``file:<path>``); default: the rule file's ``baseline``.
+        ``loop`` (``integrated_gradients``, ``smoothgrad``, ``occlusion``, with ``loop_params``)
+        runs a loop around the pass as one batched run; default: the rule file's ``loop`` header."""
+        loop_call = self._loop(loop, loop_params)
+        if loop_call is not None:
+            from .loops import LOOPS
+
+            return LOOPS[loop_call.name].run(self._without_loop(), x, target, dict(loop_call.params), baseline)
         feeds = self._feeds(x)
         n = next(iter(feeds.values())).shape[0]
         seed_mode = isinstance(target, np.ndarray) and target.dtype.kind == "f"

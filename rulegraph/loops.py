@@ -1,0 +1,210 @@
+"""Attribution methods that are loops around a pass (RULES.md §3, last paragraph): integrated
+gradients, SmoothGrad, and occlusion. Each builds every point of its loop at once and runs them as
+one batch through the compiled explainer (or, for occlusion, through the plain forward model), so
+the loop costs one runtime call, not one per step.
+
+``LOOPS`` maps a loop's name to its spec (parameters validated like a rule's); a rule file names
+one with the ``loop`` header, e.g. ``loop integrated_gradients(steps = 64)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import RulegraphError
+from .rules import Param, RuleSpec
+
+QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    name: str
+    run: Callable
+    params: tuple[Param, ...] = ()
+    doc: str = ""
+
+    def resolve_params(self, given):
+        """Fill defaults and validate, exactly as a rule's parameters are."""
+        return RuleSpec(self.name, frozenset(), None, self.params).resolve_params(given)
+
+
+LOOPS: dict[str, LoopSpec] = {}
+
+
+def loop(name: str, params=()):
+    def register(fn):
+        LOOPS[name] = LoopSpec(name, fn, tuple(params), (fn.__doc__ or "").strip())
+        return fn
+
+    return register
+
+
+def _positive_int(v: float) -> str | None:
+    return None if v >= 1 and float(v).is_integer() else f"must be a whole number >= 1, got {v:g}"
+
+
+def _nonnegative(v: float) -> str | None:
+    return None if v >= 0 else f"must be >= 0, got {v:g}"
+
+
+def quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Points ``α_k`` in [0, 1] and weights ``w_k`` with ``∫₀¹ g ≈ Σ w_k g(α_k)`` (Captum's names).
+
+    ``riemann_trapezoid`` is the trapezoid rule proper (weights ``1/(n−1)``, halved at the ends);
+    Captum's uses ``1/n``, so its result is ours times ``(n−1)/n``.
+    """
+    k = np.arange(steps, dtype=np.float64)
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return (nodes + 1) / 2, weights / 2
+    if method == "riemann_trapezoid":
+        if steps < 2:
+            raise RulegraphError("riemann_trapezoid needs at least 2 steps")
+        weights = np.full(steps, 1 / (steps - 1))
+        weights[[0, -1]] /= 2
+        return k / (steps - 1), weights
+    offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[method]
+    return (k + offset) / steps, np.full(steps, 1 / steps)
+
+
+def _rows(x, n_copies: int):
+    """Repeat every input ``n_copies`` times along a new leading axis, flattened into the batch."""
+    return {k: np.repeat(v[None], n_copies, axis=0).reshape(-1, *v.shape[1:]) for k, v in x.items()}
+
+
+def _targets_for(explainer, feeds, target) -> np.ndarray:
+    """Class per row; ``argmax`` is decided on the real input by one plain forward run."""
+    from .explainer import _targets
+
+    n = next(iter(feeds.values())).shape[0]
+    if isinstance(target, str) and target == "argmax":
+        outputs = explainer.forward({k: v for k, v in feeds.items()})
+        start = outputs[explainer.compiled().start_tensor]
+        return start.reshape(n, start.shape[1], -1)[:, :, 0].argmax(axis=1).astype(np.int64)
+    return _targets(target, n)
+
+
+@loop("integrated_gradients", params=[
+    Param("steps", 50, _positive_int, "number of points on the path"),
+    Param("method", "gausslegendre", choices=QUADRATURES, doc="the quadrature rule")])
+def integrated_gradients(explainer, x, target, params, baseline=None):
+    """Integrated gradients (Sundararajan et al. 2017): ``(x − x') ⊙ ∫₀¹ a(x' + α(x − x')) dα``,
+    with ``a`` the rule file's importance numbers (the gradient for ``gradient.rules``)."""
+    from .explainer import make_baseline
+
+    feeds = explainer._feeds(x)
+    floats = [k for k in feeds if explainer.graph.is_float(k)]
+    targets = _targets_for(explainer, feeds, target)
+    alphas, weights = quadrature(params["method"], int(params["steps"]))
+    base = {k: make_baseline(_baseline_choice(explainer, baseline, k), feeds[k]) for k in floats}
+    k_steps = len(alphas)
+    points = {}
+    for k, v in feeds.items():  # the path, then x and x' themselves (for the completeness check)
+        if k in base:
+            shape = (-1,) + (1,) * v.ndim
+            path = base[k][None] + alphas.reshape(shape).astype(v.dtype) * (v - base[k])[None]
+            points[k] = np.concatenate([path.reshape(-1, *v.shape[1:]), v, base[k]])
+        else:
+            points[k] = _rows({k: v}, k_steps + 2)[k]
+    result = explainer.explain(points, target=np.tile(targets, k_steps + 2))
+    n = len(targets)
+    w = weights.reshape((-1, 1) + (1,) * (feeds[floats[0]].ndim - 1))
+    saliency = {k: (w * result.saliency[k][: k_steps * n].reshape(k_steps, n, *feeds[k].shape[1:])).sum(axis=0)
+                .astype(feeds[k].dtype) for k in floats}
+    attribution = {k: (feeds[k] - base[k]) * saliency[k] for k in floats}
+    start = result.start.reshape(len(result.start), result.start.shape[1], -1)[:, :, 0]
+    picked = start[np.arange(len(start)), np.tile(targets, k_steps + 2)][k_steps * n:]
+    ends = {name: value[k_steps * n:] for name, value in result.outputs.items()}
+    ends[explainer.compiled().start_tensor] = result.start[k_steps * n:]
+    return _result(explainer, attribution, saliency, picked[:n] - picked[n:], ends, n, targets)
+
+
+def _baseline_choice(explainer, baseline, name):
+    if isinstance(baseline, dict):
+        return baseline.get(name)
+    return baseline if baseline is not None else (explainer.ruleset.baseline or "zeros")
+
+
+@loop("smoothgrad", params=[
+    Param("samples", 25, _positive_int, "noisy copies per input"),
+    Param("noise", 0.15, _nonnegative, "σ as a fraction of each row's value range"),
+    Param("seed", 0, _nonnegative, "seed of the noise")])
+def smoothgrad(explainer, x, target, params, baseline=None):
+    """SmoothGrad (Smilkov et al. 2017): the mean of the rule file's attribution over copies of the
+    input with Gaussian noise, ``σ = noise · (max x − min x)`` per row."""
+    feeds = explainer._feeds(x)
+    floats = [k for k in feeds if explainer.graph.is_float(k)]
+    targets = _targets_for(explainer, feeds, target)
+    samples, rng = int(params["samples"]), np.random.default_rng(int(params["seed"]))
+    noisy = _rows(feeds, samples)
+    for k in floats:
+        v = feeds[k]
+        spread = (v.reshape(len(v), -1).max(axis=1) - v.reshape(len(v), -1).min(axis=1)) * params["noise"]
+        sigma = np.tile(spread, samples).reshape((-1,) + (1,) * (v.ndim - 1))
+        noisy[k] = noisy[k] + (rng.standard_normal(noisy[k].shape) * sigma).astype(v.dtype)
+    batch = {k: np.concatenate([noisy[k], feeds[k]]) for k in feeds}  # and x itself, for its output
+    result = explainer.explain(batch, target=np.tile(targets, samples + 1))
+    n = len(targets)
+
+    def mean(a):
+        return a[: samples * n].reshape(samples, n, *a.shape[1:]).mean(axis=0)
+
+    own = {name: value[samples * n:] for name, value in result.outputs.items()}
+    own[explainer.compiled().start_tensor] = result.start[samples * n:]
+    start = own[explainer.compiled().start_tensor]
+    picked = start.reshape(n, start.shape[1], -1)[np.arange(n), targets, 0]
+    return _result(explainer, {k: mean(v) for k, v in result.attribution.items()},
+                   {k: mean(v) for k, v in result.saliency.items()}, picked, own, n, targets)
+
+
+@loop("occlusion", params=[
+    Param("patch", 2, _positive_int, "side of the square patch (spatial axes)"),
+    Param("stride", 1, _positive_int, "step between patches"),
+    Param("value", 0.0, doc="what the patch is filled with")])
+def occlusion(explainer, x, target, params, baseline=None):
+    """Occlusion (Zeiler and Fergus 2014), forward only: each cell's attribution is the mean drop
+    of the target output over the patches that cover it (Captum's definition)."""
+    feeds = explainer._feeds(x)
+    name = next(k for k in feeds if explainer.graph.is_float(k))
+    v = feeds[name]
+    if v.ndim < 3:
+        raise RulegraphError(f"occlusion needs spatial axes; input '{name}' has shape {v.shape}")
+    targets = _targets_for(explainer, feeds, target)
+    patch, stride = int(params["patch"]), int(params["stride"])
+    spatial = v.shape[2:]
+    # as Captum: ceil((size − patch)/stride) + 1 patches per axis, the last one cut at the border
+    starts = [range(0, -(-max(size - patch, 0) // stride) * stride + 1, stride) for size in spatial]
+    corners = np.stack(np.meshgrid(*starts, indexing="ij"), axis=-1).reshape(-1, len(spatial))
+    n, m = len(v), len(corners)
+    copies = np.repeat(v[None], m, axis=0)
+    masks = np.zeros((m, 1, 1, *spatial), dtype=bool)
+    for i, corner in enumerate(corners):
+        masks[(i, 0, 0) + tuple(slice(c, c + patch) for c in corner)] = True
+    copies = np.where(masks, np.asarray(params["value"], dtype=v.dtype), copies)
+    batch = _rows({k: u for k, u in feeds.items() if k != name}, m)
+    batch[name] = copies.reshape(-1, *v.shape[1:])
+    everything = {k: np.concatenate([feeds[k], batch[k]]) for k in feeds}
+    outputs = explainer.forward(everything)
+    start = outputs[explainer.compiled().start_tensor]
+    flat = start.reshape(len(start), start.shape[1], -1)[:, :, 0]
+    picked = flat[np.arange(n + n * m), np.concatenate([targets, np.tile(targets, m)])]
+    drop = picked[:n][None] - picked[n:].reshape(m, n)
+    covered = masks.sum(axis=0)[0]
+    total = (drop.reshape(m, n, 1, *(1,) * len(spatial)) * masks[:, 0, None]).sum(axis=0)
+    attribution = np.broadcast_to(total / np.maximum(covered, 1), v.shape).astype(v.dtype)
+    own = {k: o[:n] for k, o in outputs.items()}
+    return _result(explainer, {name: attribution.copy()}, {}, picked[:n], own, n, targets)
+
+
+def _result(explainer, attribution, saliency, start_value, outputs, n, targets):
+    from .explainer import Result
+
+    start = outputs[explainer.compiled().start_tensor][:n]
+    return Result(attribution=attribution, saliency=saliency, bias_shares={}, bias_total=None,
+                  start_value=np.asarray(start_value, dtype=np.float64), start=start,
+                  outputs={o: outputs[o][:n] for o in explainer.graph.outputs if o in outputs},
+                  target=targets)
