@@ -48,7 +48,8 @@ from .ruleset import KINDS, Binding, RuleCall, RuleSet, Selector
 
 VERSION = 1
 BASELINES = ("zeros", "mean", "blur")
-HEADERS = ("rulegraph", "quantity", "bias", "baseline", "start", "include")
+BASELINE_LOOPS = ("integrated_gradients",)  # loops that start from the baseline
+HEADERS = ("rulegraph", "quantity", "bias", "baseline", "start", "loop", "include")
 SUFFIX = ".rules"
 
 _located = v_args(meta=True, inline=True)
@@ -386,18 +387,24 @@ class _Builder(Transformer):
         return key.value, parsed, self._loc(meta)
 
     @_located
-    def call(self, meta, name: Token, *params) -> tuple[str | None, RuleCall | None, Location]:
-        """(the rule's name if it exists, the call if its parameters are valid, where)."""
+    def call(self, meta, name: Token, *params) -> tuple[str, dict, Location]:
+        """(name, parameters as written, where); a binding checks it against the rules, a loop
+        header against the loops."""
         where = self._loc(meta)
         given: dict[str, int | float | str] = {}
         for key, value, location in params:
             if key in given:
                 self._problem(location, f"parameter '{key}' given twice")
             given[key] = value
-        spec = RULES.get(name.value)
+        return name.value, given, where
+
+    def _resolve(self, call, table, what: str) -> tuple[str | None, RuleCall | None, Location]:
+        """(the name if ``table`` has it, the call if its parameters are valid, where)."""
+        name, given, where = call
+        spec = table.get(name)
         if spec is None:
-            self._problem(where, f"unknown rule '{name.value}'{did_you_mean(name.value, RULES)}; "
-                                 f"rules: {', '.join(RULES)}")
+            self._problem(where, f"unknown {what} '{name}'{did_you_mean(name, table)}; "
+                                 f"{what}s: {', '.join(table)}")
             return None, None, where
         resolved, problems = spec.resolve_params(given)
         for message in problems:
@@ -405,8 +412,16 @@ class _Builder(Transformer):
         return spec.name, (None if problems else RuleCall(spec.name, resolved)), where
 
     @_located
+    def loop(self, meta, call) -> _Header:
+        from .loops import LOOPS
+
+        _, resolved, _ = self._resolve(call, LOOPS, "loop")
+        return _Header("loop", resolved, self._loc(meta))
+
+    @_located
     def binding(self, meta, *children) -> _BindingLine:
-        *selectors, (name, rule, rule_where) = children
+        *selectors, call = children
+        name, rule, rule_where = self._resolve(call, RULES, "rule")
         valid, ok = [], rule is not None
         for selector, where, kinds in selectors:
             if selector is None:
@@ -513,6 +528,7 @@ class _Loader:
             bias=values.get("bias", RuleSet.bias),
             start=values.get("start"),
             baseline=values.get("baseline"),
+            loop=values.get("loop"),
             source=file,
             files=tuple(self.files),
             header_locations={name: header.location for name, header in self.headers.items()},
@@ -566,9 +582,12 @@ class _Loader:
         baseline = self.headers.get("baseline")
         if quantity is not None and quantity.value not in ruleset.QUANTITIES:
             return
-        if baseline is not None and (quantity is None or quantity.value != "difference"):
+        loop = self.headers.get("loop")
+        loop_uses_baseline = loop is not None and loop.value is not None and loop.value.name in BASELINE_LOOPS
+        if baseline is not None and (quantity is None or quantity.value != "difference") and not loop_uses_baseline:
             now = f"quantity is '{quantity.value}'" if quantity else "quantity defaults to 'relevance'"
-            self._problem(baseline.location, f"'baseline' only applies to quantity difference, but {now}: "
+            self._problem(baseline.location, f"'baseline' only applies to quantity difference (or a loop "
+                                             f"that uses one: {', '.join(BASELINE_LOOPS)}), but {now}: "
                                              "remove the baseline line or set 'quantity difference'")
         if quantity is not None and quantity.value == "difference" and baseline is None:
             self._problem(quantity.location, "quantity difference needs a baseline to compare to: add a "

@@ -118,6 +118,7 @@ class RuleSet:
     bias: str = "absorb"
     start: str | None = None
     baseline: str | None = None
+    loop: RuleCall | None = None      # a loop around the pass (loops.py), e.g. integrated_gradients
     source: str = "<rules>"
     files: tuple[str, ...] = ()
     header_locations: Mapping[str, Location] = field(default_factory=dict)

@@ -108,3 +108,27 @@ def test_occlusion_matches_captum(patch, stride):
         torch.from_numpy(X).double(), target=torch.arange(8), sliding_window_shapes=(1, patch, patch),
         strides=(1, stride, stride)).numpy()
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+
+
+def test_rule_file_loop_header(tmp_path):
+    from rulegraph import RuleSyntaxError, dsl
+
+    ig = dsl.load("integrated-gradients")
+    assert ig.loop.name == "integrated_gradients" and ig.loop.params == {"steps": 50.0, "method": "gausslegendre"}
+    assert ig.baseline == "zeros"
+    assert dsl.load("smoothgrad").loop.params["samples"] == 25
+    with pytest.raises(RuleSyntaxError) as info:
+        dsl.parse("rulegraph 1\nloop integrated_gradient(steps = 0)\n", source="l.rules")
+    assert "l.rules:2:6: unknown loop 'integrated_gradient' (did you mean 'integrated_gradients'?)" in str(info.value)
+    with pytest.raises(RuleSyntaxError, match="must be a whole number >= 1"):
+        dsl.parse("rulegraph 1\nloop integrated_gradients(steps = 0)\n", source="l.rules")
+    with pytest.raises(RuleSyntaxError, match='must be "riemann_left" or'):
+        dsl.parse('rulegraph 1\nloop integrated_gradients(method = "simpson")\n', source="l.rules")
+
+
+def test_bundled_loop_files_run_end_to_end():
+    ig = Explainer(CNN, "integrated-gradients").explain(X, target=TARGETS)
+    plain_ig = Explainer(CNN, "gradient").explain(X, target=TARGETS, loop="integrated_gradients", steps=50)
+    np.testing.assert_allclose(ig.map, plain_ig.map, rtol=1e-5, atol=1e-7)
+    sg = Explainer(CNN, "smoothgrad").explain(X, target=TARGETS)
+    assert sg.saliency["input"].shape == X.shape
