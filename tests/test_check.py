@@ -227,3 +227,13 @@ def test_text_report_puts_the_worst_node_first():
     rows = [line for line in report.to_text().splitlines() if line.startswith("/")]
     leaks = [float(re.search(r"\s(\d\.\d\de[-+]\d\d)\s", row).group(1)) for row in rows]
     assert leaks == sorted(leaks, reverse=True) and leaks[0] > 1e-3
+
+
+def test_probes_are_properties_of_the_report(tmp_path, capsys):
+    report = check(MLP, "deconvnet", probes=True)
+    names = {name: passed for name, passed, _ in report.properties()}
+    assert names["consistency: max_with_zero"] is False  # repeat vs gradient-max (RULES.md §4)
+    assert names["consistency: flatten_vs_reshape"] is True
+    assert not report.ok and "probe max_with_zero: INCONSISTENT" in report.to_text()
+    assert main(["check", str(MLP), "--rules", "lrp-epsilon", "--probes", "--samples", "0"]) == 0
+    assert "probe scaling: consistent" in capsys.readouterr().out
