@@ -43,15 +43,18 @@ class BasicBlock(nn.Module):
         planes: int,
         stride: int = 1,
         downsample: nn.Module | None = None,
+        distinct_relus: bool = False,
     ) -> None:
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=not distinct_relus)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
+        if distinct_relus:  # the ReLU after the residual sum gets its own module
+            self.relu_out = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
@@ -63,21 +66,26 @@ class BasicBlock(nn.Module):
         if self.downsample is not None:
             identity = self.downsample(x)
         out += identity
-        out = self.relu(out)
+        out = getattr(self, "relu_out", self.relu)(out)
         return out
 
 
 class ResNet(nn.Module):
     def __init__(
-        self, block: type[BasicBlock], layers: list[int], num_classes: int = 1000
+        self,
+        block: type[BasicBlock],
+        layers: list[int],
+        num_classes: int = 1000,
+        distinct_relus: bool = False,
     ) -> None:
         super().__init__()
         self.inplanes = 64
+        self.distinct_relus = distinct_relus
         self.conv1 = nn.Conv2d(
             3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False
         )
         self.bn1 = nn.BatchNorm2d(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=not distinct_relus)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
@@ -102,10 +110,14 @@ class ResNet(nn.Module):
                 conv1x1(self.inplanes, planes * block.expansion, stride),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        layers = [
+            block(self.inplanes, planes, stride, downsample, self.distinct_relus)
+        ]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
-            layers.append(block(self.inplanes, planes))
+            layers.append(
+                block(self.inplanes, planes, distinct_relus=self.distinct_relus)
+            )
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,18 +137,30 @@ class ResNet(nn.Module):
         return x
 
 
-def resnet18(num_classes: int = 1000, seed: int | None = 0) -> nn.Module:
+def resnet18(
+    num_classes: int = 1000, seed: int | None = 0, distinct_relus: bool = False
+) -> nn.Module:
     """torchvision-compatible ResNet-18 with random weights, in eval mode.
 
     ``seed`` makes the initialisation reproducible without touching the
     caller's global RNG state; ``None`` uses the global RNG as it is.
+
+    ``distinct_relus=True`` gives every use of a ReLU its own (not in-place)
+    ``nn.ReLU`` module: each BasicBlock gets a second one, ``relu_out``, for
+    the ReLU after the residual sum, where torchvision calls ``self.relu``
+    twice. Captum's DeepLift, GuidedBackprop and Deconvolution hook ReLU
+    modules and need one module per use. The function computed, the
+    parameters, the initialisation (ReLUs have no parameters, so the RNG
+    draws are the same) and the ``state_dict`` are unchanged, and so is the
+    exported ONNX graph; the default keeps torchvision's layout exactly.
     """
+    kwargs = {"num_classes": num_classes, "distinct_relus": distinct_relus}
     if seed is None:
-        model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+        model = ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+            model = ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)
     return model.eval()
 
 

@@ -26,7 +26,6 @@ from .kinds import LINEAR, MAX, NONLINEAR, ROUTE
 from .rules import EXACT, Param, rule
 from .vjp import _spatial_attrs, positions, unbroadcast
 
-FAR_BELOW = -1e30  # stands in for −∞ in MaxPool padding, finite so that differences stay finite
 MAX_VARIANTS: dict[str, dict[str, Callable]] = {"softness": {}, "relu": {}}
 
 
@@ -163,7 +162,9 @@ def _relu_max(ctx) -> list[str | None]:
 
 @max_variant("relu", "MaxPool")
 def _relu_maxpool(ctx) -> list[str | None]:
-    """The window's cells in row-major order, each a strided Slice of the (far-below) padded input."""
+    """The window's cells in row-major order, each a strided Slice of the padded input. Padding
+    takes a value below every real one (not −∞, which would turn the fold's differences into nan,
+    nor a huge finite number, whose sum with a real value rounds the real value away)."""
     t = ctx.tape
     node, x = ctx.node, ctx.x
     if node.attr("ceil_mode", 0):
@@ -172,10 +173,14 @@ def _relu_maxpool(ctx) -> list[str | None]:
     n = len(kernel)
     strides, dilations, pb, pe = _spatial_attrs(ctx, kernel)
 
+    if any(pb + pe):  # pad just below both sides' values: the fold's relu never picks a pad cell
+        low = t.op("Sub", t.op("Min", t.op("ReduceMin", x, keepdims=0),
+                                t.op("ReduceMin", ctx.baseline(x), keepdims=0)), t.scalar(1.0))
+
     def padded(tensor: str) -> str:
         if not any(pb + pe):
             return tensor
-        return t.op("Pad", tensor, t.ints([0, 0] + pb + [0, 0] + pe), t.scalar(FAR_BELOW))
+        return t.op("Pad", tensor, t.ints([0, 0] + pb + [0, 0] + pe), low)
 
     xp, xbp = padded(x), padded(ctx.baseline(x))
     cell_positions = positions(t, xp)

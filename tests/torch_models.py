@@ -244,3 +244,93 @@ def epsilon_lrp_replica(model: nn.Module, x: torch.Tensor, target: Sequence[int]
         (c,) = torch.autograd.grad(z, a, relevance / _blip(z.detach(), eps))
         relevance = a.detach() * c
     return relevance
+
+
+# --------------------------------------------------------------------------------------------------
+# Captum's DeepLift, GuidedBackprop, Deconvolution: one module per ReLU use
+
+
+def relu_calls(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """How often each ``nn.ReLU`` module of ``model`` runs in one forward pass on ``example``.
+
+    Captum's DeepLift (and the modified-ReLU methods, GuidedBackprop and Deconvolution) keep per-
+    module state between the forward and the backward pass, so every ReLU use needs its own module:
+    every count must be 1. A functional ``F.relu`` is not seen here (and not hooked by Captum)."""
+    counts: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ReLU):
+            counts[name] = 0
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, name=name: counts.__setitem__(name, counts[name] + 1)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+class Clone(nn.Module):
+    """``x.clone()``: the identity, as a new tensor (see ``separate_nonlinear_modules``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def separate_nonlinear_modules(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in which every module Captum's DeepLift hooks (its
+    ``SUPPORTED_NON_LINEAR``: ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus, MaxPool1d/2d/3d,
+    Softmax) is followed by a ``Clone``: ``m`` becomes ``nn.Sequential(m, Clone())``. Same
+    function, same weights.
+
+    Why: captum 0.9 (``captum/_utils/common.py`` ``_register_backward_hook``) records a module's
+    output gradient with a tensor hook on its output tensor and rewrites its input gradient with a
+    tensor hook on its input tensor. When a hooked module's output goes straight into another hooked
+    module (ReLU → MaxPool2d in the digits CNN, ResNet's stem ReLU → MaxPool2d), both hooks sit on
+    the same tensor and run in registration order: the first module records the gradient *before*
+    the second one rewrites it, so its DeepLift multiplier uses a stale gradient and the attribution
+    no longer sums to ``y − y'`` (captum issue #1104; pull request #1843, "Fix DeepLift adjacent
+    nonlinear hooks", after 0.9). A clone between the two gives each hook its own tensor;
+    ``nn.Identity`` is not enough (it returns its input tensor itself).
+    """
+    from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+
+    copy_ = copy.deepcopy(model)
+    targets = [(parent, name, child) for parent in copy_.modules() for name, child in parent.named_children()
+               if type(child) in SUPPORTED_NON_LINEAR]
+    for parent, name, child in targets:
+        setattr(parent, name, nn.Sequential(child, Clone()))
+    return copy_.eval()
+
+
+def deeplift_maxpool2d_accumulating(module, inputs, outputs, grad_input, grad_output, eps: float = 1e-10):
+    """Captum 0.9's DeepLift rule for ``nn.MaxPool2d`` (``captum/attr/_core/deep_lift.py``
+    ``maxpool``) with two defects fixed, to be put in ``deep_lift.SUPPORTED_NON_LINEAR[nn.MaxPool2d]``.
+
+    The rule, unchanged: on the batch ``[x; x']``, with ``m = max(y, y')``, the output difference
+    ``(m − y')·g`` goes to x's arg-max and ``(y − m)·g`` to x''s arg-max (one of the two is 0, so
+    all of ``(y − y')·g`` goes to the arg-max of the side with the larger max), both halves get the
+    sum, and the multiplier is that divided by ``Δx`` per input cell; where ``|Δx| < eps`` the plain
+    gradient.
+
+    1. Captum spreads the windows' values back with ``F.max_unpool2d``, which *assigns*: where
+       windows overlap (kernel > stride, e.g. ResNet's 3×3 stride-2 pool) a cell that is the arg-max
+       of several windows keeps only one window's value. Here a scatter-add accumulates them.
+    2. Captum's fallback reads ``grad_input[0]``, the first *row* of the batch's gradient since
+       ``grad_input`` became a tensor (captum issue #1276; pull request #1847). Here all of it.
+    """
+    with torch.no_grad():
+        x, x_ref = inputs.chunk(2)
+        y, y_ref = outputs.chunk(2)
+        delta_in = torch.cat(2 * [x - x_ref])
+        top = torch.max(y, y_ref)
+        delta_out = torch.cat([top - y_ref, y - top])
+        _, indices = F.max_pool2d(module.input, module.kernel_size, module.stride, module.padding,
+                                  module.dilation, module.ceil_mode, True)
+        values = (grad_output * delta_out).flatten(2)
+        spread = torch.zeros_like(module.input).flatten(2).scatter_add_(2, indices.flatten(2), values)
+        first, second = spread.view_as(module.input).chunk(2)
+        spread = torch.cat(2 * [first + second])
+    return torch.where(delta_in.abs() < eps, grad_input, spread / delta_in)
