@@ -28,8 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rulegraph import Explainer  # noqa: E402
-from rulegraph.compile import assign, find_start, path_nodes  # noqa: E402
+from rulegraph import Explainer
+from rulegraph.compile import assign, find_start, path_nodes
 
 MARK_BEGIN, MARK_END = "<!-- architectures -->", "<!-- /architectures -->"
 
@@ -140,7 +140,7 @@ def row(name: str, build, dynamo: bool) -> dict:
         path = Path(tmp) / "model.onnx"
         try:
             export(model, inputs, path, dynamo)
-        except Exception as exc:  # an exporter failure is a result, not a crash
+        except Exception as exc:  # noqa: BLE001 (an exporter failure is a result, not a crash)
             out["error"] = f"export failed: {type(exc).__name__}"
             return out
         proto = onnx.load(str(path))
@@ -153,7 +153,7 @@ def row(name: str, build, dynamo: bool) -> dict:
             float_name, expected = autograd_gradient(model, inputs, targets)
             got = grad.explain(feeds, target=targets).saliency.get(float_name)
             out["gradient_error"] = float(np.abs(got - expected).max() / np.abs(expected).max())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
             out["gradient_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         try:
             lrp = Explainer(path, "lrp-epsilon")
@@ -163,7 +163,7 @@ def row(name: str, build, dynamo: bool) -> dict:
             out["rules"] = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
             result = lrp.explain(feeds, target=[1, 2])
             out["conservation"] = float(np.abs(result.relative_delta).max())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
             out["conservation"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
     return out
 
@@ -201,7 +201,7 @@ def main() -> None:
             except ImportError as exc:
                 print(f"{name}: skipped ({exc})", file=sys.stderr)
                 break
-            except Exception:
+            except Exception:  # noqa: BLE001 (a failure is a row of the table)
                 buffer = io.StringIO()
                 traceback.print_exc(file=buffer)
                 rows.append({"architecture": name, "exporter": "dynamo" if dynamo else "torchscript",
