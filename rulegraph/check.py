@@ -171,7 +171,7 @@ def _context(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> RuleCont
 
 
 def _has_bias(ctx: RuleContext, rule: str) -> bool:
-    if ctx.kind == LINEAR and rule in ("gradient", "normalized"):
+    if ctx.kind == LINEAR and (rule == "gradient" or RULES[rule].bias_in_denominator):
         return ctx.linear_bias() is not None
     if rule == "slope":
         return ctx.value_at_zero() is not None
@@ -183,12 +183,12 @@ def predict_node(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> tupl
     node, rule = assignment.node, assignment.binding.rule
     spec = RULES[rule.name]
     quantity, policy = ruleset.quantity, ruleset.bias
-    cls = spec.conservation_of(quantity, node.kind, node.op_type)
-    if rule.name == "normalized" and cls != NONE:
+    cls = spec.conservation_of(quantity, node.kind, node.op_type, rule.params)
+    if cls != NONE and any(p.name == "eps" for p in spec.params):  # a stabilizer: exact at ε = 0
         cls = APPROXIMATE if rule.params.get("eps", 0) > 0 else EXACT
     ctx = _context(graph, assignment, ruleset)
     has_bias = quantity != "difference" and _has_bias(ctx, rule.name)
-    counted = policy in COUNTED_BIAS or (rule.name == "normalized" and policy == "ignore")
+    counted = policy in COUNTED_BIAS or (spec.bias_in_denominator and policy == "ignore")
     if cls == LEAKS_BIAS:
         cls = EXACT if not has_bias or counted else LEAKS_BIAS
     elif cls in (EXACT, APPROXIMATE) and has_bias and not counted:
