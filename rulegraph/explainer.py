@@ -163,8 +163,9 @@ class Explainer:
             raise RulegraphError("; ".join(problems))
         return RuleCall(name, resolved)
 
-    def _without_loop(self) -> Explainer:
-        """This explainer, answering ``explain`` with the plain pass (what a loop runs inside)."""
+    def without_loop(self) -> Explainer:
+        """This explainer, answering ``explain`` with the plain pass (what a loop runs inside, and
+        what ``rulegraph check`` measures for a file with a loop)."""
         if getattr(self.ruleset, "loop", None) is None:
             return self
         inner = object.__new__(Explainer)
@@ -191,7 +192,7 @@ class Explainer:
         if loop_call is not None:
             from .loops import LOOPS
 
-            return LOOPS[loop_call.name].run(self._without_loop(), x, target, dict(loop_call.params), baseline)
+            return LOOPS[loop_call.name].run(self.without_loop(), x, target, dict(loop_call.params), baseline)
         feeds = self._feeds(x)
         n = next(iter(feeds.values())).shape[0]
         seed_mode = isinstance(target, np.ndarray) and target.dtype.kind == "f"
