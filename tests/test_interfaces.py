@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer, ModelError, RulegraphError
@@ -121,3 +122,23 @@ def test_bad_model_file(tmp_path):
 def test_wrong_rank_input_is_explained():
     with pytest.raises(RulegraphError, match=r"input 'x' must have rank 2"):
         Explainer(mlp(), "gradient").explain(np.zeros((1, 2, 3, 4), np.float32))
+
+
+def test_external_data_loads_from_the_model_folder_only(tmp_path):
+    model = mlp()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(model, str(folder / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    result = Explainer(folder / "m.onnx", "gradient").explain(X, target=[0, 1, 2, 0, 1])
+    np.testing.assert_allclose(result.saliency["x"], gradient(X, [0, 1, 2, 0, 1]), rtol=1e-5, atol=1e-6)
+    # the same model pointing outside its folder is refused, naming the tensor
+    escaped = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    for tensor in escaped.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.bin"
+    (tmp_path / "secret.bin").write_bytes((folder / "weights.bin").read_bytes())
+    onnx.save(escaped, str(folder / "escaped.onnx"))
+    with pytest.raises(ModelError, match=r"keeps its data at '\.\./secret\.bin', outside the model's folder"):
+        G.load(folder / "escaped.onnx")
