@@ -146,7 +146,11 @@ def cmd_ops(args) -> int:
     start = find_start(graph, ruleset, args.output, args.start)
     rows = assign(graph, ruleset, path_nodes(graph, start))
     width = max([len(r.node.name) for r in rows] + [4])
-    print(f"{'node':<{width}}  {'op type':<20} {'kind':<12} rule")
+    # a fused node (fusion.py) names the nodes it stands for: "Gelu [fused: /mlp/Div, /mlp/Erf, ...]"
+    op_types = {r.node.name: r.node.op_type + (f" [fused: {', '.join(m.name for m in r.node.members)}]"
+                                               if r.node.members else "") for r in rows}
+    op_width = max([len(t) for t in op_types.values()] + [20])
+    print(f"{'node':<{width}}  {'op type':<{op_width}} {'kind':<12} rule")
     missing = 0
     for r in rows:
         if r.problem:
@@ -154,7 +158,7 @@ def cmd_ops(args) -> int:
             rule = "!! " + r.problem
         else:
             rule = f"{r.binding.rule}    ({r.binding.selector} at {r.binding.location})"
-        print(f"{r.node.name:<{width}}  {r.node.op_type:<20} {r.node.kind or '?':<12} {rule}")
+        print(f"{r.node.name:<{width}}  {op_types[r.node.name]:<{op_width}} {r.node.kind or '?':<12} {rule}")
     print(f"{len(rows)} nodes on the relevance path (start: '{start}'); {missing} without a usable rule")
     return 1 if missing else 0
 

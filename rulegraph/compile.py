@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 
 from .emit import Tape
 from .errors import CoverageError, ModelError, RulegraphError
+from .fusion import emit_copy, evaluate, vjp_of
 from .graph import Graph, Node
 from .kinds import NORMALIZING
 from .rules import RULES
@@ -103,17 +104,11 @@ class RuleContext(VjpContext):
         self._bias_sink(self.node, share)
 
     def value_at_zero(self) -> str | None:
-        """``f(0)`` of an elementwise node as a constant, or None when it is 0."""
-        from .graph import _evaluate
-
+        """``f(0)`` of an elementwise node (a fused one: its members) as a constant, or None when it is 0."""
         rank = self.graph.rank(self.x) or 1
-        consts = dict(self.graph.constants)
-        zero_name = "__rulegraph_zero__"
-        consts[zero_name] = np.zeros([1] * rank, dtype=self.tape.float_dtype)
-        proto = helper.make_node(self.node.op_type, [zero_name] + self.node.inputs[1:], ["f0"])
-        proto.attribute.extend(self.node.attribute_protos)
+        zero = np.zeros([1] * rank, dtype=self.tape.float_dtype)
         try:
-            value = _evaluate(proto, consts, self.graph.opset)[0]
+            value = evaluate(self.graph, self.node, {self.x: zero})[0]
         except Exception as exc:
             raise self.fail(f"cannot evaluate f(0): {exc}") from exc
         if not np.any(value):
@@ -149,7 +144,8 @@ class RuleContext(VjpContext):
                              1 - weight_index if weight_index < 2 else 0)
 
     def apply_node_to(self, a: str) -> str:
-        return self.tape.copy_node(self.node, [a] + self.node.inputs[1:])
+        """``f(a)``: the node (a fused one: its members) emitted again on ``a``."""
+        return emit_copy(self.tape, self.node, [a] + self.node.inputs[1:])[0]
 
     def window_sum(self, xs: list[str | None]) -> str:
         return self._window(0)(self, xs)
@@ -184,7 +180,7 @@ class LinearVariant:
 
 
 def _run_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
-    fn = VJPS.get(ctx.node.op_type)
+    fn = vjp_of(ctx.node)
     if fn is None:
         raise ctx.fail(f"no VJP for op type {ctx.node.op_type}; supported: {', '.join(sorted(VJPS))}")
     result = fn(ctx, g)
@@ -244,8 +240,9 @@ def _accepting(kind: str | None) -> list[str]:
 
 
 def _suggestion(kind: str, quantity: str) -> str:
-    """A rule for ``kind`` that conserves ``quantity`` if one exists, else the first accepting one."""
-    rules = _accepting(kind)
+    """A rule for ``kind`` that conserves ``quantity`` if one exists, else the first accepting one
+    (in registration order: the seed rules come before the special ones)."""
+    rules = [name for name in RULES if name in _accepting(kind)]
     exact = [r for r in rules if RULES[r].conservation_of(quantity, kind, "Relu") in ("exact", "approximate")]
     return (exact or rules)[0]
 
@@ -323,7 +320,8 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                             + "\n  - ".join(problems))
 
     dtype = helper.tensor_dtype_to_np_dtype(graph.dtypes.get(start, TensorProto.FLOAT))
-    taken = {t for n in graph.nodes for t in n.inputs + n.outputs} | set(graph.constants) | set(graph.inputs)
+    taken = ({t for n in graph.nodes for m in n.members or [n] for t in m.inputs + m.outputs}
+             | set(graph.constants) | set(graph.inputs))
     tape = Tape(graph.opset, taken, float_dtype=dtype)
     compiled = Compiled(graph.model, graph, ruleset, start, seed_mode)
     extra_outputs: dict[str, dict[int, str]] = {}
@@ -428,8 +426,7 @@ def _baseline_forward(tape: Tape, graph: Graph, nodes: list[Node]) -> dict[str, 
     baseline_of = {x: f"{BASELINE_PREFIX}{x}" for x in graph.float_inputs()}
     for node in nodes:
         inputs = [baseline_of.get(t, t) for t in node.inputs]
-        outputs = tape.copy_node(node, inputs, outputs=len(node.outputs))
-        outputs = [outputs] if isinstance(outputs, str) else outputs
+        outputs = emit_copy(tape, node, inputs)
         baseline_of.update({o: b for o, b in zip(node.outputs, outputs) if o in graph.active})
     return baseline_of
 

@@ -10,7 +10,10 @@ Reading a model:
    constants (a Reshape of a weight, shape arithmetic on static shapes);
 4. infer shapes and dtypes;
 5. mark *active* tensors: floats computed from a float graph input. Only active tensors carry an
-   associated number; integer tensors (shapes, token ids) and constants never do.
+   associated number; integer tensors (shapes, token ids) and constants never do;
+6. fuse multi-node patterns (GELU, SiLU, HardSwish, LayerNorm written out by an exporter) into one
+   node each, so that a rule binds to the op whichever exporter wrote it (``fusion.py``). The model
+   proto is unchanged: the forward still runs the original nodes, only ``nodes`` shows one.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class Node:
     domain: str = ""
     kind: str | None = None
     index: int = 0
+    #: a fused node (fusion.py): the original nodes it stands for, in topological order; its
+    #: inputs are the pattern's activation input (then constant inputs), its output the pattern's
+    members: list[Node] = field(default_factory=list)
 
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
@@ -106,8 +112,9 @@ class Graph:
         return [i for i in self.inputs if self.is_float(i)]
 
 
-def load(model: str | Path | onnx.ModelProto) -> Graph:
-    """Read a model from a path or a ModelProto (which is copied, never modified)."""
+def load(model: str | Path | onnx.ModelProto, fuse: bool = True) -> Graph:
+    """Read a model from a path or a ModelProto (which is copied, never modified); ``fuse=False``
+    keeps multi-node patterns as their separate nodes."""
     proto = _read(model)
     _check_domains(proto)
     proto = _upgrade(proto)
@@ -115,7 +122,12 @@ def load(model: str | Path | onnx.ModelProto) -> Graph:
     constants = _collect_constants(proto)
     nodes_proto = _fold_constants(proto, constants)
     proto = _rebuild(proto, nodes_proto, constants)
-    return _build(proto, constants)
+    graph = _build(proto, constants)
+    if fuse:
+        from .fusion import fuse_patterns
+
+        fuse_patterns(graph)
+    return graph
 
 
 def _read(model) -> onnx.ModelProto:
@@ -127,9 +139,30 @@ def _read(model) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     try:
-        return onnx.load(str(path), load_external_data=True)
-    except Exception as exc:  # protobuf decode errors, external data outside the folder
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
         raise ModelError(f"{path}: cannot read the ONNX model: {exc}") from exc
+    _load_external_data(proto, path)
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Read tensors stored beside the model, refusing any location outside the model's folder."""
+    folder = path.resolve().parent
+    every = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute
+                                             if a.type == onnx.AttributeProto.TENSOR]
+    tensors = [t for t in every if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in tensors:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in target.parents:
+            raise ModelError(f"{path}: tensor '{tensor.name}' keeps its data at '{location}', outside the "
+                             f"model's folder {folder}; rulegraph reads external data only from that folder")
+        if not target.is_file():
+            raise ModelError(f"{path}: tensor '{tensor.name}' keeps its data in '{location}', which is "
+                             f"missing from {folder}")
+    if tensors:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
 
 
 def opset_of(proto: onnx.ModelProto) -> int:
@@ -259,17 +292,7 @@ def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> Graph:
         nodes.append(Node(p.name, p.op_type, list(p.input), list(p.output), attrs, list(p.attribute),
                           p.domain, index=i))
 
-    dag = nx.DiGraph()
-    producer = {o: n for n in nodes for o in n.outputs if o}
-    consumers: dict[str, list[Node]] = {}
-    for n in nodes:
-        dag.add_node(n.name, node=n)
-        for t in n.inputs:
-            if not t:
-                continue
-            consumers.setdefault(t, []).append(n)
-            if t in producer:
-                dag.add_edge(producer[t].name, n.name, tensor=t)
+    dag, producer, consumers = link(nodes)
     if not nx.is_directed_acyclic_graph(dag):
         raise ModelError("the model graph has a cycle")
     order = list(nx.lexicographical_topological_sort(dag, key=lambda name: dag.nodes[name]["node"].index))
@@ -282,6 +305,22 @@ def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> Graph:
                   dtypes, shapes, set(), dag, producer, consumers)
     _mark_active(graph)
     return graph
+
+
+def link(nodes: list[Node]) -> tuple[nx.DiGraph, dict[str, Node], dict[str, list[Node]]]:
+    """(the DAG of ``nodes``, tensor -> producing node, tensor -> consuming nodes)."""
+    dag = nx.DiGraph()
+    producer = {o: n for n in nodes for o in n.outputs if o}
+    consumers: dict[str, list[Node]] = {}
+    for n in nodes:
+        dag.add_node(n.name, node=n)
+        for t in n.inputs:
+            if not t:
+                continue
+            consumers.setdefault(t, []).append(n)
+            if t in producer:
+                dag.add_edge(producer[t].name, n.name, tensor=t)
+    return dag, producer, consumers
 
 
 def _mark_active(graph: Graph) -> None:

@@ -2,6 +2,10 @@
 
 ``OP_KINDS`` maps an ONNX op type to its kind. Mul, Div and MatMul are *linear* when one operand
 is a constant and *bilinear* when both are activations; ``kind_of`` decides that from the node.
+
+A fused node (``fusion.py``: several nodes recognised as one op) takes the kind of its op type:
+Gelu, SiLU and HardSwish are nonlinear, LayerNormalization is normalizing. ``SiLU`` is not an ONNX
+op: it names the pattern ``x·Sigmoid(x)`` (SiLU, Swish), so that a rule file can bind it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ OP_KINDS: dict[str, str] = {
     "Relu": NONLINEAR, "LeakyRelu": NONLINEAR, "PRelu": NONLINEAR, "Elu": NONLINEAR,
     "Selu": NONLINEAR, "Sigmoid": NONLINEAR, "Tanh": NONLINEAR, "Softplus": NONLINEAR,
     "Erf": NONLINEAR, "Gelu": NONLINEAR, "HardSigmoid": NONLINEAR, "HardSwish": NONLINEAR,
-    "Clip": NONLINEAR, "Abs": NONLINEAR,
+    "Clip": NONLINEAR, "Abs": NONLINEAR, "SiLU": NONLINEAR,
     # max: b = max of a window or of operands
     "MaxPool": MAX, "GlobalMaxPool": MAX, "ReduceMax": MAX, "Max": MAX,
     # route: move values without arithmetic

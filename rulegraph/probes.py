@@ -20,8 +20,9 @@ the forward values (gradient, slope, ignore) see ``c·x`` exactly. ``repeat`` ev
 ``a(y)`` instead, outside the forward domain: the head's weights are all negative so that, under the
 importance quantity, ``a(y) = Wᵀ·onehot < 0`` stays on PRelu's ``c·x`` branch too.
 
-Pattern fusion does not exist yet: ``gelu_fused_vs_decomposed`` (``needs_fusion=True``) is expected
-to disagree (or be skipped, for a file with no ``bilinear`` rule) until it does.
+``gelu_fused_vs_decomposed`` (``needs_fusion=True``) agrees only because ``graph.load`` fuses the
+decomposed side into one Gelu node (``fusion.py``): without fusion its ``h·(1 + Erf(·))`` is a
+bilinear Mul and its Erf a nonlinear op of its own, and only a pure gradient file would agree.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ Sampler = Callable[[np.random.Generator, dict[str, np.ndarray]], np.ndarray]
 class Probe:
     """A pair of equivalent graphs. ``build(rng)`` returns (side a, side b) with the same weights;
     ``sample(rng, weights)`` one input batch of ``BATCH`` rows (``weights``: side b's initializers by
-    name, for probes that keep a pre-activation away from 0). ``needs_fusion``: the pair can only
-    agree once rulegraph fuses multi-node patterns into one op."""
+    name, for probes that keep a pre-activation away from 0). ``needs_fusion``: the pair agrees
+    only because rulegraph fuses a multi-node pattern on one side into one op (``fusion.py``)."""
 
     name: str
     description: str

@@ -909,3 +909,47 @@ def _max_sum(ctx, xs):
     t = ctx.tape
     terms = [x for x in xs if x is not None]
     return t.sum(terms) if len(terms) > 1 else t.op("Identity", terms[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# normalizing: LayerNormalization
+
+
+def _layer_norm_stats(ctx: VjpContext, axes: list[int]) -> tuple[str, str]:
+    """(μ, 1/σ) of a LayerNormalization over ``axes``, shaped to broadcast over x: the node's own
+    Mean and InvStdDev outputs where their type (float32, the spec's only one) is the input's, else
+    computed again from x in the input's precision."""
+    from onnx import TensorProto
+
+    if not ctx.node.members and ctx.graph.dtypes.get(ctx.x) == TensorProto.FLOAT:
+        return ctx.request_output(ctx.node, 1), ctx.request_output(ctx.node, 2)
+    t = ctx.tape
+    mean = t.reduce("ReduceMean", ctx.x, axes)
+    centered = t.op("Sub", ctx.x, mean)
+    variance = t.reduce("ReduceMean", t.op("Mul", centered, centered), axes)
+    std = t.op("Sqrt", t.op("Add", variance, t.scalar(ctx.node.attr("epsilon", 1e-5))))
+    return mean, t.op("Reciprocal", std)
+
+
+@vjp("LayerNormalization")
+def _layer_normalization(ctx, g):
+    """``y = x̂ ⊙ γ + β``, ``x̂ = (x − μ)/σ`` over the axes from ``axis`` on (γ, β constant):
+    ``a(x) = (ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂)) / σ`` with ``ĝ = g ⊙ γ``."""
+    if any(ctx.active[1:]):
+        raise ctx.fail("LayerNormalization with a scale or bias computed from the input is not supported")
+    if any(gi is not None for gi in g[1:]):
+        raise ctx.fail("the Mean and InvStdDev outputs of LayerNormalization feed the explained output; "
+                       "only Y is supported")
+    t = ctx.tape
+    rank = ctx.graph.rank(ctx.x)
+    if rank is None:
+        raise ctx.fail("the input's rank is unknown")
+    axes = list(range(ctx.node.attr("axis", -1) % rank, rank))
+    mean, inv_std = _layer_norm_stats(ctx, axes)
+    normalized = t.op("Mul", t.op("Sub", ctx.x, mean), inv_std)
+    scale = ctx.node.inputs[1] if len(ctx.node.inputs) > 1 else ""
+    gh = t.op("Mul", g[0], scale) if scale else g[0]
+    mean_g = t.reduce("ReduceMean", gh, axes)
+    mean_gx = t.reduce("ReduceMean", t.op("Mul", gh, normalized), axes)
+    centered = t.op("Sub", t.op("Sub", gh, mean_g), t.op("Mul", normalized, mean_gx))
+    return [t.op("Mul", centered, inv_std)] + [None] * (len(ctx.node.inputs) - 1)

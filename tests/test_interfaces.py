@@ -4,8 +4,8 @@ outputs, integer inputs, seed-array targets, intermediate start tensors, clear m
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer, ModelError, RulegraphError

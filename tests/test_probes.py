@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from rulegraph import RulegraphError, dsl
+from rulegraph import graph as G
 from rulegraph.probes import BATCH, BATCHES, PROBES, ProbeResult, run_probe, run_probes
 
 SOURCE = "probe.rules"
@@ -89,13 +90,14 @@ CASES = [
     ("conv1x1_vs_matmul", {}, True, "as Gemm vs MatMul+Add, with the ε/|z| factor negligible"),
     ("conv1x1_vs_matmul", GRADIENT, True, "the gradient of a composition"),
     ("conv1x1_vs_matmul", {"linear": "normalized(eps = 0.25)"}, False, "ε enters once on Conv, twice on MatMul+Add"),
-    # Gelu fused vs decomposed: needs pattern fusion, except for a pure gradient file
-    ("gelu_fused_vs_decomposed", {**GRADIENT, "extra": "bilinear -> gradient\n"}, True,
-     "the chain rule: gradients need no fusion"),
-    ("gelu_fused_vs_decomposed", {"extra": "bilinear -> gradient\n"}, False,
-     "needs fusion: ignore on Gelu vs normalized/ignore/gradient through 0.5·h·(1+Erf(h/√2))"),
-    ("gelu_fused_vs_decomposed", {**IMPORTANCE, "nonlinear": "slope", "extra": "bilinear -> gradient\n"}, False,
-     "needs fusion: slope Gelu(h)/h vs slope of Erf and gradients"),
+    # Gelu vs 0.5·h·(1+Erf(h/√2)): graph.load fuses side b into one Gelu node, so every rule agrees
+    ("gelu_fused_vs_decomposed", GRADIENT, True, "the chain rule through the fused node's members"),
+    ("gelu_fused_vs_decomposed", {}, True, "ignore on one Gelu node on both sides"),
+    ("gelu_fused_vs_decomposed", {**IMPORTANCE, "nonlinear": "slope"}, True, "slope Gelu(h)/h on both sides"),
+    ("gelu_fused_vs_decomposed", {**IMPORTANCE, "nonlinear": "repeat"}, True,
+     "repeat: Gelu(a(y)), the fused side re-running its members on a(y)"),
+    ("gelu_fused_vs_decomposed", {"extra": 'node "gelu" -> slope\n'}, False,
+     "slope on side a's Gelu, ignore on side b's fused one"),
 ]
 
 
@@ -124,7 +126,7 @@ def test_case(name, params, consistent, why):
 # ------------------------------------------------------------------------------------------------
 # the bundled rule files on every probe
 
-#: file -> probes where it is inconsistent; every other probe without fusion is consistent.
+#: file -> probes where it is inconsistent; every other probe is consistent (with fusion: the Gelu one).
 BUNDLED = {
     "gradient": set(),
     "gradient-x-input": set(),
@@ -142,10 +144,6 @@ def bundled() -> dict[str, dict[str, ProbeResult]]:
 @pytest.mark.parametrize("file", list(BUNDLED))
 def test_bundled_files(bundled, file):
     for name, result in bundled[file].items():
-        if PROBES[name].needs_fusion:
-            # no bundled file binds bilinear, which the decomposed Gelu's h·(1+Erf) needs
-            assert result.skipped and "kind bilinear, has no rule" in result.skipped, result
-            continue
         assert result.skipped is None, result.skipped
         assert result.consistent is (name not in BUNDLED[file]), result
     if file == "deconvnet":
@@ -227,6 +225,12 @@ def test_pair_is_well_formed_and_computes_one_function(name):
 
 def test_only_gelu_needs_fusion():
     assert [n for n, p in PROBES.items() if p.needs_fusion] == ["gelu_fused_vs_decomposed"]
+    a, b = (G.load(m) for m in PROBES["gelu_fused_vs_decomposed"].models())
+    assert [(n.op_type, n.kind, [m.name for m in n.members]) for n in b.nodes if n.members] == [
+        ("Gelu", "nonlinear", ["gelu_div", "gelu_erf", "gelu_add", "gelu_mul", "gelu_half"])]
+    assert [n.op_type for n in a.nodes] == [n.op_type for n in b.nodes] == ["Gemm", "Gelu", "Gemm"]
+    unfused = G.load(PROBES["gelu_fused_vs_decomposed"].models()[1], fuse=False)
+    assert "bilinear" in {n.kind for n in unfused.nodes}  # what the rules would see without fusion
 
 
 def test_inputs_avoid_kinks():
