@@ -211,36 +211,59 @@ def _collect_constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return constants
 
 
-def _evaluate(node: onnx.NodeProto, constants: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
-    """Run one node on constant inputs with the ONNX reference evaluator."""
-    from onnx.reference import ReferenceEvaluator
-
-    feeds = {name: constants[name] for name in node.input if name}
+def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], opset: int) -> dict:
+    """Run nodes on constant inputs, all at once: onnxruntime when it is installed, else (or when
+    it refuses) the ONNX reference evaluator. Returns every output by name."""
+    produced = {o for n in nodes for o in n.output if o}
+    feeds = {i: constants[i] for n in nodes for i in n.input if i and i not in produced}
     inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
               for n, v in feeds.items()]
-    outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output if o]
-    graph = helper.make_graph([node], "fold", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    return ReferenceEvaluator(model).run(None, feeds)
+    names = [o for n in nodes for o in n.output if o]
+    graph = helper.make_graph(nodes, "fold", inputs, [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None)
+                                                      for o in names])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=max(8, helper.find_min_ir_version_for([helper.make_opsetid("", opset)])))
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        from .runtime import ort
+
+        session = ort().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        values = session.run(names, feeds)
+    except Exception:  # noqa: BLE001 (no onnxruntime, or no kernel for a dtype: use the reference)
+        from onnx.reference import ReferenceEvaluator
+
+        values = ReferenceEvaluator(model).run(names, feeds)
+    return {name: np.asarray(value) for name, value in zip(names, values)}
+
+
+def _evaluate(node: onnx.NodeProto, constants: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
+    """Run one node on constant inputs."""
+    values = _evaluate_nodes([node], constants, opset)
+    return [values[o] for o in node.output if o]
 
 
 def _fold_constants(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
-    """Evaluate every node whose inputs are all constant; returns the nodes that remain."""
+    """Evaluate every node whose inputs are all constant (in one run); returns the nodes that remain."""
     opset = opset_of(proto)
-    remaining = []
+    known = set(constants)
+    foldable, remaining = [], []
     for node in proto.graph.node:
-        foldable = (node.op_type not in NOT_FOLDABLE
-                    and all(not name or name in constants for name in node.input))
-        if not foldable:
+        if node.op_type not in NOT_FOLDABLE and all(not name or name in known for name in node.input):
+            foldable.append(node)
+            known.update(o for o in node.output if o)
+        else:
             remaining.append(node)
-            continue
-        try:
-            values = _evaluate(node, constants, opset)
-        except Exception as exc:
-            raise ModelError(f"{node_ref(node.name, node.op_type)}: cannot evaluate it on its constant "
-                             f"inputs: {exc}") from exc
-        for name, value in zip([o for o in node.output if o], values):
-            constants[name] = np.asarray(value)
+    if not foldable:
+        return remaining
+    try:
+        constants.update(_evaluate_nodes(foldable, constants, opset))
+    except Exception:  # noqa: BLE001 (find the node that fails, to name it)
+        for node in foldable:
+            try:
+                constants.update(zip([o for o in node.output if o], _evaluate(node, constants, opset)))
+            except Exception as exc:
+                raise ModelError(f"{node_ref(node.name, node.op_type)}: cannot evaluate it on its constant "
+                                 f"inputs: {exc}") from exc
     return remaining
 
 
