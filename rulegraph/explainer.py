@@ -72,13 +72,15 @@ class Explainer:
 
     ``model``: a path or a ModelProto; ``rules``: a rule file path, a bundled rule file's name
     (``"lrp-epsilon"``) or a RuleSet. ``output`` names the model output to explain (default: the
-    first); ``start`` names any intermediate tensor to start at instead.
+    first); ``start`` names any intermediate tensor to start at instead. An fp16/bf16 model is
+    explained in float32 (``precision="fp32"``, its weights upcast exactly, the attribution in
+    float32) unless ``precision="native"`` asks for its own type throughout.
     """
 
     def __init__(self, model: str | Path | onnx.ModelProto, rules: str | Path | RuleSet,
                  providers: list[str] | None = None, output: str | None = None,
-                 start: str | None = None, threads: int = 0):
-        self.graph = graph_mod.load(model)
+                 start: str | None = None, threads: int = 0, precision: str = "fp32"):
+        self.graph = graph_mod.load(model, precision=precision)
         self.ruleset = _load_rules(rules)
         self.providers = providers
         self.output = output

@@ -112,11 +112,16 @@ class Graph:
         return [i for i in self.inputs if self.is_float(i)]
 
 
-def load(model: str | Path | onnx.ModelProto, fuse: bool = True) -> Graph:
+def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str = "fp32") -> Graph:
     """Read a model from a path or a ModelProto (which is copied, never modified); ``fuse=False``
-    keeps multi-node patterns as their separate nodes."""
+    keeps multi-node patterns as their separate nodes. ``precision="fp32"`` computes an fp16 or
+    bf16 model in float32 (its weights upcast exactly); ``"native"`` keeps its own type."""
+    if precision not in ("fp32", "native"):
+        raise ValueError(f"precision must be 'fp32' or 'native', got {precision!r}")
     proto = _read(model)
     _check_domains(proto)
+    if precision == "fp32":
+        _upcast_half(proto)
     proto = _upgrade(proto)
     _name_nodes(proto)
     constants = _collect_constants(proto)
@@ -163,6 +168,30 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
                              f"missing from {folder}")
     if tensors:
         onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
+
+
+HALF_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def _upcast_half(proto: onnx.ModelProto) -> None:
+    """fp16/bf16 -> float32 everywhere a type is written: weights, graph inputs and outputs,
+    value infos, Cast targets, ConstantOfShape values and Constant tensors. Exact: every half
+    value is a float32 value."""
+    graph = proto.graph
+    for i, init in enumerate(graph.initializer):
+        if init.data_type in HALF_TYPES:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(
+                numpy_helper.to_array(init).astype(np.float32), init.name))
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.type.tensor_type.elem_type in HALF_TYPES:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i in HALF_TYPES:
+                attr.i = TensorProto.FLOAT
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in HALF_TYPES:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32),
+                                                        attr.t.name))
 
 
 def opset_of(proto: onnx.ModelProto) -> int:

@@ -142,3 +142,33 @@ def test_external_data_loads_from_the_model_folder_only(tmp_path):
     onnx.save(escaped, str(folder / "escaped.onnx"))
     with pytest.raises(ModelError, match=r"keeps its data at '\.\./secret\.bin', outside the model's folder"):
         G.load(folder / "escaped.onnx")
+
+
+def half_weights(model: onnx.ModelProto, to_fp16: bool) -> onnx.ModelProto:
+    """The model with its weights rounded to fp16: stored as fp16 (with fp16 inputs and outputs)
+    when ``to_fp16``, else stored back in float32."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, init in enumerate(out.graph.initializer):
+        value = numpy_helper.to_array(init)
+        if value.dtype == np.float32:
+            half = value.astype(np.float16)
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(half if to_fp16 else half.astype(np.float32),
+                                                                      init.name))
+    if to_fp16:
+        for vi in list(out.graph.input) + list(out.graph.output):
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return out
+
+
+@pytest.mark.parametrize("rules", ["gradient", "lrp-epsilon"])
+def test_fp16_model_is_explained_in_float32(rules):
+    from pathlib import Path
+
+    cnn = onnx.load(str(Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"))
+    x = np.load(Path(__file__).resolve().parent.parent / "models" / "digits_sample.npz")["x"]
+    half = Explainer(half_weights(cnn, True), rules).explain(x.astype(np.float16), target=[1] * 8)
+    reference = Explainer(half_weights(cnn, False), rules).explain(x.astype(np.float16).astype(np.float32),
+                                                                     target=[1] * 8)
+    assert half.map.dtype == np.float32
+    np.testing.assert_allclose(half.map, reference.map, rtol=1e-5, atol=1e-6 * np.abs(reference.map).max())
