@@ -505,8 +505,6 @@ def test_gradient_max_breaks_summation_to_delta():
 # --------------------------------------------------------------------------------------------------
 # 4. Captum's DeepLift on the models/ MLP and CNN
 
-TORCH_REASON = "the Captum crosscheck needs the [crosscheck] extra (torch)"
-CAPTUM_REASON = "the Captum crosscheck needs the [crosscheck] extra (captum)"
 #: DeepLift and the methods of table 5, against Captum: relative to the row's max |reference|
 CAPTUM_RTOL = 1e-4
 #: ResNet-18 only: the share of elements allowed over CAPTUM_RTOL (ReLU/max-pool near-ties)
@@ -514,24 +512,7 @@ TIE_SHARE = 0.005
 DIGIT_TARGETS = [3, 1, 4, 1, 5, 9, 2, 6]
 
 
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch", reason=TORCH_REASON)
 
-
-@pytest.fixture(scope="module")
-def captum_attr(torch):
-    pytest.importorskip("captum", reason=CAPTUM_REASON)
-    import captum.attr
-
-    return captum.attr
-
-
-@pytest.fixture(scope="module")
-def tm(torch):
-    import torch_models
-
-    return torch_models
 
 
 def _load_module(name: str, path: Path):

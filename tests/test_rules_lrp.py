@@ -383,8 +383,6 @@ def test_guided_does_not_conserve_importance():
 # --------------------------------------------------------------------------------------------------
 # 4. Captum
 
-TORCH_REASON = "the Captum comparison needs torch (the [crosscheck] extra)"
-CAPTUM_REASON = "the Captum comparison needs captum (the [crosscheck] extra)"
 #: one target class per row of the 8 digits
 TARGETS = [3, 1, 4, 1, 5, 9, 2, 6]
 #: rulegraph (float32, onnxruntime) against Captum (float32) or a float64 replica, relative to
@@ -393,25 +391,7 @@ CAPTUM_RTOL = 1e-4
 EPS = 1e-6   # rulegraph's default; Captum's rules are set to the same stabilizer
 
 
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch", reason=TORCH_REASON)
 
-
-@pytest.fixture(scope="module")
-def captum_attr(torch):
-    pytest.importorskip("captum", reason=CAPTUM_REASON)
-    import captum.attr
-
-    return captum.attr
-
-
-@pytest.fixture(scope="module")
-def tm(torch):
-    """tests/torch_models.py: ``for_captum_lrp``, ``gradient_max_rule``, ``sequential_layers``."""
-    import torch_models
-
-    return torch_models
 
 
 @pytest.fixture(scope="module")
