@@ -3,7 +3,9 @@ explained end to end.
 
 For each architecture and exporter: opset, node count, how many nodes on the relevance path each
 rule kind covers, whether the `gradient` rule file matches torch.autograd (max error relative to
-the largest gradient), and the end-to-end conservation error of `lrp-epsilon` (bias blamed).
+the largest gradient; for token models gradient × input per token at the token embeddings), and the
+end-to-end conservation error of the LRP file (bias blamed): `lrp-epsilon`, or `lrp-transformer`
+for the transformers.
 
     python benchmarks/architectures.py [--only resnet18,vit] [--write-readme]
 
@@ -121,9 +123,26 @@ def export(model, inputs: dict, path: Path, dynamo: bool) -> None:
 
 
 def autograd_gradient(model, inputs: dict, targets):
+    """(input name, what the `gradient` file should give for it): the saliency of a float input, or
+    for token ids (no float input) Σ_e emb ⊙ ∂y/∂emb at the input embeddings' output."""
     import torch
 
-    float_name = next(k for k, v in inputs.items() if v.is_floating_point())
+    float_name = next((k for k, v in inputs.items() if v.is_floating_point()), None)
+    if float_name is None:
+        captured = {}
+
+        def keep(module, args, output):
+            output.retain_grad()
+            captured["emb"] = output
+
+        handle = model.get_input_embeddings().register_forward_hook(keep)
+        try:
+            logits = logits_module(model, len(inputs))(*inputs.values())
+            logits[torch.arange(len(targets)), torch.as_tensor(targets)].sum().backward()
+        finally:
+            handle.remove()
+        emb = captured["emb"]
+        return next(iter(inputs)), (emb * emb.grad).sum(-1).detach().numpy()
     x = inputs[float_name].clone().requires_grad_(True)
     args = [x if k == float_name else v for k, v in inputs.items()]
     logits = logits_module(model, len(args))(*args)
@@ -150,13 +169,14 @@ def row(name: str, build, dynamo: bool) -> dict:
         try:
             grad = Explainer(path, "gradient")
             targets = [1, 2]
-            float_name, expected = autograd_gradient(model, inputs, targets)
-            got = grad.explain(feeds, target=targets).saliency.get(float_name)
+            name_in, expected = autograd_gradient(model, inputs, targets)
+            result = grad.explain(feeds, target=targets)
+            got = result.saliency.get(name_in, result.attribution.get(name_in))
             out["gradient_error"] = float(np.abs(got - expected).max() / np.abs(expected).max())
         except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
             out["gradient_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         try:
-            lrp = Explainer(path, "lrp-epsilon")
+            lrp = Explainer(path, "lrp-transformer" if "transformers" in name else "lrp-epsilon")
             start = find_start(lrp.graph, lrp.ruleset, None, None)
             kinds = Counter(a.binding.rule.name if a.binding else "none"
                             for a in assign(lrp.graph, lrp.ruleset, path_nodes(lrp.graph, start)))
@@ -175,8 +195,8 @@ def fmt(value) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| architecture | exporter | opset | nodes | rules on the path (lrp-epsilon) | gradient vs autograd "
-            "| lrp-epsilon conservation |\n|---|---|---|---|---|---|---|")
+    head = ("| architecture | exporter | opset | nodes | rules on the path (LRP file) | gradient vs autograd "
+            "| LRP conservation |\n|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         if "error" in r:

@@ -171,6 +171,10 @@ def _context(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> RuleCont
 
 
 def _has_bias(ctx: RuleContext, rule: str) -> bool:
+    if RULES[rule].has_bias is not None:
+        return RULES[rule].has_bias(ctx)
+    if ctx.kind == ROUTE and rule == "gradient":
+        return bool(ctx.parts_of_constants())
     if ctx.kind == LINEAR and (rule == "gradient" or RULES[rule].bias_in_denominator):
         return ctx.linear_bias() is not None
     if rule == "slope":
@@ -193,8 +197,6 @@ def predict_node(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> tupl
         cls = EXACT if not has_bias or counted else LEAKS_BIAS
     elif cls in (EXACT, APPROXIMATE) and has_bias and not counted:
         cls = LEAKS_BIAS
-    if node.kind == ROUTE and any(t and t in graph.constants and graph.is_float(t) for t in node.inputs[:1]):
-        cls = NONE
     causes = {EXACT: "", APPROXIMATE: f"ε = {rule.params.get('eps', 0):g} in the denominators",
               LEAKS_BIAS: f"bias {policy}ed: its share is dropped" if policy == "absorb" else "bias share not counted",
               NONE: f"rule '{rule.name}' does not conserve {quantity} on {node.kind} ops"}

@@ -5,7 +5,9 @@ pass starts at the start tensor (the chosen output, the input of a node bound to
 tensor the user names), visits the nodes on the relevance path in reverse topological order, asks
 each node's rule for its inputs' numbers, and sums contributions where a tensor feeds several
 nodes. It finishes at the float graph inputs, where the quantity turns ``a(x)`` into the
-attribution.
+attribution, and at the embedding lookups of integer token-id inputs (``Graph.sources``), whose
+attribution is ``Σ_e view(emb, a(emb))`` over the embedding axes: one number per token, shaped like
+the ids (under the difference quantity against the zero embedding).
 
 Graph inputs of the compiled model: the model's own, plus ``rulegraph/target`` (int64 [N], a class
 index per batch row; negative means arg-max) or, in seed mode, ``rulegraph/seed`` (a float array
@@ -25,7 +27,7 @@ from .emit import Tape
 from .errors import CoverageError, ModelError, RulegraphError
 from .fusion import emit_copy, evaluate, vjp_of
 from .graph import Graph, Node
-from .kinds import NORMALIZING
+from .kinds import NORMALIZING, ROUTE
 from .rules import RULES
 from .ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
 from .vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
@@ -93,12 +95,44 @@ class RuleContext(VjpContext):
         return self.baseline_of[tensor]
 
     def linear_bias(self) -> str | None:
-        """The bias of a linear op as a constant tensor name, or None."""
+        """The bias of a linear op as a tensor name, or None: its constant part, plus for Add, Sub and
+        Sum the operands that are not activations (``inactive_operands``)."""
         fn = LINEAR_BIAS.get(self.node.op_type)
         value = None if fn is None else fn(self)
-        if value is None or not np.any(value):
+        constant = None
+        if value is not None and np.any(value):
+            constant = self.tape.const(np.asarray(value, dtype=self.tape.float_dtype), hint="bias")
+        runtime = self._runtime_bias()
+        if runtime is None or constant is None:
+            return constant if runtime is None else runtime
+        return self.tape.op("Add", constant, runtime)
+
+    def inactive_operands(self) -> list[int]:
+        """Indices of float operands computed at run time without the explained inputs (a position
+        embedding looked up by Range-derived ids, an attention mask): no number flows into them, so
+        what they add is a bias."""
+        return [i for i, (t, act) in enumerate(zip(self.node.inputs, self.active))
+                if t and not act and t not in self.graph.constants and self.graph.is_float(t)]
+
+    def parts_of_constants(self) -> list[tuple[str, str]]:
+        """For a route op: (operand, its part of ``a(y)``) for every float operand that is not an
+        activation (a constant, or an inactive operand), where the op's VJP gives it one (Concat)."""
+        flags = [bool(t) and not act and self.graph.is_float(t) for t, act in zip(self.node.inputs, self.active)]
+        if not any(flags):
+            return []
+        flipped = VjpContext(self.node, self.graph, self.tape, flags, self.request_output)
+        parts = _run_vjp(flipped, self.a_out)
+        return [(t, p) for t, p in zip(self.node.inputs, parts) if p is not None]
+
+    def _runtime_bias(self) -> str | None:
+        """The inactive operands of Add, Sub, Sum as one bias tensor; infinities (a mask's −∞) as 0."""
+        t, node = self.tape, self.node
+        indices = self.inactive_operands() if node.op_type in ("Add", "Sub", "Sum") else []
+        if not indices:
             return None
-        return self.tape.const(np.asarray(value, dtype=self.tape.float_dtype), hint="bias")
+        terms = [node.inputs[i] if node.op_type != "Sub" or i == 0 else t.op("Neg", node.inputs[i]) for i in indices]
+        bias = t.sum(terms)
+        return t.op("Where", t.op("IsInf", bias), t.scalar(0.0), bias)
 
     def report_bias(self, share: str) -> None:
         self._bias_sink(self.node, share)
@@ -211,19 +245,36 @@ def path_nodes(graph: Graph, start_tensor: str) -> list[Node]:
     return list(reversed(on_path))
 
 
-def node_infos(nodes: list[Node]) -> dict[str, NodeInfo]:
+def node_infos(nodes: list[Node], graph: Graph | None = None) -> dict[str, NodeInfo]:
+    """What selectors see of each node; with ``graph``, also which nodes are at the end of the model."""
     first: dict[str, str] = {}
     last: dict[str, str] = {}
     for n in nodes:
         first.setdefault(n.op_type, n.name)
         last[n.op_type] = n.name
+    ends = end_nodes(graph) if graph is not None else {n.name for n in nodes}
     return {n.name: NodeInfo(n.name, n.op_type, n.kind or "unknown", first[n.op_type] == n.name,
-                             last[n.op_type] == n.name) for n in nodes}
+                             last[n.op_type] == n.name, n.name in ends) for n in nodes}
+
+
+def end_nodes(graph: Graph) -> set[str]:
+    """Nodes whose output reaches a graph output through route ops alone: for every output, the
+    route nodes producing it and the first other node behind them (a final Softmax)."""
+    ends: set[str] = set()
+    for output in graph.outputs:
+        node = graph.producer.get(output)
+        while node is not None and node.name not in ends:
+            ends.add(node.name)
+            active = [t for t in node.inputs if t in graph.active]
+            if node.kind != ROUTE or len(active) != 1:
+                break
+            node = graph.producer.get(active[0])
+    return ends
 
 
 def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> list[Assignment]:
     """The binding of every node on the path, with a problem sentence where there is none."""
-    infos = infos or node_infos(nodes)
+    infos = infos or node_infos(nodes, graph)
     out = []
     for n in nodes:
         try:
@@ -235,14 +286,16 @@ def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> lis
     return out
 
 
-def _accepting(kind: str | None) -> list[str]:
-    return sorted(name for name, spec in RULES.items() if kind in spec.kinds and name != "start")
+def _accepting(kind: str | None, op_type: str | None = None) -> list[str]:
+    """The rules (but start) that accept ``kind``, and ``op_type`` where a rule names its op types."""
+    return sorted(name for name, spec in RULES.items() if kind in spec.kinds and name != "start"
+                  and (op_type is None or not spec.op_types or op_type in spec.op_types))
 
 
-def _suggestion(kind: str, quantity: str) -> str:
+def _suggestion(kind: str, quantity: str, op_type: str | None = None) -> str:
     """A rule for ``kind`` that conserves ``quantity`` if one exists, else the first accepting one
     (in registration order: the seed rules come before the special ones)."""
-    rules = [name for name in RULES if name in _accepting(kind)]
+    rules = [name for name in RULES if name in _accepting(kind, op_type)]
     exact = [r for r in rules if RULES[r].conservation_of(quantity, kind, "Relu") in ("exact", "approximate")]
     return (exact or rules)[0]
 
@@ -254,13 +307,17 @@ def _problem(node: Node, binding: Binding | None, quantity: str = "relevance") -
     if binding is None:
         extra = " (normalizing ops need an explicit rule, e.g. `Softmax -> start`)" if node.kind == NORMALIZING else ""
         return (f"{node}, kind {node.kind}, has no rule{extra}; add a binding such as "
-                f"`{node.op_type} -> {_suggestion(node.kind, quantity)}` (rules accepting {node.kind}: "
-                f"{', '.join(_accepting(node.kind))})")
+                f"`{node.op_type} -> {_suggestion(node.kind, quantity, node.op_type)}` (rules accepting "
+                f"{node.kind}: {', '.join(_accepting(node.kind))})")
     spec = RULES[binding.rule.name]
     if node.kind not in spec.kinds:
         return (f"{node} is {node.kind}, but '{binding.selector} -> {binding.rule}' at {binding.location} "
                 f"binds rule '{spec.name}', which accepts {', '.join(sorted(spec.kinds))}; rules "
                 f"accepting {node.kind}: {', '.join(_accepting(node.kind))}")
+    if spec.op_types and node.op_type not in spec.op_types:
+        return (f"{node}: '{binding.selector} -> {binding.rule}' at {binding.location} binds rule "
+                f"'{spec.name}', which is defined for {', '.join(sorted(spec.op_types))} only; rules accepting "
+                f"{node.op_type}: {', '.join(_accepting(node.kind, node.op_type))}")
     return None
 
 
@@ -276,7 +333,7 @@ def find_start(graph: Graph, ruleset: RuleSet, output: str | None, start_tensor:
     elif output not in graph.outputs:
         raise RulegraphError(f"the model has no output '{output}'; its outputs: {', '.join(graph.outputs)}")
     candidates = path_nodes(graph, output)
-    infos = node_infos(candidates)
+    infos = node_infos(candidates, graph)
     starts = []
     for n in candidates:
         try:
@@ -424,6 +481,8 @@ def _baseline_forward(tape: Tape, graph: Graph, nodes: list[Node]) -> dict[str, 
     """Copies of the path's nodes on the baseline inputs ``rulegraph/baseline/<input>``: every
     active tensor ``t`` gets its baseline twin ``t'`` in the same compiled run."""
     baseline_of = {x: f"{BASELINE_PREFIX}{x}" for x in graph.float_inputs()}
+    # **decision**: an embedding lookup's baseline is the zero embedding, whatever ``baseline`` says
+    baseline_of.update({emb: tape.zeros_like(emb) for emb in graph.sources})
     for node in nodes:
         inputs = [baseline_of.get(t, t) for t in node.inputs]
         outputs = emit_copy(tape, node, inputs)
@@ -462,6 +521,7 @@ def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, b
         else:
             compiled.saliency[x] = tape.op("Identity", ax)
             compiled.attribution[x] = view(x, ax)
+    compiled.attribution.update(_token_attribution(tape, graph, a, view))
     outputs = {o: graph.shapes.get(x) for d in (compiled.attribution, compiled.saliency) for x, o in d.items()}
     row = [graph.dim(graph.float_inputs()[0], 0) if graph.float_inputs() else "N"]
     if ruleset.bias in ("blame", "total") and bias_terms:
@@ -474,6 +534,26 @@ def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, b
     compiled.start_output = compiled.start_tensor
     outputs[compiled.start_value] = row
     return outputs
+
+
+def _token_attribution(tape: Tape, graph: Graph, a, view: _Views) -> dict[str, str]:
+    """Per integer input holding token ids (``Graph.sources``): ``Σ_e view(emb, a(emb))`` over the
+    embedding axes of every lookup of those ids, shaped like the ids."""
+    out = {}
+    for ids in dict.fromkeys(graph.sources.values()):
+        per_lookup = []
+        for emb, source_ids in graph.sources.items():
+            if source_ids != ids or emb not in a:
+                continue
+            table = graph.constants[graph.producer[emb].inputs[0]]
+            rank = graph.rank(emb)
+            if rank is None:
+                raise ModelError(f"the rank of the embedding lookup '{emb}' is unknown")
+            summed = tape.reduce_sum(view(emb, tape.sum(a[emb])), list(range(rank - table.ndim + 1, rank)),
+                                     keepdims=False)
+            per_lookup.append(tape.reshape_like(summed, ids))
+        out[ids] = tape.op("Identity", tape.sum(per_lookup)) if per_lookup else tape.zeros_like(ids)
+    return out
 
 
 def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list | None], seed_mode: bool,

@@ -42,7 +42,7 @@ class Result:
 
     @property
     def map(self) -> np.ndarray:
-        """The attribution of the first float input."""
+        """The attribution of the first float input (of the first token-id input where there is none)."""
         return next(iter(self.attribution.values()))
 
     @property

@@ -22,7 +22,7 @@ the compiled explainer, keeps the members. The backward sees one node:
 
 - ``vjp_of``: a fused node's VJP is its members' VJPs chained in reverse: the gradient of exactly
   what the forward computes, reading the members' forward tensors. Members may be ops without a
-  kind of their own (Pow, Sqrt, Reciprocal); their VJPs are in ``MEMBER_VJPS``;
+  kind of their own (Pow, Sqrt, Reciprocal, Where); their VJPs are in ``MEMBER_VJPS``;
 - ``evaluate``: the members run on given inputs (``f(0)`` for the slope rule);
 - ``emit_copy``: the members emitted again on other inputs (the repeat rule, the baseline pass).
 """
@@ -39,7 +39,7 @@ from onnx import TensorProto, helper
 from .emit import Tape
 from .graph import Graph, Node, link
 from .kinds import kind_of
-from .vjp import VJPS, VjpContext
+from .vjp import VJPS, VjpContext, unbroadcast
 
 #: largest difference allowed between a pattern's constant and the expected one (relative to it
 #: when it is larger than 1); float32 stores √2, 1/6 and 0.044715 to within 1e-7
@@ -441,6 +441,27 @@ def _layernorm(graph: Graph, mean: Node) -> Match:
 
 
 # --------------------------------------------------------------------------------------------------
+# Softmax with a NaN guard
+
+
+@pattern("safe_softmax", "Softmax", "Softmax")
+def _safe_softmax(graph: Graph, softmax: Node) -> Match:
+    """Softmax(x) with rows of NaN set to 0, Where(IsNaN(s), 0, s): torch dynamo's _safe_softmax
+    (scaled_dot_product_attention), whose fully masked rows would otherwise be NaN."""
+    s = softmax.outputs[0]
+    users = _users(graph, s)
+    isnan = [u for u in users if u.op_type == "IsNaN"]
+    where = [u for u in users if u.op_type == "Where"]
+    if s in graph.outputs or len(users) != 2 or len(isnan) != 1 or len(where) != 1:
+        raise NoMatch(f"'{s}' should feed one IsNaN and one Where; it feeds {', '.join(str(u) for u in users)}")
+    isnan, where = isnan[0], where[0]
+    if where.inputs[0] != isnan.outputs[0] or where.inputs[2] != s or _scalar(graph, where.inputs[1]) != 0.0:
+        raise NoMatch(f"{where} is not Where(IsNaN('{s}'), 0, '{s}')")
+    return Match("safe_softmax", "Softmax", [softmax, isnan, where], [softmax.inputs[0]], where.outputs[0],
+                 {"axis": softmax.attr("axis", -1)})
+
+
+# --------------------------------------------------------------------------------------------------
 # finding and fusing
 
 
@@ -570,6 +591,17 @@ def _fused_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
             if r is not None and a:
                 cotangents.setdefault(t, []).append(r)
     return [tape.sum(cotangents[t]) if a and t in cotangents else None for t, a in zip(ctx.node.inputs, ctx.active)]
+
+
+@member_vjp("Where")
+def _where(ctx, g):
+    """``y = Where(c, a, b)``: ``g`` where c holds to ``a``, elsewhere to ``b``."""
+    t = ctx.tape
+    zero = t.scalar(0.0)
+    c, a, b = ctx.node.inputs
+    return [None,
+            unbroadcast(ctx, t.op("Where", c, g[0], zero), ctx.y, a) if ctx.active[1] else None,
+            unbroadcast(ctx, t.op("Where", c, zero, g[0]), ctx.y, b) if ctx.active[2] else None]
 
 
 @member_vjp("Pow")

@@ -9,11 +9,19 @@ Reading a model:
    initializer (old exports such as mnist-8) as constants, and fold every node whose inputs are all
    constants (a Reshape of a weight, shape arithmetic on static shapes);
 4. infer shapes and dtypes;
-5. mark *active* tensors: floats computed from a float graph input. Only active tensors carry an
-   associated number; integer tensors (shapes, token ids) and constants never do;
+5. mark *active* tensors: floats computed from a float graph input or from an embedding lookup
+   (a *token source*, below). Only active tensors carry an associated number; integer tensors
+   (shapes, token ids) and constants never do;
 6. fuse multi-node patterns (GELU, SiLU, HardSwish, LayerNorm written out by an exporter) into one
    node each, so that a rule binds to the op whichever exporter wrote it (``fusion.py``). The model
    proto is unchanged: the forward still runs the original nodes, only ``nodes`` shows one.
+
+Token sources: a Gather (axis 0) whose data is a float constant (an embedding table) and whose
+indices are an integer graph input (token ids), directly or through ops that keep every value in
+order (``TOKEN_ROUTES``: Reshape, Squeeze, Cast, ...), is where the relevance pass finishes for that
+input: its output is active, and the attribution of the ids is the number per token, summed over
+the embedding axes (``Graph.sources``; ``compile.py``). Lookups whose indices are constant or are
+computed from shapes (position ids from Range) are no sources: they get nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOA
 #: Ops that must never be folded even when their inputs are constant.
 NOT_FOLDABLE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                           "Multinomial", "Bernoulli"})
+#: Ops between token ids and their embedding lookup that keep every value, in order.
+TOKEN_ROUTES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
 
 
 @dataclass
@@ -77,6 +87,8 @@ class Graph:
     nx: nx.DiGraph = field(repr=False)
     producer: dict[str, Node] = field(default_factory=dict)
     consumers: dict[str, list[Node]] = field(default_factory=dict)
+    #: token sources: embedding lookup output -> the integer graph input holding its token ids
+    sources: dict[str, str] = field(default_factory=dict)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -376,13 +388,35 @@ def link(nodes: list[Node]) -> tuple[nx.DiGraph, dict[str, Node], dict[str, list
 
 
 def _mark_active(graph: Graph) -> None:
-    """Active tensors: float outputs of nodes with an active input, starting at the float inputs."""
+    """Active tensors: float outputs of nodes with an active input, starting at the float inputs
+    and at the outputs of token sources (module docstring)."""
     active = set(graph.float_inputs())
+    graph.sources = {}
     for n in graph.nodes:
         flags = [t in active for t in n.inputs]
         if any(flags):
             for o in n.outputs:
                 if o and (graph.is_float(o) or (o not in graph.dtypes and n.op_type in OP_KINDS)):
                     active.add(o)
+        elif (ids := token_ids(graph, n)) is not None:
+            graph.sources[n.outputs[0]] = ids
+            active.add(n.outputs[0])
         n.kind = kind_of(n.op_type, flags)
     graph.active = active
+
+
+def token_ids(graph: Graph, node: Node) -> str | None:
+    """The integer graph input whose values are the indices of ``node``, if ``node`` is an embedding
+    lookup: a Gather on axis 0 of a float constant table; else None."""
+    if node.op_type != "Gather" or node.attr("axis", 0) != 0 or len(node.inputs) < 2:
+        return None
+    table = graph.constants.get(node.inputs[0])
+    if table is None or table.dtype.kind != "f" or table.ndim < 2:
+        return None
+    tensor = node.inputs[1]
+    while tensor not in graph.inputs:
+        producer = graph.producer.get(tensor)
+        if producer is None or producer.op_type not in TOKEN_ROUTES or not producer.inputs:
+            return None
+        tensor = producer.inputs[0]
+    return None if graph.is_float(tensor) else tensor

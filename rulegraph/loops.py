@@ -97,7 +97,7 @@ def integrated_gradients(explainer, x, target, params, baseline=None):
     from .explainer import make_baseline
 
     feeds = explainer._feeds(x)
-    floats = [k for k in feeds if explainer.graph.is_float(k)]
+    floats = _float_inputs(explainer, feeds, "integrated_gradients")
     targets = _targets_for(explainer, feeds, target)
     alphas, weights = quadrature(params["method"], int(params["steps"]))
     base = {k: make_baseline(_baseline_choice(explainer, baseline, k), feeds[k]) for k in floats}
@@ -123,6 +123,15 @@ def integrated_gradients(explainer, x, target, params, baseline=None):
     return _result(explainer, attribution, saliency, picked[:n] - picked[n:], ends, n, targets)
 
 
+def _float_inputs(explainer, feeds, loop_name: str) -> list[str]:
+    """The float inputs a loop moves along; a model with none (token ids only) is refused."""
+    floats = [k for k in feeds if explainer.graph.is_float(k)]
+    if not floats:
+        raise RulegraphError(f"loop '{loop_name}' moves the model's float inputs, and this model has none "
+                             f"(inputs: {', '.join(feeds)}); token ids cannot be interpolated or noised")
+    return floats
+
+
 def _baseline_choice(explainer, baseline, name):
     if isinstance(baseline, dict):
         return baseline.get(name)
@@ -137,7 +146,7 @@ def smoothgrad(explainer, x, target, params, baseline=None):
     """SmoothGrad (Smilkov et al. 2017): the mean of the rule file's attribution over copies of the
     input with Gaussian noise, ``σ = noise · (max x − min x)`` per row."""
     feeds = explainer._feeds(x)
-    floats = [k for k in feeds if explainer.graph.is_float(k)]
+    floats = _float_inputs(explainer, feeds, "smoothgrad")
     targets = _targets_for(explainer, feeds, target)
     samples, rng = int(params["samples"]), np.random.default_rng(int(params["seed"]))
     noisy = _rows(feeds, samples)

@@ -56,6 +56,11 @@ class RuleSpec:
     #: the bias of a linear op is an extra input in the rule's denominators, except under
     #: ``bias ignore`` (normalized and the LRP weight rules); the checker reads it
     bias_in_denominator: bool = False
+    #: for a rule that blames a bias of its own (not a linear op's): does this node have one?
+    #: ``has_bias(ctx) -> bool``, read by the checker's prediction
+    has_bias: Callable | None = None
+    #: the op types the rule is defined for, where it is not every op of its kinds (empty: all)
+    op_types: frozenset[str] = frozenset()
 
     def resolve_params(self, given: Mapping[str, float | str]) -> tuple[dict[str, float], list[str]]:
         """Fill defaults and validate; returns (params, problems). Problems are full sentences."""
@@ -99,12 +104,14 @@ class RuleSpec:
 RULES: dict[str, RuleSpec] = {}
 
 
-def rule(name: str, kinds, params=(), conservation=None, validate=None, bias_in_denominator=False):
+def rule(name: str, kinds, params=(), conservation=None, validate=None, bias_in_denominator=False,
+         has_bias=None, op_types=()):
     """Register the decorated emitter as rule ``name``."""
 
     def register(fn):
         RULES[name] = RuleSpec(name, frozenset(kinds), fn, tuple(params), dict(conservation or {}),
-                               (fn.__doc__ or "").strip(), validate, bias_in_denominator)
+                               (fn.__doc__ or "").strip(), validate, bias_in_denominator, has_bias,
+                               frozenset(op_types))
         return fn
 
     return register
@@ -129,11 +136,19 @@ def _classes(**by_quantity: Mapping[str, str]) -> dict[tuple[str, str], str]:
           difference={LINEAR: EXACT, ROUTE: EXACT}))
 def gradient(ctx) -> list[str | None]:
     """``a(x) = VJP_x(a(y))``; a bias b of a linear op takes ``b ⊙ a(y)`` (RULES.md §3), except
-    under the difference quantity, where it cancels."""
+    under the difference quantity, where it cancels.
+
+    A route op with an operand that is not an activation (Concat with a constant or expanded class
+    token) passes that operand's part ``g`` of ``a(y)`` to it as to a bias: its share is the
+    operand's view (``g``, or ``c ⊙ g`` under importance).
+    """
     grads = ctx.vjp(ctx.a_out)
     # under the difference quantity a bias cancels in y − y': it has no share
     if ctx.kind == LINEAR and ctx.quantity != "difference" and (bias := ctx.linear_bias()) is not None:
         ctx.report_bias(ctx.tape.op("Mul", bias, ctx.a_out[0]))
+    if ctx.kind == ROUTE and ctx.quantity != "difference":
+        for operand, part in ctx.parts_of_constants():
+            ctx.report_bias(part if ctx.quantity == "relevance" else ctx.tape.op("Mul", operand, part))
     return grads
 
 
@@ -468,3 +483,7 @@ def guided(ctx) -> list[str | None]:
                        f"nonlinear rule to {ctx.node.op_type} nodes (e.g. `{ctx.node.op_type} -> gradient`)")
     grads = ctx.vjp([ctx.tape.op("Relu", ctx.a_out[0])])
     return grads
+
+
+# The transformer rules (AttnLRP, CP-LRP) live in their own module; importing it registers them.
+from . import transformer  # noqa: F401

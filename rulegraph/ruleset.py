@@ -9,6 +9,11 @@ Selectors, from most to least specific (DESIGN.md, "The rule language"):
 
 The most specific matching selector wins. Two bindings of equal specificity from the same file that
 match one node are an error; a binding in an including file overrides one from an included file.
+
+``start`` bound by op type, kind or first/last (``Softmax -> start``: explain the logits, not the
+probabilities) applies only to a node at the end of the model, whose output reaches a graph output
+through route ops alone; elsewhere (the Softmax inside an attention layer) it is passed over and the
+node takes its next most specific binding. ``node "name" -> start`` applies wherever the node is.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class NodeInfo:
     kind: str
     first_of_type: bool = False
     last_of_type: bool = False
+    #: the node's output reaches a graph output through route ops alone (see the module docstring)
+    at_end: bool = True
 
 
 class AmbiguousBinding(Exception):
@@ -109,6 +116,11 @@ def matches(selector: Selector, node: NodeInfo) -> bool:
     return node.kind == value
 
 
+def _applies(binding: Binding, node: NodeInfo) -> bool:
+    """``start`` by op type, kind or position only at the end of the model (module docstring)."""
+    return binding.rule.name != "start" or node.at_end or binding.selector.form == "node"
+
+
 @dataclass(frozen=True)
 class RuleSet:
     """A parsed rule file (with its includes resolved)."""
@@ -124,7 +136,7 @@ class RuleSet:
     header_locations: Mapping[str, Location] = field(default_factory=dict)
 
     def candidates(self, node: NodeInfo) -> list[Binding]:
-        return [b for b in self.bindings if matches(b.selector, node)]
+        return [b for b in self.bindings if matches(b.selector, node) and _applies(b, node)]
 
     def binding_for(self, node: NodeInfo) -> Binding | None:
         """The binding that applies to ``node``, or None; raises AmbiguousBinding on a tie."""

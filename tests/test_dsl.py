@@ -46,9 +46,11 @@ def _summary(ruleset) -> list[tuple]:
 # name -> (quantity, bias, {selector: rule as printed})
 BUNDLED = {
     "gradient": ("importance", "absorb", {"linear": "gradient", "nonlinear": "gradient",
-                                          "max": "gradient", "route": "gradient"}),
+                                          "max": "gradient", "route": "gradient",
+                                          "bilinear": "gradient", "normalizing": "gradient"}),
     "gradient-x-input": ("importance", "blame", {"linear": "gradient", "nonlinear": "slope",
-                                                 "max": "gradient", "route": "gradient"}),
+                                                 "max": "gradient", "route": "gradient",
+                                                 "bilinear": "gradient", "normalizing": "gradient"}),
     "lrp-0": ("relevance", "blame", {"linear": "normalized(eps = 0)", "nonlinear": "ignore",
                                      "max": "gradient", "route": "gradient"}),
     "lrp-epsilon": ("relevance", "blame", {"linear": "normalized(eps = 1e-06)", "nonlinear": "ignore",

@@ -142,11 +142,15 @@ FUSED = [
       n("ReduceMean", ["d2"], "var", axes=[2, 1]), n("Add", ["var", "eps"], "ve"), n("Sqrt", ["ve"], "sd"),
       n("Reciprocal", ["sd"], "inv"), n("Mul", ["inv", "d"], "xn"), n("Mul", ["gamma34", "xn"], "y")],
      LN_CONSTS, 17, [2, 3, 4], [("LayerNormalization", ["mu", "d", "d2", "var", "ve", "sd", "inv", "xn", "y"])]),
+    ("safe_softmax-dynamo",  # torch's _safe_softmax in scaled_dot_product_attention
+     [n("Softmax", ["x"], "s", axis=-1), n("IsNaN", ["s"], "nan"), n("Where", ["nan", "zero", "s"], "y")],
+     {"zero": c(0.0)}, 18, X, [("Softmax", ["s", "nan", "y"])]),
 ]
 
 # patterns whose decomposed form has an op without a kind (Pow, Sqrt): only the fused graph compiles
 NEEDS_FUSION_TO_COMPILE = {"gelu_tanh-dynamo", "gelu_tanh-expanded-argument", "layernorm-torchscript",
-                           "layernorm-opset18-no-affine", "layernorm-square-reciprocal-two-axes"}
+                           "layernorm-opset18-no-affine", "layernorm-square-reciprocal-two-axes",
+                           "safe_softmax-dynamo"}
 
 
 def build(nodes, consts, opset, x_shape, outputs=("y",), elem=TensorProto.DOUBLE) -> onnx.ModelProto:
@@ -190,7 +194,8 @@ def test_fused(name, nodes, consts, opset, shape, expected):
     graph = G.load(model)
     assert groups(graph) == expected
     fused = [node for node in graph.nodes if node.members]
-    assert all(node.kind == ("normalizing" if node.op_type == "LayerNormalization" else "nonlinear") for node in fused)
+    normalizing = ("LayerNormalization", "Softmax")
+    assert all(node.kind == ("normalizing" if node.op_type in normalizing else "nonlinear") for node in fused)
     assert [o.name for o in graph.model.graph.node] == [node.name for node in nodes]  # the proto keeps them
     rng = rng_for(name)
     feeds = feeds_for(name, shape, rng)

@@ -65,7 +65,7 @@ def test_seed_array_target_and_intermediate_start():
 
 
 def two_inputs_two_outputs():
-    """y1 = (a + Gather(E, ids).sum(1)) W; y2 = Relu(a); ids is int64 and gets nothing."""
+    """y1 = (a + Gather(E, ids).sum(1)) W; y2 = Relu(a); ids is int64: a token input (graph.py)."""
     emb = RNG.normal(size=(10, 4)).astype(np.float32)
     w = RNG.normal(size=(4, 3)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
@@ -87,8 +87,13 @@ def test_several_inputs_and_outputs_by_name():
     a = RNG.normal(size=(2, 4)).astype(np.float32)
     ids = np.array([[1, 2], [3, 3]], dtype=np.int64)
     result = Explainer(model, "gradient", output="y1").explain({"a": a, "ids": ids}, target=[2, 0])
-    assert set(result.attribution) == {"a"}  # integer inputs are never differentiated
+    assert set(result.saliency) == {"a"}  # integer inputs are never differentiated
     np.testing.assert_allclose(result.saliency["a"], w.T[[2, 0]], rtol=1e-6)
+    # token ids: gradient × input per token, summed over the embedding axis
+    emb = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "emb"))
+    per_token = (emb[ids] * w.T[[2, 0]][:, None, :]).sum(-1)
+    assert result.attribution["ids"].shape == ids.shape
+    np.testing.assert_allclose(result.attribution["ids"], per_token, rtol=1e-5)
     assert set(result.outputs) == {"y1", "y2"}
     with pytest.raises(RulegraphError, match="pass a dict"):
         Explainer(model, "gradient").explain(a)

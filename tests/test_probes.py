@@ -75,8 +75,10 @@ CASES = [
     # Flatten vs Reshape
     ("flatten_vs_reshape", {}, True, "route: a permutation, whatever the op"),
     ("flatten_vs_reshape", GRADIENT, True, "route: a permutation, whatever the op"),
-    ("flatten_vs_reshape", {"extra": "Reshape -> start\n"}, False,
+    ("flatten_vs_reshape", {"extra": 'node "reshape" -> start\n'}, False,
      "only gradient and start accept route: a misplaced start is the only way to disagree"),
+    ("flatten_vs_reshape", {"extra": "Reshape -> start\n"}, True,
+     "start by op type applies only at the end of the model: the Reshape keeps route -> gradient"),
     # GlobalAveragePool vs ReduceMean
     ("gap_vs_reducemean", {}, True, "one linear node each, the same map"),
     ("gap_vs_reducemean", {"linear": "normalized(eps = 0.25)"}, True, "one node each: ε enters once on both"),
@@ -163,8 +165,9 @@ def test_responsible_names_both_bindings():
 
 
 def test_responsible_shows_a_start_binding_and_differing_first_last():
-    start = run_probe(PROBES["flatten_vs_reshape"], rules(extra="Reshape -> start\n"))
-    assert set(start.responsible) == {f"'route -> gradient' at {SOURCE}:7:1", f"'Reshape -> start' at {SOURCE}:8:1"}
+    start = run_probe(PROBES["flatten_vs_reshape"], rules(extra='node "reshape" -> start\n'))
+    assert set(start.responsible) == {f"'route -> gradient' at {SOURCE}:7:1",
+                                      f"'node \"reshape\" -> start' at {SOURCE}:8:1"}
     first = run_probe(PROBES["gemm_vs_matmul_add"], rules(extra="first Gemm -> gradient\n"))
     assert set(first.responsible) == {f"'first Gemm -> gradient' at {SOURCE}:8:1",
                                       f"'linear -> normalized(eps = 1e-06)' at {SOURCE}:4:1"}

@@ -19,6 +19,7 @@ absent, and only ``gradient_max_rule`` needs Captum (imported when called).
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -334,3 +335,60 @@ def deeplift_maxpool2d_accumulating(module, inputs, outputs, grad_input, grad_ou
         first, second = spread.view_as(module.input).chunk(2)
         spread = torch.cat(2 * [first + second])
     return torch.where(delta_in.abs() < eps, grad_input, spread / delta_in)
+
+
+# --------------------------------------------------------------------------------------------------
+# a small BERT-style encoder (tests/test_transformer.py)
+
+
+class TinyBert(nn.Module):
+    """Token and position embeddings, ``layers`` post-LayerNorm encoder layers (multi-head
+    self-attention with an additive attention mask, GELU MLP, residuals), a classifier on the first
+    token. Inputs: ``ids`` and ``mask`` (int64 ``[N, T]``, mask 1 = attend); output ``[N, classes]``.
+
+    Written out by hand (no ``nn.MultiheadAttention``, whose fused fast path has no export), so that
+    both exporters write plain MatMul, Softmax and LayerNormalization nodes."""
+
+    def __init__(self, vocab: int = 50, hidden: int = 16, heads: int = 2, layers: int = 2, ffn: int = 32,
+                 max_len: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.tokens = nn.Embedding(vocab, hidden)
+        self.positions = nn.Embedding(max_len, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "qkv": nn.Linear(hidden, 3 * hidden), "out": nn.Linear(hidden, hidden), "norm1": nn.LayerNorm(hidden),
+            "up": nn.Linear(hidden, ffn), "down": nn.Linear(ffn, hidden), "norm2": nn.LayerNorm(hidden)})
+            for _ in range(layers))
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, t = ids.shape
+        h = self.norm(self.tokens(ids) + self.positions(torch.arange(t)))
+        bias = (1.0 - mask[:, None, None, :].float()) * -10000.0
+        for layer in self.layers:
+            q, k, v = (part.reshape(n, t, self.heads, -1).transpose(1, 2) for part in layer["qkv"](h).chunk(3, -1))
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
+            context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, t, -1)
+            h = layer["norm1"](h + layer["out"](context))
+            h = layer["norm2"](h + layer["down"](F.gelu(layer["up"](h))))
+        return self.head(h[:, 0])
+
+
+def export_token_model(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, path: str | Path,
+                       dynamo: bool) -> Path:
+    """As ``export_onnx`` for a model of (``ids``, ``mask``): inputs ``ids``, ``mask``, output ``logits``,
+    dynamic batch axis."""
+    path = Path(path)
+    kwargs: dict = {"input_names": ["ids", "mask"], "output_names": ["logits"], "dynamo": dynamo}
+    if dynamo:
+        batch = torch.export.Dim("N", min=1, max=1024)
+        kwargs.update(opset_version=18, external_data=False, verbose=False,
+                      dynamic_shapes=({0: batch}, {0: batch}))
+    else:
+        kwargs.update(opset_version=17, dynamic_axes={"ids": {0: "N"}, "mask": {0: "N"}, "logits": {0: "N"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            torch.onnx.export(model.eval(), (ids, mask), str(path), **kwargs)
+    return path

@@ -1,0 +1,226 @@
+"""Transformer rules: relevance through products of activations (attention) and through normalizing
+ops, for the ``relevance`` quantity.
+
+Sources: Achtibat et al. 2024, "AttnLRP: Attention-aware layer-wise relevance propagation for
+transformers" (ICML; the uniform rule for products, the Softmax rule, LayerNorm as a linear map);
+Ali et al. 2022, "XAI for transformers: better explanations through conservative propagation"
+(ICML; CP-LRP: the attention weights and LayerNorm's normalising factor held constant).
+
+- ``uniform``: a product of two activations shares its relevance equally between its factors;
+  on MatMul first over the product terms by the ε-rule. With ``softmax_constant = 1`` an operand
+  computed by a Softmax (attention weights) is held constant instead (CP-LRP): the other operand
+  takes everything.
+- ``gate``: one operand of a product held constant, the other takes everything (CP-LRP's rule for
+  ``softmax(QKᵀ)·V``; a squeeze-excitation gate ``x·σ(·)``).
+- ``softmax_taylor``: AttnLRP's Softmax rule, the ε-rule on the Softmax's linearisation at its
+  input, with the remainder blamed as a bias.
+- ``block``: the input gets nothing.
+- ``layernorm_linear``: LayerNormalization with ``γ/σ`` held constant is a linear map of ``x``;
+  the ε-rule on that map, ``β`` blamed as a bias.
+
+Every rule here computes relevance directly; under the importance or difference quantity their
+numbers mean nothing, and the checker predicts no conservation there.
+"""
+
+from __future__ import annotations
+
+from .graph import Graph
+from .kinds import BILINEAR, NORMALIZING, ROUTE
+from .rules import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _nonnegative, rule
+from .vjp import _layer_norm_stats, unbroadcast
+
+_EPS = Param("eps", 1e-6, _nonnegative, "the stabilizer epsilon")
+
+
+def _zero_or_one(v: float) -> str | None:
+    return None if v in (0.0, 1.0) else f"must be 0 or 1, got {v:g}"
+
+
+def _relevance(ctx, s: str, index: int) -> str:
+    """``x_k ⊙ VJP_k(s)`` for operand ``k``: the ε-rule's share of operand ``k``, the others fixed."""
+    t = ctx.tape
+    grads = ctx.vjp([s] + [None] * (len(ctx.node.outputs) - 1))
+    return t.op("Mul", ctx.node.inputs[index], grads[index])
+
+
+def _normalized_output(ctx) -> str:
+    """``s = a(y) / blip(y)`` (ε > 0), or ``a(y) / y`` with 0 where ``y = 0`` (ε = 0)."""
+    t, eps = ctx.tape, ctx.params["eps"]
+    y, a = ctx.node.outputs[0], ctx.a_out[0]
+    return t.op("Div", a, t.blip(y, eps)) if eps > 0 else t.safe_div(a, y)
+
+
+def from_softmax(graph: Graph, tensor: str) -> bool:
+    """Is ``tensor`` a Softmax output, possibly moved by route ops (Reshape, Transpose, ...)?"""
+    while (node := graph.producer.get(tensor)) is not None:
+        if node.op_type == "Softmax":
+            return True
+        active = [i for i in node.inputs if i in graph.active]
+        if node.kind != ROUTE or len(active) != 1:
+            return False
+        tensor = active[0]
+    return False
+
+
+def _product(ctx, name: str) -> None:
+    if ctx.node.op_type not in ("Mul", "Div", "MatMul"):
+        raise ctx.fail(f"rule '{name}' is defined for Mul, Div and MatMul of two activations, "
+                       f"not {ctx.node.op_type}")
+
+
+def _keep(ctx, index: int) -> list[str | None]:
+    """Operand ``index`` takes all the relevance by the ε-rule with the other operand held constant."""
+    if ctx.node.op_type == "Div" and index == 1:
+        raise ctx.fail("a quotient a/b is not linear in its divisor b: hold the divisor constant (keep = 0)")
+    out: list[str | None] = [None] * len(ctx.node.inputs)
+    out[index] = _relevance(ctx, _normalized_output(ctx), index)
+    return out
+
+
+def _uniform_conservation(op_type: str, params) -> str:
+    return EXACT if op_type in ("Mul", "Div") and not params.get("softmax_constant") else APPROXIMATE
+
+
+@rule("uniform", {BILINEAR}, conservation=_classes(relevance={BILINEAR: _uniform_conservation}),
+      params=[_EPS, Param("softmax_constant", 0.0, _zero_or_one,
+                          "1: an operand computed by a Softmax is held constant (CP-LRP)")])
+def uniform(ctx) -> list[str | None]:
+    """The uniform rule for products of two activations (Achtibat et al. 2024, AttnLRP).
+
+    Elementwise ``y = a ⊙ b`` (Mul): each factor gets half, ``a(a) = a(b) = ½ a(y)``, summed over
+    the axes a factor was broadcast along; conservative exactly. **Decision**: a quotient ``a / b``
+    (Div) is the product ``a ⊙ (1/b)`` with the reciprocal passing its number unchanged, as the
+    ignore rule does, so ``b`` gets half too.
+
+    MatMul ``y_ij = Σ_k A_ik B_kj``: the ε-rule over the sum gives each term
+    ``A_ik B_kj / blip(y_ij) · a(y_ij)``, which its two factors share half and half:
+    ``a(A) = ½ A ⊙ (s Bᵀ)``, ``a(B) = ½ B ⊙ (Aᵀ s)``, ``s = a(y) / blip(y)``; conservative up to ε.
+
+    ``softmax_constant = 1``: where one operand is a Softmax output (through route ops only: the
+    attention weights of ``softmax(QKᵀ)·V``), that operand is held constant and the other takes all
+    the relevance by the ε-rule, as ``gate`` does (CP-LRP, Ali et al. 2022); the Softmax, and Q and
+    K behind it, get nothing.
+    """
+    _product(ctx, "uniform")
+    if ctx.params["softmax_constant"]:
+        constant = [from_softmax(ctx.graph, x) for x in ctx.node.inputs[:2]]
+        if constant.count(True) == 1:
+            return _keep(ctx, constant.index(False))
+    t = ctx.tape
+    if ctx.node.op_type == "MatMul":
+        s = t.op("Mul", _normalized_output(ctx), t.scalar(0.5))
+        grads = ctx.vjp([s])
+        return [t.op("Mul", x, g) for x, g in zip(ctx.node.inputs, grads)]
+    half = t.op("Mul", ctx.a_out[0], t.scalar(0.5))
+    return [unbroadcast(ctx, half, ctx.y, x) for x in ctx.node.inputs]
+
+
+@rule("gate", {BILINEAR}, conservation=_classes(relevance={BILINEAR: APPROXIMATE}),
+      params=[Param("keep", None, _zero_or_one, "the operand (0 or 1) that takes all the relevance"), _EPS])
+def gate(ctx) -> list[str | None]:
+    """One factor of a product held constant (Ali et al. 2022, CP-LRP): operand ``keep`` takes all the
+    relevance by the ε-rule of the map that is linear in it, ``a(x_k) = x_k ⊙ VJP_k(a(y) / blip(y))``;
+    the other operand gets nothing. Conservative up to ε.
+
+    For ``softmax(QKᵀ)·V`` (attention weights constant: ``keep = 1``), and for gates such as the
+    squeeze-excitation ``x·σ(·)`` (``keep`` = the operand that is not the gate). A quotient ``a/b``
+    keeps only its numerator (``keep = 0``).
+    """
+    _product(ctx, "gate")
+    return _keep(ctx, int(ctx.params["keep"]))
+
+
+@rule("block", {NORMALIZING})
+def block(ctx) -> list[str | None]:
+    """``a(x) = 0``: the node passes nothing back; the relevance that reaches it is lost.
+
+    Under CP-LRP (``uniform(softmax_constant = 1)`` or ``gate``) the attention Softmax is the constant
+    side of its product, so nothing reaches it and nothing is lost.
+    """
+    return [None] * len(ctx.node.inputs)
+
+
+def _softmax_has_bias(ctx) -> bool:
+    return True
+
+
+@rule("softmax_taylor", {NORMALIZING}, params=[_EPS], bias_in_denominator=True, has_bias=_softmax_has_bias,
+      conservation=_classes(relevance={NORMALIZING: LEAKS_BIAS}), op_types={"Softmax"})
+def softmax_taylor(ctx) -> list[str | None]:
+    """AttnLRP's Softmax rule (Achtibat et al. 2024): the ε-rule on the Softmax's first-order
+    Taylor expansion at its input ``x``, ``y_j = Σ_i J_ji x_i + b_j`` with ``J = ∂y/∂x``:
+
+    ``a(x_i) = x_i Σ_j J_ji a(y_j) / blip(y_j) = x_i (a(y_i) − y_i Σ_j a(y_j))`` (ε → 0),
+
+    over the Softmax's axis. The remainder ``b_j = y_j (1 − x_j + Σ_i y_i x_i)`` is a bias and takes
+    ``b_j a(y_j) / blip(y_j)``, so with the bias counted it conserves up to ε. Under ``bias ignore``
+    the denominator is ``Σ_i J_ji x_i`` instead. Where ``y = 0`` (a masked position, ``x = −∞``) the
+    input gets nothing.
+    """
+    if ctx.node.op_type != "Softmax":
+        raise ctx.fail(f"rule 'softmax_taylor' is defined for Softmax, not {ctx.node.op_type}")
+    t = ctx.tape
+    axis = [ctx.node.attr("axis", -1)]
+    x, y, a = ctx.x, ctx.y, ctx.a_out[0]
+    zero = t.scalar(0.0)
+    x = t.op("Where", t.op("Equal", y, zero), zero, x)  # x = −∞ where y = 0: keep it out of the products
+    mean = t.reduce_sum(t.op("Mul", y, x), axis, keepdims=True)
+    linear = t.op("Mul", y, t.op("Sub", x, mean))  # Σ_i J_ji x_i
+    bias = t.op("Sub", y, linear)
+    d = linear if ctx.bias_policy == "ignore" else y
+    eps = ctx.params["eps"]
+    s = t.op("Div", a, t.blip(d, eps)) if eps > 0 else t.safe_div(a, d)
+    sy = t.op("Mul", s, y)
+    relevance = t.op("Mul", x, t.op("Sub", sy, t.op("Mul", y, t.reduce_sum(sy, axis, keepdims=True))))
+    if ctx.bias_policy != "ignore":
+        ctx.report_bias(t.op("Mul", bias, s))
+    return [relevance]
+
+
+def _layernorm_inputs(ctx) -> tuple[str | None, str | None]:
+    """(γ, β) of a LayerNormalization, native or fused, as tensor names (None where absent or zero)."""
+    inputs = ctx.node.inputs
+    scale = inputs[1] if len(inputs) > 1 and inputs[1] else None
+    beta = ctx.const(2)
+    return scale, (inputs[2] if beta is not None and beta.any() else None)
+
+
+def _layernorm_has_bias(ctx) -> bool:
+    return _layernorm_inputs(ctx)[1] is not None
+
+
+@rule("layernorm_linear", {NORMALIZING}, params=[_EPS], bias_in_denominator=True, has_bias=_layernorm_has_bias,
+      conservation=_classes(relevance={NORMALIZING: APPROXIMATE}), op_types={"LayerNormalization"})
+def layernorm_linear(ctx) -> list[str | None]:
+    """LayerNormalization with its normalising factor held constant (Ali et al. 2022, the LN-rule;
+    Achtibat et al. 2024): ``y = (x − mean(x)) ⊙ c + β`` with ``c = γ / σ(x)`` constant is the linear
+    map ``z = M x`` (centering over the normalized axes, then ``c``) plus the bias ``β``; the ε-rule on it:
+
+    ``a(x) = x ⊙ Mᵀ(a(y) / blip(d))``, ``Mᵀg = c ⊙ g − mean(c ⊙ g)``,
+
+    with ``d = y`` (``β`` takes ``β ⊙ a(y) / blip(d)``, reported under ``bias blame``) or ``d = z``
+    under ``bias ignore``. Conservative up to ε with the bias counted. Native and fused (decomposed)
+    LayerNorms alike.
+    """
+    if ctx.node.op_type != "LayerNormalization":
+        raise ctx.fail(f"rule 'layernorm_linear' is defined for LayerNormalization, not {ctx.node.op_type}")
+    if any(ctx.active[1:]):
+        raise ctx.fail("LayerNormalization with a scale or bias computed from the input is not supported")
+    t = ctx.tape
+    rank = ctx.graph.rank(ctx.x)
+    if rank is None:
+        raise ctx.fail("the input's rank is unknown")
+    axes = list(range(ctx.node.attr("axis", -1) % rank, rank))
+    _, inv_std = _layer_norm_stats(ctx, axes)
+    scale, beta = _layernorm_inputs(ctx)
+    y, a = ctx.y, ctx.a_out[0]
+    d = t.op("Sub", y, beta) if beta is not None and ctx.bias_policy == "ignore" else y
+    eps = ctx.params["eps"]
+    s = t.op("Div", a, t.blip(d, eps)) if eps > 0 else t.safe_div(a, d)
+    c = inv_std if scale is None else t.op("Mul", inv_std, scale)
+    cs = t.op("Mul", s, c)
+    transposed = t.op("Sub", cs, t.reduce("ReduceMean", cs, axes))
+    if beta is not None and ctx.bias_policy != "ignore":
+        ctx.report_bias(t.op("Mul", beta, s))
+    return [t.op("Mul", ctx.x, transposed)] + [None] * (len(ctx.node.inputs) - 1)
+
