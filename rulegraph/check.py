@@ -228,7 +228,8 @@ def static(graph: Graph, ruleset: RuleSet, output: str | None = None, start: str
                                f"{a.binding.selector} at {a.binding.location}", cls, cause))
     used = {id(a.binding) for a in assignments if a.binding is not None}
     for b in ruleset.bindings:
-        if id(b) not in used and b.rule.name != "start":
+        # a kind binding that matches nothing is normal in a general file (no max op in an MLP)
+        if id(b) not in used and b.rule.name != "start" and b.selector.form != "kind":
             diagnostics.append(Diagnostic("warning", "unused-binding", str(b.location),
                                           f"'{b.selector} -> {b.rule}' matches no node on the relevance path"))
     diagnostics += _silent_overrides(ruleset)

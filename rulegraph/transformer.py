@@ -50,16 +50,20 @@ def _normalized_output(ctx) -> str:
     return t.op("Div", a, t.blip(y, eps)) if eps > 0 else t.safe_div(a, y)
 
 
-def from_softmax(graph: Graph, tensor: str) -> bool:
-    """Is ``tensor`` a Softmax output, possibly moved by route ops (Reshape, Transpose, ...)?"""
+def produced_by(graph: Graph, tensor: str, op_types: frozenset[str]) -> bool:
+    """Is ``tensor`` the output of one of ``op_types``, possibly moved by route ops (Reshape, ...)?"""
     while (node := graph.producer.get(tensor)) is not None:
-        if node.op_type == "Softmax":
+        if node.op_type in op_types:
             return True
         active = [i for i in node.inputs if i in graph.active]
         if node.kind != ROUTE or len(active) != 1:
             return False
         tensor = active[0]
     return False
+
+
+SOFTMAX = frozenset({"Softmax"})
+GATES = frozenset({"Sigmoid", "HardSigmoid"})  # squeeze-excitation gates x·σ(s(x))
 
 
 def _product(ctx, name: str) -> None:
@@ -78,12 +82,15 @@ def _keep(ctx, index: int) -> list[str | None]:
 
 
 def _uniform_conservation(op_type: str, params) -> str:
-    return EXACT if op_type in ("Mul", "Div") and not params.get("softmax_constant") else APPROXIMATE
+    held = params.get("softmax_constant") or params.get("gate_constant")
+    return EXACT if op_type in ("Mul", "Div") and not held else APPROXIMATE
 
 
 @rule("uniform", {BILINEAR}, conservation=_classes(relevance={BILINEAR: _uniform_conservation}),
       params=[_EPS, Param("softmax_constant", 0.0, _zero_or_one,
-                          "1: an operand computed by a Softmax is held constant (CP-LRP)")])
+                          "1: an operand computed by a Softmax is held constant (CP-LRP)"),
+              Param("gate_constant", 0.0, _zero_or_one,
+                    "1: an operand computed by a Sigmoid or HardSigmoid (a gate) is held constant")])
 def uniform(ctx) -> list[str | None]:
     """The uniform rule for products of two activations (Achtibat et al. 2024, AttnLRP).
 
@@ -99,11 +106,14 @@ def uniform(ctx) -> list[str | None]:
     ``softmax_constant = 1``: where one operand is a Softmax output (through route ops only: the
     attention weights of ``softmax(QKᵀ)·V``), that operand is held constant and the other takes all
     the relevance by the ε-rule, as ``gate`` does (CP-LRP, Ali et al. 2022); the Softmax, and Q and
-    K behind it, get nothing.
+    K behind it, get nothing. ``gate_constant = 1`` does the same for an operand computed by a
+    Sigmoid or HardSigmoid (the squeeze-excitation gate of MobileNetV3 and EfficientNet).
     """
     _product(ctx, "uniform")
-    if ctx.params["softmax_constant"]:
-        constant = [from_softmax(ctx.graph, x) for x in ctx.node.inputs[:2]]
+    held = (SOFTMAX if ctx.params["softmax_constant"] else frozenset()) | (
+        GATES if ctx.params["gate_constant"] else frozenset())
+    if held:
+        constant = [produced_by(ctx.graph, x, held) for x in ctx.node.inputs[:2]]
         if constant.count(True) == 1:
             return _keep(ctx, constant.index(False))
     t = ctx.tape
