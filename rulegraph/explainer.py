@@ -282,7 +282,14 @@ def _run_in_chunks(sess, feeds: dict[str, np.ndarray], static_batch: int | None,
     if n % step:
         raise RulegraphError(f"the model was exported with a fixed batch of {step}; a batch of {n} "
                              f"is not a multiple of it (re-export with a dynamic batch axis)")
-    runs = [sess.run(names, {k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+    try:
+        runs = [sess.run(names, {k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+    except Exception as exc:
+        hint = ""
+        if "MLFloat16" in str(exc) or "float16" in str(exc).lower():
+            hint = ("; this runtime lacks a half-precision kernel the explainer needs: explain the model "
+                    "with precision='fp32' (the default) or on a GPU provider")
+        raise RulegraphError(f"onnxruntime could not run the explainer: {str(exc).splitlines()[0]}{hint}") from exc
     return {name: np.concatenate([r[j] for r in runs]) if runs[0][j].ndim else runs[0][j]
             for j, name in enumerate(names)}
 

@@ -177,3 +177,14 @@ def test_fp16_model_is_explained_in_float32(rules):
                                                                      target=[1] * 8)
     assert half.map.dtype == np.float32
     np.testing.assert_allclose(half.map, reference.map, rtol=1e-5, atol=1e-6 * np.abs(reference.map).max())
+
+
+def test_native_fp16_without_kernels_says_what_to_do():
+    """onnxruntime's CPU lacks fp16 ScatterElements(add): a clear error, not a runtime traceback."""
+    from pathlib import Path
+
+    cnn = onnx.load(str(Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"))
+    x = np.load(Path(__file__).resolve().parent.parent / "models" / "digits_sample.npz")["x"]
+    explainer = Explainer(half_weights(cnn, True), "gradient", precision="native", providers=["CPUExecutionProvider"])
+    with pytest.raises(RulegraphError, match="precision='fp32'"):
+        explainer.explain(x.astype(np.float16))
