@@ -188,3 +188,46 @@ def test_native_fp16_without_kernels_says_what_to_do():
     explainer = Explainer(half_weights(cnn, True), "gradient", precision="native", providers=["CPUExecutionProvider"])
     with pytest.raises(RulegraphError, match="precision='fp32'"):
         explainer.explain(x.astype(np.float16))
+
+
+def tf2onnx_style():
+    """What tf2onnx writes for a Keras CNN: NHWC input, Transposes around a Conv with its bias as a
+    separate Add, Relu, Reshape with a -1, MatMul + Add (bias), opset 13."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    b = rng.normal(size=(1, 4, 1, 1)).astype(np.float32) * 0.1
+    dense = rng.normal(size=(4 * 6 * 6, 5)).astype(np.float32) * 0.1
+    dense_b = rng.normal(size=5).astype(np.float32) * 0.1
+    nodes = [helper.make_node("Transpose", ["input:0"], ["nchw"], perm=[0, 3, 1, 2], name="conv/transpose"),
+             helper.make_node("Conv", ["nchw", "conv/kernel"], ["conv"], pads=[1, 1, 1, 1], name="conv/Conv2D"),
+             helper.make_node("Add", ["conv", "conv/bias"], ["conv_b"], name="conv/BiasAdd"),
+             helper.make_node("Relu", ["conv_b"], ["relu"], name="conv/Relu"),
+             helper.make_node("Transpose", ["relu"], ["nhwc"], perm=[0, 2, 3, 1], name="conv/transpose_1"),
+             helper.make_node("Reshape", ["nhwc", "flat_shape"], ["flat"], name="flatten/Reshape"),
+             helper.make_node("MatMul", ["flat", "dense/kernel"], ["mm"], name="dense/MatMul"),
+             helper.make_node("Add", ["mm", "dense/bias"], ["logits"], name="dense/BiasAdd")]
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "conv/kernel": w, "conv/bias": b, "dense/kernel": dense, "dense/bias": dense_b,
+        "flat_shape": np.array([-1, 4 * 6 * 6], dtype=np.int64)}.items()]
+    graph = helper.make_graph(nodes, "tf2onnx", [helper.make_tensor_value_info("input:0", F, ["unk__1", 6, 6, 3])],
+                              [helper.make_tensor_value_info("logits", F, ["unk__1", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+
+def test_tf2onnx_style_graph():
+    model = tf2onnx_style()
+    x = RNG.normal(size=(3, 6, 6, 3)).astype(np.float32)
+    lrp = Explainer(model, "lrp-epsilon").explain(x)
+    assert lrp.map.shape == x.shape and np.abs(lrp.relative_delta).max() < 1e-4
+    grad = Explainer(model, "gradient").explain(x, target=lrp.target)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    direction = RNG.normal(size=x.shape).astype(np.float32)
+    h = 1e-3  # small enough not to cross a Relu kink on these inputs
+
+    def logit(v):
+        return session.run(None, {"input:0": v})[0][np.arange(3), lrp.target].astype(np.float64)
+
+    slope = (logit(x + h * direction) - logit(x - h * direction)) / (2 * h)
+    np.testing.assert_allclose((grad.saliency["input:0"] * direction).reshape(3, -1).sum(axis=1), slope, rtol=1e-2)
