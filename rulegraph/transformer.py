@@ -27,7 +27,7 @@ from __future__ import annotations
 from .graph import Graph
 from .kinds import BILINEAR, NORMALIZING, ROUTE
 from .rules import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _nonnegative, rule
-from .vjp import _layer_norm_stats, unbroadcast
+from .vjp import _layer_norm_stats, layer_norm_axes, unbroadcast
 
 _EPS = Param("eps", 1e-6, _nonnegative, "the stabilizer epsilon")
 
@@ -214,13 +214,8 @@ def layernorm_linear(ctx) -> list[str | None]:
     """
     if ctx.node.op_type != "LayerNormalization":
         raise ctx.fail(f"rule 'layernorm_linear' is defined for LayerNormalization, not {ctx.node.op_type}")
-    if any(ctx.active[1:]):
-        raise ctx.fail("LayerNormalization with a scale or bias computed from the input is not supported")
     t = ctx.tape
-    rank = ctx.graph.rank(ctx.x)
-    if rank is None:
-        raise ctx.fail("the input's rank is unknown")
-    axes = list(range(ctx.node.attr("axis", -1) % rank, rank))
+    axes = layer_norm_axes(ctx)
     _, inv_std = _layer_norm_stats(ctx, axes)
     scale, beta = _layernorm_inputs(ctx)
     y, a = ctx.y, ctx.a_out[0]

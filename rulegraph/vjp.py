@@ -931,20 +931,25 @@ def _layer_norm_stats(ctx: VjpContext, axes: list[int]) -> tuple[str, str]:
     return mean, t.op("Reciprocal", std)
 
 
+def layer_norm_axes(ctx: VjpContext) -> list[int]:
+    """The normalized axes of a LayerNormalization, whose scale and bias must be constant."""
+    if any(ctx.active[1:]):
+        raise ctx.fail("LayerNormalization with a scale or bias computed from the input is not supported")
+    rank = ctx.graph.rank(ctx.x)
+    if rank is None:
+        raise ctx.fail("the input's rank is unknown")
+    return list(range(ctx.node.attr("axis", -1) % rank, rank))
+
+
 @vjp("LayerNormalization")
 def _layer_normalization(ctx, g):
     """``y = x̂ ⊙ γ + β``, ``x̂ = (x − μ)/σ`` over the axes from ``axis`` on (γ, β constant):
     ``a(x) = (ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂)) / σ`` with ``ĝ = g ⊙ γ``."""
-    if any(ctx.active[1:]):
-        raise ctx.fail("LayerNormalization with a scale or bias computed from the input is not supported")
     if any(gi is not None for gi in g[1:]):
         raise ctx.fail("the Mean and InvStdDev outputs of LayerNormalization feed the explained output; "
                        "only Y is supported")
     t = ctx.tape
-    rank = ctx.graph.rank(ctx.x)
-    if rank is None:
-        raise ctx.fail("the input's rank is unknown")
-    axes = list(range(ctx.node.attr("axis", -1) % rank, rank))
+    axes = layer_norm_axes(ctx)
     mean, inv_std = _layer_norm_stats(ctx, axes)
     normalized = t.op("Mul", t.op("Sub", ctx.x, mean), inv_std)
     scale = ctx.node.inputs[1] if len(ctx.node.inputs) > 1 else ""
