@@ -183,6 +183,7 @@ def row(name: str, build, dynamo: bool) -> dict:
             out["rules"] = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
             result = lrp.explain(feeds, target=[1, 2])
             out["conservation"] = float(np.abs(result.relative_delta).max())
+            out["logit"] = float(np.abs(result.start_value).min())
         except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
             out["conservation"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
     return out
@@ -196,14 +197,14 @@ def fmt(value) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| architecture | exporter | opset | nodes | rules on the path (LRP file) | gradient vs autograd "
-            "| LRP conservation |\n|---|---|---|---|---|---|---|")
+            "| LRP conservation | smallest \\|logit\\| |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['architecture']} | {r['exporter']} | – | – | {r['error']} | – | – |")
+            lines.append(f"| {r['architecture']} | {r['exporter']} | – | – | {r['error']} | – | – | – |")
             continue
         lines.append(f"| {r['architecture']} | {r['exporter']} | {r['opset']} | {r['nodes']} | {r.get('rules', '–')} "
-                     f"| {fmt(r.get('gradient_error'))} | {fmt(r.get('conservation'))} |")
+                     f"| {fmt(r.get('gradient_error'))} | {fmt(r.get('conservation'))} | {fmt(r.get('logit'))} |")
     return "\n".join(lines)
 
 
