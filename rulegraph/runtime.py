@@ -1,13 +1,10 @@
-"""onnxruntime sessions: provider choice, caching, and a quiet CUDA probe on CPU machines.
+"""onnxruntime sessions: provider choice and a quiet CUDA probe on CPU machines.
 
 The GPU is detected by creating the session and reading ``session.get_providers()``:
 ``get_available_providers()`` lists CUDA on machines without a GPU.
 """
 
 from __future__ import annotations
-
-import hashlib
-from functools import lru_cache
 
 from .errors import RuntimeMissingError
 
@@ -39,16 +36,10 @@ def _session(model_bytes: bytes, providers: tuple[str, ...], threads: int):
     return rt.InferenceSession(model_bytes, sess_options=options, providers=list(providers))
 
 
-@lru_cache(maxsize=32)
-def _cached(digest: str, model_bytes: bytes, providers: tuple[str, ...], threads: int):
-    return _session(model_bytes, providers, threads)
-
-
 def session(model_bytes: bytes, providers: list[str] | None = None, threads: int = 0):
-    """A cached session for a serialized model (keyed by its content hash)."""
-    chosen = tuple(providers or default_providers())
-    digest = hashlib.sha256(model_bytes).hexdigest()
-    return _cached(digest, model_bytes, chosen, threads)
+    """A session for a serialized model. The Explainer keeps its sessions for its lifetime; none
+    is kept here, so a large model's memory goes with its Explainer."""
+    return _session(model_bytes, tuple(providers or default_providers()), threads)
 
 
 def device_of(sess) -> str:
