@@ -210,29 +210,11 @@ def export_resnet18(
         with torch.no_grad():
             torch.onnx.export(model, (dummy,), str(path), **kwargs)
     if inline_identities:
-        _inline_initializer_identities(path)
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+        from architectures import inline_initializer_identities
+
+        inline_initializer_identities(path)
     return path
-
-
-def _inline_initializer_identities(path: Path) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    keep = []
-    for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(inits[node.input[0]])
-            copy.name = node.output[0]
-            graph.initializer.append(copy)
-        else:
-            keep.append(node)
-    if len(keep) != len(graph.node):
-        del graph.node[:]
-        graph.node.extend(keep)
-        onnx.save(model, str(path))
 
 
 def check_export(path: str | Path, batch: int = 2) -> float:

@@ -142,3 +142,31 @@ def load_torch(name: str, models_dir: str | Path | None = None) -> nn.Module:
     model.load_state_dict(state)
     model.eval()
     return model
+
+
+def inline_initializer_identities(path: Path) -> None:
+    """Replace ``Identity(initializer)`` nodes by a copy of the initializer.
+
+    The exporter deduplicates initializers with equal values and links the
+    copies with Identity nodes. In the ResNet, the biases of the two batch
+    norms feeding the strided block's Add get identical gradients, so they
+    stay equal throughout training and would show up as a stray Identity.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+        onnx.save(model, str(path))
