@@ -39,7 +39,7 @@ from onnx import TensorProto, helper
 from .emit import Tape
 from .graph import Graph, Node, link
 from .kinds import kind_of
-from .vjp import VJPS, VjpContext, unbroadcast
+from .vjp import VJPS, VjpContext, registrar, unbroadcast
 
 #: largest difference allowed between a pattern's constant and the expected one (relative to it
 #: when it is larger than 1); float32 stores √2, 1/6 and 0.044715 to within 1e-7
@@ -556,13 +556,7 @@ def fuse_patterns(graph: Graph) -> list[Node]:
 MEMBER_VJPS: dict[str, Callable[[VjpContext, list], list]] = {}
 
 
-def member_vjp(*op_types: str):
-    def register(fn):
-        for op in op_types:
-            MEMBER_VJPS[op] = fn
-        return fn
-
-    return register
+member_vjp = registrar(MEMBER_VJPS)
 
 
 def vjp_of(node: Node) -> Callable[[VjpContext, list], list] | None:

@@ -64,31 +64,24 @@ LINEAR_PARAMS: dict[str, Callable[[VjpContext], tuple[int, int | None]]] = {}
 WINDOW_SUMS: dict[str, tuple[Callable, Callable]] = {}
 
 
-def vjp(*op_types: str):
-    def register(fn):
-        for op in op_types:
-            VJPS[op] = fn
-        return fn
+def registrar(table: dict):
+    """A decorator factory filling ``table``: ``@entry("Add", "Sum")`` registers the function under
+    each op type, right under its definition."""
 
-    return register
+    def entry(*op_types: str):
+        def register(fn):
+            for op in op_types:
+                table[op] = fn
+            return fn
 
+        return register
 
-def linear_bias(*op_types: str):
-    def register(fn):
-        for op in op_types:
-            LINEAR_BIAS[op] = fn
-        return fn
-
-    return register
+    return entry
 
 
-def linear_params(*op_types: str):
-    def register(fn):
-        for op in op_types:
-            LINEAR_PARAMS[op] = fn
-        return fn
-
-    return register
+vjp = registrar(VJPS)
+linear_bias = registrar(LINEAR_BIAS)
+linear_params = registrar(LINEAR_PARAMS)
 
 
 def window_sum(op_type: str, transpose: Callable):
