@@ -61,7 +61,6 @@ class Compiled:
     bias_shares: dict[str, str] = field(default_factory=dict)   # node name -> output name [N]
     bias_total: str | None = None
     start_value: str = ""        # Σ view(start) per batch row [N]
-    start_output: str = ""       # the start tensor itself
     node_sums: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)  # node -> (in, out, bias)
     baseline_inputs: dict[str, str] = field(default_factory=dict)  # graph input -> its baseline input
     model_outputs: list[str] = field(default_factory=list)
@@ -531,7 +530,6 @@ def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, b
         if ruleset.bias == "blame":
             compiled.bias_shares = per_node
             outputs.update({o: row for o in per_node.values()})
-    compiled.start_output = compiled.start_tensor
     outputs[compiled.start_value] = row
     return outputs
 

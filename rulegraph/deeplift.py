@@ -24,7 +24,7 @@ import numpy as np
 
 from .kinds import LINEAR, MAX, NONLINEAR, ROUTE
 from .rules import EXACT, Param, rule
-from .vjp import _spatial_attrs, positions, unbroadcast
+from .vjp import _spatial_attrs, first_max_masks, positions, unbroadcast
 
 MAX_VARIANTS: dict[str, dict[str, Callable]] = {"softness": {}, "relu": {}}
 
@@ -93,18 +93,6 @@ def _softness_maxpool(ctx) -> list[str | None]:
     return [t.reshape_like(t.op("ScatterElements", zeros, chosen, values, axis=0, reduction="add"), x)]
 
 
-def _first_max_masks(t, operands: list[str], y: str) -> list[str]:
-    """For each operand, where it is the first to equal the max ``y``."""
-    taken, masks = None, []
-    for x in operands:
-        hit = t.op("Equal", x, y)
-        if taken is not None:
-            hit = t.op("And", hit, t.op("Not", taken))
-        taken = hit if taken is None else t.op("Or", taken, hit)
-        masks.append(hit)
-    return masks
-
-
 @max_variant("softness", "Max")
 def _softness_max(ctx) -> list[str | None]:
     t = ctx.tape
@@ -113,7 +101,7 @@ def _softness_max(ctx) -> list[str | None]:
     xs = [t.op("Expand", x, t.shape(y)) for x in ctx.node.inputs]
     xbs = [t.op("Expand", ctx.baseline(x) if act else x, t.shape(y)) for x, act in zip(ctx.node.inputs, ctx.active)]
     use_b = t.op("Less", y, yb)
-    masks = [t.op("Where", use_b, mb, m) for m, mb in zip(_first_max_masks(t, xs, y), _first_max_masks(t, xbs, yb))]
+    masks = [t.op("Where", use_b, mb, m) for m, mb in zip(first_max_masks(t, xs, y), first_max_masks(t, xbs, yb))]
     dx_chosen = t.sum([t.op("Where", m, t.op("Sub", x, xb), t.scalar(0.0)) for m, x, xb in zip(masks, xs, xbs)])
     dy = t.op("Sub", y, yb)
     multiplier = t.op("Where", t.op("Equal", dy, t.scalar(0.0)), t.scalar(1.0), t.safe_div(dy, dx_chosen))
@@ -135,7 +123,7 @@ def _fold(ctx, operands: list[str], baselines: list[str], a: str) -> list[str]:
         d, db = t.op("Sub", o, b), t.op("Sub", ob, bb)
         r, rb = t.op("Relu", d), t.op("Relu", db)
         m = _rescale(ctx, d, db, r, rb, t.scalar(1.0),
-                     lambda d=d: t.op("Cast", t.op("Greater", d, t.scalar(0.0)), to=_float_type(t)))
+                     lambda d=d: t.op("Cast", t.op("Greater", d, t.scalar(0.0)), to=t.float_type))
         multipliers.append(m)
         b, bb = t.op("Add", b, r), t.op("Add", bb, rb)
     shares = []
@@ -143,12 +131,6 @@ def _fold(ctx, operands: list[str], baselines: list[str], a: str) -> list[str]:
         shares.append(t.op("Mul", m, a))
         a = t.op("Mul", t.op("Sub", t.scalar(1.0), m), a)
     return [a] + list(reversed(shares))
-
-
-def _float_type(t) -> int:
-    from onnx import helper
-
-    return helper.np_dtype_to_tensor_dtype(t.float_dtype)
 
 
 @max_variant("relu", "Max")

@@ -28,6 +28,11 @@ class Tape:
         self._consts: dict[tuple, str] = {}
         self.scope = ""
 
+    @property
+    def float_type(self) -> int:
+        """The ONNX element type of the backward's floats (for Cast)."""
+        return helper.np_dtype_to_tensor_dtype(self.float_dtype)
+
     # names ---------------------------------------------------------------------------------------
     def fresh(self, hint: str = "t") -> str:
         while True:

@@ -445,13 +445,7 @@ def _count(ctx: VjpContext, axes: list[int] | None) -> str:
     if all(isinstance(d, int) for d in dims):
         return t.scalar(float(math.prod(dims)))
     sizes = t.op("Gather", t.shape(ctx.x), t.ints(axes), axis=0)
-    return t.op("Cast", t.op("ReduceProd", sizes, keepdims=0), to=_onnx_float(t))
-
-
-def _onnx_float(t: Tape) -> int:
-    from onnx import helper
-
-    return helper.np_dtype_to_tensor_dtype(t.float_dtype)
+    return t.op("Cast", t.op("ReduceProd", sizes, keepdims=0), to=t.float_type)
 
 
 @vjp("ReduceSum")
@@ -825,18 +819,24 @@ def _maxpool(ctx, g):
     return [_scatter_back(ctx, indices, g[0], "add")]
 
 
-@vjp("Max")
-def _max(ctx, g):
-    t = ctx.tape
-    taken = None
-    out = []
-    for x, active in zip(ctx.node.inputs, ctx.active):
-        hit = t.op("Equal", x, ctx.y)
+def first_max_masks(t: Tape, operands: list[str], y: str) -> list[str]:
+    """For each operand, where it is the first to equal the max ``y`` (autograd's tie rule)."""
+    taken, masks = None, []
+    for x in operands:
+        hit = t.op("Equal", x, y)
         if taken is not None:
             hit = t.op("And", hit, t.op("Not", taken))
         taken = hit if taken is None else t.op("Or", taken, hit)
-        out.append(unbroadcast(ctx, t.op("Where", hit, g[0], t.scalar(0.0)), ctx.y, x) if active else None)
-    return out
+        masks.append(hit)
+    return masks
+
+
+@vjp("Max")
+def _max(ctx, g):
+    t = ctx.tape
+    masks = first_max_masks(t, ctx.node.inputs, ctx.y)
+    return [unbroadcast(ctx, t.op("Where", hit, g[0], t.scalar(0.0)), ctx.y, x) if active else None
+            for hit, x, active in zip(masks, ctx.node.inputs, ctx.active)]
 
 
 def _argmax_mask(ctx: VjpContext, flat: str, axis: int) -> str:
