@@ -59,8 +59,8 @@ class Tape:
             self._consts[key] = name
         return name
 
-    def scalar(self, value: float, like: str | None = None) -> str:
-        """A float scalar of the backward's dtype (``like`` documents which tensor it pairs with)."""
+    def scalar(self, value: float) -> str:
+        """A float scalar of the backward's dtype."""
         return self.const(np.array(value, dtype=self.float_dtype), hint="k")
 
     def ints(self, values: Sequence[int]) -> str:

@@ -193,8 +193,8 @@ def slope(ctx) -> list[str | None]:
     x, y, a = ctx.node.inputs[0], ctx.node.outputs[0], ctx.a_out[0]
     f0 = ctx.value_at_zero()
     rise = y if f0 is None else t.op("Sub", y, f0)
-    at_zero = t.op("Equal", x, t.scalar(0.0, like=x))
-    safe_x = t.op("Where", at_zero, t.scalar(1.0, like=x), x)
+    at_zero = t.op("Equal", x, t.scalar(0.0))
+    safe_x = t.op("Where", at_zero, t.scalar(1.0), x)
     secant = t.op("Mul", a, t.op("Div", rise, safe_x))
     derivative = ctx.vjp([a])[0]
     if f0 is not None:
@@ -221,8 +221,8 @@ def radial(ctx) -> list[str | None]:
     positive = [t.op("Relu", x) if act or ctx.const(i) is not None else None
                 for i, (x, act) in enumerate(zip(ctx.node.inputs, ctx.active))]
     window_sum = ctx.window_sum(positive)
-    has_positive = t.op("Greater", window_sum, t.scalar(0.0, like=a))
-    zero = t.scalar(0.0, like=a)
+    has_positive = t.op("Greater", window_sum, t.scalar(0.0))
+    zero = t.scalar(0.0)
     share = t.op("Where", has_positive, t.safe_div(a, window_sum), zero)
     rest = t.op("Where", has_positive, zero, a)
     spread = ctx.window_sum_vjp(share)
