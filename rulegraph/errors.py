@@ -58,6 +58,15 @@ class CoverageError(RulegraphError):
     """Nodes on the relevance path that no binding of the rule file covers (or covers wrongly)."""
 
 
+class RulegraphWarning(UserWarning):
+    """Something the user should know about an answer that is still given (a binding that matches
+    nothing, an amplifying map). Raised with ``warnings.warn``; the CLI prints it as one line."""
+
+
+class InternalError(Exception):
+    """A bug in rulegraph, not in the user's input: the CLI reports it with its own exit code."""
+
+
 class RuntimeMissingError(RulegraphError):
     """Neither onnxruntime nor onnxruntime-gpu is installed."""
 
