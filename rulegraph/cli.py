@@ -1,20 +1,28 @@
 """``rulegraph explain | check | compile | lint | ops | demo``.
 
-Exit codes: 0 success, 1 a checked property does not hold (``check``; a node without a rule in
-``ops``), 2 bad input (unreadable model, rule file error, bad arguments).
+Exit codes: 0 success; 1 a checked property does not hold (``check``; a node without a rule in
+``ops``); 2 bad input (unreadable model, input or rule file, bad arguments, an output path that
+cannot be written); 3 an internal error, a bug in rulegraph (one line; ``RULEGRAPH_DEBUG=1`` shows
+the traceback); 130 interrupted (Ctrl-C); 141 standard output closed early (``| head``), quietly.
+Warnings print as one line ``rulegraph CMD: warning: ...`` on standard error. Every output file is
+written atomically (``files.py``) and may not be one of the command's inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import RulegraphError
+from .errors import RulegraphError, RulegraphWarning
+from .files import check_output, model_files, rule_files, write_bytes, write_with
+from .inputs import IMAGE_SUFFIXES, load_input  # noqa: F401  (load_input: the API's input reader)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+EXIT_OK, EXIT_VIOLATED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
 
 
 def bundled_models_dir() -> Path:
@@ -26,40 +34,15 @@ def bundled_models_dir() -> Path:
     raise RulegraphError("the bundled example models are missing from this installation")
 
 
-def load_input(path: str, explainer, scale: float = 1.0):
-    """Model input from .npy, .npz (arrays named like the model's inputs, or one array) or an image."""
-    p = Path(path)
-    if not p.is_file():
-        raise RulegraphError(f"{path}: no such input file")
-    suffix = p.suffix.lower()
-    if suffix == ".npy":
-        return np.load(p)
-    if suffix == ".npz":
-        with np.load(p) as data:
-            arrays = {k: data[k] for k in data.files}
-        names = explainer.graph.inputs
-        if set(names) <= set(arrays):
-            return {n: arrays[n] for n in names}
-        if len(arrays) == 1 or "x" in arrays:
-            return arrays.get("x", next(iter(arrays.values())))
-        raise RulegraphError(f"{path}: holds {sorted(arrays)}; expected arrays named {names} or one array 'x'")
-    if suffix in IMAGE_SUFFIXES:
-        from .viz import load_image
-
-        name = explainer.graph.inputs[0]
-        shape = explainer.graph.shapes.get(name)
-        if shape is None or len(shape) != 4:
-            raise RulegraphError(f"{path}: an image needs a model input of shape [N, C, H, W]; "
-                                 f"'{name}' has {shape}")
-        return load_image(p, shape, scale)
-    raise RulegraphError(f"{path}: unknown input format '{suffix}' (use .npy, .npz or an image)")
-
-
 def _parse_target(text: str):
     if text == "argmax":
         return "argmax"
     if text.endswith(".npy"):
-        return np.load(text)
+        from .inputs import read_npy
+
+        if not Path(text).is_file():
+            raise RulegraphError(f"--target {text}: no such seed file")
+        return read_npy(text)
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
@@ -80,20 +63,37 @@ def summary(result) -> str:
     return "\n".join(lines)
 
 
+def _inputs_of(args) -> list[Path]:
+    """The files a command reads (model, its external data, rule file, input): no output may be one."""
+    files = model_files(getattr(args, "model", None)) + rule_files(getattr(args, "rules", None))
+    for name in ("input", "target"):
+        value = getattr(args, name, None)
+        if value and Path(value).is_file():
+            files.append(Path(value))
+    return files
+
+
 def cmd_explain(args) -> int:
     from .explainer import Explainer
+    from .viz import heatmap_suffixes
 
+    sources = _inputs_of(args)
+    if args.out:
+        check_output(args.out, sources, [".npy"], "--out")
+    if args.heatmap:
+        check_output(args.heatmap, sources, heatmap_suffixes(), "--heatmap")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
-    x = load_input(args.input, explainer, args.scale)
+    explainer.allow_nonfinite = args.allow_nonfinite
+    x = load_input(args.input, explainer, args.scale, args.allow_nonfinite)
     result = explainer.explain(x, target=_parse_target(args.target))
     print(summary(result))
     if args.out:
-        np.save(args.out, result.map)
+        write_with(args.out, lambda tmp: np.save(tmp, result.map), "--out")
         print(f"attribution written to {args.out}")
     if args.heatmap:
         from .viz import save_heatmap
 
-        save_heatmap(result.map[0], args.heatmap)
+        save_heatmap(result.map[0], args.heatmap, inputs=sources)
         print(f"heatmap written to {args.heatmap}")
     return 0
 
@@ -101,6 +101,7 @@ def cmd_explain(args) -> int:
 def cmd_compile(args) -> int:
     from .explainer import Explainer
 
+    check_output(args.o, _inputs_of(args), what="-o")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
     path = explainer.save(args.o)
     compiled = explainer.compiled()
@@ -113,6 +114,9 @@ def cmd_check(args) -> int:
     from .check import check
     from .explainer import Explainer
 
+    sources = _inputs_of(args)
+    if args.output_file:
+        check_output(args.output_file, sources, what="--output-file")
     x = None
     if args.input:
         x = load_input(args.input, Explainer(args.model, args.rules), args.scale)
@@ -121,7 +125,8 @@ def cmd_check(args) -> int:
                    probes=args.probes, output=args.output, start=args.start)
     text = {"text": report.to_text, "json": report.to_json, "junit": report.to_junit}[args.format]()
     if args.output_file:
-        Path(args.output_file).write_text(text if text.endswith("\n") else text + "\n")
+        write_bytes(args.output_file, (text if text.endswith("\n") else text + "\n").encode("utf-8"),
+                    "--output-file")
         print(f"report written to {args.output_file}: {'OK' if report.ok else 'FAILED'}")
     else:
         print(text)
@@ -168,6 +173,8 @@ def cmd_demo(args) -> int:
 
     models = bundled_models_dir()
     model, image = models / "digits_cnn.onnx", models / "digit_3.png"
+    sources = [model, image] + rule_files(args.rules)
+    check_output(args.heatmap, sources, _heatmap_suffixes(), "--heatmap")
     explainer = Explainer(model, args.rules)
     x = load_input(str(image), explainer)
     result = explainer.explain(x)
@@ -177,9 +184,15 @@ def cmd_demo(args) -> int:
     print(summary(result))
     from .viz import save_heatmap
 
-    save_heatmap(result.map[0], args.heatmap)
+    save_heatmap(result.map[0], args.heatmap, inputs=sources)
     print(f"heatmap written to {args.heatmap}")
     return 0
+
+
+def _heatmap_suffixes() -> list[str]:
+    from .viz import heatmap_suffixes
+
+    return heatmap_suffixes()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help=".npy, .npz or an image file")
     p.add_argument("--target", default="argmax", help="argmax, class indices (3 or 3,5), or a seed .npy")
     p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
+    p.add_argument("--allow-nonfinite", action="store_true", help="explain inputs holding NaN or Inf "
+                   "(refused by default)")
     p.add_argument("--out", help="write the attribution of the first input here (.npy)")
     p.add_argument("--heatmap", help="write a heatmap of the first row here (.png)")
     p.set_defaults(run=cmd_explain)
@@ -232,13 +247,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _print_warning(command: str):
+    """``warnings.showwarning`` for the CLI: a RulegraphWarning is one line on standard error."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RulegraphWarning):
+            print(f"rulegraph {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: point standard output at /dev/null so the exit flush cannot fail again
+    (what Python's signal documentation advises)."""
     try:
-        return args.run(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (captured in tests)
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit codes are the module docstring's."""
+    args = build_parser().parse_args(argv)
+    where = f"rulegraph {args.command}"
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning(args.command)
+            code = args.run(args)
+            sys.stdout.flush()
+        return code
     except RulegraphError as exc:
-        print(f"rulegraph {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if os.environ.get("RULEGRAPH_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"{where}: internal error (a bug in rulegraph; please report it): {type(exc).__name__}: "
+              f"{message} (run again with RULEGRAPH_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

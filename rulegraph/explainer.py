@@ -86,6 +86,10 @@ class Explainer:
         self.output = output
         self.start = start
         self.threads = threads
+        from .files import model_files, rule_files
+
+        #: the files this explainer was read from; ``save`` refuses to overwrite them
+        self.source_files = model_files(model) + rule_files(rules)
         self._compiled: dict[tuple[bool, bool], Compiled] = {}
         self._sessions: dict = {}
 
@@ -120,12 +124,21 @@ class Explainer:
         return _run_in_chunks(self._sessions["forward"], feeds, self._static_batch(), n)
 
     def save(self, path: str | Path, seed_mode: bool = False) -> Path:
-        """Write the explainer ONNX model; any ONNX runtime can run it without rulegraph."""
-        path = Path(path)
-        onnx.save(self.compiled(seed_mode).model, str(path))
-        return path
+        """Write the explainer ONNX model; any ONNX runtime can run it without rulegraph. The write
+        is atomic and refuses to overwrite the model or rule file read (``files.check_output``)."""
+        from .files import check_output, write_with
+
+        path = check_output(path, self.source_files, what="explainer")
+        model = self.compiled(seed_mode).model
+        return write_with(path, lambda tmp: onnx.save(model, str(tmp)), "explainer")
+
+    #: NaN or infinite values in a float input are refused unless this is set (``explainer.allow_nonfinite``)
+    allow_nonfinite = False
 
     def _feeds(self, x) -> dict[str, np.ndarray]:
+        """The arrays to feed, one per model input, each checked against the model's declared input:
+        rank (a missing batch axis is added), dtype kind (inputs.py ``_convert``), finite values,
+        and one batch size N ≥ 1 shared by every input."""
         inputs = self.graph.inputs
         if isinstance(x, Mapping):
             missing = [i for i in inputs if i not in x]
@@ -148,7 +161,8 @@ class Explainer:
             if rank is not None and value.ndim != rank:
                 raise RulegraphError(f"input '{name}' must have rank {rank} (shape "
                                      f"{self.graph.shapes.get(name)}), got shape {value.shape}")
-            out[name] = np.ascontiguousarray(value.astype(want, copy=False))
+            out[name] = np.ascontiguousarray(_convert(name, value, np.dtype(want), self.allow_nonfinite))
+        _check_batch(out)
         return out
 
     def _loop(self, name: str | None, params: dict):
@@ -190,6 +204,7 @@ class Explainer:
         (``zeros``, ``mean``, ``blur``, ``file:<path>``); default: the rule file's ``baseline``.
         ``loop`` (``integrated_gradients``, ``smoothgrad``, ``occlusion``, with ``loop_params``)
         runs a loop around the pass as one batched run; default: the rule file's ``loop`` header."""
+        _check_baseline_names(baseline, self.graph.inputs)
         loop_call = self._loop(loop, loop_params)
         if loop_call is not None:
             from .loops import LOOPS
@@ -242,6 +257,65 @@ def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
         padded = np.pad(out, pad, mode="reflect" if out.shape[axis] > radius else "edge")
         out = sum(w * np.take(padded, range(i, i + out.shape[axis]), axis=axis) for i, w in enumerate(taps))
     return out.astype(x.dtype)
+
+
+def _convert(name: str, value: np.ndarray, want: np.dtype, allow_nonfinite: bool) -> np.ndarray:
+    """``value`` as the model's dtype ``want``, only where that loses nothing a user would miss:
+    integers (and floats) to a float input, integers to an integer input when every value fits;
+    complex, object, string and bool arrays (for a non-bool input) are refused, as are floats for
+    an integer input and NaN/Inf in a float input (unless allowed)."""
+    got = value.dtype
+    where = f"input '{name}' ({want} in the model)"
+    if got.kind in "cOSUVMm" or got.hasobject:
+        raise RulegraphError(f"{where} was given {got} values; pass a real numeric array")
+    if want.kind == "b":
+        if got.kind != "b":
+            raise RulegraphError(f"{where} was given {got} values; pass a bool array")
+        return value
+    if got.kind == "b":
+        raise RulegraphError(f"{where} was given bool values; pass {want} values (x.astype(np.{want}))")
+    if want.kind in "iu":
+        if got.kind == "f":
+            raise RulegraphError(f"{where} was given {got} values; it takes integers (token ids, indices): "
+                                 f"pass an integer array")
+        info = np.iinfo(want)
+        if value.size and (value.min() < info.min or value.max() > info.max):
+            raise RulegraphError(f"{where}: values span [{value.min()}, {value.max()}], outside {want}'s range")
+        return value.astype(want, copy=False)
+    with np.errstate(over="ignore"):  # values beyond the range become inf: refused below by name
+        converted = value.astype(want, copy=False)
+    if got.kind in "iu" and value.size and not np.array_equal(converted.astype(got), value):
+        raise RulegraphError(f"{where}: the {got} values are not all exactly representable as {want} "
+                             f"(|values| beyond 2^{np.finfo(want).nmant + 1}); scale them first")
+    if not allow_nonfinite and value.size and not np.isfinite(converted).all():
+        bad = np.argwhere(~np.isfinite(converted))
+        cause = "NaN or infinite values" if not np.isfinite(value).all() else f"values beyond the {want} range"
+        raise RulegraphError(f"{where} holds {len(bad)} {cause} (the first at index "
+                             f"{tuple(int(i) for i in bad[0])}); clean the input, or set "
+                             f"explainer.allow_nonfinite = True to explain it anyway")
+    return converted
+
+
+def _check_batch(feeds: dict[str, np.ndarray]) -> None:
+    """Every input with a batch axis has the same number of rows, at least one."""
+    sizes = {name: v.shape[0] for name, v in feeds.items() if v.ndim >= 1}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"'{k}': {n}" for k, n in sizes.items())
+        raise RulegraphError(f"the inputs have different batch sizes ({listed}); give every input the same "
+                             f"number of rows")
+    empty = [name for name, n in sizes.items() if n == 0]
+    if empty:
+        raise RulegraphError(f"empty batch: input '{empty[0]}' has 0 rows (shape {list(feeds[empty[0]].shape)}); "
+                             f"give at least one row")
+
+
+def _check_baseline_names(baseline, inputs: list[str]) -> None:
+    """A dict baseline may only name the model's inputs."""
+    if isinstance(baseline, Mapping):
+        unknown = [k for k in baseline if k not in inputs]
+        if unknown:
+            raise RulegraphError(f"the baseline names {unknown}, which the model does not have; its inputs "
+                                 f"are {inputs}")
 
 
 def make_baseline(kind, x: np.ndarray) -> np.ndarray:
