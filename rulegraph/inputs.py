@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,13 @@ def _check_dtype(where: str, dtype: np.dtype) -> None:
 def _read_header(handle, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, header length) of a .npy stream, or an error naming ``where``."""
     fmt = np.lib.format
-    try:
+    try:  # a corrupt compressed member (.npz) fails here with zlib.error
         version = fmt.read_magic(handle)
         reader = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
         if reader is None:
             raise ValueError(f"unsupported .npy version {version}")
         shape, _, dtype = reader(handle, max_header_size=100_000)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, zlib.error) as exc:
         raise RulegraphError(f"{where} is not a readable .npy array ({exc}); write it with np.save") from None
     return tuple(shape), np.dtype(dtype), handle.tell()
 
@@ -103,7 +104,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
                     array = np.lib.format.read_array(handle, allow_pickle=False)
             except RulegraphError:
                 raise
-            except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+            except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError) as exc:
                 raise RulegraphError(f"{where} cannot be read ({exc}); write the file again with np.savez") \
                     from None
             arrays[name] = array

@@ -53,6 +53,17 @@ def png_bytes(array, mode=None) -> bytes:
     return buffer.getvalue()
 
 
+def deflate_corrupted(member: bytes) -> bytes:
+    """A .npz whose one member's compressed stream is damaged at its start (zlib.error)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", member)
+    data = bytearray(buffer.getvalue())
+    start = 30 + len("x.npy")  # the local file header, then the compressed data
+    data[start:start + 4] = b"\xff\xff\xff\xff"  # block type 3: reserved, "invalid block type"
+    return bytes(data)
+
+
 GOOD_NPY = npy_bytes(X[:2])
 GOOD_PNG = png_bytes(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
 
@@ -72,6 +83,8 @@ BAD_FILES = {
                    "array 'x' holds Python objects"),
     "truncated.npz": (npz_bytes(x=X[:1])[:-40], "is not a readable .npz archive"),
     "short-member.npz": (npz_bytes(x=npy_bytes(X[:1])[:-4]), "array 'x' is truncated"),
+    "corrupt-deflate.npz": (deflate_corrupted(npy_bytes(X[:2])), "array 'x' is not a readable .npy array "
+                            "(Error -3 while decompressing data: invalid block type)"),
     "random.npz": (bytes(RNG.integers(0, 256, 300, dtype=np.uint8)), "is not a readable .npz archive"),
     "not-npy-member.npz": (npz_bytes(**{"x.txt": b"hello"}), "is not a .npy array"),
     "inf.npz": (npz_bytes(x=np.full((1, 1, 8, 8), np.inf, np.float32)), "array 'x' holds 64 NaN or infinite"),
