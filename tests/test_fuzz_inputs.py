@@ -61,7 +61,8 @@ def count(campaign: str) -> None:
 
 
 def report(campaign: str) -> None:
-    print(f"\nfuzz campaign '{campaign}': {COUNTS.get(campaign, 0)} examples")
+    print(f"\nfuzz campaign '{campaign}': {COUNTS.get(campaign, 0)} examples, "
+          f"{COUNTS.get(campaign + ' explained', 0)} explained, the others refused with a RulegraphError")
 
 
 # ---- arrays through the API --------------------------------------------------------------------------
@@ -103,6 +104,7 @@ def api_arrays(explainer, x, target, allow):
         return
     finally:
         explainer.allow_nonfinite = False
+    count("api arrays explained")
     n = 1 if x.ndim == 3 else x.shape[0]
     assert result.map.shape == (n, 1, 8, 8) and n >= 1
     if not allow:
@@ -194,6 +196,7 @@ def files_api(explainer, tmp_path, file):
         with time_limit(SECONDS_PER_EXAMPLE):
             result = explainer.explain(load_input(path, explainer))
         assert result.map.shape[1:] == (1, 8, 8)
+        count("files via API explained")
     except RulegraphError:
         pass
     assert path.read_bytes() == data
@@ -224,6 +227,8 @@ def files_cli(tmp_path_factory, file, out):
     with time_limit(SECONDS_PER_EXAMPLE), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main(argv)
     assert code in (0, 2), stderr.getvalue()
+    if code == 0:
+        count("files via CLI explained")
     assert "Traceback" not in stderr.getvalue()
     after = digest(folder)
     assert {k: v for k, v in after.items() if k in before} == before
