@@ -22,7 +22,8 @@ from .errors import RulegraphError, RulegraphWarning
 from .files import check_output, model_files, rule_files, write_bytes, write_with
 from .inputs import IMAGE_SUFFIXES, load_input  # noqa: F401  (load_input: the API's input reader)
 
-EXIT_OK, EXIT_VIOLATED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
+EXIT_OK, EXIT_VIOLATED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE
 
 
 def bundled_models_dir() -> Path:

@@ -280,7 +280,8 @@ def _convert(name: str, value: np.ndarray, want: np.dtype, allow_nonfinite: bool
                                  f"pass an integer array")
         info = np.iinfo(want)
         if value.size and (value.min() < info.min or value.max() > info.max):
-            raise RulegraphError(f"{where}: values span [{value.min()}, {value.max()}], outside {want}'s range")
+            raise RulegraphError(f"{where}: values span [{value.min()}, {value.max()}], outside "
+                                 f"{want}'s range")
         return value.astype(want, copy=False)
     with np.errstate(over="ignore"):  # values beyond the range become inf: refused below by name
         converted = value.astype(want, copy=False)
@@ -289,7 +290,8 @@ def _convert(name: str, value: np.ndarray, want: np.dtype, allow_nonfinite: bool
                              f"(|values| beyond 2^{np.finfo(want).nmant + 1}); scale them first")
     if not allow_nonfinite and value.size and not np.isfinite(converted).all():
         bad = np.argwhere(~np.isfinite(converted))
-        cause = "NaN or infinite values" if not np.isfinite(value).all() else f"values beyond the {want} range"
+        finite = np.isfinite(value).all()
+        cause = f"values beyond the {want} range" if finite else "NaN or infinite values"
         raise RulegraphError(f"{where} holds {len(bad)} {cause} (the first at index "
                              f"{tuple(int(i) for i in bad[0])}); clean the input, or set "
                              f"explainer.allow_nonfinite = True to explain it anyway")
@@ -305,8 +307,8 @@ def _check_batch(feeds: dict[str, np.ndarray]) -> None:
                              f"number of rows")
     empty = [name for name, n in sizes.items() if n == 0]
     if empty:
-        raise RulegraphError(f"empty batch: input '{empty[0]}' has 0 rows (shape {list(feeds[empty[0]].shape)}); "
-                             f"give at least one row")
+        raise RulegraphError(f"empty batch: input '{empty[0]}' has 0 rows (shape "
+                             f"{list(feeds[empty[0]].shape)}); give at least one row")
 
 
 def _check_baseline_names(baseline, inputs: list[str]) -> None:
@@ -336,11 +338,12 @@ def make_baseline(kind, x: np.ndarray) -> np.ndarray:
             raise RulegraphError(f"baseline blur needs spatial axes; the input has shape {x.shape}")
         value = _gaussian_blur(x, max(1.0, min(x.shape[2:]) / 10))
     elif isinstance(kind, str) and kind.startswith("file:"):
+        from .inputs import read_npy
+
         path = kind.removeprefix("file:")
-        try:
-            value = np.load(path).astype(x.dtype)
-        except OSError as exc:
-            raise RulegraphError(f"baseline file {path}: {exc}") from exc
+        if not Path(path).is_file():
+            raise RulegraphError(f"baseline file {path}: no such file")
+        value = _convert(f"baseline {path}", read_npy(path), x.dtype, allow_nonfinite=False)
     else:
         raise RulegraphError(f"unknown baseline {kind!r}: use zeros, mean, blur, file:<path> or an array")
     try:

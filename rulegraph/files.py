@@ -28,11 +28,12 @@ def model_files(model) -> list[Path]:
     if not path.is_file():
         return [path]
     files = [path]
-    try:
-        import onnx
+    import onnx
+    from google.protobuf.message import DecodeError
 
+    try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # an unreadable model is reported by the model reader, not here
+    except (OSError, ValueError, DecodeError):  # an unreadable model is reported by the model reader
         return files
     tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute
                                                if a.type == onnx.AttributeProto.TENSOR]

@@ -82,7 +82,8 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise RulegraphError(f"{path} is not a readable .npz archive ({exc}); write it with np.savez") from None
+        raise RulegraphError(f"{path} is not a readable .npz archive ({exc}); write it with "
+                             f"np.savez") from None
     arrays = {}
     with archive:
         members = archive.infolist()
@@ -104,7 +105,8 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
                     array = np.lib.format.read_array(handle, allow_pickle=False)
             except RulegraphError:
                 raise
-            except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError) as exc:
+            except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError,
+                    NotImplementedError) as exc:
                 raise RulegraphError(f"{where} cannot be read ({exc}); write the file again with np.savez") \
                     from None
             arrays[name] = array
@@ -156,8 +158,8 @@ def _high_depth(path: Path, image, size) -> np.ndarray:
     raw = np.asarray(image).astype(np.float64)
     divisor = HIGH_DEPTH_MODES[image.mode]
     if divisor is None:
-        warnings.warn(f"{path}: a float image (mode F) is read as stored, not scaled to [0, 1]", RulegraphWarning,
-                      stacklevel=3)
+        warnings.warn(f"{path}: a float image (mode F) is read as stored, not scaled to [0, 1]",
+                      RulegraphWarning, stacklevel=3)
         if not np.isfinite(raw).all():
             raise RulegraphError(f"{path}: the float image holds NaN or infinite pixels")
     else:
@@ -201,7 +203,8 @@ def load_input(path: str | Path, explainer, scale: float = 1.0, allow_nonfinite:
             return {n: arrays[n] for n in names}
         if len(arrays) == 1 or "x" in arrays:
             return arrays.get("x", next(iter(arrays.values())))
-        raise RulegraphError(f"{path}: holds {sorted(arrays)}; expected arrays named {names} or one array 'x'")
+        raise RulegraphError(f"{path}: holds {sorted(arrays)}; expected arrays named {names} or one "
+                             f"array 'x'")
     if suffix in IMAGE_SUFFIXES:
         name = explainer.graph.inputs[0]
         shape = explainer.graph.shapes.get(name)

@@ -40,8 +40,9 @@ def heatmap_rgb(attribution: np.ndarray) -> np.ndarray:
     if a.ndim < 2:
         return bars_rgb(a.reshape(-1))
     if a.ndim != 2:
-        raise RulegraphError(f"a heatmap needs a map of shape [H, W], [C, H, W], [F] or [] per row; this "
-                             f"input's is {list(a.shape)}: save the attribution with --out and plot it yourself")
+        raise RulegraphError(f"a heatmap needs a map of shape [H, W], [C, H, W], [F] or [] per row; "
+                             f"this input's is {list(a.shape)}: save the attribution with --out and "
+                             f"plot it yourself")
     if not np.isfinite(a).all():
         raise RulegraphError("the attribution holds NaN or infinite values; no heatmap is drawn")
     scale = np.abs(a).max() or 1.0

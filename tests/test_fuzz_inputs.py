@@ -134,7 +134,8 @@ def npz_bytes(**arrays) -> bytes:
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
 def png_declaring(width: int, height: int, depth: int, colour: int, payload: bytes) -> bytes:
@@ -209,7 +210,8 @@ def test_fuzz_input_files_api(explainer, tmp_path):
 
 
 @settings(FUZZ, max_examples=60)
-@given(file=files(), out=st.sampled_from(["r.npy", "r", "h.png", "h", "h.jpeg", "INPUT", "MODEL", "sub/r.npy"]))
+@given(file=files(), out=st.sampled_from(["r.npy", "r", "h.png", "h", "h.jpeg", "INPUT", "MODEL",
+                                         "sub/r.npy"]))
 def files_cli(tmp_path_factory, file, out):
     """``rulegraph explain`` in-process on a fuzzed file: exit 0 or 2, the user's files unchanged."""
     count("files via CLI")
@@ -224,7 +226,8 @@ def files_cli(tmp_path_factory, file, out):
     argv = ["explain", str(folder / "model.onnx"), "--rules", "lrp-epsilon", "--input", str(paths["INPUT"]),
             flag, str(target)]
     stdout, stderr = io.StringIO(), io.StringIO()
-    with time_limit(SECONDS_PER_EXAMPLE), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with time_limit(SECONDS_PER_EXAMPLE), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
         code = main(argv)
     assert code in (0, 2), stderr.getvalue()
     if code == 0:

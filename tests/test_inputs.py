@@ -43,7 +43,8 @@ def npz_bytes(**arrays) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, data in arrays.items():
-            archive.writestr(name if "." in name else f"{name}.npy", data if isinstance(data, bytes) else npy_bytes(data))
+            payload = data if isinstance(data, bytes) else npy_bytes(data)
+            archive.writestr(name if "." in name else f"{name}.npy", payload)
     return buffer.getvalue()
 
 
@@ -76,15 +77,18 @@ BAD_FILES = {
     "longer.npy": (GOOD_NPY + b"\0" * 8, "longer than its header says"),
     "random.npy": (bytes(RNG.integers(0, 256, 300, dtype=np.uint8)), "is not a readable .npy array"),
     "empty.npy": (b"", "is not a readable .npy array"),
-    "huge-header.npy": (npy_header((99999999999, 1, 8, 8)) + b"\0" * 256, "is truncated: its header declares "
-                        "shape (99999999999, 1, 8, 8) of float32 (25599999999744 bytes) but it holds 256"),
-    "nan.npy": (npy_bytes(np.where(X[:1] > 0.5, np.nan, X[:1])), "NaN or infinite values (the first at index"),
+    "huge-header.npy": (npy_header((99999999999, 1, 8, 8)) + b"\0" * 256,
+                        ("is truncated: its header declares shape (99999999999, 1, 8, 8) of float32 "
+                         "(25599999999744 bytes) but it holds 256")),
+    "nan.npy": (npy_bytes(np.where(X[:1] > 0.5, np.nan, X[:1])),
+                "NaN or infinite values (the first at index"),
     "object.npz": (npz_bytes(x=npy_bytes(np.array([None], dtype=object), allow_pickle=True)),
                    "array 'x' holds Python objects"),
     "truncated.npz": (npz_bytes(x=X[:1])[:-40], "is not a readable .npz archive"),
     "short-member.npz": (npz_bytes(x=npy_bytes(X[:1])[:-4]), "array 'x' is truncated"),
-    "corrupt-deflate.npz": (deflate_corrupted(npy_bytes(X[:2])), "array 'x' is not a readable .npy array "
-                            "(Error -3 while decompressing data: invalid block type)"),
+    "corrupt-deflate.npz": (deflate_corrupted(npy_bytes(X[:2])),
+                            ("array 'x' is not a readable .npy array "
+                             "(Error -3 while decompressing data: invalid block type)")),
     "random.npz": (bytes(RNG.integers(0, 256, 300, dtype=np.uint8)), "is not a readable .npz archive"),
     "not-npy-member.npz": (npz_bytes(**{"x.txt": b"hello"}), "is not a .npy array"),
     "inf.npz": (npz_bytes(x=np.full((1, 1, 8, 8), np.inf, np.float32)), "array 'x' holds 64 NaN or infinite"),
@@ -144,7 +148,8 @@ IMAGES = {
     "16-bit png as rgb": (lambda p: _save(p / "a.png", U16), 3, np.repeat(U16[None], 3, 0) / 65535.0),
     "32-bit int tiff": (lambda p: _save(p / "a.tif", U16.astype(np.int32)), 1, U16[None] / 65535.0),
     "8-bit grey": (lambda p: _save(p / "a.png", U8), 1, U8[None] / 255.0),
-    "palette": (lambda p: PALETTE.save(p / "a.png") or p / "a.png", 1, np.asarray(PALETTE.convert("L"))[None] / 255.0),
+    "palette": (lambda p: PALETTE.save(p / "a.png") or p / "a.png", 1,
+                np.asarray(PALETTE.convert("L"))[None] / 255.0),
     "rgba drops alpha": (lambda p: _save(p / "a.png", RGBA), 3, RGBA[..., :3].transpose(2, 0, 1) / 255.0),
     "grey+alpha": (lambda p: _save(p / "a.png", np.dstack([U8, U8 // 3]), "LA"), 1, U8[None] / 255.0),
     "float tiff as stored": (lambda p: _save(p / "a.tif", F32), 1, F32[None].astype(np.float64)),
@@ -197,7 +202,8 @@ A = RNG.normal(size=(3, 4)).astype(np.float32)
 BAD_ARRAYS = {
     "different batch sizes": ({"a": A, "b": A[:2]}, "different batch sizes ('a': 3, 'b': 2)"),
     "empty batch": ({"a": A[:0], "b": A[:0]}, "empty batch: input 'a' has 0 rows (shape [0, 4])"),
-    "complex": ({"a": A.astype(np.complex64), "b": A}, "input 'a' (float32 in the model) was given complex64"),
+    "complex": ({"a": A.astype(np.complex64), "b": A},
+                "input 'a' (float32 in the model) was given complex64"),
     "object": ({"a": A.astype(object), "b": A}, "was given object values"),
     "bool": ({"a": A > 0, "b": A}, "was given bool values"),
     "strings": ({"a": A.astype(str), "b": A}, "was given <U"),
@@ -289,3 +295,20 @@ def test_heatmap_of_a_tabular_input_is_a_bar_image(tmp_path, capsys):
     expected = x[0] * W_TAB[:, 0]  # gradient x input of class 0
     heights = bar_heights(rgb[::4, ::51])  # the image is the bars upscaled 4x tall, 51x wide
     np.testing.assert_array_equal(heights, np.round(expected / np.abs(expected).max() * 32).astype(int))
+
+
+@pytest.mark.parametrize("data,message", [
+    (npy_bytes(np.array([{"a": 1}], dtype=object), allow_pickle=True), "holds Python objects"),
+    (npy_bytes(A.astype(np.complex64)), "holds complex numbers"),
+    (npy_bytes(A)[:-3], "is truncated"),
+    (npy_bytes(np.full(4, np.nan, np.float32)), "holds 4 NaN or infinite values"),
+    (None, "no such file"),
+])
+def test_baseline_files_are_read_safely(tmp_path, data, message):
+    path = tmp_path / "base.npy"
+    if data is not None:
+        path.write_bytes(data)
+    explainer = Explainer(two_inputs(), "deeplift-rescale")
+    with pytest.raises(RulegraphError) as info:
+        explainer.explain({"a": A, "b": A}, target=0, baseline=f"file:{path}")
+    assert message in str(info.value) and str(path) in str(info.value)
