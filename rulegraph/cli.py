@@ -66,7 +66,8 @@ def summary(result) -> str:
 
 def _inputs_of(args) -> list[Path]:
     """The files a command reads (model, its external data, rule file, input): no output may be one."""
-    files = model_files(getattr(args, "model", None)) + rule_files(getattr(args, "rules", None))
+    outputs = [getattr(args, name, None) for name in ("out", "heatmap", "o", "output_file")]
+    files = model_files(getattr(args, "model", None), outputs) + rule_files(getattr(args, "rules", None))
     for name in ("input", "target"):
         value = getattr(args, name, None)
         if value and Path(value).is_file():

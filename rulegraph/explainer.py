@@ -86,10 +86,7 @@ class Explainer:
         self.output = output
         self.start = start
         self.threads = threads
-        from .files import model_files, rule_files
-
-        #: the files this explainer was read from; ``save`` refuses to overwrite them
-        self.source_files = model_files(model) + rule_files(rules)
+        self._sources = (model, rules)  # the files read; ``save`` refuses to overwrite them
         self._compiled: dict[tuple[bool, bool], Compiled] = {}
         self._sessions: dict = {}
 
@@ -126,9 +123,10 @@ class Explainer:
     def save(self, path: str | Path, seed_mode: bool = False) -> Path:
         """Write the explainer ONNX model; any ONNX runtime can run it without rulegraph. The write
         is atomic and refuses to overwrite the model or rule file read (``files.check_output``)."""
-        from .files import check_output, write_with
+        from .files import check_output, model_files, rule_files, write_with
 
-        path = check_output(path, self.source_files, what="explainer")
+        model_path, rules_path = self._sources
+        path = check_output(path, model_files(model_path, [path]) + rule_files(rules_path), what="explainer")
         model = self.compiled(seed_mode).model
         return write_with(path, lambda tmp: onnx.save(model, str(tmp)), "explainer")
 

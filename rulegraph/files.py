@@ -20,12 +20,16 @@ from pathlib import Path
 from .errors import RulegraphError
 
 
-def model_files(model) -> list[Path]:
-    """The files a model path reads: the .onnx file and the external-data files it names."""
+def model_files(model, outputs: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """The files a model path reads: the .onnx file and the external-data files it names. The
+    model is parsed for the latter only when one of ``outputs`` lies inside the model's folder
+    (external data never lies elsewhere, graph.py), so a large model is not read twice for nothing."""
     if not isinstance(model, (str, os.PathLike)):
         return []
     path = Path(model)
-    if not path.is_file():
+    folder = path.resolve().parent
+    near = [o for o in outputs if o is not None and folder in Path(o).resolve().parents]
+    if not path.is_file() or not near:
         return [path]
     files = [path]
     import onnx
@@ -40,7 +44,7 @@ def model_files(model) -> list[Path]:
     for tensor in tensors:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            if location:
+            if location and path.parent / location not in files:
                 files.append(path.parent / location)
     return files
 

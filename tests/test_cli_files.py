@@ -20,7 +20,7 @@ from PIL import Image
 from rulegraph import Explainer, cli
 from rulegraph.cli import main
 from rulegraph.errors import RulegraphError, RulegraphWarning
-from rulegraph.files import atomic_write, check_output, write_with
+from rulegraph.files import atomic_write, check_output, model_files, write_with
 
 ROOT = Path(__file__).resolve().parent.parent
 CNN = ROOT / "models" / "digits_cnn.onnx"
@@ -259,3 +259,13 @@ def test_closed_stdout_exits_quietly():
 def test_check_output_accepts_a_new_file_in_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert check_output("r.npy", [CNN], [".npy"]) == Path("r.npy")
+
+
+@pytest.mark.parametrize("output,listed", [("elsewhere/e.onnx", ["m.onnx"]), ("e.onnx", ["m.onnx", "m.data"]),
+                                           ("sub/e.onnx", ["m.onnx", "m.data"])])
+def test_external_data_is_looked_up_only_for_outputs_beside_the_model(tmp_path, output, listed):
+    (tmp_path / "models" / "sub").mkdir(parents=True)
+    onnx.save(onnx.load(str(CNN)), str(tmp_path / "models" / "m.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.data", size_threshold=0)
+    out = tmp_path / output if output.startswith("elsewhere") else tmp_path / "models" / output
+    assert [p.name for p in model_files(tmp_path / "models" / "m.onnx", [out])] == listed
