@@ -103,7 +103,7 @@ def cmd_compile(args) -> int:
 
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
     path = explainer.save(args.o)
-    compiled = explainer.compiled()
+    compiled = explainer.saved()
     print(f"explainer written to {path}: inputs {compiled.input_names}, attribution outputs "
           f"{list(compiled.attribution.values())}")
     return 0

@@ -120,10 +120,27 @@ class Explainer:
         return _run_in_chunks(self._sessions["forward"], feeds, self._static_batch(), n)
 
     def save(self, path: str | Path, seed_mode: bool = False) -> Path:
-        """Write the explainer ONNX model; any ONNX runtime can run it without rulegraph."""
+        """Write the explainer ONNX model (``saved``); any ONNX runtime can run it without rulegraph."""
         path = Path(path)
-        onnx.save(self.compiled(seed_mode).model, str(path))
+        onnx.save(self.saved(seed_mode).model, str(path))
         return path
+
+    def saved(self, seed_mode: bool = False):
+        """What ``save`` writes: the compiled pass (``Compiled``), or for a rule file with a ``loop``
+        header the loop around it as one model (``loopgraph.LoopModel``; loops that cannot be a graph
+        are refused). Both have ``model``, ``input_names`` and ``attribution``."""
+        loop_call = getattr(self.ruleset, "loop", None)
+        if loop_call is None:
+            return self.compiled(seed_mode)
+        if seed_mode:
+            raise RulegraphError(f"{self.ruleset.source}: the loop model takes class targets "
+                                 f"(rulegraph/target), not a seed array; save it without seed mode, or "
+                                 f"use a rule file without a loop header")
+        if "loop" not in self._compiled:
+            from .loopgraph import compile_loop
+
+            self._compiled["loop"] = compile_loop(self, loop_call)
+        return self._compiled["loop"]
 
     def _feeds(self, x) -> dict[str, np.ndarray]:
         inputs = self.graph.inputs

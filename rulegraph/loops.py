@@ -88,15 +88,18 @@ def _rows(x, n_copies: int):
 
 
 def _targets_for(explainer, feeds, target) -> np.ndarray:
-    """Class per row; ``argmax`` is decided on the real input by one plain forward run."""
+    """Class per row; ``argmax`` (and a negative class, which means the same) is decided on the real
+    input by one plain forward run, not per loop point."""
     from .explainer import _targets
 
     n = next(iter(feeds.values())).shape[0]
-    if isinstance(target, str) and target == "argmax":
+    targets = _targets(target, n)
+    if (targets < 0).any():
         outputs = explainer.forward({k: v for k, v in feeds.items()})
         start = outputs[explainer.compiled().start_tensor]
-        return start.reshape(n, start.shape[1], -1)[:, :, 0].argmax(axis=1).astype(np.int64)
-    return _targets(target, n)
+        argmax = start.reshape(n, start.shape[1], -1)[:, :, 0].argmax(axis=1).astype(np.int64)
+        targets = np.where(targets < 0, argmax, targets)
+    return targets
 
 
 #: Quantities integrated gradients has no meaning for, and what to use instead (a **decision**).
@@ -181,8 +184,8 @@ def smoothgrad_noise(feeds: dict, floats: list[str], samples: int, seed: int) ->
     ``floats`` order, from one ``numpy.random.default_rng(seed)``): what ``explain`` uses, and what
     the compiled loop takes as its ``rulegraph/noise/<input>`` inputs."""
     rng = np.random.default_rng(int(seed))
-    return {k: rng.standard_normal((samples * len(feeds[k]), *feeds[k].shape[1:])).reshape(samples, *feeds[k].shape)
-            for k in floats}
+    return {k: rng.standard_normal((samples * len(feeds[k]), *feeds[k].shape[1:]))
+            .reshape(samples, *feeds[k].shape) for k in floats}
 
 
 def noise_sigma(v: np.ndarray, noise: float) -> np.ndarray:
@@ -228,8 +231,9 @@ def smoothgrad(explainer, x, target, params, baseline=None):
     own = {name: value[samples * n:] for name, value in result.outputs.items()}
     own[explainer.compiled().start_tensor] = result.start[samples * n:]
     return _result(explainer, {k: mean(v) for k, v in result.attribution.items()},
-                   {k: mean(v) for k, v in result.saliency.items()}, mean(result.start_value.astype(np.float64)),
-                   own, n, targets, {k: mean(v) for k, v in result.bias_shares.items()},
+                   {k: mean(v) for k, v in result.saliency.items()},
+                   mean(result.start_value.astype(np.float64)), own, n, targets,
+                   {k: mean(v) for k, v in result.bias_shares.items()},
                    None if result.bias_total is None else mean(result.bias_total))
 
 
@@ -279,7 +283,8 @@ def _result(explainer, attribution, saliency, start_value, outputs, n, targets, 
     from .explainer import Result
 
     start = outputs[explainer.compiled().start_tensor][:n]
-    return Result(attribution=attribution, saliency=saliency, bias_shares=bias_shares or {}, bias_total=bias_total,
+    return Result(attribution=attribution, saliency=saliency, bias_shares=bias_shares or {},
+                  bias_total=bias_total,
                   start_value=np.asarray(start_value, dtype=np.float64), start=start,
                   outputs={o: outputs[o][:n] for o in explainer.graph.outputs if o in outputs},
                   target=targets)

@@ -95,7 +95,7 @@ def test_integrated_gradients_around_importance(rules, replica, method, baseline
     result = Explainer(tiny_mlp(), rules).explain(X, target=TARGETS, loop="integrated_gradients", steps=16,
                                                   method=method, baseline=baseline)
     x = X.astype(np.float64)
-    xb = np.zeros_like(x) if baseline == "zeros" else np.broadcast_to(X.mean(axis=0), X.shape).astype(np.float64)
+    xb = np.zeros_like(x) if baseline == "zeros" else np.broadcast_to(X.mean(axis=0), X.shape).astype(float)
     alphas, weights = quadrature(method, 16)
     rate = sum(w * replica(xb + a * (x - xb), TARGETS)[1] for a, w in zip(alphas, weights))
     np.testing.assert_allclose(result.map, (x - xb) * rate, rtol=1e-5, atol=1e-5 * np.abs(rate).max())
@@ -121,7 +121,8 @@ def test_integrated_gradients_refused_where_it_has_no_meaning(rules, quantity):
 
 @pytest.mark.parametrize("rules,replica,baseline", [
     ("gradient", gradient, None), ("gradient-x-input", gradient, None), ("guided-backprop", guided, None),
-    ("lrp-epsilon", lrp_epsilon, None), ("deeplift-rescale", deeplift, None), ("deeplift-rescale", deeplift, "mean")])
+    ("lrp-epsilon", lrp_epsilon, None), ("deeplift-rescale", deeplift, None),
+    ("deeplift-rescale", deeplift, "mean")])
 def test_smoothgrad_around_every_quantity(rules, replica, baseline):
     explainer = Explainer(tiny_mlp(), rules)
     samples, noise, seed = 6, 0.3, 3
@@ -135,11 +136,12 @@ def test_smoothgrad_around_every_quantity(rules, replica, baseline):
     mean_map = np.mean([p[0] for p in per_copy], axis=0)
     scale = np.abs(mean_map).max()
     np.testing.assert_allclose(result.map, mean_map, rtol=1e-4, atol=1e-5 * scale)
-    np.testing.assert_allclose(result.start_value, np.mean([p[3] for p in per_copy], axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.start_value, np.mean([p[3] for p in per_copy], axis=0), rtol=1e-5,
+                               atol=1e-5)
     if per_copy[0][2] is not None and explainer.ruleset.bias == "blame":
         np.testing.assert_allclose(result.bias_total, np.mean([p[2] for p in per_copy], axis=0), rtol=1e-4,
                                    atol=1e-5)
-    if rules in ("lrp-epsilon", "deeplift-rescale", "gradient-x-input"):  # passes that conserve: so does the mean
+    if rules in ("lrp-epsilon", "deeplift-rescale", "gradient-x-input"):  # conserving passes, conserving mean
         assert np.abs(result.delta).max() < 1e-4 * np.abs(result.start_value).max()
 
 
@@ -155,8 +157,8 @@ def test_smoothgrad_without_noise_is_the_plain_pass(rules):
 
 def test_smoothgrad_around_deeplift_takes_the_baseline_of_the_real_input():
     xb = np.full(3, 0.25, dtype=np.float32)
-    result = Explainer(tiny_mlp(), "deeplift-rescale").explain(X, target=TARGETS, loop="smoothgrad", samples=2,
-                                                              noise=0.0, baseline=xb)
+    result = Explainer(tiny_mlp(), "deeplift-rescale").explain(X, target=TARGETS, loop="smoothgrad",
+                                                              samples=2, noise=0.0, baseline=xb)
     expected = deeplift(X.astype(np.float64), TARGETS, xb.astype(np.float64))
     np.testing.assert_allclose(result.map, expected[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.start_value, expected[3], rtol=1e-5, atol=1e-6)
@@ -174,3 +176,15 @@ def test_occlusion_is_the_same_whatever_the_rule_file():
             for rules in ("gradient", "lrp-epsilon", "deeplift-rescale")]
     np.testing.assert_array_equal(maps[0], maps[1])
     np.testing.assert_array_equal(maps[0], maps[2])
+
+
+@pytest.mark.parametrize("loop,params", [("integrated_gradients", {"steps": 8}),
+                                         ("smoothgrad", {"samples": 4, "noise": 0.5})])
+@pytest.mark.parametrize("target", [-1, "argmax"])
+def test_negative_target_is_the_argmax_of_the_real_input(loop, params, target):
+    explainer = Explainer(tiny_mlp(), "gradient")
+    argmax = _forward(X.astype(np.float64))[2].argmax(axis=1)
+    by_sign = explainer.explain(X, target=target, loop=loop, **params)
+    by_class = explainer.explain(X, target=argmax, loop=loop, **params)
+    np.testing.assert_array_equal(by_sign.target, argmax)
+    np.testing.assert_array_equal(by_sign.map, by_class.map)
