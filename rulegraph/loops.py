@@ -12,7 +12,7 @@ its attribution map, ``x'`` the baseline):
 | smoothgrad | ``mean_s R(x + ε_s)`` | ``mean_s R(x + ε_s)`` (SmoothLRP) | ``mean_s C(x + ε_s; x')`` |
 | occlusion | forward only: the rules play no part | same | same |
 
-``loops.compile`` (``rulegraph/loopgraph.py``) writes the first two as one ONNX graph.
+``loopgraph.compile_loop`` writes each as one ONNX model (``rulegraph compile`` of a ``loop`` header).
 
 ``LOOPS`` maps a loop's name to its spec (parameters validated like a rule's); a rule file names
 one with the ``loop`` header, e.g. ``loop integrated_gradients(steps = 64)``.

@@ -146,3 +146,47 @@ def test_plain_rule_files_still_save_the_plain_pass(tmp_path):
     explainer = Explainer(CNN, "lrp-epsilon")
     saved = onnx.load(str(explainer.save(tmp_path / "e.onnx")))
     assert saved.SerializeToString() == explainer.compiled().model.SerializeToString()
+
+
+def token_model() -> onnx.ModelProto:
+    """``y = Gemm(relu(Gemm(x + Σ_tokens E[ids])))``: a float input and an integer token-id input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+             for name, shape in (("E", (5, 3)), ("W1", (3, 4)), ("B1", (4,)), ("W2", (4, 2)), ("B2", (2,)))]
+    inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "axis"))
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["emb"], name="lookup"),
+             helper.make_node("ReduceSum", ["emb", "axis"], ["pooled"], keepdims=0, name="pool"),
+             helper.make_node("Add", ["x", "pooled"], ["h0"], name="add"),
+             helper.make_node("Gemm", ["h0", "W1", "B1"], ["z1"], name="fc1"),
+             helper.make_node("Relu", ["z1"], ["h1"], name="relu"),
+             helper.make_node("Gemm", ["h1", "W2", "B2"], ["y"], name="fc2")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 2])]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
+    graph = helper.make_graph(nodes, "tokens", inputs, [output], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("rules,loop,params", [("gradient", "integrated_gradients", {"steps": 6}),
+                                               ("lrp-epsilon", "smoothgrad", {"samples": 3, "seed": 5})])
+def test_loop_model_tiles_token_ids(rules, loop, params):
+    x = {"x": MLP_X, "ids": np.array([[0, 4], [2, 2], [1, 3], [4, 0]], dtype=np.int64)}
+    explainer = Explainer(token_model(), rules)
+    expected = explainer.explain(x, target="argmax", loop=loop, **params)
+    built = compile_loop(explainer, loop_call(loop, **params))
+    feeds = {**x, TARGET: np.full(4, -1, dtype=np.int64)}
+    if loop == "integrated_gradients":
+        feeds[BASELINE_PREFIX + "x"] = np.zeros_like(MLP_X)
+    else:
+        feeds[NOISE_PREFIX + "x"] = smoothgrad_noise(x, ["x"], params["samples"], params["seed"])["x"]
+    session = onnxruntime.InferenceSession(built.model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    assert set(built.attribution) == set(expected.attribution)
+    for name, output in built.attribution.items():
+        np.testing.assert_allclose(got[output], expected.attribution[name], rtol=1e-5,
+                                   atol=1e-6 * np.abs(expected.attribution[name]).max())
