@@ -188,3 +188,30 @@ def test_negative_target_is_the_argmax_of_the_real_input(loop, params, target):
     by_class = explainer.explain(X, target=argmax, loop=loop, **params)
     np.testing.assert_array_equal(by_sign.target, argmax)
     np.testing.assert_array_equal(by_sign.map, by_class.map)
+
+
+@pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients:UserWarning",
+                            "ignore:Setting backward hooks on ReLU activations:UserWarning")
+def test_smoothgrad_around_lrp_is_the_mean_of_captums_lrp_maps(captum_attr, torch, tm):
+    """SmoothLRP on the digits CNN: the mean, over the same noisy copies, of Captum's LRP-ε maps
+    (Captum's ``LRP`` with ``EpsilonRule`` and the gradient max-pool rule: the configuration
+    ``test_crosscheck.test_lrp_epsilon_matches_captum`` shows equal to ``lrp-epsilon``)."""
+    import sys
+    from pathlib import Path
+
+    from test_crosscheck import DIGIT_TARGETS, LRP_RTOL, _captum_lrp, row_errors
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "models"))
+    from architectures import load_torch
+
+    x = np.load(root / "models" / "digits_sample.npz")["x"].astype(np.float32)
+    samples, noise, seed = 4, 0.1, 2
+    ours = Explainer(root / "models" / "digits_cnn.onnx", "lrp-epsilon").explain(
+        x, target=DIGIT_TARGETS, loop="smoothgrad", samples=samples, noise=noise, seed=seed).map
+    draws = smoothgrad_noise({"input": x}, ["input"], samples, seed)["input"]
+    copies = x[None] + (draws * noise_sigma(x, noise)).astype(np.float32)
+    model = load_torch("digits_cnn")
+    theirs = np.mean([_captum_lrp(captum_attr, torch, tm, model, c, 1e-6, maxpool="gradient") for c in copies],
+                     axis=0)
+    assert row_errors(ours, theirs).max() <= LRP_RTOL
