@@ -212,6 +212,6 @@ def test_smoothgrad_around_lrp_is_the_mean_of_captums_lrp_maps(captum_attr, torc
     draws = smoothgrad_noise({"input": x}, ["input"], samples, seed)["input"]
     copies = x[None] + (draws * noise_sigma(x, noise)).astype(np.float32)
     model = load_torch("digits_cnn")
-    theirs = np.mean([_captum_lrp(captum_attr, torch, tm, model, c, 1e-6, maxpool="gradient") for c in copies],
-                     axis=0)
+    maps = [_captum_lrp(captum_attr, torch, tm, model, c, 1e-6, maxpool="gradient") for c in copies]
+    theirs = np.mean(maps, axis=0)
     assert row_errors(ours, theirs).max() <= LRP_RTOL
