@@ -62,7 +62,7 @@ def compile_loop(explainer, loop_call) -> LoopModel:
         raise RulegraphError(f"loop '{loop_call.name}' cannot be written as a graph; loops that can: "
                              f"{', '.join(LOOP_GRAPHS)}")
     static = explainer._static_batch()
-    if static is not None:
+    if static is not None and static > 0:  # -1 and 0 are how some exporters write a dynamic axis
         raise RulegraphError(f"the model was exported with a fixed batch of {static}; the loop model runs "
                              f"all of a loop's rows as one batch. Re-export the model with a dynamic batch "
                              f"axis, or explain it with explain(x, loop='{loop_call.name}'), which runs it "

@@ -34,7 +34,8 @@ def loop_call(name: str, **params) -> RuleCall:
 
 def run_loop_model(model: onnx.ModelProto, x: np.ndarray, target, baseline=None, noise=None) -> dict:
     """The loop model on plain onnxruntime; ``baseline``/``noise`` fill the inputs it declares."""
-    feeds = {"input" if x.ndim == 4 else "x": x, TARGET: np.asarray(target, dtype=np.int64)}
+    name = model.graph.input[0].name
+    feeds = {name: x, TARGET: np.asarray(target, dtype=np.int64)}
     for value in model.graph.input:
         if value.name.startswith(BASELINE_PREFIX):
             feeds[value.name] = baseline
@@ -190,3 +191,29 @@ def test_loop_model_tiles_token_ids(rules, loop, params):
     for name, output in built.attribution.items():
         np.testing.assert_allclose(got[output], expected.attribution[name], rtol=1e-5,
                                    atol=1e-6 * np.abs(expected.attribution[name]).max())
+
+
+def test_loop_model_of_the_ppocr_classifier():
+    """PP-OCR's text-direction classifier (batch axis written as -1, spatial axes free): SmoothGrad's
+    loop model equals the mean of the plain compiled pass over the same noisy copies, both run by
+    plain onnxruntime; occlusion, which needs a fixed spatial size, is refused by name."""
+    from rulegraph.compile import TARGET as PLAIN_TARGET
+    from rulegraph.loops import noise_sigma
+
+    explainer = Explainer(ROOT / "tests" / "data" / "ppocr" / "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                          "gradient")
+    x = np.random.default_rng(0).uniform(0, 1, size=(2, 3, 48, 192)).astype(np.float32)
+    samples, target = 2, np.array([0, 1], dtype=np.int64)
+    built = compile_loop(explainer, loop_call("smoothgrad", samples=samples))
+    draws = smoothgrad_noise({"x": x}, ["x"], samples, 0)["x"]
+    got = run_loop_model(built.model, x, target, noise=draws)
+    copies = (x[None] + (draws * noise_sigma(x, 0.15)).astype(np.float32)).reshape(-1, *x.shape[1:])
+    plain = explainer.compiled()
+    session = onnxruntime.InferenceSession(plain.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (maps,) = session.run([plain.attribution["x"]], {"x": copies, PLAIN_TARGET: np.tile(target, samples)})
+    expected = maps.reshape(samples, *x.shape).mean(axis=0)
+    np.testing.assert_allclose(got[built.attribution["x"]], expected, rtol=1e-5,
+                               atol=1e-6 * np.abs(expected).max())
+    with pytest.raises(RulegraphError, match=r"occlusion as a graph needs the spatial size of input 'x' "
+                                             r"fixed in the model \(its shape is \[-1, 3, '\?', '\?'\]\)"):
+        compile_loop(explainer, loop_call("occlusion"))
