@@ -209,7 +209,8 @@ def test_loop_model_of_the_ppocr_classifier():
     got = run_loop_model(built.model, x, target, noise=draws)
     copies = (x[None] + (draws * noise_sigma(x, 0.15)).astype(np.float32)).reshape(-1, *x.shape[1:])
     plain = explainer.compiled()
-    session = onnxruntime.InferenceSession(plain.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(plain.model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
     (maps,) = session.run([plain.attribution["x"]], {"x": copies, PLAIN_TARGET: np.tile(target, samples)})
     expected = maps.reshape(samples, *x.shape).mean(axis=0)
     np.testing.assert_allclose(got[built.attribution["x"]], expected, rtol=1e-5,
