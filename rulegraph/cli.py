@@ -106,7 +106,7 @@ def cmd_compile(args) -> int:
     check_output(args.o, _inputs_of(args), what="-o")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
     path = explainer.save(args.o)
-    compiled = explainer.compiled()
+    compiled = explainer.saved()
     print(f"explainer written to {path}: inputs {compiled.input_names}, attribution outputs "
           f"{list(compiled.attribution.values())}")
     return 0

@@ -121,17 +121,34 @@ class Explainer:
         return _run_in_chunks(self._sessions["forward"], feeds, self._static_batch(), n)
 
     def save(self, path: str | Path, seed_mode: bool = False) -> Path:
-        """Write the explainer ONNX model; any ONNX runtime can run it without rulegraph. The write
-        is atomic and refuses to overwrite the model or rule file read (``files.check_output``)."""
+        """Write the explainer ONNX model (``saved``); any ONNX runtime can run it without rulegraph.
+        The write is atomic and refuses to overwrite the model or rule file read (``files.check_output``)."""
         from .files import check_output, model_files, rule_files, write_with
 
         model_path, rules_path = self._sources
         path = check_output(path, model_files(model_path, [path]) + rule_files(rules_path), what="explainer")
-        model = self.compiled(seed_mode).model
+        model = self.saved(seed_mode).model
         return write_with(path, lambda tmp: onnx.save(model, str(tmp)), "explainer")
 
     #: NaN or infinite values in a float input are refused unless this is set (``explainer.allow_nonfinite``)
     allow_nonfinite = False
+
+    def saved(self, seed_mode: bool = False):
+        """What ``save`` writes: the compiled pass (``Compiled``), or for a rule file with a ``loop``
+        header the loop around it as one model (``loopgraph.LoopModel``; loops that cannot be a graph
+        are refused). Both have ``model``, ``input_names`` and ``attribution``."""
+        loop_call = getattr(self.ruleset, "loop", None)
+        if loop_call is None:
+            return self.compiled(seed_mode)
+        if seed_mode:
+            raise RulegraphError(f"{self.ruleset.source}: the loop model takes class targets "
+                                 f"(rulegraph/target), not a seed array; save it without seed mode, or "
+                                 f"use a rule file without a loop header")
+        if "loop" not in self._compiled:
+            from .loopgraph import compile_loop
+
+            self._compiled["loop"] = compile_loop(self, loop_call)
+        return self._compiled["loop"]
 
     def _feeds(self, x) -> dict[str, np.ndarray]:
         """The arrays to feed, one per model input, each checked against the model's declared input:

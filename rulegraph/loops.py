@@ -3,6 +3,17 @@ gradients, SmoothGrad, and occlusion. Each builds every point of its loop at onc
 one batch through the compiled explainer (or, for occlusion, through the plain forward model), so
 the loop costs one runtime call, not one per step.
 
+What each loop computes around each quantity's pass (``a`` the pass's number at the input, ``R``
+its attribution map, ``x'`` the baseline):
+
+| loop | importance (gradient family) | relevance (LRP family) | difference (DeepLIFT) |
+|---|---|---|---|
+| integrated_gradients | ``(x − x') ⊙ Σ_k w_k a(x' + α_k(x − x'))`` | refused | refused |
+| smoothgrad | ``mean_s R(x + ε_s)`` | ``mean_s R(x + ε_s)`` (SmoothLRP) | ``mean_s C(x + ε_s; x')`` |
+| occlusion | forward only: the rules play no part | same | same |
+
+``loopgraph.compile_loop`` writes each as one ONNX model (``rulegraph compile`` of a ``loop`` header).
+
 ``LOOPS`` maps a loop's name to its spec (parameters validated like a rule's); a rule file names
 one with the ``loop`` header, e.g. ``loop integrated_gradients(steps = 64)``.
 """
@@ -77,25 +88,55 @@ def _rows(x, n_copies: int):
 
 
 def _targets_for(explainer, feeds, target) -> np.ndarray:
-    """Class per row; ``argmax`` is decided on the real input by one plain forward run."""
+    """Class per row; ``argmax`` (and a negative class, which means the same) is decided on the real
+    input by one plain forward run, not per loop point."""
     from .explainer import _targets
 
     n = next(iter(feeds.values())).shape[0]
-    if isinstance(target, str) and target == "argmax":
+    targets = _targets(target, n)
+    if (targets < 0).any():
         outputs = explainer.forward({k: v for k, v in feeds.items()})
         start = outputs[explainer.compiled().start_tensor]
-        return start.reshape(n, start.shape[1], -1)[:, :, 0].argmax(axis=1).astype(np.int64)
-    return _targets(target, n)
+        argmax = start.reshape(n, start.shape[1], -1)[:, :, 0].argmax(axis=1).astype(np.int64)
+        targets = np.where(targets < 0, argmax, targets)
+    return targets
+
+
+#: Quantities integrated gradients has no meaning for, and what to use instead (a **decision**).
+IG_REFUSED = {
+    "relevance": "integrated gradients integrates a per-unit rate a(x) along the path (the importance "
+                 "quantity's saliency); a relevance map R(x) has none (R/x is undefined at x = 0, and "
+                 "zbox/flat maps are not x ⊙ anything). Use loop 'smoothgrad' around this file (SmoothLRP: "
+                 "the mean LRP map over noisy copies), or an importance file ('integrated-gradients', "
+                 "'gradient') for integrated gradients",
+    "difference": "DeepLIFT already compares x with its baseline x' in one pass (Σ C = f(x) − f(x') "
+                  "exactly); integrating its multipliers along the path from x' has no defined meaning. "
+                  "Run this file without a loop, use loop 'smoothgrad' around it, or the importance file "
+                  "'integrated-gradients' for integrated gradients",
+}
+
+
+def refuse_integrated_gradients(ruleset) -> None:
+    """Raise for a rule file whose quantity integrated gradients cannot be taken of (``IG_REFUSED``)."""
+    why = IG_REFUSED.get(ruleset.quantity)
+    if why is not None:
+        raise RulegraphError(f"{ruleset.source}: loop integrated_gradients around quantity "
+                             f"{ruleset.quantity}: {why}")
 
 
 @loop("integrated_gradients", params=[
     Param("steps", 50, _positive_int, "number of points on the path"),
     Param("method", "gausslegendre", choices=QUADRATURES, doc="the quadrature rule")])
 def integrated_gradients(explainer, x, target, params, baseline=None):
-    """Integrated gradients (Sundararajan et al. 2017): ``(x − x') ⊙ ∫₀¹ a(x' + α(x − x')) dα``,
-    with ``a`` the rule file's importance numbers (the gradient for ``gradient.rules``)."""
+    """Integrated gradients (Sundararajan et al. 2017): ``(x − x') ⊙ Σ_k w_k a(x' + α_k(x − x'))``,
+    the quadrature of ``(x − x') ⊙ ∫₀¹ a(x' + α(x − x')) dα``, with ``a`` the rule file's importance
+    numbers (the gradient for ``gradient.rules``). Importance quantity only: relevance and
+    difference files are refused (``IG_REFUSED`` says why and what to use). ``saliency`` is the
+    integrated ``a``; ``start_value`` is ``f(x) − f(x')`` (completeness: ``delta → 0`` with more steps
+    where ``a`` is the gradient)."""
     from .explainer import make_baseline
 
+    refuse_integrated_gradients(explainer.ruleset)
     feeds = explainer._feeds(x)
     floats = _float_inputs(explainer, feeds, "integrated_gradients")
     targets = _targets_for(explainer, feeds, target)
@@ -138,25 +179,50 @@ def _baseline_choice(explainer, baseline, name):
     return baseline if baseline is not None else (explainer.ruleset.baseline or "zeros")
 
 
+def smoothgrad_noise(feeds: dict, floats: list[str], samples: int, seed: int) -> dict[str, np.ndarray]:
+    """The standard-normal draws of SmoothGrad, ``[samples, N, ...]`` float64 per float input (in
+    ``floats`` order, from one ``numpy.random.default_rng(seed)``): what ``explain`` uses, and what
+    the compiled loop takes as its ``rulegraph/noise/<input>`` inputs."""
+    rng = np.random.default_rng(int(seed))
+    return {k: rng.standard_normal((samples * len(feeds[k]), *feeds[k].shape[1:]))
+            .reshape(samples, *feeds[k].shape) for k in floats}
+
+
+def noise_sigma(v: np.ndarray, noise: float) -> np.ndarray:
+    """σ per row: ``noise · (max x − min x)`` over the row, shaped to broadcast against ``v``."""
+    flat = v.reshape(len(v), -1)
+    return ((flat.max(axis=1) - flat.min(axis=1)) * noise).reshape((-1,) + (1,) * (v.ndim - 1))
+
+
 @loop("smoothgrad", params=[
     Param("samples", 25, _positive_int, "noisy copies per input"),
     Param("noise", 0.15, _nonnegative, "σ as a fraction of each row's value range"),
     Param("seed", 0, _nonnegative, "seed of the noise")])
 def smoothgrad(explainer, x, target, params, baseline=None):
-    """SmoothGrad (Smilkov et al. 2017): the mean of the rule file's attribution over copies of the
-    input with Gaussian noise, ``σ = noise · (max x − min x)`` per row."""
+    """SmoothGrad (Smilkov et al. 2017) around any pass: the mean over ``S`` copies ``x + ε_s`` of
+    the input, ``ε_s ~ N(0, σ²)`` with ``σ = noise · (max x − min x)`` per row, of everything the
+    pass gives: the attribution (``x_s ⊙ a(x_s)`` for importance; the LRP map for relevance, i.e.
+    SmoothLRP; DeepLIFT's ``C`` for difference, every copy against the baseline ``x'`` of the real
+    ``x``), the saliency and the bias shares. ``start_value`` is the mean start value of the copies
+    (what the mean map accounts for), so ``delta`` is the mean of the copies' deltas: 0 where the
+    pass conserves. ``outputs`` are the model's on ``x`` itself."""
+    from .explainer import make_baseline
+
     feeds = explainer._feeds(x)
     floats = _float_inputs(explainer, feeds, "smoothgrad")
     targets = _targets_for(explainer, feeds, target)
-    samples, rng = int(params["samples"]), np.random.default_rng(int(params["seed"]))
+    samples = int(params["samples"])
+    draws = smoothgrad_noise(feeds, floats, samples, int(params["seed"]))
     noisy = _rows(feeds, samples)
     for k in floats:
         v = feeds[k]
-        spread = (v.reshape(len(v), -1).max(axis=1) - v.reshape(len(v), -1).min(axis=1)) * params["noise"]
-        sigma = np.tile(spread, samples).reshape((-1,) + (1,) * (v.ndim - 1))
-        noisy[k] = noisy[k] + (rng.standard_normal(noisy[k].shape) * sigma).astype(v.dtype)
+        sigma = np.tile(noise_sigma(v, params["noise"]), (samples,) + (1,) * (v.ndim - 1))
+        noisy[k] = noisy[k] + (draws[k].reshape(noisy[k].shape) * sigma).astype(v.dtype)
     batch = {k: np.concatenate([noisy[k], feeds[k]]) for k in feeds}  # and x itself, for its output
-    result = explainer.explain(batch, target=np.tile(targets, samples + 1))
+    bases = explainer.compiled().baseline_inputs
+    inner_baseline = {k: _rows({k: make_baseline(_baseline_choice(explainer, baseline, k), feeds[k])},
+                               samples + 1)[k] for k in bases}
+    result = explainer.explain(batch, target=np.tile(targets, samples + 1), baseline=inner_baseline or None)
     n = len(targets)
 
     def mean(a):
@@ -164,10 +230,11 @@ def smoothgrad(explainer, x, target, params, baseline=None):
 
     own = {name: value[samples * n:] for name, value in result.outputs.items()}
     own[explainer.compiled().start_tensor] = result.start[samples * n:]
-    start = own[explainer.compiled().start_tensor]
-    picked = start.reshape(n, start.shape[1], -1)[np.arange(n), targets, 0]
     return _result(explainer, {k: mean(v) for k, v in result.attribution.items()},
-                   {k: mean(v) for k, v in result.saliency.items()}, picked, own, n, targets)
+                   {k: mean(v) for k, v in result.saliency.items()},
+                   mean(result.start_value.astype(np.float64)), own, n, targets,
+                   {k: mean(v) for k, v in result.bias_shares.items()},
+                   None if result.bias_total is None else mean(result.bias_total))
 
 
 @loop("occlusion", params=[
@@ -176,7 +243,9 @@ def smoothgrad(explainer, x, target, params, baseline=None):
     Param("value", 0.0, doc="what the patch is filled with")])
 def occlusion(explainer, x, target, params, baseline=None):
     """Occlusion (Zeiler and Fergus 2014), forward only: each cell's attribution is the mean drop
-    of the target output over the patches that cover it (Captum's definition)."""
+    of the target output over the patches that cover it (Captum's definition). The rule file's
+    rules and quantity play no part; ``start_value`` is ``f(x)``, and ``delta`` (Σ map − f(x)) is
+    no conservation: occlusion promises none."""
     feeds = explainer._feeds(x)
     name = next(k for k in feeds if explainer.graph.is_float(k))
     v = feeds[name]
@@ -209,11 +278,13 @@ def occlusion(explainer, x, target, params, baseline=None):
     return _result(explainer, {name: attribution.copy()}, {}, picked[:n], own, n, targets)
 
 
-def _result(explainer, attribution, saliency, start_value, outputs, n, targets):
+def _result(explainer, attribution, saliency, start_value, outputs, n, targets, bias_shares=None,
+            bias_total=None):
     from .explainer import Result
 
     start = outputs[explainer.compiled().start_tensor][:n]
-    return Result(attribution=attribution, saliency=saliency, bias_shares={}, bias_total=None,
+    return Result(attribution=attribution, saliency=saliency, bias_shares=bias_shares or {},
+                  bias_total=bias_total,
                   start_value=np.asarray(start_value, dtype=np.float64), start=start,
                   outputs={o: outputs[o][:n] for o in explainer.graph.outputs if o in outputs},
                   target=targets)
