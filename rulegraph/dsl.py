@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput
 
 from . import ruleset
@@ -478,27 +478,43 @@ class _Builder(Transformer):
 
 
 def _parse_file(text: str, file: str, directory: Path | None) -> tuple[_File, list, bool]:
-    """Parse one file: (its statements, its problems, whether every line parsed)."""
+    """Parse one file: (its statements, its problems, whether every line parsed).
+
+    A statement is one line (no token spans a newline), so each line is parsed on its own: a line
+    with a syntax error is reported and skipped, and the work stays linear in the file's size.
+    """
     lines = [line.rstrip("\r") for line in text.split("\n")]
-    current = list(lines)
     problems: list[tuple[Location, str]] = []
     blanked: set[int] = set()
-    while True:
+    statements: list[Tree] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
-            tree = _parser().parse("\n".join(current) + "\n")
-            break
+            tree = _parser().parse(line + "\n")
         except UnexpectedInput as err:
-            line = err.line if isinstance(err.line, int) and 0 < err.line <= len(lines) else len(lines)
-            column = err.column if isinstance(err.column, int) and err.column > 0 else 1
-            message, column = _syntax_message(err, current[line - 1] if lines else "", column)
-            problems.append((Location(file, line, column, lines[line - 1] if lines else ""), message))
-            if line in blanked or not lines:
-                return _File(), problems, False
-            current[line - 1] = ""
-            blanked.add(line)
+            column = err.column if isinstance(err.column, int) and err.column > 0 else len(line) + 1
+            message, column = _syntax_message(err, line, column)
+            problems.append((Location(file, number, column, line), message))
+            blanked.add(number)
+            continue
+        statements.extend(_moved(statement, number - 1) for statement in tree.children)
     builder = _Builder(file, lines, None if file.startswith("<") else directory, blanked)
-    parsed = builder.transform(tree)
+    parsed = builder.transform(Tree("file", statements))
     return parsed, problems + builder.problems, not blanked
+
+
+def _moved(tree: Tree, lines: int) -> Tree:
+    """``tree`` parsed from one line, with its positions moved down by ``lines``."""
+    for subtree in tree.iter_subtrees():
+        for name in ("line", "end_line"):
+            if hasattr(subtree.meta, name):
+                setattr(subtree.meta, name, getattr(subtree.meta, name) + lines)
+        for token in subtree.children:
+            if isinstance(token, Token) and token.line is not None:
+                token.line += lines
+                token.end_line = None if token.end_line is None else token.end_line + lines
+    return tree
 
 
 # --------------------------------------------------------------------------------------------------
