@@ -51,6 +51,8 @@ BASELINES = ("zeros", "mean", "blur")
 BASELINE_LOOPS = ("integrated_gradients",)  # loops that start from the baseline
 HEADERS = ("rulegraph", "quantity", "bias", "baseline", "start", "loop", "include")
 SUFFIX = ".rules"
+#: how deep includes may nest (a file including a file including ...); deeper chains are an error
+MAX_INCLUDE_DEPTH = 16
 
 _located = v_args(meta=True, inline=True)
 
@@ -102,14 +104,46 @@ def load(path_or_name: str | Path) -> RuleSet:
     """Read a rule file from a path, or a bundled one by name (``load("lrp-epsilon")``)."""
     given = str(path_or_name)
     path = Path(path_or_name)
-    if not path.is_file():
+    if not path.exists():
         bundled = _bundled(given)
         if bundled is None:
             if path.suffix == SUFFIX or os.sep in given or "/" in given:
                 raise RulegraphError(f"no rule file '{given}'{_bundled_hint(path.name)}")
             raise RulegraphError(f"no rule file or bundled rule file named '{given}'{_bundled_hint(given)}")
         path, given = bundled, f"rules/{bundled.name}"
-    return _Loader().run(path.read_text(encoding="utf-8"), given, path.resolve().parent, path.resolve())
+    text, problem = _read_text(path)
+    if problem is not None:
+        (line, column), why = problem
+        raise RuleSyntaxError([(Location(given, line, column), f"'{given}' {why}")])
+    return _Loader().run(text, given, path.resolve().parent, path.resolve())
+
+
+def _read_text(path: Path) -> tuple[str, None] | tuple[None, tuple[tuple[int, int], str]]:
+    """The text of a rule file, or ((line, column), why it cannot be read); never its content."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        return None, ((1, 1), "is a directory, not a rule file")
+    except OSError as exc:
+        return None, ((1, 1), f"cannot be read ({exc.strerror or type(exc).__name__})")
+    if b"\0" in data:
+        offset = data.index(b"\0")
+        return None, (_place(data, offset), f"is a binary file, not a rule file (a NUL byte at offset {offset})")
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return None, (_place(data, exc.start), f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                                               f"{exc.start}); save it as UTF-8")
+
+
+def _place(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based (line, column counted in bytes) of the byte at ``offset``."""
+    return data.count(b"\n", 0, offset) + 1, offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+
+
+def _echoes(file: str) -> bool:
+    """Messages show the lines of rule files (and of text given directly), never of another file."""
+    return file.startswith("<") or file.endswith(SUFFIX)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,7 +535,10 @@ def _parse_file(text: str, file: str, directory: Path | None) -> tuple[_File, li
         statements.extend(_moved(statement, number - 1) for statement in tree.children)
     builder = _Builder(file, lines, None if file.startswith("<") else directory, blanked)
     parsed = builder.transform(Tree("file", statements))
-    return parsed, problems + builder.problems, not blanked
+    problems += builder.problems
+    if not _echoes(file):
+        problems = [(dataclasses.replace(where, source_line=""), message) for where, message in problems]
+    return parsed, problems, not blanked
 
 
 def _moved(tree: Tree, lines: int) -> Tree:
@@ -565,13 +602,25 @@ class _Loader:
         self.headers.update((name, h) for name, h in parsed.headers.items() if name != "rulegraph")
 
     def _include(self, include: _Include, includer: str, directory: Path, stack: list) -> None:
+        """Read an included file: only ``.rules`` files and bundled names are read, never another
+        file (its content could end up in messages)."""
         target = include.target
         candidate = Path(target) if os.path.isabs(target) else directory / target
         base = os.path.dirname(includer) if not includer.startswith("<") else ""
         shown = target if os.path.isabs(target) else os.path.normpath(os.path.join(base, target))
-        if candidate.is_file():
+        bundled = _bundled(target)
+        if not target.endswith(SUFFIX) and bundled is None:
+            self._problem(include.location, f"cannot include '{target}': only rule files (names ending in "
+                                            f"{SUFFIX}) and bundled rule files can be included"
+                                            f"{_bundled_hint(Path(target).name)}")
+            return
+        if target.endswith(SUFFIX) and (candidate.exists() or candidate.is_symlink()):
             path = candidate.resolve()
-        elif (bundled := _bundled(target)) is not None:
+            if path.suffix != SUFFIX:
+                self._problem(include.location, f"cannot include '{target}': it links to a file whose name "
+                                                f"does not end in {SUFFIX}")
+                return
+        elif bundled is not None:
             path, shown = bundled.resolve(), f"rules/{bundled.name}"
         else:
             self._problem(include.location, f"cannot include '{target}': there is no file {shown} "
@@ -585,7 +634,18 @@ class _Loader:
             return
         if path in self.done:
             return
-        self._read(path.read_text(encoding="utf-8"), shown, path.parent, path, stack)
+        if len(stack) > MAX_INCLUDE_DEPTH:
+            self._problem(include.location, f"includes nested more than {MAX_INCLUDE_DEPTH} deep "
+                                            f"({stack[0][1]} -> ... -> {includer} -> {shown}); "
+                                            "include these files from one file instead")
+            return
+        text, problem = _read_text(path)
+        if problem is not None:
+            (line, column), why = problem
+            where = f" (line {line}, column {column})" if (line, column) != (1, 1) else ""
+            self._problem(include.location, f"cannot include '{target}': {shown} {why}{where}")
+            return
+        self._read(text, shown, path.parent, path, stack)
 
     def _problem(self, location: Location, message: str) -> None:
         self.problems.append((location, message))

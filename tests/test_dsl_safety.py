@@ -51,3 +51,112 @@ def test_work_doubles_when_the_bad_lines_double(monkeypatch):
     small, _ = _parsed_characters(monkeypatch, _bad_lines(2000))
     large, _ = _parsed_characters(monkeypatch, _bad_lines(4000))
     assert large / small == pytest.approx(len(_bad_lines(4000)) / len(_bad_lines(2000)), rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# include reads rule files only, and messages never echo another file's content
+
+SECRET = "CI_TOKEN=s3cr3t-value"
+
+
+def _files(folder, files: dict[str, str | bytes]) -> None:
+    for name, content in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+
+
+# name, files (main.rules includes), expected message fragment, line:col of the problem
+INCLUDE_ERRORS = [
+    ("not a rules file", {"main.rules": HEAD + 'include "secret.txt"\n', "secret.txt": SECRET + "\n"},
+     "cannot include 'secret.txt': only rule files (names ending in .rules)", "main.rules:2:1"),
+    ("absolute non-rules path", {"main.rules": HEAD + 'include "/etc/passwd"\n'},
+     "cannot include '/etc/passwd': only rule files", "main.rules:2:1"),
+    ("proc environ", {"main.rules": HEAD + 'include "/proc/self/environ"\n'},
+     "cannot include '/proc/self/environ': only rule files", "main.rules:2:1"),
+    ("missing", {"main.rules": HEAD + 'include "nope.rules"\n'},
+     "cannot include 'nope.rules': there is no file nope.rules", "main.rules:2:1"),
+    ("directory", {"main.rules": HEAD + 'include "d.rules"\n', "d.rules/x.rules": HEAD},
+     "cannot include 'd.rules': d.rules is a directory, not a rule file", "main.rules:2:1"),
+    ("not utf-8", {"main.rules": HEAD + 'include "b.rules"\n', "b.rules": b"rulegraph 1\nlinear -> gr\xe9dient\n"},
+     "cannot include 'b.rules': b.rules is not UTF-8 text (byte 0xe9 at offset 24); save it as UTF-8 "
+     "(line 2, column 13)", "main.rules:2:1"),
+    ("binary", {"main.rules": HEAD + 'include "b.rules"\n', "b.rules": b"\x7fELF\x02\x01\x00\x00" + SECRET.encode()},
+     "cannot include 'b.rules': b.rules is a binary file, not a rule file (a NUL byte at offset 6) "
+     "(line 1, column 7)", "main.rules:2:1"),
+    ("symlink to another file", {"main.rules": HEAD + 'include "link.rules"\n', "secret.txt": SECRET},
+     "cannot include 'link.rules': it links to a file whose name does not end in .rules", "main.rules:2:1"),
+    ("cycle", {"main.rules": HEAD + 'include "a.rules"\n', "a.rules": HEAD + 'include "main.rules"\n'},
+     "include cycle: main.rules -> a.rules -> main.rules", "a.rules:2:1"),
+]
+
+
+@pytest.mark.parametrize("files, fragment, where", [row[1:] for row in INCLUDE_ERRORS],
+                         ids=[row[0] for row in INCLUDE_ERRORS])
+def test_include_errors(tmp_path, monkeypatch, files, fragment, where):
+    _files(tmp_path, files)
+    if "link.rules" in files["main.rules"]:
+        (tmp_path / "link.rules").symlink_to(tmp_path / "secret.txt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuleSyntaxError) as err:
+        dsl.load("main.rules")
+    assert [str(loc) for loc, _ in err.value.problems] == [where]
+    assert fragment in err.value.problems[0][1]
+    assert "s3cr3t" not in str(err.value) and "root:" not in str(err.value)
+
+
+def _chain(folder, n: int) -> None:
+    """f0.rules includes f1.rules ... includes f{n-1}.rules."""
+    for i in range(n):
+        include = f'include "f{i + 1}.rules"\n' if i + 1 < n else "linear -> gradient\n"
+        (folder / f"f{i}.rules").write_text(HEAD + include)
+
+
+@pytest.mark.parametrize("files, ok", [(dsl.MAX_INCLUDE_DEPTH + 1, True), (dsl.MAX_INCLUDE_DEPTH + 2, False),
+                                       (2000, False)])
+def test_include_depth_limit(tmp_path, files, ok):
+    _chain(tmp_path, files)
+    if ok:
+        assert len(dsl.load(tmp_path / "f0.rules").files) == files
+        return
+    with pytest.raises(RuleSyntaxError) as err:
+        dsl.load(tmp_path / "f0.rules")
+    (loc, message), = err.value.problems
+    assert loc.file.endswith(f"f{dsl.MAX_INCLUDE_DEPTH}.rules") and loc.line == 2
+    assert f"includes nested more than {dsl.MAX_INCLUDE_DEPTH} deep" in message
+
+
+# top-level files: unreadable ones are named with a place, and a non-.rules file's lines are not shown
+TOP_LEVEL = [
+    ("not utf-8", "r.rules", b"rulegraph 1\n\xff\xfe\n", "r.rules:2:1",
+     "'r.rules' is not UTF-8 text (byte 0xff at offset 12); save it as UTF-8"),
+    ("binary", "r.rules", b"rulegraph 1\nab\x00cd", "r.rules:2:3",
+     "'r.rules' is a binary file, not a rule file (a NUL byte at offset 14)"),
+    ("directory", "d.rules", None, "d.rules:1:1", "'d.rules' is a directory, not a rule file"),
+]
+
+
+@pytest.mark.parametrize("name, content, where, message", [row[1:] for row in TOP_LEVEL],
+                         ids=[row[0] for row in TOP_LEVEL])
+def test_unreadable_top_level_file(tmp_path, monkeypatch, name, content, where, message):
+    monkeypatch.chdir(tmp_path)
+    if content is None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.rules").write_text(HEAD)
+    else:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(RuleSyntaxError) as err:
+        dsl.load(name)
+    assert [(str(loc), msg) for loc, msg in err.value.problems] == [(where, message)]
+
+
+def test_lines_of_a_non_rules_file_are_not_shown(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text(HEAD + SECRET + " -> gradient\n")
+    with pytest.raises(RuleSyntaxError) as err:
+        dsl.load(path)
+    (loc, _), = err.value.problems
+    assert (loc.line, loc.source_line) == (2, "") and "s3cr3t-value" not in str(err.value)
