@@ -43,7 +43,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput
 from . import ruleset
 from .errors import Location, RulegraphError, RuleSyntaxError, did_you_mean
 from .kinds import BILINEAR, BILINEAR_WHEN_ALL_ACTIVE, OP_KINDS
-from .rules import RULES
+from .rules import RULES, float32_problem
 from .ruleset import KINDS, Binding, RuleCall, RuleSet, Selector
 
 VERSION = 1
@@ -298,8 +298,13 @@ def _unquote(token: Token) -> str:
 
 
 def _number(token: Token) -> int | float:
+    """The literal's value; a long integer is read as a float (``float32_problem`` then bounds it)."""
     text = token.value
-    return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+    return int(text) if re.fullmatch(r"[+-]?\d{1,18}", text) else float(text)
+
+
+def _shown(literal: str) -> str:
+    return literal if len(literal) <= 24 else f"{literal[:12]}...{literal[-6:]} ({len(literal)} characters)"
 
 
 def _rules_for(kinds: frozenset[str]) -> str:
@@ -416,8 +421,15 @@ class _Builder(Transformer):
         return Selector("node", name), self._loc(meta), frozenset()
 
     @_located
-    def param(self, meta, key: Token, value: Token) -> tuple[str, int | float | str, Location]:
-        parsed = _number(value) if value.type == "NUMBER" else _unquote(value)
+    def param(self, meta, key: Token, value: Token) -> tuple[str, int | float | str | None, Location]:
+        """(name, value, where); the value is None when a number literal cannot be a float32 parameter."""
+        if value.type != "NUMBER":
+            return key.value, _unquote(value), self._loc(meta)
+        parsed = _number(value)
+        if (why := float32_problem(float(parsed))) is not None:
+            self._problem(self._at(value.line, value.column),
+                          f"number {_shown(value.value)} for '{key.value}': {why} (parameters are used in float32)")
+            return key.value, None, self._loc(meta)
         return key.value, parsed, self._loc(meta)
 
     @_located
@@ -425,7 +437,7 @@ class _Builder(Transformer):
         """(name, parameters as written, where); a binding checks it against the rules, a loop
         header against the loops."""
         where = self._loc(meta)
-        given: dict[str, int | float | str] = {}
+        given: dict[str, int | float | str | None] = {}
         for key, value, location in params:
             if key in given:
                 self._problem(location, f"parameter '{key}' given twice")
@@ -440,6 +452,8 @@ class _Builder(Transformer):
             self._problem(where, f"unknown {what} '{name}'{did_you_mean(name, table)}; "
                                  f"{what}s: {', '.join(table)}")
             return None, None, where
+        if any(value is None for value in given.values()):  # a bad literal, reported where it is
+            return spec.name, None, where
         resolved, problems = spec.resolve_params(given)
         for message in problems:
             self._problem(where, message)

@@ -3,10 +3,16 @@ unreadable files, and numbers checked in the precision the explainer uses."""
 
 from __future__ import annotations
 
-import pytest
+import re
+from pathlib import Path
 
-from rulegraph import dsl
-from rulegraph.errors import RuleSyntaxError
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rulegraph import Explainer, cli, dsl, loops, rules
+from rulegraph.errors import RulegraphError, RuleSyntaxError
 
 HEAD = "rulegraph 1\n"
 
@@ -160,3 +166,108 @@ def test_lines_of_a_non_rules_file_are_not_shown(tmp_path):
         dsl.load(path)
     (loc, _), = err.value.problems
     assert (loc.line, loc.source_line) == (2, "") and "s3cr3t-value" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# numbers: checked where they are written, in the precision the explainer uses (float32)
+
+BINDING = "rulegraph 1\nlinear -> "
+# name, text, line:col of the problem, message fragment
+NUMBER_ERRORS = [
+    ("eps beyond float32", BINDING + "normalized(eps = 1e39)\n", "x.rules:2:28",
+     "number 1e39 for 'eps': must be a finite float32 number"),
+    ("eps above its bound", BINDING + "normalized(eps = 1e20)\n", "x.rules:2:11",
+     f"parameter 'eps' of rule 'normalized': must be <= {rules.EPS_MAX:g}, got 1e+20"),
+    ("eps that float32 turns to 0", BINDING + "normalized(eps = 1e-50)\n", "x.rules:2:28",
+     "1e-50 is below float32's smallest normal magnitude"),
+    ("eps of an LRP weight rule", BINDING + "zplus(eps = 20000)\n", "x.rules:2:11",
+     f"parameter 'eps' of rule 'zplus': must be <= {rules.EPS_MAX:g}"),
+    ("eps of a transformer rule", "rulegraph 1\nbilinear -> uniform(eps = 1e5)\n", "x.rules:2:13",
+     f"parameter 'eps' of rule 'uniform': must be <= {rules.EPS_MAX:g}"),
+    ("gamma beyond float32", BINDING + "gamma(gamma = 1e39)\n", "x.rules:2:25",
+     "number 1e39 for 'gamma': must be a finite float32 number"),
+    ("gamma above its bound", BINDING + "gamma(gamma = 1e30)\n", "x.rules:2:11",
+     "parameter 'gamma' of rule 'gamma': must be <= 2**24"),
+    ("alpha - beta = 1 only in float64", BINDING + "alpha_beta(alpha = 100000001, beta = 100000000)\n",
+     "x.rules:2:11", "needs alpha − beta = 1 (conservation) in float32"),
+    ("a 5000-digit integer", BINDING + "normalized(eps = " + "9" * 5000 + ")\n", "x.rules:2:28",
+     "number 999999999999...999999 (5000 characters) for 'eps'"),
+    ("a negative 400-digit integer", "rulegraph 1\nloop occlusion(value = -" + "1" * 400 + ")\n", "x.rules:2:24",
+     "(401 characters) for 'value': must be a finite float32 number"),
+    ("IG steps", "rulegraph 1\nloop integrated_gradients(steps = 1e12)\n", "x.rules:2:6",
+     f"must be a whole number >= 1 and <= {loops.MAX_STEPS}, got 1e+12"),
+    ("SmoothGrad samples", "rulegraph 1\nloop smoothgrad(samples = 1e9)\n", "x.rules:2:6",
+     f"must be a whole number >= 1 and <= {loops.MAX_SAMPLES}, got 1e+09"),
+    ("SmoothGrad noise", "rulegraph 1\nloop smoothgrad(noise = 1e39)\n", "x.rules:2:25",
+     "number 1e39 for 'noise': must be a finite float32 number"),
+    ("SmoothGrad noise above its bound", "rulegraph 1\nloop smoothgrad(noise = 1e6)\n", "x.rules:2:6",
+     f"must be from 0 to {loops.MAX_NOISE:g}"),
+    ("SmoothGrad seed", "rulegraph 1\nloop smoothgrad(seed = 1e30)\n", "x.rules:2:6",
+     "must be a whole number >= 0 and <= 4294967295"),
+    ("occlusion patch", "rulegraph 1\nloop occlusion(patch = 1e15)\n", "x.rules:2:6",
+     f"must be a whole number >= 1 and <= {loops.MAX_PATCH}"),
+]
+
+
+@pytest.mark.parametrize("text, where, fragment", [row[1:] for row in NUMBER_ERRORS],
+                         ids=[row[0] for row in NUMBER_ERRORS])
+def test_number_errors(text, where, fragment):
+    with pytest.raises(RuleSyntaxError) as err:
+        dsl.parse(text, "x.rules")
+    assert [str(loc) for loc, _ in err.value.problems] == [where]
+    assert fragment in err.value.problems[0][1]
+
+
+def _float32_usable(v: float) -> bool:
+    """The oracle: numpy's float32 keeps v finite, and nonzero v normal."""
+    with np.errstate(over="ignore"):
+        f = np.float32(v)
+    return bool(np.isfinite(f)) and (v == 0 or abs(float(f)) >= np.finfo(np.float32).tiny)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_a_number_is_accepted_exactly_when_float32_holds_it(v):
+    text = f"rulegraph 1\nloop occlusion(value = {v!r})\n"
+    if _float32_usable(v):
+        assert dsl.parse(text).loop.params["value"] == v
+    else:
+        with pytest.raises(RuleSyntaxError, match="float32"):
+            dsl.parse(text)
+
+
+@pytest.mark.parametrize("text, value", [
+    (BINDING + f"normalized(eps = {rules.EPS_MAX:g})\n", rules.EPS_MAX),
+    (BINDING + f"gamma(gamma = {rules.GAMMA_MAX:.0f})\n", rules.GAMMA_MAX),
+    (BINDING + "alpha_beta(alpha = 2, beta = 1)\n", 2.0),
+    (f"rulegraph 1\nloop integrated_gradients(steps = {loops.MAX_STEPS})\n", loops.MAX_STEPS),
+])
+def test_bounds_themselves_are_accepted(text, value):
+    ruleset = dsl.parse(text)
+    call = ruleset.loop if ruleset.loop is not None else ruleset.bindings[0].rule
+    assert next(iter(call.params.values())) == value
+
+
+def test_lint_reports_a_float32_parameter(tmp_path, capsys):
+    path = tmp_path / "big.rules"
+    path.write_text(BINDING + "normalized(eps = 1e39)\n")
+    assert cli.main(["lint", str(path)]) == 2
+    assert f"{path}:2:28: number 1e39 for 'eps'" in capsys.readouterr().err
+
+
+# loops checked again when they run, against the actual input
+CNN = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
+
+
+@pytest.mark.parametrize("params, budget, message", [
+    ({"loop": "occlusion", "patch": 9}, None, "occlusion patch = 9 is larger than input 'input' (shape (2, 1, 8, 8)"),
+    ({"loop": "integrated_gradients", "steps": 30}, 2**10, "loop 'integrated_gradients' would build 32 copies"),
+    ({"loop": "smoothgrad", "samples": 30}, 2**10, "loop 'smoothgrad' would build 31 copies"),
+    ({"loop": "occlusion", "patch": 1}, 2**10, "loop 'occlusion' would build 65 copies"),
+])
+def test_loops_refuse_what_cannot_run(monkeypatch, params, budget, message):
+    if budget is not None:
+        monkeypatch.setattr(loops, "MAX_BATCH_BYTES", budget)
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    with pytest.raises(RulegraphError, match=re.escape(message)):
+        Explainer(CNN, "gradient").explain(x, target=[0, 1], **params)
