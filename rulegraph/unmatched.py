@@ -20,13 +20,16 @@ from .ruleset import Binding, RuleSet, Selector, matches
 SUGGESTIONS = 3
 
 
-def unmatched(ruleset: RuleSet, path_names: list[str]) -> list[Binding]:
-    """The ``node`` bindings that match none of ``path_names`` (the nodes on the relevance path)."""
+def unmatched(ruleset: RuleSet, path_names: list[str], all_names: list[str]) -> list[Binding]:
+    """The ``node`` bindings that match none of ``path_names`` (the nodes on the relevance path);
+    ``node "x" -> start`` is matched by any node in ``all_names`` (the start node itself precedes
+    the path: relevance starts at its input)."""
     from .ruleset import NodeInfo
 
-    infos = [NodeInfo(name, "", "") for name in path_names]
-    return [b for b in ruleset.bindings
-            if b.selector.form == "node" and not any(matches(b.selector, info) for info in infos)]
+    path = [NodeInfo(name, "", "") for name in path_names]
+    everywhere = [NodeInfo(name, "", "") for name in all_names]
+    return [b for b in ruleset.bindings if b.selector.form == "node"
+            and not any(matches(b.selector, info) for info in (everywhere if b.rule.name == "start" else path))]
 
 
 def message(binding: Binding, path_names: list[str], all_names: list[str]) -> str:
@@ -37,7 +40,8 @@ def message(binding: Binding, path_names: list[str], all_names: list[str]) -> st
     if elsewhere:
         return (f"{head}: it names {', '.join(repr(n) for n in elsewhere[:SUGGESTIONS])}, which relevance "
                 "does not flow through (shape or index computations); remove the binding")
-    close = difflib.get_close_matches(selector.value, path_names, n=SUGGESTIONS, cutoff=0.5)
+    names = all_names if binding.rule.name == "start" else path_names  # start applies anywhere
+    close = difflib.get_close_matches(selector.value, names, n=SUGGESTIONS, cutoff=0.5)
     hint = (f"; did you mean {' or '.join(repr(n) for n in close)}?" if close
             else "; `rulegraph ops` lists the nodes on the path")
     return head + hint
@@ -58,5 +62,5 @@ def warn_unmatched(graph: Graph, ruleset: RuleSet, output: str | None = None, st
         return
     path_names = [n.name for n in path_nodes(graph, start_tensor)]
     all_names = [n.name for n in graph.nodes] + [m.name for n in graph.nodes for m in n.members or []]
-    for binding in unmatched(ruleset, path_names):
+    for binding in unmatched(ruleset, path_names, all_names):
         warnings.warn(message(binding, path_names, all_names), RulegraphWarning, stacklevel=2)
