@@ -271,3 +271,22 @@ def test_loops_refuse_what_cannot_run(monkeypatch, params, budget, message):
     x = np.zeros((2, 1, 8, 8), np.float32)
     with pytest.raises(RulegraphError, match=re.escape(message)):
         Explainer(CNN, "gradient").explain(x, target=[0, 1], **params)
+
+
+# column of the problem in a long line -> the shown window and where its caret is
+LONG_LINES = [
+    ("linear -> normalized(eps = " + "9" * 5000 + ")", 28, "linear -> normalized(eps = 999", 28),
+    ("'" + "x" * 3000, 1, "'" + "x" * 99 + "...", 1),
+    ("linear -> gradient" + " " * 3000 + "@", 3019, "..." + " " * 99 + "@", 103),
+]
+
+
+@pytest.mark.parametrize("line, column, shown_start, caret", LONG_LINES, ids=["literal", "start", "end"])
+def test_long_lines_are_shown_as_a_window(line, column, shown_start, caret):
+    with pytest.raises(RuleSyntaxError) as err:
+        dsl.parse(HEAD + line + "\n", "x.rules")
+    (loc, _), = err.value.problems
+    assert (loc.line, loc.column, loc.source_line) == (2, column, line)
+    _, shown, marker = str(err.value).split("\n")
+    assert shown.startswith("    " + shown_start) and len(shown) <= 4 + 3 + 100 + 3
+    assert marker == " " * (4 + caret - 1) + "^" and shown[4 + caret - 1] == line[column - 1]
