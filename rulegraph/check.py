@@ -61,7 +61,9 @@ class NodeCheck:
 
     def as_predicted(self, tolerance: float) -> bool:
         """Not measured, within ``tolerance``, or a finite leak that the rule table predicts."""
-        return self.leak is None or self.leak <= tolerance or (self.leak_by_nature and math.isfinite(self.leak))
+        if self.leak is None or self.leak <= tolerance:
+            return True
+        return self.leak_by_nature and math.isfinite(self.leak)
 
 
 @dataclass
@@ -93,8 +95,8 @@ class Report:
         if self.measured is not None:
             detail = (f"max relative delta {self.measured:.2e} (tolerance {self.tolerance:g}); "
                       f"predicted {self.predicted}{self._as_predicted()}{self._nonfinite_cause()}")
-            props.append(("conservation: end to end", self.measured <= self.tolerance or bool(self._as_predicted()),
-                          detail))
+            passed = self.measured <= self.tolerance or bool(self._as_predicted())
+            props.append(("conservation: end to end", passed, detail))
             for n in self.nodes:
                 detail = f"leak {n.leak:.2e}" if n.leak is not None else "not measured"
                 ok = n.as_predicted(self.tolerance)
@@ -147,7 +149,8 @@ class Report:
                 cause = n.cause
                 if n.leak is not None and not math.isfinite(n.leak) and self.nonfinite:
                     cause = "NaN/Inf in the inputs or the model's outputs (below), not this rule"
-                lines.append(f"{n.node[:40]:<40} {n.op_type:<18} {n.rule[:26]:<26} {n.predicted:<12} {leak:>10}  {cause}")
+                lines.append(f"{n.node[:40]:<40} {n.op_type:<18} {n.rule[:26]:<26} {n.predicted:<12} "
+                             f"{leak:>10}  {cause}")
             if len(ordered) > limit:
                 lines.append(f"... {len(ordered) - limit} more nodes (worst first; use --format json for all)")
         lines.append("")
@@ -358,7 +361,8 @@ def _nonfinite(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) ->
             bad = ~np.isfinite(value)
             if bad.any():
                 first = tuple(int(i) for i in np.argwhere(bad)[0])
-                kinds = " and ".join(k for k, m in (("NaN", np.isnan(value)), ("Inf", np.isinf(value))) if m.any())
+                kinds = " and ".join(k for k, m in (("NaN", np.isnan(value)), ("Inf", np.isinf(value)))
+                                     if m.any())
                 found.append(f"{what} '{name}' holds {kinds} at {int(bad.sum())} of {value.size} values "
                              f"(first at index {first})")
         if found:

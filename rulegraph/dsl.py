@@ -21,11 +21,17 @@ Choices made here:
   ``kinds.OP_KINDS``. ``first``/``last`` take an op type.
 - ``baseline file "p"`` is stored as ``"file:<p>"``; a relative ``p`` is taken from the rule file's
   folder (from the working directory for text parsed without a file).
-- Includes: the included files' bindings come first, each file one ``layer`` above the files it
-  includes and the ones included before it, so ``RuleSet.files[b.layer]`` is the file of binding
-  ``b``. A file included twice (a diamond) is read once. Headers of later files override.
-- Every problem of every file read is collected and raised as one RuleSyntaxError. A line with a
-  syntax error is reported and blanked, and parsing goes on, so later lines are checked too.
+- Includes read only ``.rules`` files (a symlink must point at one too) and bundled names, at most
+  MAX_INCLUDE_DEPTH deep; an unreadable, binary or non-UTF-8 file is an error naming the byte, and
+  no message shows a line of a file that is not a ``.rules`` file. The included files' bindings
+  come first, each file one ``layer`` above the files it includes and the ones included before it,
+  so ``RuleSet.files[b.layer]`` is the file of binding ``b``. A file included twice (a diamond) is
+  read once. Headers of later files override.
+- Every problem of every file read is collected and raised as one RuleSyntaxError. Each line is
+  parsed on its own (a statement is one line), so a line with a syntax error is reported and
+  skipped, later lines are checked too, and the work is linear in the file's size.
+- Numbers are checked where they are written: a literal that float32 (the precision rules compute
+  in) cannot hold is an error at its line:col; the rules' and loops' own bounds are checked next.
 """
 
 from __future__ import annotations
@@ -128,7 +134,8 @@ def _read_text(path: Path) -> tuple[str, None] | tuple[None, tuple[tuple[int, in
         return None, ((1, 1), f"cannot be read ({exc.strerror or type(exc).__name__})")
     if b"\0" in data:
         offset = data.index(b"\0")
-        return None, (_place(data, offset), f"is a binary file, not a rule file (a NUL byte at offset {offset})")
+        return None, (_place(data, offset),
+                      f"is a binary file, not a rule file (a NUL byte at offset {offset})")
     try:
         return data.decode("utf-8"), None
     except UnicodeDecodeError as exc:
@@ -428,7 +435,8 @@ class _Builder(Transformer):
         parsed = _number(value)
         if (why := float32_problem(float(parsed))) is not None:
             self._problem(self._at(value.line, value.column),
-                          f"number {_shown(value.value)} for '{key.value}': {why} (parameters are used in float32)")
+                          f"number {_shown(value.value)} for '{key.value}': {why} "
+                          "(parameters are used in float32)")
             return key.value, None, self._loc(meta)
         return key.value, parsed, self._loc(meta)
 

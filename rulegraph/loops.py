@@ -70,7 +70,9 @@ _patch_size = _whole(1, MAX_PATCH)
 
 
 def _noise(v: float) -> str | None:
-    return None if 0 <= v <= MAX_NOISE else f"must be from 0 to {MAX_NOISE:g} (a fraction of the value range), got {v:g}"
+    if 0 <= v <= MAX_NOISE:
+        return None
+    return f"must be from 0 to {MAX_NOISE:g} (a fraction of the value range), got {v:g}"
 
 
 def _check_batch(loop_name: str, feeds: dict[str, np.ndarray], copies: int, parameter: str) -> None:
@@ -78,8 +80,8 @@ def _check_batch(loop_name: str, feeds: dict[str, np.ndarray], copies: int, para
     size = copies * sum(v.nbytes for v in feeds.values())
     if size > MAX_BATCH_BYTES:
         raise RulegraphError(f"loop '{loop_name}' would build {copies} copies of the inputs "
-                             f"({size / 2**30:.1f} GiB, more than the {MAX_BATCH_BYTES / 2**30:g} GiB a loop may "
-                             f"build at once): lower {parameter} or explain fewer rows at a time")
+                             f"({size / 2**30:.1f} GiB, more than the {MAX_BATCH_BYTES / 2**30:g} GiB a "
+                             f"loop may build at once): lower {parameter} or explain fewer rows at a time")
 
 
 def quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:

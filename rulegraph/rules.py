@@ -135,8 +135,8 @@ def float32_problem(v: float) -> str | None:
     if not math.isfinite(v) or abs(v) > float(FLOAT32.max):
         return f"must be a finite float32 number (|value| <= {float(FLOAT32.max):.3g}), got {v:g}"
     if v != 0 and abs(v) < float(FLOAT32.tiny):
-        return (f"{v:g} is below float32's smallest normal magnitude {float(FLOAT32.tiny):.3g} and would become 0 "
-                "or lose its precision: write 0 or a larger value")
+        return (f"{v:g} is below float32's smallest normal magnitude {float(FLOAT32.tiny):.3g} and would "
+                "become 0 or lose its precision: write 0 or a larger value")
     return None
 
 
@@ -149,8 +149,10 @@ def _stabilizer(v: float) -> str | None:
     """ε of a rule: finite, >= 0 and at most EPS_MAX."""
     if (msg := _nonnegative(v)) is not None:
         return msg
-    return None if v <= EPS_MAX else (f"must be <= {EPS_MAX:g}, got {v:g}: a larger ε drowns the pre-activations "
-                                      "in float32 and every relevance shrinks towards 0")
+    if v <= EPS_MAX:
+        return None
+    return (f"must be <= {EPS_MAX:g}, got {v:g}: a larger ε drowns the pre-activations in float32 and "
+            "every relevance shrinks towards 0")
 
 
 def _classes(**by_quantity: Mapping[str, str]) -> dict[tuple[str, str], str]:
@@ -438,8 +440,10 @@ GAMMA_MAX = float(2**24)
 def _gamma(v: float) -> str | None:
     if (msg := _nonnegative(v)) is not None:
         return msg
-    return None if v <= GAMMA_MAX else (f"must be <= 2**24 = {GAMMA_MAX:g}, got {v:g}: beyond, negative weights "
-                                        "vanish next to (1 + γ)·w⁺ in float32; use the rule zplus")
+    if v <= GAMMA_MAX:
+        return None
+    return (f"must be <= 2**24 = {GAMMA_MAX:g}, got {v:g}: beyond, negative weights vanish next to "
+            "(1 + γ)·w⁺ in float32; use the rule zplus")
 
 
 @rule("gamma", {LINEAR}, conservation=_LRP, bias_in_denominator=True,

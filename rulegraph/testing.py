@@ -16,5 +16,5 @@ def assert_conserves(model, rules, inputs=None, tolerance: float = 1e-3, samples
     if not report.ok:
         raise AssertionError(report.to_text())
     if not report.conserves:  # a leak the rule table predicts passes `check`, but does not conserve
-        raise AssertionError(f"conservation: end to end: max relative delta {report.measured:.2e} > tolerance "
-                             f"{tolerance:g} (predicted {report.predicted})\n{report.to_text()}")
+        raise AssertionError(f"conservation: end to end: max relative delta {report.measured:.2e} > "
+                             f"tolerance {tolerance:g} (predicted {report.predicted})\n{report.to_text()}")

@@ -28,8 +28,8 @@ def unmatched(ruleset: RuleSet, path_names: list[str], all_names: list[str]) -> 
 
     path = [NodeInfo(name, "", "") for name in path_names]
     everywhere = [NodeInfo(name, "", "") for name in all_names]
-    return [b for b in ruleset.bindings if b.selector.form == "node"
-            and not any(matches(b.selector, info) for info in (everywhere if b.rule.name == "start" else path))]
+    return [b for b in ruleset.bindings if b.selector.form == "node" and not any(
+        matches(b.selector, info) for info in (everywhere if b.rule.name == "start" else path))]
 
 
 def message(binding: Binding, path_names: list[str], all_names: list[str]) -> str:
@@ -47,7 +47,8 @@ def message(binding: Binding, path_names: list[str], all_names: list[str]) -> st
     return head + hint
 
 
-def warn_unmatched(graph: Graph, ruleset: RuleSet, output: str | None = None, start: str | None = None) -> None:
+def warn_unmatched(graph: Graph, ruleset: RuleSet, output: str | None = None,
+                   start: str | None = None) -> None:
     """Warn once per ``node`` binding of ``ruleset`` that matches no node on ``graph``'s relevance path.
 
     Says nothing when the start cannot be found: the command reports that error itself.

@@ -74,7 +74,8 @@ def test_nan_in_the_input_is_named_and_json_is_strict():
     assert not report.ok and math.isnan(report.measured)
     doc = _strict_json(report.to_json())
     assert doc["end_to_end"]["measured"] is None
-    assert doc["end_to_end"]["nonfinite"] == ["input 'input' holds NaN at 1 of 256 values (first at index (1, 0, 2, 3))"]
+    assert doc["end_to_end"]["nonfinite"] == [
+        "input 'input' holds NaN at 1 of 256 values (first at index (1, 0, 2, 3))"]
     text = report.to_text()
     assert "not finite: input 'input' holds NaN at 1 of 256 values" in text
     rows = [line for line in text.splitlines() if line.startswith("/net/") and " nan " in line]

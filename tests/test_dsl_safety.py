@@ -87,10 +87,12 @@ INCLUDE_ERRORS = [
      "cannot include 'nope.rules': there is no file nope.rules", "main.rules:2:1"),
     ("directory", {"main.rules": HEAD + 'include "d.rules"\n', "d.rules/x.rules": HEAD},
      "cannot include 'd.rules': d.rules is a directory, not a rule file", "main.rules:2:1"),
-    ("not utf-8", {"main.rules": HEAD + 'include "b.rules"\n', "b.rules": b"rulegraph 1\nlinear -> gr\xe9dient\n"},
+    ("not utf-8", {"main.rules": HEAD + 'include "b.rules"\n',
+                   "b.rules": b"rulegraph 1\nlinear -> gr\xe9dient\n"},
      "cannot include 'b.rules': b.rules is not UTF-8 text (byte 0xe9 at offset 24); save it as UTF-8 "
      "(line 2, column 13)", "main.rules:2:1"),
-    ("binary", {"main.rules": HEAD + 'include "b.rules"\n', "b.rules": b"\x7fELF\x02\x01\x00\x00" + SECRET.encode()},
+    ("binary", {"main.rules": HEAD + 'include "b.rules"\n',
+                "b.rules": b"\x7fELF\x02\x01\x00\x00" + SECRET.encode()},
      "cannot include 'b.rules': b.rules is a binary file, not a rule file (a NUL byte at offset 6) "
      "(line 1, column 7)", "main.rules:2:1"),
     ("symlink to another file", {"main.rules": HEAD + 'include "link.rules"\n', "secret.txt": SECRET},
@@ -192,7 +194,8 @@ NUMBER_ERRORS = [
      "x.rules:2:11", "needs alpha − beta = 1 (conservation) in float32"),
     ("a 5000-digit integer", BINDING + "normalized(eps = " + "9" * 5000 + ")\n", "x.rules:2:28",
      "number 999999999999...999999 (5000 characters) for 'eps'"),
-    ("a negative 400-digit integer", "rulegraph 1\nloop occlusion(value = -" + "1" * 400 + ")\n", "x.rules:2:24",
+    ("a negative 400-digit integer", "rulegraph 1\nloop occlusion(value = -" + "1" * 400 + ")\n",
+     "x.rules:2:24",
      "(401 characters) for 'value': must be a finite float32 number"),
     ("IG steps", "rulegraph 1\nloop integrated_gradients(steps = 1e12)\n", "x.rules:2:6",
      f"must be a whole number >= 1 and <= {loops.MAX_STEPS}, got 1e+12"),
@@ -260,8 +263,10 @@ CNN = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
 
 
 @pytest.mark.parametrize("params, budget, message", [
-    ({"loop": "occlusion", "patch": 9}, None, "occlusion patch = 9 is larger than input 'input' (shape (2, 1, 8, 8)"),
-    ({"loop": "integrated_gradients", "steps": 30}, 2**10, "loop 'integrated_gradients' would build 32 copies"),
+    ({"loop": "occlusion", "patch": 9}, None,
+     "occlusion patch = 9 is larger than input 'input' (shape (2, 1, 8, 8)"),
+    ({"loop": "integrated_gradients", "steps": 30}, 2**10,
+     "loop 'integrated_gradients' would build 32 copies"),
     ({"loop": "smoothgrad", "samples": 30}, 2**10, "loop 'smoothgrad' would build 31 copies"),
     ({"loop": "occlusion", "patch": 1}, 2**10, "loop 'occlusion' would build 65 copies"),
 ])

@@ -129,7 +129,8 @@ def include_graphs(draw):
     """Three rule files including random targets (each other, cycles, other files, bundled names)."""
     files = {}
     for name in ("main.rules", "a.rules", "b.rules", "sub/c.rules"):
-        lines = ["rulegraph 1"] + [f'include "{t}"' for t in draw(st.lists(st.sampled_from(TARGETS), max_size=4))]
+        targets = draw(st.lists(st.sampled_from(TARGETS), max_size=4))
+        lines = ["rulegraph 1"] + [f'include "{t}"' for t in targets]
         lines += draw(st.lists(st.sampled_from(["linear -> gradient", "Relu -> ignore", "bias blame",
                                                SECRET + " -> gradient", "x"]), max_size=2))
         files[name] = "\n".join(lines) + "\n"

@@ -96,11 +96,12 @@ def test_a_node_off_the_relevance_path_is_named(tmp_path):
 
 def test_a_start_binding_is_matched_by_the_node_it_starts_at(tmp_path):
     path = tmp_path / "start.rules"
-    path.write_text('rulegraph 1\ninclude "lrp-epsilon"\nnode "/net/net.5/Gemm" -> start\nnode "/net/net.9/Gemm" -> start\n')
+    path.write_text('rulegraph 1\ninclude "lrp-epsilon"\n'
+                    'node "/net/net.5/Gemm" -> start\nnode "/net/net.9/Gemm" -> start\n')
     messages = _warnings(lambda: Explainer(MLP, path))
     (message,) = messages
-    assert message.startswith(f"{path}:4:1: 'node \"/net/net.9/Gemm\" -> start' matches no node on the relevance "
-                              "path; did you mean '/net/net.5/Gemm'")
+    assert message.startswith(f"{path}:4:1: 'node \"/net/net.9/Gemm\" -> start' matches no node on the "
+                              "relevance path; did you mean '/net/net.5/Gemm'")
 
 
 def test_check_probes_do_not_warn_about_the_users_node_names(rules):
