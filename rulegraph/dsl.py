@@ -126,6 +126,8 @@ def load(path_or_name: str | Path) -> RuleSet:
 
 def _read_text(path: Path) -> tuple[str, None] | tuple[None, tuple[tuple[int, int], str]]:
     """The text of a rule file, or ((line, column), why it cannot be read); never its content."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        return None, ((1, 1), "is not a regular file (a device, pipe or socket), not a rule file")
     try:
         data = path.read_bytes()
     except IsADirectoryError:

@@ -144,6 +144,8 @@ TOP_LEVEL = [
     ("binary", "r.rules", b"rulegraph 1\nab\x00cd", "r.rules:2:3",
      "'r.rules' is a binary file, not a rule file (a NUL byte at offset 14)"),
     ("directory", "d.rules", None, "d.rules:1:1", "'d.rules' is a directory, not a rule file"),
+    ("endless device", "/dev/zero", b"", "/dev/zero:1:1",
+     "'/dev/zero' is not a regular file (a device, pipe or socket), not a rule file"),
 ]
 
 
@@ -154,6 +156,8 @@ def test_unreadable_top_level_file(tmp_path, monkeypatch, name, content, where, 
     if content is None:
         (tmp_path / name).mkdir()
         (tmp_path / name / "x.rules").write_text(HEAD)
+    elif name.startswith("/dev/"):
+        assert Path(name).is_char_device()
     else:
         (tmp_path / name).write_bytes(content)
     with pytest.raises(RuleSyntaxError) as err:
