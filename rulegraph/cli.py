@@ -147,11 +147,13 @@ def cmd_ops(args) -> int:
     from . import dsl
     from .compile import assign, find_start, path_nodes
     from .graph import load
+    from .unmatched import warn_unmatched
 
     graph = load(args.model)
     ruleset = dsl.load(args.rules)
     start = find_start(graph, ruleset, args.output, args.start)
     rows = assign(graph, ruleset, path_nodes(graph, start))
+    warn_unmatched(graph, ruleset, args.output, args.start)
     width = max([len(r.node.name) for r in rows] + [4])
     # a fused node (fusion.py) names the nodes it stands for: "Gelu [fused: /mlp/Div, /mlp/Erf, ...]"
     op_types = {r.node.name: r.node.op_type + (f" [fused: {', '.join(m.name for m in r.node.members)}]"

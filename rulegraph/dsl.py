@@ -21,11 +21,17 @@ Choices made here:
   ``kinds.OP_KINDS``. ``first``/``last`` take an op type.
 - ``baseline file "p"`` is stored as ``"file:<p>"``; a relative ``p`` is taken from the rule file's
   folder (from the working directory for text parsed without a file).
-- Includes: the included files' bindings come first, each file one ``layer`` above the files it
-  includes and the ones included before it, so ``RuleSet.files[b.layer]`` is the file of binding
-  ``b``. A file included twice (a diamond) is read once. Headers of later files override.
-- Every problem of every file read is collected and raised as one RuleSyntaxError. A line with a
-  syntax error is reported and blanked, and parsing goes on, so later lines are checked too.
+- Includes read only ``.rules`` files (a symlink must point at one too) and bundled names, at most
+  MAX_INCLUDE_DEPTH deep; an unreadable, binary or non-UTF-8 file is an error naming the byte, and
+  no message shows a line of a file that is not a ``.rules`` file. The included files' bindings
+  come first, each file one ``layer`` above the files it includes and the ones included before it,
+  so ``RuleSet.files[b.layer]`` is the file of binding ``b``. A file included twice (a diamond) is
+  read once. Headers of later files override.
+- Every problem of every file read is collected and raised as one RuleSyntaxError. Each line is
+  parsed on its own (a statement is one line), so a line with a syntax error is reported and
+  skipped, later lines are checked too, and the work is linear in the file's size.
+- Numbers are checked where they are written: a literal that float32 (the precision rules compute
+  in) cannot hold is an error at its line:col; the rules' and loops' own bounds are checked next.
 """
 
 from __future__ import annotations
@@ -37,13 +43,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput
 
 from . import ruleset
 from .errors import Location, RulegraphError, RuleSyntaxError, did_you_mean
 from .kinds import BILINEAR, BILINEAR_WHEN_ALL_ACTIVE, OP_KINDS
-from .rules import RULES
+from .rules import RULES, float32_problem
 from .ruleset import KINDS, Binding, RuleCall, RuleSet, Selector
 
 VERSION = 1
@@ -51,6 +57,8 @@ BASELINES = ("zeros", "mean", "blur")
 BASELINE_LOOPS = ("integrated_gradients",)  # loops that start from the baseline
 HEADERS = ("rulegraph", "quantity", "bias", "baseline", "start", "loop", "include")
 SUFFIX = ".rules"
+#: how deep includes may nest (a file including a file including ...); deeper chains are an error
+MAX_INCLUDE_DEPTH = 16
 
 _located = v_args(meta=True, inline=True)
 
@@ -102,14 +110,49 @@ def load(path_or_name: str | Path) -> RuleSet:
     """Read a rule file from a path, or a bundled one by name (``load("lrp-epsilon")``)."""
     given = str(path_or_name)
     path = Path(path_or_name)
-    if not path.is_file():
+    if not path.exists():
         bundled = _bundled(given)
         if bundled is None:
             if path.suffix == SUFFIX or os.sep in given or "/" in given:
                 raise RulegraphError(f"no rule file '{given}'{_bundled_hint(path.name)}")
             raise RulegraphError(f"no rule file or bundled rule file named '{given}'{_bundled_hint(given)}")
         path, given = bundled, f"rules/{bundled.name}"
-    return _Loader().run(path.read_text(encoding="utf-8"), given, path.resolve().parent, path.resolve())
+    text, problem = _read_text(path)
+    if problem is not None:
+        (line, column), why = problem
+        raise RuleSyntaxError([(Location(given, line, column), f"'{given}' {why}")])
+    return _Loader().run(text, given, path.resolve().parent, path.resolve())
+
+
+def _read_text(path: Path) -> tuple[str, None] | tuple[None, tuple[tuple[int, int], str]]:
+    """The text of a rule file, or ((line, column), why it cannot be read); never its content."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        return None, ((1, 1), "is not a regular file (a device, pipe or socket), not a rule file")
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        return None, ((1, 1), "is a directory, not a rule file")
+    except OSError as exc:
+        return None, ((1, 1), f"cannot be read ({exc.strerror or type(exc).__name__})")
+    if b"\0" in data:
+        offset = data.index(b"\0")
+        return None, (_place(data, offset),
+                      f"is a binary file, not a rule file (a NUL byte at offset {offset})")
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return None, (_place(data, exc.start), f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                                               f"{exc.start}); save it as UTF-8")
+
+
+def _place(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based (line, column counted in bytes) of the byte at ``offset``."""
+    return data.count(b"\n", 0, offset) + 1, offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+
+
+def _echoes(file: str) -> bool:
+    """Messages show the lines of rule files (and of text given directly), never of another file."""
+    return file.startswith("<") or file.endswith(SUFFIX)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,8 +307,13 @@ def _unquote(token: Token) -> str:
 
 
 def _number(token: Token) -> int | float:
+    """The literal's value; a long integer is read as a float (``float32_problem`` then bounds it)."""
     text = token.value
-    return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+    return int(text) if re.fullmatch(r"[+-]?\d{1,18}", text) else float(text)
+
+
+def _shown(literal: str) -> str:
+    return literal if len(literal) <= 24 else f"{literal[:12]}...{literal[-6:]} ({len(literal)} characters)"
 
 
 def _rules_for(kinds: frozenset[str]) -> str:
@@ -382,8 +430,16 @@ class _Builder(Transformer):
         return Selector("node", name), self._loc(meta), frozenset()
 
     @_located
-    def param(self, meta, key: Token, value: Token) -> tuple[str, int | float | str, Location]:
-        parsed = _number(value) if value.type == "NUMBER" else _unquote(value)
+    def param(self, meta, key: Token, value: Token) -> tuple[str, int | float | str | None, Location]:
+        """(name, value, where); the value is None when a number literal cannot be a float32 parameter."""
+        if value.type != "NUMBER":
+            return key.value, _unquote(value), self._loc(meta)
+        parsed = _number(value)
+        if (why := float32_problem(float(parsed))) is not None:
+            self._problem(self._at(value.line, value.column),
+                          f"number {_shown(value.value)} for '{key.value}': {why} "
+                          "(parameters are used in float32)")
+            return key.value, None, self._loc(meta)
         return key.value, parsed, self._loc(meta)
 
     @_located
@@ -391,7 +447,7 @@ class _Builder(Transformer):
         """(name, parameters as written, where); a binding checks it against the rules, a loop
         header against the loops."""
         where = self._loc(meta)
-        given: dict[str, int | float | str] = {}
+        given: dict[str, int | float | str | None] = {}
         for key, value, location in params:
             if key in given:
                 self._problem(location, f"parameter '{key}' given twice")
@@ -406,6 +462,8 @@ class _Builder(Transformer):
             self._problem(where, f"unknown {what} '{name}'{did_you_mean(name, table)}; "
                                  f"{what}s: {', '.join(table)}")
             return None, None, where
+        if any(value is None for value in given.values()):  # a bad literal, reported where it is
+            return spec.name, None, where
         resolved, problems = spec.resolve_params(given)
         for message in problems:
             self._problem(where, message)
@@ -478,27 +536,46 @@ class _Builder(Transformer):
 
 
 def _parse_file(text: str, file: str, directory: Path | None) -> tuple[_File, list, bool]:
-    """Parse one file: (its statements, its problems, whether every line parsed)."""
+    """Parse one file: (its statements, its problems, whether every line parsed).
+
+    A statement is one line (no token spans a newline), so each line is parsed on its own: a line
+    with a syntax error is reported and skipped, and the work stays linear in the file's size.
+    """
     lines = [line.rstrip("\r") for line in text.split("\n")]
-    current = list(lines)
     problems: list[tuple[Location, str]] = []
     blanked: set[int] = set()
-    while True:
+    statements: list[Tree] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
-            tree = _parser().parse("\n".join(current) + "\n")
-            break
+            tree = _parser().parse(line + "\n")
         except UnexpectedInput as err:
-            line = err.line if isinstance(err.line, int) and 0 < err.line <= len(lines) else len(lines)
-            column = err.column if isinstance(err.column, int) and err.column > 0 else 1
-            message, column = _syntax_message(err, current[line - 1] if lines else "", column)
-            problems.append((Location(file, line, column, lines[line - 1] if lines else ""), message))
-            if line in blanked or not lines:
-                return _File(), problems, False
-            current[line - 1] = ""
-            blanked.add(line)
+            column = err.column if isinstance(err.column, int) and err.column > 0 else len(line) + 1
+            message, column = _syntax_message(err, line, column)
+            problems.append((Location(file, number, column, line), message))
+            blanked.add(number)
+            continue
+        statements.extend(_moved(statement, number - 1) for statement in tree.children)
     builder = _Builder(file, lines, None if file.startswith("<") else directory, blanked)
-    parsed = builder.transform(tree)
-    return parsed, problems + builder.problems, not blanked
+    parsed = builder.transform(Tree("file", statements))
+    problems += builder.problems
+    if not _echoes(file):
+        problems = [(dataclasses.replace(where, source_line=""), message) for where, message in problems]
+    return parsed, problems, not blanked
+
+
+def _moved(tree: Tree, lines: int) -> Tree:
+    """``tree`` parsed from one line, with its positions moved down by ``lines``."""
+    for subtree in tree.iter_subtrees():
+        for name in ("line", "end_line"):
+            if hasattr(subtree.meta, name):
+                setattr(subtree.meta, name, getattr(subtree.meta, name) + lines)
+        for token in subtree.children:
+            if isinstance(token, Token) and token.line is not None:
+                token.line += lines
+                token.end_line = None if token.end_line is None else token.end_line + lines
+    return tree
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,13 +626,25 @@ class _Loader:
         self.headers.update((name, h) for name, h in parsed.headers.items() if name != "rulegraph")
 
     def _include(self, include: _Include, includer: str, directory: Path, stack: list) -> None:
+        """Read an included file: only ``.rules`` files and bundled names are read, never another
+        file (its content could end up in messages)."""
         target = include.target
         candidate = Path(target) if os.path.isabs(target) else directory / target
         base = os.path.dirname(includer) if not includer.startswith("<") else ""
         shown = target if os.path.isabs(target) else os.path.normpath(os.path.join(base, target))
-        if candidate.is_file():
+        bundled = _bundled(target)
+        if not target.endswith(SUFFIX) and bundled is None:
+            self._problem(include.location, f"cannot include '{target}': only rule files (names ending in "
+                                            f"{SUFFIX}) and bundled rule files can be included"
+                                            f"{_bundled_hint(Path(target).name)}")
+            return
+        if target.endswith(SUFFIX) and (candidate.exists() or candidate.is_symlink()):
             path = candidate.resolve()
-        elif (bundled := _bundled(target)) is not None:
+            if path.suffix != SUFFIX:
+                self._problem(include.location, f"cannot include '{target}': it links to a file whose name "
+                                                f"does not end in {SUFFIX}")
+                return
+        elif bundled is not None:
             path, shown = bundled.resolve(), f"rules/{bundled.name}"
         else:
             self._problem(include.location, f"cannot include '{target}': there is no file {shown} "
@@ -569,7 +658,18 @@ class _Loader:
             return
         if path in self.done:
             return
-        self._read(path.read_text(encoding="utf-8"), shown, path.parent, path, stack)
+        if len(stack) > MAX_INCLUDE_DEPTH:
+            self._problem(include.location, f"includes nested more than {MAX_INCLUDE_DEPTH} deep "
+                                            f"({stack[0][1]} -> ... -> {includer} -> {shown}); "
+                                            "include these files from one file instead")
+            return
+        text, problem = _read_text(path)
+        if problem is not None:
+            (line, column), why = problem
+            where = f" (line {line}, column {column})" if (line, column) != (1, 1) else ""
+            self._problem(include.location, f"cannot include '{target}': {shown} {why}{where}")
+            return
+        self._read(text, shown, path.parent, path, stack)
 
     def _problem(self, location: Location, message: str) -> None:
         self.problems.append((location, message))

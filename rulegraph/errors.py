@@ -23,11 +23,24 @@ class Location:
         return f"{self.file}:{self.line}:{self.column}"
 
     def render(self, message: str) -> str:
+        """The message, the source line (a window of SHOWN_WIDTH characters around the column when
+        the line is longer) and a caret under the column."""
         head = f"{self}: {message}"
         if not self.source_line:
             return head
-        caret = " " * (max(self.column, 1) - 1) + "^"
-        return f"{head}\n    {self.source_line.rstrip()}\n    {caret}"
+        line, column = self.source_line.rstrip(), max(self.column, 1)
+        if len(line) > SHOWN_WIDTH:
+            start = max(0, min(column - 1 - SHOWN_WIDTH // 2, len(line) - SHOWN_WIDTH))
+            before = "..." if start else ""
+            after = "..." if start + SHOWN_WIDTH < len(line) else ""
+            line = before + line[start:start + SHOWN_WIDTH] + after
+            column += len(before) - start
+        caret = " " * (column - 1) + "^"
+        return f"{head}\n    {line}\n    {caret}"
+
+
+#: how much of a long source line an error shows
+SHOWN_WIDTH = 100
 
 
 class RulegraphError(Exception):

@@ -14,6 +14,7 @@ from . import runtime
 from .compile import SEED, TARGET, Compiled, compile_explainer
 from .errors import RulegraphError
 from .ruleset import RuleSet
+from .unmatched import warn_unmatched
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Explainer:
         self._sources = (model, rules)  # the files read; ``save`` refuses to overwrite them
         self._compiled: dict[tuple[bool, bool], Compiled] = {}
         self._sessions: dict = {}
+        warn_unmatched(self.graph, self.ruleset, output, start)
 
     def compiled(self, seed_mode: bool = False, node_sums: bool = False) -> Compiled:
         """The explainer model; ``node_sums`` adds per-node conservation sums (rulegraph check)."""

@@ -54,12 +54,45 @@ def loop(name: str, params=()):
     return register
 
 
-def _positive_int(v: float) -> str | None:
-    return None if v >= 1 and float(v).is_integer() else f"must be a whole number >= 1, got {v:g}"
+#: Bounds on the loop parameters, so that a loop's batch stays of a size a machine can run:
+#: ``steps`` (integrated gradients) and ``samples`` (SmoothGrad) copy every input that many times;
+#: Gauss-Legendre with 1000 points is exact for polynomials of degree 1999, and SmoothGrad's mean
+#: over 1000 samples has 3% of one sample's spread.
+MAX_STEPS = 1000
+MAX_SAMPLES = 1000
+#: σ = noise · (value range of the row): above 10 ranges the input is lost in the noise
+MAX_NOISE = 10.0
+#: patch side and stride of occlusion (the patch must also fit the input: checked when it runs)
+MAX_PATCH = 2**16
+#: the inputs a loop builds at once, in bytes (checked when it runs, against the actual inputs)
+MAX_BATCH_BYTES = 2**31
 
 
-def _nonnegative(v: float) -> str | None:
-    return None if v >= 0 else f"must be >= 0, got {v:g}"
+def _whole(low: int, high: int) -> Callable[[float], str | None]:
+    def check(v: float) -> str | None:
+        if low <= v <= high and float(v).is_integer():
+            return None
+        return f"must be a whole number >= {low} and <= {high}, got {v:g}"
+
+    return check
+
+
+_patch_size = _whole(1, MAX_PATCH)
+
+
+def _noise(v: float) -> str | None:
+    if 0 <= v <= MAX_NOISE:
+        return None
+    return f"must be from 0 to {MAX_NOISE:g} (a fraction of the value range), got {v:g}"
+
+
+def _check_batch(loop_name: str, feeds: dict[str, np.ndarray], copies: int, parameter: str) -> None:
+    """Refuse a loop whose batch of ``copies`` copies of the inputs would exceed MAX_BATCH_BYTES."""
+    size = copies * sum(v.nbytes for v in feeds.values())
+    if size > MAX_BATCH_BYTES:
+        raise RulegraphError(f"loop '{loop_name}' would build {copies} copies of the inputs "
+                             f"({size / 2**30:.1f} GiB, more than the {MAX_BATCH_BYTES / 2**30:g} GiB a "
+                             f"loop may build at once): lower {parameter} or explain fewer rows at a time")
 
 
 def quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +158,7 @@ def refuse_integrated_gradients(ruleset) -> None:
 
 
 @loop("integrated_gradients", params=[
-    Param("steps", 50, _positive_int, "number of points on the path"),
+    Param("steps", 50, _whole(1, MAX_STEPS), f"number of points on the path, at most {MAX_STEPS}"),
     Param("method", "gausslegendre", choices=QUADRATURES, doc="the quadrature rule")])
 def integrated_gradients(explainer, x, target, params, baseline=None):
     """Integrated gradients (Sundararajan et al. 2017): ``(x − x') ⊙ Σ_k w_k a(x' + α_k(x − x'))``,
@@ -141,6 +174,7 @@ def integrated_gradients(explainer, x, target, params, baseline=None):
     floats = _float_inputs(explainer, feeds, "integrated_gradients")
     targets = _targets_for(explainer, feeds, target)
     alphas, weights = quadrature(params["method"], int(params["steps"]))
+    _check_batch("integrated_gradients", feeds, len(alphas) + 2, "steps")
     base = {k: make_baseline(_baseline_choice(explainer, baseline, k), feeds[k]) for k in floats}
     k_steps = len(alphas)
     points = {}
@@ -195,9 +229,9 @@ def noise_sigma(v: np.ndarray, noise: float) -> np.ndarray:
 
 
 @loop("smoothgrad", params=[
-    Param("samples", 25, _positive_int, "noisy copies per input"),
-    Param("noise", 0.15, _nonnegative, "σ as a fraction of each row's value range"),
-    Param("seed", 0, _nonnegative, "seed of the noise")])
+    Param("samples", 25, _whole(1, MAX_SAMPLES), f"noisy copies per input, at most {MAX_SAMPLES}"),
+    Param("noise", 0.15, _noise, f"σ as a fraction of each row's value range, at most {MAX_NOISE:g}"),
+    Param("seed", 0, _whole(0, 2**32 - 1), "seed of the noise")])
 def smoothgrad(explainer, x, target, params, baseline=None):
     """SmoothGrad (Smilkov et al. 2017) around any pass: the mean over ``S`` copies ``x + ε_s`` of
     the input, ``ε_s ~ N(0, σ²)`` with ``σ = noise · (max x − min x)`` per row, of everything the
@@ -212,6 +246,7 @@ def smoothgrad(explainer, x, target, params, baseline=None):
     floats = _float_inputs(explainer, feeds, "smoothgrad")
     targets = _targets_for(explainer, feeds, target)
     samples = int(params["samples"])
+    _check_batch("smoothgrad", feeds, samples + 1, "samples")
     draws = smoothgrad_noise(feeds, floats, samples, int(params["seed"]))
     noisy = _rows(feeds, samples)
     for k in floats:
@@ -238,8 +273,8 @@ def smoothgrad(explainer, x, target, params, baseline=None):
 
 
 @loop("occlusion", params=[
-    Param("patch", 2, _positive_int, "side of the square patch (spatial axes)"),
-    Param("stride", 1, _positive_int, "step between patches"),
+    Param("patch", 2, _patch_size, "side of the square patch (spatial axes)"),
+    Param("stride", 1, _patch_size, "step between patches"),
     Param("value", 0.0, doc="what the patch is filled with")])
 def occlusion(explainer, x, target, params, baseline=None):
     """Occlusion (Zeiler and Fergus 2014), forward only: each cell's attribution is the mean drop
@@ -254,10 +289,14 @@ def occlusion(explainer, x, target, params, baseline=None):
     targets = _targets_for(explainer, feeds, target)
     patch, stride = int(params["patch"]), int(params["stride"])
     spatial = v.shape[2:]
+    if patch > min(spatial):
+        raise RulegraphError(f"occlusion patch = {patch} is larger than input '{name}' (shape {v.shape}, "
+                             f"spatial sizes {spatial}): use patch <= {min(spatial)}")
     # as Captum: ceil((size − patch)/stride) + 1 patches per axis, the last one cut at the border
     starts = [range(0, -(-max(size - patch, 0) // stride) * stride + 1, stride) for size in spatial]
     corners = np.stack(np.meshgrid(*starts, indexing="ij"), axis=-1).reshape(-1, len(spatial))
     n, m = len(v), len(corners)
+    _check_batch("occlusion", feeds, m + 1, "the number of patches (raise stride or patch)")
     copies = np.repeat(v[None], m, axis=0)
     masks = np.zeros((m, 1, 1, *spatial), dtype=bool)
     for i, corner in enumerate(corners):

@@ -28,6 +28,7 @@ bilinear Mul and its Erf a nonlinear op of its own, and only a pure gradient fil
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .compile import assign, find_start, path_nodes
-from .errors import RulegraphError
+from .errors import RulegraphError, RulegraphWarning
 from .explainer import Explainer, Result
 from .ruleset import Binding, RuleSet
 
@@ -388,7 +389,9 @@ def run_probe(p: Probe, rules: str | Path | RuleSet, tolerance: float = 1e-4, se
     arg-max, used for both sides) and compare the attributions."""
     ruleset = _load(rules)
     model_a, model_b = p.models(seed)
-    explainers = [Explainer(model_a, ruleset), Explainer(model_b, ruleset)]
+    with warnings.catch_warnings():  # the user's node bindings name nodes of their model, not the probe's
+        warnings.simplefilter("ignore", RulegraphWarning)
+        explainers = [Explainer(model_a, ruleset), Explainer(model_b, ruleset)]
 
     def skipped(reason: str) -> ProbeResult:
         return ProbeResult(p.name, p.description, math.nan, False, (), reason)

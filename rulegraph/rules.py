@@ -87,6 +87,9 @@ class RuleSpec:
                     problems.append(f"rule '{self.name}' needs parameter '{p.name}' ({p.doc})")
                     continue
                 out[p.name] = p.default
+            if not p.choices and (msg := float32_problem(out[p.name])):
+                problems.append(f"parameter '{p.name}' of rule '{self.name}': {msg}")
+                continue
             if p.check and (msg := p.check(out[p.name])):
                 problems.append(f"parameter '{p.name}' of rule '{self.name}': {msg}")
         if not problems and self.validate and (msg := self.validate(out)):
@@ -121,6 +124,37 @@ def _nonnegative(v: float) -> str | None:
     return None if v >= 0 and math.isfinite(v) else f"must be a finite number >= 0, got {v}"
 
 
+#: Parameters are used in float32, the precision of the explainer (a rule file does not know its
+#: model, so a float64 model's rules are held to float32 too): every number must be finite there and
+#: not so small that float32 turns it into 0 or a denormal.
+FLOAT32 = np.finfo(np.float32)
+
+
+def float32_problem(v: float) -> str | None:
+    """Why ``v`` cannot be used as a float32 parameter, or None."""
+    if not math.isfinite(v) or abs(v) > float(FLOAT32.max):
+        return f"must be a finite float32 number (|value| <= {float(FLOAT32.max):.3g}), got {v:g}"
+    if v != 0 and abs(v) < float(FLOAT32.tiny):
+        return (f"{v:g} is below float32's smallest normal magnitude {float(FLOAT32.tiny):.3g} and would "
+                "become 0 or lose its precision: write 0 or a larger value")
+    return None
+
+
+#: ε ≤ 1e4 keeps ``z + ε`` distinct from ``ε`` in float32 for every |z| ≥ 1e-3 (the ratio stays below
+#: 2²⁴); a larger ε drowns the pre-activations and every relevance shrinks towards 0.
+EPS_MAX = 1e4
+
+
+def _stabilizer(v: float) -> str | None:
+    """ε of a rule: finite, >= 0 and at most EPS_MAX."""
+    if (msg := _nonnegative(v)) is not None:
+        return msg
+    if v <= EPS_MAX:
+        return None
+    return (f"must be <= {EPS_MAX:g}, got {v:g}: a larger ε drowns the pre-activations in float32 and "
+            "every relevance shrinks towards 0")
+
+
 def _classes(**by_quantity: Mapping[str, str]) -> dict[tuple[str, str], str]:
     return {(q, k): c for q, kinds in by_quantity.items() for k, c in kinds.items()}
 
@@ -152,7 +186,7 @@ def gradient(ctx) -> list[str | None]:
     return grads
 
 
-@rule("normalized", {LINEAR}, params=[Param("eps", 1e-6, _nonnegative, "the stabilizer epsilon")],
+@rule("normalized", {LINEAR}, params=[Param("eps", 1e-6, _stabilizer, "the stabilizer epsilon")],
       conservation=_classes(relevance={LINEAR: APPROXIMATE}), bias_in_denominator=True)
 def normalized(ctx) -> list[str | None]:
     """LRP-ε (Bach et al. 2015; Samek et al. 2016, eq. 6): ``a(x) = x ⊙ Lᵀ(a(y) / blip(d))``.
@@ -256,7 +290,7 @@ from . import deeplift  # noqa: F401
 # the inputs share everything); zbox and flat give it nothing (see there). They need a Conv, Gemm or
 # MatMul with a constant weight operand (ctx.variant fails naming the node otherwise).
 
-_EPS = Param("eps", 1e-6, _nonnegative, "the stabilizer epsilon")
+_EPS = Param("eps", 1e-6, _stabilizer, "the stabilizer epsilon")
 
 
 def _finite(v: float) -> str | None:
@@ -352,9 +386,15 @@ def zplus(ctx) -> list[str | None]:
 
 
 def _alpha_minus_beta(params: Mapping[str, float]) -> str | None:
+    """α − β = 1, in float64 and in float32 (where the rule computes: α = 1e8 + 1, β = 1e8 round to
+    the same float32 number)."""
     alpha, beta = params["alpha"], params["beta"]
     if abs(alpha - beta - 1) > 1e-9:
         return f"needs alpha − beta = 1 (conservation), got alpha = {alpha:g}, beta = {beta:g}"
+    in_float32 = float(np.float32(alpha) - np.float32(beta))
+    if abs(in_float32 - 1) > 2 * FLOAT32.eps:
+        return (f"needs alpha − beta = 1 (conservation) in float32, where the rule computes, but there "
+                f"alpha = {alpha:g}, beta = {beta:g} give alpha − beta = {in_float32:g}: use smaller values")
     return None
 
 
@@ -393,8 +433,21 @@ def alpha_beta(ctx) -> list[str | None]:
     return _to_activation(ctx, positive, relevance, share)
 
 
+#: γ ≤ 2²⁴: beyond, a negative weight vanishes next to (1 + γ)·w⁺ in float32 and the rule is zplus.
+GAMMA_MAX = float(2**24)
+
+
+def _gamma(v: float) -> str | None:
+    if (msg := _nonnegative(v)) is not None:
+        return msg
+    if v <= GAMMA_MAX:
+        return None
+    return (f"must be <= 2**24 = {GAMMA_MAX:g}, got {v:g}: beyond, negative weights vanish next to "
+            "(1 + γ)·w⁺ in float32; use the rule zplus")
+
+
 @rule("gamma", {LINEAR}, conservation=_LRP, bias_in_denominator=True,
-      params=[Param("gamma", None, _nonnegative, "how much the positive weights are favoured, >= 0"), _EPS])
+      params=[Param("gamma", None, _gamma, "how much the positive weights are favoured, >= 0"), _EPS])
 def gamma(ctx) -> list[str | None]:
     """LRP-γ (Montavon et al. 2019): weights ``w + γw⁺``: ``a(x) = x ⊙ Lγᵀ(a(y) / blip(Lγ(x) + bγ))``.
 

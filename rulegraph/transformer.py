@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from .graph import Graph
 from .kinds import BILINEAR, NORMALIZING, ROUTE
-from .rules import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _nonnegative, rule
+from .rules import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
 from .vjp import _layer_norm_stats, layer_norm_axes, unbroadcast
 
-_EPS = Param("eps", 1e-6, _nonnegative, "the stabilizer epsilon")
+_EPS = Param("eps", 1e-6, _stabilizer, "the stabilizer epsilon")
 
 
 def _zero_or_one(v: float) -> str | None:
