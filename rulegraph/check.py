@@ -243,6 +243,8 @@ def static(graph: Graph, ruleset: RuleSet, output: str | None = None, start: str
                 "no-rule" if a.binding is None else "wrong-kind")
             if a.node.kind is None:
                 code = "unknown-op"
+            elif a.binding is not None and a.binding.rule.name == "unsupported":
+                code = "unsupported"
             message = a.problem.removeprefix(f"{a.node}: ").removeprefix(f"{a.node}, ").removeprefix(f"{a.node} ")
             diagnostics.append(Diagnostic("error", code, str(a.node), message))
             continue

@@ -28,6 +28,7 @@ from .errors import CoverageError, ModelError, RulegraphError
 from .fusion import emit_copy, evaluate, vjp_of
 from .graph import Graph, Node
 from .kinds import NORMALIZING, ROUTE
+from . import unsupported
 from .rules import RULES
 from .ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
 from .vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
@@ -282,13 +283,16 @@ def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> lis
         except AmbiguousBinding as exc:
             out.append(Assignment(n, None, True, str(exc)))
             continue
-        out.append(Assignment(n, binding, True, _problem(n, binding, ruleset.quantity)))
+        problem = _problem(n, binding, ruleset.quantity)
+        if problem is None and binding is not None and binding.rule.name == unsupported.NAME:
+            problem = unsupported.refusal(n, binding, ruleset.source)
+        out.append(Assignment(n, binding, True, problem))
     return out
 
 
 def _accepting(kind: str | None, op_type: str | None = None) -> list[str]:
     """The rules (but start) that accept ``kind``, and ``op_type`` where a rule names its op types."""
-    return sorted(name for name, spec in RULES.items() if kind in spec.kinds and name != "start"
+    return sorted(name for name, spec in RULES.items() if kind in spec.kinds and name not in ("start", unsupported.NAME)
                   and (op_type is None or not spec.op_types or op_type in spec.op_types))
 
 
