@@ -151,3 +151,19 @@ def test_bundled_file_on_each_kind(rules, model_name):
     if bound is not None:
         report = check(model, rules, x=x, tolerance=bound, max_amplification=np.inf)
         assert report.ok, report.to_text()
+
+
+def test_deeplift_product_is_the_shapley_split():
+    """``y = x ⊙ z`` (two inputs): DeepLIFT's product rule gives ``Δx ⊙ ½(z + z')`` and
+    ``½(x + x') ⊙ Δz`` at the target (seed one-hot), summing to ``Δy`` exactly."""
+    model = _model([("Mul", ["x", "z"], "y", {})], {"x": ["N", 3], "z": ["N", 3]}, {})
+    rng = np.random.default_rng(2)
+    x, z, xb, zb = (rng.normal(size=(2, 3)).astype(np.float32) for _ in range(4))
+    target = np.array([0, 2])
+    result = rulegraph.Explainer(model, "deeplift-rescale").explain({"x": x, "z": z}, target=target,
+                                                                   baseline={"x": xb, "z": zb})
+    onehot = np.eye(3)[target]
+    x64, z64, xb64, zb64 = (v.astype(np.float64) for v in (x, z, xb, zb))
+    np.testing.assert_allclose(result.attribution["x"], onehot * (x64 - xb64) * (z64 + zb64) / 2, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(result.attribution["z"], onehot * (x64 + xb64) / 2 * (z64 - zb64), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(result.delta, 0, atol=1e-6)
