@@ -32,7 +32,8 @@ _QUIET = contextvars.ContextVar("rulegraph_amplification_quiet", default=False)
 
 def end_to_end(result) -> np.ndarray:
     """``Σ |attribution| / |start value|`` per row [N], in float64."""
-    total = sum(np.abs(a.astype(np.float64)).reshape(len(a), -1).sum(axis=1) for a in result.attribution.values())
+    total = sum(np.abs(a.astype(np.float64)).reshape(len(a), -1).sum(axis=1)
+                for a in result.attribution.values())
     scale = np.maximum(np.abs(result.start_value.astype(np.float64)), TINY)
     return np.asarray(total, dtype=np.float64) / scale
 

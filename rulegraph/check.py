@@ -78,15 +78,16 @@ class Report:
 
     def amplifying_nodes(self, count: int = 5) -> list[NodeCheck]:
         """The nodes that grow the magnitudes most (factor > 1), worst first."""
-        gains = {n.node: n.amplification for n in self.nodes if n.amplification is not None and n.amplification > 1}
+        gains = {n.node: n.amplification for n in self.nodes
+                 if n.amplification is not None and n.amplification > 1}
         by_name = {n.node: n for n in self.nodes}
         return [by_name[name] for name, _ in amplification.worst(gains, count)]
 
     def _amplification_detail(self) -> str:
         where = ", ".join(f"node '{n.node}' ({n.op_type}, {n.rule}) ×{n.amplification:.2e}"
                           for n in self.amplifying_nodes())
-        return (f"max Σ|attribution| / |start value| {self.amplification:.2e} (limit {self.max_amplification:g})"
-                + (f"; grows most at {where}" if where else ""))
+        return (f"max Σ|attribution| / |start value| {self.amplification:.2e} "
+                f"(limit {self.max_amplification:g})" + (f"; grows most at {where}" if where else ""))
 
     @property
     def errors(self) -> list[Diagnostic]:

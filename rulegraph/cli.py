@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest leak allowed, relative to the start value")
     p.add_argument("--probes", action="store_true", help="also run the consistency probes")
-    _max_amplification(p, "fail when Σ|attribution| / |start value| exceeds this (a map that conserves by cancellation)")
+    _max_amplification(p, "fail when Σ|attribution| / |start value| exceeds this "
+                          "(a map that conserves by cancellation)")
     p.add_argument("--format", choices=["text", "json", "junit"], default="text")
     p.add_argument("--output-file", help="write the report here instead of standard output")
     p.set_defaults(run=cmd_check)

@@ -63,7 +63,7 @@ class Compiled:
     bias_total: str | None = None
     start_value: str = ""        # Σ view(start) per batch row [N]
     node_sums: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)  # node -> (in, out, bias)
-    node_abs_sums: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # node -> Σ|in|, Σ|out|
+    node_abs_sums: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # Σ|in|, Σ|out|
     baseline_inputs: dict[str, str] = field(default_factory=dict)  # graph input -> its baseline input
     model_outputs: list[str] = field(default_factory=list)
 
@@ -292,7 +292,8 @@ def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> lis
 
 def _accepting(kind: str | None, op_type: str | None = None) -> list[str]:
     """The rules (but start) that accept ``kind``, and ``op_type`` where a rule names its op types."""
-    return sorted(name for name, spec in RULES.items() if kind in spec.kinds and name not in ("start", unsupported.NAME)
+    return sorted(name for name, spec in RULES.items()
+                  if kind in spec.kinds and name not in ("start", unsupported.NAME)
                   and (op_type is None or not spec.op_types or op_type in spec.op_types))
 
 

@@ -16,8 +16,9 @@ same model (``ctx.baseline(t)`` is ``t'``), so every rule below sees both sides.
   each factor gets the VJP with the other factor at its mean ``½(t + t')``. **Decision**: Captum's
   DeepLift has no rule there (the plain gradient, which does not sum to ``Δy``).
 
-Both max variants, the product rule and the rescale rule conserve ``Σ (t − t') ⊙ a(t)`` exactly, so the attribution
-sums to ``y − y'`` (summation-to-delta), except where equal maxima fall back to the gradient.
+Both max variants, the product rule and the rescale rule conserve ``Σ (t − t') ⊙ a(t)`` exactly,
+so the attribution sums to ``y − y'`` (summation-to-delta), except where equal maxima fall back
+to the gradient.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def _product(ctx) -> list[str | None]:
     t, graph = ctx.tape, ctx.graph
     means = [t.op("Mul", t.op("Add", x, ctx.baseline(x)), t.scalar(0.5)) for x in ctx.node.inputs[:2]]
     shapes = {m: graph.shapes.get(x) for m, x in zip(means, ctx.node.inputs)}
-    at_means = VjpContext(replace(ctx.node, inputs=means + list(ctx.node.inputs[2:])),
-                          replace(graph, shapes={**graph.shapes, **shapes}), t, ctx.active, ctx.request_output)
+    node = replace(ctx.node, inputs=means + list(ctx.node.inputs[2:]))
+    at_means = VjpContext(node, replace(graph, shapes={**graph.shapes, **shapes}), t, ctx.active,
+                          ctx.request_output)
     shares = VJPS[ctx.node.op_type](at_means, ctx.a_out)
     # the VJP sums each share down to its operand's shape: that of the mean, the operand's own
     return [s if act else None for s, act in zip(shares, ctx.active)]

@@ -185,8 +185,8 @@ class Explainer:
         return dims[0] if dims and isinstance(dims[0], int) else None
 
     def explain(self, x, target: int | str | np.ndarray | list = "argmax", node_sums: bool = False,
-                baseline=None, loop: str | None = None, max_amplification: float | None = DEFAULT_MAX_AMPLIFICATION,
-                **loop_params) -> Result:
+                baseline=None, loop: str | None = None,
+                max_amplification: float | None = DEFAULT_MAX_AMPLIFICATION, **loop_params) -> Result:
         """Explain a batch. ``target``: a class index (one, or one per row), ``"argmax"``, or a seed
         array shaped like the start tensor (a neuron or channel objective). ``node_sums`` also
         returns each node's conservation sums (``Result.node_sums``) from the same run.
@@ -201,7 +201,8 @@ class Explainer:
             from .loops import LOOPS
 
             with quiet():
-                return LOOPS[loop_call.name].run(self.without_loop(), x, target, dict(loop_call.params), baseline)
+                return LOOPS[loop_call.name].run(self.without_loop(), x, target, dict(loop_call.params),
+                                                 baseline)
         feeds = self._feeds(x)
         n = next(iter(feeds.values())).shape[0]
         seed_mode = isinstance(target, np.ndarray) and target.dtype.kind == "f"

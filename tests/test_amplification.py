@@ -146,7 +146,8 @@ def test_cli_max_amplification(tmp_path, capsys, limit, code):
     model, x = tmp_path / "m.onnx", tmp_path / "x.npy"
     model.write_bytes(CANCELLING.SerializeToString())
     np.save(x, X1)
-    assert main(["check", str(model), "--rules", "lrp-0", "--input", str(x), "--max-amplification", limit]) == code
+    args = ["check", str(model), "--rules", "lrp-0", "--input", str(x), "--max-amplification", limit]
+    assert main(args) == code
     assert f"(limit {limit})" in capsys.readouterr().out
 
 

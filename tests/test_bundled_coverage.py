@@ -45,8 +45,8 @@ def _stem_and_head(body, body_consts, last="b", softmax=False):
               ("Gemm", ["flat", "wf", "bf"], "logits" if softmax else "y", {"transB": 1})]
     if softmax:
         nodes.append(("Softmax", ["logits"], "y", {"axis": 1}))
-    consts = {"w0": _w(C, 3, 3, 3), "b0": _w(C, scale=0.1), "wf": _w(CLASSES, C), "bf": _w(CLASSES, scale=0.1),
-              **body_consts}
+    consts = {"w0": _w(C, 3, 3, 3), "b0": _w(C, scale=0.1), "wf": _w(CLASSES, C),
+              "bf": _w(CLASSES, scale=0.1), **body_consts}
     return _model(nodes, {"x": ["N", 3, S, S]}, consts)
 
 
@@ -57,16 +57,24 @@ def se_gate(gate_op="Sigmoid"):
                           {"ws": _w(C, C, 1, 1), "bs": _w(C, scale=0.1)})
 
 
+def _conv(out: str) -> tuple:
+    return ("Conv", ["a", "w1", "b1"], out, {"pads": [1, 1, 1, 1]})
+
+
+def _conv_consts() -> dict:
+    return {"w1": _w(C, C, 3, 3), "b1": _w(C, scale=0.1)}
+
+
 def residual():
-    return _stem_and_head([("Conv", ["a", "w1", "b1"], "c1", {"pads": [1, 1, 1, 1]}), ("Add", ["c1", "a"], "s", {}),
-                           ("Relu", ["s"], "b", {})], {"w1": _w(C, C, 3, 3), "b1": _w(C, scale=0.1)})
+    body = [_conv("c1"), ("Add", ["c1", "a"], "s", {}), ("Relu", ["s"], "b", {})]
+    return _stem_and_head(body, _conv_consts())
 
 
 def batchnorm():
-    return _stem_and_head([("Conv", ["a", "w1", "b1"], "c1", {"pads": [1, 1, 1, 1]}),
-                           ("BatchNormalization", ["c1", "g", "beta", "mu", "var"], "bn", {}), ("Relu", ["bn"], "b", {})],
-                          {"w1": _w(C, C, 3, 3), "b1": _w(C, scale=0.1), "g": RNG.uniform(0.5, 1.5, C).astype(np.float32),
-                           "beta": _w(C, scale=0.2), "mu": _w(C, scale=0.2), "var": RNG.uniform(0.5, 2, C).astype(np.float32)})
+    stats = {"g": RNG.uniform(0.5, 1.5, C).astype(np.float32), "beta": _w(C, scale=0.2),
+             "mu": _w(C, scale=0.2), "var": RNG.uniform(0.5, 2, C).astype(np.float32)}
+    return _stem_and_head([_conv("c1"), ("BatchNormalization", ["c1", "g", "beta", "mu", "var"], "bn", {}),
+                           ("Relu", ["bn"], "b", {})], {**_conv_consts(), **stats})
 
 
 def maxpool():
@@ -74,8 +82,7 @@ def maxpool():
 
 
 def softmax_end():
-    return _stem_and_head([("Conv", ["a", "w1", "b1"], "c1", {"pads": [1, 1, 1, 1]}), ("Relu", ["c1"], "b", {})],
-                          {"w1": _w(C, C, 3, 3), "b1": _w(C, scale=0.1)}, softmax=True)
+    return _stem_and_head([_conv("c1"), ("Relu", ["c1"], "b", {})], _conv_consts(), softmax=True)
 
 
 T, E = 3, 4  # tokens, embedding width
@@ -84,7 +91,8 @@ T, E = 3, 4  # tokens, embedding width
 def attention():
     """LayerNorm -> single-head self-attention softmax(QKᵀ/√E)·V -> ReduceMean over tokens -> Gemm."""
     nodes = [("LayerNormalization", ["x", "ln_g", "ln_b"], "ln", {"axis": -1}),
-             ("MatMul", ["ln", "wq"], "q", {}), ("MatMul", ["ln", "wk"], "k", {}), ("MatMul", ["ln", "wv"], "v", {}),
+             ("MatMul", ["ln", "wq"], "q", {}), ("MatMul", ["ln", "wk"], "k", {}),
+             ("MatMul", ["ln", "wv"], "v", {}),
              ("Transpose", ["k"], "kt", {"perm": [0, 2, 1]}), ("MatMul", ["q", "kt"], "qk", {}),
              ("Mul", ["qk", "scale"], "scores", {}), ("Softmax", ["scores"], "att", {"axis": -1}),
              ("MatMul", ["att", "v"], "ctx", {}), ("Add", ["ctx", "x"], "res", {}),
@@ -140,7 +148,8 @@ def test_bundled_file_on_each_kind(rules, model_name):
         with pytest.raises(CoverageError) as info:
             explainer.explain(x)
         message = str(info.value)
-        assert f"rules/{rules}.rules does not explain normalizing ops ('normalizing -> unsupported' at " in message
+        statement = f"rules/{rules}.rules does not explain normalizing ops ('normalizing -> unsupported' at "
+        assert statement in message
         assert "bundled files that explain it: " in message and "lrp-transformer" in message
         assert "node 'ln' (LayerNormalization)" in message and "node 'att' (Softmax)" in message
         return
@@ -164,6 +173,7 @@ def test_deeplift_product_is_the_shapley_split():
                                                                    baseline={"x": xb, "z": zb})
     onehot = np.eye(3)[target]
     x64, z64, xb64, zb64 = (v.astype(np.float64) for v in (x, z, xb, zb))
-    np.testing.assert_allclose(result.attribution["x"], onehot * (x64 - xb64) * (z64 + zb64) / 2, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(result.attribution["z"], onehot * (x64 + xb64) / 2 * (z64 - zb64), rtol=1e-6, atol=1e-7)
+    expected = {"x": onehot * (x64 - xb64) * (z64 + zb64) / 2, "z": onehot * (x64 + xb64) / 2 * (z64 - zb64)}
+    for name, value in expected.items():
+        np.testing.assert_allclose(result.attribution[name], value, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(result.delta, 0, atol=1e-6)

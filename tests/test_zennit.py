@@ -89,5 +89,6 @@ def test_composite_matches_zennit_epsilon_plus_flat(torch, zennit, tm, tmp_path)
     err = row_errors(result.map, reference)
     amplification = np.abs(result.map).reshape(2, -1).sum(1) / np.abs(result.start_value)
     print(f"\n[crosscheck] lrp-composite vs zennit EpsilonPlusFlat: max rel err {err.max():.2e}; "
-          f"relative delta {np.abs(result.relative_delta).max():.1e}; amplification {amplification.max():.2f}")
+          f"relative delta {np.abs(result.relative_delta).max():.1e}; "
+          f"amplification {amplification.max():.2f}")
     assert err.max() <= ZENNIT_RTOL
