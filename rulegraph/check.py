@@ -16,6 +16,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
+from . import amplification
 from .compile import Assignment, RuleContext, assign, find_start, path_nodes
 from .emit import Tape
 from .errors import RulegraphError
@@ -58,6 +59,7 @@ class NodeCheck:
     #: the rule table itself says the rule leaks the bias here (gradient on a linear op under
     #: importance: the method's nature), so a leak is what the file predicts, not a violation
     leak_by_nature: bool = False
+    amplification: float | None = None  # max over rows of Σ|view given to inputs| / Σ|view of outputs|
 
     def as_predicted(self, tolerance: float) -> bool:
         """Not measured, within ``tolerance``, or a finite leak that the rule table predicts."""
@@ -83,6 +85,21 @@ class Report:
     probes: list = field(default_factory=list)
     #: NaN/Inf found in the inputs or the model's outputs (then the leaks are NaN because of them)
     nonfinite: list[str] = field(default_factory=list)
+    max_amplification: float = amplification.DEFAULT_MAX_AMPLIFICATION
+    amplification: float | None = None  # end to end: max Σ|attribution| / |start value|
+
+    def amplifying_nodes(self, count: int = 5) -> list[NodeCheck]:
+        """The nodes that grow the magnitudes most (factor > 1), worst first."""
+        gains = {n.node: n.amplification for n in self.nodes
+                 if n.amplification is not None and n.amplification > 1}
+        by_name = {n.node: n for n in self.nodes}
+        return [by_name[name] for name, _ in amplification.worst(gains, count)]
+
+    def _amplification_detail(self) -> str:
+        where = ", ".join(f"node '{n.node}' ({n.op_type}, {n.rule}) ×{n.amplification:.2e}"
+                          for n in self.amplifying_nodes())
+        return (f"max Σ|attribution| / |start value| {self.amplification:.2e} "
+                f"(limit {self.max_amplification:g})" + (f"; grows most at {where}" if where else ""))
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -97,6 +114,9 @@ class Report:
                       f"predicted {self.predicted}{self._as_predicted()}{self._nonfinite_cause()}")
             passed = self.measured <= self.tolerance or bool(self._as_predicted())
             props.append(("conservation: end to end", passed, detail))
+            if self.amplification is not None:
+                props.append(("amplification: end to end", self.amplification <= self.max_amplification,
+                              self._amplification_detail()))
             for n in self.nodes:
                 detail = f"leak {n.leak:.2e}" if n.leak is not None else "not measured"
                 ok = n.as_predicted(self.tolerance)
@@ -160,6 +180,8 @@ class Report:
                          f"(tolerance {self.tolerance:g})"
                          + (f": {self.predicted}{self._as_predicted()}" if self._as_predicted() else ""))
         lines.extend(f"not finite: {cause}" for cause in self.nonfinite)
+        if self.amplification is not None:
+            lines.append(f"amplification end to end: {self._amplification_detail()}")
         for p in self.probes:
             state = "skipped: " + p.skipped if p.skipped else ("consistent" if p.consistent else "INCONSISTENT")
             lines.append(f"probe {p.probe}: {state}" + ("" if p.skipped else f" (max difference {p.max_difference:.3g})"))
@@ -178,7 +200,9 @@ class Report:
             "quantity": self.quantity, "bias": self.bias, "tolerance": self.tolerance,
             "samples": self.samples,
             "end_to_end": {"predicted": self.predicted, "measured": self.measured,
-                           "as_predicted": bool(self._as_predicted()), "nonfinite": list(self.nonfinite)},
+                           "as_predicted": bool(self._as_predicted()), "nonfinite": list(self.nonfinite),
+                           "amplification": self.amplification},
+            "max_amplification": self.max_amplification,
             "diagnostics": [asdict(d) for d in self.diagnostics],
             "nodes": [asdict(n) for n in self.nodes],
             "probes": [{"probe": p.probe, "consistent": p.consistent, "max_difference": p.max_difference,
@@ -275,6 +299,8 @@ def static(graph: Graph, ruleset: RuleSet, output: str | None = None, start: str
                 "no-rule" if a.binding is None else "wrong-kind")
             if a.node.kind is None:
                 code = "unknown-op"
+            elif a.binding is not None and a.binding.rule.name == "unsupported":
+                code = "unsupported"
             message = a.problem.removeprefix(f"{a.node}: ").removeprefix(f"{a.node}, ").removeprefix(f"{a.node} ")
             diagnostics.append(Diagnostic("error", code, str(a.node), message))
             continue
@@ -331,7 +357,7 @@ def sample_inputs(graph: Graph, samples: int, seed: int = 0) -> dict[str, np.nda
 
 def measure(explainer, x, report: Report, target="argmax") -> None:
     """Fill each node's measured leak and the end-to-end delta, from one compiled run."""
-    result = explainer.without_loop().explain(x, target=target, node_sums=True)
+    result = explainer.without_loop().explain(x, target=target, node_sums=True, max_amplification=None)
     scale = np.maximum(np.abs(result.start_value.astype(np.float64)), 1e-12)
     counted = explainer.ruleset.bias in COUNTED_BIAS
     by_name = {n.node: n for n in report.nodes}
@@ -345,6 +371,10 @@ def measure(explainer, x, report: Report, target="argmax") -> None:
             if counted or (check.rule.startswith("normalized") and explainer.ruleset.bias == "ignore"):
                 leak = leak - bias
         check.leak = float(np.max(np.abs(leak) / scale))
+    for node, gain in amplification.per_node(result).items():
+        if node in by_name:
+            by_name[node].amplification = float(np.max(gain))
+    report.amplification = float(np.max(amplification.end_to_end(result)))
     report.measured = float(np.max(np.abs(result.relative_delta)))
     report.samples = len(result.start_value)
     report.nonfinite = _nonfinite(explainer._feeds(x), result.outputs)
@@ -371,16 +401,18 @@ def _nonfinite(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) ->
 
 
 def check(model, rules, x=None, samples: int = 0, tolerance: float = 1e-3, probes: bool = False,
-          output: str | None = None, start: str | None = None, providers=None) -> Report:
-    """Run every check that applies: static always, measured with inputs (``x`` or ``samples``),
-    consistency probes when asked."""
+          output: str | None = None, start: str | None = None, providers=None,
+          max_amplification: float = amplification.DEFAULT_MAX_AMPLIFICATION) -> Report:
+    """Run every check that applies: static always, measured with inputs (``x`` or ``samples``):
+    conservation and amplification (fails above ``max_amplification``); consistency probes when asked."""
     from .explainer import Explainer
 
     explainer = Explainer(model, rules, providers=providers, output=output, start=start)
     ruleset = explainer.ruleset
     diagnostics, nodes, predicted = static(explainer.graph, ruleset, output, start)
     report = Report(str(model) if not hasattr(model, "SerializeToString") else "<model>", ruleset.source,
-                    ruleset.quantity, ruleset.bias, tolerance, diagnostics, nodes, predicted)
+                    ruleset.quantity, ruleset.bias, tolerance, diagnostics, nodes, predicted,
+                    max_amplification=max_amplification)
     if not report.errors and (x is not None or samples):
         measure(explainer, x if x is not None else sample_inputs(explainer.graph, samples), report)
     if probes:

@@ -87,7 +87,7 @@ def cmd_explain(args) -> int:
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
     explainer.allow_nonfinite = args.allow_nonfinite
     x = load_input(args.input, explainer, args.scale, args.allow_nonfinite)
-    result = explainer.explain(x, target=_parse_target(args.target))
+    result = explainer.explain(x, target=_parse_target(args.target), max_amplification=args.max_amplification)
     print(summary(result))
     if args.out:
         write_with(args.out, lambda tmp: np.save(tmp, result.map), "--out")
@@ -124,7 +124,8 @@ def cmd_check(args) -> int:
         x = load_input(args.input, Explainer(args.model, args.rules), args.scale)
     samples = 0 if x is not None else args.samples
     report = check(args.model, args.rules, x=x, samples=samples, tolerance=args.tolerance,
-                   probes=args.probes, output=args.output, start=args.start)
+                   probes=args.probes, output=args.output, start=args.start,
+                   max_amplification=args.max_amplification)
     text = {"text": report.to_text, "json": report.to_json, "junit": report.to_junit}[args.format]()
     if args.output_file:
         write_bytes(args.output_file, (text if text.endswith("\n") else text + "\n").encode("utf-8"),
@@ -199,6 +200,13 @@ def _heatmap_suffixes() -> list[str]:
     return heatmap_suffixes()
 
 
+def _max_amplification(p, help_text: str) -> None:
+    from .amplification import DEFAULT_MAX_AMPLIFICATION
+
+    p.add_argument("--max-amplification", type=float, default=DEFAULT_MAX_AMPLIFICATION,
+                   help=f"{help_text} (default {DEFAULT_MAX_AMPLIFICATION:g})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rulegraph", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(refused by default)")
     p.add_argument("--out", help="write the attribution of the first input here (.npy)")
     p.add_argument("--heatmap", help="write a heatmap of the first row here (.png)")
+    _max_amplification(p, "warn when a row's Σ|attribution| / |start value| exceeds this")
     p.set_defaults(run=cmd_explain)
 
     p = sub.add_parser("compile", help="write the explainer ONNX model (forward + relevance pass)")
@@ -232,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest leak allowed, relative to the start value")
     p.add_argument("--probes", action="store_true", help="also run the consistency probes")
+    _max_amplification(p, "fail when Σ|attribution| / |start value| exceeds this "
+                          "(a map that conserves by cancellation)")
     p.add_argument("--format", choices=["text", "json", "junit"], default="text")
     p.add_argument("--output-file", help="write the report here instead of standard output")
     p.set_defaults(run=cmd_check)

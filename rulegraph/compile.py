@@ -28,6 +28,7 @@ from .errors import CoverageError, ModelError, RulegraphError
 from .fusion import emit_copy, evaluate, vjp_of
 from .graph import Graph, Node
 from .kinds import NORMALIZING, ROUTE
+from . import unsupported
 from .rules import RULES
 from .ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
 from .vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
@@ -62,6 +63,7 @@ class Compiled:
     bias_total: str | None = None
     start_value: str = ""        # Σ view(start) per batch row [N]
     node_sums: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)  # node -> (in, out, bias)
+    node_abs_sums: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # Σ|in|, Σ|out|
     baseline_inputs: dict[str, str] = field(default_factory=dict)  # graph input -> its baseline input
     model_outputs: list[str] = field(default_factory=list)
 
@@ -281,13 +283,17 @@ def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> lis
         except AmbiguousBinding as exc:
             out.append(Assignment(n, None, True, str(exc)))
             continue
-        out.append(Assignment(n, binding, True, _problem(n, binding, ruleset.quantity)))
+        problem = _problem(n, binding, ruleset.quantity)
+        if problem is None and binding is not None and binding.rule.name == unsupported.NAME:
+            problem = unsupported.refusal(n, binding, ruleset.source)
+        out.append(Assignment(n, binding, True, problem))
     return out
 
 
 def _accepting(kind: str | None, op_type: str | None = None) -> list[str]:
     """The rules (but start) that accept ``kind``, and ``op_type`` where a rule names its op types."""
-    return sorted(name for name, spec in RULES.items() if kind in spec.kinds and name != "start"
+    return sorted(name for name, spec in RULES.items()
+                  if kind in spec.kinds and name not in ("start", unsupported.NAME)
                   and (op_type is None or not spec.op_types or op_type in spec.op_types))
 
 
@@ -421,32 +427,37 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
             if contribution is not None and tensor in graph.active:
                 a.setdefault(tensor, []).append(contribution)
         if node_sums:
-            compiled.node_sums[node.name] = _node_sums(tape, view, node, a_out, result,
-                                                       bias_terms.get(node.name, []), graph)
+            compiled.node_sums[node.name], compiled.node_abs_sums[node.name] = _node_sums(
+                tape, view, node, a_out, result, bias_terms.get(node.name, []), graph)
     tape.scope = ""
 
     outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms, view)
     if compiled.node_sums:
         row = [graph.dim(start, 0) if graph.rank(start) else "N"]
-        outputs.update({name: row for sums in compiled.node_sums.values() for name in sums if name})
+        outputs.update({name: row for sums in (*compiled.node_sums.values(), *compiled.node_abs_sums.values())
+                        for name in sums if name})
     compiled.baseline_inputs = {x: baseline_of[x] for x in graph.float_inputs() if x in baseline_of}
     compiled.model = _assemble(graph, tape, extra_outputs, outputs, seed_mode, start, compiled.baseline_inputs)
     return compiled
 
 
 def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, graph: Graph):
-    """(Σ view over what the node gives its inputs, Σ view over its outputs, Σ bias shares), each
-    [N]; None where there is nothing to sum."""
+    """((Σ view over what the node gives its inputs, Σ view over its outputs, Σ bias shares),
+    (Σ |view| over what it gives its inputs, Σ |view| over its outputs)), each [N]; None where
+    there is nothing to sum. The magnitudes measure the node's amplification (amplification.py)."""
 
-    def total(pairs) -> str | None:
-        terms = [_row_sum(tape, view(t, v)) for t, v in pairs
-                 if v is not None and t in graph.active]
-        if not terms:
-            return None
-        return tape.sum(terms) if len(terms) > 1 else tape.op("Identity", terms[0])
+    def totals(pairs) -> tuple[str | None, str | None]:
+        views = [view(t, v) for t, v in pairs if v is not None and t in graph.active]
+        if not views:
+            return None, None
+        signed = [_row_sum(tape, v) for v in views]
+        magnitude = [_row_sum(tape, tape.op("Abs", v)) for v in views]
+        return tuple(tape.sum(terms) if len(terms) > 1 else tape.op("Identity", terms[0])
+                     for terms in (signed, magnitude))
 
     bias = _row_sum(tape, tape.sum(bias_shares)) if bias_shares else None
-    return total(zip(node.inputs, a_in)), total(zip(node.outputs, a_out)), bias
+    (given, given_abs), (outs, outs_abs) = totals(zip(node.inputs, a_in)), totals(zip(node.outputs, a_out))
+    return (given, outs, bias), (given_abs, outs_abs)
 
 
 def _row_sum(tape: Tape, x: str) -> str:

@@ -10,21 +10,27 @@ same model (``ctx.baseline(t)`` is ``t'``), so every rule below sees both sides.
 - max ops, parameter ``max``: ``softness`` (the limit of ``k·log Σ exp(a_i/k)`` as ``k → 0``: all of
   ``b − b'`` goes to the arg-max of whichever side has the larger max; equal maxima fall back to the
   gradient) or ``relu`` (``max(p, q) = q + relu(p − q)``, folded left over the operands or the
-  window's cells in row-major order; the result depends on that order for more than two).
+  window's cells in row-major order; the result depends on that order for more than two);
+- products of two activations ``y = a ⊙ b`` (Mul, MatMul; a squeeze-excitation gate): the two
+  factors' Shapley split ``Δy = Δa ⊙ ½(b + b') + ½(a + a') ⊙ Δb`` (exact for any bilinear map), so
+  each factor gets the VJP with the other factor at its mean ``½(t + t')``. **Decision**: Captum's
+  DeepLift has no rule there (the plain gradient, which does not sum to ``Δy``).
 
-Both max variants and the rescale rule conserve ``Σ (t − t') ⊙ a(t)`` exactly, so the attribution
-sums to ``y − y'`` (summation-to-delta), except where equal maxima fall back to the gradient.
+Both max variants, the product rule and the rescale rule conserve ``Σ (t − t') ⊙ a(t)`` exactly,
+so the attribution sums to ``y − y'`` (summation-to-delta), except where equal maxima fall back
+to the gradient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
-from .kinds import LINEAR, MAX, NONLINEAR, ROUTE
+from .kinds import BILINEAR, LINEAR, MAX, NONLINEAR, ROUTE
 from .rules import EXACT, Param, rule
-from .vjp import _spatial_attrs, first_max_masks, positions, unbroadcast
+from .vjp import VJPS, VjpContext, _spatial_attrs, first_max_masks, positions, unbroadcast
 
 MAX_VARIANTS: dict[str, dict[str, Callable]] = {"softness": {}, "relu": {}}
 
@@ -42,14 +48,16 @@ def _tolerance(v: float) -> str | None:
     return None if v >= 0 else f"must be >= 0, got {v}"
 
 
-@rule("baseline_difference", {LINEAR, ROUTE, NONLINEAR, MAX},
+@rule("baseline_difference", {LINEAR, ROUTE, NONLINEAR, MAX, BILINEAR},
       params=[Param("tol", 1e-6, _tolerance, "below this |x − x'| the gradient is used"),
               Param("max", "softness", choices=tuple(MAX_VARIANTS), doc="the max variant")],
-      conservation={("difference", kind): EXACT for kind in (LINEAR, ROUTE, NONLINEAR, MAX)})
+      conservation={("difference", kind): EXACT for kind in (LINEAR, ROUTE, NONLINEAR, MAX, BILINEAR)})
 def baseline_difference(ctx) -> list[str | None]:
     """DeepLIFT Rescale (Shrikumar et al. 2017): multipliers ``Δy/Δx`` against the baseline."""
     if ctx.kind in (LINEAR, ROUTE):
         return ctx.vjp(ctx.a_out)
+    if ctx.kind == BILINEAR:
+        return _product(ctx)
     if ctx.kind == NONLINEAR:
         return [_rescale(ctx, ctx.x, ctx.baseline(ctx.x), ctx.y, ctx.baseline(ctx.y), ctx.a_out[0],
                          lambda: ctx.vjp(ctx.a_out)[0])] + [None] * (len(ctx.node.inputs) - 1)
@@ -69,6 +77,25 @@ def _rescale(ctx, x: str, xb: str, y: str, yb: str, a: str, derivative: Callable
     safe = t.op("Where", close, t.scalar(1.0), dx)
     secant = t.op("Mul", a, t.op("Div", t.op("Sub", y, yb), safe))
     return t.op("Where", close, derivative(), secant)
+
+
+PRODUCTS = ("Mul", "MatMul")  # bilinear maps: the Shapley split is exact
+
+
+def _product(ctx) -> list[str | None]:
+    """``a(a) = VJP_a(a(y))`` at ``b = ½(b + b')`` and vice versa, for ``y = a ⊙ b`` or ``a·b``."""
+    if ctx.node.op_type not in PRODUCTS:
+        raise ctx.fail(f"baseline_difference splits products of two activations ({', '.join(PRODUCTS)}); "
+                       f"{ctx.node.op_type} of two activations is not bilinear: bind it to another rule")
+    t, graph = ctx.tape, ctx.graph
+    means = [t.op("Mul", t.op("Add", x, ctx.baseline(x)), t.scalar(0.5)) for x in ctx.node.inputs[:2]]
+    shapes = {m: graph.shapes.get(x) for m, x in zip(means, ctx.node.inputs)}
+    node = replace(ctx.node, inputs=means + list(ctx.node.inputs[2:]))
+    at_means = VjpContext(node, replace(graph, shapes={**graph.shapes, **shapes}), t, ctx.active,
+                          ctx.request_output)
+    shares = VJPS[ctx.node.op_type](at_means, ctx.a_out)
+    # the VJP sums each share down to its operand's shape: that of the mean, the operand's own
+    return [s if act else None for s, act in zip(shares, ctx.active)]
 
 
 # softness: all of b − b' to the arg-max of the side with the larger max ---------------------------

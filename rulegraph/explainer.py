@@ -11,6 +11,7 @@ import onnx
 
 from . import graph as graph_mod
 from . import runtime
+from .amplification import DEFAULT_MAX_AMPLIFICATION, quiet, warn_if_amplified
 from .compile import SEED, TARGET, Compiled, compile_explainer
 from .errors import RulegraphError
 from .ruleset import RuleSet
@@ -27,7 +28,8 @@ class Result:
     ``delta`` [N]: Σ attribution + Σ bias shares − start_value (0 when the rules conserve);
     ``outputs``: the model's own outputs; ``target`` [N]: the class explained per row;
     ``node_sums``: node -> (Σ view given to its inputs, Σ view of its outputs, Σ bias shares), [N]
-    each (None where empty), when asked for.
+    each (None where empty), when asked for; ``node_abs_sums``: node -> (Σ |view| given to its
+    inputs, Σ |view| of its outputs), the magnitudes of the same numbers (amplification.py).
     """
 
     attribution: dict[str, np.ndarray]
@@ -40,6 +42,7 @@ class Result:
     target: np.ndarray | None = None
     device: str = "cpu"
     node_sums: dict[str, tuple] = field(default_factory=dict)  # node -> (inputs, outputs, bias) [N]
+    node_abs_sums: dict[str, tuple] = field(default_factory=dict)  # node -> (Σ|inputs|, Σ|outputs|) [N]
 
     @property
     def map(self) -> np.ndarray:
@@ -213,20 +216,25 @@ class Explainer:
         return dims[0] if dims and isinstance(dims[0], int) else None
 
     def explain(self, x, target: int | str | np.ndarray | list = "argmax", node_sums: bool = False,
-                baseline=None, loop: str | None = None, **loop_params) -> Result:
+                baseline=None, loop: str | None = None,
+                max_amplification: float | None = DEFAULT_MAX_AMPLIFICATION, **loop_params) -> Result:
         """Explain a batch. ``target``: a class index (one, or one per row), ``"argmax"``, or a seed
         array shaped like the start tensor (a neuron or channel objective). ``node_sums`` also
         returns each node's conservation sums (``Result.node_sums``) from the same run.
         ``baseline`` (difference quantity): an array, a dict per input, or a baseline name
         (``zeros``, ``mean``, ``blur``, ``file:<path>``); default: the rule file's ``baseline``.
         ``loop`` (``integrated_gradients``, ``smoothgrad``, ``occlusion``, with ``loop_params``)
-        runs a loop around the pass as one batched run; default: the rule file's ``loop`` header."""
+        runs a loop around the pass as one batched run; default: the rule file's ``loop`` header.
+        ``max_amplification``: warn (``RulegraphWarning``) when a row's Σ|attribution| / |start value|
+        exceeds it (amplification.py; None: never; not for loops)."""
         _check_baseline_names(baseline, self.graph.inputs)
         loop_call = self._loop(loop, loop_params)
         if loop_call is not None:
             from .loops import LOOPS
 
-            return LOOPS[loop_call.name].run(self.without_loop(), x, target, dict(loop_call.params), baseline)
+            with quiet():
+                return LOOPS[loop_call.name].run(self.without_loop(), x, target, dict(loop_call.params),
+                                                 baseline)
         feeds = self._feeds(x)
         n = next(iter(feeds.values())).shape[0]
         seed_mode = isinstance(target, np.ndarray) and target.dtype.kind == "f"
@@ -247,7 +255,7 @@ class Explainer:
             chosen = feeds[TARGET].copy()
             if start.ndim >= 2:
                 chosen = np.where(chosen < 0, start.reshape(n, start.shape[1], -1)[:, :, 0].argmax(axis=1), chosen)
-        return Result(
+        result = Result(
             attribution={x: values[o] for x, o in compiled.attribution.items()},
             saliency={x: values[o] for x, o in compiled.saliency.items()},
             bias_shares={k: values[o] for k, o in compiled.bias_shares.items()},
@@ -259,7 +267,11 @@ class Explainer:
             device=runtime.device_of(sess),
             node_sums={node: tuple(None if o is None else values[o] for o in names)
                        for node, names in compiled.node_sums.items()},
+            node_abs_sums={node: tuple(None if o is None else values[o] for o in names)
+                           for node, names in compiled.node_abs_sums.items()},
         )
+        warn_if_amplified(result, max_amplification)
+        return result
 
 
 def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:

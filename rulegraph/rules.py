@@ -276,6 +276,7 @@ def start(ctx) -> list[str | None]:
 
 # The baseline-difference rule (DeepLIFT) lives in its own module; importing it registers it.
 from . import deeplift  # noqa: F401
+from . import unsupported  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # the LRP weight rules (zplus, alpha_beta, gamma, zbox, flat, wsquare) and guided backprop

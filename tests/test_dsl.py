@@ -53,13 +53,16 @@ BUNDLED = {
                                                  "bilinear": "gradient", "normalizing": "gradient"}),
     "lrp-0": ("relevance", "blame", {"linear": "normalized(eps = 0)", "nonlinear": "ignore",
                                      "max": "gradient", "route": "gradient",
-                                     "bilinear": "uniform(eps = 0, softmax_constant = 1, gate_constant = 1)"}),
+                                     "bilinear": "uniform(eps = 0, softmax_constant = 1, gate_constant = 1)",
+                                     "normalizing": "unsupported"}),
     "lrp-epsilon": ("relevance", "blame", {"linear": "normalized(eps = 1e-06)", "nonlinear": "ignore",
                                            "max": "gradient", "route": "gradient",
                                            "bilinear": "uniform(eps = 1e-06, softmax_constant = 1, "
-                                                       "gate_constant = 1)"}),
+                                                       "gate_constant = 1)",
+                                           "normalizing": "unsupported"}),
     "deconvnet": ("importance", "absorb", {"linear": "gradient", "nonlinear": "repeat",
-                                           "max": "gradient", "route": "gradient"}),
+                                           "max": "gradient", "route": "gradient",
+                                           "bilinear": "gradient", "normalizing": "gradient"}),
 }
 
 

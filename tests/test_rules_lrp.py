@@ -597,12 +597,12 @@ def test_bundled_file_runs_on_the_cnn(name, digits):
         assert report.measured < bound
 
 
-def test_composite_binds_first_conv_flat_other_convs_gamma():
+def test_composite_binds_first_conv_flat_other_convs_zplus():
     """``first Conv`` beats ``Conv``, which beats ``linear``."""
     graph = G.load(CNN)
     ruleset = dsl.load("lrp-composite")
     chosen = {a.node.name: str(a.binding.rule) for a in assign(graph, ruleset, path_nodes(graph, graph.outputs[0]))}
     assert chosen["/features/features.0/Conv"] == "flat"
-    assert chosen["/features/features.4/Conv"] == "gamma(gamma = 0.25, eps = 1e-06)"
+    assert chosen["/features/features.4/Conv"] == "zplus(eps = 1e-06)"
     assert chosen["/classifier/classifier.1/Gemm"] == "normalized(eps = 1e-06)"
     assert chosen["/features/features.1/BatchNormalization"] == "normalized(eps = 1e-06)"

@@ -1,0 +1,94 @@
+"""The bundled ``lrp-composite`` against Zennit's ``EpsilonPlusFlat`` (the [crosscheck] extra) on a
+small residual network written in torch with its residual sums as ``zennit.layer.Sum`` modules
+(what Zennit's ResNet canonizer makes of them), exported by the TorchScript exporter.
+
+Zennit's composite: Flat on the first Conv, ZPlus on the other convolutions, Epsilon on Linear,
+Norm on Sum and average pooling, Pass on activations; every stabilizer 1e-6. Its rules keep each
+bias in the denominators and drop its share; rulegraph (``bias blame``) reports the share apart,
+so the input relevance is the same number. ZPlus also gives ``x⁻w⁻`` a share, which is 0 here:
+every convolution but the first (Flat) reads a Relu output. The network has no BatchNorm: without
+a canonizer Zennit passes relevance through BatchNorm unchanged, where rulegraph applies ε.
+
+Zennit imports torchvision at import time; the test skips, naming the cause, where it cannot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_crosscheck import row_errors
+
+import rulegraph
+
+#: against Zennit, relative to the row's max |reference| (float32 both sides)
+ZENNIT_RTOL = 1e-4
+TARGETS = [3, 7]
+
+
+@pytest.fixture(scope="module")
+def zennit(torch):
+    try:
+        import zennit.attribution
+        import zennit.composites
+        import zennit.layer
+    except Exception as exc:  # zennit absent, or its torchvision import failing
+        pytest.skip(f"the Zennit cross-check needs the [crosscheck] extra's zennit importable: {exc!r}")
+    return zennit
+
+
+def _residual_net(torch, zennit):
+    nn = torch.nn
+
+    class Block(nn.Module):
+        """conv-relu-conv (+ a strided 1x1 shortcut where the shape changes), Sum, relu."""
+
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1)
+            self.relu1 = nn.ReLU()
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+            self.sum = zennit.layer.Sum()
+            self.relu2 = nn.ReLU()
+
+        def forward(self, x):
+            out = self.conv2(self.relu1(self.conv1(x)))
+            return self.relu2(self.sum(torch.stack([out, self.shortcut(x)], dim=-1)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+            self.relu = nn.ReLU()
+            self.blocks = nn.Sequential(Block(8, 8, 1), Block(8, 8, 1), Block(8, 16, 2))
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(self.blocks(self.relu(self.stem(x)))), 1))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(20)
+        net = Net()
+        for m in net.modules():  # biases of the size a folded BatchNorm leaves
+            if isinstance(m, nn.Conv2d):
+                m.bias.data.uniform_(-0.3, 0.3)
+    return net.eval()
+
+
+def test_composite_matches_zennit_epsilon_plus_flat(torch, zennit, tm, tmp_path):
+    net = _residual_net(torch, zennit)
+    x = np.random.default_rng(3).uniform(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    onehot = torch.eye(10)[TARGETS]
+    with zennit.attribution.Gradient(model=net, composite=zennit.composites.EpsilonPlusFlat()) as attributor:
+        _, reference = attributor(xt, lambda out: out * onehot)
+    reference = reference.detach().numpy()
+    path = tm.export_onnx(net, torch.tensor(x), tmp_path / "residual.onnx", dynamo=False)
+    result = rulegraph.Explainer(path, "lrp-composite").explain(x, target=TARGETS)
+    err = row_errors(result.map, reference)
+    amplification = np.abs(result.map).reshape(2, -1).sum(1) / np.abs(result.start_value)
+    print(f"\n[crosscheck] lrp-composite vs zennit EpsilonPlusFlat: max rel err {err.max():.2e}; "
+          f"relative delta {np.abs(result.relative_delta).max():.1e}; "
+          f"amplification {amplification.max():.2f}")
+    assert err.max() <= ZENNIT_RTOL
