@@ -408,6 +408,7 @@ def check(model, rules, x=None, samples: int = 0, tolerance: float = 1e-3, probe
     from .explainer import Explainer
 
     explainer = Explainer(model, rules, providers=providers, output=output, start=start)
+    explainer.allow_nonfinite = True  # a NaN/Inf input is measured and named as the cause (Report.nonfinite)
     ruleset = explainer.ruleset
     diagnostics, nodes, predicted = static(explainer.graph, ruleset, output, start)
     report = Report(str(model) if not hasattr(model, "SerializeToString") else "<model>", ruleset.source,

@@ -121,7 +121,8 @@ def cmd_check(args) -> int:
         check_output(args.output_file, sources, what="--output-file")
     x = None
     if args.input:
-        x = load_input(args.input, Explainer(args.model, args.rules), args.scale)
+        # check diagnoses NaN/Inf in an input (it names them as the cause) instead of refusing it
+        x = load_input(args.input, Explainer(args.model, args.rules), args.scale, allow_nonfinite=True)
     samples = 0 if x is not None else args.samples
     report = check(args.model, args.rules, x=x, samples=samples, tolerance=args.tolerance,
                    probes=args.probes, output=args.output, start=args.start,
