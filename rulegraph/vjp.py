@@ -471,21 +471,11 @@ def resize_matrix(ctx: VjpContext, axis: int, position: int, use: str) -> str:
     take = t.ints([position])
     roi = ""
     if _text_attr(ctx, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
-        r, value = node.inputs[1] if len(node.inputs) > 1 else "", ctx.const(1)
-        if not r or (value is not None and value.size < 2 * count):
-            raise ctx.fail("coordinate_transformation_mode tf_crop_and_resize needs the roi input "
-                           f"(a start and an end for each of the {count} axes)")
-        if value is not None:
-            roi = t.const(np.array([value[position], 0, value[position + count], 1], dtype=value.dtype),
-                          hint="roi")
-        else:
-            def part(i: int) -> str:
-                return t.op("Gather", r, t.ints([i]), axis=0)
-
-            def number(v: float) -> str:
-                return t.op("Cast", t.const(np.array([v], dtype=np.float32)), to=ctx.graph.dtypes[r])
-
-            roi = t.op("Concat", part(position), number(0.0), part(position + count), number(1.0), axis=0)
+        value = ctx.const(1)
+        if value is None or value.size < 2 * count:
+            raise ctx.fail("coordinate_transformation_mode tf_crop_and_resize needs a constant roi input "
+                           f"(a start and an end for each of the {count} resized axes)")
+        roi = t.const(np.array([value[position], 0, value[position + count], 1], dtype=value.dtype), hint="roi")
     attrs = {name: node.attr(name) for name in _RESIZE_AXIS_ATTRS}
     if use == "scales":
         scales = t.op("Concat", t.op("Gather", node.inputs[2], take, axis=0),

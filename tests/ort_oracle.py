@@ -1,9 +1,9 @@
-"""An onnxruntime oracle for ops that are linear in their activation input (ConvTranspose, Resize).
+"""An onnxruntime oracle for ops that are affine in their activation input (ConvTranspose, Resize).
 
 onnxruntime runs these ops in float32 only, so the float64 reference cannot stand in for it. For a
-map linear in ``x`` the Jacobian's column ``j`` is ``f(e_j)`` exactly (every central difference
+map affine in ``x`` the Jacobian's column ``j`` is ``f(e_j) − f(0)`` exactly (every central difference
 ``(f(x + h e_j) − f(x − h e_j)) / 2h`` equals it), so the full Jacobian comes from one onnxruntime run
-per input element, accumulated in float64. The compiled explainer (gradient rule, seed mode) runs
+per input element, taken in float64. The compiled explainer (gradient rule, seed mode) runs
 on onnxruntime too; ``J(x)ᵀ s`` must agree elementwise within float32 accumulation error,
 ``1e-5 · (|J|ᵀ |s|)``, so that no cancellation can hide an error.
 """
@@ -23,15 +23,16 @@ def _session(model: onnx.ModelProto):
 
 
 def ort_jacobian(model: onnx.ModelProto, shape) -> np.ndarray:
-    """``J [out.size, in.size]`` of a float32 model with one input, linear in it, on onnxruntime."""
+    """``J [out.size, in.size]`` of a float32 model with one input, affine in it, on onnxruntime."""
     session = _session(model)
     name = session.get_inputs()[0].name
     size = int(np.prod(shape))
+    zero = session.run(None, {name: np.zeros(shape, dtype=np.float32)})[0].astype(np.float64).ravel()
     columns = []
     for j in range(size):
         e = np.zeros(size, dtype=np.float32)
         e[j] = 1.0
-        columns.append(session.run(None, {name: e.reshape(shape)})[0].astype(np.float64).ravel())
+        columns.append(session.run(None, {name: e.reshape(shape)})[0].astype(np.float64).ravel() - zero)
     return np.stack(columns, axis=1)
 
 
