@@ -56,8 +56,9 @@ class VjpContext:
 
 
 VJPS: dict[str, Callable[[VjpContext, list], list]] = {}
-#: op type -> bias of a linear op, broadcastable to its output (a constant), or None.
-LINEAR_BIAS: dict[str, Callable[[VjpContext], np.ndarray | None]] = {}
+#: op type -> bias of a linear op, broadcastable to its output: a constant, a tensor the emitter
+#: computes in the graph (its name), or None.
+LINEAR_BIAS: dict[str, Callable[[VjpContext], np.ndarray | str | None]] = {}
 #: linear op type -> (index of its constant weight input, index of its bias input or None);
 #: the LRP family re-runs these ops with modified weights (Montavon et al. 2019).
 LINEAR_PARAMS: dict[str, Callable[[VjpContext], tuple[int, int | None]]] = {}
@@ -693,6 +694,16 @@ def _conv_bias(ctx):
     if b is None:
         return None
     return b.reshape([-1] + [1] * ((ctx.graph.rank(ctx.x) or 4) - 2))
+
+
+@linear_bias("Resize")
+def _resize_bias(ctx):
+    """``f(0)``: tf_crop_and_resize writes ``extrapolation_value`` where the roi reaches outside the
+    input; computed by the node itself on zeros (the runtime's own idea of outside)."""
+    crop = _text_attr(ctx, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize"
+    if not crop or not ctx.node.attr("extrapolation_value", 0.0):
+        return None
+    return ctx.tape.copy_node(ctx.node, [ctx.tape.zeros_like(ctx.x)] + ctx.node.inputs[1:])
 
 
 @linear_bias("BatchNormalization")

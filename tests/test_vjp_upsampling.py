@@ -258,3 +258,35 @@ def test_refused_with_the_node_named(row: Row, why: str):
     with pytest.raises(ModelError, match=f"node 'the_{row.op_type}' \\({row.op_type}\\): {why}"):
         compile_seed(model)
 
+
+
+# LRP-0 on a Resize whose roi reaches outside (an affine op): the extrapolation value is a bias -----
+
+LRP0 = "rulegraph 1\nquantity relevance\nbias blame\nstart one\nlinear -> normalized(eps = 0)\n"
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
+def test_normalized_eps0_conserves_on_extrapolating_resize(mode):
+    """``R_i = Σ_j x_i J_ji a_j / y_j`` and the bias ``f(0)_j a_j / y_j`` (J and f(0) from onnxruntime):
+    Σ R + bias share = Σ a(y), to float32 accuracy."""
+    from rulegraph import dsl
+
+    row = rs(f"lrp0-{mode}", [1, 1, 4, 5], floats(1, 1, 1.6, 0.8), roi=floats(0, 0, -0.2, 0.1, 1, 1, 0.9, 1.3),
+             mode=mode, coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=2.5)
+    model = row.model(row.shape)
+    rng = np.random.default_rng(zlib.crc32(row.id.encode()))
+    x = (0.5 + rng.random(row.shape)).astype(np.float32)        # positive: every output is away from 0
+    jac = ort_jacobian(model, row.shape)
+    f0 = ort_forward(model, np.zeros(row.shape, np.float32)).astype(np.float64).ravel()
+    assert np.any(f0)
+    y = jac @ x.astype(np.float64).ravel() + f0
+    a = rng.standard_normal(y.shape)
+    s = a / y
+    result = Explainer(model, dsl.parse(LRP0, source="lrp0.rules")).explain(
+        x, target=a.reshape(ort_forward(model, x).shape).astype(np.float32))
+    want = x.astype(np.float64).ravel() * (jac.T @ s)
+    bound = x.astype(np.float64).ravel() * (np.abs(jac).T @ np.abs(s)) + 1e-6
+    assert np.all(np.abs(result.map.ravel() - want) <= 1e-5 * bound)
+    share = float(result.bias_shares["the_Resize"][0])
+    assert share == pytest.approx(float(f0 @ s), rel=1e-5)
+    assert float(result.map.sum()) + share == pytest.approx(float(a.sum()), rel=1e-5, abs=1e-5 * np.abs(a).sum())
