@@ -5,6 +5,11 @@ onnxruntime has these ops in float32 only; both are linear in the activation inp
 per column, and compares ``J(x)ᵀ s`` with the compiled explainer's saliency elementwise. A row
 passes only if every attribute is honoured exactly as onnxruntime reads it. Symbolic rows run
 the explainer of a model with symbolic dims and the Jacobian of the same model made static.
+
+The Resize rows are also the separability test: the explainer applies ``M_aᵀ`` axis by axis (each
+``M_a`` a 1-D resize of an identity), while the oracle is onnxruntime's full N-D Jacobian, so a
+mode that onnxruntime did not compute separably (cubic with exclude_outside, antialias,
+tf_crop_and_resize with its extrapolation) would fail its row.
 """
 
 from __future__ import annotations
@@ -290,3 +295,32 @@ def test_normalized_eps0_conserves_on_extrapolating_resize(mode):
     share = float(result.bias_shares["the_Resize"][0])
     assert share == pytest.approx(float(f0 @ s), rel=1e-5)
     assert float(result.map.sum()) + share == pytest.approx(float(a.sum()), rel=1e-5, abs=1e-5 * np.abs(a).sum())
+
+
+def _sizes_from_shape(shape) -> onnx.ModelProto:
+    """``Resize(x, sizes = Shape(x) · [1, 1, 2, 3])``, linear: sizes computed in the graph (an
+    FPN-style export); with symbolic dims they stay a run-time tensor and every axis is planned."""
+    from oracles import make_model
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Mul", ["s", "k"], ["sizes"]),
+             helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], name="the_Resize", mode="linear")]
+    return make_model(nodes, {"x": shape}, {"k": ints(1, 1, 2, 3)}, opset=19, elem=F32)
+
+
+def test_resize_with_sizes_computed_at_run_time():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
+    check_linear_vjp(_sizes_from_shape(["N", 2, "H", "W"]), x, rng, static=_sizes_from_shape([2, 2, 3, 4]))
+
+
+def test_resize_with_roi_from_an_explained_input_is_refused():
+    node = helper.make_node("Resize", ["x", "r", "s"], ["y"], name="the_Resize", mode="linear",
+                            coordinate_transformation_mode="tf_crop_and_resize")
+    graph = helper.make_graph([node], "roi", [helper.make_tensor_value_info("x", F32, [1, 1, 4, 4]),
+                                              helper.make_tensor_value_info("r", F32, [8])],
+                              [helper.make_tensor_value_info("y", F32, None)],
+                              [numpy_helper.from_array(floats(1, 1, 2, 2), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    with pytest.raises(ModelError, match=r"node 'the_Resize' \(Resize\): a Resize whose roi, scales or sizes are "
+                                         "computed from the explained input"):
+        compile_seed(model)
