@@ -347,6 +347,11 @@ def _conv(ctx, g):
     return [dx] + [None] * (len(ctx.node.inputs) - 1)
 
 
+def _text_attr(ctx: VjpContext, name: str, default: str) -> str:
+    value = ctx.node.attr(name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _conv_transpose_pads(ctx: VjpContext, kernel: list[int]) -> tuple[list, list, list, list]:
     """strides, dilations, begin pads of a ConvTranspose node (auto_pad and output_shape made
     explicit, as onnxruntime and the ONNX spec derive them), and its output_padding.
@@ -360,8 +365,7 @@ def _conv_transpose_pads(ctx: VjpContext, kernel: list[int]) -> tuple[list, list
     dilations = list(node.attr("dilations", [1] * n))
     out_pad = list(node.attr("output_padding", [0] * n))
     pads = list(node.attr("pads", [0] * (2 * n)))
-    auto_pad = node.attr("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = _text_attr(ctx, "auto_pad", "NOTSET")
     output_shape = node.attr("output_shape")
     if output_shape is None and auto_pad in ("NOTSET", "VALID"):
         return strides, dilations, pads[:n] if auto_pad == "NOTSET" else [0] * n, out_pad
@@ -394,16 +398,16 @@ def _conv_transpose(ctx, g):
     n = len(kernel)
     strides, dilations, begin, out_pad = _conv_transpose_pads(ctx, kernel)
     # Conv output size: ⌊(out + begin + end − dk)/s⌋ + 1 = in needs end = s(in − 1) + dk − out − begin;
-    # out = s(in − 1) + output_padding + dk − begin − end_pad (NOTSET), or in·s (SAME), or given
-    xs, ys = ctx.graph.static_shape(ctx.x), ctx.graph.static_shape(ctx.y)
+    # with symbolic sizes out = s(in − 1) + output_padding + dk − begin − end_pad (NOTSET) or in·s (SAME)
+    size_in = [ctx.graph.dim(ctx.x, 2 + i) for i in range(n)]
+    size_out = [ctx.graph.dim(ctx.y, 2 + i) for i in range(n)]
     dk = [dilations[i] * (kernel[i] - 1) + 1 for i in range(n)]
-    if xs is not None and ys is not None:
-        need = [strides[i] * (xs[2 + i] - 1) + dk[i] - ys[2 + i] - begin[i] for i in range(n)]
+    static = all(isinstance(d, int) for d in size_in + size_out)
+    if static:
+        need = [strides[i] * (size_in[i] - 1) + dk[i] - size_out[i] - begin[i] for i in range(n)]
     else:
-        auto_pad = ctx.node.attr("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        pads = list(ctx.node.attr("pads", [0] * (2 * n)))
-        end_pad = pads[n:] if auto_pad == "NOTSET" else [0] * n
+        auto_pad = _text_attr(ctx, "auto_pad", "NOTSET")
+        end_pad = list(ctx.node.attr("pads", [0] * (2 * n)))[n:] if auto_pad == "NOTSET" else [0] * n
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             need = [dk[i] - strides[i] - begin[i] for i in range(n)]
         else:
@@ -412,7 +416,7 @@ def _conv_transpose(ctx, g):
     dx = t.op("Conv", g[0], t.const(weight, hint="w"), group=ctx.node.attr("group", 1),
               dilations=dilations, strides=strides, pads=begin + end, kernel_shape=kernel)
     if min(need) < 0:   # the output reaches past the last input's window: cut to the input's size
-        size = t.ints(xs[2:]) if xs is not None else t.shape(ctx.x, start=2)
+        size = t.ints(size_in) if static else t.shape(ctx.x, start=2)
         dx = t.op("Slice", dx, t.ints([0] * n), size, t.ints(range(2, 2 + n)))
     return [dx] + [None] * (len(ctx.node.inputs) - 1)
 
@@ -424,11 +428,6 @@ _RESIZE_AXIS_ATTRS = ("mode", "coordinate_transformation_mode", "cubic_coeff_a",
                       "nearest_mode", "antialias")
 
 
-def _text_attr(ctx: VjpContext, name: str, default: str) -> str:
-    value = ctx.node.attr(name, default)
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _resize_plan(ctx: VjpContext) -> tuple[str, list[tuple[int, int]]]:
     """Which input of a Resize gives the output size ('scales' or 'sizes') and the (axis, position
     in that input) of every axis it may change; axes whose constant scale is 1 (or size is the
@@ -437,9 +436,9 @@ def _resize_plan(ctx: VjpContext) -> tuple[str, list[tuple[int, int]]]:
     if rank is None:
         raise ctx.fail("the input's rank is unknown; cannot differentiate Resize")
     named = [i < len(node.inputs) and bool(node.inputs[i]) for i in range(4)]
-    scales = ctx.const(2)
-    use = "scales" if named[2] and (scales is None or scales.size > 0) else "sizes"
-    if use == "sizes" and not named[3]:
+    sizes = ctx.const(3)
+    use = "sizes" if named[3] and (sizes is None or sizes.size > 0) else "scales"
+    if use == "scales" and not named[2]:
         raise ctx.fail("Resize has neither scales nor sizes")
     axes = [int(a) % rank for a in node.attr("axes", range(rank))]
     policy = _text_attr(ctx, "keep_aspect_ratio_policy", "stretch")
@@ -476,7 +475,8 @@ def resize_matrix(ctx: VjpContext, axis: int, position: int, use: str) -> str:
         if value is None or value.size < 2 * count:
             raise ctx.fail("coordinate_transformation_mode tf_crop_and_resize needs a constant roi input "
                            f"(a start and an end for each of the {count} resized axes)")
-        roi = t.const(np.array([value[position], 0, value[position + count], 1], dtype=value.dtype), hint="roi")
+        bounds = [value[position], 0, value[position + count], 1]
+        roi = t.const(np.array(bounds, dtype=value.dtype), hint="roi")
     attrs = {name: node.attr(name) for name in _RESIZE_AXIS_ATTRS}
     if use == "scales":
         scales = t.op("Concat", t.op("Gather", node.inputs[2], take, axis=0),

@@ -121,7 +121,7 @@ def conv_transpose2d(x: np.ndarray, w: np.ndarray, stride: int, pads: tuple, out
     """Direct transposed convolution of one image ``x[C, H, W]`` with ``w[C, M, k, k]``: each input
     pixel adds ``x[c, i, j] · w[c]`` at ``(i·stride, j·stride)``; then ``pads = (top, left, bottom,
     right)`` are cut from a canvas extended by ``output_padding`` at the end."""
-    c, h, wd = x.shape
+    _, h, wd = x.shape
     _, m, k, _ = w.shape
     full = np.zeros((m, (h - 1) * stride + k + output_padding, (wd - 1) * stride + k + output_padding))
     for i in range(h):

@@ -103,6 +103,8 @@ CONV_TRANSPOSE = [
     ct("sym-valid-groups", [2, 4, 3, 4], weight(4, 1, 2, 3), group=2, strides=[2, 2], auto_pad="VALID",
        symbolic=["N", 4, "H", "W"]),
     ct("sym-k2-s2", [1, 3, 4, 6], weight(3, 2, 2, 2), strides=[2, 2], symbolic=[1, 3, "H", "W"]),
+    ct("sym-batch-output-shape", [2, 2, 4, 5], weight(2, 2, 4, 3), strides=[2, 2], output_shape=[7, 9],
+       symbolic=["N", 2, 4, 5]),
 ]
 
 
@@ -165,6 +167,7 @@ RESIZE = (
        rs("opset13-sizes", X, sizes=ints(1, 2, 9, 4), opset=13, mode="cubic"),
        rs("opset13-empty-roi", X, UP, roi=floats(), opset=13, mode="nearest"),
        rs("opset11", X, DOWN, roi=floats(), opset=11, mode="linear", coordinate_transformation_mode="asymmetric"),
+       rs("opset11-sizes-empty-scales", X, floats(), sizes=ints(1, 2, 3, 11), roi=floats(), opset=11, mode="cubic"),
        # symbolic sizes
        rs("sym-nearest-asymmetric-floor", [2, 3, 4, 5], floats(1, 1, 2, 2), mode="nearest", nearest_mode="floor",
           coordinate_transformation_mode="asymmetric", symbolic=["N", 3, "H", "W"]),
