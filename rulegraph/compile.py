@@ -101,7 +101,9 @@ class RuleContext(VjpContext):
         fn = LINEAR_BIAS.get(self.node.op_type)
         value = None if fn is None else fn(self)
         constant = None
-        if value is not None and np.any(value):
+        if isinstance(value, str):   # a bias computed in the graph (a tensor name)
+            constant = value
+        elif value is not None and np.any(value):
             constant = self.tape.const(np.asarray(value, dtype=self.tape.float_dtype), hint="bias")
         runtime = self._runtime_bias()
         if runtime is None or constant is None:

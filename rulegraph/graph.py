@@ -37,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError, node_ref
 from .kinds import OP_KINDS, kind_of
+from .legacy_resize import restore_legacy_resize
 
 MIN_OPSET = 17
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
@@ -234,6 +235,7 @@ def _upgrade(proto: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:
         raise ModelError(f"cannot upgrade the model from opset {version} to {MIN_OPSET} (needed by "
                          f"the backward pass): {exc}") from exc
+    restore_legacy_resize(proto, upgraded, version)
     return upgraded
 
 

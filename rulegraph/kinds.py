@@ -22,6 +22,7 @@ OP_KINDS: dict[str, str] = {
     "Gemm": LINEAR, "MatMul": LINEAR, "Conv": LINEAR, "BatchNormalization": LINEAR,
     "AveragePool": LINEAR, "GlobalAveragePool": LINEAR, "ReduceMean": LINEAR, "ReduceSum": LINEAR,
     "Add": LINEAR, "Sub": LINEAR, "Mul": LINEAR, "Div": LINEAR, "Neg": LINEAR, "Sum": LINEAR,
+    "ConvTranspose": LINEAR, "Resize": LINEAR,
     # nonlinear: elementwise y = f(x)
     "Relu": NONLINEAR, "LeakyRelu": NONLINEAR, "PRelu": NONLINEAR, "Elu": NONLINEAR,
     "Selu": NONLINEAR, "Sigmoid": NONLINEAR, "Tanh": NONLINEAR, "Softplus": NONLINEAR,

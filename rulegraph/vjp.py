@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import numpy_helper
 
 from .emit import Tape
 from .errors import ModelError
@@ -55,8 +56,9 @@ class VjpContext:
 
 
 VJPS: dict[str, Callable[[VjpContext, list], list]] = {}
-#: op type -> bias of a linear op, broadcastable to its output (a constant), or None.
-LINEAR_BIAS: dict[str, Callable[[VjpContext], np.ndarray | None]] = {}
+#: op type -> bias of a linear op, broadcastable to its output: a constant, a tensor the emitter
+#: computes in the graph (its name), or None.
+LINEAR_BIAS: dict[str, Callable[[VjpContext], np.ndarray | str | None]] = {}
 #: linear op type -> (index of its constant weight input, index of its bias input or None);
 #: the LRP family re-runs these ops with modified weights (Montavon et al. 2019).
 LINEAR_PARAMS: dict[str, Callable[[VjpContext], tuple[int, int | None]]] = {}
@@ -345,6 +347,170 @@ def _conv(ctx, g):
     return [dx] + [None] * (len(ctx.node.inputs) - 1)
 
 
+def _text_attr(ctx: VjpContext, name: str, default: str) -> str:
+    value = ctx.node.attr(name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _conv_transpose_pads(ctx: VjpContext, kernel: list[int]) -> tuple[list, list, list, list]:
+    """strides, dilations, begin pads of a ConvTranspose node (auto_pad and output_shape made
+    explicit, as onnxruntime and the ONNX spec derive them), and its output_padding.
+
+    With ``output_shape`` (or auto_pad SAME, whose output is ``in·stride``) the total padding is
+    ``max(0, natural − out)``, ``natural = stride·(in − 1) + output_padding + dk``; SAME_UPPER puts
+    the smaller half at the beginning, every other mode the larger one.
+    """
+    node, n = ctx.node, len(kernel)
+    strides = list(node.attr("strides", [1] * n))
+    dilations = list(node.attr("dilations", [1] * n))
+    out_pad = list(node.attr("output_padding", [0] * n))
+    pads = list(node.attr("pads", [0] * (2 * n)))
+    auto_pad = _text_attr(ctx, "auto_pad", "NOTSET")
+    output_shape = node.attr("output_shape")
+    if output_shape is None and auto_pad in ("NOTSET", "VALID"):
+        return strides, dilations, pads[:n] if auto_pad == "NOTSET" else [0] * n, out_pad
+    begin = []
+    for i in range(n):
+        dk = dilations[i] * (kernel[i] - 1) + 1
+        if output_shape is None:   # SAME: natural − in·stride does not depend on the input's size
+            total = max(0, out_pad[i] + dk - strides[i])
+        else:
+            size = ctx.graph.dim(ctx.x, 2 + i)
+            if not isinstance(size, int):
+                raise ctx.fail("the output_shape attribute with a symbolic input size is not supported; "
+                               "export with explicit pads or a fixed input size")
+            total = max(0, strides[i] * (size - 1) + out_pad[i] + dk - list(output_shape)[-n:][i])
+        begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+    return strides, dilations, begin, out_pad
+
+
+@vjp("ConvTranspose")
+def _conv_transpose(ctx, g):
+    """``y = ConvTranspose(x, W)`` is the transpose of ``Conv(·, W)`` with the same weights
+    ``[C_in, C_out/G, k…]``, strides, dilations, group and begin pads: ``a(x) = Conv(a(y), W)``,
+    its end padding chosen so the output has the input's size (or cut to it)."""
+    weight = ctx.const(1)
+    if weight is None or ctx.active[1] or (len(ctx.active) > 2 and ctx.active[2]):
+        raise ctx.fail("a ConvTranspose whose weights or bias are computed from the input is not "
+                       "supported; rulegraph needs constant ConvTranspose weights")
+    t = ctx.tape
+    kernel = list(weight.shape[2:])
+    n = len(kernel)
+    strides, dilations, begin, out_pad = _conv_transpose_pads(ctx, kernel)
+    # Conv output size: ⌊(out + begin + end − dk)/s⌋ + 1 = in needs end = s(in − 1) + dk − out − begin;
+    # with symbolic sizes out = s(in − 1) + output_padding + dk − begin − end_pad (NOTSET) or in·s (SAME)
+    size_in = [ctx.graph.dim(ctx.x, 2 + i) for i in range(n)]
+    size_out = [ctx.graph.dim(ctx.y, 2 + i) for i in range(n)]
+    dk = [dilations[i] * (kernel[i] - 1) + 1 for i in range(n)]
+    static = all(isinstance(d, int) for d in size_in + size_out)
+    if static:
+        need = [strides[i] * (size_in[i] - 1) + dk[i] - size_out[i] - begin[i] for i in range(n)]
+    else:
+        auto_pad = _text_attr(ctx, "auto_pad", "NOTSET")
+        end_pad = list(ctx.node.attr("pads", [0] * (2 * n)))[n:] if auto_pad == "NOTSET" else [0] * n
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            need = [dk[i] - strides[i] - begin[i] for i in range(n)]
+        else:
+            need = [end_pad[i] - out_pad[i] for i in range(n)]
+    end = [max(0, e) for e in need]
+    dx = t.op("Conv", g[0], t.const(weight, hint="w"), group=ctx.node.attr("group", 1),
+              dilations=dilations, strides=strides, pads=begin + end, kernel_shape=kernel)
+    if min(need) < 0:   # the output reaches past the last input's window: cut to the input's size
+        size = t.ints(size_in) if static else t.shape(ctx.x, start=2)
+        dx = t.op("Slice", dx, t.ints([0] * n), size, t.ints(range(2, 2 + n)))
+    return [dx] + [None] * (len(ctx.node.inputs) - 1)
+
+
+# Resize: separable per axis --------------------------------------------------------------------
+
+#: Resize attributes that shape the 1-D interpolation matrix of each axis (passed on unchanged).
+_RESIZE_AXIS_ATTRS = ("mode", "coordinate_transformation_mode", "cubic_coeff_a", "exclude_outside",
+                      "nearest_mode", "antialias")
+
+
+def _resize_plan(ctx: VjpContext) -> tuple[str, list[tuple[int, int]]]:
+    """Which input of a Resize gives the output size ('scales' or 'sizes') and the (axis, position
+    in that input) of every axis it may change; axes whose constant scale is 1 (or size is the
+    input's) are left out, except under tf_crop_and_resize, whose roi crops any axis."""
+    node, rank = ctx.node, ctx.graph.rank(ctx.x)
+    if rank is None:
+        raise ctx.fail("the input's rank is unknown; cannot differentiate Resize")
+    named = [i < len(node.inputs) and bool(node.inputs[i]) for i in range(4)]
+    sizes = ctx.const(3)
+    use = "sizes" if named[3] and (sizes is None or sizes.size > 0) else "scales"
+    if use == "scales" and not named[2]:
+        raise ctx.fail("Resize has neither scales nor sizes")
+    axes = [int(a) % rank for a in node.attr("axes", range(rank))]
+    policy = _text_attr(ctx, "keep_aspect_ratio_policy", "stretch")
+    if use == "sizes" and policy != "stretch" and len(axes) > 1:
+        raise ctx.fail(f"keep_aspect_ratio_policy '{policy}' with sizes on several axes is not supported "
+                       "(its common scale is not each axis's own); export with scales or policy 'stretch'")
+    value = ctx.const(2 if use == "scales" else 3)
+    crop = _text_attr(ctx, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize"
+    plan = []
+    for position, axis in enumerate(axes):
+        if value is not None and not crop:
+            unchanged = (value[position] == 1.0 if use == "scales"
+                         else value[position] == ctx.graph.dim(ctx.x, axis))
+            if unchanged:
+                continue
+        plan.append((axis, position))
+    return use, plan
+
+
+def resize_matrix(ctx: VjpContext, axis: int, position: int, use: str) -> str:
+    """``M [n_out, n_in]`` of one axis of a Resize node: the node's own attributes applied to an
+    identity matrix ``I [n_in, n_in]`` along its first axis, with that axis's scale (or size) and roi.
+    The extrapolation value is 0 there: what tf_crop_and_resize writes outside the input is a bias."""
+    t, node = ctx.tape, ctx.node
+    n_in = t.op("Gather", t.shape(ctx.x), t.ints([axis]), axis=0)
+    square = t.op("ConstantOfShape", t.op("Concat", n_in, n_in, axis=0),
+                  value=numpy_helper.from_array(np.zeros(1, dtype=t.float_dtype)))
+    eye = t.op("EyeLike", square)
+    count = len(node.attr("axes", [])) or ctx.graph.rank(ctx.x)
+    take = t.ints([position])
+    roi = ""
+    if _text_attr(ctx, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
+        value = ctx.const(1)
+        if value is None or value.size < 2 * count:
+            raise ctx.fail("coordinate_transformation_mode tf_crop_and_resize needs a constant roi input "
+                           f"(a start and an end for each of the {count} resized axes)")
+        bounds = [value[position], 0, value[position + count], 1]
+        roi = t.const(np.array(bounds, dtype=value.dtype), hint="roi")
+    attrs = {name: node.attr(name) for name in _RESIZE_AXIS_ATTRS}
+    if use == "scales":
+        scales = t.op("Concat", t.op("Gather", node.inputs[2], take, axis=0),
+                      t.const(np.array([1.0], dtype=np.float32)), axis=0)
+        return t.op("Resize", eye, roi, scales, **attrs)
+    sizes = t.op("Concat", t.op("Gather", node.inputs[3], take, axis=0), n_in, axis=0)
+    return t.op("Resize", eye, roi, "", sizes, **attrs)
+
+
+def _contract_axis(t: Tape, g: str, matrix: str, axis: int, rank: int) -> str:
+    """``Σ_o g[…, o, …] M[o, i]`` along ``axis``: Mᵀ applied to that axis of ``g``."""
+    perm = [i for i in range(rank) if i != axis] + [axis]
+    moved = t.op("MatMul", t.op("Transpose", g, perm=perm), matrix)
+    return t.op("Transpose", moved, perm=[int(i) for i in np.argsort(perm)])
+
+
+@vjp("Resize")
+def _resize(ctx, g):
+    """ONNX Resize is separable: ``y = x ×_a M_a`` over its resized axes ``a`` (nearest, linear and
+    cubic interpolation, antialias, every coordinate transform), so ``a(x) = a(y) ×_a M_aᵀ`` with each
+    ``M_a`` built in the graph by ``resize_matrix`` (symbolic sizes work)."""
+    if any(ctx.active[1:]):
+        raise ctx.fail("a Resize whose roi, scales or sizes are computed from the explained input is "
+                       "not supported")
+    use, plan = _resize_plan(ctx)
+    rank = ctx.graph.rank(ctx.x)
+    gx = g[0]
+    for axis, position in plan:
+        gx = _contract_axis(ctx.tape, gx, resize_matrix(ctx, axis, position, use), axis, rank)
+    if not plan:
+        gx = ctx.tape.op("Identity", gx)
+    return [gx] + [None] * (len(ctx.node.inputs) - 1)
+
+
 def _pool_kernel(ctx: VjpContext) -> list[int]:
     return list(ctx.node.attr("kernel_shape"))
 
@@ -503,7 +669,7 @@ def _gemm_params(ctx):
     return _weight_operand(ctx), 2
 
 
-@linear_params("Conv")
+@linear_params("Conv", "ConvTranspose")
 def _conv_params(ctx):
     return 1, 2
 
@@ -522,12 +688,22 @@ def _gemm_bias(ctx):
     return None if c is None else ctx.node.attr("beta", 1.0) * c
 
 
-@linear_bias("Conv")
+@linear_bias("Conv", "ConvTranspose")
 def _conv_bias(ctx):
     b = ctx.const(2)
     if b is None:
         return None
     return b.reshape([-1] + [1] * ((ctx.graph.rank(ctx.x) or 4) - 2))
+
+
+@linear_bias("Resize")
+def _resize_bias(ctx):
+    """``f(0)``: tf_crop_and_resize writes ``extrapolation_value`` where the roi reaches outside the
+    input; computed by the node itself on zeros (the runtime's own idea of outside)."""
+    crop = _text_attr(ctx, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize"
+    if not crop or not ctx.node.attr("extrapolation_value", 0.0):
+        return None
+    return ctx.tape.copy_node(ctx.node, [ctx.tape.zeros_like(ctx.x)] + ctx.node.inputs[1:])
 
 
 @linear_bias("BatchNormalization")

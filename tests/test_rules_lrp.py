@@ -117,6 +117,30 @@ def _conv() -> Case:
     return Case("conv", model, x, lambda f: dense(lambda e: conv2d(e, f(w), 2, 1), (2, 5, 5)), np.repeat(b, 9))
 
 
+def conv_transpose2d(x: np.ndarray, w: np.ndarray, stride: int, pads: tuple, output_padding: int) -> np.ndarray:
+    """Direct transposed convolution of one image ``x[C, H, W]`` with ``w[C, M, k, k]``: each input
+    pixel adds ``x[c, i, j] · w[c]`` at ``(i·stride, j·stride)``; then ``pads = (top, left, bottom,
+    right)`` are cut from a canvas extended by ``output_padding`` at the end."""
+    _, h, wd = x.shape
+    _, m, k, _ = w.shape
+    full = np.zeros((m, (h - 1) * stride + k + output_padding, (wd - 1) * stride + k + output_padding))
+    for i in range(h):
+        for j in range(wd):
+            full[:, i * stride:i * stride + k, j * stride:j * stride + k] += np.tensordot(x[:, i, j], w, axes=1)
+    top, left, bottom, right = pads
+    return full[:, top:full.shape[1] - bottom, left:full.shape[2] - right]
+
+
+def _conv_transpose(rng: np.random.Generator) -> Case:
+    """A strided ConvTranspose with asymmetric pads, output_padding and a bias (weights [C_in, C_out, k, k])."""
+    w, b = rng.normal(size=(2, 3, 3, 3)), rng.normal(size=3)
+    model = one_node("ConvTranspose", [2, 2, 3, 3], [("x", None), ("W", w), ("B", b)],
+                     {"kernel_shape": [3, 3], "pads": [1, 0, 0, 1], "strides": [2, 2], "output_padding": [1, 1]})
+    x = rng.normal(size=(2, 2, 3, 3))
+    return Case("conv-transpose", model, x,
+                lambda f: dense(lambda e: conv_transpose2d(e, f(w), 2, (1, 0, 0, 1), 1), (2, 3, 3)), np.repeat(b, 49))
+
+
 def _matmul() -> Case:
     w = RNG.normal(size=(4, 5))
     model = one_node("MatMul", [3, 4], [("x", None), ("W", w)])
@@ -218,6 +242,38 @@ def test_rule_matches_replica(case_name, written, rule, params, policy):
         np.testing.assert_allclose(out["bias_total"], shares, rtol=1e-9, atol=1e-10)
     else:
         assert out["bias_total"] is None and not out["bias"]
+
+
+#: its own generator, so that the draws of the rows above stay as they are
+CT_RNG = np.random.default_rng(11)
+CONV_TRANSPOSE = _conv_transpose(CT_RNG)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("written, rule, params", RULE_ROWS, ids=[r[0] for r in RULE_ROWS])
+def test_rule_matches_replica_on_conv_transpose(written, rule, params, policy):
+    """Every weight rule on a ConvTranspose (its weights [C_in, C_out/G, k…] and bias as the rules see them)."""
+    case = CONV_TRANSPOSE
+    a = np.random.default_rng(len(written) + 100 * POLICIES.index(policy)).normal(size=case.y_shape)
+    out = run(case.model, rules_text(f"linear -> {written}", bias=policy), case.x, a)
+    expected = [replica(rule, params, case, xi.ravel(), ai.ravel(), policy) for xi, ai in zip(case.x, a)]
+    np.testing.assert_allclose(out["R"], np.stack([e[0] for e in expected]).reshape(case.x.shape),
+                               rtol=1e-9, atol=1e-10)
+    if expected[0][1] is not None and policy == "blame":
+        np.testing.assert_allclose(out["bias"]["the_ConvTranspose"], [e[1] for e in expected], rtol=1e-9, atol=1e-10)
+
+
+def test_normalized_eps0_conserves_on_conv_transpose():
+    """LRP-0 on a ConvTranspose with bias, ``bias blame``: the inputs take ``x_i w_ji a(y_j) / y_j`` and the
+    bias ``b_j a(y_j) / y_j``, so that Σ R + Σ bias share = Σ a(y) exactly (no output is zero here)."""
+    case = CONV_TRANSPOSE
+    a = CT_RNG.normal(size=case.y_shape)
+    out = run(case.model, rules_text("linear -> normalized(eps = 0)", bias="blame"), case.x, a)
+    for n, (xi, ai) in enumerate(zip(case.x, a)):
+        r, share = propagate(xi.ravel()[None, :] * case.matrix(lambda w: w), case.bias, ai.ravel(), 0.0)
+        np.testing.assert_allclose(out["R"][n].ravel(), r, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(out["bias"]["the_ConvTranspose"][n], share, rtol=1e-9, atol=1e-10)
+        assert out["R"][n].sum() + out["bias"]["the_ConvTranspose"][n] == pytest.approx(ai.sum(), rel=1e-10)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

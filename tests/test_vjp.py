@@ -179,6 +179,35 @@ CONV = [
        strides=[2], pads=[2, 1]),
 ]
 
+# ConvTranspose and Resize in float64 on the reference (tests/test_vjp_upsampling.py: every attribute
+# against onnxruntime, which runs them in float32 only)
+#: their own generator: the draws of the rows after them stay as they were
+UW = np.random.default_rng(99)
+
+
+def up_weight(*shape) -> np.ndarray:
+    return UW.standard_normal(shape)
+
+
+UPSAMPLING = [
+    op("ConvTranspose-stride2-pads-output-padding", "ConvTranspose", ["x", "w", "b"], {"x": [2, 2, 4, 3]},
+       {"w": up_weight(2, 3, 3, 3), "b": up_weight(3)}, strides=[2, 2], pads=[1, 0, 0, 1], output_padding=[1, 1]),
+    op("ConvTranspose-groups2-dilation2", "ConvTranspose", ["x", "w"], {"x": [1, 4, 3, 4]}, {"w": up_weight(4, 2, 2, 3)},
+       group=2, dilations=[2, 2], strides=[2, 1]),
+    op("ConvTranspose-same-lower-stride2", "ConvTranspose", ["x", "w"], {"x": [1, 2, 5, 4]}, {"w": up_weight(2, 2, 3, 4)},
+       strides=[2, 2], auto_pad="SAME_LOWER"),
+    op("ConvTranspose-1d-stride3-pads", "ConvTranspose", ["x", "w"], {"x": [2, 3, 5]}, {"w": up_weight(3, 2, 4)},
+       strides=[3], pads=[2, 1]),
+    op("Resize-linear-half-pixel", "Resize", ["x", "", "s"], {"x": [1, 2, 4, 5]}, {"s": np.array([1, 1, 1.5, 0.6], dtype=np.float32)},
+       opset=19, mode="linear"),
+    op("Resize-cubic-exclude-outside-align-corners", "Resize", ["x", "", "s"], {"x": [1, 2, 4, 5]},
+       {"s": np.array([1, 1, 2.0, 1.4], dtype=np.float32)}, opset=19, mode="cubic", exclude_outside=1,
+       coordinate_transformation_mode="align_corners"),
+    op("Resize-nearest-sizes-asymmetric-floor", "Resize", ["x", "", "", "z"], {"x": [2, 3, 4, 5]},
+       {"z": ints(2, 3, 8, 7)}, opset=19, mode="nearest", nearest_mode="floor",
+       coordinate_transformation_mode="asymmetric"),
+]
+
 # max pooling: `distinct` inputs have no ties, so the arg-max of each window is unique
 POOL = [
     op("MaxPool-k3-s1-overlap", "MaxPool", ["x"], {"x": [1, 2, 6, 6]}, sample=distinct, kernel_shape=[3, 3]),
@@ -359,7 +388,7 @@ NORMALIZING = [
     op("LogSoftmax-axis-1", "LogSoftmax", ["x"], X234, axis=-1),
 ]
 
-CASES = GEMM + MATMUL + CONV + POOL + REDUCE + BN + ARITHMETIC + ELEMENTWISE + ROUTE + MAX + NORMALIZING
+CASES = GEMM + MATMUL + CONV + UPSAMPLING + POOL + REDUCE + BN + ARITHMETIC + ELEMENTWISE + ROUTE + MAX + NORMALIZING
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
