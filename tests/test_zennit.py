@@ -1,4 +1,4 @@
-"""The bundled ``lrp-composite`` against Zennit's ``EpsilonPlusFlat`` (the [crosscheck] extra) on a
+"""The bundled ``lrp-composite`` against Zennit's ``EpsilonPlusFlat`` (the [zennit] extra) on a
 small residual network written in torch with its residual sums as ``zennit.layer.Sum`` modules
 (what Zennit's ResNet canonizer makes of them), exported by the TorchScript exporter.
 
@@ -32,7 +32,8 @@ def zennit(torch):
         import zennit.composites
         import zennit.layer
     except Exception as exc:  # zennit absent, or its torchvision import failing
-        pytest.skip(f"the Zennit cross-check needs the [crosscheck] extra's zennit importable: {exc!r}")
+        pytest.skip(f"the Zennit cross-check needs zennit and a torchvision matching the installed torch "
+                    f"(the [zennit] extra): {exc!r}")
     return zennit
 
 
