@@ -91,7 +91,7 @@ class StartSpec:
         return dim if isinstance(dim, int) and dim > 0 else None
 
     def shape_text(self) -> str:
-        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+        return _shape_text(self.shape)
 
     def where(self) -> str:
         """``'logits' [N, T, 6625] (class axis 2)``: for messages and the CLI summary."""
@@ -193,12 +193,17 @@ def check_batch(graph: Graph, start: str) -> None:
 
 
 def _shape_text(shape) -> str:
-    return "[unknown shape]" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+    """``[N, ?, 6625]``: dims shape inference made up (``unk__3``) or does not know read ``?``."""
+    if shape is None:
+        return "[unknown shape]"
+    return "[" + ", ".join("?" if d is None or str(d).startswith("unk__") else str(d) for d in shape) + "]"
 
 
-def _normalizer_axis(graph: Graph, output: str, start: str) -> int | None:
+def _normalizer_axis(graph: Graph, output: str, found: str, start: str) -> int | None:
     """The class axis in ``start``'s axes when ``output`` comes from a Softmax/LogSoftmax over route
-    ops and ``start`` is that normalizer's input, output or a route tensor between; else None."""
+    ops and ``found`` (``start`` before ``relocate``) is that normalizer's input, output or a route
+    tensor between; else None. The axis is carried by its place from the end (the class axis is
+    the last one a fold leaves alone)."""
     chain = [output]
     node = graph.producer.get(output)
     while node is not None and node.op_type not in NORMALIZERS:
@@ -207,7 +212,7 @@ def _normalizer_axis(graph: Graph, output: str, start: str) -> int | None:
             return None
         chain.append(active[0])
         node = graph.producer.get(active[0])
-    if node is None or start not in chain + [node.inputs[0]]:
+    if node is None or found not in chain + [node.inputs[0]]:
         return None
     rank = graph.rank(node.inputs[0])
     if rank is None:
@@ -238,7 +243,7 @@ def start_spec(graph: Graph, start: str, output: str | None, class_axis: int | N
                               f"{_shape_text(shape)}: use an axis in {lowest}..{rank - 1}"
                               + (" (axis 0 is the batch)" if batched else ""))
         return StartSpec(start, tuple(shape), batched, int(class_axis) % rank, "class_axis=")
-    normalizer = _normalizer_axis(graph, output or graph.outputs[0], original or start)
+    normalizer = _normalizer_axis(graph, output or graph.outputs[0], original or start, start)
     if normalizer is not None and (normalizer > 0 or not batched):
         return StartSpec(start, tuple(shape), batched, normalizer, "the final Softmax")
     vrank = rank + (0 if batched else 1)
