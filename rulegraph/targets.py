@@ -163,7 +163,7 @@ def _folds(graph: Graph, out: str, src: str) -> bool:
     """Whether ``out`` is ``src`` with leading non-batch axes merged into axis 0: its trailing dims
     are a strict suffix of ``src``'s (Flatten(axis=2) of [N, T, C] -> [N·T, C])."""
     a, b = graph.shapes.get(out), graph.shapes.get(src)
-    if a is None or b is None or len(a) >= len(b) or batch_state(graph, src) != "axis" \
+    if not isinstance(batch_dim(graph), str) or a is None or b is None or len(a) >= len(b) or batch_state(graph, src) != "axis" \
             or batch_state(graph, out) == "axis":
         return False
     tail = a[1:]
@@ -182,10 +182,31 @@ def relocate(graph: Graph, start: str) -> str:
         tensor = active[0]
 
 
+def fold_of(graph: Graph, tensor: str) -> str | None:
+    """The tensor where a Reshape/Flatten folded the batch with other axes into axis 0, on the way
+    from the batched tensors to ``tensor`` (whose first axis is then N·T, not N); None if none."""
+    batch = batch_dim(graph)
+    while graph.rank(tensor) and graph.dim(tensor, 0) != batch:
+        node = graph.producer.get(tensor)
+        active = [t for t in node.inputs if t in graph.active and graph.rank(t)] if node is not None else []
+        if not active:
+            return None
+        if node.op_type in FLAT_ROUTES and _folds(graph, tensor, active[0]):
+            return tensor
+        tensor = active[0]
+    return None
+
+
 def check_batch(graph: Graph, start: str) -> None:
     """Refuse a start tensor that lost a dynamic batch axis (a Transpose moved it inward, a
-    reduction over it), naming the tensor."""
+    reduction over it) or carries it folded with another axis, naming the tensor."""
     batch = batch_dim(graph)
+    folded = fold_of(graph, start) if batch_state(graph, start) == "folded" else None
+    if folded is not None:
+        raise TargetError(f"the start tensor '{start}' {_shape_text(graph.shapes.get(start))} carries the batch "
+                          f"'{batch}' folded with other axes (since '{folded}' "
+                          f"{_shape_text(graph.shapes.get(folded))}), so a target cannot tell its rows apart; "
+                          f"pass start= a tensor before '{folded}' whose first axis is the batch")
     if batch_state(graph, start) == "lost":
         raise TargetError(f"tensor '{start}' {_shape_text(graph.shapes.get(start))} has lost the batch axis "
                           f"'{batch}' of the model's inputs (an op moved it or summed over it); explain per "
