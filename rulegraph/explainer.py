@@ -364,6 +364,12 @@ def _check_rows(spec, start: np.ndarray, n: int) -> None:
 
 
 def _targets(target, n: int) -> np.ndarray:
+    """A class per row (``-1``: arg-max) from a class, a class list or ``"argmax"`` (the loops' targets)."""
+    if isinstance(target, Target):
+        if any(v is not None for v in (target.at, target.region, target.mask, target.versus)) or target.all_positions:
+            raise TargetError("loops explain a class per row; position forms and versus= are not available "
+                              "with a loop yet (explain without the loop, or pass a seed array)")
+        target = target.cls
     if isinstance(target, str):
         if target != "argmax":
             raise RulegraphError(f"target must be a class index, 'argmax' or a seed array, got '{target}'")
