@@ -157,7 +157,7 @@ def cmd_explain(args) -> int:
 def cmd_compile(args) -> int:
     from .explainer import Explainer
 
-    explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
+    explainer = Explainer(args.model, args.rules, output=args.output, start=args.start, class_axis=args.class_axis)
     path = explainer.save(args.o)
     compiled = explainer.compiled()
     print(f"explainer written to {path}: inputs {compiled.input_names}, attribution outputs "
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write the explainer ONNX model (forward + relevance pass)")
     model_and_rules(p)
     p.add_argument("-o", required=True, help="where to write the explainer .onnx")
+    p.add_argument("--class-axis", type=int, help="the start tensor's class axis (see explain)")
     p.set_defaults(run=cmd_compile)
 
     p = sub.add_parser("check", help="coverage, conservation and consistency of a rule file on a model (CI)")

@@ -163,8 +163,9 @@ def _folds(graph: Graph, out: str, src: str) -> bool:
     """Whether ``out`` is ``src`` with leading non-batch axes merged into axis 0: its trailing dims
     are a strict suffix of ``src``'s (Flatten(axis=2) of [N, T, C] -> [N·T, C])."""
     a, b = graph.shapes.get(out), graph.shapes.get(src)
-    if not isinstance(batch_dim(graph), str) or a is None or b is None or len(a) >= len(b) or batch_state(graph, src) != "axis" \
-            or batch_state(graph, out) == "axis":
+    if not isinstance(batch_dim(graph), str) or a is None or b is None or len(a) >= len(b):
+        return False
+    if batch_state(graph, src) != "axis" or batch_state(graph, out) == "axis":
         return False
     tail = a[1:]
     return all(x is not None and x == y for x, y in zip(tail, b[len(b) - len(tail):]))
@@ -177,7 +178,9 @@ def relocate(graph: Graph, start: str) -> str:
     while True:
         node = graph.producer.get(tensor)
         active = [t for t in node.inputs if t in graph.active] if node is not None else []
-        if node is None or node.op_type not in FLAT_ROUTES or len(active) != 1 or not _folds(graph, tensor, active[0]):
+        if node is None or node.op_type not in FLAT_ROUTES or len(active) != 1:
+            return tensor
+        if not _folds(graph, tensor, active[0]):
             return tensor
         tensor = active[0]
 

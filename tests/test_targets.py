@@ -184,7 +184,7 @@ def test_a_start_after_a_fold_it_cannot_move_over_is_refused():
     """Softmax -> start on [N·T, C] with a BatchNorm after the Flatten: refused before running."""
     with pytest.raises(TargetError, match=r"the start tensor 'bn' \[\?, 5\] carries the batch 'N' folded with "
                                           r"other axes \(since 'f' \[\?, 5\]\).* start= a tensor before 'f'"):
-        Explainer(folded(norm=True), "gradient").spec
+        _ = Explainer(folded(norm=True), "gradient").spec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,8 +289,8 @@ ERRORS = [  # (model, x, target, message)
      r"the seed array's shape \[3, 4\] does not fit the start tensor 'y' \[N, 3\]: expected \[3, 3\]"),
     (mlp("N"), X2, Target(1, at=2), r"at needs position axes, but 'y' \[N, 3\] \(class axis 1\) has only the batch"),
     (mlp("N"), X2, Target(1, versus=7), r"versus class 7 is out of range for 'y' \[N, 3\]"),
-    (conv(), XC, 1, r"'y' \[N, 3, 4, 4\] \(class axis 1\) has position axes \(2, 3\): a class alone is ambiguous; "
-                    r"say where with one of at=<position>, region=<slices>, mask=<array>, all_positions=True"),
+    (conv(), XC, 1, (r"'y' \[N, 3, 4, 4\] \(class axis 1\) has position axes \(2, 3\): a class alone is "
+                     r"ambiguous; say where with one of at=<position>, region=<slices>, mask=<array>, all_positions")),
     (conv(), XC, "argmax", r"has position axes \(2, 3\): a class alone is ambiguous"),
     (conv(), XC, Target(1, at=(4, 0)), r"at=\(4, 0\) is outside 'y' \[N, 3, 4, 4\] \(class axis 1\): positions 4 x 4"),
     (conv(), XC, Target(1, at=3), r"at needs 2 integer index\(es\), one per position axis \(2, 3\)"),
@@ -381,3 +381,25 @@ def test_cli_summary_names_what_was_explained(tmp_path, capsys):
     assert "a class alone is ambiguous" in capsys.readouterr().err
     assert main(args + ["--target", "0", "--all-positions", "--class-axis", "1"]) == 0
     assert capsys.readouterr().out.startswith("row 0: class 0 of 'y' [N, 3, 5] (class axis 1) over all positions")
+
+
+def test_cli_compile_takes_the_class_axis(tmp_path, capsys):
+    w = RNG.normal(size=(3, 2, 1, 1, 1))
+    model = _model([helper.make_node("Conv", ["x", "w"], ["y"])], [_info("x", ["N", 2, 2, 4, 4])],
+                   [_info("y", ["N", 3, 2, 4, 4])], {"w": w})
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    args = ["compile", str(tmp_path / "m.onnx"), "--rules", "gradient", "-o", str(tmp_path / "e.onnx")]
+    assert main(args) == 2
+    assert "pass class_axis= (CLI: --class-axis)" in capsys.readouterr().err
+    assert main(args + ["--class-axis", "1"]) == 0
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+              for i in onnx.load(str(tmp_path / "e.onnx")).graph.input}
+    assert inputs[POSITIONS] == ["N", 2, 4, 4] and inputs[TARGET] == ["N"]
+
+
+def test_loops_take_a_class_target_and_refuse_position_forms():
+    explainer = Explainer(mlp("N"), "gradient")
+    looped = explainer.explain(X2, target=Target([0, 2, 1]), loop="smoothgrad", samples=2, noise=0.0)
+    np.testing.assert_array_equal(looped.target, [0, 2, 1])
+    with pytest.raises(TargetError, match="loops explain a class per row; position forms and versus="):
+        explainer.explain(X2, target=Target(1, versus=0), loop="smoothgrad", samples=2)
