@@ -139,7 +139,7 @@ class Explainer:
         if "forward" not in self._sessions:
             model = onnx.ModelProto()
             model.CopyFrom(self.graph.model)
-            start = self.compiled().start_tensor
+            start = self.spec.tensor
             if start not in {o.name for o in model.graph.output}:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(
                     start, self.graph.dtypes.get(start, onnx.TensorProto.FLOAT), self.graph.shapes.get(start)))

@@ -403,3 +403,20 @@ def test_loops_take_a_class_target_and_refuse_position_forms():
     np.testing.assert_array_equal(looped.target, [0, 2, 1])
     with pytest.raises(TargetError, match="loops explain a class per row; position forms and versus="):
         explainer.explain(X2, target=Target(1, versus=0), loop="smoothgrad", samples=2)
+
+
+def test_forward_and_seed_need_no_class_axis():
+    """A rank-5 start without class axis: forward runs and a seed array is explained as given."""
+    w = RNG.normal(size=(3, 2, 1, 1, 1))
+    model = _model([helper.make_node("Conv", ["x", "w"], ["y"])], [_info("x", ["N", 2, 2, 4, 4])],
+                   [_info("y", ["N", 3, 2, 4, 4])], {"w": w})
+    x = RNG.normal(size=(1, 2, 2, 4, 4)).astype(np.float32)
+    explainer = Explainer(model, "gradient")
+    y = explainer.forward(x)["y"]
+    np.testing.assert_allclose(y, np.einsum("oc,ncdhw->nodhw", w[:, :, 0, 0, 0], x), rtol=1e-5, atol=1e-6)
+    seed = np.zeros(y.shape, np.float32)
+    seed[0, 1, 0, 2, 3] = 1
+    result = explainer.explain(x, target=seed)
+    expected = np.zeros(x.shape)
+    expected[0, :, 0, 2, 3] = w[1, :, 0, 0, 0]
+    np.testing.assert_allclose(result.saliency["x"], expected, rtol=1e-5)
