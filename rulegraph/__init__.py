@@ -8,7 +8,8 @@ from .errors import CoverageError, ModelError, RulegraphError, RuleSyntaxError
 from .explainer import Explainer, Result
 from .graph import Graph, load
 from .ruleset import RuleSet
+from .targets import Target, TargetError
 
 __all__ = ["CoverageError", "Explainer", "Graph", "ModelError", "Result", "RuleSet", "RuleSyntaxError",
-           "RulegraphError", "load"]
+           "RulegraphError", "Target", "TargetError", "load"]
 __version__ = "0.1.0"

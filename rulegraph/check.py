@@ -357,7 +357,8 @@ def sample_inputs(graph: Graph, samples: int, seed: int = 0) -> dict[str, np.nda
 
 def measure(explainer, x, report: Report, target="argmax") -> None:
     """Fill each node's measured leak and the end-to-end delta, from one compiled run."""
-    result = explainer.without_loop().explain(x, target=target, node_sums=True, max_amplification=None)
+    result = explainer.without_loop().explain(x, target=explainer.whole_target(target), node_sums=True,
+                                              max_amplification=None)
     scale = np.maximum(np.abs(result.start_value.astype(np.float64)), 1e-12)
     counted = explainer.ruleset.bias in COUNTED_BIAS
     by_name = {n.node: n for n in report.nodes}

@@ -51,13 +51,62 @@ def _parse_target(text: str):
                              f"file; got '{text}'") from None
 
 
+def _load_array(path: str, option: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise RulegraphError(f"{option} {path}: cannot read the .npy file: {exc}") from None
+
+
+def _ints(text: str, option: str, example: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise RulegraphError(f"{option} must be integers like {example}; got '{text}'") from None
+
+
+def _slices(text: str) -> tuple[slice, ...]:
+    """``10:20,30:40`` -> (slice(10, 20), slice(30, 40)); an empty bound is open."""
+    out = []
+    for part in text.split(","):
+        bounds = part.split(":")
+        try:
+            if len(bounds) != 2:
+                raise ValueError
+            out.append(slice(*(int(b) if b.strip() else None for b in bounds)))
+        except ValueError:
+            raise RulegraphError(f"--region must be one start:stop per position axis, like 10:20,30:40; "
+                                 f"got '{text}'") from None
+    return tuple(out)
+
+
+def target_of(args):
+    """The target the explain options describe (``targets.Target``, or a seed array / class list)."""
+    from .targets import Target
+
+    cls = _parse_target(args.target)
+    forms = {"at": tuple(_ints(args.at, "--at", "20 or 5,7")) if args.at else None,
+             "region": _slices(args.region) if args.region else None,
+             "mask": _load_array(args.mask, "--mask") if args.mask else None,
+             "all_positions": args.all_positions,
+             "versus": _ints(args.versus, "--versus", "5")[0] if args.versus else None}
+    if isinstance(cls, np.ndarray) and cls.dtype.kind == "f":
+        if any(v is not None and v is not False for v in forms.values()):
+            raise RulegraphError("a seed array (--target seed.npy) says everything itself: drop --at, --region, "
+                                 "--mask, --all-positions and --versus")
+        return cls
+    if forms["at"] is not None and len(forms["at"]) == 1:
+        forms["at"] = forms["at"][0]
+    return Target(cls, **forms)
+
+
 def summary(result) -> str:
     """The per-row lines printed after an explain run: class, start value, sums and delta."""
     lines = []
     for i in range(len(result.start_value)):
         attr = sum(float(a[i].sum()) for a in result.attribution.values())
         bias = float(result.bias_total[i]) if result.bias_total is not None else 0.0
-        target = "" if result.target is None else f"class {int(result.target[i])}: "
+        target = "" if result.target is None else _explained(result, i)
         lines.append(f"row {i}: {target}start {result.start_value[i]:.6g}, attribution {attr:.6g}, "
                      f"bias {bias:.6g}, conservation delta {result.delta[i]:.3g} "
                      f"({abs(result.relative_delta[i]):.2e} relative)")
@@ -75,6 +124,13 @@ def _inputs_of(args) -> list[Path]:
     return files
 
 
+def _explained(result, i: int) -> str:
+    """``class 6 of 'logits' [N, T, 6625] (class axis 2) at t=20: `` (``minus class 5`` when contrastive)."""
+    versus = "" if result.versus is None else f" minus class {int(result.versus[i])}"
+    where = f" {result.where}" if result.where else ""
+    return f"class {int(result.target[i])}{versus} of {result.explained}{where}: "
+
+
 def cmd_explain(args) -> int:
     from .explainer import Explainer
     from .viz import heatmap_suffixes
@@ -84,10 +140,11 @@ def cmd_explain(args) -> int:
         check_output(args.out, sources, [".npy"], "--out")
     if args.heatmap:
         check_output(args.heatmap, sources, heatmap_suffixes(), "--heatmap")
-    explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
+    explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
+                          class_axis=args.class_axis)
     explainer.allow_nonfinite = args.allow_nonfinite
     x = load_input(args.input, explainer, args.scale, args.allow_nonfinite)
-    result = explainer.explain(x, target=_parse_target(args.target), max_amplification=args.max_amplification)
+    result = explainer.explain(x, target=target_of(args), max_amplification=args.max_amplification)
     print(summary(result))
     if args.out:
         write_with(args.out, lambda tmp: np.save(tmp, result.map), "--out")
@@ -104,7 +161,8 @@ def cmd_compile(args) -> int:
     from .explainer import Explainer
 
     check_output(args.o, _inputs_of(args), what="-o")
-    explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
+    explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
+                          class_axis=args.class_axis)
     path = explainer.save(args.o)
     compiled = explainer.saved()
     print(f"explainer written to {path}: inputs {compiled.input_names}, attribution outputs "
@@ -222,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_and_rules(p)
     p.add_argument("--input", required=True, help=".npy, .npz or an image file")
     p.add_argument("--target", default="argmax", help="argmax, class indices (3 or 3,5), or a seed .npy")
+    p.add_argument("--at", help="for outputs with position axes: the class at this position (20, or 5,7)")
+    p.add_argument("--region", help="the class summed over a region, a start:stop per position axis (10:20,30:40)")
+    p.add_argument("--mask", help="the class summed over positions weighted by this .npy mask")
+    p.add_argument("--all-positions", action="store_true", help="the class summed over all positions")
+    p.add_argument("--versus", help="contrastive: minus this class's logit (at the same positions)")
+    p.add_argument("--class-axis", type=int, help="the start tensor's class axis (default: the final "
+                   "Softmax's axis, else 1 for [N, C] and [N, C, H, W], 2 for [N, T, C])")
     p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
     p.add_argument("--allow-nonfinite", action="store_true", help="explain inputs holding NaN or Inf "
                    "(refused by default)")
@@ -233,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write the explainer ONNX model (forward + relevance pass)")
     model_and_rules(p)
     p.add_argument("-o", required=True, help="where to write the explainer .onnx")
+    p.add_argument("--class-axis", type=int, help="the start tensor's class axis (see explain)")
     p.set_defaults(run=cmd_compile)
 
     p = sub.add_parser("check", help="coverage, conservation and consistency of a rule file on a model (CI)")

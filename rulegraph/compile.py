@@ -10,8 +10,11 @@ attribution is ``Σ_e view(emb, a(emb))`` over the embedding axes: one number pe
 the ids (under the difference quantity against the zero embedding).
 
 Graph inputs of the compiled model: the model's own, plus ``rulegraph/target`` (int64 [N], a class
-index per batch row; negative means arg-max) or, in seed mode, ``rulegraph/seed`` (a float array
-shaped like the start tensor); under the difference quantity also ``rulegraph/baseline/<input>``
+index per batch row in ``0..C-1``, or ``-1`` for the arg-max; any other value makes that row's
+attribution NaN) and, when the start tensor has position axes (``targets.py``),
+``rulegraph/positions`` (float, the start's shape without the class axis, batch first: weights of
+the positions), or in seed mode ``rulegraph/seed`` (a float array shaped like the start tensor);
+under the difference quantity also ``rulegraph/baseline/<input>``
 per float input, on which a copy of the path's forward nodes runs in the same model. Outputs: the model's own, then those named in ``Compiled``.
 """
 
@@ -31,10 +34,13 @@ from .kinds import NORMALIZING, ROUTE
 from . import unsupported
 from .rules import RULES
 from .ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
+from .targets import StartSpec, batch_dim, relocate, start_spec
 from .vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
 
 TARGET = "rulegraph/target"
 SEED = "rulegraph/seed"
+POSITIONS = "rulegraph/positions"
+CLASS = "rulegraph/class"   # output: int64 [N], the class explained per row
 BASELINE_PREFIX = "rulegraph/baseline/"
 
 
@@ -57,6 +63,7 @@ class Compiled:
     ruleset: RuleSet
     start_tensor: str
     seed_mode: bool
+    spec: StartSpec | None = None   # the start's batch and class axes (targets.py)
     attribution: dict[str, str] = field(default_factory=dict)   # graph input -> output name
     saliency: dict[str, str] = field(default_factory=dict)
     bias_shares: dict[str, str] = field(default_factory=dict)   # node name -> output name [N]
@@ -368,14 +375,17 @@ def find_start(graph: Graph, ruleset: RuleSet, output: str | None, start_tensor:
 
 def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                       start_tensor: str | None = None, seed_mode: bool = False,
-                      node_sums: bool = False) -> Compiled:
+                      node_sums: bool = False, class_axis: int | None = None) -> Compiled:
     """Build the explainer model (forward + relevance pass) and check it with onnx.checker.
 
     ``node_sums`` adds, per node on the path, three [N] outputs (RULES.md §5): Σ of the conserved
     view over what the node gives its inputs, over its outputs' numbers, and over its bias shares,
-    so one run measures every node's conservation.
+    so one run measures every node's conservation. ``class_axis``: the start tensor's class axis
+    when the default (``targets.py``) does not apply.
     """
-    start = find_start(graph, ruleset, output, start_tensor)
+    found = find_start(graph, ruleset, output, start_tensor)
+    start = relocate(graph, found)   # before a Flatten/Reshape that folded the batch: same seed
+    axes = start_spec(graph, start, output, class_axis, found)
     nodes = path_nodes(graph, start)
     assignments = assign(graph, ruleset, nodes)
     problems = [a.problem for a in assignments if a.problem]
@@ -387,7 +397,8 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     taken = ({t for n in graph.nodes for m in n.members or [n] for t in m.inputs + m.outputs}
              | set(graph.constants) | set(graph.inputs))
     tape = Tape(graph.opset, taken, float_dtype=dtype)
-    compiled = Compiled(graph.model, graph, ruleset, start, seed_mode)
+    compiled = Compiled(graph.model, graph, ruleset, start, seed_mode, axes)
+    rows = _rows(tape, graph, axes)
     extra_outputs: dict[str, dict[int, str]] = {}
 
     def request_output(node: Node, index: int) -> str:
@@ -405,7 +416,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
 
     baseline_of = _baseline_forward(tape, graph, nodes) if ruleset.quantity == "difference" else {}
     view = _Views(tape, ruleset.quantity, baseline_of)
-    a: dict[str, list[str]] = {start: [_seed(tape, graph, ruleset, start, seed_mode, compiled, view)]}
+    a: dict[str, list[str]] = {start: [_seed(tape, graph, ruleset, axes, seed_mode, compiled, view, rows)]}
     for assignment in reversed(assignments):
         node, binding = assignment.node, assignment.binding
         a_out = [tape.sum(a[o]) if o in a else None for o in node.outputs]
@@ -430,20 +441,22 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                 a.setdefault(tensor, []).append(contribution)
         if node_sums:
             compiled.node_sums[node.name], compiled.node_abs_sums[node.name] = _node_sums(
-                tape, view, node, a_out, result, bias_terms.get(node.name, []), graph)
+                tape, view, node, a_out, result, bias_terms.get(node.name, []), graph, rows)
     tape.scope = ""
 
-    outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms, view)
+    outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms, view, rows)
     if compiled.node_sums:
-        row = [graph.dim(start, 0) if graph.rank(start) else "N"]
+        row = _row_dims(graph, axes)
         outputs.update({name: row for sums in (*compiled.node_sums.values(), *compiled.node_abs_sums.values())
                         for name in sums if name})
     compiled.baseline_inputs = {x: baseline_of[x] for x in graph.float_inputs() if x in baseline_of}
-    compiled.model = _assemble(graph, tape, extra_outputs, outputs, seed_mode, start, compiled.baseline_inputs)
+    extra_inputs, typed_outputs = _target_io(graph, axes, seed_mode)
+    compiled.model = _assemble(graph, tape, extra_outputs, outputs, seed_mode, start, compiled.baseline_inputs,
+                               extra_inputs, typed_outputs)
     return compiled
 
 
-def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, graph: Graph):
+def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, graph: Graph, rows: str):
     """((Σ view over what the node gives its inputs, Σ view over its outputs, Σ bias shares),
     (Σ |view| over what it gives its inputs, Σ |view| over its outputs)), each [N]; None where
     there is nothing to sum. The magnitudes measure the node's amplification (amplification.py)."""
@@ -452,19 +465,36 @@ def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, g
         views = [view(t, v) for t, v in pairs if v is not None and t in graph.active]
         if not views:
             return None, None
-        signed = [_row_sum(tape, v) for v in views]
-        magnitude = [_row_sum(tape, tape.op("Abs", v)) for v in views]
+        signed = [_row_sum(tape, v, rows) for v in views]
+        magnitude = [_row_sum(tape, tape.op("Abs", v), rows) for v in views]
         return tuple(tape.sum(terms) if len(terms) > 1 else tape.op("Identity", terms[0])
                      for terms in (signed, magnitude))
 
-    bias = _row_sum(tape, tape.sum(bias_shares)) if bias_shares else None
+    bias = _row_sum(tape, tape.sum(bias_shares), rows) if bias_shares else None
     (given, given_abs), (outs, outs_abs) = totals(zip(node.inputs, a_in)), totals(zip(node.outputs, a_out))
     return (given, outs, bias), (given_abs, outs_abs)
 
 
-def _row_sum(tape: Tape, x: str) -> str:
-    """Σ over every axis but the batch axis: [N, ...] -> [N]."""
-    flat = tape.op("Flatten", x, axis=1)
+def _rows(tape: Tape, graph: Graph, spec: StartSpec) -> str:
+    """The batch size as an int64 [1] tensor: the first input's first dimension at run time, or 1
+    when the start has no batch axis (the model is explained as one sample)."""
+    first = next((i for i in graph.inputs if graph.rank(i)), None)
+    if not spec.batched or first is None:
+        return tape.ints([1])
+    return tape.shape(first, start=0, end=1)
+
+
+def _row_dims(graph: Graph, spec: StartSpec) -> list:
+    """The declared shape of a per-row output."""
+    batch = batch_dim(graph) if spec.batched else 1
+    return [batch if batch is not None else "N"]
+
+
+def _row_sum(tape: Tape, x: str, rows: str) -> str:
+    """Σ over every axis but the batch: [N, ...] -> [N]. ``x`` is reshaped to [N, -1], so a tensor
+    that carries the batch folded into its first axis as the outermost factor (``[N·T, C]`` after a
+    Flatten) is summed per row too."""
+    flat = tape.op("Reshape", x, tape.op("Concat", rows, tape.ints([-1]), axis=0))
     return tape.reduce_sum(flat, [1], keepdims=False)
 
 
@@ -502,28 +532,60 @@ def _baseline_forward(tape: Tape, graph: Graph, nodes: list[Node]) -> dict[str, 
     return baseline_of
 
 
-def _seed(tape: Tape, graph: Graph, ruleset: RuleSet, start: str, seed_mode: bool, compiled: Compiled,
-          view: _Views) -> str:
-    """``a(start)``: ``y ⊙ onehot`` (relevance, or ``start output``) or ``onehot``."""
-    if seed_mode:
-        onehot = SEED
-    else:
-        classes = tape.op("Range", tape.const(np.array(0, dtype=np.int64)),
-                          tape.op("Squeeze", tape.shape(start, start=1, end=2)),
-                          tape.const(np.array(1, dtype=np.int64)))
-        rank = graph.rank(start) or 2
-        classes = tape.op("Reshape", classes, tape.ints([1, -1] + [1] * (rank - 2)))
-        argmax = tape.op("ArgMax", start, axis=1, keepdims=1)
-        target = tape.op("Reshape", TARGET, tape.ints([-1] + [1] * (rank - 1)))
-        chosen = tape.op("Where", tape.op("Less", target, tape.ints([0])), argmax, target)
-        onehot = tape.op("Cast", tape.op("Equal", classes, chosen), to=graph.dtypes.get(start, TensorProto.FLOAT))
+def _seed(tape: Tape, graph: Graph, ruleset: RuleSet, spec: StartSpec, seed_mode: bool, compiled: Compiled,
+          view: _Views, rows: str) -> str:
+    """``a(start)``: ``y ⊙ s`` (relevance, or ``start output``) or ``s``, with ``s`` the seed array
+    (seed mode) or ``onehot(c) ⊙ w`` (``targets.py``; NaN in rows whose target is out of range)."""
+    start = spec.tensor
+    onehot = SEED if seed_mode else _onehot(tape, graph, spec.require_class_axis(), compiled)
     mode = ruleset.start or ("output" if ruleset.quantity == "relevance" else "one")
     seed = tape.op("Mul", start, onehot) if mode == "output" else onehot
-    compiled.start_value = _row_sum(tape, view(start, seed))
+    compiled.start_value = _row_sum(tape, view(start, seed), rows)
     return seed
 
 
-def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, bias_terms, view) -> dict:
+def _onehot(tape: Tape, graph: Graph, spec: StartSpec, compiled: Compiled) -> str:
+    """``onehot_k(c) ⊙ w`` shaped like the start: ``c`` from ``rulegraph/target`` (``-1``: the class
+    maximizing ``Σ_positions w ⊙ y``), ``w`` from ``rulegraph/positions`` (position axes only)."""
+    k, rank = spec.vclass, len(spec.vshape)
+    y = spec.tensor if spec.batched else tape.unsqueeze(spec.tensor, [0])
+    weights = None
+    if spec.position_axes:
+        weights = tape.unsqueeze(tape.op("Cast", POSITIONS, to=tape.float_type), [k])
+    scores = y if weights is None else tape.op("Mul", y, weights)
+    if spec.position_axes:
+        scores = tape.reduce_sum(scores, spec.position_axes, keepdims=True)
+    argmax = tape.op("ArgMax", scores, axis=k, keepdims=1)
+    one = [1] * (rank - 1)
+    target = tape.op("Reshape", TARGET, tape.ints([-1] + one))
+    chosen = tape.op("Where", tape.op("Equal", target, tape.ints([-1])), argmax, target)
+    count = tape.shape(y, start=k, end=k + 1)
+    valid = tape.op("And", tape.op("GreaterOrEqual", chosen, tape.ints([0])), tape.op("Less", chosen, count))
+    classes = tape.op("Range", tape.const(np.array(0, dtype=np.int64)), tape.op("Squeeze", count),
+                      tape.const(np.array(1, dtype=np.int64)))
+    classes = tape.op("Reshape", classes, tape.ints([1] * k + [-1] + [1] * (rank - k - 1)))
+    onehot = tape.op("Cast", tape.op("Equal", classes, chosen), to=tape.float_type)
+    if weights is not None:
+        onehot = tape.op("Mul", onehot, weights)
+    onehot = tape.op("Where", valid, onehot, tape.scalar(float("nan")))
+    tape.nodes.append(helper.make_node("Reshape", [chosen, tape.ints([-1])], [CLASS], name=CLASS))
+    return onehot if spec.batched else tape.op("Squeeze", onehot, tape.ints([0]))
+
+
+def _target_io(graph: Graph, spec: StartSpec, seed_mode: bool):
+    """The target's extra inputs (``rulegraph/positions``) and typed outputs (``rulegraph/class``)."""
+    if seed_mode:
+        return [], []
+    row = _row_dims(graph, spec)
+    inputs = []
+    spec.require_class_axis()
+    if spec.position_axes:
+        dims = [d if d is not None else f"rulegraph_d{a}" for a, d in enumerate(spec.vshape) if a != spec.vclass]
+        inputs.append(helper.make_tensor_value_info(POSITIONS, TensorProto.FLOAT, [row[0]] + dims[1:]))
+    return inputs, [helper.make_tensor_value_info(CLASS, TensorProto.INT64, row)]
+
+
+def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, bias_terms, view, rows) -> dict:
     """Attribution per float input (``R = a(x)``, ``x ⊙ a(x)`` or ``(x − x') ⊙ a(x)``) and the
     saliency ``a(x)`` where the quantity has one; bias shares; the new outputs with their shapes."""
     for x in graph.float_inputs():
@@ -535,9 +597,9 @@ def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, b
             compiled.attribution[x] = view(x, ax)
     compiled.attribution.update(_token_attribution(tape, graph, a, view))
     outputs = {o: graph.shapes.get(x) for d in (compiled.attribution, compiled.saliency) for x, o in d.items()}
-    row = [graph.dim(graph.float_inputs()[0], 0) if graph.float_inputs() else "N"]
+    row = _row_dims(graph, compiled.spec)
     if ruleset.bias in ("blame", "total") and bias_terms:
-        per_node = {name: _row_sum(tape, tape.sum(terms)) for name, terms in bias_terms.items()}
+        per_node = {name: _row_sum(tape, tape.sum(terms), rows) for name, terms in bias_terms.items()}
         compiled.bias_total = tape.sum(list(per_node.values())) if len(per_node) > 1 else tape.op("Identity", next(iter(per_node.values())))
         outputs[compiled.bias_total] = row
         if ruleset.bias == "blame":
@@ -568,7 +630,7 @@ def _token_attribution(tape: Tape, graph: Graph, a, view: _Views) -> dict[str, s
 
 
 def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list | None], seed_mode: bool,
-              start: str, baseline_inputs: dict[str, str]) -> onnx.ModelProto:
+              start: str, baseline_inputs: dict[str, str], extra_inputs=(), typed_outputs=()) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     g = model.graph
@@ -586,6 +648,8 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
         g.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]))
     for x, name in baseline_inputs.items():
         g.input.append(helper.make_tensor_value_info(name, graph.dtypes[x], graph.shapes.get(x)))
+    g.input.extend(extra_inputs)
+    g.output.extend(typed_outputs)
     existing = {o.name for o in g.output}
     for out in g.output:  # outputs declared without a shape take the inferred one
         tensor_type = out.type.tensor_type

@@ -11,10 +11,12 @@ import onnx
 
 from . import graph as graph_mod
 from . import runtime
+from . import targets as targets_mod
 from .amplification import DEFAULT_MAX_AMPLIFICATION, quiet, warn_if_amplified
-from .compile import SEED, TARGET, Compiled, compile_explainer
+from .compile import CLASS, POSITIONS, SEED, TARGET, Compiled, compile_explainer, find_start
 from .errors import RulegraphError
 from .ruleset import RuleSet
+from .targets import Target, TargetError
 from .unmatched import warn_unmatched
 
 
@@ -26,10 +28,13 @@ class Result:
     ``.map``); ``saliency``: ``a(x)`` itself (importance quantity); ``bias_shares``: bias node ->
     [N] share; ``bias_total`` [N]; ``start_value`` [N]: Σ of the conserved view at the start;
     ``delta`` [N]: Σ attribution + Σ bias shares − start_value (0 when the rules conserve);
-    ``outputs``: the model's own outputs; ``target`` [N]: the class explained per row;
-    ``node_sums``: node -> (Σ view given to its inputs, Σ view of its outputs, Σ bias shares), [N]
-    each (None where empty), when asked for; ``node_abs_sums``: node -> (Σ |view| given to its
-    inputs, Σ |view| of its outputs), the magnitudes of the same numbers (amplification.py).
+    ``outputs``: the model's own outputs; ``target`` [N]: the class explained per row (None for a
+    seed array), ``versus`` [N]: the class subtracted (contrastive targets); ``explained``: what
+    was explained, e.g. ``'logits' [N, T, 6625] (class axis 2)``, ``class_axis`` (of the start
+    tensor) and ``where`` (``at t=20``, ``over region [2:5, 0:4]``, ... or ``''``); ``node_sums``:
+    node -> (Σ view given to its inputs, Σ view of its outputs, Σ bias shares), [N] each (None
+    where empty), when asked for; ``node_abs_sums``: node -> (Σ |view| given to its inputs,
+    Σ |view| of its outputs), the magnitudes of the same numbers (amplification.py).
     """
 
     attribution: dict[str, np.ndarray]
@@ -43,6 +48,10 @@ class Result:
     device: str = "cpu"
     node_sums: dict[str, tuple] = field(default_factory=dict)  # node -> (inputs, outputs, bias) [N]
     node_abs_sums: dict[str, tuple] = field(default_factory=dict)  # node -> (Σ|inputs|, Σ|outputs|) [N]
+    versus: np.ndarray | None = None
+    explained: str = ""
+    class_axis: int | None = None
+    where: str = ""
 
     @property
     def map(self) -> np.ndarray:
@@ -52,7 +61,8 @@ class Result:
     @property
     def delta(self) -> np.ndarray:
         """End-to-end conservation error per row (RULES.md §5)."""
-        total = sum(a.reshape(len(a), -1).sum(axis=1).astype(np.float64) for a in self.attribution.values())
+        rows = len(self.start_value)
+        total = sum(a.reshape(rows, -1).sum(axis=1).astype(np.float64) for a in self.attribution.values())
         if self.bias_total is not None:
             total = total + self.bias_total.astype(np.float64)
         return total - self.start_value.astype(np.float64)
@@ -78,12 +88,14 @@ class Explainer:
     (``"lrp-epsilon"``) or a RuleSet. ``output`` names the model output to explain (default: the
     first); ``start`` names any intermediate tensor to start at instead. An fp16/bf16 model is
     explained in float32 (``precision="fp32"``, its weights upcast exactly, the attribution in
-    float32) unless ``precision="native"`` asks for its own type throughout.
+    float32) unless ``precision="native"`` asks for its own type throughout. ``class_axis``: the
+    start tensor's class axis where the default (final Softmax's axis, else by rank) does not apply.
     """
 
     def __init__(self, model: str | Path | onnx.ModelProto, rules: str | Path | RuleSet,
                  providers: list[str] | None = None, output: str | None = None,
-                 start: str | None = None, threads: int = 0, precision: str = "fp32"):
+                 start: str | None = None, threads: int = 0, precision: str = "fp32",
+                 class_axis: int | None = None):
         self.graph = graph_mod.load(model, precision=precision)
         self.ruleset = _load_rules(rules)
         self.providers = providers
@@ -91,6 +103,8 @@ class Explainer:
         self.start = start
         self.threads = threads
         self._sources = (model, rules)  # the files read; ``save`` refuses to overwrite them
+        self.class_axis = class_axis
+        self._spec: targets_mod.StartSpec | None = None
         self._compiled: dict[tuple[bool, bool], Compiled] = {}
         self._sessions: dict = {}
         warn_unmatched(self.graph, self.ruleset, output, start)
@@ -100,8 +114,24 @@ class Explainer:
         key = (seed_mode, node_sums)
         if key not in self._compiled:
             self._compiled[key] = compile_explainer(self.graph, self.ruleset, self.output, self.start,
-                                                    seed_mode, node_sums)
+                                                    seed_mode, node_sums, self.class_axis)
         return self._compiled[key]
+
+    @property
+    def spec(self) -> targets_mod.StartSpec:
+        """The start tensor's batch and class axes (``targets.py``), without compiling."""
+        if self._spec is None:
+            found = find_start(self.graph, self.ruleset, self.output, self.start)
+            start = targets_mod.relocate(self.graph, found)
+            self._spec = targets_mod.start_spec(self.graph, start, self.output, self.class_axis, found)
+        return self._spec
+
+    def whole_target(self, cls="argmax"):
+        """``cls`` over all positions where the start tensor has position axes, else ``cls`` itself."""
+        if isinstance(cls, Target) or (isinstance(cls, np.ndarray) and cls.dtype.kind == "f"):
+            return cls
+        spec = self.spec
+        return Target(cls, all_positions=True) if spec.class_axis is not None and spec.position_axes else cls
 
     def session(self, seed_mode: bool = False, node_sums: bool = False):
         """The onnxruntime session of the compiled explainer (created once)."""
@@ -116,7 +146,7 @@ class Explainer:
         if "forward" not in self._sessions:
             model = onnx.ModelProto()
             model.CopyFrom(self.graph.model)
-            start = self.compiled().start_tensor
+            start = self.spec.tensor
             if start not in {o.name for o in model.graph.output}:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(
                     start, self.graph.dtypes.get(start, onnx.TensorProto.FLOAT), self.graph.shapes.get(start)))
@@ -236,25 +266,29 @@ class Explainer:
                 return LOOPS[loop_call.name].run(self.without_loop(), x, target, dict(loop_call.params),
                                                  baseline)
         feeds = self._feeds(x)
-        n = next(iter(feeds.values())).shape[0]
-        seed_mode = isinstance(target, np.ndarray) and target.dtype.kind == "f"
+        spec = self.spec
+        n = next(iter(feeds.values())).shape[0] if spec.batched else 1
+        seed, resolved = self._target_feeds(target, feeds, spec, n)
+        seed_mode = seed is not None
         compiled = self.compiled(seed_mode, node_sums)
         if seed_mode:
-            feeds[SEED] = target.astype(onnx.helper.tensor_dtype_to_np_dtype(
-                self.graph.dtypes.get(compiled.start_tensor, onnx.TensorProto.FLOAT)))
+            feeds[SEED] = seed
         else:
-            feeds[TARGET] = _targets(target, n)
+            feeds[TARGET] = resolved.classes
+            if resolved.weights is not None:
+                feeds[POSITIONS] = resolved.weights.astype(np.float32)
         for name, baseline_input in compiled.baseline_inputs.items():
             given = baseline.get(name) if isinstance(baseline, Mapping) else baseline
             feeds[baseline_input] = make_baseline(self.ruleset.baseline if given is None else given, feeds[name])
         sess = self.session(seed_mode, node_sums)
-        values = _run_in_chunks(sess, feeds, self._static_batch(), n)
+        values = _run_in_chunks(sess, feeds, self._static_batch(), next(iter(feeds.values())).shape[0])
         start = values[compiled.start_tensor]
-        chosen = None
+        _check_rows(spec, start, n)
+        chosen = None if resolved is None else resolved.classes
         if not seed_mode:
-            chosen = feeds[TARGET].copy()
-            if start.ndim >= 2:
-                chosen = np.where(chosen < 0, start.reshape(n, start.shape[1], -1)[:, :, 0].argmax(axis=1), chosen)
+            chosen = values[CLASS]
+            targets_mod.check_classes(chosen, spec, (start if spec.batched else start[None]).shape[spec.vclass],
+                                      argmax_code=False)
         result = Result(
             attribution={x: values[o] for x, o in compiled.attribution.items()},
             saliency={x: values[o] for x, o in compiled.saliency.items()},
@@ -269,9 +303,37 @@ class Explainer:
                        for node, names in compiled.node_sums.items()},
             node_abs_sums={node: tuple(None if o is None else values[o] for o in names)
                            for node, names in compiled.node_abs_sums.items()},
+            versus=None if resolved is None else resolved.versus,
+            explained=spec.where(),
+            class_axis=spec.class_axis,
+            where="" if resolved is None else resolved.where,
         )
         warn_if_amplified(result, max_amplification)
         return result
+
+    def _target_feeds(self, target, feeds, spec, n: int):
+        """(a seed array, or None) and the resolved target (None for a seed array given as is)."""
+        if isinstance(target, np.ndarray) and target.dtype.kind in "fc":
+            if target.dtype.kind == "c":
+                raise TargetError(f"a seed array must be real, got {target.dtype} for {spec.where()}")
+            targets_mod.check_seed(target, spec, n)
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(self.graph.dtypes.get(spec.tensor, onnx.TensorProto.FLOAT))
+            return np.ascontiguousarray(target.astype(dtype)), None
+        if isinstance(target, float | complex | np.floating | np.complexfloating):
+            raise TargetError(f"target {target!r} is not a class index for {spec.where()}; classes are integers "
+                              "(a float array is a seed shaped like the start tensor)")
+
+        def start_shape():
+            start = self.forward(feeds)[spec.tensor]
+            return start.shape if spec.batched else (1, *start.shape)
+
+        resolved = targets_mod.resolve(targets_mod.as_target(target), spec, n, start_shape)
+        if resolved.versus is None:
+            return None, resolved
+        start = self.forward(feeds)[spec.tensor]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.graph.dtypes.get(spec.tensor, onnx.TensorProto.FLOAT))
+        seed = targets_mod.contrast_seed(spec, resolved, start if spec.batched else start[None], dtype)
+        return seed, resolved
 
 
 def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -400,7 +462,21 @@ def _run_in_chunks(sess, feeds: dict[str, np.ndarray], static_batch: int | None,
             for j, name in enumerate(names)}
 
 
+def _check_rows(spec, start: np.ndarray, n: int) -> None:
+    """A start tensor whose first axis is not the batch at run time (the batch folded with another
+    axis by an op rulegraph could not move the start over) is refused, naming it."""
+    if spec.batched and start.ndim and start.shape[0] != n:
+        raise TargetError(f"the start tensor {spec.where()} has {start.shape[0]} rows for a batch of {n}: an op "
+                          "folded the batch with another axis; pass start= a tensor before the fold")
+
+
 def _targets(target, n: int) -> np.ndarray:
+    """A class per row (``-1``: arg-max) from a class, a class list or ``"argmax"`` (the loops' targets)."""
+    if isinstance(target, Target):
+        if any(v is not None for v in (target.at, target.region, target.mask, target.versus)) or target.all_positions:
+            raise TargetError("loops explain a class per row; position forms and versus= are not available "
+                              "with a loop yet (explain without the loop, or pass a seed array)")
+        target = target.cls
     if isinstance(target, str):
         if target != "argmax":
             raise RulegraphError(f"target must be a class index, 'argmax' or a seed array, got '{target}'")

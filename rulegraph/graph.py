@@ -140,6 +140,7 @@ def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str 
     constants = _collect_constants(proto)
     nodes_proto = _fold_constants(proto, constants)
     proto = _rebuild(proto, nodes_proto, constants)
+    _name_batch(proto)
     graph = _build(proto, constants)
     if fuse:
         from .fusion import fuse_patterns
@@ -321,6 +322,33 @@ def _rebuild(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], constants) -> 
     ir_version = max(8, helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True))
     model = helper.make_model(new_graph, opset_imports=list(proto.opset_import), ir_version=ir_version)
     return model
+
+
+#: the symbol of the dynamic batch dimension when no input names one
+BATCH_SYMBOL = "N"
+
+
+def _name_batch(proto: onnx.ModelProto) -> None:
+    """One symbol for the dynamic batch dimension of every input (exporters write ``-1``, ``0``,
+    nothing, or a symbol each), so that shape inference shows which tensors carry the batch; the
+    outputs' declared dims that are not fixed are left to inference (exporters name them apart).
+    A fixed first dimension (``1``) is kept: the model accepts only that batch."""
+    dynamic = []
+    for vi in proto.graph.input:
+        shape = vi.type.tensor_type.shape if vi.type.tensor_type.HasField("shape") else None
+        if shape is not None and len(shape.dim) and not (shape.dim[0].HasField("dim_value")
+                                                         and shape.dim[0].dim_value > 0):
+            dynamic.append(shape.dim[0])
+    symbols = [d.dim_param for d in dynamic if d.dim_param and d.dim_param != "?"]
+    symbol = symbols[0] if symbols else BATCH_SYMBOL
+    for dim in dynamic:
+        dim.Clear()
+        dim.dim_param = symbol
+    for vi in proto.graph.output:
+        if vi.type.tensor_type.HasField("shape"):
+            for dim in vi.type.tensor_type.shape.dim:
+                if not (dim.HasField("dim_value") and dim.dim_value > 0):
+                    dim.Clear()
 
 
 def _shape_of(type_proto) -> list[int | str | None] | None:
