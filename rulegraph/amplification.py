@@ -26,6 +26,10 @@ import numpy as np
 from .errors import RulegraphWarning
 
 DEFAULT_MAX_AMPLIFICATION = 100.0
+#: ``explain`` warns about rows whose map accounts for the value explained (|relative delta| at most
+#: this): only there do large entries of opposite sign cancel in the sum. A map that does not add up
+#: (the gradient's, with its biases unblamed) is no decomposition, and ``check`` reports its leak.
+CONSERVING = 1e-2
 TINY = 1e-12  # denominators below this count as this (the floor of relative_delta too)
 _QUIET = contextvars.ContextVar("rulegraph_amplification_quiet", default=False)
 
@@ -55,11 +59,13 @@ def worst(gains: dict[str, float], count: int = 5) -> list[tuple[str, float]]:
 
 
 def warn_if_amplified(result, limit: float | None = DEFAULT_MAX_AMPLIFICATION) -> None:
-    """One ``RulegraphWarning`` line when a row's end-to-end amplification exceeds ``limit``
-    (None: never). Computed from the Result's arrays; no extra run. Silent inside ``quiet()``."""
+    """One ``RulegraphWarning`` line when a conserving row's (``CONSERVING``) end-to-end
+    amplification exceeds ``limit`` (None: never). Computed from the Result's arrays; no extra run.
+    Silent inside ``quiet()``."""
     if limit is None or _QUIET.get() or not result.attribution or len(result.start_value) == 0:
         return
-    values = end_to_end(result)
+    conserving = np.abs(result.relative_delta) <= CONSERVING
+    values = np.where(conserving, end_to_end(result), 0.0)
     row = int(np.argmax(values))
     if not values[row] > limit:
         return

@@ -13,6 +13,7 @@ by ``scale``.
 
 from __future__ import annotations
 
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -50,7 +51,8 @@ def _read_header(handle, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
         if reader is None:
             raise ValueError(f"unsupported .npy version {version}")
         shape, _, dtype = reader(handle, max_header_size=100_000)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError, zlib.error) as exc:
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, zlib.error, tokenize.TokenError) as exc:
+        # numpy parses a damaged header with ast, then with tokenize (a NUL byte: TokenError)
         raise RulegraphError(f"{where} is not a readable .npy array ({exc}); write it with np.save") from None
     return tuple(shape), np.dtype(dtype), handle.tell()
 

@@ -77,6 +77,8 @@ BAD_FILES = {
     "longer.npy": (GOOD_NPY + b"\0" * 8, "longer than its header says"),
     "random.npy": (bytes(RNG.integers(0, 256, 300, dtype=np.uint8)), "is not a readable .npy array"),
     "empty.npy": (b"", "is not a readable .npy array"),
+    # a NUL where the header dict opens: numpy's fallback header parser raises tokenize.TokenError
+    "nul-header.npy": (GOOD_NPY[:10] + b"\0" + GOOD_NPY[11:], "is not a readable .npy array"),
     "huge-header.npy": (npy_header((99999999999, 1, 8, 8)) + b"\0" * 256,
                         ("is truncated: its header declares shape (99999999999, 1, 8, 8) of float32 "
                          "(25599999999744 bytes) but it holds 256")),

@@ -216,5 +216,5 @@ def test_loop_model_of_the_ppocr_classifier():
     np.testing.assert_allclose(got[built.attribution["x"]], expected, rtol=1e-5,
                                atol=1e-6 * np.abs(expected).max())
     with pytest.raises(RulegraphError, match=r"occlusion as a graph needs the spatial size of input 'x' "
-                                             r"fixed in the model \(its shape is \[-1, 3, '\?', '\?'\]\)"):
+                                             r"fixed in the model \(its shape is \['N', 3, '\?', '\?'\]\)"):
         compile_loop(explainer, loop_call("occlusion"))
