@@ -13,6 +13,14 @@ Graph inputs of the compiled model: the model's own, plus ``rulegraph/target`` (
 index per batch row; negative means arg-max) or, in seed mode, ``rulegraph/seed`` (a float array
 shaped like the start tensor); under the difference quantity also ``rulegraph/baseline/<input>``
 per float input, on which a copy of the path's forward nodes runs in the same model. Outputs: the model's own, then those named in ``Compiled``.
+
+Names: the public inputs keep the names above unless the user's model already uses them (then a
+suffix ``_1``, ``_2``, ... is added and ``Compiled.target_input`` / ``seed_input`` /
+``baseline_inputs`` record the name); every other tensor, node and initializer rulegraph adds
+starts with a prefix (``rg/``, else ``rg1/``, ...) no name of the user's model starts with, and
+``Compiled.origins`` says, per added name, which node's backward (or baseline copy) it belongs to.
+The explainer carries metadata ``rulegraph.explainer_of`` (the original outputs): given again as a
+model, it is refused (``model_check``).
 """
 
 from __future__ import annotations
@@ -23,11 +31,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .emit import Tape
-from .errors import CoverageError, ModelError, RulegraphError
+from .emit import Tape, free_name, free_prefix
+from .errors import CoverageError, InternalError, ModelError, RulegraphError
 from .fusion import emit_copy, evaluate, vjp_of
 from .graph import Graph, Node
 from .kinds import NORMALIZING, ROUTE
+from .model_check import explainer_metadata
 from .rules import RULES
 from .ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
 from .vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
@@ -64,6 +73,10 @@ class Compiled:
     node_sums: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)  # node -> (in, out, bias)
     baseline_inputs: dict[str, str] = field(default_factory=dict)  # graph input -> its baseline input
     model_outputs: list[str] = field(default_factory=list)
+    target_input: str = TARGET   # the names of the public inputs in this explainer (module docstring)
+    seed_input: str = SEED
+    #: every name rulegraph added -> what it belongs to in the user's terms ("the backward of node ...")
+    origins: dict[str, str] = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
@@ -367,6 +380,11 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     view over what the node gives its inputs, over its outputs' numbers, and over its bias shares,
     so one run measures every node's conservation.
     """
+    unknown = [x for x in graph.inputs if graph.rank(x) is None]
+    if unknown:
+        raise ModelError(f"input '{unknown[0]}' is declared without a shape and no consumer fixes its rank: "
+                         "explain the model with an input array (the rank is taken from it), or re-export "
+                         "it with input shapes")
     start = find_start(graph, ruleset, output, start_tensor)
     nodes = path_nodes(graph, start)
     assignments = assign(graph, ruleset, nodes)
@@ -376,10 +394,10 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                             + "\n  - ".join(problems))
 
     dtype = helper.tensor_dtype_to_np_dtype(graph.dtypes.get(start, TensorProto.FLOAT))
-    taken = ({t for n in graph.nodes for m in n.members or [n] for t in m.inputs + m.outputs}
-             | set(graph.constants) | set(graph.inputs))
-    tape = Tape(graph.opset, taken, float_dtype=dtype)
-    compiled = Compiled(graph.model, graph, ruleset, start, seed_mode)
+    taken = _names_in(graph)
+    tape = Tape(graph.opset, taken, float_dtype=dtype, prefix=free_prefix(taken))
+    compiled = Compiled(graph.model, graph, ruleset, start, seed_mode, target_input=free_name(TARGET, taken),
+                        seed_input=free_name(SEED, taken))
     extra_outputs: dict[str, dict[int, str]] = {}
 
     def request_output(node: Node, index: int) -> str:
@@ -395,7 +413,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     def bias_sink(node: Node, share: str) -> None:
         bias_terms.setdefault(node.name, []).append(share)
 
-    baseline_of = _baseline_forward(tape, graph, nodes) if ruleset.quantity == "difference" else {}
+    baseline_of = _baseline_forward(tape, graph, nodes, taken) if ruleset.quantity == "difference" else {}
     view = _Views(tape, ruleset.quantity, baseline_of)
     a: dict[str, list[str]] = {start: [_seed(tape, graph, ruleset, start, seed_mode, compiled, view)]}
     for assignment in reversed(assignments):
@@ -404,7 +422,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
         if all(x is None for x in a_out):
             continue
         active = [t in graph.active for t in node.inputs]
-        tape.scope = f"{node.name}/"
+        tape.scope, tape.context = f"{node.name}/", f"the backward of {node}"
         base = VjpContext(node, graph, tape, active, request_output)
         spec = RULES[binding.rule.name]
         ctx = RuleContext(base, a_out, dict(binding.rule.params), ruleset, bias_sink, baseline_of)
@@ -423,15 +441,27 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
         if node_sums:
             compiled.node_sums[node.name] = _node_sums(tape, view, node, a_out, result,
                                                        bias_terms.get(node.name, []), graph)
-    tape.scope = ""
+    tape.scope, tape.context = "", "rulegraph's attribution outputs"
 
     outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms, view)
     if compiled.node_sums:
         row = [graph.dim(start, 0) if graph.rank(start) else "N"]
         outputs.update({name: row for sums in compiled.node_sums.values() for name in sums if name})
     compiled.baseline_inputs = {x: baseline_of[x] for x in graph.float_inputs() if x in baseline_of}
-    compiled.model = _assemble(graph, tape, extra_outputs, outputs, seed_mode, start, compiled.baseline_inputs)
+    compiled.model = _assemble(graph, tape, extra_outputs, outputs, compiled)
+    compiled.origins = {**tape.origins, compiled.target_input: "rulegraph's target input",
+                        compiled.seed_input: "rulegraph's seed input",
+                        **{b: f"the baseline of input '{x}'" for x, b in compiled.baseline_inputs.items()}}
     return compiled
+
+
+def _names_in(graph: Graph) -> set[str]:
+    """Every name the user's model uses: tensors, nodes, initializers, inputs and outputs."""
+    g = graph.model.graph
+    names = {t for n in g.node for t in list(n.input) + list(n.output)} | {n.name for n in g.node}
+    names |= {i.name for i in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+    names |= {t for n in graph.nodes for m in n.members or [n] for t in m.inputs + m.outputs + [m.name]}
+    return names | set(graph.constants)
 
 
 def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, graph: Graph):
@@ -476,13 +506,15 @@ class _Views:
         return self.tape.op("Mul", tensor, a)
 
 
-def _baseline_forward(tape: Tape, graph: Graph, nodes: list[Node]) -> dict[str, str]:
+def _baseline_forward(tape: Tape, graph: Graph, nodes: list[Node], taken: set[str]) -> dict[str, str]:
     """Copies of the path's nodes on the baseline inputs ``rulegraph/baseline/<input>``: every
     active tensor ``t`` gets its baseline twin ``t'`` in the same compiled run."""
-    baseline_of = {x: f"{BASELINE_PREFIX}{x}" for x in graph.float_inputs()}
+    baseline_of = {x: free_name(f"{BASELINE_PREFIX}{x}", taken) for x in graph.float_inputs()}
+    tape.context = "the baseline's forward pass"
     # **decision**: an embedding lookup's baseline is the zero embedding, whatever ``baseline`` says
     baseline_of.update({emb: tape.zeros_like(emb) for emb in graph.sources})
     for node in nodes:
+        tape.context = f"the baseline copy of {node}"
         inputs = [baseline_of.get(t, t) for t in node.inputs]
         outputs = emit_copy(tape, node, inputs)
         baseline_of.update({o: b for o, b in zip(node.outputs, outputs) if o in graph.active})
@@ -492,8 +524,9 @@ def _baseline_forward(tape: Tape, graph: Graph, nodes: list[Node]) -> dict[str, 
 def _seed(tape: Tape, graph: Graph, ruleset: RuleSet, start: str, seed_mode: bool, compiled: Compiled,
           view: _Views) -> str:
     """``a(start)``: ``y ⊙ onehot`` (relevance, or ``start output``) or ``onehot``."""
+    tape.context = f"the seed at the start tensor '{start}'"
     if seed_mode:
-        onehot = SEED
+        onehot = compiled.seed_input
     else:
         classes = tape.op("Range", tape.const(np.array(0, dtype=np.int64)),
                           tape.op("Squeeze", tape.shape(start, start=1, end=2)),
@@ -501,7 +534,7 @@ def _seed(tape: Tape, graph: Graph, ruleset: RuleSet, start: str, seed_mode: boo
         rank = graph.rank(start) or 2
         classes = tape.op("Reshape", classes, tape.ints([1, -1] + [1] * (rank - 2)))
         argmax = tape.op("ArgMax", start, axis=1, keepdims=1)
-        target = tape.op("Reshape", TARGET, tape.ints([-1] + [1] * (rank - 1)))
+        target = tape.op("Reshape", compiled.target_input, tape.ints([-1] + [1] * (rank - 1)))
         chosen = tape.op("Where", tape.op("Less", target, tape.ints([0])), argmax, target)
         onehot = tape.op("Cast", tape.op("Equal", classes, chosen), to=graph.dtypes.get(start, TensorProto.FLOAT))
     mode = ruleset.start or ("output" if ruleset.quantity == "relevance" else "one")
@@ -554,8 +587,9 @@ def _token_attribution(tape: Tape, graph: Graph, a, view: _Views) -> dict[str, s
     return out
 
 
-def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list | None], seed_mode: bool,
-              start: str, baseline_inputs: dict[str, str]) -> onnx.ModelProto:
+def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list | None],
+              compiled: Compiled) -> onnx.ModelProto:
+    seed_mode, start, baseline_inputs = compiled.seed_mode, compiled.start_tensor, compiled.baseline_inputs
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     g = model.graph
@@ -568,9 +602,9 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
     g.initializer.extend(tape.initializers)
     if seed_mode:
         elem = graph.dtypes.get(start, TensorProto.FLOAT)
-        g.input.append(helper.make_tensor_value_info(SEED, elem, graph.shapes.get(start)))
+        g.input.append(helper.make_tensor_value_info(compiled.seed_input, elem, graph.shapes.get(start)))
     else:
-        g.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]))
+        g.input.append(helper.make_tensor_value_info(compiled.target_input, TensorProto.INT64, ["N"]))
     for x, name in baseline_inputs.items():
         g.input.append(helper.make_tensor_value_info(name, graph.dtypes[x], graph.shapes.get(x)))
     existing = {o.name for o in g.output}
@@ -586,10 +620,11 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
             g.output.append(helper.make_tensor_value_info(name, elem, dims))
             existing.add(name)
     _prune(model)
+    model.metadata_props.append(explainer_metadata([o.name for o in graph.model.graph.output]))
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise AssertionError(f"the compiled explainer is not valid ONNX: {exc}") from exc
+        raise InternalError(f"the compiled explainer is not valid ONNX: {exc}") from exc
     return model
 
 
