@@ -2,6 +2,10 @@
 
 Reading a model:
 
+0. refuse what cannot be read (``model_check``: explainers, unknown ops and opsets, tensors nothing
+   provides, bad external data), naming the file and the node or tensor; sort the nodes
+   topologically (exports occur unsorted; onnxruntime runs them) and give inputs declared without a
+   shape their rank;
 1. refuse ops outside the default ONNX domain, naming the node;
 2. upgrade opsets below ``MIN_OPSET`` (the backward needs ScatterElements with ``reduction="add"``,
    opset 16);
@@ -151,6 +155,9 @@ def _load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | 
 
     check_structure(proto)
     _check_domains(proto)
+    for node in proto.graph.node:  # 'ai.onnx' is the default domain's other name (onnxruntime reads both)
+        if node.domain == "ai.onnx":
+            node.domain = ""
     _name_nodes(proto)
     sort_nodes(proto)
     check_valid(proto)

@@ -46,12 +46,19 @@ def gradient_oracle(x: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return np.stack([W[:, c] * (h[i, c] > 0) for i, c in enumerate(classes)])
 
 
+def in_domain(domain: str) -> onnx.ModelProto:
+    model = mlp()
+    model.graph.node[1].domain = domain
+    return model
+
+
 CLASH = {"h": "rg/relu/Relu_1", "mm": "rg/mm/MatMul_2", "relu": "rg/relu/t_3", "W": "rg/k_4"}
 LEGAL = [
     ("input without shape", mlp(x_shape=None), "x"),
     ("output without shape", mlp(y_shape=None), "x"),
     ("input and output without shape", mlp(x_shape=None, y_shape=None), "x"),
     ("nodes in reverse order", mlp(reverse=True), "x"),
+    ("node in domain ai.onnx", in_domain("ai.onnx"), "x"),
     ("names under rulegraph's prefix", mlp(names=CLASH), "x"),
     ("tensor named rulegraph/target", mlp(names={"h": TARGET, "relu": SEED}), "x"),
     ("input named rulegraph/seed", mlp(names={"x": SEED + "/x", "mm": TARGET}), SEED + "/x"),
