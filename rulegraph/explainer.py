@@ -136,8 +136,9 @@ class Explainer:
 
     def _run_failure(self, compiled: Compiled | None):
         """What a failed run raises: the model's own failure on these inputs is the user's (a
-        ``RulegraphError``); the explainer failing where the model runs is a bug, unless the message
-        names one of rulegraph's public inputs (a seed or baseline of the wrong shape)."""
+        ``RulegraphError``); the explainer failing where the model runs is a bug, unless one of
+        rulegraph's public inputs does not fit (a seed not shaped like the start tensor, a baseline
+        not shaped like its input, targets not one per row) or the message names one."""
 
         def failure(exc: Exception, feeds: dict[str, np.ndarray]) -> Exception:
             shapes = "; inputs fed: " + ", ".join(f"'{k}' {v.dtype} {list(v.shape)}"
@@ -148,12 +149,19 @@ class Explainer:
             own = {k: v for k, v in feeds.items() if k in self.graph.inputs}
             try:
                 rows = len(next(iter(own.values())))
-                _run_in_chunks(self._forward_session(), own, self._static_batch(), rows, self._run_failure(None))
+                values = _run_in_chunks(self._forward_session(), own, self._static_batch(), rows,
+                                        self._run_failure(None))
             except RulegraphError as model_failure:
                 return model_failure
             text = runtime.translate(message, compiled.origins)
-            public = [compiled.target_input, compiled.seed_input, *compiled.baseline_inputs.values()]
-            if any(name in message for name in public):
+            expected = {compiled.seed_input: values[compiled.start_tensor].shape, compiled.target_input: (rows,),
+                        **{b: feeds[x].shape for x, b in compiled.baseline_inputs.items()}}
+            misfits = [f"'{k}' has shape {list(feeds[k].shape)} where these inputs need {list(shape)}"
+                       for k, shape in expected.items() if k in feeds and feeds[k].shape != tuple(shape)]
+            if misfits:
+                return RulegraphError(f"{'; '.join(misfits)}: onnxruntime could not run the explainer: "
+                                      f"{text}{shapes}")
+            if any(name in message for name in expected):
                 return RulegraphError(f"onnxruntime could not run the explainer: {text}{shapes}")
             return InternalError(f"onnxruntime could not run the explainer where {self._where} runs (a bug "
                                  f"in rulegraph): {text}{shapes}")

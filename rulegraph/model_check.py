@@ -1,9 +1,11 @@
 """What a model must be for rulegraph to read it, checked before anything else runs on it.
 
-Each check names the node or tensor at fault and what would fix it (``ModelError``): an explainer
-rulegraph compiled (refused: explain the original model), opsets and IR versions newer than the
-installed onnx package, op types no ONNX opset defines, tensors that nothing provides (a dropped
-initializer), tensors written twice, then ``onnx.checker`` for the rest. Inputs declared without a
+Each check names the node or tensor at fault and what would fix it (``ModelError``): names that
+are not UTF-8 text (a damaged file), an explainer rulegraph compiled (refused: explain the
+original model), opsets and IR versions newer than the installed onnx package, op types no ONNX
+opset defines, tensors that nothing provides (a dropped initializer), tensors written twice
+(``check_structure``); then, once the nodes are sorted, ``onnx.checker`` for the rest
+(``check_valid``). Inputs declared without a
 shape get their rank from their consumers (a Conv's weight, a pool's kernel, Gemm) or from the
 arrays of the first run (``ranks``), as symbolic dims ``<input>_dim<k>``.
 """
@@ -24,6 +26,7 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 def check_structure(proto: onnx.ModelProto) -> None:
     """Refuse what rulegraph cannot read, naming the node or tensor (module docstring)."""
+    _check_text(proto)
     _refuse_explainer(proto)
     _check_versions(proto)
     _check_op_types(proto)
@@ -72,6 +75,31 @@ def _refuse_explainer(proto: onnx.ModelProto) -> None:
         f"{', '.join(repr(m) for m in marks) or 'the inputs rulegraph adds'}); its first outputs "
         f"{', '.join(repr(o) for o in originals)} are the original model's: explain the original model "
         "instead, or run this file as it is with onnxruntime")
+
+
+def _check_text(proto: onnx.ModelProto) -> None:
+    """Names are UTF-8 text; protobuf hands back the bytes of one that is not (a damaged file)."""
+    g = proto.graph
+
+    def refuse(what: str, value: bytes) -> None:
+        raise ModelError(f"{what} {value!r} is not UTF-8 text: the file is damaged (re-export it)")
+
+    for entry in proto.opset_import:
+        if isinstance(entry.domain, bytes):
+            refuse("an opset domain", entry.domain)
+    for i, node in enumerate(g.node):
+        fields = [("name", node.name), ("op type", node.op_type), ("domain", node.domain)]
+        fields += [("input", t) for t in node.input] + [("output", t) for t in node.output]
+        fields += [("attribute", a.name) for a in node.attribute]
+        label = node.name if isinstance(node.name, str) and node.name else f"#{i}"
+        for what, value in fields:
+            if isinstance(value, bytes):
+                refuse(f"node '{label}': its {what}", value)
+    for kind, entries in (("graph input", g.input), ("graph output", g.output), ("initializer", g.initializer),
+                          ("value info", g.value_info)):
+        for entry in entries:
+            if isinstance(entry.name, bytes):
+                refuse(f"the name of a {kind}, tensor", entry.name)
 
 
 def _check_versions(proto: onnx.ModelProto) -> None:

@@ -32,7 +32,9 @@ def default_providers() -> list[str]:
 def _session(model_bytes: bytes, providers: tuple[str, ...], threads: int):
     rt = ort()
     options = rt.SessionOptions()
-    options.log_severity_level = 3  # silence the CUDA probe's warnings on machines without a GPU
+    # silence the CUDA probe's warnings on machines without a GPU, and the error lines onnxruntime
+    # logs before raising: the exception carries the same message, which rulegraph shows in full
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
     return rt.InferenceSession(model_bytes, sess_options=options, providers=list(providers))

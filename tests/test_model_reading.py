@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer
 from rulegraph.compile import SEED, TARGET
-from rulegraph.errors import ModelError, RulegraphError
+from rulegraph.errors import InternalError, ModelError, RulegraphError
 from rulegraph.runtime import translate
 
 W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 5.5) / 4
@@ -266,3 +266,57 @@ def test_origins_name_the_users_node_for_every_backward_tensor():
                 if n.output[0] in compiled.origins}
     assert "the backward of node 'mm' (MatMul)" in backward.values()
     assert "the backward of node 'relu' (Relu)" in backward.values()
+
+
+SEED_MISFITS = [
+    ("seed of the wrong width", np.ones((5, 4), np.float32), r"Got: 4 Expected: 3"),
+    ("seed of the wrong batch", np.ones((3, 3), np.float32), r"'rulegraph/seed' has shape \[3, 3\] where these "
+                                                             r"inputs need \[5, 3\]"),
+]
+
+
+@pytest.mark.parametrize("seed,pattern", [r[1:] for r in SEED_MISFITS], ids=[r[0] for r in SEED_MISFITS])
+def test_misfit_seed_is_the_users_error_with_the_whole_message(seed, pattern):
+    with pytest.raises(RulegraphError, match=pattern) as info:
+        Explainer(mlp(), "gradient").explain(X, target=seed)
+    assert not isinstance(info.value, InternalError)
+    assert f"'rulegraph/seed' float32 {list(seed.shape)}" in str(info.value)
+
+
+def broken_explainer(at_creation: bool) -> Explainer:
+    """An explainer whose compiled model has one node of the Relu's backward fed a [7] operand: a
+    broadcast onnxruntime refuses at session creation (a constant) or only at run time (an input
+    of unknown length)."""
+    explainer = Explainer(mlp(), "gradient")
+    compiled = explainer.compiled()
+    g = compiled.model.graph
+    node = next(n for n in g.node if compiled.origins.get(n.output[0]) == "the backward of node 'relu' (Relu)"
+                and n.op_type == "Where")
+    if at_creation:
+        g.initializer.append(numpy_helper.from_array(np.ones(7, np.float32), "seven"))
+    else:  # the first 7 entries of x, flattened: the length is known only when x is
+        g.node.insert(0, helper.make_node("Flatten", ["x"], ["flat"], name="flat", axis=0))
+        g.node.insert(1, helper.make_node("Slice", ["flat", "zero", "seven_end", "one"], ["cut"], name="cut"))
+        g.node.insert(2, helper.make_node("Squeeze", ["cut", "zero"], ["seven"], name="squeeze"))
+        g.initializer.extend([numpy_helper.from_array(np.array([0]), "zero"),
+                              numpy_helper.from_array(np.array([1]), "one"),
+                              numpy_helper.from_array(np.array([7]), "seven_end")])
+    node.input[2] = "seven"
+    return explainer
+
+
+@pytest.mark.parametrize("at_creation", [True, False], ids=["at session creation", "at run time"])
+def test_explainer_failing_where_the_model_runs_is_a_bug_named_in_the_users_terms(at_creation):
+    explainer = broken_explainer(at_creation)
+    with pytest.raises(InternalError, match=r"\[the backward of node 'relu' \(Relu\)\]") as info:
+        explainer.explain(X, target=CLASSES)
+    assert "bug in rulegraph" in str(info.value)
+
+
+@pytest.mark.parametrize("old,new", [(b"relux", b"\xff\xfeelu"), (b"W", b"\xc3")], ids=["node name", "tensor"])
+def test_names_that_are_not_utf8_are_refused(tmp_path, old, new):
+    data = mlp(names={"relu": "relux"}).SerializeToString()
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(data.replace(old, new))
+    with pytest.raises(ModelError, match=r"damaged.onnx: .* is not UTF-8 text"):
+        Explainer(str(path), "gradient")
