@@ -34,7 +34,10 @@ def check_structure(proto: onnx.ModelProto) -> None:
 
 
 def check_valid(proto: onnx.ModelProto) -> None:
-    """``onnx.checker`` (no shape inference) on a model whose nodes are sorted, in the user's terms."""
+    """``onnx.checker`` (no shape inference) on a model whose nodes are sorted, in the user's terms.
+    A model over protobuf's 2 GiB is not checked: the checker cannot take it in memory."""
+    if proto.ByteSize() >= 2**31:
+        return
     # the checker wants a shape on every declared type; onnxruntime (and ONNX itself) allows none:
     # declare an empty one for the check only (full_check=False compares no shapes)
     g = proto.graph
