@@ -154,7 +154,8 @@ class Explainer:
             except RulegraphError as model_failure:
                 return model_failure
             text = runtime.translate(message, compiled.origins)
-            expected = {compiled.seed_input: values[compiled.start_tensor].shape, compiled.target_input: (rows,),
+            expected = {compiled.seed_input: values[compiled.start_tensor].shape,
+                        compiled.target_input: (rows,),
                         **{b: feeds[x].shape for x, b in compiled.baseline_inputs.items()}}
             misfits = [f"'{k}' has shape {list(feeds[k].shape)} where these inputs need {list(shape)}"
                        for k, shape in expected.items() if k in feeds and feeds[k].shape != tuple(shape)]

@@ -190,8 +190,9 @@ def sort_nodes(proto: onnx.ModelProto) -> None:
                 if j is None or state[j] == 2:
                     continue
                 if state[j] == 1:
-                    raise ModelError(f"the model graph has a cycle: {node_ref(nodes[j].name, nodes[j].op_type)}"
-                                     f" needs tensor '{t}', which depends on its own output")
+                    where = node_ref(nodes[j].name, nodes[j].op_type)
+                    raise ModelError(f"the model graph has a cycle: {where} needs tensor '{t}', which "
+                                     "depends on its own output")
                 stack.append((j, iter(nodes[j].input)))
                 break
             else:

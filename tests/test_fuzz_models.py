@@ -48,7 +48,8 @@ def hand_mlp() -> onnx.ModelProto:
     inits = [numpy_helper.from_array(rng.normal(size=(6, 64)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "b1"),
              numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32), "w2")]
-    graph = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+    graph = helper.make_graph(nodes, "hand",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
@@ -248,8 +249,8 @@ def external_model(tmp: Path, model: onnx.ModelProto) -> Path:
 EXTERNAL_EDITS = st.one_of(
     st.tuples(st.just("offset"), st.one_of(st.integers(-5, 10**6).map(str), st.text(max_size=4))),
     st.tuples(st.just("length"), st.one_of(st.integers(-5, 10**6).map(str), st.text(max_size=4))),
-    st.tuples(st.just("location"), st.sampled_from(["../weights.bin", "/etc/hostname", "w\0.bin", "", "link.bin",
-                                                    "sub/../weights.bin", "missing.bin", "."])),
+    st.tuples(st.just("location"), st.sampled_from(["../weights.bin", "/etc/hostname", "w\0.bin", "",
+                                                    "link.bin", "sub/../weights.bin", "missing.bin", "."])),
 )
 
 

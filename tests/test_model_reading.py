@@ -270,8 +270,8 @@ def test_origins_name_the_users_node_for_every_backward_tensor():
 
 SEED_MISFITS = [
     ("seed of the wrong width", np.ones((5, 4), np.float32), r"Got: 4 Expected: 3"),
-    ("seed of the wrong batch", np.ones((3, 3), np.float32), r"'rulegraph/seed' has shape \[3, 3\] where these "
-                                                             r"inputs need \[5, 3\]"),
+    ("seed of the wrong batch", np.ones((3, 3), np.float32),
+     r"'rulegraph/seed' has shape \[3, 3\] where these inputs need \[5, 3\]"),
 ]
 
 
@@ -313,7 +313,8 @@ def test_explainer_failing_where_the_model_runs_is_a_bug_named_in_the_users_term
     assert "bug in rulegraph" in str(info.value)
 
 
-@pytest.mark.parametrize("old,new", [(b"relux", b"\xff\xfeelu"), (b"W", b"\xc3")], ids=["node name", "tensor"])
+@pytest.mark.parametrize("old,new", [(b"relux", b"\xff\xfeelu"), (b"W", b"\xc3")],
+                         ids=["node name", "tensor"])
 def test_names_that_are_not_utf8_are_refused(tmp_path, old, new):
     data = mlp(names={"relu": "relux"}).SerializeToString()
     path = tmp_path / "damaged.onnx"
