@@ -321,3 +321,25 @@ def test_names_that_are_not_utf8_are_refused(tmp_path, old, new):
     path.write_bytes(data.replace(old, new))
     with pytest.raises(ModelError, match=r"damaged.onnx: .* is not UTF-8 text"):
         Explainer(str(path), "gradient")
+
+
+CLI_REFUSALS = [
+    ("damaged file", lambda p: p.write_bytes(mlp().SerializeToString()[:40]), "compile", "cannot read"),
+    ("input without shape", lambda p: onnx.save(mlp(x_shape=None), str(p)), "compile",
+     "input 'x' is declared without a shape"),
+    ("explainer given again", lambda p: onnx.save(compiled_again(), str(p)), "ops",
+     "already a rulegraph explainer"),
+]
+
+
+@pytest.mark.parametrize("write,command,text", [r[1:] for r in CLI_REFUSALS],
+                         ids=[r[0] for r in CLI_REFUSALS])
+def test_cli_refuses_with_exit_2_and_one_message(tmp_path, capsys, write, command, text):
+    from rulegraph.cli import main
+
+    path = tmp_path / "model.onnx"
+    write(path)
+    extra = ["-o", str(tmp_path / "e.onnx")] if command == "compile" else []
+    assert main([command, str(path), "--rules", "gradient", *extra]) == 2
+    err = capsys.readouterr().err
+    assert text in err and "Traceback" not in err
