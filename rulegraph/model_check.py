@@ -98,8 +98,8 @@ def _check_text(proto: onnx.ModelProto) -> None:
         for what, value in fields:
             if isinstance(value, bytes):
                 refuse(f"node '{label}': its {what}", value)
-    for kind, entries in (("graph input", g.input), ("graph output", g.output), ("initializer", g.initializer),
-                          ("value info", g.value_info)):
+    for kind, entries in (("graph input", g.input), ("graph output", g.output),
+                          ("initializer", g.initializer), ("value info", g.value_info)):
         for entry in entries:
             if isinstance(entry.name, bytes):
                 refuse(f"the name of a {kind}, tensor", entry.name)
