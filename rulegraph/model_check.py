@@ -60,11 +60,11 @@ def _first_lines(text: str, n: int = 4) -> str:
 
 
 def _refuse_explainer(proto: onnx.ModelProto) -> None:
-    from .compile import BASELINE_PREFIX, SEED, TARGET
+    from .compile import SEED, TARGET
 
     meta = {p.key: p.value for p in proto.metadata_props}
     inputs = [i.name for i in proto.graph.input]
-    marks = [i for i in inputs if i in (TARGET, SEED) or i.startswith(BASELINE_PREFIX)]
+    marks = [i for i in inputs if i in (TARGET, SEED)]  # an explainer takes one or the other
     if EXPLAINER_KEY not in meta and not marks:
         return
     try:

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer
-from rulegraph.compile import SEED, TARGET
+from rulegraph.compile import BASELINE_PREFIX, SEED, TARGET
 from rulegraph.errors import InternalError, ModelError, RulegraphError
 from rulegraph.runtime import translate
 
@@ -82,12 +82,19 @@ def test_clashing_public_names_get_a_suffix_the_explainer_uses():
     np.testing.assert_allclose(saliency, gradient_oracle(X, CLASSES), rtol=1e-6, atol=1e-7)
 
 
-def test_added_names_are_new_in_the_users_model():
-    model = mlp(names=CLASH)
-    compiled = Explainer(model, "gradient").compiled()
-    users = {t for n in model.graph.node for t in [*n.input, *n.output, n.name]} | {"W"}
-    added = {t for n in compiled.model.graph.node for t in [*n.output, n.name]} - users
-    assert added and all(name.startswith("rg1/") for name in added)
+@pytest.mark.parametrize("rules", ["gradient", "lrp-epsilon", "deeplift-rescale"])
+def test_added_names_are_new_in_the_users_model(rules):
+    """Every node, tensor and initializer the explainer adds starts with the free prefix ``rg1/``,
+    but for the public inputs and their suffixed names."""
+    model = mlp(names={**CLASH, "h": BASELINE_PREFIX + "x"})
+    compiled = Explainer(model, rules).compiled(node_sums=True)
+    g = compiled.model.graph
+    users = {t for n in model.graph.node for t in [*n.input, *n.output, n.name]}
+    added = {t for n in g.node for t in [*n.output, n.name]} | {i.name for i in g.initializer}
+    public = {compiled.target_input, *compiled.baseline_inputs.values()}
+    assert public.isdisjoint(users)
+    assert {i.name for i in g.input} - users == public
+    assert (added - users) and all(name.startswith("rg1/") for name in added - users)
 
 
 def test_rank_comes_from_a_conv_consumer_for_compile():
