@@ -144,7 +144,7 @@ class RuleContext(VjpContext):
             return None
         terms = [node.inputs[i] if node.op_type != "Sub" or i == 0 else t.op("Neg", node.inputs[i]) for i in indices]
         bias = t.sum(terms)
-        return t.op("Where", t.op("IsInf", bias), t.scalar(0.0), bias)
+        return t.op("Where", t.is_inf(bias), t.scalar(0.0), bias)
 
     def report_bias(self, share: str) -> None:
         self._bias_sink(self.node, share)

@@ -123,6 +123,13 @@ class Tape:
             return self.op(op_type, x, self.ints(axes), keepdims=int(keepdims))
         return self.op(op_type, x, keepdims=int(keepdims), axes=list(axes))
 
+    def is_inf(self, x: str) -> str:
+        """``IsInf(x)``; IsInf takes fp16/bf16 only from opset 20, so before that a half ``x`` is
+        checked through a float32 cast (exact: the cast keeps ±∞)."""
+        if self.opset < 20 and self.float_dtype.itemsize < 4:
+            x = self.op("Cast", x, to=onnx.TensorProto.FLOAT)
+        return self.op("IsInf", x)
+
     def reduce_sum(self, x: str, axes, keepdims: bool = True) -> str:
         return self.reduce("ReduceSum", x, axes, keepdims)
 

@@ -350,3 +350,34 @@ def test_cli_refuses_with_exit_2_and_one_message(tmp_path, capsys, write, comman
     assert main([command, str(path), "--rules", "gradient", *extra]) == 2
     err = capsys.readouterr().err
     assert text in err and "Traceback" not in err
+
+
+def masked_fp16() -> onnx.ModelProto:
+    """``y = (x + float(mask)) W`` stored in fp16: the mask is an inactive operand, a bias of the Add."""
+    w = numpy_helper.from_array(W.astype(np.float16), "W")
+    nodes = [helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT16, name="cast"),
+             helper.make_node("Add", ["x", "mf"], ["a"], name="add"),
+             helper.make_node("MatMul", ["a", "W"], ["y"], name="mm")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4]),
+              helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", 4])]
+    graph = helper.make_graph(nodes, "masked", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 3])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("precision", ["native", "fp32"])
+def test_fp16_model_with_a_mask_is_explained_in_its_own_precision(precision):
+    """LRP-ε, bias blamed: the Add's bias share is Σ_i m_i · R(a_i) / (a_i + ε·sign a_i) with
+    R(a_i) = a_i W_ic · y_c / (y_c + ε·sign y_c) (float64 replica on the fp16 values)."""
+    x = (np.abs(X[:2]) + 0.5).astype(np.float16)
+    mask = np.array([[1, 0, 1, 1], [0, 1, 1, 0]], dtype=np.int64)
+    result = Explainer(masked_fp16(), "lrp-epsilon", precision=precision,
+                       providers=["CPUExecutionProvider"]).explain({"x": x, "mask": mask}, target=[1, 2])
+    eps, w = 1e-6, W.astype(np.float16).astype(np.float64)
+    a = x.astype(np.float64) + mask
+    expected = []
+    for row, c in enumerate([1, 2]):
+        y = a[row] @ w[:, c]
+        r_a = a[row] * w[:, c] * y / (y + eps * np.sign(y))
+        expected.append(np.sum(mask[row] * r_a / (a[row] + eps)))
+    np.testing.assert_allclose(result.bias_total, expected, rtol=3e-3)
