@@ -41,6 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError, node_ref
 from .kinds import OP_KINDS, kind_of
+from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
 
 MIN_OPSET = 17
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
@@ -151,8 +152,6 @@ def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str 
 
 
 def _load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | None) -> Graph:
-    from .model_check import check_structure, check_valid, declare_missing_ranks
-
     check_structure(proto)
     _check_domains(proto)
     for node in proto.graph.node:  # 'ai.onnx' is the default domain's other name (onnxruntime reads both)
@@ -262,27 +261,11 @@ def _check_external(tensor: onnx.TensorProto, folder: Path, path: Path) -> None:
         span = f"offset {offset}" + ("" if length is None else f" and length {length}")
         raise ModelError(f"{where}: its external-data {span} reach past the end of '{location}' "
                          f"({size} bytes); the file or the model is damaged")
-    expected = _byte_size(tensor)
+    expected = byte_size(tensor)
     stored = size - offset if length is None else length
     if expected is not None and stored != expected:
         raise ModelError(f"{where}: '{location}' holds {stored} bytes for it from offset {offset}, but its "
                          f"shape {list(tensor.dims)} needs {expected}; the file or the model is damaged")
-
-
-#: element types narrower than a byte: their raw size is not dims × itemsize
-SUB_BYTE_TYPES = frozenset(getattr(TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2",
-                                                                   "UINT2") if hasattr(TensorProto, name))
-
-
-def _byte_size(tensor: onnx.TensorProto) -> int | None:
-    """Bytes of a tensor's raw data, or None for types without a fixed byte width (strings, 4-bit)."""
-    if tensor.data_type in SUB_BYTE_TYPES or tensor.data_type == TensorProto.STRING:
-        return None
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except Exception:  # noqa: BLE001 (an unknown type: no size check; the checker names it)
-        return None
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 HALF_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)

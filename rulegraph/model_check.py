@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
+from onnx import TensorProto, helper
 
 from .errors import ModelError, did_you_mean, node_ref
 
@@ -31,6 +33,7 @@ def check_structure(proto: onnx.ModelProto) -> None:
     _check_versions(proto)
     _check_op_types(proto)
     _check_tensors(proto)
+    _check_data_sizes(proto)
 
 
 def check_valid(proto: onnx.ModelProto) -> None:
@@ -146,6 +149,49 @@ def _check_tensors(proto: onnx.ModelProto) -> None:
     for out in g.output:
         if out.name not in provided:
             raise ModelError(f"graph output '{out.name}' is computed by no node, initializer or input")
+
+
+#: element types narrower than a byte: their raw size is not dims × itemsize
+SUB_BYTE_TYPES = frozenset(getattr(TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2",
+                                                                   "UINT2") if hasattr(TensorProto, name))
+
+
+def byte_size(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of a tensor's raw data, or None for types without a fixed byte width (strings, 4-bit)."""
+    if tensor.data_type in SUB_BYTE_TYPES or tensor.data_type == TensorProto.STRING:
+        return None
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:  # noqa: BLE001 (an unknown type: no size check; the checker names it)
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+#: the typed field holding one entry per element, for types stored that way (complex: two; sub-byte: packed)
+ONE_PER_ELEMENT = ("float_data", "double_data", "int64_data", "uint64_data", "int32_data")
+
+
+def _check_data_sizes(proto: onnx.ModelProto) -> None:
+    """Every initializer and Constant tensor holds as many values as its shape says."""
+    g = proto.graph
+    tensors = [(t, "initializer") for t in g.initializer]
+    tensors += [(a.t, f"the tensor of {node_ref(n.name or f'#{i}', n.op_type)}") for i, n in enumerate(g.node)
+                for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for tensor, what in tensors:
+        if tensor.data_location == TensorProto.EXTERNAL or tensor.data_type in SUB_BYTE_TYPES:
+            continue
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        if tensor.HasField("raw_data"):
+            expected, held = byte_size(tensor), len(tensor.raw_data)
+            unit = "bytes"
+        else:
+            field = next((f for f in ONE_PER_ELEMENT if len(getattr(tensor, f))), None)
+            if field is None or tensor.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+                continue
+            expected, held, unit = count, len(getattr(tensor, field)), "values"
+        if expected is not None and held != expected:
+            raise ModelError(f"{what} '{tensor.name}' holds {held} {unit}, but its shape {list(tensor.dims)} "
+                             f"needs {expected}: the file is damaged (re-export it)")
 
 
 # ranks of inputs declared without a shape ---------------------------------------------------------

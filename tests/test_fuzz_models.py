@@ -1,7 +1,7 @@
 """Model fuzz campaign: mutated ONNX files are explained or refused by name, never anything else.
 
 Sources: the bundled digits MLP and CNN and a hand-built two-layer MLP. Mutations: truncated
-bytes, flipped bytes, a dropped initializer, changed input dims, renamed op types and domains,
+bytes, flipped bytes, a dropped initializer, changed input or initializer dims, renamed op types and domains,
 opset and IR versions from 1 to 30 and 0 to 13,
 external data outside the folder, through a symbolic link or at bad offsets and lengths, shuffled
 node order, and tensor/node names that clash with rulegraph's own. Oracle per example: the outcome
@@ -169,6 +169,18 @@ def test_changed_input_dims(folder, source, dims, shapeless):
         tensor_type.shape.CopyFrom(value_info.type.tensor_type.shape)
     tmp = fresh(folder)
     attempt(tmp, save(tmp, model), x, "changed dims")
+
+
+@FUZZ
+@given(source=source_names, pick=st.integers(0, 1000), dims=st.lists(st.integers(0, 70), max_size=5))
+def test_changed_initializer_dims(folder, source, pick, dims):
+    make, x = SOURCES[source]
+    model = make()
+    init = model.graph.initializer[pick % len(model.graph.initializer)]
+    del init.dims[:]
+    init.dims.extend(dims)
+    tmp = fresh(folder)
+    attempt(tmp, save(tmp, model), x, "initializer dims")
 
 
 OP_NAMES = ["Relu", "Sigmoid", "Conv", "MatMul", "Gemm", "Add", "Identity", "Softmax", "Reluu", "Foo", ""]

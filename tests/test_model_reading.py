@@ -147,6 +147,21 @@ def compiled_again_without_metadata():
     return model
 
 
+def resized_initializer(dims):
+    model = mlp()
+    del model.graph.initializer[0].dims[:]
+    model.graph.initializer[0].dims.extend(dims)
+    return model
+
+
+def typed_initializer():
+    """W stored in float_data with one value missing."""
+    model = mlp()
+    model.graph.initializer[0].CopyFrom(TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[4, 3],
+                                                    float_data=W.ravel()[:11].tolist()))
+    return model
+
+
 def wrong_dims():
     return mlp(x_shape=("N", 5))
 
@@ -161,6 +176,11 @@ REFUSED = [
     ("compiled explainer", compiled_again(), r"already a rulegraph explainer .*'y' are the original model's"),
     ("explainer without metadata", compiled_again_without_metadata(), r"already a rulegraph explainer"),
     ("dims onnxruntime rejects", wrong_dims(), r"onnxruntime refuses .*mm"),
+    ("initializer as a scalar", resized_initializer([]),
+     r"initializer 'W' holds 48 bytes, but its shape \[\] needs 4"),
+    ("initializer too large", resized_initializer([4, 4]), r"'W'.* 48 bytes.*64"),
+    ("typed data too short", typed_initializer(),
+     r"initializer 'W' holds 11 values, but its shape \[4, 3\] needs 12"),
 ]
 
 
