@@ -16,6 +16,14 @@ attribution NaN) and, when the start tensor has position axes (``targets.py``),
 the positions), or in seed mode ``rulegraph/seed`` (a float array shaped like the start tensor);
 under the difference quantity also ``rulegraph/baseline/<input>``
 per float input, on which a copy of the path's forward nodes runs in the same model. Outputs: the model's own, then those named in ``Compiled``.
+
+Names: the public inputs keep the names above unless the user's model already uses them (then a
+suffix ``_1``, ``_2``, ... is added and ``Compiled.target_input`` / ``seed_input`` /
+``baseline_inputs`` record the name); every other tensor, node and initializer rulegraph adds
+starts with a prefix (``rg/``, else ``rg1/``, ...) no name of the user's model starts with, and
+``Compiled.origins`` says, per added name, which node's backward (or baseline copy) it belongs to.
+The explainer carries metadata ``rulegraph.explainer_of`` (the original outputs): given again as a
+model, it is refused (``model_check``).
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .emit import Tape
-from .errors import CoverageError, ModelError, RulegraphError
+from .emit import Tape, free_name, free_prefix
+from .errors import CoverageError, InternalError, ModelError, RulegraphError
 from .fusion import emit_copy, evaluate, vjp_of
 from .graph import Graph, Node
 from .kinds import NORMALIZING, ROUTE
 from . import unsupported
+from .model_check import explainer_metadata
 from .rules import RULES
 from .ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
 from .targets import StartSpec, batch_dim, relocate, start_spec
@@ -73,6 +82,12 @@ class Compiled:
     node_abs_sums: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # Σ|in|, Σ|out|
     baseline_inputs: dict[str, str] = field(default_factory=dict)  # graph input -> its baseline input
     model_outputs: list[str] = field(default_factory=list)
+    target_input: str = TARGET   # the names of the public inputs and outputs in this explainer (module docstring)
+    seed_input: str = SEED
+    positions_input: str = POSITIONS
+    class_output: str = CLASS
+    #: every name rulegraph added -> what it belongs to in the user's terms ("the backward of node ...")
+    origins: dict[str, str] = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
@@ -142,7 +157,7 @@ class RuleContext(VjpContext):
             return None
         terms = [node.inputs[i] if node.op_type != "Sub" or i == 0 else t.op("Neg", node.inputs[i]) for i in indices]
         bias = t.sum(terms)
-        return t.op("Where", t.op("IsInf", bias), t.scalar(0.0), bias)
+        return t.op("Where", t.is_inf(bias), t.scalar(0.0), bias)
 
     def report_bias(self, share: str) -> None:
         self._bias_sink(self.node, share)
@@ -383,6 +398,11 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     so one run measures every node's conservation. ``class_axis``: the start tensor's class axis
     when the default (``targets.py``) does not apply.
     """
+    unknown = [x for x in graph.inputs if graph.rank(x) is None]
+    if unknown:
+        raise ModelError(f"input '{unknown[0]}' is declared without a shape and no consumer fixes its rank: "
+                         "explain the model with an input array (the rank is taken from it), or re-export "
+                         "it with input shapes")
     found = find_start(graph, ruleset, output, start_tensor)
     start = relocate(graph, found)   # before a Flatten/Reshape that folded the batch: same seed
     axes = start_spec(graph, start, output, class_axis, found)
@@ -394,10 +414,11 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                             + "\n  - ".join(problems))
 
     dtype = helper.tensor_dtype_to_np_dtype(graph.dtypes.get(start, TensorProto.FLOAT))
-    taken = ({t for n in graph.nodes for m in n.members or [n] for t in m.inputs + m.outputs}
-             | set(graph.constants) | set(graph.inputs))
-    tape = Tape(graph.opset, taken, float_dtype=dtype)
-    compiled = Compiled(graph.model, graph, ruleset, start, seed_mode, axes)
+    taken = _names_in(graph)
+    tape = Tape(graph.opset, taken, float_dtype=dtype, prefix=free_prefix(taken))
+    compiled = Compiled(graph.model, graph, ruleset, start, seed_mode, axes, target_input=free_name(TARGET, taken),
+                        seed_input=free_name(SEED, taken), positions_input=free_name(POSITIONS, taken),
+                        class_output=free_name(CLASS, taken))
     rows = _rows(tape, graph, axes)
     extra_outputs: dict[str, dict[int, str]] = {}
 
@@ -414,7 +435,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     def bias_sink(node: Node, share: str) -> None:
         bias_terms.setdefault(node.name, []).append(share)
 
-    baseline_of = _baseline_forward(tape, graph, nodes) if ruleset.quantity == "difference" else {}
+    baseline_of = _baseline_forward(tape, graph, nodes, taken) if ruleset.quantity == "difference" else {}
     view = _Views(tape, ruleset.quantity, baseline_of)
     a: dict[str, list[str]] = {start: [_seed(tape, graph, ruleset, axes, seed_mode, compiled, view, rows)]}
     for assignment in reversed(assignments):
@@ -423,7 +444,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
         if all(x is None for x in a_out):
             continue
         active = [t in graph.active for t in node.inputs]
-        tape.scope = f"{node.name}/"
+        tape.scope, tape.context = f"{node.name}/", f"the backward of {node}"
         base = VjpContext(node, graph, tape, active, request_output)
         spec = RULES[binding.rule.name]
         ctx = RuleContext(base, a_out, dict(binding.rule.params), ruleset, bias_sink, baseline_of)
@@ -442,7 +463,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
         if node_sums:
             compiled.node_sums[node.name], compiled.node_abs_sums[node.name] = _node_sums(
                 tape, view, node, a_out, result, bias_terms.get(node.name, []), graph, rows)
-    tape.scope = ""
+    tape.scope, tape.context = "", "rulegraph's attribution outputs"
 
     outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms, view, rows)
     if compiled.node_sums:
@@ -450,10 +471,22 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
         outputs.update({name: row for sums in (*compiled.node_sums.values(), *compiled.node_abs_sums.values())
                         for name in sums if name})
     compiled.baseline_inputs = {x: baseline_of[x] for x in graph.float_inputs() if x in baseline_of}
-    extra_inputs, typed_outputs = _target_io(graph, axes, seed_mode)
-    compiled.model = _assemble(graph, tape, extra_outputs, outputs, seed_mode, start, compiled.baseline_inputs,
-                               extra_inputs, typed_outputs)
+    extra_inputs, typed_outputs = _target_io(graph, axes, seed_mode, compiled)
+    compiled.model = _assemble(graph, tape, extra_outputs, outputs, compiled, extra_inputs, typed_outputs)
+    compiled.origins = {**tape.origins, compiled.target_input: "rulegraph's target input",
+                        compiled.seed_input: "rulegraph's seed input",
+                        compiled.positions_input: "rulegraph's positions input",
+                        **{b: f"the baseline of input '{x}'" for x, b in compiled.baseline_inputs.items()}}
     return compiled
+
+
+def _names_in(graph: Graph) -> set[str]:
+    """Every name the user's model uses: tensors, nodes, initializers, inputs and outputs."""
+    g = graph.model.graph
+    names = {t for n in g.node for t in list(n.input) + list(n.output)} | {n.name for n in g.node}
+    names |= {i.name for i in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+    names |= {t for n in graph.nodes for m in n.members or [n] for t in m.inputs + m.outputs + [m.name]}
+    return names | set(graph.constants)
 
 
 def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, graph: Graph, rows: str):
@@ -519,13 +552,15 @@ class _Views:
         return self.tape.op("Mul", tensor, a)
 
 
-def _baseline_forward(tape: Tape, graph: Graph, nodes: list[Node]) -> dict[str, str]:
+def _baseline_forward(tape: Tape, graph: Graph, nodes: list[Node], taken: set[str]) -> dict[str, str]:
     """Copies of the path's nodes on the baseline inputs ``rulegraph/baseline/<input>``: every
     active tensor ``t`` gets its baseline twin ``t'`` in the same compiled run."""
-    baseline_of = {x: f"{BASELINE_PREFIX}{x}" for x in graph.float_inputs()}
+    baseline_of = {x: free_name(f"{BASELINE_PREFIX}{x}", taken) for x in graph.float_inputs()}
+    tape.context = "the baseline's forward pass"
     # **decision**: an embedding lookup's baseline is the zero embedding, whatever ``baseline`` says
     baseline_of.update({emb: tape.zeros_like(emb) for emb in graph.sources})
     for node in nodes:
+        tape.context = f"the baseline copy of {node}"
         inputs = [baseline_of.get(t, t) for t in node.inputs]
         outputs = emit_copy(tape, node, inputs)
         baseline_of.update({o: b for o, b in zip(node.outputs, outputs) if o in graph.active})
@@ -537,7 +572,8 @@ def _seed(tape: Tape, graph: Graph, ruleset: RuleSet, spec: StartSpec, seed_mode
     """``a(start)``: ``y ⊙ s`` (relevance, or ``start output``) or ``s``, with ``s`` the seed array
     (seed mode) or ``onehot(c) ⊙ w`` (``targets.py``; NaN in rows whose target is out of range)."""
     start = spec.tensor
-    onehot = SEED if seed_mode else _onehot(tape, graph, spec.require_class_axis(), compiled)
+    tape.context = f"the seed at the start tensor '{start}'"
+    onehot = compiled.seed_input if seed_mode else _onehot(tape, graph, spec.require_class_axis(), compiled)
     mode = ruleset.start or ("output" if ruleset.quantity == "relevance" else "one")
     seed = tape.op("Mul", start, onehot) if mode == "output" else onehot
     compiled.start_value = _row_sum(tape, view(start, seed), rows)
@@ -551,13 +587,13 @@ def _onehot(tape: Tape, graph: Graph, spec: StartSpec, compiled: Compiled) -> st
     y = spec.tensor if spec.batched else tape.unsqueeze(spec.tensor, [0])
     weights = None
     if spec.position_axes:
-        weights = tape.unsqueeze(tape.op("Cast", POSITIONS, to=tape.float_type), [k])
+        weights = tape.unsqueeze(tape.op("Cast", compiled.positions_input, to=tape.float_type), [k])
     scores = y if weights is None else tape.op("Mul", y, weights)
     if spec.position_axes:
         scores = tape.reduce_sum(scores, spec.position_axes, keepdims=True)
     argmax = tape.op("ArgMax", scores, axis=k, keepdims=1)
     one = [1] * (rank - 1)
-    target = tape.op("Reshape", TARGET, tape.ints([-1] + one))
+    target = tape.op("Reshape", compiled.target_input, tape.ints([-1] + one))
     chosen = tape.op("Where", tape.op("Equal", target, tape.ints([-1])), argmax, target)
     count = tape.shape(y, start=k, end=k + 1)
     valid = tape.op("And", tape.op("GreaterOrEqual", chosen, tape.ints([0])), tape.op("Less", chosen, count))
@@ -568,11 +604,12 @@ def _onehot(tape: Tape, graph: Graph, spec: StartSpec, compiled: Compiled) -> st
     if weights is not None:
         onehot = tape.op("Mul", onehot, weights)
     onehot = tape.op("Where", valid, onehot, tape.scalar(float("nan")))
-    tape.nodes.append(helper.make_node("Reshape", [chosen, tape.ints([-1])], [CLASS], name=CLASS))
+    tape.nodes.append(helper.make_node("Reshape", [chosen, tape.ints([-1])], [compiled.class_output],
+                                      name=compiled.class_output))
     return onehot if spec.batched else tape.op("Squeeze", onehot, tape.ints([0]))
 
 
-def _target_io(graph: Graph, spec: StartSpec, seed_mode: bool):
+def _target_io(graph: Graph, spec: StartSpec, seed_mode: bool, compiled: Compiled):
     """The target's extra inputs (``rulegraph/positions``) and typed outputs (``rulegraph/class``)."""
     if seed_mode:
         return [], []
@@ -581,8 +618,8 @@ def _target_io(graph: Graph, spec: StartSpec, seed_mode: bool):
     spec.require_class_axis()
     if spec.position_axes:
         dims = [d if d is not None else f"rulegraph_d{a}" for a, d in enumerate(spec.vshape) if a != spec.vclass]
-        inputs.append(helper.make_tensor_value_info(POSITIONS, TensorProto.FLOAT, [row[0]] + dims[1:]))
-    return inputs, [helper.make_tensor_value_info(CLASS, TensorProto.INT64, row)]
+        inputs.append(helper.make_tensor_value_info(compiled.positions_input, TensorProto.FLOAT, [row[0]] + dims[1:]))
+    return inputs, [helper.make_tensor_value_info(compiled.class_output, TensorProto.INT64, row)]
 
 
 def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, bias_terms, view, rows) -> dict:
@@ -629,8 +666,9 @@ def _token_attribution(tape: Tape, graph: Graph, a, view: _Views) -> dict[str, s
     return out
 
 
-def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list | None], seed_mode: bool,
-              start: str, baseline_inputs: dict[str, str], extra_inputs=(), typed_outputs=()) -> onnx.ModelProto:
+def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list | None], compiled: Compiled,
+              extra_inputs=(), typed_outputs=()) -> onnx.ModelProto:
+    seed_mode, start, baseline_inputs = compiled.seed_mode, compiled.start_tensor, compiled.baseline_inputs
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     g = model.graph
@@ -643,9 +681,9 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
     g.initializer.extend(tape.initializers)
     if seed_mode:
         elem = graph.dtypes.get(start, TensorProto.FLOAT)
-        g.input.append(helper.make_tensor_value_info(SEED, elem, graph.shapes.get(start)))
+        g.input.append(helper.make_tensor_value_info(compiled.seed_input, elem, graph.shapes.get(start)))
     else:
-        g.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]))
+        g.input.append(helper.make_tensor_value_info(compiled.target_input, TensorProto.INT64, ["N"]))
     for x, name in baseline_inputs.items():
         g.input.append(helper.make_tensor_value_info(name, graph.dtypes[x], graph.shapes.get(x)))
     g.input.extend(extra_inputs)
@@ -663,10 +701,11 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
             g.output.append(helper.make_tensor_value_info(name, elem, dims))
             existing.add(name)
     _prune(model)
+    model.metadata_props.append(explainer_metadata([o.name for o in graph.model.graph.output]))
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise AssertionError(f"the compiled explainer is not valid ONNX: {exc}") from exc
+        raise InternalError(f"the compiled explainer is not valid ONNX: {exc}") from exc
     return model
 
 

@@ -14,6 +14,25 @@ import onnx
 from onnx import helper, numpy_helper
 
 
+def free_prefix(names, base: str = "rg") -> str:
+    """``base`` (or ``base1``, ``base2``, ...): a prefix no name in ``names`` starts with, so that
+    every name a tape makes is new in the user's model."""
+    taken = {name.split("/", 1)[0] for name in names if "/" in name}
+    k = 0
+    while (prefix := base if k == 0 else f"{base}{k}") in taken:
+        k += 1
+    return prefix
+
+
+def free_name(name: str, names) -> str:
+    """``name``, or ``name_1``, ``name_2``, ... : the first not in ``names``."""
+    k, candidate = 0, name
+    while candidate in names:
+        k += 1
+        candidate = f"{name}_{k}"
+    return candidate
+
+
 class Tape:
     """Collects the nodes and constants of the backward pass."""
 
@@ -27,6 +46,10 @@ class Tape:
         self._counter = 0
         self._consts: dict[tuple, str] = {}
         self.scope = ""
+        #: what the names made now stand for, in the user's terms (messages: "the backward of node ...")
+        self.context = ""
+        #: every name made -> its ``context`` then (to translate onnxruntime's messages)
+        self.origins: dict[str, str] = {}
 
     @property
     def float_type(self) -> int:
@@ -40,6 +63,7 @@ class Tape:
             name = f"{self._prefix}/{self.scope}{hint}_{self._counter}"
             if name not in self._taken:
                 self._taken.add(name)
+                self.origins[name] = self.context
                 return name
 
     # constants -----------------------------------------------------------------------------------
@@ -98,6 +122,13 @@ class Tape:
         if axes_as_input:
             return self.op(op_type, x, self.ints(axes), keepdims=int(keepdims))
         return self.op(op_type, x, keepdims=int(keepdims), axes=list(axes))
+
+    def is_inf(self, x: str) -> str:
+        """``IsInf(x)``; IsInf takes fp16/bf16 only from opset 20, so before that a half ``x`` is
+        checked through a float32 cast (exact: the cast keeps ±∞)."""
+        if self.opset < 20 and self.float_dtype.itemsize < 4:
+            x = self.op("Cast", x, to=onnx.TensorProto.FLOAT)
+        return self.op("IsInf", x)
 
     def reduce_sum(self, x: str, axes, keepdims: bool = True) -> str:
         return self.reduce("ReduceSum", x, axes, keepdims)

@@ -13,8 +13,8 @@ from . import graph as graph_mod
 from . import runtime
 from . import targets as targets_mod
 from .amplification import DEFAULT_MAX_AMPLIFICATION, quiet, warn_if_amplified
-from .compile import CLASS, POSITIONS, SEED, TARGET, Compiled, compile_explainer, find_start
-from .errors import RulegraphError
+from .compile import Compiled, compile_explainer, find_start
+from .errors import InternalError, ModelError, RulegraphError
 from .ruleset import RuleSet
 from .targets import Target, TargetError
 from .unmatched import warn_unmatched
@@ -97,6 +97,8 @@ class Explainer:
                  start: str | None = None, threads: int = 0, precision: str = "fp32",
                  class_axis: int | None = None):
         self.graph = graph_mod.load(model, precision=precision)
+        self._model, self._precision = model, precision
+        self._where = "the model" if isinstance(model, onnx.ModelProto) else f"model {model}"
         self.ruleset = _load_rules(rules)
         self.providers = providers
         self.output = output
@@ -134,15 +136,22 @@ class Explainer:
         return Target(cls, all_positions=True) if spec.class_axis is not None and spec.position_axes else cls
 
     def session(self, seed_mode: bool = False, node_sums: bool = False):
-        """The onnxruntime session of the compiled explainer (created once)."""
+        """The onnxruntime session of the compiled explainer (created once). onnxruntime refusing
+        the model is a ``ModelError``; refusing the explainer of a model it accepts, a bug."""
         key = (seed_mode, node_sums)
         if key not in self._sessions:
-            model_bytes = self.compiled(seed_mode, node_sums).model.SerializeToString()
-            self._sessions[key] = runtime.session(model_bytes, self.providers, self.threads)
+            compiled = self.compiled(seed_mode, node_sums)
+            try:
+                self._sessions[key] = runtime.session(compiled.model.SerializeToString(), self.providers,
+                                                      self.threads, what="the compiled explainer")
+            except ModelError as exc:
+                self._forward_session()
+                raise InternalError(f"{runtime.translate(str(exc), compiled.origins)}; onnxruntime accepts "
+                                    f"{self._where} itself, so this is a bug in rulegraph") from exc
         return self._sessions[key]
 
-    def forward(self, x) -> dict[str, np.ndarray]:
-        """The model alone on ``x``: its outputs and the start tensor (loops and argmax use it)."""
+    def _forward_session(self):
+        """The session of the model alone, with the start tensor as an extra output."""
         if "forward" not in self._sessions:
             model = onnx.ModelProto()
             model.CopyFrom(self.graph.model)
@@ -150,10 +159,51 @@ class Explainer:
             if start not in {o.name for o in model.graph.output}:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(
                     start, self.graph.dtypes.get(start, onnx.TensorProto.FLOAT), self.graph.shapes.get(start)))
-            self._sessions["forward"] = runtime.session(model.SerializeToString(), self.providers, self.threads)
+            self._sessions["forward"] = runtime.session(model.SerializeToString(), self.providers,
+                                                        self.threads, what=self._where)
+        return self._sessions["forward"]
+
+    def forward(self, x) -> dict[str, np.ndarray]:
+        """The model alone on ``x``: its outputs and the start tensor (loops and argmax use it)."""
         feeds = self._feeds(x)
+        sess = self._forward_session()
         n = next(iter(feeds.values())).shape[0]
-        return _run_in_chunks(self._sessions["forward"], feeds, self._static_batch(), n)
+        return _run_in_chunks(sess, feeds, self._static_batch(), n, self._run_failure(None))
+
+    def _run_failure(self, compiled: Compiled | None):
+        """What a failed run raises: the model's own failure on these inputs is the user's (a
+        ``RulegraphError``); the explainer failing where the model runs is a bug, unless one of
+        rulegraph's public inputs does not fit (a seed not shaped like the start tensor, a baseline
+        not shaped like its input, targets not one per row) or the message names one."""
+
+        def failure(exc: Exception, feeds: dict[str, np.ndarray]) -> Exception:
+            shapes = "; inputs fed: " + ", ".join(f"'{k}' {v.dtype} {list(v.shape)}"
+                                                  for k, v in feeds.items())
+            message = str(exc).strip()
+            if compiled is None:
+                return RulegraphError(f"onnxruntime could not run {self._where}: {message}{shapes}")
+            own = {k: v for k, v in feeds.items() if k in self.graph.inputs}
+            try:
+                rows = len(next(iter(own.values())))
+                values = _run_in_chunks(self._forward_session(), own, self._static_batch(), rows,
+                                        self._run_failure(None))
+            except RulegraphError as model_failure:
+                return model_failure
+            text = runtime.translate(message, compiled.origins)
+            expected = {compiled.seed_input: values[compiled.start_tensor].shape,
+                        compiled.target_input: (rows,),
+                        **{b: feeds[x].shape for x, b in compiled.baseline_inputs.items()}}
+            misfits = [f"'{k}' has shape {list(feeds[k].shape)} where these inputs need {list(shape)}"
+                       for k, shape in expected.items() if k in feeds and feeds[k].shape != tuple(shape)]
+            if misfits:
+                return RulegraphError(f"{'; '.join(misfits)}: onnxruntime could not run the explainer: "
+                                      f"{text}{shapes}")
+            if any(name in message for name in expected):
+                return RulegraphError(f"onnxruntime could not run the explainer: {text}{shapes}")
+            return InternalError(f"onnxruntime could not run the explainer where {self._where} runs (a bug "
+                                 f"in rulegraph): {text}{shapes}")
+
+        return failure
 
     def save(self, path: str | Path, seed_mode: bool = False) -> Path:
         """Write the explainer ONNX model (``saved``); any ONNX runtime can run it without rulegraph.
@@ -202,6 +252,7 @@ class Explainer:
                                      "pass a dict {name: array}")
             feeds = {inputs[0]: x}
         out = {}
+        self._declare_ranks(feeds)
         for name, value in feeds.items():
             value = np.asarray(value)
             want = onnx.helper.tensor_dtype_to_np_dtype(self.graph.dtypes.get(name, onnx.TensorProto.FLOAT))
@@ -214,6 +265,16 @@ class Explainer:
             out[name] = np.ascontiguousarray(_convert(name, value, np.dtype(want), self.allow_nonfinite))
         _check_batch(out)
         return out
+
+    def _declare_ranks(self, feeds: Mapping) -> None:
+        """Inputs declared without a shape take the rank of the first arrays fed (the model is read
+        again with that rank; ``model_check.declare_missing_ranks``)."""
+        unknown = {name: np.ndim(feeds[name]) for name in self.graph.inputs
+                   if self.graph.rank(name) is None and name in feeds}
+        if unknown:
+            self.graph = graph_mod.load(self._model, precision=self._precision, ranks=unknown)
+            self._compiled.clear()
+            self._sessions.clear()
 
     def _loop(self, name: str | None, params: dict):
         """The loop to run: the one named here (with ``params``), else the rule file's, else None."""
@@ -272,21 +333,22 @@ class Explainer:
         seed_mode = seed is not None
         compiled = self.compiled(seed_mode, node_sums)
         if seed_mode:
-            feeds[SEED] = seed
+            feeds[compiled.seed_input] = seed
         else:
-            feeds[TARGET] = resolved.classes
+            feeds[compiled.target_input] = resolved.classes
             if resolved.weights is not None:
-                feeds[POSITIONS] = resolved.weights.astype(np.float32)
+                feeds[compiled.positions_input] = resolved.weights.astype(np.float32)
         for name, baseline_input in compiled.baseline_inputs.items():
             given = baseline.get(name) if isinstance(baseline, Mapping) else baseline
             feeds[baseline_input] = make_baseline(self.ruleset.baseline if given is None else given, feeds[name])
         sess = self.session(seed_mode, node_sums)
-        values = _run_in_chunks(sess, feeds, self._static_batch(), next(iter(feeds.values())).shape[0])
+        values = _run_in_chunks(sess, feeds, self._static_batch(), next(iter(feeds.values())).shape[0],
+                                self._run_failure(compiled))
         start = values[compiled.start_tensor]
         _check_rows(spec, start, n)
         chosen = None if resolved is None else resolved.classes
         if not seed_mode:
-            chosen = values[CLASS]
+            chosen = values[compiled.class_output]
             targets_mod.check_classes(chosen, spec, (start if spec.batched else start[None]).shape[spec.vclass],
                                       argmax_code=False)
         result = Result(
@@ -443,8 +505,11 @@ def make_baseline(kind, x: np.ndarray) -> np.ndarray:
         raise RulegraphError(f"the baseline's shape {value.shape} does not fit the input's {x.shape}") from None
 
 
-def _run_in_chunks(sess, feeds: dict[str, np.ndarray], static_batch: int | None, n: int) -> dict:
-    """One run, or one per chunk when the model was exported with a fixed batch size."""
+def _run_in_chunks(sess, feeds: dict[str, np.ndarray], static_batch: int | None, n: int,
+                   failure=None) -> dict:
+    """One run, or one per chunk when the model was exported with a fixed batch size. When
+    onnxruntime fails, ``failure(exc, feeds)`` gives the error to raise (onnxruntime's whole
+    message in it)."""
     names = [o.name for o in sess.get_outputs()]
     step = static_batch if static_batch and static_batch != n else n
     if n % step:
@@ -457,7 +522,9 @@ def _run_in_chunks(sess, feeds: dict[str, np.ndarray], static_batch: int | None,
         if "MLFloat16" in str(exc) or "float16" in str(exc).lower():
             hint = ("; this runtime lacks a half-precision kernel the explainer needs: explain the model "
                     "with precision='fp32' (the default) or on a GPU provider")
-        raise RulegraphError(f"onnxruntime could not run the explainer: {str(exc).splitlines()[0]}{hint}") from exc
+        if failure is None or hint:  # a missing kernel is the runtime's limit, not a bug
+            raise RulegraphError(f"onnxruntime could not run the model: {str(exc).strip()}{hint}") from exc
+        raise failure(exc, feeds) from exc
     return {name: np.concatenate([r[j] for r in runs]) if runs[0][j].ndim else runs[0][j]
             for j, name in enumerate(names)}
 

@@ -2,6 +2,10 @@
 
 Reading a model:
 
+0. refuse what cannot be read (``model_check``: explainers, unknown ops and opsets, tensors nothing
+   provides, bad external data), naming the file and the node or tensor; sort the nodes
+   topologically (exports occur unsorted; onnxruntime runs them) and give inputs declared without a
+   shape their rank;
 1. refuse ops outside the default ONNX domain, naming the node;
 2. upgrade opsets below ``MIN_OPSET`` (the backward needs ScatterElements with ``reduction="add"``,
    opset 16);
@@ -38,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import ModelError, node_ref
 from .kinds import OP_KINDS, kind_of
 from .legacy_resize import restore_legacy_resize
+from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
 
 MIN_OPSET = 17
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
@@ -125,28 +130,79 @@ class Graph:
         return [i for i in self.inputs if self.is_float(i)]
 
 
-def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str = "fp32") -> Graph:
+def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str = "fp32",
+         ranks: dict[str, int] | None = None) -> Graph:
     """Read a model from a path or a ModelProto (which is copied, never modified); ``fuse=False``
     keeps multi-node patterns as their separate nodes. ``precision="fp32"`` computes an fp16 or
-    bf16 model in float32 (its weights upcast exactly); ``"native"`` keeps its own type."""
+    bf16 model in float32 (its weights upcast exactly); ``"native"`` keeps its own type. ``ranks``
+    gives inputs declared without a shape their rank (the first run's arrays;
+    ``model_check.declare_missing_ranks``). Every ``ModelError`` names the file."""
     if precision not in ("fp32", "native"):
         raise ValueError(f"precision must be 'fp32' or 'native', got {precision!r}")
     proto = _read(model)
-    _check_domains(proto)
-    if precision == "fp32":
-        _upcast_half(proto)
-    proto = _upgrade(proto)
-    _name_nodes(proto)
-    constants = _collect_constants(proto)
-    nodes_proto = _fold_constants(proto, constants)
-    proto = _rebuild(proto, nodes_proto, constants)
-    _name_batch(proto)
-    graph = _build(proto, constants)
+    where = "" if isinstance(model, onnx.ModelProto) else f"{model}: "
+    try:
+        graph = _load_proto(proto, precision, ranks)
+    except ModelError as exc:
+        raise ModelError(f"{where}{exc}") from exc
     if fuse:
         from .fusion import fuse_patterns
 
         fuse_patterns(graph)
     return graph
+
+
+def _load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | None) -> Graph:
+    check_structure(proto)
+    _check_domains(proto)
+    for node in proto.graph.node:  # 'ai.onnx' is the default domain's other name (onnxruntime reads both)
+        if node.domain == "ai.onnx":
+            node.domain = ""
+    _name_nodes(proto)
+    sort_nodes(proto)
+    check_valid(proto)
+    if precision == "fp32":
+        _upcast_half(proto)
+    proto = _upgrade(proto)
+    _name_nodes(proto)
+    declare_missing_ranks(proto, ranks)
+    constants = _collect_constants(proto)
+    nodes_proto = _fold_constants(proto, constants)
+    proto = _rebuild(proto, nodes_proto, constants)
+    _name_batch(proto)
+    return _build(proto, constants)
+
+
+def sort_nodes(proto: onnx.ModelProto) -> None:
+    """Put the graph's nodes in topological order: each node right after the last of its producers
+    that came late, an already sorted graph unchanged. ONNX requires that order, yet onnxruntime
+    runs graphs without it, so exports do occur unsorted."""
+    nodes = list(proto.graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    state = [0] * len(nodes)  # 0 new, 1 on the stack, 2 placed
+    order: list[int] = []
+    for root in range(len(nodes)):
+        stack = [(root, iter(nodes[root].input))]
+        while stack and state[root] != 2:
+            i, inputs = stack[-1]
+            state[i] = 1
+            for t in inputs:
+                j = producer.get(t)
+                if j is None or state[j] == 2:
+                    continue
+                if state[j] == 1:
+                    where = node_ref(nodes[j].name, nodes[j].op_type)
+                    raise ModelError(f"the model graph has a cycle: {where} needs tensor '{t}', which "
+                                     "depends on its own output")
+                stack.append((j, iter(nodes[j].input)))
+                break
+            else:
+                stack.pop()
+                state[i] = 2
+                order.append(i)
+    if order != list(range(len(nodes))):
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes[i] for i in order)
 
 
 def _read(model) -> onnx.ModelProto:
@@ -166,22 +222,52 @@ def _read(model) -> onnx.ModelProto:
 
 
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Read tensors stored beside the model, refusing any location outside the model's folder."""
+    """Read tensors stored beside the model, refusing any location outside the model's folder
+    (symbolic links included) and offsets or lengths that do not fit the file or the tensor."""
     folder = path.resolve().parent
     every = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute
                                              if a.type == onnx.AttributeProto.TENSOR]
     tensors = [t for t in every if t.data_location == onnx.TensorProto.EXTERNAL]
     for tensor in tensors:
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or folder not in target.parents:
-            raise ModelError(f"{path}: tensor '{tensor.name}' keeps its data at '{location}', outside the "
-                             f"model's folder {folder}; rulegraph reads external data only from that folder")
-        if not target.is_file():
-            raise ModelError(f"{path}: tensor '{tensor.name}' keeps its data in '{location}', which is "
-                             f"missing from {folder}")
+        _check_external(tensor, folder, path)
     if tensors:
-        onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
+        try:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
+        except Exception as exc:  # noqa: BLE001 (whatever onnx's reader says, in the user's terms)
+            raise ModelError(f"{path}: cannot read the external data: {exc}") from exc
+
+
+def _check_external(tensor: onnx.TensorProto, folder: Path, path: Path) -> None:
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    where = f"{path}: tensor '{tensor.name}'"
+    if "\0" in location:
+        raise ModelError(f"{where} keeps its data at a location with a NUL character ({location!r}); "
+                         "re-save the model with its external data")
+    target = (folder / location).resolve()
+    if not location or Path(location).is_absolute() or folder not in target.parents:
+        raise ModelError(f"{where} keeps its data at '{location}', outside the model's folder {folder}; "
+                         "rulegraph reads external data only from that folder")
+    if not target.is_file():
+        raise ModelError(f"{where} keeps its data in '{location}', which is missing from {folder}")
+    numbers = {}
+    for key in ("offset", "length"):
+        text = entries.get(key)
+        if text is not None and not (text.isascii() and text.isdigit()):
+            raise ModelError(f"{where}: its external-data {key} '{text}' is not a byte count")
+        numbers[key] = None if text is None else int(text)
+    size = target.stat().st_size
+    offset = numbers["offset"] or 0
+    length = numbers["length"]
+    if offset > size or (length is not None and offset + length > size):
+        span = f"offset {offset}" + ("" if length is None else f" and length {length}")
+        raise ModelError(f"{where}: its external-data {span} reach past the end of '{location}' "
+                         f"({size} bytes); the file or the model is damaged")
+    expected = byte_size(tensor)
+    stored = size - offset if length is None else length
+    if expected is not None and stored != expected:
+        raise ModelError(f"{where}: '{location}' holds {stored} bytes for it from offset {offset}, but its "
+                         f"shape {list(tensor.dims)} needs {expected}; the file or the model is damaged")
 
 
 HALF_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
