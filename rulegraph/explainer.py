@@ -513,8 +513,9 @@ def _run_in_chunks(sess, feeds: dict[str, np.ndarray], static_batch: int | None,
     names = [o.name for o in sess.get_outputs()]
     step = static_batch if static_batch and static_batch != n else n
     if n % step:
-        raise RulegraphError(f"the model was exported with a fixed batch of {step}; a batch of {n} "
-                             f"is not a multiple of it (re-export with a dynamic batch axis)")
+        inputs = ", ".join(f"'{k}'" for k in feeds)
+        raise RulegraphError(f"the model was exported with a fixed batch of {step} (input {inputs}); a batch "
+                             f"of {n} is not a multiple of it (re-export with a dynamic batch axis)")
     try:
         runs = [sess.run(names, {k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
     except Exception as exc:

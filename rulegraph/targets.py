@@ -94,9 +94,9 @@ class StartSpec:
         return _shape_text(self.shape)
 
     def where(self) -> str:
-        """``'logits' [N, T, 6625] (class axis 2)``: for messages and the CLI summary."""
+        """``tensor 'logits' [N, T, 6625] (class axis 2)``: for messages and the CLI summary."""
         axis = "" if self.class_axis is None else f" (class axis {self.class_axis})"
-        return f"'{self.tensor}' {self.shape_text()}{axis}"
+        return f"tensor '{self.tensor}' {self.shape_text()}{axis}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def batch_state(graph: Graph, tensor: str) -> str:
     dim = graph.dim(tensor, 0)
     if dim == batch:
         return "axis"
-    if not isinstance(batch, str):
+    if not isinstance(batch, str) and dim is not None:  # a fixed batch; an unknown dim is followed back
         return "none"
     while True:
         if dim == batch:

@@ -99,7 +99,7 @@ def test_recogniser_on_the_cli_and_in_check(tmp_path, capsys):
     assert main(["explain", str(REC), "--rules", "gradient-x-input", "--input", str(tmp_path / "x.npy"),
                  "--target", "argmax", "--at", "7"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("row 0: class 631 of 'p2o.Add.277' [p2o.DynamicDimension.0, ?, 6625] (class axis 2) "
+    assert out.startswith("row 0: class 631 of tensor 'p2o.Add.277' [p2o.DynamicDimension.0, ?, 6625] (class axis 2) "
                           "at t=7: start ")
     assert main(["check", str(REC), "--rules", "lrp-transformer", "--input", str(tmp_path / "x.npy")]) == 0
 

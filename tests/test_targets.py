@@ -111,7 +111,7 @@ def test_dynamic_batch_spellings_explain_every_row(batch):
     for i, c in enumerate([0, 2, 1]):
         np.testing.assert_allclose(result.saliency["x"][i], mlp_grad(X2[i], c), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(result.target, [0, 2, 1])
-    assert result.explained == f"'y' [{batch if isinstance(batch, str) else 'N'}, 3] (class axis 1)"
+    assert result.explained == f"tensor 'y' [{batch if isinstance(batch, str) else 'N'}, 3] (class axis 1)"
 
 
 def test_fixed_batch_of_one():
@@ -136,7 +136,7 @@ def test_model_without_batch_axis_is_one_sample(input_dims):
     np.testing.assert_allclose(result.saliency["x"], w[:, 4].reshape(input_dims), rtol=1e-5)
     np.testing.assert_allclose(result.start_value, [(x.reshape(1, 12) @ w)[0, 4]], rtol=1e-5)
     np.testing.assert_array_equal(result.target, [4])
-    assert result.explained == "'y' [10] (class axis 0)"
+    assert result.explained == "tensor 'y' [10] (class axis 0)"
     argmax = Explainer(model, "gradient").explain(x)
     assert argmax.target[0] == int(np.argmax(x.reshape(1, 12) @ w))
 
@@ -245,7 +245,7 @@ def test_sequence_argmax_at_a_time_step_is_that_steps_argmax():
     y = x.astype(np.float64) @ TW
     result = Explainer(sequence(), "gradient").explain(x, target=Target("argmax", at=1))
     np.testing.assert_array_equal(result.target, y[:, 1].argmax(axis=1))
-    assert result.explained == "'y' [N, 3, 5] (class axis 2)" and result.where == "at t=1"
+    assert result.explained == "tensor 'y' [N, 3, 5] (class axis 2)" and result.where == "at t=1"
     np.testing.assert_allclose(result.start_value, y[np.arange(4), 1, result.target], rtol=1e-5)
 
 
@@ -276,29 +276,29 @@ def test_seed_array_is_explained_as_given():
 # errors: each names the start tensor, its shape, the class axis and what would fit
 
 ERRORS = [  # (model, x, target, message)
-    (mlp("N"), X2, 15, r"target class 15 is out of range for 'y' \[N, 3\] \(class axis 1\): valid classes are 0..2"),
-    (mlp("N"), X2, [1, 99, 0], r"target class 99 is out of range for 'y' \[N, 3\]"),
+    (mlp("N"), X2, 15, r"target class 15 is out of range for tensor 'y' \[N, 3\] \(class axis 1\): valid classes are 0..2"),
+    (mlp("N"), X2, [1, 99, 0], r"target class 99 is out of range for tensor 'y' \[N, 3\]"),
     (mlp("N"), X2, -3, r"target class -3 is out of range .* valid classes are 0..2 \(or -1 / 'argmax'\)"),
-    (mlp("N"), X2, 3.7, r"target 3.7 is not a class index for 'y' \[N, 3\] \(class axis 1\); classes are integers"),
-    (mlp("N"), X2, True, r"target must be integer class indices for 'y' \[N, 3\] \(class axis 1\); got True \(bool\)"),
+    (mlp("N"), X2, 3.7, r"target 3.7 is not a class index for tensor 'y' \[N, 3\] \(class axis 1\); classes are integers"),
+    (mlp("N"), X2, True, r"target must be integer class indices for tensor 'y' \[N, 3\] \(class axis 1\); got True \(bool\)"),
     (mlp("N"), X2, [1.0, 2.0, 0.0], r"got 1.0 \(float\)"),
     (mlp("N"), X2, np.array([1, 2], dtype=np.int64), r"got 2 target classes for a batch of 3"),
     (mlp("N"), X2, "max", r"target must be a class index, one per row, 'argmax' or a seed array, got 'max'"),
     (mlp("N"), X2, 1 + 2j, r"target \(1\+2j\) is not a class index"),
     (mlp("N"), X2, np.zeros((3, 4), np.float32),
      r"the seed array's shape \[3, 4\] does not fit the start tensor 'y' \[N, 3\]: expected \[3, 3\]"),
-    (mlp("N"), X2, Target(1, at=2), r"at needs position axes, but 'y' \[N, 3\] \(class axis 1\) has only the batch"),
-    (mlp("N"), X2, Target(1, versus=7), r"versus class 7 is out of range for 'y' \[N, 3\]"),
+    (mlp("N"), X2, Target(1, at=2), r"at needs position axes, but tensor 'y' \[N, 3\] \(class axis 1\) has only the batch"),
+    (mlp("N"), X2, Target(1, versus=7), r"versus class 7 is out of range for tensor 'y' \[N, 3\]"),
     (conv(), XC, 1, (r"'y' \[N, 3, 4, 4\] \(class axis 1\) has position axes \(2, 3\): a class alone is "
                      r"ambiguous; say where with one of at=<position>, region=<slices>, mask=<array>, all_positions")),
     (conv(), XC, "argmax", r"has position axes \(2, 3\): a class alone is ambiguous"),
-    (conv(), XC, Target(1, at=(4, 0)), r"at=\(4, 0\) is outside 'y' \[N, 3, 4, 4\] \(class axis 1\): positions 4 x 4"),
+    (conv(), XC, Target(1, at=(4, 0)), r"at=\(4, 0\) is outside tensor 'y' \[N, 3, 4, 4\] \(class axis 1\): positions 4 x 4"),
     (conv(), XC, Target(1, at=3), r"at needs 2 integer index\(es\), one per position axis \(2, 3\)"),
     (conv(), XC, Target(1, region=(slice(2, 2), slice(0, 4))), r"region 2:2, 0:4 is outside or empty"),
     (conv(), XC, Target(1, region=(slice(0, 9), slice(0, 4))), r"region 0:9, 0:4 is outside or empty"),
     (conv(), XC, Target(1, mask=np.ones((3, 3))), r"the mask's shape \[3, 3\] does not fit .* expected \[4, 4\]"),
     (conv(), XC, Target(1, at=(0, 0), all_positions=True), r"give one position form, not at and all_positions"),
-    (conv(), XC, Target(3, all_positions=True), r"target class 3 is out of range for 'y' \[N, 3, 4, 4\]"),
+    (conv(), XC, Target(3, all_positions=True), r"target class 3 is out of range for tensor 'y' \[N, 3, 4, 4\]"),
 ]
 
 
@@ -363,7 +363,7 @@ def test_cli_out_of_range_target_exits_2(tmp_path, capsys):
     onnx.save(mlp("N"), str(model))
     np.save(tmp_path / "x.npy", X2)
     assert main(["explain", str(model), "--rules", "gradient", "--input", str(tmp_path / "x.npy"), "--target", "15"]) == 2
-    assert "target class 15 is out of range for 'y' [N, 3] (class axis 1): valid classes are 0..2" in capsys.readouterr().err
+    assert "target class 15 is out of range for tensor 'y' [N, 3] (class axis 1): valid classes are 0..2" in capsys.readouterr().err
 
 
 def test_cli_summary_names_what_was_explained(tmp_path, capsys):
@@ -373,14 +373,14 @@ def test_cli_summary_names_what_was_explained(tmp_path, capsys):
     np.save(tmp_path / "x.npy", x)
     args = ["explain", str(model), "--rules", "gradient", "--input", str(tmp_path / "x.npy")]
     assert main(args + ["--target", "3", "--at", "2"]) == 0
-    assert capsys.readouterr().out.startswith("row 0: class 3 of 'y' [N, 3, 5] (class axis 2) at t=2: start ")
+    assert capsys.readouterr().out.startswith("row 0: class 3 of tensor 'y' [N, 3, 5] (class axis 2) at t=2: start ")
     assert main(args + ["--target", "3", "--region", "0:2", "--versus", "1"]) == 0
-    assert capsys.readouterr().out.startswith("row 0: class 3 minus class 1 of 'y' [N, 3, 5] (class axis 2) "
+    assert capsys.readouterr().out.startswith("row 0: class 3 minus class 1 of tensor 'y' [N, 3, 5] (class axis 2) "
                                               "over region [0:2]: start ")
     assert main(args + ["--target", "3"]) == 2
     assert "a class alone is ambiguous" in capsys.readouterr().err
     assert main(args + ["--target", "0", "--all-positions", "--class-axis", "1"]) == 0
-    assert capsys.readouterr().out.startswith("row 0: class 0 of 'y' [N, 3, 5] (class axis 1) over all positions")
+    assert capsys.readouterr().out.startswith("row 0: class 0 of tensor 'y' [N, 3, 5] (class axis 1) over all positions")
 
 
 def test_cli_compile_takes_the_class_axis(tmp_path, capsys):
