@@ -148,8 +148,8 @@ def batch_state(graph: Graph, tensor: str) -> str:
         if isinstance(dim, int) or node is None or _moves_batch(node):
             return "lost"
         active = [t for t in node.inputs if t in graph.active and graph.rank(t)]
-        if not active:
-            return "lost"
+        if not active:  # shape inference gave up on the way: the rows are checked after the run
+            return "folded"
         tensor = active[0]
         dim = graph.dim(tensor, 0)
 
