@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rulegraph import Explainer
-from rulegraph.compile import assign, find_start, path_nodes
+from rulegraph.compile.build import assign, find_start, path_nodes
 
 MARK_BEGIN, MARK_END = "<!-- architectures -->", "<!-- /architectures -->"
 
@@ -206,7 +206,7 @@ def _row(name: str, build, dynamo: bool) -> dict:
 
 def without_eps(transformer: bool):
     """The LRP file with every ε set to 0 (LRP-0): what is left of a leak is float rounding."""
-    from rulegraph import dsl
+    from rulegraph.lang import parse as dsl
 
     if not transformer:
         return "lrp-0"

@@ -23,8 +23,9 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rulegraph import Explainer, runtime
-from rulegraph.compile import TARGET
+from rulegraph import Explainer
+from rulegraph.run import runtime
+from rulegraph.compile.build import TARGET
 
 
 def median_time(fn, repeat: int) -> float:

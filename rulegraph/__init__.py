@@ -5,10 +5,10 @@ compiles model + rules into one ONNX model computing the forward and the relevan
 """
 
 from .errors import CoverageError, ModelError, RulegraphError, RuleSyntaxError
-from .explainer import Explainer, Result
-from .graph import Graph, load
-from .ruleset import RuleSet
-from .targets import Target, TargetError
+from .run.explainer import Explainer, Result
+from .graph.read import Graph, load
+from .lang.ruleset import RuleSet
+from .compile.targets import Target, TargetError
 
 __all__ = ["CoverageError", "Explainer", "Graph", "ModelError", "Result", "RuleSet", "RuleSyntaxError",
            "RulegraphError", "Target", "TargetError", "load"]

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RulegraphError, RulegraphWarning
-from .files import check_output, model_files, rule_files, write_bytes, write_with
-from .inputs import IMAGE_SUFFIXES, load_input  # noqa: F401  (load_input: the API's input reader)
+from .run.files import check_output, model_files, rule_files, write_bytes, write_with
+from .run.inputs import IMAGE_SUFFIXES, load_input  # noqa: F401  (load_input: the API's input reader)
 
 EXIT_OK, EXIT_VIOLATED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE
@@ -39,7 +39,7 @@ def _parse_target(text: str):
     if text == "argmax":
         return "argmax"
     if text.endswith(".npy"):
-        from .inputs import read_npy
+        from .run.inputs import read_npy
 
         if not Path(text).is_file():
             raise RulegraphError(f"--target {text}: no such seed file")
@@ -82,7 +82,7 @@ def _slices(text: str) -> tuple[slice, ...]:
 
 def target_of(args):
     """The target the explain options describe (``targets.Target``, or a seed array / class list)."""
-    from .targets import Target
+    from .compile.targets import Target
 
     cls = _parse_target(args.target)
     forms = {"at": tuple(_ints(args.at, "--at", "20 or 5,7")) if args.at else None,
@@ -132,7 +132,7 @@ def _explained(result, i: int) -> str:
 
 
 def cmd_explain(args) -> int:
-    from .explainer import Explainer
+    from .run.explainer import Explainer
     from .viz import heatmap_suffixes
 
     sources = _inputs_of(args)
@@ -158,7 +158,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .explainer import Explainer
+    from .run.explainer import Explainer
 
     check_output(args.o, _inputs_of(args), what="-o")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
@@ -171,8 +171,8 @@ def cmd_compile(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .check import check
-    from .explainer import Explainer
+    from .check.checks import check
+    from .run.explainer import Explainer
 
     sources = _inputs_of(args)
     if args.output_file:
@@ -196,7 +196,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_lint(args) -> int:
-    from . import dsl
+    from .lang import parse as dsl
 
     ruleset = dsl.load(args.rules)
     print(f"{args.rules}: ok ({len(ruleset.bindings)} bindings, quantity {ruleset.quantity}, bias {ruleset.bias})")
@@ -204,10 +204,10 @@ def cmd_lint(args) -> int:
 
 
 def cmd_ops(args) -> int:
-    from . import dsl
-    from .compile import assign, find_start, path_nodes
-    from .graph import load
-    from .unmatched import warn_unmatched
+    from .lang import parse as dsl
+    from .compile.build import assign, find_start, path_nodes
+    from .graph.read import load
+    from .compile.unmatched import warn_unmatched
 
     graph = load(args.model)
     ruleset = dsl.load(args.rules)
@@ -233,7 +233,7 @@ def cmd_ops(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .explainer import Explainer
+    from .run.explainer import Explainer
 
     models = bundled_models_dir()
     model, image = models / "digits_cnn.onnx", models / "digit_3.png"
@@ -260,7 +260,7 @@ def _heatmap_suffixes() -> list[str]:
 
 
 def _max_amplification(p, help_text: str) -> None:
-    from .amplification import DEFAULT_MAX_AMPLIFICATION
+    from .run.amplification import DEFAULT_MAX_AMPLIFICATION
 
     p.add_argument("--max-amplification", type=float, default=DEFAULT_MAX_AMPLIFICATION,
                    help=f"{help_text} (default {DEFAULT_MAX_AMPLIFICATION:g})")

@@ -10,7 +10,7 @@ def assert_conserves(model, rules, inputs=None, tolerance: float = 1e-3, samples
     node on the relevance path must have a rule, and every node's and the end-to-end leak must be
     at most ``tolerance`` relative to the start value (RULES.md §5).
     """
-    from .check import check
+    from .check.checks import check
 
     report = check(model, rules, x=inputs, samples=0 if inputs is not None else samples, tolerance=tolerance)
     if not report.ok:

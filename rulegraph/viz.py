@@ -72,7 +72,7 @@ def save_heatmap(attribution: np.ndarray, path: str | Path, size: int = 256, inp
     the file is written atomically and may not be one of ``inputs`` (``files.check_output``)."""
     from PIL import Image
 
-    from .files import check_output, write_with
+    from .run.files import check_output, write_with
 
     path = check_output(path, inputs, heatmap_suffixes(), "heatmap")
     rgb = heatmap_rgb(attribution)
@@ -85,6 +85,6 @@ def save_heatmap(attribution: np.ndarray, path: str | Path, size: int = 256, inp
 
 def load_image(path: str | Path, shape: list, scale: float = 1.0) -> np.ndarray:
     """An image file as a float32 [1, C, H, W] array in [0, scale] (``inputs.read_image``)."""
-    from .inputs import read_image
+    from .run.inputs import read_image
 
     return read_image(path, shape, scale)

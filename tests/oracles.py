@@ -21,10 +21,10 @@ from onnx.reference.ops._op import OpRunUnaryNum
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ConvTranspose
 from onnx.reference.ops.op_max_pool import MaxPool as _MaxPool
 
-from rulegraph import graph as G
-from rulegraph.compile import SEED, Compiled, compile_explainer
+from rulegraph.graph import read as G
+from rulegraph.compile.build import SEED, Compiled, compile_explainer
 from rulegraph.errors import Location
-from rulegraph.ruleset import Binding, RuleCall, RuleSet, Selector
+from rulegraph.lang.ruleset import Binding, RuleCall, RuleSet, Selector
 
 KINDS = ("linear", "nonlinear", "max", "route", "bilinear", "normalizing")
 #: Every kind bound to the gradient rule, importance quantity: saliency = the plain VJP.

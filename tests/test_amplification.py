@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from oracles import make_model
 
 from rulegraph import Explainer
-from rulegraph.amplification import DEFAULT_MAX_AMPLIFICATION
+from rulegraph.run.amplification import DEFAULT_MAX_AMPLIFICATION
 from rulegraph.check import check
 from rulegraph.cli import main
 from rulegraph.errors import RulegraphWarning

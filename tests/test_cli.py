@@ -11,7 +11,7 @@ import pytest
 
 from rulegraph import Explainer
 from rulegraph.cli import main
-from rulegraph.compile import TARGET
+from rulegraph.compile.build import TARGET
 
 ROOT = Path(__file__).resolve().parent.parent
 CNN = str(ROOT / "models" / "digits_cnn.onnx")

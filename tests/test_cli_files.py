@@ -20,7 +20,7 @@ from PIL import Image
 from rulegraph import Explainer, cli
 from rulegraph.cli import main
 from rulegraph.errors import RulegraphError, RulegraphWarning
-from rulegraph.files import atomic_write, check_output, model_files, write_with
+from rulegraph.run.files import atomic_write, check_output, model_files, write_with
 
 ROOT = Path(__file__).resolve().parent.parent
 CNN = ROOT / "models" / "digits_cnn.onnx"

@@ -41,14 +41,15 @@ from oracles import REFERENCE_FIXES, make_model, one_node
 from test_crosscheck import row_errors
 from test_equivalences import bias_free_cnn
 
-from rulegraph import Explainer, dsl
-from rulegraph import graph as G
+from rulegraph import Explainer
+from rulegraph.lang import parse as dsl
+from rulegraph.graph import read as G
 from rulegraph.check import check
-from rulegraph.compile import SEED, compile_explainer
+from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.errors import Location, ModelError
-from rulegraph.explainer import make_baseline
-from rulegraph.rules import RULES
-from rulegraph.ruleset import Binding, RuleCall, RuleSet, Selector
+from rulegraph.run.explainer import make_baseline
+from rulegraph.backward.rules import RULES
+from rulegraph.lang.ruleset import Binding, RuleCall, RuleSet, Selector
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Input Tensor 0 did not already require gradients:UserWarning",  # Captum sets it itself

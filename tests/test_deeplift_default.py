@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from test_crosscheck import row_errors
 
-from rulegraph import Explainer, dsl
+from rulegraph import Explainer
+from rulegraph.lang import parse as dsl
 
 TARGETS = [0, 1, 2, 3]
 

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lark import Tree
 
-from rulegraph import dsl
+from rulegraph.lang import parse as dsl
 from rulegraph.errors import RulegraphError, RuleSyntaxError
-from rulegraph.rules import RULES, Param, RuleSpec
-from rulegraph.ruleset import AmbiguousBinding, NodeInfo
+from rulegraph.backward.rules import RULES, Param, RuleSpec
+from rulegraph.lang.ruleset import AmbiguousBinding, NodeInfo
 
 GOLDEN = Path(__file__).parent / "golden" / "dsl"
 UPDATE = os.environ.get("RULEGRAPH_UPDATE_GOLDEN") == "1"

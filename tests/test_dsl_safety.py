@@ -11,7 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rulegraph import Explainer, cli, dsl, loops, rules
+from rulegraph import Explainer, cli
+from rulegraph.lang import parse as dsl
+from rulegraph.run import loops
+from rulegraph.backward import rules
 from rulegraph.errors import RulegraphError, RuleSyntaxError
 
 HEAD = "rulegraph 1\n"

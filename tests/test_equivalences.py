@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rulegraph import Explainer, dsl
+from rulegraph import Explainer
+from rulegraph.lang import parse as dsl
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

@@ -33,12 +33,13 @@ import pytest
 from onnx import TensorProto, helper
 from oracles import GRADIENT, check_vjp, make_model, one_node, reference_vjp, run
 
-from rulegraph import Explainer, dsl
-from rulegraph import graph as G
+from rulegraph import Explainer
+from rulegraph.lang import parse as dsl
+from rulegraph.graph import read as G
 from rulegraph.check import check
 from rulegraph.cli import main
-from rulegraph.compile import SEED, compile_explainer
-from rulegraph.fusion import PATTERNS, find_matches
+from rulegraph.compile.build import SEED, compile_explainer
+from rulegraph.graph.fuse import PATTERNS, find_matches
 
 SQRT2, K = math.sqrt(2.0), math.sqrt(2.0 / math.pi)
 X = [2, 5]

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from rulegraph import Explainer
 from rulegraph.cli import main
 from rulegraph.errors import RulegraphError
-from rulegraph.inputs import load_input
+from rulegraph.run.inputs import load_input
 
 ROOT = Path(__file__).resolve().parent.parent
 CNN = ROOT / "models" / "digits_cnn.onnx"

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer
-from rulegraph.compile import BASELINE_PREFIX, SEED, TARGET
+from rulegraph.compile.build import BASELINE_PREFIX, SEED, TARGET
 from rulegraph.errors import RulegraphError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,11 +11,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rulegraph import dsl
-from rulegraph.kinds import OP_KINDS
-from rulegraph.loops import LOOPS
-from rulegraph.rules import RULES
-from rulegraph.ruleset import KINDS, RuleSet
+from rulegraph.lang import parse as dsl
+from rulegraph.graph.kinds import OP_KINDS
+from rulegraph.run.loops import LOOPS
+from rulegraph.backward.rules import RULES
+from rulegraph.lang.ruleset import KINDS, RuleSet
 
 SECRET = "S3CRET-TOKEN-do-not-echo"
 #: examples per strategy (the README's "Fuzzed" line counts these)

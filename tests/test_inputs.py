@@ -18,7 +18,7 @@ from PIL import Image
 from rulegraph import Explainer
 from rulegraph.cli import main
 from rulegraph.errors import RulegraphError, RulegraphWarning
-from rulegraph.inputs import read_image, read_npy, read_npz
+from rulegraph.run.inputs import read_image, read_npy, read_npz
 from rulegraph.viz import bars_rgb
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer, RulegraphError
-from rulegraph.loops import IG_REFUSED, noise_sigma, quadrature, smoothgrad_noise
+from rulegraph.run.loops import IG_REFUSED, noise_sigma, quadrature, smoothgrad_noise
 
 RNG = np.random.default_rng(7)
 W1, B1 = RNG.normal(size=(3, 5)), RNG.normal(size=5) * 0.3

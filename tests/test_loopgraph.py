@@ -15,11 +15,11 @@ from test_loop_compositions import tiny_mlp
 
 from rulegraph import Explainer, RulegraphError
 from rulegraph.cli import main
-from rulegraph.compile import BASELINE_PREFIX, TARGET
-from rulegraph.explainer import make_baseline
-from rulegraph.loopgraph import NOISE_PREFIX, compile_loop
-from rulegraph.loops import IG_REFUSED, LOOPS, smoothgrad_noise
-from rulegraph.ruleset import RuleCall
+from rulegraph.compile.build import BASELINE_PREFIX, TARGET
+from rulegraph.run.explainer import make_baseline
+from rulegraph.run.loopgraph import NOISE_PREFIX, compile_loop
+from rulegraph.run.loops import IG_REFUSED, LOOPS, smoothgrad_noise
+from rulegraph.lang.ruleset import RuleCall
 
 ROOT = Path(__file__).resolve().parent.parent
 CNN = ROOT / "models" / "digits_cnn.onnx"
@@ -197,8 +197,8 @@ def test_loop_model_of_the_ppocr_classifier():
     """PP-OCR's text-direction classifier (batch axis written as -1, spatial axes free): SmoothGrad's
     loop model equals the mean of the plain compiled pass over the same noisy copies, both run by
     plain onnxruntime; occlusion, which needs a fixed spatial size, is refused by name."""
-    from rulegraph.compile import TARGET as PLAIN_TARGET
-    from rulegraph.loops import noise_sigma
+    from rulegraph.compile.build import TARGET as PLAIN_TARGET
+    from rulegraph.run.loops import noise_sigma
 
     explainer = Explainer(ROOT / "tests" / "data" / "ppocr" / "ch_ppocr_mobile_v2.0_cls_infer.onnx",
                           "gradient")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rulegraph import Explainer, RulegraphError
-from rulegraph.loops import quadrature
+from rulegraph.run.loops import quadrature
 
 ROOT = Path(__file__).resolve().parent.parent
 CNN = ROOT / "models" / "digits_cnn.onnx"
@@ -96,7 +96,8 @@ def test_occlusion_matches_captum(patch, stride):
 
 
 def test_rule_file_loop_header(tmp_path):
-    from rulegraph import RuleSyntaxError, dsl
+    from rulegraph import RuleSyntaxError
+    from rulegraph.lang import parse as dsl
 
     ig = dsl.load("integrated-gradients")
     assert ig.loop.name == "integrated_gradients" and ig.loop.params == {"steps": 50.0, "method": "gausslegendre"}

@@ -19,9 +19,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer, Target
-from rulegraph.compile import BASELINE_PREFIX, SEED, TARGET
+from rulegraph.compile.build import BASELINE_PREFIX, SEED, TARGET
 from rulegraph.errors import InternalError, ModelError, RulegraphError
-from rulegraph.runtime import translate
+from rulegraph.run.runtime import translate
 
 W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 5.5) / 4
 X = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)

@@ -15,9 +15,10 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from rulegraph import RulegraphError, dsl
-from rulegraph import graph as G
-from rulegraph.probes import BATCH, BATCHES, PROBES, ProbeResult, run_probe, run_probes
+from rulegraph import RulegraphError
+from rulegraph.lang import parse as dsl
+from rulegraph.graph import read as G
+from rulegraph.check.probes import BATCH, BATCHES, PROBES, ProbeResult, run_probe, run_probes
 
 SOURCE = "probe.rules"
 

@@ -12,10 +12,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from rulegraph import graph as G
-from rulegraph.compile import SEED, compile_explainer
+from rulegraph.graph import read as G
+from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.errors import Location
-from rulegraph.ruleset import Binding, RuleCall, RuleSet, Selector
+from rulegraph.lang.ruleset import Binding, RuleCall, RuleSet, Selector
 
 LOC = Location("test.rules", 1, 1)
 RNG = np.random.default_rng(0)

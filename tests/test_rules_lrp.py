@@ -25,10 +25,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import rulegraph
-from rulegraph import dsl
-from rulegraph import graph as G
+from rulegraph.lang import parse as dsl
+from rulegraph.graph import read as G
 from rulegraph.check import check
-from rulegraph.compile import SEED, assign, compile_explainer, path_nodes
+from rulegraph.compile.build import SEED, assign, compile_explainer, path_nodes
 from rulegraph.errors import ModelError, RuleSyntaxError
 
 ROOT = Path(__file__).resolve().parent.parent

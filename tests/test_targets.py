@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer, Target
 from rulegraph.cli import main
-from rulegraph.compile import CLASS, POSITIONS, TARGET
-from rulegraph.targets import TargetError
+from rulegraph.compile.build import CLASS, POSITIONS, TARGET
+from rulegraph.compile.targets import TargetError
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(7)
@@ -157,7 +157,7 @@ def test_batch_folded_by_flatten_starts_before_the_fold():
 def test_row_sums_of_a_folded_batchnorm():
     """BatchNorm on [N·T, C] inside the path (the start is the output, [N, T, C] again): its node
     sums are per row [N], against a float64 replica of the softmax-probability gradient."""
-    from rulegraph import dsl
+    from rulegraph.lang import parse as dsl
 
     rules = dsl.parse("rulegraph 1\nquantity importance\nbias blame\nlinear -> gradient\nroute -> gradient\n"
                       "normalizing -> gradient\n", source="t.rules")

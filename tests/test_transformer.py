@@ -21,10 +21,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import rulegraph
-from rulegraph import dsl
-from rulegraph import graph as G
+from rulegraph.lang import parse as dsl
+from rulegraph.graph import read as G
 from rulegraph.check import check, static
-from rulegraph.compile import SEED, compile_explainer
+from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.errors import ModelError
 
 D, F, I64 = TensorProto.DOUBLE, TensorProto.FLOAT, TensorProto.INT64

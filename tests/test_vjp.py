@@ -22,9 +22,9 @@ from onnx import TensorProto, helper
 from oracles import GRADIENT, check_vjp, compile_seed, make_model, one_node, run
 
 from rulegraph import Explainer, ModelError
-from rulegraph.compile import SEED
+from rulegraph.compile.build import SEED
 from rulegraph.errors import Location
-from rulegraph.ruleset import Binding, RuleCall, RuleSet, Selector
+from rulegraph.lang.ruleset import Binding, RuleCall, RuleSet, Selector
 
 W = np.random.default_rng(1234)   # constant operands (weights), fixed at collection time
 INT64_MAX = np.iinfo(np.int64).max

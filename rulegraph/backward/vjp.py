@@ -21,8 +21,8 @@ import numpy as np
 from onnx import numpy_helper
 
 from .emit import Tape
-from .errors import ModelError
-from .graph import Graph, Node
+from ..errors import ModelError
+from ..graph.read import Graph, Node
 
 INT64_MAX = np.iinfo(np.int64).max
 

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import TensorProto, helper
 
-from .emit import Tape
-from .graph import Graph, Node, link
+from ..backward.emit import Tape
+from .read import Graph, Node, link
 from .kinds import kind_of
-from .vjp import VJPS, VjpContext, registrar, unbroadcast
+from ..backward.vjp import VJPS, VjpContext, registrar, unbroadcast
 
 #: largest difference allowed between a pattern's constant and the expected one (relative to it
 #: when it is larger than 1); float32 stores √2, 1/6 and 0.044715 to within 1e-7

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RulegraphError, RulegraphWarning
+from ..errors import RulegraphError, RulegraphWarning
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 #: the most bytes one .npz may decompress to (a zip bomb is refused before it is inflated)

@@ -34,17 +34,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .emit import Tape, free_name, free_prefix
-from .errors import CoverageError, InternalError, ModelError, RulegraphError
-from .fusion import emit_copy, evaluate, vjp_of
-from .graph import Graph, Node
-from .kinds import NORMALIZING, ROUTE
-from . import unsupported
-from .model_check import explainer_metadata
-from .rules import RULES
-from .ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
+from ..backward.emit import Tape, free_name, free_prefix
+from ..errors import CoverageError, InternalError, ModelError, RulegraphError
+from ..graph.fuse import emit_copy, evaluate, vjp_of
+from ..graph.read import Graph, Node
+from ..graph.kinds import NORMALIZING, ROUTE
+from ..backward import unsupported
+from ..graph.model_check import explainer_metadata
+from ..backward.rules import RULES
+from ..lang.ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
 from .targets import StartSpec, batch_dim, relocate, start_spec
-from .vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
+from ..backward.vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
 
 TARGET = "rulegraph/target"
 SEED = "rulegraph/seed"

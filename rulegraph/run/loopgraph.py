@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .compile import BASELINE_PREFIX, TARGET
-from .emit import Tape
-from .errors import InternalError, RulegraphError
+from ..compile.build import BASELINE_PREFIX, TARGET
+from ..backward.emit import Tape
+from ..errors import InternalError, RulegraphError
 from .loops import quadrature, refuse_integrated_gradients
 
 NOISE_PREFIX = "rulegraph/noise/"

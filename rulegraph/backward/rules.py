@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .kinds import BILINEAR, LINEAR, MAX, NONLINEAR, NORMALIZING, ROUTE
+from ..graph.kinds import BILINEAR, LINEAR, MAX, NONLINEAR, NORMALIZING, ROUTE
 
 EXACT, APPROXIMATE, LEAKS_BIAS, NONE = "exact", "approximate", "leaks bias", "none"
 ALL_KINDS = frozenset({LINEAR, NONLINEAR, MAX, ROUTE, BILINEAR, NORMALIZING})

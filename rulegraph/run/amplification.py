@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from .errors import RulegraphWarning
+from ..errors import RulegraphWarning
 
 DEFAULT_MAX_AMPLIFICATION = 100.0
 #: ``explain`` warns about rows whose map accounts for the value explained (|relative delta| at most

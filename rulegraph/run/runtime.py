@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import ModelError, RuntimeMissingError
+from ..errors import ModelError, RuntimeMissingError
 
 INSTALL_HINT = ("rulegraph needs onnxruntime: install `rulegraph[cpu]` (onnxruntime) or "
                 "`rulegraph[gpu]` (onnxruntime-gpu, CUDA 13); not both, they clobber each other")

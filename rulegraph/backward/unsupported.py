@@ -25,9 +25,9 @@ def unsupported(ctx) -> list[str | None]:
 def bundled_files_for(kind: str, op_type: str) -> tuple[str, ...]:
     """The bundled rule files whose bindings give an op of ``op_type`` and ``kind`` a rule that
     accepts it (not ``unsupported``, not ``start``)."""
-    from . import dsl
+    from ..lang import parse as dsl
     from .rules import RULES
-    from .ruleset import AmbiguousBinding, NodeInfo
+    from ..lang.ruleset import AmbiguousBinding, NodeInfo
 
     names = []
     for name in dsl.bundled_rule_names():

@@ -12,9 +12,9 @@ import difflib
 import fnmatch
 import warnings
 
-from .errors import RulegraphError, RulegraphWarning
-from .graph import Graph
-from .ruleset import Binding, RuleSet, Selector, matches
+from ..errors import RulegraphError, RulegraphWarning
+from ..graph.read import Graph
+from ..lang.ruleset import Binding, RuleSet, Selector, matches
 
 #: how many close node names a warning suggests
 SUGGESTIONS = 3
@@ -24,7 +24,7 @@ def unmatched(ruleset: RuleSet, path_names: list[str], all_names: list[str]) -> 
     """The ``node`` bindings that match none of ``path_names`` (the nodes on the relevance path);
     ``node "x" -> start`` is matched by any node in ``all_names`` (the start node itself precedes
     the path: relevance starts at its input)."""
-    from .ruleset import NodeInfo
+    from ..lang.ruleset import NodeInfo
 
     path = [NodeInfo(name, "", "") for name in path_names]
     everywhere = [NodeInfo(name, "", "") for name in all_names]
@@ -53,7 +53,7 @@ def warn_unmatched(graph: Graph, ruleset: RuleSet, output: str | None = None,
 
     Says nothing when the start cannot be found: the command reports that error itself.
     """
-    from .compile import find_start, path_nodes
+    from .build import find_start, path_nodes
 
     if not any(b.selector.form == "node" for b in ruleset.bindings):
         return

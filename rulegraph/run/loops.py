@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import RulegraphError
-from .rules import Param, RuleSpec
+from ..errors import RulegraphError
+from ..backward.rules import Param, RuleSpec
 
 QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 

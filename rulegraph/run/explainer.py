@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import graph as graph_mod
+from ..graph import read as graph_mod
 from . import runtime
-from . import targets as targets_mod
+from ..compile import targets as targets_mod
 from .amplification import DEFAULT_MAX_AMPLIFICATION, quiet, warn_if_amplified
-from .compile import Compiled, compile_explainer, find_start
-from .errors import InternalError, ModelError, RulegraphError
-from .ruleset import RuleSet
-from .targets import Target, TargetError
-from .unmatched import warn_unmatched
+from ..compile.build import Compiled, compile_explainer, find_start
+from ..errors import InternalError, ModelError, RulegraphError
+from ..lang.ruleset import RuleSet
+from ..compile.targets import Target, TargetError
+from ..compile.unmatched import warn_unmatched
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Result:
 def _load_rules(rules: str | Path | RuleSet) -> RuleSet:
     if isinstance(rules, RuleSet):
         return rules
-    from . import dsl
+    from ..lang import parse as dsl
 
     return dsl.load(rules)
 
@@ -279,7 +279,7 @@ class Explainer:
     def _loop(self, name: str | None, params: dict):
         """The loop to run: the one named here (with ``params``), else the rule file's, else None."""
         from .loops import LOOPS
-        from .ruleset import RuleCall
+        from ..lang.ruleset import RuleCall
 
         if name is None:
             return getattr(self.ruleset, "loop", None)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import ModelError, node_ref
+from ..errors import ModelError, node_ref
 
 LEGACY_OPS = ("Upsample", "Resize")
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import ModelError, did_you_mean, node_ref
+from ..errors import ModelError, did_you_mean, node_ref
 
 #: metadata key of a compiled explainer: the original model's outputs, a JSON list
 EXPLAINER_KEY = "rulegraph.explainer_of"
@@ -63,7 +63,7 @@ def _first_lines(text: str, n: int = 4) -> str:
 
 
 def _refuse_explainer(proto: onnx.ModelProto) -> None:
-    from .compile import SEED, TARGET
+    from ..compile.build import SEED, TARGET
 
     meta = {p.key: p.value for p in proto.metadata_props}
     inputs = [i.name for i in proto.graph.input]

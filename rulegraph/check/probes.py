@@ -38,10 +38,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .compile import assign, find_start, path_nodes
-from .errors import RulegraphError, RulegraphWarning
-from .explainer import Explainer, Result
-from .ruleset import Binding, RuleSet
+from ..compile.build import assign, find_start, path_nodes
+from ..errors import RulegraphError, RulegraphWarning
+from ..run.explainer import Explainer, Result
+from ..lang.ruleset import Binding, RuleSet
 
 OPSET = 17
 #: Gelu is an ONNX op from opset 20 on.
@@ -324,7 +324,7 @@ def _gelu_fused_vs_decomposed(rng):
 def _load(rules: str | Path | RuleSet) -> RuleSet:
     if isinstance(rules, RuleSet):
         return rules
-    from . import dsl
+    from ..lang import parse as dsl
 
     return dsl.load(rules)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import RulegraphError
+from ..errors import RulegraphError
 
 
 def model_files(model, outputs: Iterable[str | os.PathLike] = ()) -> list[Path]:

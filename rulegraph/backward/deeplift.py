@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .kinds import BILINEAR, LINEAR, MAX, NONLINEAR, ROUTE
+from ..graph.kinds import BILINEAR, LINEAR, MAX, NONLINEAR, ROUTE
 from .rules import EXACT, Param, rule
 from .vjp import VJPS, VjpContext, _spatial_attrs, first_max_masks, positions, unbroadcast
 

@@ -16,15 +16,15 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
-from . import amplification
-from .compile import Assignment, RuleContext, assign, find_start, path_nodes
-from .emit import Tape
-from .errors import RulegraphError
-from .graph import Graph
-from .kinds import LINEAR, ROUTE
-from .rules import APPROXIMATE, EXACT, LEAKS_BIAS, NONE, RULES
-from .ruleset import RuleSet
-from .vjp import VjpContext
+from ..run import amplification
+from ..compile.build import Assignment, RuleContext, assign, find_start, path_nodes
+from ..backward.emit import Tape
+from ..errors import RulegraphError
+from ..graph.read import Graph
+from ..graph.kinds import LINEAR, ROUTE
+from ..backward.rules import APPROXIMATE, EXACT, LEAKS_BIAS, NONE, RULES
+from ..lang.ruleset import RuleSet
+from ..backward.vjp import VjpContext
 
 SCHEMA_VERSION = 1
 COUNTED_BIAS = ("blame", "total")  # policies under which bias shares count towards conservation
@@ -406,7 +406,7 @@ def check(model, rules, x=None, samples: int = 0, tolerance: float = 1e-3, probe
           max_amplification: float = amplification.DEFAULT_MAX_AMPLIFICATION) -> Report:
     """Run every check that applies: static always, measured with inputs (``x`` or ``samples``):
     conservation and amplification (fails above ``max_amplification``); consistency probes when asked."""
-    from .explainer import Explainer
+    from ..run.explainer import Explainer
 
     explainer = Explainer(model, rules, providers=providers, output=output, start=start)
     explainer.allow_nonfinite = True  # a NaN/Inf input is measured and named as the cause (Report.nonfinite)

@@ -47,9 +47,9 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput
 
 from . import ruleset
-from .errors import Location, RulegraphError, RuleSyntaxError, did_you_mean
-from .kinds import BILINEAR, BILINEAR_WHEN_ALL_ACTIVE, OP_KINDS
-from .rules import RULES, float32_problem
+from ..errors import Location, RulegraphError, RuleSyntaxError, did_you_mean
+from ..graph.kinds import BILINEAR, BILINEAR_WHEN_ALL_ACTIVE, OP_KINDS
+from ..backward.rules import RULES, float32_problem
 from .ruleset import KINDS, Binding, RuleCall, RuleSet, Selector
 
 VERSION = 1
@@ -69,7 +69,7 @@ _located = v_args(meta=True, inline=True)
 
 def bundled_rules_dir() -> Path:
     """The folder of the rule files shipped with rulegraph (inside the package once installed)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the rulegraph package
     for folder in (here.parent / "rules", here / "bundled_rules"):
         if folder.is_dir() and any(folder.glob("*" + SUFFIX)):
             return folder
@@ -471,7 +471,7 @@ class _Builder(Transformer):
 
     @_located
     def loop(self, meta, call) -> _Header:
-        from .loops import LOOPS
+        from ..run.loops import LOOPS
 
         _, resolved, _ = self._resolve(call, LOOPS, "loop")
         return _Header("loop", resolved, self._loc(meta))

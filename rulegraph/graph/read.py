@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import ModelError, node_ref
+from ..errors import ModelError, node_ref
 from .kinds import OP_KINDS, kind_of
 from .legacy_resize import restore_legacy_resize
 from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
@@ -146,7 +146,7 @@ def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str 
     except ModelError as exc:
         raise ModelError(f"{where}{exc}") from exc
     if fuse:
-        from .fusion import fuse_patterns
+        from .fuse import fuse_patterns
 
         fuse_patterns(graph)
     return graph
@@ -355,7 +355,7 @@ def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray
                               ir_version=max(8, helper.find_min_ir_version_for([helper.make_opsetid("", opset)])))
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-        from .runtime import ort
+        from ..run.runtime import ort
 
         session = ort().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         values = session.run(names, feeds)

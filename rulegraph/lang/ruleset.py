@@ -22,7 +22,7 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import Location
+from ..errors import Location
 
 KINDS = ("linear", "nonlinear", "max", "route", "bilinear", "normalizing")
 QUANTITIES = ("relevance", "importance", "difference")

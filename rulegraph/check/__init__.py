@@ -1,0 +1,8 @@
+"""Stage 6, checking a rule file against a model: static, measured, probes, reports.
+
+``from rulegraph.check import check`` is public API.
+"""
+
+from .checks import Report, check, static
+
+__all__ = ["Report", "check", "static"]
