@@ -206,7 +206,7 @@ def _row(name: str, build, dynamo: bool) -> dict:
 
 def without_eps(transformer: bool):
     """The LRP file with every ε set to 0 (LRP-0): what is left of a leak is float rounding."""
-    from rulegraph.lang import parse as dsl
+    from rulegraph.run import rulefiles as dsl
 
     if not transformer:
         return "lrp-0"

@@ -6,7 +6,7 @@ compiles model + rules into one ONNX model computing the forward and the relevan
 
 from .errors import CoverageError, ModelError, RulegraphError, RuleSyntaxError
 from .run.explainer import Explainer, Result
-from .graph.read import Graph, load
+from .graph import Graph, load
 from .lang.ruleset import RuleSet
 from .compile.targets import Target, TargetError
 

@@ -196,7 +196,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_lint(args) -> int:
-    from .lang import parse as dsl
+    from .run import rulefiles as dsl
 
     ruleset = dsl.load(args.rules)
     print(f"{args.rules}: ok ({len(ruleset.bindings)} bindings, quantity {ruleset.quantity}, bias {ruleset.bias})")
@@ -204,9 +204,9 @@ def cmd_lint(args) -> int:
 
 
 def cmd_ops(args) -> int:
-    from .lang import parse as dsl
+    from .run import rulefiles as dsl
     from .compile.build import assign, find_start, path_nodes
-    from .graph.read import load
+    from .graph import load
     from .compile.unmatched import warn_unmatched
 
     graph = load(args.model)

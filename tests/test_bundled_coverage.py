@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import rulegraph
-from rulegraph.lang import parse as dsl
+from rulegraph.run import rulefiles as dsl
 from rulegraph.check import check
 from rulegraph.errors import CoverageError, RulegraphWarning
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rulegraph.lang import parse as dsl
+from rulegraph.run import rulefiles as dsl
 from rulegraph.check import check
 from rulegraph.cli import main
 from rulegraph.testing import assert_conserves

@@ -42,12 +42,12 @@ from test_crosscheck import row_errors
 from test_equivalences import bias_free_cnn
 
 from rulegraph import Explainer
-from rulegraph.lang import parse as dsl
-from rulegraph.graph import read as G
+from rulegraph.run import rulefiles as dsl
+from rulegraph import graph as G
 from rulegraph.check import check
 from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.errors import Location, ModelError
-from rulegraph.run.explainer import make_baseline
+from rulegraph.run.baselines import make_baseline
 from rulegraph.backward.rules import RULES
 from rulegraph.lang.ruleset import Binding, RuleCall, RuleSet, Selector
 

@@ -11,7 +11,7 @@ import pytest
 from test_crosscheck import row_errors
 
 from rulegraph import Explainer
-from rulegraph.lang import parse as dsl
+from rulegraph.run import rulefiles as dsl
 
 TARGETS = [0, 1, 2, 3]
 

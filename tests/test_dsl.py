@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lark import Tree
 
-from rulegraph.lang import parse as dsl
+from rulegraph.lang import parse as lang_parse
+from rulegraph.run import rulefiles as dsl
 from rulegraph.errors import RulegraphError, RuleSyntaxError
 from rulegraph.backward.rules import RULES, Param, RuleSpec
 from rulegraph.lang.ruleset import AmbiguousBinding, NodeInfo
@@ -292,7 +293,7 @@ def seed_rules(monkeypatch):
             monkeypatch.delitem(RULES, name)
     monkeypatch.setitem(RULES, "zbox", ZBOX)
     seed_files = ["deconvnet", "gradient", "gradient-x-input", "lrp-0", "lrp-epsilon"]
-    monkeypatch.setattr(dsl, "bundled_rule_names", lambda: seed_files)  # new files keep goldens stable
+    monkeypatch.setattr(lang_parse, "bundled_rule_names", lambda: seed_files)  # new files keep goldens stable
 
 
 @pytest.mark.parametrize("name, files", GOLDEN_CASES, ids=[row[0] for row in GOLDEN_CASES])
@@ -334,15 +335,15 @@ def test_never_a_lark_error(text):
 
 
 def test_unhandled_grammar_rule_fails_loudly():
-    builder = dsl._Builder("x.rules", [], None, set())
+    builder = lang_parse._Builder("x.rules", [], None, set())
     with pytest.raises(AssertionError, match="no transformer method for grammar rule 'mystery'"):
         builder.transform(Tree("mystery", []))
 
 
 def test_every_grammar_rule_has_a_transformer_method():
-    names = {rule.alias or rule.origin.name for rule in dsl._parser().rules}
+    names = {rule.alias or rule.origin.name for rule in lang_parse._parser().rules}
     names = {str(n) for n in names if not str(n).startswith("_")}
-    assert names and all(callable(getattr(dsl._Builder, n, None)) for n in names)
+    assert names and all(callable(getattr(lang_parse._Builder, n, None)) for n in names)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rulegraph import Explainer, cli
-from rulegraph.lang import parse as dsl
+from rulegraph.lang import parse as lang_parse
+from rulegraph.run import rulefiles as dsl
 from rulegraph.run import loops
-from rulegraph.backward import rules
+from rulegraph.backward import lrp, table
 from rulegraph.errors import RulegraphError, RuleSyntaxError
 
 HEAD = "rulegraph 1\n"
@@ -39,8 +40,8 @@ def _bad_lines(n: int) -> str:
 
 
 def _parsed_characters(monkeypatch, text: str) -> tuple[int, RuleSyntaxError]:
-    counting = _CountingParser(dsl._parser())
-    monkeypatch.setattr(dsl, "_parser", lambda: counting)
+    counting = _CountingParser(lang_parse._parser())
+    monkeypatch.setattr(lang_parse, "_parser", lambda: counting)
     with pytest.raises(RuleSyntaxError) as err:
         dsl.parse(text, "x.rules")
     return counting.characters, err.value
@@ -186,13 +187,13 @@ NUMBER_ERRORS = [
     ("eps beyond float32", BINDING + "normalized(eps = 1e39)\n", "x.rules:2:28",
      "number 1e39 for 'eps': must be a finite float32 number"),
     ("eps above its bound", BINDING + "normalized(eps = 1e20)\n", "x.rules:2:11",
-     f"parameter 'eps' of rule 'normalized': must be <= {rules.EPS_MAX:g}, got 1e+20"),
+     f"parameter 'eps' of rule 'normalized': must be <= {table.EPS_MAX:g}, got 1e+20"),
     ("eps that float32 turns to 0", BINDING + "normalized(eps = 1e-50)\n", "x.rules:2:28",
      "1e-50 is below float32's smallest normal magnitude"),
     ("eps of an LRP weight rule", BINDING + "zplus(eps = 20000)\n", "x.rules:2:11",
-     f"parameter 'eps' of rule 'zplus': must be <= {rules.EPS_MAX:g}"),
+     f"parameter 'eps' of rule 'zplus': must be <= {table.EPS_MAX:g}"),
     ("eps of a transformer rule", "rulegraph 1\nbilinear -> uniform(eps = 1e5)\n", "x.rules:2:13",
-     f"parameter 'eps' of rule 'uniform': must be <= {rules.EPS_MAX:g}"),
+     f"parameter 'eps' of rule 'uniform': must be <= {table.EPS_MAX:g}"),
     ("gamma beyond float32", BINDING + "gamma(gamma = 1e39)\n", "x.rules:2:25",
      "number 1e39 for 'gamma': must be a finite float32 number"),
     ("gamma above its bound", BINDING + "gamma(gamma = 1e30)\n", "x.rules:2:11",
@@ -247,8 +248,8 @@ def test_a_number_is_accepted_exactly_when_float32_holds_it(v):
 
 
 @pytest.mark.parametrize("text, value", [
-    (BINDING + f"normalized(eps = {rules.EPS_MAX:g})\n", rules.EPS_MAX),
-    (BINDING + f"gamma(gamma = {rules.GAMMA_MAX:.0f})\n", rules.GAMMA_MAX),
+    (BINDING + f"normalized(eps = {table.EPS_MAX:g})\n", table.EPS_MAX),
+    (BINDING + f"gamma(gamma = {lrp.GAMMA_MAX:.0f})\n", lrp.GAMMA_MAX),
     (BINDING + "alpha_beta(alpha = 2, beta = 1)\n", 2.0),
     (f"rulegraph 1\nloop integrated_gradients(steps = {loops.MAX_STEPS})\n", loops.MAX_STEPS),
 ])

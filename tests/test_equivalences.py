@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer
-from rulegraph.lang import parse as dsl
+from rulegraph.run import rulefiles as dsl
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

@@ -34,8 +34,8 @@ from onnx import TensorProto, helper
 from oracles import GRADIENT, check_vjp, make_model, one_node, reference_vjp, run
 
 from rulegraph import Explainer
-from rulegraph.lang import parse as dsl
-from rulegraph.graph import read as G
+from rulegraph.run import rulefiles as dsl
+from rulegraph import graph as G
 from rulegraph.check import check
 from rulegraph.cli import main
 from rulegraph.compile.build import SEED, compile_explainer

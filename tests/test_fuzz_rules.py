@@ -11,7 +11,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rulegraph.lang import parse as dsl
+from rulegraph.errors import RuleSyntaxError
+from rulegraph.run import rulefiles as dsl
 from rulegraph.graph.kinds import OP_KINDS
 from rulegraph.run.loops import LOOPS
 from rulegraph.backward.rules import RULES
@@ -32,7 +33,7 @@ def _outcome(run, lines: int) -> object:
     """Run a parse; a RuleSyntaxError must place every problem in the file(s) read."""
     try:
         result = run()
-    except dsl.RuleSyntaxError as err:
+    except RuleSyntaxError as err:
         assert err.problems
         for location, message in err.problems:
             assert location.line >= 1 and location.column >= 1 and message
@@ -152,7 +153,7 @@ def test_random_includes_never_echo_other_files(files):
         for name, text in files.items():
             (root / name).write_text(text)
         outcome = _outcome(lambda: dsl.load(root / "main.rules"), 0)
-        if isinstance(outcome, dsl.RuleSyntaxError):
+        if isinstance(outcome, RuleSyntaxError):
             shown = str(outcome)
             for location, _ in outcome.problems:
                 if SECRET in location.source_line:  # only a rule file's own line, written above

@@ -97,7 +97,7 @@ def test_occlusion_matches_captum(patch, stride):
 
 def test_rule_file_loop_header(tmp_path):
     from rulegraph import RuleSyntaxError
-    from rulegraph.lang import parse as dsl
+    from rulegraph.run import rulefiles as dsl
 
     ig = dsl.load("integrated-gradients")
     assert ig.loop.name == "integrated_gradients" and ig.loop.params == {"steps": 50.0, "method": "gausslegendre"}

@@ -16,8 +16,8 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from rulegraph import RulegraphError
-from rulegraph.lang import parse as dsl
-from rulegraph.graph import read as G
+from rulegraph.run import rulefiles as dsl
+from rulegraph import graph as G
 from rulegraph.check.probes import BATCH, BATCHES, PROBES, ProbeResult, run_probe, run_probes
 
 SOURCE = "probe.rules"

@@ -25,8 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import rulegraph
-from rulegraph.lang import parse as dsl
-from rulegraph.graph import read as G
+from rulegraph.run import rulefiles as dsl
+from rulegraph import graph as G
 from rulegraph.check import check
 from rulegraph.compile.build import SEED, assign, compile_explainer, path_nodes
 from rulegraph.errors import ModelError, RuleSyntaxError

@@ -157,7 +157,7 @@ def test_batch_folded_by_flatten_starts_before_the_fold():
 def test_row_sums_of_a_folded_batchnorm():
     """BatchNorm on [N·T, C] inside the path (the start is the output, [N, T, C] again): its node
     sums are per row [N], against a float64 replica of the softmax-probability gradient."""
-    from rulegraph.lang import parse as dsl
+    from rulegraph.run import rulefiles as dsl
 
     rules = dsl.parse("rulegraph 1\nquantity importance\nbias blame\nlinear -> gradient\nroute -> gradient\n"
                       "normalizing -> gradient\n", source="t.rules")

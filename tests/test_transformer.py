@@ -21,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import rulegraph
-from rulegraph.lang import parse as dsl
-from rulegraph.graph import read as G
+from rulegraph.run import rulefiles as dsl
+from rulegraph import graph as G
 from rulegraph.check import check, static
 from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.errors import ModelError

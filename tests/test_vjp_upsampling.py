@@ -277,7 +277,7 @@ LRP0 = "rulegraph 1\nquantity relevance\nbias blame\nstart one\nlinear -> normal
 def test_normalized_eps0_conserves_on_extrapolating_resize(mode):
     """``R_i = Σ_j x_i J_ji a_j / y_j`` and the bias ``f(0)_j a_j / y_j`` (J and f(0) from onnxruntime):
     Σ R + bias share = Σ a(y), to float32 accuracy."""
-    from rulegraph.lang import parse as dsl
+    from rulegraph.run import rulefiles as dsl
 
     row = rs(f"lrp0-{mode}", [1, 1, 4, 5], floats(1, 1, 1.6, 0.8), roi=floats(0, 0, -0.2, 0.1, 1, 1, 0.9, 1.3),
              mode=mode, coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=2.5)

@@ -29,7 +29,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..graph.kinds import BILINEAR, LINEAR, MAX, NONLINEAR, ROUTE
-from .rules import EXACT, Param, rule
+from .table import EXACT, Param, rule
 from .vjp import VJPS, VjpContext, _spatial_attrs, first_max_masks, positions, unbroadcast
 
 MAX_VARIANTS: dict[str, dict[str, Callable]] = {"softness": {}, "relu": {}}

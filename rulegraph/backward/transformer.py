@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from ..graph.read import Graph
 from ..graph.kinds import BILINEAR, NORMALIZING, ROUTE
-from .rules import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
+from .table import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
 from .vjp import _layer_norm_stats, layer_norm_axes, unbroadcast
 
 _EPS = Param("eps", 1e-6, _stabilizer, "the stabilizer epsilon")

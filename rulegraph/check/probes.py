@@ -324,7 +324,7 @@ def _gelu_fused_vs_decomposed(rng):
 def _load(rules: str | Path | RuleSet) -> RuleSet:
     if isinstance(rules, RuleSet):
         return rules
-    from ..lang import parse as dsl
+    from ..run import rulefiles as dsl
 
     return dsl.load(rules)
 

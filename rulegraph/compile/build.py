@@ -36,18 +36,17 @@ from onnx import TensorProto, helper
 
 from ..backward.emit import Tape, free_name, free_prefix
 from ..errors import CoverageError, InternalError, ModelError, RulegraphError
-from ..graph.fuse import emit_copy, evaluate, vjp_of
+from ..backward.fused import emit_copy, evaluate, vjp_of
 from ..graph.read import Graph, Node
 from ..graph.kinds import NORMALIZING, ROUTE
 from ..backward import unsupported
-from ..graph.model_check import explainer_metadata
+from .refusal import refusal
+from ..graph.model_check import SEED, TARGET, explainer_metadata  # noqa: F401  (SEED, TARGET: the explainer's inputs)
 from ..backward.rules import RULES
 from ..lang.ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
 from .targets import StartSpec, batch_dim, relocate, start_spec
 from ..backward.vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
 
-TARGET = "rulegraph/target"
-SEED = "rulegraph/seed"
 POSITIONS = "rulegraph/positions"
 CLASS = "rulegraph/class"   # output: int64 [N], the class explained per row
 BASELINE_PREFIX = "rulegraph/baseline/"
@@ -309,7 +308,7 @@ def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> lis
             continue
         problem = _problem(n, binding, ruleset.quantity)
         if problem is None and binding is not None and binding.rule.name == unsupported.NAME:
-            problem = unsupported.refusal(n, binding, ruleset.source)
+            problem = refusal(n, binding, ruleset.source)
         out.append(Assignment(n, binding, True, problem))
     return out
 

@@ -2,3 +2,8 @@
 
 Knows nothing of rules; imports only ``rulegraph.errors``.
 """
+
+from .load import load
+from .read import Graph, Node
+
+__all__ = ["Graph", "Node", "load"]

@@ -20,6 +20,10 @@ from onnx import TensorProto, helper
 
 from ..errors import ModelError, did_you_mean, node_ref
 
+#: the inputs a compiled explainer takes (``compile/build.py``): a model that has one is an explainer
+TARGET = "rulegraph/target"
+SEED = "rulegraph/seed"
+
 #: metadata key of a compiled explainer: the original model's outputs, a JSON list
 EXPLAINER_KEY = "rulegraph.explainer_of"
 
@@ -63,8 +67,6 @@ def _first_lines(text: str, n: int = 4) -> str:
 
 
 def _refuse_explainer(proto: onnx.ModelProto) -> None:
-    from ..compile.build import SEED, TARGET
-
     meta = {p.key: p.value for p in proto.metadata_props}
     inputs = [i.name for i in proto.graph.input]
     marks = [i for i in inputs if i in (TARGET, SEED)]  # an explainer takes one or the other

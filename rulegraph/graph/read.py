@@ -17,7 +17,7 @@ Reading a model:
    (a *token source*, below). Only active tensors carry an associated number; integer tensors
    (shapes, token ids) and constants never do;
 6. fuse multi-node patterns (GELU, SiLU, HardSwish, LayerNorm written out by an exporter) into one
-   node each, so that a rule binds to the op whichever exporter wrote it (``fusion.py``). The model
+   node each, so that a rule binds to the op whichever exporter wrote it (``fuse.py``). The model
    proto is unchanged: the forward still runs the original nodes, only ``nodes`` shows one.
 
 Token sources: a Gather (axis 0) whose data is a float constant (an embedding table) and whose
@@ -130,29 +130,7 @@ class Graph:
         return [i for i in self.inputs if self.is_float(i)]
 
 
-def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str = "fp32",
-         ranks: dict[str, int] | None = None) -> Graph:
-    """Read a model from a path or a ModelProto (which is copied, never modified); ``fuse=False``
-    keeps multi-node patterns as their separate nodes. ``precision="fp32"`` computes an fp16 or
-    bf16 model in float32 (its weights upcast exactly); ``"native"`` keeps its own type. ``ranks``
-    gives inputs declared without a shape their rank (the first run's arrays;
-    ``model_check.declare_missing_ranks``). Every ``ModelError`` names the file."""
-    if precision not in ("fp32", "native"):
-        raise ValueError(f"precision must be 'fp32' or 'native', got {precision!r}")
-    proto = _read(model)
-    where = "" if isinstance(model, onnx.ModelProto) else f"{model}: "
-    try:
-        graph = _load_proto(proto, precision, ranks)
-    except ModelError as exc:
-        raise ModelError(f"{where}{exc}") from exc
-    if fuse:
-        from .fuse import fuse_patterns
-
-        fuse_patterns(graph)
-    return graph
-
-
-def _load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | None) -> Graph:
+def load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | None) -> Graph:
     check_structure(proto)
     _check_domains(proto)
     for node in proto.graph.node:  # 'ai.onnx' is the default domain's other name (onnxruntime reads both)
@@ -205,7 +183,7 @@ def sort_nodes(proto: onnx.ModelProto) -> None:
         proto.graph.node.extend(nodes[i] for i in order)
 
 
-def _read(model) -> onnx.ModelProto:
+def read_model(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -355,9 +333,9 @@ def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray
                               ir_version=max(8, helper.find_min_ir_version_for([helper.make_opsetid("", opset)])))
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-        from ..run.runtime import ort
+        import onnxruntime  # imported here: reading a model must not need onnxruntime
 
-        session = ort().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         values = session.run(names, feeds)
     except Exception:  # noqa: BLE001 (no onnxruntime, or no kernel for a dtype: use the reference)
         from onnx.reference import ReferenceEvaluator

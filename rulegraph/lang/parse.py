@@ -18,7 +18,7 @@ Choices made here:
 - After the version line, headers, includes and bindings may come in any order; each header at
   most once per file. Headers a file leaves out take RuleSet's defaults (relevance, absorb).
 - A bare selector word is a kind if it is in ``ruleset.KINDS``, else an op type, which must be in
-  ``kinds.OP_KINDS``. ``first``/``last`` take an op type.
+  the catalog's ``op_kinds``. ``first``/``last`` take an op type.
 - ``baseline file "p"`` is stored as ``"file:<p>"``; a relative ``p`` is taken from the rule file's
   folder (from the working directory for text parsed without a file).
 - Includes read only ``.rules`` files (a symlink must point at one too) and bundled names, at most
@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import os
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +49,8 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput
 
 from . import ruleset
 from ..errors import Location, RulegraphError, RuleSyntaxError, did_you_mean
-from ..graph.kinds import BILINEAR, BILINEAR_WHEN_ALL_ACTIVE, OP_KINDS
-from ..backward.rules import RULES, float32_problem
+from .catalog import Catalog
+from .floats import float32_problem
 from .ruleset import KINDS, Binding, RuleCall, RuleSet, Selector
 
 VERSION = 1
@@ -61,6 +62,13 @@ SUFFIX = ".rules"
 MAX_INCLUDE_DEPTH = 16
 
 _located = v_args(meta=True, inline=True)
+#: the catalog of the file being read (set by ``parse`` and ``load`` for the length of the call)
+_CATALOG: ContextVar[Catalog] = ContextVar("catalog")
+BILINEAR = "bilinear"
+
+
+def _catalog() -> Catalog:
+    return _CATALOG.get()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,16 +106,30 @@ def _bundled_hint(name: str) -> str:
 # public entry points
 
 
-def parse(text: str, source: str = "<rules>") -> RuleSet:
-    """Parse rule-file text; ``source`` names it in messages, and anchors relative includes."""
-    if source.startswith("<"):
-        return _Loader().run(text, source, Path.cwd())
-    path = Path(source).resolve()
-    return _Loader().run(text, source, path.parent, path if path.is_file() else None)
+def parse(text: str, catalog: Catalog, source: str = "<rules>") -> RuleSet:
+    """Parse rule-file text against ``catalog``; ``source`` names it in messages, and anchors
+    relative includes."""
+    token = _CATALOG.set(catalog)
+    try:
+        if source.startswith("<"):
+            return _Loader().run(text, source, Path.cwd())
+        path = Path(source).resolve()
+        return _Loader().run(text, source, path.parent, path if path.is_file() else None)
+    finally:
+        _CATALOG.reset(token)
 
 
-def load(path_or_name: str | Path) -> RuleSet:
-    """Read a rule file from a path, or a bundled one by name (``load("lrp-epsilon")``)."""
+def load(path_or_name: str | Path, catalog: Catalog) -> RuleSet:
+    """Read a rule file from a path, or a bundled one by name (``load("lrp-epsilon")``), against
+    ``catalog``."""
+    token = _CATALOG.set(catalog)
+    try:
+        return _load(path_or_name)
+    finally:
+        _CATALOG.reset(token)
+
+
+def _load(path_or_name: str | Path) -> RuleSet:
     given = str(path_or_name)
     path = Path(path_or_name)
     if not path.exists():
@@ -236,7 +258,7 @@ def _expected_message(err: UnexpectedInput, before: str) -> str:
     if "_ARROW" in expected:
         first = tokens[0]
         hint = did_you_mean(first, HEADERS)
-        if len(tokens) == 1 and hint and first not in KINDS and first not in OP_KINDS:
+        if len(tokens) == 1 and hint and first not in KINDS and first not in _catalog().op_kinds:
             return f"unknown header '{first}'{hint}; a binding would need '->' after the selector"
         return f"expected '->' after the selector, found {found}"
     if last == "=":
@@ -317,7 +339,7 @@ def _shown(literal: str) -> str:
 
 
 def _rules_for(kinds: frozenset[str]) -> str:
-    return ", ".join(name for name, spec in RULES.items() if kinds & spec.kinds)
+    return ", ".join(name for name, spec in _catalog().rules.items() if kinds & spec.kinds)
 
 
 class _Builder(Transformer):
@@ -407,18 +429,19 @@ class _Builder(Transformer):
 
     def _op(self, meta, form: str, word: Token):
         op = word.value
-        if op in OP_KINDS:
-            kinds = {OP_KINDS[op]} | ({BILINEAR} if op in BILINEAR_WHEN_ALL_ACTIVE else set())
+        op_kinds = _catalog().op_kinds
+        if op in op_kinds:
+            kinds = {op_kinds[op]} | ({BILINEAR} if op in _catalog().bilinear_ops else set())
             return Selector(form, op), self._loc(meta), frozenset(kinds)
         where = self._at(word.line, word.column)
         if form != "op" and op in KINDS:
             self._problem(where, f"'{form}' takes an op type, not the kind '{op}' (write '{form} Conv')")
         elif form == "op":
-            hint = did_you_mean(op, KINDS + tuple(OP_KINDS))
+            hint = did_you_mean(op, KINDS + tuple(op_kinds))
             self._problem(where, f"unknown op type or kind '{op}'{hint}; "
                                  f"kinds: {', '.join(KINDS)}; to bind a node by name write node \"{op}\"")
         else:
-            self._problem(where, f"unknown op type '{op}'{did_you_mean(op, OP_KINDS)}")
+            self._problem(where, f"unknown op type '{op}'{did_you_mean(op, op_kinds)}")
         return None, self._loc(meta), frozenset()
 
     @_located
@@ -471,21 +494,24 @@ class _Builder(Transformer):
 
     @_located
     def loop(self, meta, call) -> _Header:
-        from ..run.loops import LOOPS
-
-        _, resolved, _ = self._resolve(call, LOOPS, "loop")
+        loops = _catalog().loops
+        if loops is None:  # a catalog without loops: the header is kept as written
+            name, given, _ = call
+            resolved = None if any(v is None for v in given.values()) else RuleCall(name, given)
+        else:
+            _, resolved, _ = self._resolve(call, loops, "loop")
         return _Header("loop", resolved, self._loc(meta))
 
     @_located
     def binding(self, meta, *children) -> _BindingLine:
         *selectors, call = children
-        name, rule, rule_where = self._resolve(call, RULES, "rule")
+        name, rule, rule_where = self._resolve(call, _catalog().rules, "rule")
         valid, ok = [], rule is not None
         for selector, where, kinds in selectors:
             if selector is None:
                 ok = False
                 continue
-            if name is not None and kinds and not kinds & RULES[name].kinds:
+            if name is not None and kinds and not kinds & _catalog().rules[name].kinds:
                 self._problem(rule_where, self._wrong_kind(selector, kinds, name))
                 ok = False
             valid.append((selector, where))
@@ -493,7 +519,7 @@ class _Builder(Transformer):
 
     @staticmethod
     def _wrong_kind(selector: Selector, kinds: frozenset[str], rule: str) -> str:
-        accepts = ", ".join(k for k in KINDS if k in RULES[rule].kinds)
+        accepts = ", ".join(k for k in KINDS if k in _catalog().rules[rule].kinds)
         kind = " or ".join(sorted(kinds))
         what = f"kind '{kind}'" if selector.form == "kind" else f"{selector.value} (kind {kind})"
         return (f"rule '{rule}' does not apply to {what}: it accepts {accepts}; "

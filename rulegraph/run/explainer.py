@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from ..graph import read as graph_mod
+from .. import graph as graph_mod
 from . import runtime
 from ..compile import targets as targets_mod
 from .amplification import DEFAULT_MAX_AMPLIFICATION, quiet, warn_if_amplified
+from .baselines import check_baseline_names, make_baseline
+from .inputs import convert
+from .results import Result
 from ..compile.build import Compiled, compile_explainer, find_start
 from ..errors import InternalError, ModelError, RulegraphError
 from ..lang.ruleset import RuleSet
@@ -20,63 +22,10 @@ from ..compile.targets import Target, TargetError
 from ..compile.unmatched import warn_unmatched
 
 
-@dataclass
-class Result:
-    """What one explain run gives, per batch row where it has a batch axis.
-
-    ``attribution``: input name -> array shaped like that input (for the first float input also
-    ``.map``); ``saliency``: ``a(x)`` itself (importance quantity); ``bias_shares``: bias node ->
-    [N] share; ``bias_total`` [N]; ``start_value`` [N]: Σ of the conserved view at the start;
-    ``delta`` [N]: Σ attribution + Σ bias shares − start_value (0 when the rules conserve);
-    ``outputs``: the model's own outputs; ``target`` [N]: the class explained per row (None for a
-    seed array), ``versus`` [N]: the class subtracted (contrastive targets); ``explained``: what
-    was explained, e.g. ``'logits' [N, T, 6625] (class axis 2)``, ``class_axis`` (of the start
-    tensor) and ``where`` (``at t=20``, ``over region [2:5, 0:4]``, ... or ``''``); ``node_sums``:
-    node -> (Σ view given to its inputs, Σ view of its outputs, Σ bias shares), [N] each (None
-    where empty), when asked for; ``node_abs_sums``: node -> (Σ |view| given to its inputs,
-    Σ |view| of its outputs), the magnitudes of the same numbers (amplification.py).
-    """
-
-    attribution: dict[str, np.ndarray]
-    saliency: dict[str, np.ndarray]
-    bias_shares: dict[str, np.ndarray]
-    bias_total: np.ndarray | None
-    start_value: np.ndarray
-    outputs: dict[str, np.ndarray]
-    start: np.ndarray
-    target: np.ndarray | None = None
-    device: str = "cpu"
-    node_sums: dict[str, tuple] = field(default_factory=dict)  # node -> (inputs, outputs, bias) [N]
-    node_abs_sums: dict[str, tuple] = field(default_factory=dict)  # node -> (Σ|inputs|, Σ|outputs|) [N]
-    versus: np.ndarray | None = None
-    explained: str = ""
-    class_axis: int | None = None
-    where: str = ""
-
-    @property
-    def map(self) -> np.ndarray:
-        """The attribution of the first float input (of the first token-id input where there is none)."""
-        return next(iter(self.attribution.values()))
-
-    @property
-    def delta(self) -> np.ndarray:
-        """End-to-end conservation error per row (RULES.md §5)."""
-        rows = len(self.start_value)
-        total = sum(a.reshape(rows, -1).sum(axis=1).astype(np.float64) for a in self.attribution.values())
-        if self.bias_total is not None:
-            total = total + self.bias_total.astype(np.float64)
-        return total - self.start_value.astype(np.float64)
-
-    @property
-    def relative_delta(self) -> np.ndarray:
-        scale = np.maximum(np.abs(self.start_value.astype(np.float64)), 1e-12)
-        return self.delta / scale
-
-
 def _load_rules(rules: str | Path | RuleSet) -> RuleSet:
     if isinstance(rules, RuleSet):
         return rules
-    from ..lang import parse as dsl
+    from . import rulefiles as dsl
 
     return dsl.load(rules)
 
@@ -237,7 +186,7 @@ class Explainer:
 
     def _feeds(self, x) -> dict[str, np.ndarray]:
         """The arrays to feed, one per model input, each checked against the model's declared input:
-        rank (a missing batch axis is added), dtype kind (inputs.py ``_convert``), finite values,
+        rank (a missing batch axis is added), dtype kind (inputs.py ``convert``), finite values,
         and one batch size N ≥ 1 shared by every input."""
         inputs = self.graph.inputs
         if isinstance(x, Mapping):
@@ -262,7 +211,7 @@ class Explainer:
             if rank is not None and value.ndim != rank:
                 raise RulegraphError(f"input '{name}' must have rank {rank} (shape "
                                      f"{self.graph.shapes.get(name)}), got shape {value.shape}")
-            out[name] = np.ascontiguousarray(_convert(name, value, np.dtype(want), self.allow_nonfinite))
+            out[name] = np.ascontiguousarray(convert(name, value, np.dtype(want), self.allow_nonfinite))
         _check_batch(out)
         return out
 
@@ -318,7 +267,7 @@ class Explainer:
         runs a loop around the pass as one batched run; default: the rule file's ``loop`` header.
         ``max_amplification``: warn (``RulegraphWarning``) when a row's Σ|attribution| / |start value|
         exceeds it (amplification.py; None: never; not for loops)."""
-        _check_baseline_names(baseline, self.graph.inputs)
+        check_baseline_names(baseline, self.graph.inputs)
         loop_call = self._loop(loop, loop_params)
         if loop_call is not None:
             from .loops import LOOPS
@@ -398,59 +347,6 @@ class Explainer:
         return seed, resolved
 
 
-def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur over every axis after the first two (reflecting borders)."""
-    radius = max(1, round(3 * sigma))
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps /= taps.sum()
-    out = x.astype(np.float64)
-    for axis in range(2, x.ndim):
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (radius, radius)
-        padded = np.pad(out, pad, mode="reflect" if out.shape[axis] > radius else "edge")
-        out = sum(w * np.take(padded, range(i, i + out.shape[axis]), axis=axis) for i, w in enumerate(taps))
-    return out.astype(x.dtype)
-
-
-def _convert(name: str, value: np.ndarray, want: np.dtype, allow_nonfinite: bool) -> np.ndarray:
-    """``value`` as the model's dtype ``want``, only where that loses nothing a user would miss:
-    integers (and floats) to a float input, integers to an integer input when every value fits;
-    complex, object, string and bool arrays (for a non-bool input) are refused, as are floats for
-    an integer input and NaN/Inf in a float input (unless allowed)."""
-    got = value.dtype
-    where = f"input '{name}' ({want} in the model)"
-    if got.kind in "cOSUVMm" or got.hasobject:
-        raise RulegraphError(f"{where} was given {got} values; pass a real numeric array")
-    if want.kind == "b":
-        if got.kind != "b":
-            raise RulegraphError(f"{where} was given {got} values; pass a bool array")
-        return value
-    if got.kind == "b":
-        raise RulegraphError(f"{where} was given bool values; pass {want} values (x.astype(np.{want}))")
-    if want.kind in "iu":
-        if got.kind == "f":
-            raise RulegraphError(f"{where} was given {got} values; it takes integers (token ids, indices): "
-                                 f"pass an integer array")
-        info = np.iinfo(want)
-        if value.size and (value.min() < info.min or value.max() > info.max):
-            raise RulegraphError(f"{where}: values span [{value.min()}, {value.max()}], outside "
-                                 f"{want}'s range")
-        return value.astype(want, copy=False)
-    with np.errstate(over="ignore"):  # values beyond the range become inf: refused below by name
-        converted = value.astype(want, copy=False)
-    if got.kind in "iu" and value.size and not np.array_equal(converted.astype(got), value):
-        raise RulegraphError(f"{where}: the {got} values are not all exactly representable as {want} "
-                             f"(|values| beyond 2^{np.finfo(want).nmant + 1}); scale them first")
-    if not allow_nonfinite and value.size and not np.isfinite(converted).all():
-        bad = np.argwhere(~np.isfinite(converted))
-        finite = np.isfinite(value).all()
-        cause = f"values beyond the {want} range" if finite else "NaN or infinite values"
-        raise RulegraphError(f"{where} holds {len(bad)} {cause} (the first at index "
-                             f"{tuple(int(i) for i in bad[0])}); clean the input, or set "
-                             f"explainer.allow_nonfinite = True to explain it anyway")
-    return converted
-
-
 def _check_batch(feeds: dict[str, np.ndarray]) -> None:
     """Every input with a batch axis has the same number of rows, at least one."""
     sizes = {name: v.shape[0] for name, v in feeds.items() if v.ndim >= 1}
@@ -462,47 +358,6 @@ def _check_batch(feeds: dict[str, np.ndarray]) -> None:
     if empty:
         raise RulegraphError(f"empty batch: input '{empty[0]}' has 0 rows (shape "
                              f"{list(feeds[empty[0]].shape)}); give at least one row")
-
-
-def _check_baseline_names(baseline, inputs: list[str]) -> None:
-    """A dict baseline may only name the model's inputs."""
-    if isinstance(baseline, Mapping):
-        unknown = [k for k in baseline if k not in inputs]
-        if unknown:
-            raise RulegraphError(f"the baseline names {unknown}, which the model does not have; its inputs "
-                                 f"are {inputs}")
-
-
-def make_baseline(kind, x: np.ndarray) -> np.ndarray:
-    """The baseline ``x'`` for input ``x`` (DeepLIFT's reference; RULES.md §3 baseline_difference).
-
-    ``zeros``; ``mean`` (the batch mean, every row); ``blur`` (a Gaussian blur with σ = one tenth
-    of the smallest spatial size, at least 1 pixel: a **decision**, the literature varies);
-    ``file:<path>`` (a .npy broadcast to x's shape); or an array.
-    """
-    if isinstance(kind, (np.ndarray, list, tuple, float, int)):
-        value = np.asarray(kind, dtype=x.dtype)
-    elif kind in (None, "zeros"):
-        value = np.zeros_like(x)
-    elif kind == "mean":
-        value = x.mean(axis=0, keepdims=True)
-    elif kind == "blur":
-        if x.ndim < 3:
-            raise RulegraphError(f"baseline blur needs spatial axes; the input has shape {x.shape}")
-        value = _gaussian_blur(x, max(1.0, min(x.shape[2:]) / 10))
-    elif isinstance(kind, str) and kind.startswith("file:"):
-        from .inputs import read_npy
-
-        path = kind.removeprefix("file:")
-        if not Path(path).is_file():
-            raise RulegraphError(f"baseline file {path}: no such file")
-        value = _convert(f"baseline {path}", read_npy(path), x.dtype, allow_nonfinite=False)
-    else:
-        raise RulegraphError(f"unknown baseline {kind!r}: use zeros, mean, blur, file:<path> or an array")
-    try:
-        return np.ascontiguousarray(np.broadcast_to(value, x.shape).astype(x.dtype))
-    except ValueError:
-        raise RulegraphError(f"the baseline's shape {value.shape} does not fit the input's {x.shape}") from None
 
 
 def _run_in_chunks(sess, feeds: dict[str, np.ndarray], static_batch: int | None, n: int,
@@ -536,22 +391,3 @@ def _check_rows(spec, start: np.ndarray, n: int) -> None:
     if spec.batched and start.ndim and start.shape[0] != n:
         raise TargetError(f"the start tensor {spec.where()} has {start.shape[0]} rows for a batch of {n}: an op "
                           "folded the batch with another axis; pass start= a tensor before the fold")
-
-
-def _targets(target, n: int) -> np.ndarray:
-    """A class per row (``-1``: arg-max) from a class, a class list or ``"argmax"`` (the loops' targets)."""
-    if isinstance(target, Target):
-        if any(v is not None for v in (target.at, target.region, target.mask, target.versus)) or target.all_positions:
-            raise TargetError("loops explain a class per row; position forms and versus= are not available "
-                              "with a loop yet (explain without the loop, or pass a seed array)")
-        target = target.cls
-    if isinstance(target, str):
-        if target != "argmax":
-            raise RulegraphError(f"target must be a class index, 'argmax' or a seed array, got '{target}'")
-        return np.full(n, -1, dtype=np.int64)
-    t = np.asarray(target, dtype=np.int64).reshape(-1)
-    if t.size == 1:
-        return np.full(n, int(t[0]), dtype=np.int64)
-    if t.size != n:
-        raise RulegraphError(f"got {t.size} targets for a batch of {n}")
-    return t

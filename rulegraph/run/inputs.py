@@ -216,3 +216,42 @@ def load_input(path: str | Path, explainer, scale: float = 1.0, allow_nonfinite:
         return read_image(p, shape, scale)
     raise RulegraphError(f"{path}: unknown input format '{suffix}' (use .npy, .npz or an image: "
                          f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+
+
+def convert(name: str, value: np.ndarray, want: np.dtype, allow_nonfinite: bool) -> np.ndarray:
+    """``value`` as the model's dtype ``want``, only where that loses nothing a user would miss:
+    integers (and floats) to a float input, integers to an integer input when every value fits;
+    complex, object, string and bool arrays (for a non-bool input) are refused, as are floats for
+    an integer input and NaN/Inf in a float input (unless allowed)."""
+    got = value.dtype
+    where = f"input '{name}' ({want} in the model)"
+    if got.kind in "cOSUVMm" or got.hasobject:
+        raise RulegraphError(f"{where} was given {got} values; pass a real numeric array")
+    if want.kind == "b":
+        if got.kind != "b":
+            raise RulegraphError(f"{where} was given {got} values; pass a bool array")
+        return value
+    if got.kind == "b":
+        raise RulegraphError(f"{where} was given bool values; pass {want} values (x.astype(np.{want}))")
+    if want.kind in "iu":
+        if got.kind == "f":
+            raise RulegraphError(f"{where} was given {got} values; it takes integers (token ids, indices): "
+                                 f"pass an integer array")
+        info = np.iinfo(want)
+        if value.size and (value.min() < info.min or value.max() > info.max):
+            raise RulegraphError(f"{where}: values span [{value.min()}, {value.max()}], outside "
+                                 f"{want}'s range")
+        return value.astype(want, copy=False)
+    with np.errstate(over="ignore"):  # values beyond the range become inf: refused below by name
+        converted = value.astype(want, copy=False)
+    if got.kind in "iu" and value.size and not np.array_equal(converted.astype(got), value):
+        raise RulegraphError(f"{where}: the {got} values are not all exactly representable as {want} "
+                             f"(|values| beyond 2^{np.finfo(want).nmant + 1}); scale them first")
+    if not allow_nonfinite and value.size and not np.isfinite(converted).all():
+        bad = np.argwhere(~np.isfinite(converted))
+        finite = np.isfinite(value).all()
+        cause = f"values beyond the {want} range" if finite else "NaN or infinite values"
+        raise RulegraphError(f"{where} holds {len(bad)} {cause} (the first at index "
+                             f"{tuple(int(i) for i in bad[0])}); clean the input, or set "
+                             f"explainer.allow_nonfinite = True to explain it anyway")
+    return converted

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import RulegraphError
+from .baselines import make_baseline
+from .results import Result, class_per_row
 from ..backward.rules import Param, RuleSpec
 
 QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -123,10 +125,8 @@ def _rows(x, n_copies: int):
 def _targets_for(explainer, feeds, target) -> np.ndarray:
     """Class per row; ``argmax`` (and a negative class, which means the same) is decided on the real
     input by one plain forward run, not per loop point."""
-    from .explainer import _targets
-
     n = next(iter(feeds.values())).shape[0]
-    targets = _targets(target, n)
+    targets = class_per_row(target, n)
     if (targets < 0).any():
         outputs = explainer.forward({k: v for k, v in feeds.items()})
         start = outputs[explainer.compiled().start_tensor]
@@ -167,8 +167,6 @@ def integrated_gradients(explainer, x, target, params, baseline=None):
     difference files are refused (``IG_REFUSED`` says why and what to use). ``saliency`` is the
     integrated ``a``; ``start_value`` is ``f(x) − f(x')`` (completeness: ``delta → 0`` with more steps
     where ``a`` is the gradient)."""
-    from .explainer import make_baseline
-
     refuse_integrated_gradients(explainer.ruleset)
     feeds = explainer._feeds(x)
     floats = _float_inputs(explainer, feeds, "integrated_gradients")
@@ -240,8 +238,6 @@ def smoothgrad(explainer, x, target, params, baseline=None):
     ``x``), the saliency and the bias shares. ``start_value`` is the mean start value of the copies
     (what the mean map accounts for), so ``delta`` is the mean of the copies' deltas: 0 where the
     pass conserves. ``outputs`` are the model's on ``x`` itself."""
-    from .explainer import make_baseline
-
     feeds = explainer._feeds(x)
     floats = _float_inputs(explainer, feeds, "smoothgrad")
     targets = _targets_for(explainer, feeds, target)
@@ -319,8 +315,6 @@ def occlusion(explainer, x, target, params, baseline=None):
 
 def _result(explainer, attribution, saliency, start_value, outputs, n, targets, bias_shares=None,
             bias_total=None):
-    from .explainer import Result
-
     start = outputs[explainer.compiled().start_tensor][:n]
     return Result(attribution=attribution, saliency=saliency, bias_shares=bias_shares or {},
                   bias_total=bias_total,

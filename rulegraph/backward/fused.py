@@ -1,0 +1,124 @@
+"""The backward of a fused node (``graph/fuse.py`` finds them): the members read again.
+
+- ``vjp_of``: a fused node's VJP is its members' VJPs chained in reverse: the gradient of exactly
+  what the forward computes, reading the members' forward tensors. Members may be ops without a
+  kind of their own (Pow, Sqrt, Reciprocal, Where); their VJPs are in ``MEMBER_VJPS``;
+- ``evaluate``: the members run on given inputs (``f(0)`` for the slope rule);
+- ``emit_copy``: the members emitted again on other inputs (the repeat rule, the baseline pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from ..graph.read import Graph, Node
+from .emit import Tape
+from .vjp import VJPS, VjpContext, registrar, unbroadcast
+
+#: VJPs of ops that rulegraph differentiates only as members of a fused node (they have no kind)
+MEMBER_VJPS: dict[str, Callable[[VjpContext, list], list]] = {}
+
+
+member_vjp = registrar(MEMBER_VJPS)
+
+
+def vjp_of(node: Node) -> Callable[[VjpContext, list], list] | None:
+    """The VJP emitter of ``node``: the VJP table's entry, or for a fused node its members' chain."""
+    return _fused_vjp if node.members else VJPS.get(node.op_type)
+
+
+def _fused_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
+    """The members' VJPs in reverse order; a tensor that feeds several members (``x`` in
+    ``x·Sigmoid(x)``) sums their cotangents."""
+    tape, graph = ctx.tape, ctx.graph
+    cotangents = {o: [gi] for o, gi in zip(ctx.node.outputs, g) if gi is not None}
+    for member in reversed(ctx.node.members):
+        g_member = [tape.sum(cotangents[o]) if o in cotangents else None for o in member.outputs]
+        if all(gi is None for gi in g_member):
+            continue
+        fn = VJPS.get(member.op_type) or MEMBER_VJPS.get(member.op_type)
+        if fn is None:
+            raise ctx.fail(f"no VJP for {member}, a member of this fused {ctx.node.op_type}")
+        active = [t in graph.active for t in member.inputs]
+        result = fn(VjpContext(member, graph, tape, active, ctx.request_output), g_member)
+        if len(result) != len(member.inputs):
+            raise AssertionError(f"VJP of {member.op_type} returned {len(result)} entries for "
+                                 f"{len(member.inputs)} inputs")
+        for t, r, a in zip(member.inputs, result, active):
+            if r is not None and a:
+                cotangents.setdefault(t, []).append(r)
+    return [tape.sum(cotangents[t]) if a and t in cotangents else None for t, a in zip(ctx.node.inputs, ctx.active)]
+
+
+@member_vjp("Where")
+def _where(ctx, g):
+    """``y = Where(c, a, b)``: ``g`` where c holds to ``a``, elsewhere to ``b``."""
+    t = ctx.tape
+    zero = t.scalar(0.0)
+    c, a, b = ctx.node.inputs
+    return [None,
+            unbroadcast(ctx, t.op("Where", c, g[0], zero), ctx.y, a) if ctx.active[1] else None,
+            unbroadcast(ctx, t.op("Where", c, zero, g[0]), ctx.y, b) if ctx.active[2] else None]
+
+
+@member_vjp("Pow")
+def _pow(ctx, g):
+    """``y = x^p`` for a constant scalar ``p``: ``p·x^(p−1)``."""
+    p = ctx.const(1)
+    if p is None or p.size != 1:
+        raise ctx.fail("Pow needs a constant scalar exponent")
+    p = float(p.reshape(()))
+    t = ctx.tape
+    slope = (t.op("Mul", ctx.x, t.scalar(2.0)) if p == 2.0
+             else t.op("Mul", t.scalar(p), t.op("Pow", ctx.x, t.scalar(p - 1.0))))
+    return [t.op("Mul", g[0], slope), None]
+
+
+@member_vjp("Sqrt")
+def _sqrt(ctx, g):
+    """``y = √x``: ``1/(2y)``."""
+    t = ctx.tape
+    return [t.op("Div", t.op("Mul", g[0], t.scalar(0.5)), ctx.y)]
+
+
+@member_vjp("Reciprocal")
+def _reciprocal(ctx, g):
+    """``y = 1/x``: ``−y²``."""
+    t = ctx.tape
+    return [t.op("Neg", t.op("Mul", g[0], t.op("Mul", ctx.y, ctx.y)))]
+
+
+def evaluate(graph: Graph, node: Node, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run ``node`` (a fused node: its members in order) on ``feeds`` and the graph's constants with
+    the ONNX reference evaluator; returns its outputs."""
+    from onnx.reference import ReferenceEvaluator
+
+    protos = []
+    for m in node.members or [node]:
+        proto = helper.make_node(m.op_type, m.inputs, m.outputs, name=m.name, domain=m.domain)
+        proto.attribute.extend(m.attribute_protos)
+        protos.append(proto)
+    produced = {o for p in protos for o in p.output}
+    needed = list(dict.fromkeys(i for p in protos for i in p.input if i and i not in produced))
+    values = {name: feeds[name] if name in feeds else graph.constants[name] for name in needed}
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+              for n, v in values.items()]
+    outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.outputs if o]
+    model = helper.make_model(helper.make_graph(protos, "evaluate", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", graph.opset)])
+    return ReferenceEvaluator(model).run(None, values)
+
+
+def emit_copy(tape: Tape, node: Node, inputs: list[str | None]) -> list[str]:
+    """``node`` emitted again on ``inputs`` (a fused node: its members, wired alike); its outputs."""
+    if not node.members:
+        out = tape.copy_node(node, inputs, outputs=len(node.outputs))
+        return [out] if isinstance(out, str) else out
+    names = {t: i for t, i in zip(node.inputs, inputs) if t}
+    for m in node.members:
+        out = tape.copy_node(m, [names.get(i, i) for i in m.inputs], outputs=len(m.outputs))
+        names.update(zip(m.outputs, [out] if isinstance(out, str) else out))
+    return [names[o] for o in node.outputs]

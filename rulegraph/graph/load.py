@@ -1,0 +1,31 @@
+"""``load``: a model file or ModelProto -> Graph, read (``read.py``) and fused (``fuse.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from ..errors import ModelError
+from .fuse import fuse_patterns
+from .read import Graph, load_proto, read_model
+
+
+def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str = "fp32",
+         ranks: dict[str, int] | None = None) -> Graph:
+    """Read a model from a path or a ModelProto (which is copied, never modified); ``fuse=False``
+    keeps multi-node patterns as their separate nodes. ``precision="fp32"`` computes an fp16 or
+    bf16 model in float32 (its weights upcast exactly); ``"native"`` keeps its own type. ``ranks``
+    gives inputs declared without a shape their rank (the first run's arrays;
+    ``model_check.declare_missing_ranks``). Every ``ModelError`` names the file."""
+    if precision not in ("fp32", "native"):
+        raise ValueError(f"precision must be 'fp32' or 'native', got {precision!r}")
+    proto = read_model(model)
+    where = "" if isinstance(model, onnx.ModelProto) else f"{model}: "
+    try:
+        graph = load_proto(proto, precision, ranks)
+    except ModelError as exc:
+        raise ModelError(f"{where}{exc}") from exc
+    if fuse:
+        fuse_patterns(graph)
+    return graph

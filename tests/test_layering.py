@@ -1,0 +1,54 @@
+"""The package's layering: every module imports only its own stage or stages below, and the import
+graph (top-level and function-level imports alike) has no cycle."""
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+PACKAGE = Path(__file__).resolve().parent.parent / "rulegraph"
+#: stage by first name under rulegraph; a module not listed is above every stage (viz, cli, testing)
+STAGES = {"errors": 0, "graph": 1, "lang": 2, "backward": 3, "compile": 4, "run": 5, "check": 6}
+TOP = len(STAGES)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """The rulegraph modules ``path`` imports, anywhere in it, as dotted names."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("rulegraph")}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            source = ".".join([*base, *([node.module] if node.module else [])])
+            if source.startswith("rulegraph"):
+                found |= {f"{source}.{a.name}" if not node.module or is_module(f"{source}.{a.name}")
+                          else source for a in node.names}
+    return found - {"rulegraph"}
+
+
+def is_module(name: str) -> bool:
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def stage(module: str) -> int:
+    parts = module.split(".")
+    return STAGES.get(parts[1], TOP) if len(parts) > 1 else TOP
+
+
+GRAPH = nx.DiGraph([(module_name(p), m) for p in PACKAGE.rglob("*.py") for m in imports(p)])
+
+
+def test_no_module_imports_a_higher_stage():
+    assert [(a, b) for a, b in GRAPH.edges if stage(b) > stage(a)] == []
+
+
+def test_the_import_graph_has_no_cycle():
+    assert list(nx.simple_cycles(GRAPH)) == []
