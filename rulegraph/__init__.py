@@ -4,11 +4,11 @@ A rule file assigns a backward rule to each op type; rulegraph checks it against
 compiles model + rules into one ONNX model computing the forward and the relevance pass together.
 """
 
-from .errors import CoverageError, ModelError, RulegraphError, RuleSyntaxError
-from .run.explainer import Explainer, Result
+from .compile.targets import Target, TargetError
+from .errors import CoverageError, ModelError, RuleSyntaxError, RulegraphError
 from .graph import Graph, load
 from .lang.ruleset import RuleSet
-from .compile.targets import Target, TargetError
+from .run.explainer import Explainer, Result
 
 __all__ = ["CoverageError", "Explainer", "Graph", "ModelError", "Result", "RuleSet", "RuleSyntaxError",
            "RulegraphError", "Target", "TargetError", "load"]

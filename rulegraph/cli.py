@@ -18,9 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .check.checks import check
+from .compile.build import assign, find_start, path_nodes
+from .compile.targets import Target
+from .compile.unmatched import warn_unmatched
 from .errors import RulegraphError, RulegraphWarning
+from .graph import load
+from .run import rulefiles as dsl
+from .run.amplification import DEFAULT_MAX_AMPLIFICATION
+from .run.explainer import Explainer
 from .run.files import check_output, model_files, rule_files, write_bytes, write_with
-from .run.inputs import IMAGE_SUFFIXES, load_input  # noqa: F401  (load_input: the API's input reader)
+from .run.inputs import IMAGE_SUFFIXES, load_input, read_npy  # noqa: F401  (load_input: the API's input reader)
+from .viz import heatmap_suffixes, save_heatmap
 
 EXIT_OK, EXIT_VIOLATED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE
@@ -39,8 +48,6 @@ def _parse_target(text: str):
     if text == "argmax":
         return "argmax"
     if text.endswith(".npy"):
-        from .run.inputs import read_npy
-
         if not Path(text).is_file():
             raise RulegraphError(f"--target {text}: no such seed file")
         return read_npy(text)
@@ -82,8 +89,6 @@ def _slices(text: str) -> tuple[slice, ...]:
 
 def target_of(args):
     """The target the explain options describe (``targets.Target``, or a seed array / class list)."""
-    from .compile.targets import Target
-
     cls = _parse_target(args.target)
     forms = {"at": tuple(_ints(args.at, "--at", "20 or 5,7")) if args.at else None,
              "region": _slices(args.region) if args.region else None,
@@ -132,9 +137,6 @@ def _explained(result, i: int) -> str:
 
 
 def cmd_explain(args) -> int:
-    from .run.explainer import Explainer
-    from .viz import heatmap_suffixes
-
     sources = _inputs_of(args)
     if args.out:
         check_output(args.out, sources, [".npy"], "--out")
@@ -150,16 +152,12 @@ def cmd_explain(args) -> int:
         write_with(args.out, lambda tmp: np.save(tmp, result.map), "--out")
         print(f"attribution written to {args.out}")
     if args.heatmap:
-        from .viz import save_heatmap
-
         save_heatmap(result.map[0], args.heatmap, inputs=sources)
         print(f"heatmap written to {args.heatmap}")
     return 0
 
 
 def cmd_compile(args) -> int:
-    from .run.explainer import Explainer
-
     check_output(args.o, _inputs_of(args), what="-o")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
                           class_axis=args.class_axis)
@@ -171,9 +169,6 @@ def cmd_compile(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .check.checks import check
-    from .run.explainer import Explainer
-
     sources = _inputs_of(args)
     if args.output_file:
         check_output(args.output_file, sources, what="--output-file")
@@ -196,19 +191,12 @@ def cmd_check(args) -> int:
 
 
 def cmd_lint(args) -> int:
-    from .run import rulefiles as dsl
-
     ruleset = dsl.load(args.rules)
     print(f"{args.rules}: ok ({len(ruleset.bindings)} bindings, quantity {ruleset.quantity}, bias {ruleset.bias})")
     return 0
 
 
 def cmd_ops(args) -> int:
-    from .run import rulefiles as dsl
-    from .compile.build import assign, find_start, path_nodes
-    from .graph import load
-    from .compile.unmatched import warn_unmatched
-
     graph = load(args.model)
     ruleset = dsl.load(args.rules)
     start = find_start(graph, ruleset, args.output, args.start)
@@ -233,8 +221,6 @@ def cmd_ops(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .run.explainer import Explainer
-
     models = bundled_models_dir()
     model, image = models / "digits_cnn.onnx", models / "digit_3.png"
     sources = [model, image] + rule_files(args.rules)
@@ -246,22 +232,16 @@ def cmd_demo(args) -> int:
     print(f"model: {model.name} (bundled digits CNN), input: {image.name}, rules: {args.rules}")
     print(f"predicted class: {int(np.argmax(logits))} (logit {logits.max():.3f}) on {result.device}")
     print(summary(result))
-    from .viz import save_heatmap
-
     save_heatmap(result.map[0], args.heatmap, inputs=sources)
     print(f"heatmap written to {args.heatmap}")
     return 0
 
 
 def _heatmap_suffixes() -> list[str]:
-    from .viz import heatmap_suffixes
-
     return heatmap_suffixes()
 
 
 def _max_amplification(p, help_text: str) -> None:
-    from .run.amplification import DEFAULT_MAX_AMPLIFICATION
-
     p.add_argument("--max-amplification", type=float, default=DEFAULT_MAX_AMPLIFICATION,
                    help=f"{help_text} (default {DEFAULT_MAX_AMPLIFICATION:g})")
 

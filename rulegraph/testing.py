@@ -1,6 +1,7 @@
 """Helpers for users' own test suites."""
 
 from __future__ import annotations
+from .check.checks import check
 
 
 def assert_conserves(model, rules, inputs=None, tolerance: float = 1e-3, samples: int = 4) -> None:
@@ -10,8 +11,6 @@ def assert_conserves(model, rules, inputs=None, tolerance: float = 1e-3, samples
     node on the relevance path must have a rule, and every node's and the end-to-end leak must be
     at most ``tolerance`` relative to the start value (RULES.md §5).
     """
-    from .check.checks import check
-
     report = check(model, rules, x=inputs, samples=0 if inputs is not None else samples, tolerance=tolerance)
     if not report.ok:
         raise AssertionError(report.to_text())

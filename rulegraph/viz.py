@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RulegraphError
+from .run.files import check_output, write_with
+from .run.inputs import read_image
 
 #: extensions a heatmap may be written with (each one Pillow can write)
 HEATMAP_SUFFIXES = (".png", ".bmp", ".gif", ".tif", ".tiff", ".jpg", ".jpeg", ".webp")
@@ -72,8 +74,6 @@ def save_heatmap(attribution: np.ndarray, path: str | Path, size: int = 256, inp
     the file is written atomically and may not be one of ``inputs`` (``files.check_output``)."""
     from PIL import Image
 
-    from .run.files import check_output, write_with
-
     path = check_output(path, inputs, heatmap_suffixes(), "heatmap")
     rgb = heatmap_rgb(attribution)
     h, w = rgb.shape[:2]
@@ -85,6 +85,4 @@ def save_heatmap(attribution: np.ndarray, path: str | Path, size: int = 256, inp
 
 def load_image(path: str | Path, shape: list, scale: float = 1.0) -> np.ndarray:
     """An image file as a float32 [1, C, H, W] array in [0, scale] (``inputs.read_image``)."""
-    from .run.inputs import read_image
-
     return read_image(path, shape, scale)

@@ -4,7 +4,8 @@ start (where the pass begins)."""
 from __future__ import annotations
 
 from ..graph.kinds import LINEAR, MAX, NONLINEAR, ROUTE
-from .table import ALL_KINDS, APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _exact_if_homogeneous, _stabilizer, rule
+from .table import (ALL_KINDS, APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _exact_if_homogeneous, _stabilizer,
+                    rule)
 
 
 @rule("gradient", ALL_KINDS,

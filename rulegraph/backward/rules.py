@@ -11,8 +11,10 @@ from .table import ALL_KINDS, APPROXIMATE, EXACT, LEAKS_BIAS, NONE, RULES, Param
 FAMILIES = (basic, deeplift, lrp, guided, transformer, unsupported)
 
 _rank = {family.__name__: i for i, family in enumerate(FAMILIES)}
-_ordered = sorted(RULES.items(), key=lambda item: _rank[item[1].emit.__module__])  # stable: keeps each family's order
+# sorted() is stable: each family keeps its own order
+_ordered = sorted(RULES.items(), key=lambda item: _rank[item[1].emit.__module__])
 RULES.clear()
 RULES.update(_ordered)
 
-__all__ = ["ALL_KINDS", "APPROXIMATE", "EXACT", "FAMILIES", "LEAKS_BIAS", "NONE", "Param", "RULES", "RuleSpec", "rule"]
+__all__ = ["ALL_KINDS", "APPROXIMATE", "EXACT", "FAMILIES", "LEAKS_BIAS", "NONE", "Param", "RULES", "RuleSpec",
+           "rule"]

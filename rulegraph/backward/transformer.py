@@ -24,8 +24,8 @@ numbers mean nothing, and the checker predicts no conservation there.
 
 from __future__ import annotations
 
-from ..graph.read import Graph
 from ..graph.kinds import BILINEAR, NORMALIZING, ROUTE
+from ..graph.read import Graph
 from .table import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
 from .vjp import _layer_norm_stats, layer_norm_axes, unbroadcast
 

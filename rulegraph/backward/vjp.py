@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import numpy_helper
 
-from .emit import Tape
 from ..errors import ModelError
 from ..graph.read import Graph, Node
+from .emit import Tape
 
 INT64_MAX = np.iinfo(np.int64).max
 

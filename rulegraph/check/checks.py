@@ -16,15 +16,17 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
-from ..run import amplification
-from ..compile.build import Assignment, RuleContext, assign, find_start, path_nodes
 from ..backward.emit import Tape
-from ..errors import RulegraphError
-from ..graph.read import Graph
-from ..graph.kinds import LINEAR, ROUTE
 from ..backward.rules import APPROXIMATE, EXACT, LEAKS_BIAS, NONE, RULES
-from ..lang.ruleset import RuleSet
 from ..backward.vjp import VjpContext
+from ..compile.build import Assignment, RuleContext, assign, find_start, path_nodes
+from ..errors import RulegraphError
+from ..graph.kinds import LINEAR, ROUTE
+from ..graph.read import Graph
+from ..lang.ruleset import RuleSet
+from ..run import amplification
+from ..run.explainer import Explainer
+from .probes import run_probes
 
 SCHEMA_VERSION = 1
 COUNTED_BIAS = ("blame", "total")  # policies under which bias shares count towards conservation
@@ -406,8 +408,6 @@ def check(model, rules, x=None, samples: int = 0, tolerance: float = 1e-3, probe
           max_amplification: float = amplification.DEFAULT_MAX_AMPLIFICATION) -> Report:
     """Run every check that applies: static always, measured with inputs (``x`` or ``samples``):
     conservation and amplification (fails above ``max_amplification``); consistency probes when asked."""
-    from ..run.explainer import Explainer
-
     explainer = Explainer(model, rules, providers=providers, output=output, start=start)
     explainer.allow_nonfinite = True  # a NaN/Inf input is measured and named as the cause (Report.nonfinite)
     ruleset = explainer.ruleset
@@ -418,7 +418,5 @@ def check(model, rules, x=None, samples: int = 0, tolerance: float = 1e-3, probe
     if not report.errors and (x is not None or samples):
         measure(explainer, x if x is not None else sample_inputs(explainer.graph, samples), report)
     if probes:
-        from .probes import run_probes
-
         report.probes = run_probes(ruleset)
     return report

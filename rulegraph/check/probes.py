@@ -40,8 +40,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..compile.build import assign, find_start, path_nodes
 from ..errors import RulegraphError, RulegraphWarning
-from ..run.explainer import Explainer, Result
 from ..lang.ruleset import Binding, RuleSet
+from ..run import rulefiles as dsl
+from ..run.explainer import Explainer, Result
 
 OPSET = 17
 #: Gelu is an ONNX op from opset 20 on.
@@ -324,8 +325,6 @@ def _gelu_fused_vs_decomposed(rng):
 def _load(rules: str | Path | RuleSet) -> RuleSet:
     if isinstance(rules, RuleSet):
         return rules
-    from ..run import rulefiles as dsl
-
     return dsl.load(rules)
 
 

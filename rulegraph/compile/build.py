@@ -34,18 +34,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..backward.emit import Tape, free_name, free_prefix
-from ..errors import CoverageError, InternalError, ModelError, RulegraphError
-from ..backward.fused import emit_copy, evaluate, vjp_of
-from ..graph.read import Graph, Node
-from ..graph.kinds import NORMALIZING, ROUTE
 from ..backward import unsupported
-from .refusal import refusal
-from ..graph.model_check import SEED, TARGET, explainer_metadata  # noqa: F401  (SEED, TARGET: the explainer's inputs)
+from ..backward.emit import Tape, free_name, free_prefix
+from ..backward.fused import emit_copy, evaluate, vjp_of
 from ..backward.rules import RULES
-from ..lang.ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
-from .targets import StartSpec, batch_dim, relocate, start_spec
 from ..backward.vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
+from ..errors import CoverageError, InternalError, ModelError, RulegraphError
+from ..graph.kinds import NORMALIZING, ROUTE
+from ..graph.model_check import SEED, TARGET, explainer_metadata
+from ..graph.read import Graph, Node
+from ..lang.ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
+from .refusal import refusal
+from .targets import StartSpec, batch_dim, relocate, start_spec
 
 POSITIONS = "rulegraph/positions"
 CLASS = "rulegraph/class"   # output: int64 [N], the class explained per row

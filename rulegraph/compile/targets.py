@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import RulegraphError
-from ..graph.read import Graph
 from ..graph.kinds import ROUTE
+from ..graph.read import Graph
 
 #: ops that keep a tensor's values in row-major order: a batch folded by them stays the outermost factor
 FLAT_ROUTES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})

@@ -14,7 +14,8 @@ import warnings
 
 from ..errors import RulegraphError, RulegraphWarning
 from ..graph.read import Graph
-from ..lang.ruleset import Binding, RuleSet, Selector, matches
+from ..lang.ruleset import Binding, NodeInfo, RuleSet, Selector, matches
+from .build import find_start, path_nodes
 
 #: how many close node names a warning suggests
 SUGGESTIONS = 3
@@ -24,8 +25,6 @@ def unmatched(ruleset: RuleSet, path_names: list[str], all_names: list[str]) -> 
     """The ``node`` bindings that match none of ``path_names`` (the nodes on the relevance path);
     ``node "x" -> start`` is matched by any node in ``all_names`` (the start node itself precedes
     the path: relevance starts at its input)."""
-    from ..lang.ruleset import NodeInfo
-
     path = [NodeInfo(name, "", "") for name in path_names]
     everywhere = [NodeInfo(name, "", "") for name in all_names]
     return [b for b in ruleset.bindings if b.selector.form == "node" and not any(
@@ -53,8 +52,6 @@ def warn_unmatched(graph: Graph, ruleset: RuleSet, output: str | None = None,
 
     Says nothing when the start cannot be found: the command reports that error itself.
     """
-    from .build import find_start, path_nodes
-
     if not any(b.selector.form == "node" for b in ruleset.bindings):
         return
     try:

@@ -47,8 +47,8 @@ from pathlib import Path
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput
 
+from ..errors import Location, RuleSyntaxError, RulegraphError, did_you_mean
 from . import ruleset
-from ..errors import Location, RulegraphError, RuleSyntaxError, did_you_mean
 from .catalog import Catalog
 from .floats import float32_problem
 from .ruleset import KINDS, Binding, RuleCall, RuleSet, Selector

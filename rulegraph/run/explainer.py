@@ -9,24 +9,26 @@ import numpy as np
 import onnx
 
 from .. import graph as graph_mod
-from . import runtime
 from ..compile import targets as targets_mod
-from .amplification import DEFAULT_MAX_AMPLIFICATION, quiet, warn_if_amplified
-from .baselines import check_baseline_names, make_baseline
-from .inputs import convert
-from .results import Result
 from ..compile.build import Compiled, compile_explainer, find_start
-from ..errors import InternalError, ModelError, RulegraphError
-from ..lang.ruleset import RuleSet
 from ..compile.targets import Target, TargetError
 from ..compile.unmatched import warn_unmatched
+from ..errors import InternalError, ModelError, RulegraphError
+from ..lang.ruleset import RuleCall, RuleSet
+from . import runtime
+from . import rulefiles as dsl
+from .amplification import DEFAULT_MAX_AMPLIFICATION, quiet, warn_if_amplified
+from .baselines import check_baseline_names, make_baseline
+from .files import check_output, model_files, rule_files, write_with
+from .inputs import convert
+from .loopgraph import compile_loop
+from .loops import LOOPS
+from .results import Result
 
 
 def _load_rules(rules: str | Path | RuleSet) -> RuleSet:
     if isinstance(rules, RuleSet):
         return rules
-    from . import rulefiles as dsl
-
     return dsl.load(rules)
 
 
@@ -157,8 +159,6 @@ class Explainer:
     def save(self, path: str | Path, seed_mode: bool = False) -> Path:
         """Write the explainer ONNX model (``saved``); any ONNX runtime can run it without rulegraph.
         The write is atomic and refuses to overwrite the model or rule file read (``files.check_output``)."""
-        from .files import check_output, model_files, rule_files, write_with
-
         model_path, rules_path = self._sources
         path = check_output(path, model_files(model_path, [path]) + rule_files(rules_path), what="explainer")
         model = self.saved(seed_mode).model
@@ -179,8 +179,6 @@ class Explainer:
                                  f"(rulegraph/target), not a seed array; save it without seed mode, or "
                                  f"use a rule file without a loop header")
         if "loop" not in self._compiled:
-            from .loopgraph import compile_loop
-
             self._compiled["loop"] = compile_loop(self, loop_call)
         return self._compiled["loop"]
 
@@ -227,9 +225,6 @@ class Explainer:
 
     def _loop(self, name: str | None, params: dict):
         """The loop to run: the one named here (with ``params``), else the rule file's, else None."""
-        from .loops import LOOPS
-        from ..lang.ruleset import RuleCall
-
         if name is None:
             return getattr(self.ruleset, "loop", None)
         if name not in LOOPS:
@@ -270,8 +265,6 @@ class Explainer:
         check_baseline_names(baseline, self.graph.inputs)
         loop_call = self._loop(loop, loop_params)
         if loop_call is not None:
-            from .loops import LOOPS
-
             with quiet():
                 return LOOPS[loop_call.name].run(self.without_loop(), x, target, dict(loop_call.params),
                                                  baseline)

@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..compile.build import BASELINE_PREFIX, TARGET
 from ..backward.emit import Tape
+from ..compile.build import BASELINE_PREFIX, TARGET
 from ..errors import InternalError, RulegraphError
 from .loops import quadrature, refuse_integrated_gradients
 

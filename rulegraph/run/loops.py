@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backward.rules import Param, RuleSpec
 from ..errors import RulegraphError
 from .baselines import make_baseline
 from .results import Result, class_per_row
-from ..backward.rules import Param, RuleSpec
 
 QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
