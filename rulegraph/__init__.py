@@ -4,9 +4,10 @@ A rule file assigns a backward rule to each op type; rulegraph checks it against
 compiles model + rules into one ONNX model computing the forward and the relevance pass together.
 """
 
+from .backward.ops import load
 from .compile.targets import Target, TargetError
 from .errors import CoverageError, ModelError, RuleSyntaxError, RulegraphError
-from .graph import Graph, load
+from .graph import Graph
 from .lang.ruleset import RuleSet
 from .run.explainer import Explainer, Result
 

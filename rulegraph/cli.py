@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .backward.ops import load
 from .check.checks import check
 from .compile.build import assign, find_start, path_nodes
 from .compile.targets import Target
 from .compile.unmatched import warn_unmatched
 from .errors import RulegraphError, RulegraphWarning
-from .graph import load
 from .run import rulefiles as dsl
 from .run.amplification import DEFAULT_MAX_AMPLIFICATION
 from .run.explainer import Explainer

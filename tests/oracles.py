@@ -21,7 +21,7 @@ from onnx.reference.ops._op import OpRunUnaryNum
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ConvTranspose
 from onnx.reference.ops.op_max_pool import MaxPool as _MaxPool
 
-from rulegraph import graph as G
+from rulegraph.backward import ops as G
 from rulegraph.compile.build import SEED, Compiled, compile_explainer
 from rulegraph.errors import Location
 from rulegraph.lang.ruleset import Binding, RuleCall, RuleSet, Selector

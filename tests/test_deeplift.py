@@ -43,7 +43,7 @@ from test_equivalences import bias_free_cnn
 
 from rulegraph import Explainer
 from rulegraph.run import rulefiles as dsl
-from rulegraph import graph as G
+from rulegraph.backward import ops as G
 from rulegraph.check import check
 from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.errors import Location, ModelError

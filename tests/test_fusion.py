@@ -35,7 +35,7 @@ from oracles import GRADIENT, check_vjp, make_model, one_node, reference_vjp, ru
 
 from rulegraph import Explainer
 from rulegraph.run import rulefiles as dsl
-from rulegraph import graph as G
+from rulegraph.backward import ops as G
 from rulegraph.check import check
 from rulegraph.cli import main
 from rulegraph.compile.build import SEED, compile_explainer

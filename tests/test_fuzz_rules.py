@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from rulegraph.errors import RuleSyntaxError
 from rulegraph.run import rulefiles as dsl
-from rulegraph.graph.kinds import OP_KINDS
+from rulegraph.backward.ops import OP_KINDS
 from rulegraph.run.loops import LOOPS
 from rulegraph.backward.rules import RULES
 from rulegraph.lang.ruleset import KINDS, RuleSet

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer, ModelError, RulegraphError
-from rulegraph import graph as G
+from rulegraph.backward import ops as G
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(7)

@@ -17,7 +17,7 @@ from onnx import TensorProto, numpy_helper
 
 from rulegraph import RulegraphError
 from rulegraph.run import rulefiles as dsl
-from rulegraph import graph as G
+from rulegraph.backward import ops as G
 from rulegraph.check.probes import BATCH, BATCHES, PROBES, ProbeResult, run_probe, run_probes
 
 SOURCE = "probe.rules"

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from rulegraph import graph as G
+from rulegraph.backward import ops as G
 from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.errors import Location
 from rulegraph.lang.ruleset import Binding, RuleCall, RuleSet, Selector

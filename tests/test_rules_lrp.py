@@ -26,7 +26,7 @@ from onnx.reference import ReferenceEvaluator
 
 import rulegraph
 from rulegraph.run import rulefiles as dsl
-from rulegraph import graph as G
+from rulegraph.backward import ops as G
 from rulegraph.check import check
 from rulegraph.compile.build import SEED, assign, compile_explainer, path_nodes
 from rulegraph.errors import ModelError, RuleSyntaxError

@@ -22,7 +22,7 @@ from onnx.reference import ReferenceEvaluator
 
 import rulegraph
 from rulegraph.run import rulefiles as dsl
-from rulegraph import graph as G
+from rulegraph.backward import ops as G
 from rulegraph.check import check, static
 from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.errors import ModelError

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..graph.kinds import BILINEAR_WHEN_ALL_ACTIVE, OP_KINDS
 from ..lang.catalog import Catalog
+from .ops import OPS
 from .rules import RULES
 
 #: rules and op kinds, without loops: enough to read a file's bindings (``compile/refusal.py``)
-RULE_CATALOG = Catalog(rules=RULES, op_kinds=OP_KINDS, bilinear_ops=BILINEAR_WHEN_ALL_ACTIVE)
+RULE_CATALOG = Catalog(rules=RULES, op_kinds=OPS.table, bilinear_ops=frozenset(OPS.bilinear))

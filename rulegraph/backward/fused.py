@@ -16,13 +16,17 @@ from onnx import TensorProto, helper
 
 from ..graph.read import Graph, Node
 from .emit import Tape
-from .vjp import VJPS, VjpContext, registrar, unbroadcast
+from ..graph.kinds import NONLINEAR
+from .vjp import VJPS, VjpContext, fused_kind, registrar, unbroadcast
 
 #: VJPs of ops that rulegraph differentiates only as members of a fused node (they have no kind)
 MEMBER_VJPS: dict[str, Callable[[VjpContext, list], list]] = {}
 
 
 member_vjp = registrar(MEMBER_VJPS)
+
+#: SiLU (Swish) is not an ONNX op: it names the pattern ``x·Sigmoid(x)``, so that a rule file can bind it
+fused_kind("SiLU", NONLINEAR)
 
 
 def vjp_of(node: Node) -> Callable[[VjpContext, list], list] | None:

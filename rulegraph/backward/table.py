@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 
+from ..errors import InternalError
 from ..graph.kinds import BILINEAR, LINEAR, MAX, NONLINEAR, NORMALIZING, ROUTE
 from ..lang.floats import float32_problem
 
@@ -112,6 +113,9 @@ RULES: dict[str, RuleSpec] = {}
 def rule(name: str, kinds, params=(), conservation=None, validate=None, bias_in_denominator=False,
          has_bias=None, op_types=()):
     """Register the decorated emitter as rule ``name``."""
+
+    if name in RULES:
+        raise InternalError(f"rule {name} is registered twice")
 
     def register(fn):
         RULES[name] = RuleSpec(name, frozenset(kinds), fn, tuple(params), dict(conservation or {}),

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import numpy_helper
 
-from ..errors import ModelError
+from ..errors import InternalError, ModelError
+from ..graph.kinds import LINEAR, MAX, NONLINEAR, NORMALIZING, ROUTE
 from ..graph.read import Graph, Node
 from .emit import Tape
 
@@ -66,6 +67,36 @@ LINEAR_PARAMS: dict[str, Callable[[VjpContext], tuple[int, int | None]]] = {}
 WINDOW_SUMS: dict[str, tuple[Callable, Callable]] = {}
 
 
+#: op type -> kind, declared with the op's VJP (``@vjp(..., kind=...)``); ``ops.py`` adds the fused-only ops
+OP_KINDS: dict[str, str] = {}
+#: op types that are bilinear when every float operand is an activation (Mul, Div, MatMul)
+BILINEAR_WHEN_ALL_ACTIVE: set[str] = set()
+
+
+def vjp(*op_types: str, kind: str, bilinear: bool = False):
+    """Register the decorated VJP emitter under each op type, with the op's kind: one registration
+    per op. ``bilinear``: the op is bilinear when every float operand is an activation."""
+
+    def register(fn):
+        for op in op_types:
+            if op in VJPS or op in OP_KINDS:
+                raise InternalError(f"op {op} is registered twice")
+            VJPS[op], OP_KINDS[op] = fn, kind
+            if bilinear:
+                BILINEAR_WHEN_ALL_ACTIVE.add(op)
+        return fn
+
+    return register
+
+
+def fused_kind(op_type: str, kind: str) -> None:
+    """Declare the kind of an op that exists only as a fused node (``graph/fuse.py``): it has no VJP
+    of its own, its backward is its members' chain (``fused.py``)."""
+    if op_type in OP_KINDS:
+        raise InternalError(f"op {op_type} is registered twice")
+    OP_KINDS[op_type] = kind
+
+
 def registrar(table: dict):
     """A decorator factory filling ``table``: ``@entry("Add", "Sum")`` registers the function under
     each op type, right under its definition."""
@@ -81,7 +112,6 @@ def registrar(table: dict):
     return entry
 
 
-vjp = registrar(VJPS)
 linear_bias = registrar(LINEAR_BIAS)
 linear_params = registrar(LINEAR_PARAMS)
 
@@ -212,12 +242,12 @@ def conv_input_vjp(ctx: VjpContext, g: str, weight: np.ndarray, group: int, stri
 # linear
 
 
-@vjp("Add", "Sum")
+@vjp("Add", "Sum", kind=LINEAR)
 def _add(ctx, g):
     return [unbroadcast(ctx, g[0], ctx.y, x) if a else None for x, a in zip(ctx.node.inputs, ctx.active)]
 
 
-@vjp("Sub")
+@vjp("Sub", kind=LINEAR)
 def _sub(ctx, g):
     a, b = ctx.active
     t = ctx.tape
@@ -225,12 +255,12 @@ def _sub(ctx, g):
             unbroadcast(ctx, t.op("Neg", g[0]), ctx.y, ctx.node.inputs[1]) if b else None]
 
 
-@vjp("Neg")
+@vjp("Neg", kind=LINEAR)
 def _neg(ctx, g):
     return [ctx.tape.op("Neg", g[0])]
 
 
-@vjp("Mul")
+@vjp("Mul", kind=LINEAR, bilinear=True)
 def _mul(ctx, g):
     t = ctx.tape
     a, b = ctx.node.inputs
@@ -238,7 +268,7 @@ def _mul(ctx, g):
             unbroadcast(ctx, t.op("Mul", g[0], a), ctx.y, b) if ctx.active[1] else None]
 
 
-@vjp("Div")
+@vjp("Div", kind=LINEAR, bilinear=True)
 def _div(ctx, g):
     t = ctx.tape
     a, b = ctx.node.inputs
@@ -253,7 +283,7 @@ def _swap_last(t: Tape, x: str, rank: int) -> str:
     return t.op("Transpose", x, perm=perm)
 
 
-@vjp("MatMul")
+@vjp("MatMul", kind=LINEAR, bilinear=True)
 def _matmul(ctx, g):
     t, graph = ctx.tape, ctx.graph
     a, b = ctx.node.inputs
@@ -303,7 +333,7 @@ def _reduce_where_one(t: Tape, d: str, x: str) -> str:
     return t.op("ReduceSum", d, axes, keepdims=1, noop_with_empty_axes=1)
 
 
-@vjp("Gemm")
+@vjp("Gemm", kind=LINEAR)
 def _gemm(ctx, g):
     t = ctx.tape
     node = ctx.node
@@ -334,7 +364,7 @@ def _gemm(ctx, g):
     return out
 
 
-@vjp("Conv")
+@vjp("Conv", kind=LINEAR)
 def _conv(ctx, g):
     weight = ctx.const(1)
     if weight is None or ctx.active[1] or (len(ctx.active) > 2 and ctx.active[2]):
@@ -384,7 +414,7 @@ def _conv_transpose_pads(ctx: VjpContext, kernel: list[int]) -> tuple[list, list
     return strides, dilations, begin, out_pad
 
 
-@vjp("ConvTranspose")
+@vjp("ConvTranspose", kind=LINEAR)
 def _conv_transpose(ctx, g):
     """``y = ConvTranspose(x, W)`` is the transpose of ``Conv(·, W)`` with the same weights
     ``[C_in, C_out/G, k…]``, strides, dilations, group and begin pads: ``a(x) = Conv(a(y), W)``,
@@ -493,7 +523,7 @@ def _contract_axis(t: Tape, g: str, matrix: str, axis: int, rank: int) -> str:
     return t.op("Transpose", moved, perm=[int(i) for i in np.argsort(perm)])
 
 
-@vjp("Resize")
+@vjp("Resize", kind=LINEAR)
 def _resize(ctx, g):
     """ONNX Resize is separable: ``y = x ×_a M_a`` over its resized axes ``a`` (nearest, linear and
     cubic interpolation, antialias, every coordinate transform), so ``a(x) = a(y) ×_a M_aᵀ`` with each
@@ -558,7 +588,7 @@ def _sum_pool(ctx: VjpContext, x: str, pad_value: float = 0.0) -> str:
     return total
 
 
-@vjp("AveragePool")
+@vjp("AveragePool", kind=LINEAR)
 def _average_pool(ctx, g):
     """``y = Σ_window x / n``: n counts the window's cells inside the padded input
     (count_include_pad=1) or inside the input (count_include_pad=0); ceil_mode windows may be short."""
@@ -614,19 +644,19 @@ def _count(ctx: VjpContext, axes: list[int] | None) -> str:
     return t.op("Cast", t.op("ReduceProd", sizes, keepdims=0), to=t.float_type)
 
 
-@vjp("ReduceSum")
+@vjp("ReduceSum", kind=LINEAR)
 def _reduce_sum(ctx, g):
     return [_expand_back(ctx, g[0], _reduce_axes(ctx))] + [None] * (len(ctx.node.inputs) - 1)
 
 
-@vjp("ReduceMean")
+@vjp("ReduceMean", kind=LINEAR)
 def _reduce_mean(ctx, g):
     axes = _reduce_axes(ctx)
     spread = _expand_back(ctx, g[0], axes)
     return [ctx.tape.op("Div", spread, _count(ctx, axes))] + [None] * (len(ctx.node.inputs) - 1)
 
 
-@vjp("GlobalAveragePool")
+@vjp("GlobalAveragePool", kind=LINEAR)
 def _global_average_pool(ctx, g):
     axes = list(range(2, ctx.graph.rank(ctx.x)))
     spread = ctx.tape.op("Expand", g[0], ctx.tape.shape(ctx.x))
@@ -646,7 +676,7 @@ def _batchnorm_scale(ctx: VjpContext) -> tuple[np.ndarray, np.ndarray]:
     return s.reshape(shape).astype(dtype), (bias - s * mean).reshape(shape).astype(dtype)
 
 
-@vjp("BatchNormalization")
+@vjp("BatchNormalization", kind=LINEAR)
 def _batchnorm(ctx, g):
     if ctx.node.attr("training_mode", 0):
         raise ctx.fail("BatchNormalization in training mode; export the model in eval mode")
@@ -732,12 +762,12 @@ def _sub_bias(ctx):
 # nonlinear (elementwise)
 
 
-@vjp("Relu")
+@vjp("Relu", kind=NONLINEAR)
 def _relu(ctx, g):
     return [_where_positive(ctx.tape, ctx.y, g[0])]
 
 
-@vjp("LeakyRelu")
+@vjp("LeakyRelu", kind=NONLINEAR)
 def _leaky_relu(ctx, g):
     t = ctx.tape
     alpha = ctx.node.attr("alpha", 0.01)
@@ -745,7 +775,7 @@ def _leaky_relu(ctx, g):
     return [t.op("Where", positive, g[0], t.op("Mul", g[0], t.scalar(alpha)))]
 
 
-@vjp("PRelu")
+@vjp("PRelu", kind=NONLINEAR)
 def _prelu(ctx, g):
     t = ctx.tape
     if ctx.active[1]:
@@ -754,25 +784,25 @@ def _prelu(ctx, g):
     return [t.op("Where", positive, g[0], t.op("Mul", g[0], ctx.node.inputs[1])), None]
 
 
-@vjp("Sigmoid")
+@vjp("Sigmoid", kind=NONLINEAR)
 def _sigmoid(ctx, g):
     t = ctx.tape
     one_minus = t.op("Sub", t.scalar(1.0), ctx.y)
     return [t.op("Mul", g[0], t.op("Mul", ctx.y, one_minus))]
 
 
-@vjp("Tanh")
+@vjp("Tanh", kind=NONLINEAR)
 def _tanh(ctx, g):
     t = ctx.tape
     return [t.op("Mul", g[0], t.op("Sub", t.scalar(1.0), t.op("Mul", ctx.y, ctx.y)))]
 
 
-@vjp("Softplus")
+@vjp("Softplus", kind=NONLINEAR)
 def _softplus(ctx, g):
     return [ctx.tape.op("Mul", g[0], ctx.tape.op("Sigmoid", ctx.x))]
 
 
-@vjp("Elu")
+@vjp("Elu", kind=NONLINEAR)
 def _elu(ctx, g):
     t = ctx.tape
     alpha = ctx.node.attr("alpha", 1.0)
@@ -781,7 +811,7 @@ def _elu(ctx, g):
     return [t.op("Where", positive, g[0], t.op("Mul", g[0], slope))]
 
 
-@vjp("Selu")
+@vjp("Selu", kind=NONLINEAR)
 def _selu(ctx, g):
     t = ctx.tape
     alpha = ctx.node.attr("alpha", 1.67326319217681884765625)
@@ -791,14 +821,14 @@ def _selu(ctx, g):
     return [t.op("Where", positive, t.op("Mul", g[0], t.scalar(gamma)), t.op("Mul", g[0], slope))]
 
 
-@vjp("Erf")
+@vjp("Erf", kind=NONLINEAR)
 def _erf(ctx, g):
     t = ctx.tape
     gauss = t.op("Exp", t.op("Neg", t.op("Mul", ctx.x, ctx.x)))
     return [t.op("Mul", g[0], t.op("Mul", gauss, t.scalar(2.0 / math.sqrt(math.pi))))]
 
 
-@vjp("Gelu")
+@vjp("Gelu", kind=NONLINEAR)
 def _gelu(ctx, g):
     t, x = ctx.tape, ctx.x
     approx = ctx.node.attr("approximate", b"none")
@@ -819,7 +849,7 @@ def _gelu(ctx, g):
     return [t.op("Mul", g[0], d)]
 
 
-@vjp("HardSigmoid")
+@vjp("HardSigmoid", kind=NONLINEAR)
 def _hard_sigmoid(ctx, g):
     t = ctx.tape
     alpha = ctx.node.attr("alpha", 0.2)
@@ -829,7 +859,7 @@ def _hard_sigmoid(ctx, g):
     return [t.op("Where", inside, t.op("Mul", g[0], t.scalar(alpha)), t.scalar(0.0))]
 
 
-@vjp("HardSwish")
+@vjp("HardSwish", kind=NONLINEAR)
 def _hard_swish(ctx, g):
     t, x = ctx.tape, ctx.x
     mid = t.op("Div", t.op("Add", t.op("Mul", x, t.scalar(2.0)), t.scalar(3.0)), t.scalar(6.0))
@@ -839,7 +869,7 @@ def _hard_swish(ctx, g):
     return [t.op("Mul", g[0], d)]
 
 
-@vjp("Clip")
+@vjp("Clip", kind=NONLINEAR)
 def _clip(ctx, g):
     t, x = ctx.tape, ctx.x
     inside = None
@@ -851,7 +881,7 @@ def _clip(ctx, g):
     return [gx] + [None] * (len(ctx.node.inputs) - 1)
 
 
-@vjp("Abs")
+@vjp("Abs", kind=NONLINEAR)
 def _abs(ctx, g):
     return [ctx.tape.op("Mul", g[0], ctx.tape.op("Sign", ctx.x))]
 
@@ -864,14 +894,14 @@ def _softmax_axis(ctx: VjpContext) -> int:
     return ctx.node.attr("axis", -1)
 
 
-@vjp("Softmax")
+@vjp("Softmax", kind=NORMALIZING)
 def _softmax(ctx, g):
     t = ctx.tape
     dot = t.reduce_sum(t.op("Mul", g[0], ctx.y), [_softmax_axis(ctx)], keepdims=True)
     return [t.op("Mul", ctx.y, t.op("Sub", g[0], dot))]
 
 
-@vjp("LogSoftmax")
+@vjp("LogSoftmax", kind=NORMALIZING)
 def _log_softmax(ctx, g):
     t = ctx.tape
     total = t.reduce_sum(g[0], [_softmax_axis(ctx)], keepdims=True)
@@ -882,17 +912,17 @@ def _log_softmax(ctx, g):
 # route
 
 
-@vjp("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+@vjp("Reshape", "Flatten", "Squeeze", "Unsqueeze", kind=ROUTE)
 def _reshape(ctx, g):
     return [ctx.tape.reshape_like(g[0], ctx.x)] + [None] * (len(ctx.node.inputs) - 1)
 
 
-@vjp("Identity", "Dropout")
+@vjp("Identity", "Dropout", kind=ROUTE)
 def _identity(ctx, g):
     return [g[0]] + [None] * (len(ctx.node.inputs) - 1)
 
 
-@vjp("Transpose")
+@vjp("Transpose", kind=ROUTE)
 def _transpose(ctx, g):
     perm = ctx.node.attr("perm")
     if perm is None:
@@ -901,7 +931,7 @@ def _transpose(ctx, g):
     return [ctx.tape.op("Transpose", g[0], perm=[int(i) for i in inverse])]
 
 
-@vjp("Concat")
+@vjp("Concat", kind=ROUTE)
 def _concat(ctx, g):
     t = ctx.tape
     axis = ctx.node.attr("axis")
@@ -915,7 +945,7 @@ def _concat(ctx, g):
     return [p if a else None for p, a in zip(parts, ctx.active)]
 
 
-@vjp("Split")
+@vjp("Split", kind=ROUTE)
 def _split(ctx, g):
     t = ctx.tape
     pieces = [gi if gi is not None else _zeros_for(ctx, out) for gi, out in zip(g, ctx.node.outputs)]
@@ -943,13 +973,13 @@ def _scatter_back(ctx: VjpContext, selected: str, g: str, reduction: str | None)
     return t.reshape_like(scattered, ctx.x)
 
 
-@vjp("Slice")
+@vjp("Slice", kind=ROUTE)
 def _slice(ctx, g):
     taken = ctx.tape.copy_node(ctx.node, [_positions(ctx)] + ctx.node.inputs[1:])
     return [_scatter_back(ctx, taken, g[0], None)] + [None] * (len(ctx.node.inputs) - 1)
 
 
-@vjp("Gather")
+@vjp("Gather", kind=ROUTE)
 def _gather(ctx, g):
     if ctx.active[1]:
         raise ctx.fail("Gather indices must be integers")
@@ -957,7 +987,7 @@ def _gather(ctx, g):
     return [_scatter_back(ctx, taken, g[0], "add"), None]
 
 
-@vjp("Pad")
+@vjp("Pad", kind=ROUTE)
 def _pad(ctx, g):
     t = ctx.tape
     mode = ctx.node.attr("mode", b"constant")
@@ -978,7 +1008,7 @@ def _pad(ctx, g):
     return [t.op("Slice", g[0], t.ints(begin), t.ints(ends), t.ints(axes))] + [None] * (len(ctx.node.inputs) - 1)
 
 
-@vjp("Expand")
+@vjp("Expand", kind=ROUTE)
 def _expand(ctx, g):
     return [unbroadcast(ctx, g[0], ctx.y, ctx.x), None]
 
@@ -987,7 +1017,7 @@ def _expand(ctx, g):
 # max
 
 
-@vjp("MaxPool")
+@vjp("MaxPool", kind=MAX)
 def _maxpool(ctx, g):
     if ctx.node.attr("storage_order", 0):
         raise ctx.fail("MaxPool with storage_order=1 is not supported")
@@ -1007,7 +1037,7 @@ def first_max_masks(t: Tape, operands: list[str], y: str) -> list[str]:
     return masks
 
 
-@vjp("Max")
+@vjp("Max", kind=MAX)
 def _max(ctx, g):
     t = ctx.tape
     masks = first_max_masks(t, ctx.node.inputs, ctx.y)
@@ -1028,7 +1058,7 @@ def _argmax_mask(ctx: VjpContext, flat: str, axis: int) -> str:
     return t.op("Equal", t.op("Reshape", rng, t.ints(shape)), am)
 
 
-@vjp("GlobalMaxPool")
+@vjp("GlobalMaxPool", kind=MAX)
 def _global_max_pool(ctx, g):
     t = ctx.tape
     flat = t.op("Reshape", ctx.x, t.ints([0, 0, -1]))
@@ -1037,7 +1067,7 @@ def _global_max_pool(ctx, g):
     return [t.reshape_like(spread, ctx.x)]
 
 
-@vjp("ReduceMax")
+@vjp("ReduceMax", kind=MAX)
 def _reduce_max(ctx, g):
     t = ctx.tape
     axes = _reduce_axes(ctx)
@@ -1110,7 +1140,7 @@ def layer_norm_axes(ctx: VjpContext) -> list[int]:
     return list(range(ctx.node.attr("axis", -1) % rank, rank))
 
 
-@vjp("LayerNormalization")
+@vjp("LayerNormalization", kind=NORMALIZING)
 def _layer_normalization(ctx, g):
     """``y = x̂ ⊙ γ + β``, ``x̂ = (x − μ)/σ`` over the axes from ``axis`` on (γ, β constant):
     ``a(x) = (ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂)) / σ`` with ``ĝ = g ⊙ γ``."""

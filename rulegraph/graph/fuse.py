@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from onnx import helper
 
-from .kinds import kind_of
+from .kinds import OpKinds
 from .read import Graph, Node, link
 
 #: largest difference allowed between a pattern's constant and the expected one (relative to it
@@ -517,7 +517,7 @@ def _fresh_name(members: list[Node], op_type: str, taken: set[str]) -> str:
     return name
 
 
-def fuse_patterns(graph: Graph) -> list[Node]:
+def fuse_patterns(graph: Graph, op_kinds: OpKinds) -> list[Node]:
     """Replace every pattern in ``graph.nodes`` by one fused node (at its output's place in the
     topological order); returns the fused nodes. The model proto is not touched."""
     matches, _ = find_matches(graph)
@@ -527,7 +527,7 @@ def fuse_patterns(graph: Graph) -> list[Node]:
     at_output: dict[str, Node] = {}
     for m in matches:
         attribute_protos = [helper.make_attribute(k, v) for k, v in m.attrs.items()]
-        kind = kind_of(m.op_type, [t in graph.active for t in m.inputs])
+        kind = op_kinds.of(m.op_type, [t in graph.active for t in m.inputs])
         at_output[m.members[-1].name] = Node(_fresh_name(m.members, m.op_type, taken), m.op_type, list(m.inputs),
                                              [m.output], dict(m.attrs), attribute_protos, kind=kind,
                                              members=list(m.members))

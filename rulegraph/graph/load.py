@@ -8,12 +8,14 @@ import onnx
 
 from ..errors import ModelError
 from .fuse import fuse_patterns
+from .kinds import OpKinds
 from .read import Graph, load_proto, read_model
 
 
-def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str = "fp32",
+def load(model: str | Path | onnx.ModelProto, op_kinds: OpKinds, fuse: bool = True, precision: str = "fp32",
          ranks: dict[str, int] | None = None) -> Graph:
-    """Read a model from a path or a ModelProto (which is copied, never modified); ``fuse=False``
+    """Read a model from a path or a ModelProto (which is copied, never modified), each node's kind
+    from ``op_kinds`` (``rulegraph.load`` gives the backward's op table); ``fuse=False``
     keeps multi-node patterns as their separate nodes. ``precision="fp32"`` computes an fp16 or
     bf16 model in float32 (its weights upcast exactly); ``"native"`` keeps its own type. ``ranks``
     gives inputs declared without a shape their rank (the first run's arrays;
@@ -23,9 +25,9 @@ def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str 
     proto = read_model(model)
     where = "" if isinstance(model, onnx.ModelProto) else f"{model}: "
     try:
-        graph = load_proto(proto, precision, ranks)
+        graph = load_proto(proto, precision, ranks, op_kinds)
     except ModelError as exc:
         raise ModelError(f"{where}{exc}") from exc
     if fuse:
-        fuse_patterns(graph)
+        fuse_patterns(graph, op_kinds)
     return graph

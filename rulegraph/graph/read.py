@@ -40,7 +40,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, node_ref
-from .kinds import OP_KINDS, kind_of
+from .kinds import OpKinds
 from .legacy_resize import restore_legacy_resize
 from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
 
@@ -130,7 +130,8 @@ class Graph:
         return [i for i in self.inputs if self.is_float(i)]
 
 
-def load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | None) -> Graph:
+def load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | None,
+               op_kinds: OpKinds) -> Graph:
     check_structure(proto)
     _check_domains(proto)
     for node in proto.graph.node:  # 'ai.onnx' is the default domain's other name (onnxruntime reads both)
@@ -148,7 +149,7 @@ def load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | N
     nodes_proto = _fold_constants(proto, constants)
     proto = _rebuild(proto, nodes_proto, constants)
     _name_batch(proto)
-    return _build(proto, constants)
+    return _build(proto, constants, op_kinds)
 
 
 def sort_nodes(proto: onnx.ModelProto) -> None:
@@ -430,7 +431,7 @@ def _shape_of(type_proto) -> list[int | str | None] | None:
     return dims
 
 
-def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> Graph:
+def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray], op_kinds: OpKinds) -> Graph:
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as exc:
@@ -461,7 +462,7 @@ def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> Graph:
     inputs = [i.name for i in proto.graph.input if i.name not in constants]
     graph = Graph(proto, opset_of(proto), nodes, constants, inputs, [o.name for o in proto.graph.output],
                   dtypes, shapes, set(), dag, producer, consumers)
-    _mark_active(graph)
+    _mark_active(graph, op_kinds)
     return graph
 
 
@@ -481,7 +482,7 @@ def link(nodes: list[Node]) -> tuple[nx.DiGraph, dict[str, Node], dict[str, list
     return dag, producer, consumers
 
 
-def _mark_active(graph: Graph) -> None:
+def _mark_active(graph: Graph, op_kinds: OpKinds) -> None:
     """Active tensors: float outputs of nodes with an active input, starting at the float inputs
     and at the outputs of token sources (module docstring)."""
     active = set(graph.float_inputs())
@@ -490,12 +491,12 @@ def _mark_active(graph: Graph) -> None:
         flags = [t in active for t in n.inputs]
         if any(flags):
             for o in n.outputs:
-                if o and (graph.is_float(o) or (o not in graph.dtypes and n.op_type in OP_KINDS)):
+                if o and (graph.is_float(o) or (o not in graph.dtypes and n.op_type in op_kinds)):
                     active.add(o)
         elif (ids := token_ids(graph, n)) is not None:
             graph.sources[n.outputs[0]] = ids
             active.add(n.outputs[0])
-        n.kind = kind_of(n.op_type, flags)
+        n.kind = op_kinds.of(n.op_type, flags)
     graph.active = active
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import graph as graph_mod
+from ..backward import ops
 from ..compile import targets as targets_mod
 from ..compile.build import Compiled, compile_explainer, find_start
 from ..compile.targets import Target, TargetError
@@ -47,7 +47,7 @@ class Explainer:
                  providers: list[str] | None = None, output: str | None = None,
                  start: str | None = None, threads: int = 0, precision: str = "fp32",
                  class_axis: int | None = None):
-        self.graph = graph_mod.load(model, precision=precision)
+        self.graph = ops.load(model, precision=precision)
         self._model, self._precision = model, precision
         self._where = "the model" if isinstance(model, onnx.ModelProto) else f"model {model}"
         self.ruleset = _load_rules(rules)
@@ -219,7 +219,7 @@ class Explainer:
         unknown = {name: np.ndim(feeds[name]) for name in self.graph.inputs
                    if self.graph.rank(name) is None and name in feeds}
         if unknown:
-            self.graph = graph_mod.load(self._model, precision=self._precision, ranks=unknown)
+            self.graph = ops.load(self._model, precision=self._precision, ranks=unknown)
             self._compiled.clear()
             self._sessions.clear()
 

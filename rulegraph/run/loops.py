@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backward.rules import Param, RuleSpec
-from ..errors import RulegraphError
+from ..errors import InternalError, RulegraphError
 from .baselines import make_baseline
 from .results import Result, class_per_row
 
@@ -49,6 +49,9 @@ LOOPS: dict[str, LoopSpec] = {}
 
 
 def loop(name: str, params=()):
+    if name in LOOPS:
+        raise InternalError(f"loop {name} is registered twice")
+
     def register(fn):
         LOOPS[name] = LoopSpec(name, fn, tuple(params), (fn.__doc__ or "").strip())
         return fn

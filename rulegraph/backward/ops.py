@@ -1,0 +1,28 @@
+"""The op table: every op rulegraph explains, its VJP and its kind, each declared once where the VJP
+is registered (``vjp.py``: ``@vjp("Relu", kind=NONLINEAR)``; ops that exist only fused: ``fused.py``).
+
+``load`` is the model reader given this table (``rulegraph.load``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from .. import graph
+from ..graph.kinds import OpKinds
+from ..graph.read import Graph
+from . import fused  # noqa: F401  (declares the fused-only ops' kinds)
+from .vjp import BILINEAR_WHEN_ALL_ACTIVE, OP_KINDS, VJPS
+
+#: every op's kind, for the model reader and the rule language
+OPS = OpKinds(OP_KINDS, BILINEAR_WHEN_ALL_ACTIVE)
+
+__all__ = ["OPS", "OP_KINDS", "VJPS", "load"]
+
+
+def load(model: str | Path | onnx.ModelProto, fuse: bool = True, precision: str = "fp32",
+         ranks: dict[str, int] | None = None) -> Graph:
+    """``graph.load`` with the op table: read a model, each node with its kind (see there)."""
+    return graph.load(model, OPS, fuse=fuse, precision=precision, ranks=ranks)
