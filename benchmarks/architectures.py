@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rulegraph import Explainer
-from rulegraph.compile.build import assign, find_start, path_nodes
+from rulegraph.compile.plan import assign, find_start, path_nodes
 
 MARK_BEGIN, MARK_END = "<!-- architectures -->", "<!-- /architectures -->"
 

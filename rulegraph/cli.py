@@ -20,7 +20,7 @@ import numpy as np
 
 from .backward.ops import load
 from .check.checks import check
-from .compile.build import assign, find_start, path_nodes
+from .compile.plan import assign, find_start, path_nodes
 from .compile.targets import Target
 from .compile.unmatched import warn_unmatched
 from .errors import RulegraphError, RulegraphWarning

@@ -28,7 +28,8 @@ import rulegraph
 from rulegraph.run import rulefiles as dsl
 from rulegraph.backward import ops as G
 from rulegraph.check import check
-from rulegraph.compile.build import SEED, assign, compile_explainer, path_nodes
+from rulegraph.compile.build import SEED, compile_explainer
+from rulegraph.compile.plan import assign, path_nodes
 from rulegraph.errors import ModelError, RuleSyntaxError
 
 ROOT = Path(__file__).resolve().parent.parent

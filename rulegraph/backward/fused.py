@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 
 from ..graph.read import Graph, Node
 from .emit import Tape
+from .reverse import checked, walk_back
 from ..graph.kinds import NONLINEAR
 from .vjp import VJPS, VjpContext, fused_kind, registrar, unbroadcast
 
@@ -34,26 +35,30 @@ def vjp_of(node: Node) -> Callable[[VjpContext, list], list] | None:
     return _fused_vjp if node.members else VJPS.get(node.op_type)
 
 
+def apply_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
+    """The VJP of ``ctx.node`` (plain or fused) applied to ``g``; None for inactive inputs."""
+    fn = vjp_of(ctx.node)
+    if fn is None:
+        raise ctx.fail(f"no VJP for op type {ctx.node.op_type}; supported: {', '.join(sorted(VJPS))}")
+    result = checked(f"VJP of {ctx.node.op_type}", ctx.node, fn(ctx, g))
+    return [r if active else None for r, active in zip(result, ctx.active)]
+
+
 def _fused_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
-    """The members' VJPs in reverse order; a tensor that feeds several members (``x`` in
-    ``x·Sigmoid(x)``) sums their cotangents."""
+    """The members' VJPs in reverse order (``reverse.walk_back``); a tensor that feeds several members
+    (``x`` in ``x·Sigmoid(x)``) sums their cotangents."""
     tape, graph = ctx.tape, ctx.graph
-    cotangents = {o: [gi] for o, gi in zip(ctx.node.outputs, g) if gi is not None}
-    for member in reversed(ctx.node.members):
-        g_member = [tape.sum(cotangents[o]) if o in cotangents else None for o in member.outputs]
-        if all(gi is None for gi in g_member):
-            continue
+
+    def member_step(member: Node, g_member: list[str | None]) -> list[str | None]:
         fn = VJPS.get(member.op_type) or MEMBER_VJPS.get(member.op_type)
         if fn is None:
             raise ctx.fail(f"no VJP for {member}, a member of this fused {ctx.node.op_type}")
         active = [t in graph.active for t in member.inputs]
-        result = fn(VjpContext(member, graph, tape, active, ctx.request_output), g_member)
-        if len(result) != len(member.inputs):
-            raise AssertionError(f"VJP of {member.op_type} returned {len(result)} entries for "
-                                 f"{len(member.inputs)} inputs")
-        for t, r, a in zip(member.inputs, result, active):
-            if r is not None and a:
-                cotangents.setdefault(t, []).append(r)
+        return checked(f"VJP of {member.op_type}", member,
+                       fn(VjpContext(member, graph, tape, active, ctx.request_output), g_member))
+
+    seeds = {o: [gi] for o, gi in zip(ctx.node.outputs, g) if gi is not None}
+    cotangents = walk_back(tape, ctx.node.members, seeds, graph.active, member_step)
     return [tape.sum(cotangents[t]) if a and t in cotangents else None for t, a in zip(ctx.node.inputs, ctx.active)]
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from ..backward.emit import Tape
 from ..backward.rules import APPROXIMATE, EXACT, LEAKS_BIAS, NONE, RULES
 from ..backward.vjp import VjpContext
-from ..compile.build import Assignment, RuleContext, assign, find_start, path_nodes
+from ..compile.context import RuleContext
+from ..compile.plan import Assignment, assign, find_start, path_nodes
 from ..errors import RulegraphError
 from ..graph.kinds import LINEAR, ROUTE
 from ..graph.read import Graph

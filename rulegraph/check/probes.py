@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..compile.build import assign, find_start, path_nodes
+from ..compile.plan import assign, find_start, path_nodes
 from ..errors import RulegraphError, RulegraphWarning
 from ..lang.ruleset import Binding, RuleSet
 from ..run import rulefiles as dsl

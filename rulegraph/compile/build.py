@@ -28,38 +28,28 @@ model, it is refused (``model_check``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..backward import unsupported
 from ..backward.emit import Tape, free_name, free_prefix
-from ..backward.fused import emit_copy, evaluate, vjp_of
+from ..backward.fused import emit_copy
+from ..backward.reverse import checked, walk_back
 from ..backward.rules import RULES
-from ..backward.vjp import LINEAR_BIAS, LINEAR_PARAMS, VJPS, WINDOW_SUMS, VjpContext
+from ..backward.vjp import VjpContext
 from ..errors import CoverageError, InternalError, ModelError, RulegraphError
-from ..graph.kinds import NORMALIZING, ROUTE
 from ..graph.model_check import SEED, TARGET, explainer_metadata
 from ..graph.read import Graph, Node
-from ..lang.ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
-from .refusal import refusal
+from ..lang.ruleset import RuleSet
+from .context import RuleContext
+from .plan import assign, find_start, path_nodes
 from .targets import StartSpec, batch_dim, relocate, start_spec
 
 POSITIONS = "rulegraph/positions"
 CLASS = "rulegraph/class"   # output: int64 [N], the class explained per row
 BASELINE_PREFIX = "rulegraph/baseline/"
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """Which binding a node got (for ``rulegraph ops``); ``binding`` is None when it has none."""
-
-    node: Node
-    binding: Binding | None
-    on_path: bool
-    problem: str | None = None
 
 
 @dataclass
@@ -91,296 +81,6 @@ class Compiled:
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in self.model.graph.input]
-
-
-class RuleContext(VjpContext):
-    """What a rule emitter may read and call (rules.py); extends the VJP context."""
-
-    def __init__(self, base: VjpContext, a_out, params, ruleset: RuleSet, bias_sink, baseline_of=None):
-        super().__init__(base.node, base.graph, base.tape, base.active, base.request_output)
-        self.baseline_of = baseline_of or {}
-        self.a_out = a_out
-        self.params = params
-        self.quantity = ruleset.quantity
-        self.bias_policy = ruleset.bias
-        self.kind = base.node.kind
-        self._bias_sink = bias_sink
-
-    def vjp(self, g: list[str | None]) -> list[str | None]:
-        return _run_vjp(self, g)
-
-    def baseline(self, tensor: str) -> str:
-        """``t'``: the tensor computed on the baseline input (difference quantity only)."""
-        if tensor not in self.baseline_of:
-            raise self.fail(f"rule needs the baseline forward pass (quantity difference); "
-                            f"'{tensor}' has none under quantity {self.quantity}")
-        return self.baseline_of[tensor]
-
-    def linear_bias(self) -> str | None:
-        """The bias of a linear op as a tensor name, or None: its constant part, plus for Add, Sub and
-        Sum the operands that are not activations (``inactive_operands``)."""
-        fn = LINEAR_BIAS.get(self.node.op_type)
-        value = None if fn is None else fn(self)
-        constant = None
-        if isinstance(value, str):   # a bias computed in the graph (a tensor name)
-            constant = value
-        elif value is not None and np.any(value):
-            constant = self.tape.const(np.asarray(value, dtype=self.tape.float_dtype), hint="bias")
-        runtime = self._runtime_bias()
-        if runtime is None or constant is None:
-            return constant if runtime is None else runtime
-        return self.tape.op("Add", constant, runtime)
-
-    def inactive_operands(self) -> list[int]:
-        """Indices of float operands computed at run time without the explained inputs (a position
-        embedding looked up by Range-derived ids, an attention mask): no number flows into them, so
-        what they add is a bias."""
-        return [i for i, (t, act) in enumerate(zip(self.node.inputs, self.active))
-                if t and not act and t not in self.graph.constants and self.graph.is_float(t)]
-
-    def parts_of_constants(self) -> list[tuple[str, str]]:
-        """For a route op: (operand, its part of ``a(y)``) for every float operand that is not an
-        activation (a constant, or an inactive operand), where the op's VJP gives it one (Concat)."""
-        flags = [bool(t) and not act and self.graph.is_float(t) for t, act in zip(self.node.inputs, self.active)]
-        if not any(flags):
-            return []
-        flipped = VjpContext(self.node, self.graph, self.tape, flags, self.request_output)
-        parts = _run_vjp(flipped, self.a_out)
-        return [(t, p) for t, p in zip(self.node.inputs, parts) if p is not None]
-
-    def _runtime_bias(self) -> str | None:
-        """The inactive operands of Add, Sub, Sum as one bias tensor; infinities (a mask's −∞) as 0."""
-        t, node = self.tape, self.node
-        indices = self.inactive_operands() if node.op_type in ("Add", "Sub", "Sum") else []
-        if not indices:
-            return None
-        terms = [node.inputs[i] if node.op_type != "Sub" or i == 0 else t.op("Neg", node.inputs[i]) for i in indices]
-        bias = t.sum(terms)
-        return t.op("Where", t.is_inf(bias), t.scalar(0.0), bias)
-
-    def report_bias(self, share: str) -> None:
-        self._bias_sink(self.node, share)
-
-    def value_at_zero(self) -> str | None:
-        """``f(0)`` of an elementwise node (a fused one: its members) as a constant, or None when it is 0."""
-        rank = self.graph.rank(self.x) or 1
-        zero = np.zeros([1] * rank, dtype=self.tape.float_dtype)
-        try:
-            value = evaluate(self.graph, self.node, {self.x: zero})[0]
-        except Exception as exc:
-            raise self.fail(f"cannot evaluate f(0): {exc}") from exc
-        if not np.any(value):
-            return None
-        return self.tape.const(np.asarray(value, dtype=self.tape.float_dtype), hint="f0")
-
-    def variant(self, weight_fn, bias_fn=None) -> LinearVariant:
-        """This linear op with constant weights ``weight_fn(w)`` and bias ``bias_fn(b)`` (no bias
-        when ``bias_fn`` is None): the building block of the LRP family (Montavon et al. 2019)."""
-        entry = LINEAR_PARAMS.get(self.node.op_type)
-        if entry is None:
-            raise self.fail(f"rule needs a Conv, Gemm or MatMul with constant weights, not {self.node.op_type}")
-        weight_index, bias_index = entry(self)
-        inputs = list(self.node.inputs)
-        constants: dict[str, np.ndarray] = {}
-        dtype = self.tape.float_dtype
-
-        def put(index: int, value: np.ndarray) -> None:
-            value = np.asarray(value, dtype=dtype)
-            inputs[index] = self.tape.const(value, hint="w_mod")
-            constants[inputs[index]] = value
-
-        put(weight_index, weight_fn(self.const(weight_index).astype(np.float64)))
-        if bias_index is not None and bias_index < len(inputs) and inputs[bias_index]:
-            if bias_fn is None:
-                inputs[bias_index] = ""
-            else:
-                put(bias_index, bias_fn(self.const(bias_index).astype(np.float64)))
-        graph = replace(self.graph, constants={**self.graph.constants, **constants},
-                        shapes={**self.graph.shapes, **{k: list(v.shape) for k, v in constants.items()}})
-        node = replace(self.node, inputs=inputs)
-        return LinearVariant(VjpContext(node, graph, self.tape, self.active, self.request_output),
-                             1 - weight_index if weight_index < 2 else 0)
-
-    def apply_node_to(self, a: str) -> str:
-        """``f(a)``: the node (a fused one: its members) emitted again on ``a``."""
-        return emit_copy(self.tape, self.node, [a] + self.node.inputs[1:])[0]
-
-    def window_sum(self, xs: list[str | None]) -> str:
-        return self._window(0)(self, xs)
-
-    def window_sum_vjp(self, g: str) -> list[str | None]:
-        return self._window(1)(self, g)
-
-    def _window(self, i: int):
-        entry = WINDOW_SUMS.get(self.node.op_type)
-        if entry is None:
-            raise self.fail(f"the radial rule has no window for {self.node.op_type}; it supports "
-                            f"{', '.join(sorted(WINDOW_SUMS))}")
-        return entry[i]
-
-
-@dataclass
-class LinearVariant:
-    """A linear op with modified weights: its forward on any input, and its VJP."""
-
-    ctx: VjpContext
-    activation_index: int
-
-    def forward(self, x: str) -> str:
-        """The modified op applied to ``x`` (no bias unless the variant kept one)."""
-        inputs = list(self.ctx.node.inputs)
-        inputs[self.activation_index] = x
-        return self.ctx.tape.copy_node(self.ctx.node, inputs)
-
-    def transpose(self, g: str) -> str:
-        """``Lᵀg`` of the modified op with respect to its activation input."""
-        return _run_vjp(self.ctx, [g] + [None] * (len(self.ctx.node.outputs) - 1))[self.activation_index]
-
-
-def _run_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
-    fn = vjp_of(ctx.node)
-    if fn is None:
-        raise ctx.fail(f"no VJP for op type {ctx.node.op_type}; supported: {', '.join(sorted(VJPS))}")
-    result = fn(ctx, g)
-    if len(result) != len(ctx.node.inputs):
-        raise AssertionError(f"VJP of {ctx.node.op_type} returned {len(result)} entries for "
-                             f"{len(ctx.node.inputs)} inputs")
-    return [r if active else None for r, active in zip(result, ctx.active)]
-
-
-# --------------------------------------------------------------------------------------------------
-# which nodes are on the path, and which binding each gets
-
-
-def path_nodes(graph: Graph, start_tensor: str) -> list[Node]:
-    """Nodes on an active path from a float input to ``start_tensor``, in topological order.
-
-    Walks back from the start over active tensors only, so shape computations (Shape, Gather on
-    shapes) that feed a Reshape's integer input are not on the path.
-    """
-    needed = {start_tensor}
-    on_path: list[Node] = []
-    for node in reversed(graph.nodes):
-        if any(o in needed for o in node.outputs if o):
-            active_inputs = [t for t in node.inputs if t in graph.active]
-            if active_inputs:
-                on_path.append(node)
-                needed.update(active_inputs)
-    return list(reversed(on_path))
-
-
-def node_infos(nodes: list[Node], graph: Graph | None = None) -> dict[str, NodeInfo]:
-    """What selectors see of each node; with ``graph``, also which nodes are at the end of the model."""
-    first: dict[str, str] = {}
-    last: dict[str, str] = {}
-    for n in nodes:
-        first.setdefault(n.op_type, n.name)
-        last[n.op_type] = n.name
-    ends = end_nodes(graph) if graph is not None else {n.name for n in nodes}
-    return {n.name: NodeInfo(n.name, n.op_type, n.kind or "unknown", first[n.op_type] == n.name,
-                             last[n.op_type] == n.name, n.name in ends) for n in nodes}
-
-
-def end_nodes(graph: Graph) -> set[str]:
-    """Nodes whose output reaches a graph output through route ops alone: for every output, the
-    route nodes producing it and the first other node behind them (a final Softmax)."""
-    ends: set[str] = set()
-    for output in graph.outputs:
-        node = graph.producer.get(output)
-        while node is not None and node.name not in ends:
-            ends.add(node.name)
-            active = [t for t in node.inputs if t in graph.active]
-            if node.kind != ROUTE or len(active) != 1:
-                break
-            node = graph.producer.get(active[0])
-    return ends
-
-
-def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> list[Assignment]:
-    """The binding of every node on the path, with a problem sentence where there is none."""
-    infos = infos or node_infos(nodes, graph)
-    out = []
-    for n in nodes:
-        try:
-            binding = ruleset.binding_for(infos[n.name])
-        except AmbiguousBinding as exc:
-            out.append(Assignment(n, None, True, str(exc)))
-            continue
-        problem = _problem(n, binding, ruleset.quantity)
-        if problem is None and binding is not None and binding.rule.name == unsupported.NAME:
-            problem = refusal(n, binding, ruleset.source)
-        out.append(Assignment(n, binding, True, problem))
-    return out
-
-
-def _accepting(kind: str | None, op_type: str | None = None) -> list[str]:
-    """The rules (but start) that accept ``kind``, and ``op_type`` where a rule names its op types."""
-    return sorted(name for name, spec in RULES.items()
-                  if kind in spec.kinds and name not in ("start", unsupported.NAME)
-                  and (op_type is None or not spec.op_types or op_type in spec.op_types))
-
-
-def _suggestion(kind: str, quantity: str, op_type: str | None = None) -> str:
-    """A rule for ``kind`` that conserves ``quantity`` if one exists, else the first accepting one
-    (in registration order: the seed rules come before the special ones)."""
-    rules = [name for name in RULES if name in _accepting(kind, op_type)]
-    exact = [r for r in rules if RULES[r].conservation_of(quantity, kind, "Relu") in ("exact", "approximate")]
-    return (exact or rules)[0]
-
-
-def _problem(node: Node, binding: Binding | None, quantity: str = "relevance") -> str | None:
-    if node.kind is None:
-        return (f"{node}: rulegraph does not know op type {node.op_type}; it knows "
-                f"{', '.join(sorted(VJPS))}")
-    if binding is None:
-        extra = " (normalizing ops need an explicit rule, e.g. `Softmax -> start`)" if node.kind == NORMALIZING else ""
-        return (f"{node}, kind {node.kind}, has no rule{extra}; add a binding such as "
-                f"`{node.op_type} -> {_suggestion(node.kind, quantity, node.op_type)}` (rules accepting "
-                f"{node.kind}: {', '.join(_accepting(node.kind))})")
-    spec = RULES[binding.rule.name]
-    if node.kind not in spec.kinds:
-        return (f"{node} is {node.kind}, but '{binding.selector} -> {binding.rule}' at {binding.location} "
-                f"binds rule '{spec.name}', which accepts {', '.join(sorted(spec.kinds))}; rules "
-                f"accepting {node.kind}: {', '.join(_accepting(node.kind))}")
-    if spec.op_types and node.op_type not in spec.op_types:
-        return (f"{node}: '{binding.selector} -> {binding.rule}' at {binding.location} binds rule "
-                f"'{spec.name}', which is defined for {', '.join(sorted(spec.op_types))} only; rules accepting "
-                f"{node.op_type}: {', '.join(_accepting(node.kind, node.op_type))}")
-    return None
-
-
-def find_start(graph: Graph, ruleset: RuleSet, output: str | None, start_tensor: str | None) -> str:
-    """The tensor the pass starts at (see the module docstring)."""
-    if start_tensor is not None:
-        if start_tensor not in graph.active:
-            raise RulegraphError(f"cannot start at tensor '{start_tensor}': it is not an activation "
-                                 "computed from a float input of the model")
-        return start_tensor
-    if output is None:
-        output = graph.outputs[0]
-    elif output not in graph.outputs:
-        raise RulegraphError(f"the model has no output '{output}'; its outputs: {', '.join(graph.outputs)}")
-    candidates = path_nodes(graph, output)
-    infos = node_infos(candidates, graph)
-    starts = []
-    for n in candidates:
-        try:
-            b = ruleset.binding_for(infos[n.name])
-        except AmbiguousBinding:
-            continue
-        if b is not None and b.rule.name == "start":
-            starts.append(n)
-    if not starts:
-        if output not in graph.active:
-            raise RulegraphError(f"output '{output}' does not depend on a float input of the model")
-        return output
-    # the start node nearest the input wins only if it is unique on every path; keep it simple
-    node = starts[-1] if len(starts) == 1 else None
-    if node is None:
-        names = ", ".join(str(n) for n in starts)
-        raise RulegraphError(f"several nodes are bound to 'start' on the way to '{output}': {names}; "
-                             "bind 'start' to one of them with node \"...\"")
-    return node.inputs[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,32 +136,29 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
 
     baseline_of = _baseline_forward(tape, graph, nodes, taken) if ruleset.quantity == "difference" else {}
     view = _Views(tape, ruleset.quantity, baseline_of)
-    a: dict[str, list[str]] = {start: [_seed(tape, graph, ruleset, axes, seed_mode, compiled, view, rows)]}
-    for assignment in reversed(assignments):
-        node, binding = assignment.node, assignment.binding
-        a_out = [tape.sum(a[o]) if o in a else None for o in node.outputs]
-        if all(x is None for x in a_out):
-            continue
+    binding_of = {assignment.node.name: assignment.binding for assignment in assignments}
+
+    def apply_rule(node: Node, a_out: list[str | None]) -> list[str | None]:
+        """The node's rule on the numbers of its outputs: one entry per input."""
+        binding = binding_of[node.name]
         active = [t in graph.active for t in node.inputs]
         tape.scope, tape.context = f"{node.name}/", f"the backward of {node}"
         base = VjpContext(node, graph, tape, active, request_output)
         spec = RULES[binding.rule.name]
         ctx = RuleContext(base, a_out, dict(binding.rule.params), ruleset, bias_sink, baseline_of)
         try:
-            result = spec.emit(ctx)
+            result = checked(f"rule '{spec.name}' on {node}", node, spec.emit(ctx))
         except RulegraphError:
             raise
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise ModelError(f"{node}: rule '{spec.name}' failed: {exc}") from exc
-        if len(result) != len(node.inputs):
-            raise AssertionError(f"rule '{spec.name}' on {node} returned {len(result)} entries for "
-                                 f"{len(node.inputs)} inputs")
-        for tensor, contribution in zip(node.inputs, result):
-            if contribution is not None and tensor in graph.active:
-                a.setdefault(tensor, []).append(contribution)
         if node_sums:
             compiled.node_sums[node.name], compiled.node_abs_sums[node.name] = _node_sums(
                 tape, view, node, a_out, result, bias_terms.get(node.name, []), graph, rows)
+        return result
+
+    seeds = {start: [_seed(tape, graph, ruleset, axes, seed_mode, compiled, view, rows)]}
+    a = walk_back(tape, [assignment.node for assignment in assignments], seeds, graph.active, apply_rule)
     tape.scope, tape.context = "", "rulegraph's attribution outputs"
 
     outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms, view, rows)

@@ -15,7 +15,7 @@ import warnings
 from ..errors import RulegraphError, RulegraphWarning
 from ..graph.read import Graph
 from ..lang.ruleset import Binding, NodeInfo, RuleSet, Selector, matches
-from .build import find_start, path_nodes
+from .plan import find_start, path_nodes
 
 #: how many close node names a warning suggests
 SUGGESTIONS = 3

@@ -10,7 +10,8 @@ import onnx
 
 from ..backward import ops
 from ..compile import targets as targets_mod
-from ..compile.build import Compiled, compile_explainer, find_start
+from ..compile.build import Compiled, compile_explainer
+from ..compile.plan import find_start
 from ..compile.targets import Target, TargetError
 from ..compile.unmatched import warn_unmatched
 from ..errors import InternalError, ModelError, RulegraphError

@@ -1,0 +1,160 @@
+"""The plan: which nodes are on the relevance path, where it starts, which binding each node gets
+(and why a node cannot be explained)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..backward import unsupported
+from ..backward.ops import VJPS
+from ..backward.rules import RULES
+from ..errors import RulegraphError
+from ..graph.kinds import NORMALIZING, ROUTE
+from ..graph.read import Graph, Node
+from ..lang.ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
+from .refusal import refusal
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Which binding a node got (for ``rulegraph ops``); ``binding`` is None when it has none."""
+
+    node: Node
+    binding: Binding | None
+    on_path: bool
+    problem: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# which nodes are on the path, and which binding each gets
+
+
+def path_nodes(graph: Graph, start_tensor: str) -> list[Node]:
+    """Nodes on an active path from a float input to ``start_tensor``, in topological order.
+
+    Walks back from the start over active tensors only, so shape computations (Shape, Gather on
+    shapes) that feed a Reshape's integer input are not on the path.
+    """
+    needed = {start_tensor}
+    on_path: list[Node] = []
+    for node in reversed(graph.nodes):
+        if any(o in needed for o in node.outputs if o):
+            active_inputs = [t for t in node.inputs if t in graph.active]
+            if active_inputs:
+                on_path.append(node)
+                needed.update(active_inputs)
+    return list(reversed(on_path))
+
+
+def node_infos(nodes: list[Node], graph: Graph | None = None) -> dict[str, NodeInfo]:
+    """What selectors see of each node; with ``graph``, also which nodes are at the end of the model."""
+    first: dict[str, str] = {}
+    last: dict[str, str] = {}
+    for n in nodes:
+        first.setdefault(n.op_type, n.name)
+        last[n.op_type] = n.name
+    ends = end_nodes(graph) if graph is not None else {n.name for n in nodes}
+    return {n.name: NodeInfo(n.name, n.op_type, n.kind or "unknown", first[n.op_type] == n.name,
+                             last[n.op_type] == n.name, n.name in ends) for n in nodes}
+
+
+def end_nodes(graph: Graph) -> set[str]:
+    """Nodes whose output reaches a graph output through route ops alone: for every output, the
+    route nodes producing it and the first other node behind them (a final Softmax)."""
+    ends: set[str] = set()
+    for output in graph.outputs:
+        node = graph.producer.get(output)
+        while node is not None and node.name not in ends:
+            ends.add(node.name)
+            active = [t for t in node.inputs if t in graph.active]
+            if node.kind != ROUTE or len(active) != 1:
+                break
+            node = graph.producer.get(active[0])
+    return ends
+
+
+def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> list[Assignment]:
+    """The binding of every node on the path, with a problem sentence where there is none."""
+    infos = infos or node_infos(nodes, graph)
+    out = []
+    for n in nodes:
+        try:
+            binding = ruleset.binding_for(infos[n.name])
+        except AmbiguousBinding as exc:
+            out.append(Assignment(n, None, True, str(exc)))
+            continue
+        problem = _problem(n, binding, ruleset.quantity)
+        if problem is None and binding is not None and binding.rule.name == unsupported.NAME:
+            problem = refusal(n, binding, ruleset.source)
+        out.append(Assignment(n, binding, True, problem))
+    return out
+
+
+def _accepting(kind: str | None, op_type: str | None = None) -> list[str]:
+    """The rules (but start) that accept ``kind``, and ``op_type`` where a rule names its op types."""
+    return sorted(name for name, spec in RULES.items()
+                  if kind in spec.kinds and name not in ("start", unsupported.NAME)
+                  and (op_type is None or not spec.op_types or op_type in spec.op_types))
+
+
+def _suggestion(kind: str, quantity: str, op_type: str | None = None) -> str:
+    """A rule for ``kind`` that conserves ``quantity`` if one exists, else the first accepting one
+    (in registration order: the seed rules come before the special ones)."""
+    rules = [name for name in RULES if name in _accepting(kind, op_type)]
+    exact = [r for r in rules if RULES[r].conservation_of(quantity, kind, "Relu") in ("exact", "approximate")]
+    return (exact or rules)[0]
+
+
+def _problem(node: Node, binding: Binding | None, quantity: str = "relevance") -> str | None:
+    if node.kind is None:
+        return (f"{node}: rulegraph does not know op type {node.op_type}; it knows "
+                f"{', '.join(sorted(VJPS))}")
+    if binding is None:
+        extra = " (normalizing ops need an explicit rule, e.g. `Softmax -> start`)" if node.kind == NORMALIZING else ""
+        return (f"{node}, kind {node.kind}, has no rule{extra}; add a binding such as "
+                f"`{node.op_type} -> {_suggestion(node.kind, quantity, node.op_type)}` (rules accepting "
+                f"{node.kind}: {', '.join(_accepting(node.kind))})")
+    spec = RULES[binding.rule.name]
+    if node.kind not in spec.kinds:
+        return (f"{node} is {node.kind}, but '{binding.selector} -> {binding.rule}' at {binding.location} "
+                f"binds rule '{spec.name}', which accepts {', '.join(sorted(spec.kinds))}; rules "
+                f"accepting {node.kind}: {', '.join(_accepting(node.kind))}")
+    if spec.op_types and node.op_type not in spec.op_types:
+        return (f"{node}: '{binding.selector} -> {binding.rule}' at {binding.location} binds rule "
+                f"'{spec.name}', which is defined for {', '.join(sorted(spec.op_types))} only; rules accepting "
+                f"{node.op_type}: {', '.join(_accepting(node.kind, node.op_type))}")
+    return None
+
+
+def find_start(graph: Graph, ruleset: RuleSet, output: str | None, start_tensor: str | None) -> str:
+    """The tensor the pass starts at (see the module docstring)."""
+    if start_tensor is not None:
+        if start_tensor not in graph.active:
+            raise RulegraphError(f"cannot start at tensor '{start_tensor}': it is not an activation "
+                                 "computed from a float input of the model")
+        return start_tensor
+    if output is None:
+        output = graph.outputs[0]
+    elif output not in graph.outputs:
+        raise RulegraphError(f"the model has no output '{output}'; its outputs: {', '.join(graph.outputs)}")
+    candidates = path_nodes(graph, output)
+    infos = node_infos(candidates, graph)
+    starts = []
+    for n in candidates:
+        try:
+            b = ruleset.binding_for(infos[n.name])
+        except AmbiguousBinding:
+            continue
+        if b is not None and b.rule.name == "start":
+            starts.append(n)
+    if not starts:
+        if output not in graph.active:
+            raise RulegraphError(f"output '{output}' does not depend on a float input of the model")
+        return output
+    # the start node nearest the input wins only if it is unique on every path; keep it simple
+    node = starts[-1] if len(starts) == 1 else None
+    if node is None:
+        names = ", ".join(str(n) for n in starts)
+        raise RulegraphError(f"several nodes are bound to 'start' on the way to '{output}': {names}; "
+                             "bind 'start' to one of them with node \"...\"")
+    return node.inputs[0]
