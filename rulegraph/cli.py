@@ -203,7 +203,7 @@ def cmd_ops(args) -> int:
     rows = assign(graph, ruleset, path_nodes(graph, start))
     warn_unmatched(graph, ruleset, args.output, args.start)
     width = max([len(r.node.name) for r in rows] + [4])
-    # a fused node (fusion.py) names the nodes it stands for: "Gelu [fused: /mlp/Div, /mlp/Erf, ...]"
+    # a fused node (graph/fuse.py) names the nodes it stands for: "Gelu [fused: /mlp/Div, /mlp/Erf, ...]"
     op_types = {r.node.name: r.node.op_type + (f" [fused: {', '.join(m.name for m in r.node.members)}]"
                                                if r.node.members else "") for r in rows}
     op_width = max([len(t) for t in op_types.values()] + [20])

@@ -2,6 +2,7 @@
 graph (top-level and function-level imports alike) has no cycle."""
 
 import ast
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -52,3 +53,10 @@ def test_no_module_imports_a_higher_stage():
 
 def test_the_import_graph_has_no_cycle():
     assert list(nx.simple_cycles(GRAPH)) == []
+
+
+def test_the_readme_layout_names_modules_that_exist():
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):].split("\n## ")[0]
+    named = set(re.findall(r"`(\w+\.(?:py|lark))`", layout))
+    assert named and sorted(n for n in named if not any(PACKAGE.rglob(n))) == []

@@ -21,7 +21,7 @@ the forward values (gradient, slope, ignore) see ``c·x`` exactly. ``repeat`` ev
 importance quantity, ``a(y) = Wᵀ·onehot < 0`` stays on PRelu's ``c·x`` branch too.
 
 ``gelu_fused_vs_decomposed`` (``needs_fusion=True``) agrees only because ``graph.load`` fuses the
-decomposed side into one Gelu node (``fusion.py``): without fusion its ``h·(1 + Erf(·))`` is a
+decomposed side into one Gelu node (``graph/fuse.py``): without fusion its ``h·(1 + Erf(·))`` is a
 bilinear Mul and its Erf a nonlinear op of its own, and only a pure gradient file would agree.
 """
 
@@ -64,7 +64,7 @@ class Probe:
     """A pair of equivalent graphs. ``build(rng)`` returns (side a, side b) with the same weights;
     ``sample(rng, weights)`` one input batch of ``BATCH`` rows (``weights``: side b's initializers by
     name, for probes that keep a pre-activation away from 0). ``needs_fusion``: the pair agrees
-    only because rulegraph fuses a multi-node pattern on one side into one op (``fusion.py``)."""
+    only because rulegraph fuses a multi-node pattern on one side into one op (``graph/fuse.py``)."""
 
     name: str
     description: str

@@ -24,7 +24,7 @@ Token sources: a Gather (axis 0) whose data is a float constant (an embedding ta
 indices are an integer graph input (token ids), directly or through ops that keep every value in
 order (``TOKEN_ROUTES``: Reshape, Squeeze, Cast, ...), is where the relevance pass finishes for that
 input: its output is active, and the attribution of the ids is the number per token, summed over
-the embedding axes (``Graph.sources``; ``compile.py``). Lookups whose indices are constant or are
+the embedding axes (``Graph.sources``; ``compile/build.py``). Lookups whose indices are constant or are
 computed from shapes (position ids from Range) are no sources: they get nothing.
 """
 
@@ -66,7 +66,7 @@ class Node:
     domain: str = ""
     kind: str | None = None
     index: int = 0
-    #: a fused node (fusion.py): the original nodes it stands for, in topological order; its
+    #: a fused node (fuse.py): the original nodes it stands for, in topological order; its
     #: inputs are the pattern's activation input (then constant inputs), its output the pattern's
     members: list[Node] = field(default_factory=list)
 

@@ -364,7 +364,7 @@ class _Builder(Transformer):
         self.problems.append((location, message))
 
     def __default__(self, data, children, meta):
-        raise AssertionError(f"dsl.py has no transformer method for grammar rule '{data}' (update both)")
+        raise AssertionError(f"lang/parse.py has no transformer method for grammar rule '{data}' (update both)")
 
     # headers -----------------------------------------------------------------------------------
 

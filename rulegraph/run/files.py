@@ -23,7 +23,7 @@ from ..errors import RulegraphError
 def model_files(model, outputs: Iterable[str | os.PathLike] = ()) -> list[Path]:
     """The files a model path reads: the .onnx file and the external-data files it names. The
     model is parsed for the latter only when one of ``outputs`` lies inside the model's folder
-    (external data never lies elsewhere, graph.py), so a large model is not read twice for nothing."""
+    (external data never lies elsewhere, graph/read.py), so a large model is not read twice for nothing."""
     if not isinstance(model, (str, os.PathLike)):
         return []
     path = Path(model)
