@@ -3,6 +3,8 @@
 ``from rulegraph.check import check`` is public API.
 """
 
-from .checks import Report, check, static
+from .checks import check
+from .report import Report
+from .static import static
 
 __all__ = ["Report", "check", "static"]
