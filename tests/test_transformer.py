@@ -19,6 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from oracles import blip
 
 import rulegraph
 from rulegraph import dsl
@@ -29,10 +30,6 @@ from rulegraph.errors import ModelError
 
 D, F, I64 = TensorProto.DOUBLE, TensorProto.FLOAT, TensorProto.INT64
 RNG = np.random.default_rng(7)
-
-
-def blip(d, eps):
-    return d + eps * np.where(d >= 0, 1.0, -1.0)
 
 
 def rules(body: str, bias: str = "blame", start: str = "one") -> rulegraph.RuleSet:
