@@ -23,6 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from oracles import blip, one_node, seeded_pass
+from tables import bundled_where
 
 import rulegraph
 from rulegraph import dsl
@@ -600,14 +601,8 @@ def test_guided_backprop_matches_captum(model_name, captum_attr, torch, architec
 # --------------------------------------------------------------------------------------------------
 # 5. the bundled files on the CNN
 
-#: file -> (predicted class end to end, measured bound or None)
-BUNDLED = {
-    "lrp-zplus": ("approximate", 1e-2),
-    "lrp-alpha2-beta1": ("none", None),
-    "lrp-gamma": ("approximate", 1e-4),
-    "lrp-composite": ("approximate", 1e-4),
-    "guided-backprop": ("none", None),
-}
+#: file -> (predicted class end to end, measured bound or None): tests/tables.py
+BUNDLED = bundled_where("cnn")
 
 
 @pytest.mark.parametrize("name", list(BUNDLED))
