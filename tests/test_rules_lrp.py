@@ -7,7 +7,8 @@
    each rule's definition to the contribution matrix ``C[j, i]`` of output ``j`` and input ``i``:
    ``R_i = Σ_j C[j, i] a(y_j) / blip(Σ_i C[j, i] + b_j)``, the bias taking ``b_j a(y_j) / blip(·)``.
 2. **Parameters** validated when the rule file is read (``alpha − beta = 1``, ``low <= high``).
-3. **Conservation**: the checker's predicted class per rule and policy, confirmed by measurement.
+3. **Conservation**: the checker's predicted class per rule and policy, confirmed by measurement, in
+   the one conservation table (``tests/tables.py``, run by ``test_check.py``); z⁺'s premise here.
 4. **Captum** (``LRP`` with ``GammaRule`` / ``Alpha1_Beta0_Rule``, ``GuidedBackprop``) on the
    bundled MLP and CNN; the definitional differences are in the docstrings there.
 5. The **bundled files** load, compile and run on ``models/digits_cnn.onnx``.
@@ -344,48 +345,9 @@ def test_valid_parameters_parse():
 # 3. conservation: the checker's prediction, confirmed by one measured run
 
 
+# the cells of the LRP weight rules are rows of the one conservation table (tests/tables.py), run by
+# test_check.py::test_conservation_table_cell
 F = TensorProto.FLOAT
-W32, B32 = RNG.normal(size=(4, 6)), RNG.normal(size=4)
-GEMM32 = one_node("Gemm", ["x", "W", "B"], {"x": ["N", 6]}, {"W": W32, "B": B32}, elem=F, transB=1)
-#: weights ≥ 0 and inputs ≥ 0: no negative contribution anywhere (αβ's failure case)
-GEMM_POSITIVE = one_node("Gemm", ["x", "W", "B"], {"x": ["N", 6]}, {"W": np.abs(W32), "B": np.abs(B32)},
-                         elem=F, transB=1)
-X_POSITIVE = {"x": np.abs(RNG.normal(size=(8, 6))).astype(np.float32)}
-
-# (model, rule, bias policy, inputs (None: the checker's seeded normal samples), expected class);
-# z⁺ on inputs ≥ 0, its premise (see test_zplus_loses_an_output_without_positive_contribution)
-CELLS = [
-    (GEMM32, "zplus(eps = 0)", "blame", X_POSITIVE, "exact"),
-    (GEMM32, "zplus(eps = 0.01)", "blame", X_POSITIVE, "approximate"),
-    (GEMM32, "zplus(eps = 0)", "absorb", X_POSITIVE, "leaks bias"),
-    (GEMM32, "zplus(eps = 0)", "ignore", X_POSITIVE, "exact"),
-    (GEMM32, "alpha_beta(alpha = 1, beta = 0, eps = 0)", "blame", None, "exact"),
-    (GEMM_POSITIVE, "alpha_beta(alpha = 2, beta = 1, eps = 0)", "blame", X_POSITIVE, "none"),
-    (GEMM32, "gamma(gamma = 0.25, eps = 0)", "blame", None, "exact"),
-    (GEMM32, "gamma(gamma = 0.25, eps = 0.01)", "total", None, "approximate"),
-    (GEMM32, "gamma(gamma = 0.25, eps = 0)", "absorb", None, "leaks bias"),
-    (GEMM32, "zbox(low = -3, high = 3, eps = 0)", "absorb", None, "exact"),       # the bias takes nothing
-    (GEMM32, "zbox(low = -3, high = 3, eps = 0.01)", "blame", None, "approximate"),
-    (GEMM32, "flat", "absorb", None, "exact"),
-    (GEMM32, "wsquare", "blame", None, "exact"),
-    (GEMM32, "wsquare", "absorb", None, "leaks bias"),
-]
-
-
-@pytest.mark.parametrize("model, rule, policy, x, expected", CELLS, ids=[f"{c[1]}-{c[2]}" for c in CELLS])
-def test_conservation_class(model, rule, policy, x, expected):
-    ruleset = dsl.parse(f"rulegraph 1\nquantity relevance\nbias {policy}\nlinear -> {rule}\n", source="cell.rules")
-    report = check(model, ruleset, x=x, samples=0 if x else 8, tolerance=1e-5)
-    (node,) = report.nodes
-    assert node.predicted == expected == report.predicted
-    if expected == "exact":
-        assert node.leak < 1e-5 and report.measured < 1e-5
-    elif expected == "approximate":
-        assert 1e-7 < node.leak < 0.1   # the ε terms, small but present
-    elif expected == "leaks bias":
-        assert node.leak > 1e-3 and node.leak == pytest.approx(node.bias_share, rel=1e-3)
-    else:
-        assert node.leak == pytest.approx(1.0, rel=1e-4)   # α·a(y) went down instead of a(y): α − 1
 
 
 def test_zplus_loses_an_output_without_positive_contribution():
