@@ -1,6 +1,7 @@
 """Tables that several test files read: the facts of every bundled rule file (one row per file,
-checked against ``dsl.bundled_rule_names()``), and the conservation cells of the rules on one-node
-models (RULES.md §5), one row per (model, rule, quantity, bias policy)."""
+checked against ``dsl.bundled_rule_names()``), and the conservation classes of the rules (RULES.md
+§5): the cells on one-node models, one row per (model, rule, quantity, bias policy), and the
+transformer rules' cells on a small attention model."""
 
 from __future__ import annotations
 
@@ -163,4 +164,18 @@ CONSERVATION = [
     Cell(GEMM32, "linear", "flat", "relevance", "absorb", "exact"),
     Cell(GEMM32, "linear", "wsquare", "relevance", "blame", "exact"),
     Cell(GEMM32, "linear", "wsquare", "relevance", "absorb", "leaks bias"),
+]
+
+#: (binding, bias policy, class) of the transformer rules, each on ``Softmax(a·b)`` then a LayerNorm
+#: with every other node bound to a conserving rule (test_transformer.py builds the model)
+ATTENTION_CONSERVATION = [
+    ("LayerNormalization -> layernorm_linear", "blame", "approximate"),
+    ("LayerNormalization -> layernorm_linear", "absorb", "leaks bias"),
+    ("LayerNormalization -> layernorm_linear(eps = 0)", "blame", "exact"),
+    ("LayerNormalization -> layernorm_linear(eps = 0)", "ignore", "exact"),
+    ("Softmax -> softmax_taylor", "blame", "approximate"),
+    ("Softmax -> softmax_taylor", "absorb", "leaks bias"),
+    ("Softmax -> block", "blame", "none"),
+    ("bilinear -> uniform(eps = 0)", "blame", "exact"),
+    ("bilinear -> gate(keep = 0)", "blame", "approximate"),
 ]
