@@ -327,12 +327,13 @@ def _suggestion(kind: str, quantity: str, op_type: str) -> str:
     exactly or up to ε, with its default parameters; else one that conserves it once biases are
     counted; else a sentence saying that no rule conserves it."""
     by_class: dict[str, list[str]] = {}
-    for name in (n for n in RULES if n in _accepting(kind, op_type)):
+    accepting = set(_accepting(kind, op_type))
+    for name in (n for n in RULES if n in accepting):
         params, problems = RULES[name].resolve_params({})
         if not problems:  # a rule with a required parameter cannot be suggested bare
             by_class.setdefault(RULES[name].conservation_of(quantity, kind, op_type, params), []).append(name)
-    if conserving := by_class.get(EXACT, []) + by_class.get(APPROXIMATE, []):
-        return f"add a binding such as `{op_type} -> {min(conserving, key=list(RULES).index)}`"
+    if conserving := [n for n in RULES if n in by_class.get(EXACT, []) + by_class.get(APPROXIMATE, [])]:
+        return f"add a binding such as `{op_type} -> {conserving[0]}`"
     if leaking := by_class.get(LEAKS_BIAS):
         return (f"add a binding such as `{op_type} -> {leaking[0]}` (it conserves {quantity} on {kind} ops "
                 "once biases are counted: `bias blame` or `bias total`)")
@@ -345,7 +346,8 @@ def _problem(node: Node, binding: Binding | None, quantity: str = "relevance") -
                 f"{', '.join(sorted(VJPS))}")
     if binding is None:
         extra = " (normalizing ops need an explicit rule, e.g. `Softmax -> start`)" if node.kind == NORMALIZING else ""
-        return (f"{node}, kind {node.kind}, has no rule{extra}; {_suggestion(node.kind, quantity, node.op_type)} "
+        hint = _suggestion(node.kind, quantity, node.op_type)
+        return (f"{node}, kind {node.kind}, has no rule{extra}; {hint} "
                 f"(rules accepting {node.kind}: {', '.join(_accepting(node.kind))})")
     spec = RULES[binding.rule.name]
     if node.kind not in spec.kinds:

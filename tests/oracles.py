@@ -109,7 +109,8 @@ def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], 
     value_infos = [helper.make_tensor_value_info(name, elem, list(shape)) for name, shape in inputs.items()]
     out_infos = [helper.make_tensor_value_info(name, elem, None) for name in outputs]
     float_type = helper.tensor_dtype_to_np_dtype(elem)
-    inits = [numpy_helper.from_array(_as_float(np.asarray(v), float_type), name) for name, v in (consts or {}).items()]
+    inits = [numpy_helper.from_array(_as_float(np.asarray(v), float_type), name)
+             for name, v in (consts or {}).items()]
     graph = helper.make_graph(list(nodes), "test", value_infos, out_infos, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8 if opset <= 17 else 9 if opset <= 20 else 10

@@ -61,7 +61,8 @@ BUNDLED: dict[str, Bundled] = {
 
 def bundled_where(field: str) -> dict:
     """File -> the value of ``field`` for the files where it is set (not None)."""
-    return {name: getattr(facts, field) for name, facts in BUNDLED.items() if getattr(facts, field) is not None}
+    return {name: getattr(facts, field) for name, facts in BUNDLED.items()
+            if getattr(facts, field) is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,7 +160,8 @@ CONSERVATION = [
     Cell(GEMM32, "linear", "gamma(gamma = 0.25, eps = 0)", "relevance", "blame", "exact"),
     Cell(GEMM32, "linear", "gamma(gamma = 0.25, eps = 0.01)", "relevance", "total", "approximate"),
     Cell(GEMM32, "linear", "gamma(gamma = 0.25, eps = 0)", "relevance", "absorb", "leaks bias"),
-    Cell(GEMM32, "linear", "zbox(low = -3, high = 3, eps = 0)", "relevance", "absorb", "exact"),  # bias: nothing
+    # the bias takes nothing under zbox
+    Cell(GEMM32, "linear", "zbox(low = -3, high = 3, eps = 0)", "relevance", "absorb", "exact"),
     Cell(GEMM32, "linear", "zbox(low = -3, high = 3, eps = 0.01)", "relevance", "blame", "approximate"),
     Cell(GEMM32, "linear", "flat", "relevance", "absorb", "exact"),
     Cell(GEMM32, "linear", "wsquare", "relevance", "blame", "exact"),

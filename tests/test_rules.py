@@ -152,7 +152,8 @@ def test_radial_maxpool(k, s):
     model = one_node("MaxPool", ["x"], {"x": [2, 2, 7, 7]}, kernel_shape=[k, k], strides=[s, s],
                      elem=TensorProto.FLOAT)
     seed = RNG.normal(size=(2, 2, o, o))
-    out = seeded_pass(model, ruleset("radial", kind="max"), x.astype(np.float32), seed.astype(np.float32), "ort")
+    out = seeded_pass(model, ruleset("radial", kind="max"), x.astype(np.float32), seed.astype(np.float32),
+                      "ort")
     np.testing.assert_allclose(out["R"], radial_maxpool_replica(x, seed, k, s), rtol=1e-5, atol=1e-6)
 
 

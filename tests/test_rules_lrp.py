@@ -304,7 +304,8 @@ def test_input_layer_rules_need_relevance(rule):
     it by x, so another quantity is an error naming the node."""
     case = CASES["gemm"]
     with pytest.raises(ModelError, match=r"node 'the_Gemm' \(Gemm\).*needs `quantity relevance`"):
-        seeded_pass(case.model, rules_text(f"linear -> {rule}", quantity="importance"), case.x, np.ones(case.y_shape))
+        seeded_pass(case.model, rules_text(f"linear -> {rule}", quantity="importance"), case.x,
+                    np.ones(case.y_shape))
 
 
 def test_weight_rules_need_a_weight_matrix():
