@@ -56,11 +56,14 @@ class RuleSpec:
     #: the bias of a linear op is an extra input in the rule's denominators, except under
     #: ``bias ignore`` (normalized and the LRP weight rules); the checker reads it
     bias_in_denominator: bool = False
-    #: for a rule that blames a bias of its own (not a linear op's): does this node have one?
-    #: ``has_bias(ctx) -> bool``, read by the checker's prediction
+    #: does the rule give a bias a share on this node? ``has_bias(ctx) -> bool``, read by the
+    #: checker's prediction; None: the linear op's bias, where the rule counts it in its denominators
     has_bias: Callable | None = None
     #: the op types the rule is defined for, where it is not every op of its kinds (empty: all)
     op_types: frozenset[str] = frozenset()
+    #: the rule is not run: the pass starts at the input of the node bound to it (``start``), so
+    #: its node lies beyond the relevance path
+    starts_pass: bool = False
 
     def resolve_params(self, given: Mapping[str, float | str]) -> tuple[dict[str, float], list[str]]:
         """Fill defaults and validate; returns (params, problems). Problems are full sentences."""
@@ -108,13 +111,13 @@ RULES: dict[str, RuleSpec] = {}
 
 
 def rule(name: str, kinds, params=(), conservation=None, validate=None, bias_in_denominator=False,
-         has_bias=None, op_types=()):
+         has_bias=None, op_types=(), starts_pass=False):
     """Register the decorated emitter as rule ``name``."""
 
     def register(fn):
         RULES[name] = RuleSpec(name, frozenset(kinds), fn, tuple(params), dict(conservation or {}),
                                (fn.__doc__ or "").strip(), validate, bias_in_denominator, has_bias,
-                               frozenset(op_types))
+                               frozenset(op_types), starts_pass)
         return fn
 
     return register
@@ -163,7 +166,14 @@ def _classes(**by_quantity: Mapping[str, str]) -> dict[tuple[str, str], str]:
 # gradient, normalized, ignore, slope, repeat, radial
 
 
-@rule("gradient", ALL_KINDS,
+def _gradient_has_bias(ctx) -> bool:
+    """The gradient blames a linear op's bias and a route op's operands that are not activations."""
+    if ctx.kind == LINEAR:
+        return ctx.linear_bias() is not None
+    return ctx.kind == ROUTE and bool(ctx.parts_of_constants())
+
+
+@rule("gradient", ALL_KINDS, has_bias=_gradient_has_bias,
       conservation=_classes(
           relevance={MAX: EXACT, ROUTE: EXACT},
           importance={LINEAR: LEAKS_BIAS, MAX: EXACT, ROUTE: EXACT, NONLINEAR: _exact_if_homogeneous},
@@ -217,7 +227,12 @@ def ignore(ctx) -> list[str | None]:
     return [ctx.a_out[0] if i == 0 else None for i in range(len(ctx.node.inputs))]
 
 
-@rule("slope", {NONLINEAR}, conservation=_classes(importance={NONLINEAR: EXACT}))
+def _has_value_at_zero(ctx) -> bool:
+    """slope blames ``f(0)`` where it is not 0."""
+    return ctx.value_at_zero() is not None
+
+
+@rule("slope", {NONLINEAR}, conservation=_classes(importance={NONLINEAR: EXACT}), has_bias=_has_value_at_zero)
 def slope(ctx) -> list[str | None]:
     """``a(x) = a(y) ⊙ (f(x) − f(0)) / x``, with ``f'(0)`` where ``x = 0``; ``f(0)`` is a bias.
 
@@ -268,7 +283,7 @@ def radial(ctx) -> list[str | None]:
             for p, s, g, act in zip(positive, spread, fallback, ctx.active)]
 
 
-@rule("start", ALL_KINDS)
+@rule("start", ALL_KINDS, starts_pass=True)
 def start(ctx) -> list[str | None]:
     """Start the pass at this node's input: explain the logits, not the probabilities."""
     raise AssertionError("the compiler handles 'start' nodes itself")
