@@ -24,7 +24,7 @@ from rulegraph.kinds import BILINEAR, BILINEAR_WHEN_ALL_ACTIVE, OP_KINDS
 from rulegraph.loopgraph import LoopModel
 from rulegraph.loops import LOOPS, MAX_BATCH_BYTES, MAX_NOISE, MAX_PATCH, MAX_SAMPLES, MAX_STEPS
 from rulegraph.rules import EPS_MAX, FLOAT32, GAMMA_MAX, RULES
-from rulegraph.ruleset import BIAS_POLICIES, KINDS, QUANTITIES, SPECIFICITY
+from rulegraph.ruleset import BIAS_POLICIES, KINDS, QUANTITIES, SPECIFICITY, START_MODES
 from rulegraph.targets import FORMS, RANK_CLASS_AXIS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def table(page: str, marker: str) -> list[dict[str, str]]:
     lines = [line for line in found.group(1).splitlines() if line.startswith("|")]
     header = [_cell(c) for c in lines[0].strip("|").split("|")]
     rows = [[_cell(c) for c in line.strip("|").split(" | ")] for line in lines[2:]]
-    assert all(len(r) == len(header) for r in rows), f"{page} <!-- {marker} -->: a row has the wrong number of cells"
+    assert all(len(r) == len(header) for r in rows), f"{page} <!-- {marker} -->: a row's cell count is wrong"
     return [dict(zip(header, r)) for r in rows]
 
 
@@ -61,8 +61,9 @@ def blocks(info: str) -> list[tuple[str, int, str]]:
     """(page, index, text) of every fenced block whose info string is ``info``, in every page."""
     out = []
     for page in PAGES:
-        found = re.findall(rf"^```{re.escape(info)}\n(.*?)^```$", page.read_text(encoding="utf-8"), re.S | re.M)
-        out += [(page.relative_to(ROOT).as_posix(), i, text) for i, text in enumerate(found)]
+        text = page.read_text(encoding="utf-8")
+        found = re.findall(rf"^```{re.escape(info)}\n(.*?)^```$", text, re.S | re.M)
+        out += [(page.relative_to(ROOT).as_posix(), i, block) for i, block in enumerate(found)]
     return out
 
 
@@ -108,7 +109,7 @@ def test_rule_row_matches_the_rule_table(name):
 
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_every_rule_has_a_section(name):
-    assert re.search(rf"^### {name}$", _text("docs/rules.md"), re.M), f"docs/rules.md has no section '### {name}'"
+    assert re.search(rf"^### {name}$", _text("docs/rules.md"), re.M), f"docs/rules.md lacks '### {name}'"
 
 
 # conservation: CLASS, or CLASS if CONDITION; else CLASS ------------------------------------------
@@ -127,7 +128,8 @@ def _param_grid(spec) -> list[dict[str, float | str]]:
     """Every combination of a few values per parameter: 0, 1, 2 and the default; each choice."""
     values = []
     for p in spec.params:
-        values.append(p.choices or sorted({0.0, 1.0, 2.0} | ({float(p.default)} if p.default is not None else set())))
+        default = set() if p.default is None or p.choices else {float(p.default)}
+        values.append(p.choices or sorted({0.0, 1.0, 2.0} | default))
     return [dict(zip([p.name for p in spec.params], combo)) for combo in itertools.product(*values)]
 
 
@@ -241,26 +243,43 @@ def test_language_page_shows_an_error_example():
     assert len(ERROR_EXAMPLES) == 1
 
 
-@pytest.mark.parametrize("text, message", ERROR_EXAMPLES)
+@pytest.mark.parametrize("text, message", ERROR_EXAMPLES, ids=lambda v: "example")
 def test_error_example_is_the_parsers_message(text, message):
     with pytest.raises(RuleSyntaxError) as caught:
         dsl.parse(text)
     assert str(caught.value) == message.rstrip("\n")
 
 
-SELECTOR_FORMS = {'node "NAME"': ("node",), "first OP, last OP": ("first", "last"), "OP": ("op",), "KIND": ("kind",)}
+SELECTOR_FORMS = {'node "NAME"': ("node",), "first OP, last OP": ("first", "last"), "OP": ("op",),
+                  "KIND": ("kind",)}
+SELECTOR_ROWS = table("docs/language.md", "selectors-table")
 
 
-@pytest.mark.parametrize("row", re.findall(r"^\| `([^|]*)` \| [^|]* \| (\d) \|$", _text("docs/language.md"), re.M),
-                         ids=lambda r: r[0])
+@pytest.mark.parametrize("row", SELECTOR_ROWS, ids=lambda r: r["selector"])
 def test_selector_specificity(row):
-    written, specificity = _cell(row[0]), int(row[1])
-    assert [SPECIFICITY[form] for form in SELECTOR_FORMS[written]] == [specificity] * len(SELECTOR_FORMS[written])
+    forms = SELECTOR_FORMS[row["selector"]]
+    assert [SPECIFICITY[form] for form in forms] == [int(row["specificity"])] * len(forms)
 
 
 def test_every_selector_form_is_documented():
-    rows = re.findall(r"^\| `([^|]*)` \| [^|]* \| (\d) \|$", _text("docs/language.md"), re.M)
-    assert sorted(f for r in rows for f in SELECTOR_FORMS[_cell(r[0])]) == sorted(SPECIFICITY)
+    assert sorted(f for r in SELECTOR_ROWS for f in SELECTOR_FORMS[r["selector"]]) == sorted(SPECIFICITY)
+
+
+STATEMENTS = table("docs/language.md", "statements-table")
+#: a header's values, as the parser knows them
+HEADER_VALUES = {"quantity": QUANTITIES, "bias": BIAS_POLICIES, "start": START_MODES,
+                 "baseline": dsl.BASELINES}
+
+
+def test_every_header_is_a_statement():
+    words = [row["statement"].split()[0] for row in STATEMENTS if not row["statement"].startswith("SELECTOR")]
+    assert sorted(words) == sorted(dsl.HEADERS)
+
+
+@pytest.mark.parametrize("header", sorted(HEADER_VALUES))
+def test_header_values_are_the_parsers(header):
+    (line,) = re.findall(rf"^\| `{header} \w+` \| (.*?) \|", _text("docs/language.md"), re.M)
+    assert re.findall(r"`(\w+)`", line) == list(HEADER_VALUES[header])
 
 
 NUMBERS = {
@@ -308,16 +327,32 @@ def test_every_position_form_is_documented(form):
     assert keyword in _text("docs/targets.md")
 
 
+BATCH_SPELLINGS = [-1, 0, None, "batch_size"]
+
+
+@pytest.mark.parametrize("spelling", BATCH_SPELLINGS, ids=str)
+def test_a_dynamic_batch_is_one_symbol(spelling):
+    """The batch table: -1, 0, no value or a symbol are a dynamic batch; its symbol is the model's, else N."""
+    spellings = table("docs/targets.md", "batch-table")[0]["the model's inputs declare axis 0 as"]
+    assert all(f"{s}" in spellings for s in ("-1", "0", "no value", "a symbol"))
+    model = _sequence_model(spelling)
+    symbol = spelling if isinstance(spelling, str) else "N"
+    inputs = Explainer(model, "gradient").saved().model.graph.input
+    assert inputs[0].type.tensor_type.shape.dim[0].dim_param == symbol
+
+
 # --------------------------------------------------------------------------------------------------
 # explainer.md: the compiled explainer's names
 
 
-def _sequence_model() -> onnx.ModelProto:
-    """x [N, 3, 4] -> MatMul -> y [N, 3, 5]: a start with one position axis (class axis 2)."""
+def _sequence_model(batch: int | str | None = "N") -> onnx.ModelProto:
+    """x [batch, 3, 4] -> MatMul -> y [batch, 3, 5]: a start with one position axis (class axis 2)."""
     w = numpy_helper.from_array(np.linspace(-1, 1, 20, dtype=np.float32).reshape(4, 5), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "sequence",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 5])], [w])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 4])
+    if batch is None:   # no value at all, as some exporters write it
+        x.type.tensor_type.shape.dim[0].Clear()
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "sequence", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3, 5])], [w])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -354,7 +389,10 @@ def test_public_name_exists_in_a_compiled_explainer(row):
     assert found[name] == TYPES[row["type"]]
 
 
-@pytest.mark.parametrize("field", [r["field of Compiled"] for r in table("docs/explainer.md", "compiled-table")])
+COMPILED_FIELDS = [r["field of Compiled"] for r in table("docs/explainer.md", "compiled-table")]
+
+
+@pytest.mark.parametrize("field", COMPILED_FIELDS)
 def test_compiled_fields_exist(field):
     assert field in {f.name for f in dataclasses.fields(Compiled)}
 
