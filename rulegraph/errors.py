@@ -90,6 +90,9 @@ def node_ref(name: str, op_type: str) -> str:
 
 
 def did_you_mean(word: str, choices) -> str:
-    """`` (did you mean 'x'?)`` when a close match exists, else ``''``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    """`` (did you mean 'x'?)`` when a close match exists, else ``''``: the choice equal but for case
+    first (``relu`` -> ``Relu``, not ``Selu``), else the closest by ``difflib``."""
+    choices = list(choices)
+    same = [c for c in choices if c.lower() == word.lower()]
+    close = same or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,4 +1,6 @@
-"""Test oracles: small ONNX models built with onnx.helper, the ONNX reference evaluator, and a
+"""Test oracles and the helpers every test file shares: small ONNX models built with onnx.helper
+(``make_model``, ``one_node``), the ONNX reference evaluator with its known defects fixed (``run``),
+one seeded pass of a compiled explainer (``seeded_pass``), the stabilizer ``blip``, and a
 finite-difference check of a compiled VJP.
 
 The VJP oracle: compile a model with the gradient rule in seed mode, so the explainer computes
@@ -82,17 +84,33 @@ class MaxPool(_MaxPool):
                               strides=strides or [1] * n)
 
 
-REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool]
+class GatherElements(OpRun):
+    """The reference GatherElements uses ``np.choose``, which takes at most 64 choices, so it fails
+    on any 1-D input longer than 64 (the softness rule gathers from a flattened tensor).
+    ``np.take_along_axis`` instead."""
+
+    op_domain = ""
+
+    def _run(self, data, indices, axis=None):
+        axis = axis or 0
+        indices = np.where(indices < 0, indices + data.shape[axis], indices)
+        return (np.take_along_axis(data, indices, axis=axis),)
+
+
+REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements]
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,
                outputs: Sequence[str] = ("y",), opset: int = 17, elem: int = TensorProto.DOUBLE,
                ) -> onnx.ModelProto:
     """A model of ``nodes``; ``inputs`` maps graph input names to shapes (ints or symbols),
-    ``consts`` initializer names to arrays; outputs get their shapes from shape inference."""
+    ``consts`` initializer names to arrays (float64 ones in the model's float type: numpy's default
+    follows ``elem``); outputs get their shapes from shape inference."""
     value_infos = [helper.make_tensor_value_info(name, elem, list(shape)) for name, shape in inputs.items()]
     out_infos = [helper.make_tensor_value_info(name, elem, None) for name in outputs]
-    inits = [numpy_helper.from_array(np.asarray(v), name) for name, v in (consts or {}).items()]
+    float_type = helper.tensor_dtype_to_np_dtype(elem)
+    inits = [numpy_helper.from_array(_as_float(np.asarray(v), float_type), name)
+             for name, v in (consts or {}).items()]
     graph = helper.make_graph(list(nodes), "test", value_infos, out_infos, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8 if opset <= 17 else 9 if opset <= 20 else 10
@@ -101,6 +119,10 @@ def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], 
     model.graph.output.extend(inferred.graph.output)
     onnx.checker.check_model(model)
     return model
+
+
+def _as_float(value: np.ndarray, float_type) -> np.ndarray:
+    return value.astype(float_type) if value.dtype == np.float64 else value
 
 
 def one_node(op_type: str, args: Sequence[str], inputs: Mapping[str, Sequence], consts=None,
@@ -115,6 +137,33 @@ def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], outputs=None) -
     names = list(outputs) if outputs is not None else [o.name for o in model.graph.output]
     values = ReferenceEvaluator(model, new_ops=REFERENCE_FIXES).run(names, dict(feeds))
     return dict(zip(names, values))
+
+
+def blip(d, eps):
+    """``d + ε·sign(d)`` with ``sign(0) = +1``: the stabilized denominator of the LRP rules."""
+    return d + eps * np.where(d >= 0, 1.0, -1.0)
+
+
+def seeded_pass(model: onnx.ModelProto, rules: RuleSet | str, x: np.ndarray, seed: np.ndarray,
+                runtime: str = "reference") -> dict:
+    """Attribution (``R``), bias shares per node (``bias``) and their total (``bias_total``) of one
+    seed-mode pass of ``model``'s explainer from graph input ``x``; ``rules`` a RuleSet or rule-file
+    text (read as ``t.rules``). ``runtime="reference"`` runs ``run`` (float64), ``"ort"`` onnxruntime."""
+    from rulegraph.run import rulefiles as dsl
+
+    ruleset = dsl.parse(rules, source="t.rules") if isinstance(rules, str) else rules
+    compiled = compile_explainer(G.load(model), ruleset, seed_mode=True)
+    names = [o.name for o in compiled.model.graph.output]
+    if runtime == "ort":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(compiled.model.SerializeToString())
+        values = dict(zip(names, session.run(names, {"x": x, SEED: seed})))
+    else:
+        values = run(compiled.model, {"x": x, SEED: seed}, names)
+    return {"R": values[compiled.attribution["x"]],
+            "bias": {k: values[v] for k, v in compiled.bias_shares.items()},
+            "bias_total": values[compiled.bias_total] if compiled.bias_total else None}
 
 
 def compile_seed(model: onnx.ModelProto, rules: RuleSet = GRADIENT) -> Compiled:

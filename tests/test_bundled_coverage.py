@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from tables import BUNDLED
 
 import rulegraph
 from rulegraph.run import rulefiles as dsl
@@ -108,25 +109,9 @@ CNN_MODELS = {"se_gate": se_gate, "se_hardsigmoid": lambda: se_gate("HardSigmoid
               "batchnorm": batchnorm, "maxpool": maxpool, "softmax_end": softmax_end}
 MODELS = {**CNN_MODELS, "attention": attention}
 
-EXACT, EPS, NONE = 1e-5, 1e-4, None
 #: bundled file -> (the README's "conserves" column as a bound on the relative delta on these
-#: models, or None for "none" / "leaks bias"; does it explain transformers?)
-FILES = {
-    "gradient": (NONE, True),
-    "gradient-x-input": (NONE, True),  # exact on ReLU/max nets only: the gate's Sigmoid is not one
-    "deconvnet": (NONE, True),
-    "guided-backprop": (NONE, True),
-    "lrp-0": (EXACT, False),
-    "lrp-epsilon": (EPS, False),
-    "lrp-zplus": (EPS, False),
-    "lrp-alpha2-beta1": (NONE, False),
-    "lrp-gamma": (EPS, False),
-    "lrp-composite": (EPS, False),
-    "lrp-transformer": (EPS, True),
-    "deeplift-rescale": (EXACT, False),
-    "integrated-gradients": (NONE, True),
-    "smoothgrad": (NONE, True),
-}
+#: models, or None for "none" / "leaks bias"; does it explain transformers?): tests/tables.py
+FILES = {name: (facts.conserves, facts.transformers) for name, facts in BUNDLED.items()}
 
 
 def test_the_table_lists_every_bundled_file():

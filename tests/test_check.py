@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from tables import CONSERVATION
 
 from rulegraph.run import rulefiles as dsl
 from rulegraph.check import check
@@ -25,82 +26,21 @@ F = TensorProto.FLOAT
 RNG = np.random.default_rng(11)
 
 
-def model(op: str, x_shape, consts=(), attrs=None, name="op"):
-    """x → op(x, *consts) → y, float32, symbolic batch."""
-    node = helper.make_node(op, ["x"] + [n for n, _ in consts], ["y"], name=name, **(attrs or {}))
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F, ["N", *x_shape])],
-                              [helper.make_tensor_value_info("y", F, None)],
-                              [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in consts])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-GEMM = model("Gemm", [6], [("W", RNG.normal(size=(4, 6))), ("B", RNG.normal(size=4))], {"transB": 1})
-SIGMOID = model("Sigmoid", [6])
-RELU = model("Relu", [6])
-MAXPOOL = model("MaxPool", [2, 4, 4], attrs={"kernel_shape": [2, 2], "strides": [2, 2]})
-TRANSPOSE = model("Transpose", [2, 3], attrs={"perm": [0, 2, 1]})
-
-
-def rules(kind: str, rule: str, quantity: str, bias: str = "blame"):
-    baseline = "baseline mean\n" if quantity == "difference" else ""
-    return dsl.parse(f"rulegraph 1\nquantity {quantity}\nbias {bias}\n{baseline}{kind} -> {rule}\n",
-                     source="cell.rules")
-
-
-# (model, kind, rule, quantity, bias policy, expected class): RULES.md §5, one row per cell
-CELLS = [
-    (GEMM, "linear", "normalized(eps = 0.01)", "relevance", "blame", "approximate"),
-    (GEMM, "linear", "normalized(eps = 0)", "relevance", "blame", "exact"),
-    (GEMM, "linear", "normalized(eps = 0)", "relevance", "absorb", "leaks bias"),
-    (GEMM, "linear", "normalized(eps = 0.01)", "importance", "blame", "none"),
-    (GEMM, "linear", "gradient", "relevance", "blame", "none"),
-    (GEMM, "linear", "gradient", "importance", "absorb", "leaks bias"),
-    (GEMM, "linear", "gradient", "importance", "blame", "exact"),
-    (SIGMOID, "nonlinear", "ignore", "relevance", "blame", "exact"),
-    (SIGMOID, "nonlinear", "ignore", "importance", "blame", "none"),
-    (SIGMOID, "nonlinear", "slope", "importance", "blame", "exact"),
-    (SIGMOID, "nonlinear", "slope", "importance", "absorb", "leaks bias"),
-    (SIGMOID, "nonlinear", "slope", "relevance", "blame", "none"),
-    (SIGMOID, "nonlinear", "gradient", "importance", "blame", "none"),
-    (RELU, "nonlinear", "gradient", "importance", "blame", "exact"),
-    # (Relu alone would conserve here: a(y) = y ⊙ onehot vanishes where y = 0; Sigmoid does not)
-    (SIGMOID, "nonlinear", "gradient", "relevance", "blame", "none"),
-    (MAXPOOL, "max", "gradient", "relevance", "blame", "exact"),
-    (MAXPOOL, "max", "gradient", "importance", "blame", "exact"),
-    (MAXPOOL, "max", "radial", "relevance", "blame", "exact"),
-    (MAXPOOL, "max", "radial", "importance", "blame", "none"),
-    (TRANSPOSE, "route", "gradient", "relevance", "blame", "exact"),
-    (TRANSPOSE, "route", "gradient", "importance", "blame", "exact"),
-    # difference (baseline: the batch mean)
-    (GEMM, "linear", "normalized(eps = 0.01)", "difference", "blame", "none"),
-    (GEMM, "linear", "gradient", "difference", "absorb", "exact"),  # the bias cancels in y − y'
-    (GEMM, "linear", "baseline_difference", "difference", "blame", "exact"),
-    (SIGMOID, "nonlinear", "ignore", "difference", "blame", "none"),
-    (SIGMOID, "nonlinear", "gradient", "difference", "blame", "none"),
-    (SIGMOID, "nonlinear", "baseline_difference", "difference", "blame", "exact"),
-    (MAXPOOL, "max", "gradient", "difference", "blame", "none"),
-    (MAXPOOL, "max", 'baseline_difference(max = "softness")', "difference", "blame", "exact"),
-    (MAXPOOL, "max", 'baseline_difference(max = "relu")', "difference", "blame", "exact"),
-    (TRANSPOSE, "route", "gradient", "difference", "blame", "exact"),
-    (TRANSPOSE, "route", "baseline_difference", "difference", "blame", "exact"),
-]
-
-
-@pytest.mark.parametrize("onnx_model,kind,rule,quantity,bias,expected", CELLS,
-                         ids=[f"{c[2]}-{c[1]}-{c[3]}-{c[4]}" for c in CELLS])
-def test_conservation_table_cell(onnx_model, kind, rule, quantity, bias, expected):
-    """The checker derives the cell's class, and one measured run confirms it."""
-    report = check(onnx_model, rules(kind, rule, quantity, bias), samples=8, tolerance=1e-5)
+@pytest.mark.parametrize("cell", CONSERVATION, ids=[c.id for c in CONSERVATION])
+def test_conservation_table_cell(cell):
+    """The checker derives the cell's class (tests/tables.py), and one measured run confirms it."""
+    report = check(cell.model, cell.ruleset(), x=cell.x, samples=0 if cell.x else 8, tolerance=1e-5)
     (node,) = report.nodes
-    assert node.predicted == expected
-    assert report.predicted == expected
-    if expected == "exact":
+    assert node.predicted == cell.expected == report.predicted
+    if cell.expected == "exact":
         assert node.leak < 1e-5 and report.measured < 1e-5
-    elif expected == "approximate":
+    elif cell.expected == "approximate":
         assert 1e-7 < node.leak < 0.1  # the ε terms, small but present
-    elif expected == "leaks bias":
+    elif cell.expected == "leaks bias":
         assert node.leak > 1e-3 and node.bias_share is not None
         assert node.leak == pytest.approx(node.bias_share, rel=1e-3)  # the leak is the bias's share
+    elif cell.none_leak is not None:
+        assert node.leak == pytest.approx(cell.none_leak, rel=1e-4)
     else:
         assert node.leak > 1e-3
 

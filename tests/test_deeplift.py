@@ -35,9 +35,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
-from oracles import REFERENCE_FIXES, make_model, one_node
+from oracles import make_model, one_node, run
 from test_crosscheck import row_errors
 from test_equivalences import bias_free_cnn
 
@@ -75,25 +73,6 @@ def difference_rules(kind: str, **params) -> RuleSet:
     assert not problems, problems
     return RuleSet((Binding(Selector("kind", kind), RuleCall("baseline_difference", resolved), LOC),),
                    quantity="difference", baseline="zeros", start="one")
-
-
-class GatherElements(OpRun):
-    """onnx's reference GatherElements (onnx 1.23) uses ``np.choose``, which takes at most 64
-    choices, so it fails on any 1-D input longer than 64 (the softness rule gathers from a
-    flattened tensor). ``np.take_along_axis`` instead."""
-
-    op_domain = ""
-
-    def _run(self, data, indices, axis=None):
-        axis = axis or 0
-        indices = np.where(indices < 0, indices + data.shape[axis], indices)
-        return (np.take_along_axis(data, indices, axis=axis),)
-
-
-def run(model, feeds: dict, names: list[str]) -> dict[str, np.ndarray]:
-    """``oracles.run`` with one more reference fix (GatherElements)."""
-    evaluator = ReferenceEvaluator(model, new_ops=REFERENCE_FIXES + [GatherElements])
-    return dict(zip(names, evaluator.run(names, dict(feeds))))
 
 
 def explain_seeded(model, rules: RuleSet, x: dict, xb: dict, seed: np.ndarray, runtime="reference"):

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lark import Tree
+from tables import BUNDLED
 
 from rulegraph.lang import parse as lang_parse
 from rulegraph.run import rulefiles as dsl
@@ -44,38 +45,40 @@ def _summary(ruleset) -> list[tuple]:
 # --------------------------------------------------------------------------------------------------
 # (a) bundled rule files
 
-# name -> (quantity, bias, {selector: rule as printed})
-BUNDLED = {
-    "gradient": ("importance", "absorb", {"linear": "gradient", "nonlinear": "gradient",
-                                          "max": "gradient", "route": "gradient",
-                                          "bilinear": "gradient", "normalizing": "gradient"}),
-    "gradient-x-input": ("importance", "blame", {"linear": "gradient", "nonlinear": "slope",
-                                                 "max": "gradient", "route": "gradient",
-                                                 "bilinear": "gradient", "normalizing": "gradient"}),
-    "lrp-0": ("relevance", "blame", {"linear": "normalized(eps = 0)", "nonlinear": "ignore",
-                                     "max": "gradient", "route": "gradient",
-                                     "bilinear": "uniform(eps = 0, softmax_constant = 1, gate_constant = 1)",
-                                     "normalizing": "unsupported"}),
-    "lrp-epsilon": ("relevance", "blame", {"linear": "normalized(eps = 1e-06)", "nonlinear": "ignore",
-                                           "max": "gradient", "route": "gradient",
-                                           "bilinear": "uniform(eps = 1e-06, softmax_constant = 1, "
-                                                       "gate_constant = 1)",
-                                           "normalizing": "unsupported"}),
-    "deconvnet": ("importance", "absorb", {"linear": "gradient", "nonlinear": "repeat",
-                                           "max": "gradient", "route": "gradient",
-                                           "bilinear": "gradient", "normalizing": "gradient"}),
+# name -> {selector: rule as printed}; quantity and bias: tests/tables.py
+BINDINGS = {
+    "gradient": {"linear": "gradient", "nonlinear": "gradient", "max": "gradient", "route": "gradient",
+                 "bilinear": "gradient", "normalizing": "gradient"},
+    "gradient-x-input": {"linear": "gradient", "nonlinear": "slope", "max": "gradient", "route": "gradient",
+                         "bilinear": "gradient", "normalizing": "gradient"},
+    "lrp-0": {"linear": "normalized(eps = 0)", "nonlinear": "ignore", "max": "gradient", "route": "gradient",
+              "bilinear": "uniform(eps = 0, softmax_constant = 1, gate_constant = 1)",
+              "normalizing": "unsupported"},
+    "lrp-epsilon": {"linear": "normalized(eps = 1e-06)", "nonlinear": "ignore", "max": "gradient",
+                    "route": "gradient",
+                    "bilinear": "uniform(eps = 1e-06, softmax_constant = 1, gate_constant = 1)",
+                    "normalizing": "unsupported"},
+    "deconvnet": {"linear": "gradient", "nonlinear": "repeat", "max": "gradient", "route": "gradient",
+                  "bilinear": "gradient", "normalizing": "gradient"},
 }
 
 
 def test_bundled_names():
-    assert set(BUNDLED) <= set(dsl.bundled_rule_names())
+    assert set(BINDINGS) <= set(dsl.bundled_rule_names()) == set(BUNDLED)
     assert (dsl.bundled_rules_dir() / "lrp-epsilon.rules").is_file()
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))
-def test_bundled_file(name):
-    quantity, bias, kinds = BUNDLED[name]
+def test_bundled_quantity_and_bias(name):
     ruleset = dsl.load(name)
+    assert (ruleset.quantity, ruleset.bias) == (BUNDLED[name].quantity, BUNDLED[name].bias)
+
+
+@pytest.mark.parametrize("name", sorted(BINDINGS))
+def test_bundled_file(name):
+    kinds = BINDINGS[name]
+    ruleset = dsl.load(name)
+    quantity, bias = BUNDLED[name].quantity, BUNDLED[name].bias
     assert (ruleset.quantity, ruleset.bias, ruleset.start, ruleset.baseline) == (quantity, bias, None, None)
     assert ruleset.source == ruleset.files[0] == f"rules/{name}.rules"
     got = {str(b.selector): str(b.rule) for b in ruleset.bindings}

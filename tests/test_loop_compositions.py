@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from oracles import blip
 from rulegraph import Explainer, RulegraphError
 from rulegraph.run.loops import IG_REFUSED, noise_sigma, quadrature, smoothgrad_noise
 
@@ -42,10 +43,6 @@ def _forward(x):
     return z1, np.maximum(z1, 0), np.maximum(z1, 0) @ W2 + B2
 
 
-def _blip(z):
-    return z + EPS * np.where(z >= 0, 1.0, -1.0)
-
-
 def gradient(x, t, xb=None):
     """Saliency ∂y_t/∂x; gradient × input, the bias shares b ⊙ a (blame), start y_t."""
     z1, h, y = _forward(x)
@@ -67,9 +64,9 @@ def lrp_epsilon(x, t, xb=None):
     z1, h, y = _forward(x)
     rows = np.arange(len(x))
     s2 = np.zeros_like(y)
-    s2[rows, t] = y[rows, t] / _blip(y[rows, t])
+    s2[rows, t] = y[rows, t] / blip(y[rows, t], EPS)
     r_h = h * (s2 @ W2.T)
-    s1 = r_h / _blip(z1)
+    s1 = r_h / blip(z1, EPS)
     return x * (s1 @ W1.T), None, (B2 * s2).sum(axis=1) + (B1 * s1).sum(axis=1), y[rows, t]
 
 

@@ -92,3 +92,45 @@ def test_lrp0_conserves_through_resize_and_conv_transpose(detector):
     result = Explainer(detector, "lrp-0", start=_logit(detector)).explain(x, target=seed)
     assert np.all(np.abs(result.start_value) > 1.0)
     np.testing.assert_allclose(result.delta, 0.0, atol=1e-4 * np.abs(result.start_value).max())
+
+
+# --------------------------------------------------------------------------------------------------
+# a region of the probability map, explained: two words, each region's relevance on its own word
+
+WORDS_H, WORDS_W = 96, 320
+#: (region of the map over one word, which half of the image holds that word)
+WORD_REGIONS = {"left word": ((slice(40, 64), slice(24, 104)), 0),
+                "right word": ((slice(40, 64), slice(206, 288)), 1)}
+
+
+def two_words() -> np.ndarray:
+    """"1234" on the left and "5678" on the right, black on white, normalized as PP-OCR's detector
+    expects ((x/255 − mean) / std, ImageNet mean and std), [1, 3, 96, 320]. The detector's map is
+    above 0.3 over columns 28–99 and 210–283, rows 43–59."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (WORDS_W, WORDS_H), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=40)
+    draw.text((16, 24), "1234", fill="black", font=font)
+    draw.text((200, 24), "5678", fill="black", font=font)
+    x = np.asarray(image, dtype=np.float32) / 255
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None].astype(np.float32))
+
+
+@pytest.mark.parametrize("rules, share, tolerance", [("lrp-epsilon", 0.9, 1e-3), ("deeplift-rescale", 0.8, 1e-5)])
+@pytest.mark.parametrize("word", list(WORD_REGIONS))
+def test_a_region_of_the_map_is_explained_by_its_own_word(detector, rules, share, tolerance, word):
+    """The pre-Sigmoid map summed over a region around one word (``Target(0, region=...)``): the
+    map conserves (Σ attribution + Σ bias shares = the region's summed logits), and at least
+    ``share`` of Σ|attribution| lies in the half of the image that holds that word. Measured:
+    lrp-epsilon 0.961 / 0.927, deeplift-rescale 0.854 / 0.839."""
+    from rulegraph import Target
+
+    region, half = WORD_REGIONS[word]
+    result = Explainer(detector, rules, start=_logit(detector)).explain(two_words(), target=Target(0, region=region))
+    assert result.where == f"over region [{region[0].start}:{region[0].stop}, {region[1].start}:{region[1].stop}]"
+    assert abs(result.relative_delta[0]) < tolerance
+    magnitude = np.abs(result.map[0]).sum(axis=0)
+    halves = magnitude[:, : WORDS_W // 2].sum(), magnitude[:, WORDS_W // 2:].sum()
+    assert halves[half] / magnitude.sum() >= share

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime
 import pytest
 from onnx import TensorProto, numpy_helper
+from tables import bundled_where
 
 from rulegraph import RulegraphError
 from rulegraph.run import rulefiles as dsl
@@ -132,14 +133,9 @@ def test_case(name, params, consistent, why):
 # ------------------------------------------------------------------------------------------------
 # the bundled rule files on every probe
 
-#: file -> probes where it is inconsistent; every other probe is consistent (with fusion: the Gelu one).
-BUNDLED = {
-    "gradient": set(),
-    "gradient-x-input": set(),
-    "lrp-0": set(),
-    "lrp-epsilon": set(),
-    "deconvnet": {"max_with_zero"},  # repeat on Relu vs gradient on Max(x, 0): Hobson pairs neither
-}
+#: file -> probes where it is inconsistent (tests/tables.py); every other probe is consistent
+#: (with fusion: the Gelu one).
+BUNDLED = bundled_where("inconsistent")
 
 
 @pytest.fixture(scope="module")

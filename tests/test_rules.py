@@ -7,13 +7,12 @@ explainer runs on onnx's reference evaluator (float64 throughout).
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
+from oracles import blip, one_node, seeded_pass
 
 from rulegraph.backward import ops as G
-from rulegraph.compile.build import SEED, compile_explainer
+from rulegraph.compile.build import compile_explainer
 from rulegraph.errors import Location
 from rulegraph.lang.ruleset import Binding, RuleCall, RuleSet, Selector
 
@@ -27,45 +26,10 @@ def ruleset(rule: str, params=None, kind: str = "linear", quantity="relevance", 
                    quantity=quantity, bias=bias, start="one")
 
 
-def one_node(op: str, x_shape, y_shape, consts=(), attrs=None, opset=17, dtype=D) -> onnx.ModelProto:
-    """A model ``y = op(x, *consts)`` (float64 unless told); ``consts`` are (name, array) initializers."""
-    names = ["x"] + [n for n, _ in consts]
-    node = helper.make_node(op, names, ["y"], name=f"the_{op}", **(attrs or {}))
-    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", dtype, x_shape)],
-                              [helper.make_tensor_value_info("y", dtype, y_shape)],
-                              [numpy_helper.from_array(np.asarray(v, dtype=np_dtype), n) for n, v in consts])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-
-
-def run(model, rules: RuleSet, x: np.ndarray, seed: np.ndarray, runtime="reference") -> dict[str, np.ndarray]:
-    """Attribution (``R``), bias shares (per node) of one explained batch.
-
-    ``runtime="reference"`` runs onnx's reference evaluator (float64); ``"ort"`` onnxruntime.
-    """
-    compiled = compile_explainer(G.load(model), rules, seed_mode=True)
-    names = [o.name for o in compiled.model.graph.output]
-    if runtime == "ort":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(compiled.model.SerializeToString())
-        results = session.run(names, {"x": x, SEED: seed})
-    else:
-        results = ReferenceEvaluator(compiled.model).run(None, {"x": x, SEED: seed})
-    values = dict(zip(names, results))
-    return {"R": values[compiled.attribution["x"]],
-            "bias": {k: values[v] for k, v in compiled.bias_shares.items()},
-            "bias_total": values[compiled.bias_total] if compiled.bias_total else None}
-
-
-def blip(d, eps):
-    return d + eps * np.where(d >= 0, 1.0, -1.0)
-
-
 W = RNG.normal(size=(5, 4))
 B = RNG.normal(size=5)
 X = RNG.normal(size=(3, 4))
-GEMM = one_node("Gemm", [3, 4], [3, 5], [("W", W), ("B", B)], {"transB": 1})
+GEMM = one_node("Gemm", ["x", "W", "B"], {"x": [3, 4]}, {"W": W, "B": B}, transB=1)
 S_GEMM = RNG.normal(size=(3, 5))
 
 
@@ -76,7 +40,7 @@ def test_normalized_gemm(eps, bias):
     z = X @ W.T
     d = z if bias == "ignore" else z + B
     s = S_GEMM / blip(d, eps)
-    out = run(GEMM, ruleset("normalized", {"eps": eps}, bias=bias), X, S_GEMM)
+    out = seeded_pass(GEMM, ruleset("normalized", {"eps": eps}, bias=bias), X, S_GEMM)
     np.testing.assert_allclose(out["R"], X * (s @ W), rtol=1e-10, atol=1e-12)
     share = (B * s).sum(axis=1)
     if bias == "blame":
@@ -90,10 +54,10 @@ def test_normalized_gemm(eps, bias):
 def test_normalized_sign_of_zero_is_positive():
     """``blip(0) = +ε``: a zero pre-activation divides by +ε, not −ε."""
     w = np.array([[1.0, -1.0]])
-    model = one_node("MatMul", [1, 2], [1, 1], [("W", w.T)])
+    model = one_node("MatMul", ["x", "W"], {"x": [1, 2]}, {"W": w.T})
     x = np.array([[2.0, 2.0]])  # z = 0 exactly
     seed = np.array([[1.0]])
-    out = run(model, ruleset("normalized", {"eps": 0.1}), x, seed)
+    out = seeded_pass(model, ruleset("normalized", {"eps": 0.1}), x, seed)
     np.testing.assert_allclose(out["R"], x * ((seed / 0.1) @ w), rtol=1e-12)
 
 
@@ -109,13 +73,13 @@ def test_normalized_sum_of_activations_splits_in_proportion():
     rules = RuleSet((Binding(Selector("op", "Add"), RuleCall("normalized", {"eps": 0.0}), LOC),
                      Binding(Selector("kind", "bilinear"), RuleCall("gradient"), LOC)),
                     quantity="relevance", bias="blame", start="one")
-    out = run(model, rules, x, seed)
+    out = seeded_pass(model, rules, x, seed)
     y = x + x * x
     share_x, share_x2 = x * seed / y, x * x * seed / y
     np.testing.assert_allclose(out["R"], share_x + 2 * x * share_x2, rtol=1e-10)
 
 
-SIG = one_node("Sigmoid", [2, 5], [2, 5])
+SIG = one_node("Sigmoid", ["x"], {"x": [2, 5]})
 XS = np.array([[-2.0, -0.5, 0.0, 0.7, 3.0], [1.5, -1.0, 0.0, 2.0, -3.0]])
 SEED5 = RNG.normal(size=(2, 5))
 
@@ -125,13 +89,13 @@ def sigmoid(x):
 
 
 def test_ignore_passes_through():
-    out = run(SIG, ruleset("ignore", kind="nonlinear"), XS, SEED5)
+    out = seeded_pass(SIG, ruleset("ignore", kind="nonlinear"), XS, SEED5)
     np.testing.assert_allclose(out["R"], SEED5, rtol=1e-12)
 
 
 def test_slope_sigmoid_blames_f0():
     """slope: ``a(x) = a(y)(f(x) − f(0))/x``, ``f'(0)`` at 0; ``f(0) = ½`` takes ``½ a(y)``."""
-    out = run(SIG, ruleset("slope", kind="nonlinear", quantity="importance"), XS, SEED5)
+    out = seeded_pass(SIG, ruleset("slope", kind="nonlinear", quantity="importance"), XS, SEED5)
     safe = np.where(XS == 0, 1.0, XS)
     expected = np.where(XS == 0, 0.25, (sigmoid(XS) - 0.5) / safe) * SEED5
     np.testing.assert_allclose(out["R"], XS * expected, rtol=1e-12)
@@ -140,21 +104,21 @@ def test_slope_sigmoid_blames_f0():
 
 @pytest.mark.parametrize("rule", ["slope", "gradient"])
 def test_relu_slope_equals_gradient(rule):
-    model = one_node("Relu", [2, 5], [2, 5])
-    out = run(model, ruleset(rule, kind="nonlinear", quantity="importance"), XS, SEED5)
+    model = one_node("Relu", ["x"], {"x": [2, 5]})
+    out = seeded_pass(model, ruleset(rule, kind="nonlinear", quantity="importance"), XS, SEED5)
     np.testing.assert_allclose(out["R"], XS * (XS > 0) * SEED5, rtol=1e-12)
     assert not out["bias"]
 
 
 def test_repeat_relu_is_deconvnet():
-    model = one_node("Relu", [2, 5], [2, 5])
-    out = run(model, ruleset("repeat", kind="nonlinear"), XS, SEED5)
+    model = one_node("Relu", ["x"], {"x": [2, 5]})
+    out = seeded_pass(model, ruleset("repeat", kind="nonlinear"), XS, SEED5)
     np.testing.assert_allclose(out["R"], np.maximum(SEED5, 0), rtol=1e-12)
 
 
 def test_gradient_bias_share_is_b_times_a():
     """Under gradient a bias takes ``b ⊙ a(y)``; importance view: attribution ``x ⊙ Wᵀa``."""
-    out = run(GEMM, ruleset("gradient", quantity="importance"), X, S_GEMM)
+    out = seeded_pass(GEMM, ruleset("gradient", quantity="importance"), X, S_GEMM)
     np.testing.assert_allclose(out["R"], X * (S_GEMM @ W), rtol=1e-12)
     np.testing.assert_allclose(out["bias"]["the_Gemm"], (B * S_GEMM).sum(axis=1), rtol=1e-12)
 
@@ -185,10 +149,11 @@ def test_radial_maxpool(k, s):
     x = RNG.normal(size=(2, 2, 7, 7))
     x[0, 0, :3, :3] = -np.abs(x[0, 0, :3, :3]) - 0.1  # a window with no positive value
     o = (7 - k) // s + 1
-    model = one_node("MaxPool", [2, 2, 7, 7], [2, 2, o, o], attrs={"kernel_shape": [k, k], "strides": [s, s]},
-                     dtype=TensorProto.FLOAT)
+    model = one_node("MaxPool", ["x"], {"x": [2, 2, 7, 7]}, kernel_shape=[k, k], strides=[s, s],
+                     elem=TensorProto.FLOAT)
     seed = RNG.normal(size=(2, 2, o, o))
-    out = run(model, ruleset("radial", kind="max"), x.astype(np.float32), seed.astype(np.float32), "ort")
+    out = seeded_pass(model, ruleset("radial", kind="max"), x.astype(np.float32), seed.astype(np.float32),
+                      "ort")
     np.testing.assert_allclose(out["R"], radial_maxpool_replica(x, seed, k, s), rtol=1e-5, atol=1e-6)
 
 
@@ -206,7 +171,7 @@ def test_radial_max_of_operands():
     rules = RuleSet((Binding(Selector("kind", "max"), RuleCall("radial"), LOC),
                      Binding(Selector("kind", "linear"), RuleCall("gradient"), LOC)),
                     quantity="relevance", bias="absorb", start="one")
-    out = run(model, rules, x, seed)
+    out = seeded_pass(model, rules, x, seed)
     a, b = np.maximum(x, 0), np.maximum(2 * x - 1, 0)
     total = a + b
     first = np.where(x >= 2 * x - 1, 1.0, 0.0)  # fallback where no operand is positive
@@ -235,7 +200,7 @@ def test_missing_rule_names_node_and_candidates():
 
 def test_radial_max_with_a_constant_operand_blames_it():
     """``max(x, 1)``: the constant is in the window; its share is reported as a bias share."""
-    model = one_node("Max", [1, 2], [1, 2], [("c", np.array(1.0))])
-    out = run(model, ruleset("radial", kind="max"), np.array([[0.5, 3.0]]), np.array([[1.0, 1.0]]))
+    model = one_node("Max", ["x", "c"], {"x": [1, 2]}, {"c": np.array(1.0)})
+    out = seeded_pass(model, ruleset("radial", kind="max"), np.array([[0.5, 3.0]]), np.array([[1.0, 1.0]]))
     np.testing.assert_allclose(out["R"], [[0.5 / 1.5, 3.0 / 4.0]], rtol=1e-12)
     np.testing.assert_allclose(out["bias"]["the_Max"], [1.0 / 1.5 + 1.0 / 4.0], rtol=1e-12)

@@ -19,6 +19,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from oracles import blip
+from tables import ATTENTION_CONSERVATION
 
 import rulegraph
 from rulegraph.run import rulefiles as dsl
@@ -29,10 +31,6 @@ from rulegraph.errors import ModelError
 
 D, F, I64 = TensorProto.DOUBLE, TensorProto.FLOAT, TensorProto.INT64
 RNG = np.random.default_rng(7)
-
-
-def blip(d, eps):
-    return d + eps * np.where(d >= 0, 1.0, -1.0)
 
 
 def rules(body: str, bias: str = "blame", start: str = "one") -> rulegraph.RuleSet:
@@ -263,17 +261,7 @@ def test_wrong_op_is_named():
         compile_explainer(G.load(m), rules("route -> gradient\n"))
 
 
-@pytest.mark.parametrize("rule, bias, predicted", [
-    ("LayerNormalization -> layernorm_linear", "blame", "approximate"),
-    ("LayerNormalization -> layernorm_linear", "absorb", "leaks bias"),
-    ("LayerNormalization -> layernorm_linear(eps = 0)", "blame", "exact"),
-    ("LayerNormalization -> layernorm_linear(eps = 0)", "ignore", "exact"),
-    ("Softmax -> softmax_taylor", "blame", "approximate"),
-    ("Softmax -> softmax_taylor", "absorb", "leaks bias"),
-    ("Softmax -> block", "blame", "none"),
-    ("bilinear -> uniform(eps = 0)", "blame", "exact"),
-    ("bilinear -> gate(keep = 0)", "blame", "approximate"),
-])
+@pytest.mark.parametrize("rule, bias, predicted", ATTENTION_CONSERVATION)
 def test_predicted_conservation_is_measured(rule, bias, predicted):
     """The checker's class for each rule (RULES.md §5), confirmed on a run: Softmax(a·b) then a
     LayerNorm, every other node bound to a conserving rule."""

@@ -8,7 +8,14 @@ from .table import (ALL_KINDS, APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, 
                     rule)
 
 
-@rule("gradient", ALL_KINDS,
+def _gradient_has_bias(ctx) -> bool:
+    """The gradient blames a linear op's bias and a route op's operands that are not activations."""
+    if ctx.kind == LINEAR:
+        return ctx.linear_bias() is not None
+    return ctx.kind == ROUTE and bool(ctx.parts_of_constants())
+
+
+@rule("gradient", ALL_KINDS, has_bias=_gradient_has_bias,
       conservation=_classes(
           relevance={MAX: EXACT, ROUTE: EXACT},
           importance={LINEAR: LEAKS_BIAS, MAX: EXACT, ROUTE: EXACT, NONLINEAR: _exact_if_homogeneous},
@@ -62,7 +69,12 @@ def ignore(ctx) -> list[str | None]:
     return [ctx.a_out[0] if i == 0 else None for i in range(len(ctx.node.inputs))]
 
 
-@rule("slope", {NONLINEAR}, conservation=_classes(importance={NONLINEAR: EXACT}))
+def _has_value_at_zero(ctx) -> bool:
+    """slope blames ``f(0)`` where it is not 0."""
+    return ctx.value_at_zero() is not None
+
+
+@rule("slope", {NONLINEAR}, conservation=_classes(importance={NONLINEAR: EXACT}), has_bias=_has_value_at_zero)
 def slope(ctx) -> list[str | None]:
     """``a(x) = a(y) ⊙ (f(x) − f(0)) / x``, with ``f'(0)`` where ``x = 0``; ``f(0)`` is a bias.
 
@@ -113,7 +125,7 @@ def radial(ctx) -> list[str | None]:
             for p, s, g, act in zip(positive, spread, fallback, ctx.active)]
 
 
-@rule("start", ALL_KINDS)
+@rule("start", ALL_KINDS, starts_pass=True)
 def start(ctx) -> list[str | None]:
     """Start the pass at this node's input: explain the logits, not the probabilities."""
     raise AssertionError("the compiler handles 'start' nodes itself")

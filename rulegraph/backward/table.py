@@ -59,11 +59,14 @@ class RuleSpec:
     #: the bias of a linear op is an extra input in the rule's denominators, except under
     #: ``bias ignore`` (normalized and the LRP weight rules); the checker reads it
     bias_in_denominator: bool = False
-    #: for a rule that blames a bias of its own (not a linear op's): does this node have one?
-    #: ``has_bias(ctx) -> bool``, read by the checker's prediction
+    #: does the rule give a bias a share on this node? ``has_bias(ctx) -> bool``, read by the
+    #: checker's prediction; None: the linear op's bias, where the rule counts it in its denominators
     has_bias: Callable | None = None
     #: the op types the rule is defined for, where it is not every op of its kinds (empty: all)
     op_types: frozenset[str] = frozenset()
+    #: the rule is not run: the pass starts at the input of the node bound to it (``start``), so
+    #: its node lies beyond the relevance path
+    starts_pass: bool = False
 
     def resolve_params(self, given: Mapping[str, float | str]) -> tuple[dict[str, float], list[str]]:
         """Fill defaults and validate; returns (params, problems). Problems are full sentences."""
@@ -111,7 +114,7 @@ RULES: dict[str, RuleSpec] = {}
 
 
 def rule(name: str, kinds, params=(), conservation=None, validate=None, bias_in_denominator=False,
-         has_bias=None, op_types=()):
+         has_bias=None, op_types=(), starts_pass=False):
     """Register the decorated emitter as rule ``name``."""
 
     if name in RULES:
@@ -120,7 +123,7 @@ def rule(name: str, kinds, params=(), conservation=None, validate=None, bias_in_
     def register(fn):
         RULES[name] = RuleSpec(name, frozenset(kinds), fn, tuple(params), dict(conservation or {}),
                                (fn.__doc__ or "").strip(), validate, bias_in_denominator, has_bias,
-                               frozenset(op_types))
+                               frozenset(op_types), starts_pass)
         return fn
 
     return register

@@ -40,7 +40,7 @@ def measure(explainer, x, report: Report, target="argmax") -> None:
         leak = outs.astype(np.float64) - (0 if given is None else given.astype(np.float64))
         if bias is not None:
             check.bias_share = float(np.max(np.abs(bias) / scale))
-            if counted or (check.rule.startswith("normalized") and explainer.ruleset.bias == "ignore"):
+            if counted:
                 leak = leak - bias
         check.leak = float(np.max(np.abs(leak) / scale))
     for node, gain in amplification.per_node(result).items():

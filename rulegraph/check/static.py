@@ -14,7 +14,7 @@ from ..backward.vjp import VjpContext
 from ..compile.context import RuleContext
 from ..compile.plan import Assignment, assign, find_start, path_nodes
 from ..errors import RulegraphError
-from ..graph.kinds import LINEAR, ROUTE
+from ..graph.kinds import LINEAR
 from ..graph.read import Graph
 from ..lang.ruleset import RuleSet
 from .report import COUNTED_BIAS, SEVERITY, Diagnostic, NodeCheck
@@ -28,16 +28,12 @@ def _context(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> RuleCont
     return RuleContext(base, [None] * len(node.outputs), params, ruleset, lambda n, s: None)
 
 
-def _has_bias(ctx: RuleContext, rule: str) -> bool:
-    if RULES[rule].has_bias is not None:
-        return RULES[rule].has_bias(ctx)
-    if ctx.kind == ROUTE and rule == "gradient":
-        return bool(ctx.parts_of_constants())
-    if ctx.kind == LINEAR and (rule == "gradient" or RULES[rule].bias_in_denominator):
-        return ctx.linear_bias() is not None
-    if rule == "slope":
-        return ctx.value_at_zero() is not None
-    return False
+def _has_bias(ctx: RuleContext, spec) -> bool:
+    """Does the rule give a bias a share on this node: the rule's own answer, else (a rule that counts
+    the bias in its denominators) whether the linear op has one."""
+    if spec.has_bias is not None:
+        return spec.has_bias(ctx)
+    return ctx.kind == LINEAR and spec.bias_in_denominator and ctx.linear_bias() is not None
 
 
 def predict_node(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> tuple[str, str]:
@@ -49,7 +45,7 @@ def predict_node(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> tupl
     if cls != NONE and any(p.name == "eps" for p in spec.params):  # a stabilizer: exact at ε = 0
         cls = APPROXIMATE if rule.params.get("eps", 0) > 0 else EXACT
     ctx = _context(graph, assignment, ruleset)
-    has_bias = quantity != "difference" and _has_bias(ctx, rule.name)
+    has_bias = quantity != "difference" and _has_bias(ctx, spec)
     counted = policy in COUNTED_BIAS or (spec.bias_in_denominator and policy == "ignore")
     if cls == LEAKS_BIAS:
         cls = EXACT if not has_bias or counted else LEAKS_BIAS
@@ -92,7 +88,7 @@ def static(graph: Graph, ruleset: RuleSet, output: str | None = None, start: str
     used = {id(a.binding) for a in assignments if a.binding is not None}
     for b in ruleset.bindings:
         # a kind binding that matches nothing is normal in a general file (no max op in an MLP)
-        if id(b) not in used and b.rule.name != "start" and b.selector.form != "kind":
+        if id(b) not in used and not RULES[b.rule.name].starts_pass and b.selector.form != "kind":
             diagnostics.append(Diagnostic("warning", "unused-binding", str(b.location),
                                           f"'{b.selector} -> {b.rule}' matches no node on the relevance path"))
     diagnostics += _silent_overrides(ruleset)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..backward import unsupported
 from ..backward.ops import VJPS
-from ..backward.rules import RULES
+from ..backward.rules import APPROXIMATE, EXACT, LEAKS_BIAS, RULES
 from ..errors import RulegraphError
 from ..graph.kinds import NORMALIZING, ROUTE
 from ..graph.read import Graph, Node
@@ -97,12 +97,23 @@ def _accepting(kind: str | None, op_type: str | None = None) -> list[str]:
                   and (op_type is None or not spec.op_types or op_type in spec.op_types))
 
 
-def _suggestion(kind: str, quantity: str, op_type: str | None = None) -> str:
-    """A rule for ``kind`` that conserves ``quantity`` if one exists, else the first accepting one
-    (in registration order: the seed rules come before the special ones)."""
-    rules = [name for name in RULES if name in _accepting(kind, op_type)]
-    exact = [r for r in rules if RULES[r].conservation_of(quantity, kind, "Relu") in ("exact", "approximate")]
-    return (exact or rules)[0]
+def _suggestion(kind: str, quantity: str, op_type: str) -> str:
+    """A binding for an op of ``op_type`` and ``kind`` without a rule, from the rule table: the first
+    accepting rule (registration order: the seed rules come first) that conserves ``quantity`` on it,
+    exactly or up to ε, with its default parameters; else one that conserves it once biases are
+    counted; else a sentence saying that no rule conserves it."""
+    by_class: dict[str, list[str]] = {}
+    accepting = set(_accepting(kind, op_type))
+    for name in (n for n in RULES if n in accepting):
+        params, problems = RULES[name].resolve_params({})
+        if not problems:  # a rule with a required parameter cannot be suggested bare
+            by_class.setdefault(RULES[name].conservation_of(quantity, kind, op_type, params), []).append(name)
+    if conserving := [n for n in RULES if n in by_class.get(EXACT, []) + by_class.get(APPROXIMATE, [])]:
+        return f"add a binding such as `{op_type} -> {conserving[0]}`"
+    if leaking := by_class.get(LEAKS_BIAS):
+        return (f"add a binding such as `{op_type} -> {leaking[0]}` (it conserves {quantity} on {kind} ops "
+                "once biases are counted: `bias blame` or `bias total`)")
+    return f"add a binding: no rule conserves {quantity} on {op_type} ({kind}) ops"
 
 
 def _problem(node: Node, binding: Binding | None, quantity: str = "relevance") -> str | None:
@@ -111,9 +122,9 @@ def _problem(node: Node, binding: Binding | None, quantity: str = "relevance") -
                 f"{', '.join(sorted(VJPS))}")
     if binding is None:
         extra = " (normalizing ops need an explicit rule, e.g. `Softmax -> start`)" if node.kind == NORMALIZING else ""
-        return (f"{node}, kind {node.kind}, has no rule{extra}; add a binding such as "
-                f"`{node.op_type} -> {_suggestion(node.kind, quantity, node.op_type)}` (rules accepting "
-                f"{node.kind}: {', '.join(_accepting(node.kind))})")
+        hint = _suggestion(node.kind, quantity, node.op_type)
+        return (f"{node}, kind {node.kind}, has no rule{extra}; {hint} "
+                f"(rules accepting {node.kind}: {', '.join(_accepting(node.kind))})")
     spec = RULES[binding.rule.name]
     if node.kind not in spec.kinds:
         return (f"{node} is {node.kind}, but '{binding.selector} -> {binding.rule}' at {binding.location} "
