@@ -55,6 +55,15 @@ def test_the_import_graph_has_no_cycle():
     assert list(nx.simple_cycles(GRAPH)) == []
 
 
+def test_the_rule_language_knows_nothing_of_onnx():
+    """lang/ reads text against a catalog it is given: it imports no ONNX and no model reading."""
+    lang = [p for p in (PACKAGE / "lang").glob("*.py")]
+    onnx = [p.name for p in lang if re.search(r"^\s*(import|from) onnx", p.read_text(encoding="utf-8"), re.M)]
+    reads = [(a, b) for a, b in GRAPH.edges if a.startswith("rulegraph.lang") and stage(b) != STAGES["errors"]
+             and not b.startswith("rulegraph.lang")]
+    assert lang and onnx == [] and reads == []
+
+
 def test_the_readme_layout_names_modules_that_exist():
     readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
     layout = readme[readme.index("## Layout"):].split("\n## ")[0]

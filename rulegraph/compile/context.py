@@ -13,7 +13,7 @@ from ..lang.ruleset import RuleSet
 
 
 class RuleContext(VjpContext):
-    """What a rule emitter may read and call (rules.py); extends the VJP context."""
+    """What a rule emitter may read and call (the rule families in backward/); extends the VJP context."""
 
     def __init__(self, base: VjpContext, a_out, params, ruleset: RuleSet, bias_sink, baseline_of=None):
         super().__init__(base.node, base.graph, base.tape, base.active, base.request_output)

@@ -50,7 +50,7 @@ class Selector:
 
 @dataclass(frozen=True)
 class RuleCall:
-    """A rule name with its parameters, as written (defaults are filled in by rules.py)."""
+    """A rule name with its parameters, as written (the rule table, backward/table.py, fills in defaults)."""
 
     name: str
     params: Mapping[str, float | str] = field(default_factory=dict)
@@ -130,7 +130,7 @@ class RuleSet:
     bias: str = "absorb"
     start: str | None = None
     baseline: str | None = None
-    loop: RuleCall | None = None      # a loop around the pass (loops.py), e.g. integrated_gradients
+    loop: RuleCall | None = None      # a loop around the pass (run/loops.py), e.g. integrated_gradients
     source: str = "<rules>"
     files: tuple[str, ...] = ()
     header_locations: Mapping[str, Location] = field(default_factory=dict)
