@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rulegraph import Explainer
-from rulegraph.run import runtime
 from rulegraph.compile.build import TARGET
+from rulegraph.run import runtime
 
 
 def median_time(fn, repeat: int) -> float:

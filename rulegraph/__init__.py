@@ -6,7 +6,7 @@ compiles model + rules into one ONNX model computing the forward and the relevan
 
 from .backward.ops import load
 from .compile.targets import Target, TargetError
-from .errors import CoverageError, ModelError, RuleSyntaxError, RulegraphError
+from .errors import CoverageError, ModelError, RulegraphError, RuleSyntaxError
 from .graph import Graph
 from .lang.ruleset import RuleSet
 from .run.explainer import Explainer, Result

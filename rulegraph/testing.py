@@ -1,6 +1,7 @@
 """Helpers for users' own test suites."""
 
 from __future__ import annotations
+
 from .check.checks import check
 
 
@@ -9,7 +10,7 @@ def assert_conserves(model, rules, inputs=None, tolerance: float = 1e-3, samples
 
     ``inputs``: an array or a dict of arrays; without it, ``samples`` seeded random inputs. Every
     node on the relevance path must have a rule, and every node's and the end-to-end leak must be
-    at most ``tolerance`` relative to the start value (RULES.md §5).
+    at most ``tolerance`` relative to the start value (docs/rules.md, conservation classes).
     """
     report = check(model, rules, x=inputs, samples=0 if inputs is not None else samples, tolerance=tolerance)
     if not report.ok:

@@ -1,6 +1,6 @@
 """Tables that several test files read: the facts of every bundled rule file (one row per file,
-checked against ``dsl.bundled_rule_names()``), and the conservation classes of the rules (RULES.md
-§5): the cells on one-node models, one row per (model, rule, quantity, bias policy), and the
+checked against ``dsl.bundled_rule_names()``), and the conservation classes of the rules (docs/rules.md,
+conservation classes): the cells on one-node models, one row per (model, rule, quantity, bias policy), and the
 transformer rules' cells on a small attention model."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import onnx
 from onnx import TensorProto
 from oracles import one_node
 
-from rulegraph.run import rulefiles as dsl
 from rulegraph.lang.ruleset import RuleSet
+from rulegraph.run import rulefiles as dsl
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def bundled_where(field: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# conservation cells (RULES.md §5): the checker's class, confirmed by one measured run
+# conservation cells (docs/rules.md, conservation classes): the checker's class, confirmed by one measured run
 
 
 class Cell(NamedTuple):

@@ -16,10 +16,10 @@ from onnx import TensorProto, helper
 from oracles import make_model
 
 from rulegraph import Explainer
-from rulegraph.run.amplification import DEFAULT_MAX_AMPLIFICATION
 from rulegraph.check import check
 from rulegraph.cli import main
 from rulegraph.errors import RulegraphWarning
+from rulegraph.run.amplification import DEFAULT_MAX_AMPLIFICATION
 
 F = TensorProto.FLOAT
 

@@ -16,9 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 from tables import BUNDLED
 
 import rulegraph
-from rulegraph.run import rulefiles as dsl
 from rulegraph.check import check
 from rulegraph.errors import CoverageError, RulegraphWarning
+from rulegraph.run import rulefiles as dsl
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(11)

@@ -1,4 +1,5 @@
-"""rulegraph check: the RULES.md §5 table derived and measured cell by cell, seeded violations,
+"""rulegraph check: the docs/rules.md, conservation classes table derived and measured cell by cell,
+seeded violations,
 the CI exit codes, one compiled run for all node sums, and golden reports."""
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tables import CONSERVATION
 
-from rulegraph.run import rulefiles as dsl
 from rulegraph.check import check
 from rulegraph.cli import main
+from rulegraph.run import rulefiles as dsl
 from rulegraph.testing import assert_conserves
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +163,7 @@ def test_text_report_puts_the_worst_node_first():
 def test_probes_are_properties_of_the_report(tmp_path, capsys):
     report = check(MLP, "deconvnet", probes=True)
     names = {name: passed for name, passed, _ in report.properties()}
-    assert names["consistency: max_with_zero"] is False  # repeat vs gradient-max (RULES.md §4)
+    assert names["consistency: max_with_zero"] is False  # repeat vs gradient-max (docs/rules.md, consistency)
     assert names["consistency: flatten_vs_reshape"] is True
     assert not report.ok and "probe max_with_zero: INCONSISTENT" in report.to_text()
     assert main(["check", str(MLP), "--rules", "lrp-epsilon", "--probes", "--samples", "0"]) == 0

@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto
+from oracles import one_node
 
 import rulegraph
-from rulegraph.run import rulefiles as dsl
 from rulegraph.backward.rules import APPROXIMATE, EXACT, LEAKS_BIAS, RULES
-from oracles import one_node
+from rulegraph.run import rulefiles as dsl
 
 F = TensorProto.FLOAT
 W = np.ones((3, 4), np.float32)

@@ -1,4 +1,4 @@
-"""rulegraph against reference implementations (RULES.md §6.5): autograd, Captum, onnxruntime.
+"""rulegraph against reference implementations (docs/rules.md, equivalence 5): autograd, Captum, onnxruntime.
 
 Three tables:
 

@@ -1,4 +1,5 @@
-"""DeepLIFT: the ``difference`` quantity and the ``baseline_difference`` rule (RULES.md §1, §3, §5, §6).
+"""DeepLIFT: the ``difference`` quantity and the ``baseline_difference`` rule (docs/rules.md: quantities,
+rules, conservation, equivalences).
 
 Five tables:
 
@@ -40,14 +41,14 @@ from test_crosscheck import row_errors
 from test_equivalences import bias_free_cnn
 
 from rulegraph import Explainer
-from rulegraph.run import rulefiles as dsl
 from rulegraph.backward import ops as G
+from rulegraph.backward.rules import RULES
 from rulegraph.check import check
 from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.errors import Location, ModelError
-from rulegraph.run.baselines import make_baseline
-from rulegraph.backward.rules import RULES
 from rulegraph.lang.ruleset import Binding, RuleCall, RuleSet, Selector
+from rulegraph.run import rulefiles as dsl
+from rulegraph.run.baselines import make_baseline
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Input Tensor 0 did not already require gradients:UserWarning",  # Captum sets it itself
@@ -220,7 +221,8 @@ def test_maxpool_softness_replica(name):
 def test_maxpool_softness_equal_maxima_take_the_gradient():
     """One window, ``x = [1, 0.5]``, ``x' = [0.2, 1]``: equal maxima from different cells, so all of
     ``a(y)`` goes to x's arg-max (the gradient) and the attribution ``(1 − 0.2)·a(y)`` does not sum
-    to ``y − y' = 0``: the one place where the softness variant does not conserve (RULES.md §3)."""
+    to ``y − y' = 0``: the one place where the softness variant does not conserve (docs/rules.md, the
+    rules)."""
     model = one_node("MaxPool", ["x"], {"x": [1, 1, 1, 2]}, kernel_shape=[1, 2])
     saliency, attribution, start = explain_seeded(model, difference_rules("max"), {"x": np.array([[[[1.0, 0.5]]]])},
                                                   {"x": np.array([[[[0.2, 1.0]]]])}, np.array([[[[2.0]]]]))
@@ -316,7 +318,7 @@ def test_max_relu_order():
 
 
 def test_max_with_zero_relu_variant_is_relu_rescale():
-    """``max(x, 0)`` under ``max = "relu"`` = Rescale on ``Relu(x)`` (RULES.md §4, max with
+    """``max(x, 0)`` under ``max = "relu"`` = Rescale on ``Relu(x)`` (docs/rules.md, consistency, max with
     constants): ``1 − m`` with ``m`` the multiplier of ``relu(−x)`` is ``Δrelu(x)/Δx``."""
     model = one_node("Max", ["x", "zero"], {"x": list(XR.shape)}, {"zero": np.array(0.0)})
     saliency, _, _ = explain_seeded(model, difference_rules("max", max="relu"), {"x": XR}, {"x": XR_B}, SEED_R)
@@ -401,7 +403,7 @@ def test_max_softness_replica(case):
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. RULES.md §6.1: zero baseline, no biases -> DeepLIFT = gradient × input
+# 2. docs/rules.md, equivalence 1: zero baseline, no biases -> DeepLIFT = gradient × input
 
 
 def test_zero_baseline_equals_gradient_x_input_without_bias():
@@ -423,7 +425,7 @@ def test_zero_baseline_equals_gradient_x_input_without_bias():
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. RULES.md §6.4: summation-to-delta, and the checker on max -> gradient
+# 3. docs/rules.md, equivalence 4: summation-to-delta, and the checker on max -> gradient
 
 
 def _with_max(rule: str):

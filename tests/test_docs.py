@@ -18,22 +18,22 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rulegraph import Explainer
-from rulegraph.lang import parse as lang_parse
-from rulegraph.run import rulefiles as dsl
-from rulegraph.check.report import COUNTED_BIAS
-from rulegraph.compile.build import Compiled
-from rulegraph.errors import RuleSyntaxError
-from rulegraph.backward.ops import OP_KINDS
-from rulegraph.backward.vjp import BILINEAR_WHEN_ALL_ACTIVE
-from rulegraph.graph.kinds import BILINEAR
-from rulegraph.run.loopgraph import LoopModel
-from rulegraph.run.loops import LOOPS, MAX_BATCH_BYTES, MAX_NOISE, MAX_PATCH, MAX_SAMPLES, MAX_STEPS
 from rulegraph.backward.lrp import GAMMA_MAX
+from rulegraph.backward.ops import OP_KINDS
 from rulegraph.backward.rules import RULES
 from rulegraph.backward.table import EPS_MAX
+from rulegraph.backward.vjp import BILINEAR_WHEN_ALL_ACTIVE
+from rulegraph.check.report import COUNTED_BIAS
+from rulegraph.compile.build import Compiled
+from rulegraph.compile.targets import FORMS, RANK_CLASS_AXIS
+from rulegraph.errors import RuleSyntaxError
+from rulegraph.graph.kinds import BILINEAR
+from rulegraph.lang import parse as lang_parse
 from rulegraph.lang.floats import FLOAT32
 from rulegraph.lang.ruleset import BIAS_POLICIES, KINDS, QUANTITIES, SPECIFICITY, START_MODES
-from rulegraph.compile.targets import FORMS, RANK_CLASS_AXIS
+from rulegraph.run import rulefiles as dsl
+from rulegraph.run.loopgraph import LoopModel
+from rulegraph.run.loops import LOOPS, MAX_BATCH_BYTES, MAX_NOISE, MAX_PATCH, MAX_SAMPLES, MAX_STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

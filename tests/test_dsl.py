@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from lark import Tree
 from tables import BUNDLED
 
-from rulegraph.lang import parse as lang_parse
-from rulegraph.run import rulefiles as dsl
-from rulegraph.errors import RulegraphError, RuleSyntaxError
 from rulegraph.backward.rules import RULES, Param, RuleSpec
+from rulegraph.errors import RulegraphError, RuleSyntaxError
+from rulegraph.lang import parse as lang_parse
 from rulegraph.lang.ruleset import AmbiguousBinding, NodeInfo
+from rulegraph.run import rulefiles as dsl
 
 GOLDEN = Path(__file__).parent / "golden" / "dsl"
 UPDATE = os.environ.get("RULEGRAPH_UPDATE_GOLDEN") == "1"

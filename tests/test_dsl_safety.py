@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rulegraph import Explainer, cli
-from rulegraph.lang import parse as lang_parse
-from rulegraph.run import rulefiles as dsl
-from rulegraph.run import loops
 from rulegraph.backward import lrp, table
 from rulegraph.errors import RulegraphError, RuleSyntaxError
+from rulegraph.lang import parse as lang_parse
+from rulegraph.run import loops
+from rulegraph.run import rulefiles as dsl
 
 HEAD = "rulegraph 1\n"
 

@@ -1,4 +1,4 @@
-"""RULES.md §6 on ReLU networks with max-pooling, run end to end with onnxruntime.
+"""docs/rules.md, equivalences on ReLU networks with max-pooling, run end to end with onnxruntime.
 
 1. Bias-free: LRP-0 (relevance) = gradient × input (importance).
 2. With biases and ``bias blame``: inputs + bias shares = output (relevance and importance).

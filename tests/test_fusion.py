@@ -1,5 +1,5 @@
 """Pattern fusion (rulegraph/fusion.py): several nodes that compute one elementwise or normalizing op
-become one fused node, so that a rule binds to the op whichever exporter wrote it (RULES.md §2).
+become one fused node, so that a rule binds to the op whichever exporter wrote it (docs/kinds.md).
 
 Tables:
 
@@ -34,12 +34,12 @@ from onnx import TensorProto, helper
 from oracles import GRADIENT, check_vjp, make_model, one_node, reference_vjp, run
 
 from rulegraph import Explainer
-from rulegraph.run import rulefiles as dsl
 from rulegraph.backward import ops as G
 from rulegraph.check import check
 from rulegraph.cli import main
 from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.graph.fuse import PATTERNS, find_matches
+from rulegraph.run import rulefiles as dsl
 
 SQRT2, K = math.sqrt(2.0), math.sqrt(2.0 / math.pi)
 X = [2, 5]

@@ -11,12 +11,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rulegraph.errors import RuleSyntaxError
-from rulegraph.run import rulefiles as dsl
 from rulegraph.backward.ops import OP_KINDS
-from rulegraph.run.loops import LOOPS
 from rulegraph.backward.rules import RULES
+from rulegraph.errors import RuleSyntaxError
 from rulegraph.lang.ruleset import KINDS, RuleSet
+from rulegraph.run import rulefiles as dsl
+from rulegraph.run.loops import LOOPS
 
 SECRET = "S3CRET-TOKEN-do-not-echo"
 #: examples per strategy (the README's "Fuzzed" line counts these)

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from oracles import blip
+
 from rulegraph import Explainer, RulegraphError
 from rulegraph.run.loops import IG_REFUSED, noise_sigma, quadrature, smoothgrad_noise
 

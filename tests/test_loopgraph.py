@@ -16,10 +16,10 @@ from test_loop_compositions import tiny_mlp
 from rulegraph import Explainer, RulegraphError
 from rulegraph.cli import main
 from rulegraph.compile.build import BASELINE_PREFIX, TARGET
+from rulegraph.lang.ruleset import RuleCall
 from rulegraph.run.baselines import make_baseline
 from rulegraph.run.loopgraph import NOISE_PREFIX, compile_loop
 from rulegraph.run.loops import IG_REFUSED, LOOPS, smoothgrad_noise
-from rulegraph.lang.ruleset import RuleCall
 
 ROOT = Path(__file__).resolve().parent.parent
 CNN = ROOT / "models" / "digits_cnn.onnx"

@@ -1,4 +1,5 @@
-"""Consistency probes (RULES.md §4): pairs of graphs computing one function, explained by one file.
+"""Consistency probes (docs/rules.md, consistency): pairs of graphs computing one function, explained by
+one file.
 
 The table ``CASES`` states, per probe, rule files that are consistent and inconsistent on it, each
 with its reason; Hobson's two conditions are the ``scaling`` and ``max_with_zero`` rows. The bundled
@@ -17,9 +18,9 @@ from onnx import TensorProto, numpy_helper
 from tables import bundled_where
 
 from rulegraph import RulegraphError
-from rulegraph.run import rulefiles as dsl
 from rulegraph.backward import ops as G
 from rulegraph.check.probes import BATCH, BATCHES, PROBES, ProbeResult, run_probe, run_probes
+from rulegraph.run import rulefiles as dsl
 
 SOURCE = "probe.rules"
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from tables import CONSERVATION
 
-from rulegraph.run import rulefiles as dsl
-from rulegraph.check import check
 from rulegraph.backward.rules import RULES
+from rulegraph.check import check
+from rulegraph.run import rulefiles as dsl
 
 MLP = Path(__file__).resolve().parent.parent / "models" / "digits_mlp.onnx"
 

@@ -1,4 +1,4 @@
-"""Each rule against a closed-form numpy replica on a one-node model, in float64 (RULES.md §3).
+"""Each rule against a closed-form numpy replica on a one-node model, in float64 (docs/rules.md, the rules).
 
 The rules run with ``start one`` and a random seed array, so ``a(y)`` is arbitrary; the compiled
 explainer runs on onnx's reference evaluator (float64 throughout).

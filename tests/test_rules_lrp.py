@@ -1,4 +1,4 @@
-"""The LRP weight rules and guided backprop (RULES.md §3, "Beyond the seed rules").
+"""The LRP weight rules and guided backprop (docs/rules.md, the LRP weight rules).
 
 1. **Replicas.** Every rule against a closed-form numpy replica in float64, on one-node models (a
    Gemm with bias and ``alpha``/``beta`` attributes, a strided padded 2-D Conv with bias, a MatMul,
@@ -27,11 +27,11 @@ from oracles import blip, one_node, seeded_pass
 from tables import bundled_where
 
 import rulegraph
-from rulegraph.run import rulefiles as dsl
 from rulegraph.backward import ops as G
 from rulegraph.check import check
 from rulegraph.compile.plan import assign, path_nodes
 from rulegraph.errors import ModelError, RuleSyntaxError
+from rulegraph.run import rulefiles as dsl
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -155,7 +155,7 @@ def propagate(c: np.ndarray, b: np.ndarray, a: np.ndarray, eps: float):
 
 
 def replica(rule: str, p: dict, case: Case, x: np.ndarray, a: np.ndarray, policy: str):
-    """(R, bias share or None) of one sample by the rule's definition (RULES.md §3)."""
+    """(R, bias share or None) of one sample by the rule's definition (docs/rules.md, the rules)."""
     eps = p.get("eps", 0.0)
     use = policy != "ignore"
 

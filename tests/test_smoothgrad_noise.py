@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
-
 from oracles import make_model
+
 from rulegraph import Explainer
 
 F = TensorProto.FLOAT

@@ -23,11 +23,11 @@ from oracles import blip
 from tables import ATTENTION_CONSERVATION
 
 import rulegraph
-from rulegraph.run import rulefiles as dsl
 from rulegraph.backward import ops as G
 from rulegraph.check import check, static
 from rulegraph.compile.build import SEED, compile_explainer
 from rulegraph.errors import ModelError
+from rulegraph.run import rulefiles as dsl
 
 D, F, I64 = TensorProto.DOUBLE, TensorProto.FLOAT, TensorProto.INT64
 RNG = np.random.default_rng(7)
@@ -263,7 +263,8 @@ def test_wrong_op_is_named():
 
 @pytest.mark.parametrize("rule, bias, predicted", ATTENTION_CONSERVATION)
 def test_predicted_conservation_is_measured(rule, bias, predicted):
-    """The checker's class for each rule (RULES.md §5), confirmed on a run: Softmax(a·b) then a
+    """The checker's class for each rule (docs/rules.md, conservation classes), confirmed on a run:
+    Softmax(a·b) then a
     LayerNorm, every other node bound to a conserving rule."""
     shape = [3, 5]
     m = model([node("Mul", ["a", "b"], "p"), node("Softmax", ["p"], "s", axis=-1),

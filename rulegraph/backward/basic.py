@@ -1,11 +1,21 @@
-"""The first rules (RULES.md §3): gradient, normalized (LRP-ε), ignore, slope, repeat, radial (max), and
+"""The first rules (docs/rules.md, the rules): gradient, normalized (LRP-ε), ignore, slope, repeat,
+radial (max), and
 start (where the pass begins)."""
 
 from __future__ import annotations
 
 from ..graph.kinds import LINEAR, MAX, NONLINEAR, ROUTE
-from .table import (ALL_KINDS, APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _exact_if_homogeneous, _stabilizer,
-                    rule)
+from .table import (
+    ALL_KINDS,
+    APPROXIMATE,
+    EXACT,
+    LEAKS_BIAS,
+    Param,
+    _classes,
+    _exact_if_homogeneous,
+    _stabilizer,
+    rule,
+)
 
 
 def _gradient_has_bias(ctx) -> bool:
@@ -21,7 +31,7 @@ def _gradient_has_bias(ctx) -> bool:
           importance={LINEAR: LEAKS_BIAS, MAX: EXACT, ROUTE: EXACT, NONLINEAR: _exact_if_homogeneous},
           difference={LINEAR: EXACT, ROUTE: EXACT}))
 def gradient(ctx) -> list[str | None]:
-    """``a(x) = VJP_x(a(y))``; a bias b of a linear op takes ``b ⊙ a(y)`` (RULES.md §3), except
+    """``a(x) = VJP_x(a(y))``; a bias b of a linear op takes ``b ⊙ a(y)`` (docs/rules.md, the rules), except
     under the difference quantity, where it cancels.
 
     A route op with an operand that is not an activation (Concat with a constant or expanded class
@@ -103,7 +113,7 @@ def repeat(ctx) -> list[str | None]:
 def radial(ctx) -> list[str | None]:
     """Radial max: ``a(a_i) = α_i a(b)``, ``α_i = relu(a_i) / Σ_j relu(a_j)`` over the window.
 
-    **Decision** (RULES.md §3): a window with no positive value falls back to the gradient rule
+    **Decision** (docs/rules.md, the rules): a window with no positive value falls back to the gradient rule
     (all of ``a(b)`` to the arg-max).
     """
     t = ctx.tape

@@ -154,7 +154,7 @@ class Tape:
 
     # arithmetic used by several rules -------------------------------------------------------------
     def blip(self, d: str, eps: float) -> str:
-        """``d + ε·sign(d)`` with ``sign(0) = +1`` (RULES.md §3); ``d`` itself when ε = 0."""
+        """``d + ε·sign(d)`` with ``sign(0) = +1`` (docs/rules.md, the rules); ``d`` itself when ε = 0."""
         if eps == 0:
             return d
         nonneg = self.op("GreaterOrEqual", d, self.scalar(0.0))

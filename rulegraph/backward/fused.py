@@ -14,10 +14,10 @@ from collections.abc import Callable
 import numpy as np
 from onnx import TensorProto, helper
 
+from ..graph.kinds import NONLINEAR
 from ..graph.read import Graph, Node
 from .emit import Tape
 from .reverse import checked, walk_back
-from ..graph.kinds import NONLINEAR
 from .vjp import VJPS, VjpContext, fused_kind, registrar, unbroadcast
 
 #: VJPs of ops that rulegraph differentiates only as members of a fused node (they have no kind)

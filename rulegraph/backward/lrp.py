@@ -1,4 +1,4 @@
-"""The LRP weight rules (RULES.md §3): zplus, alpha_beta, gamma, zbox, flat, wsquare (LRP-ε is
+"""The LRP weight rules (docs/rules.md, the rules): zplus, alpha_beta, gamma, zbox, flat, wsquare (LRP-ε is
 ``normalized`` in ``basic.py``)."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from ..graph.kinds import LINEAR
 from ..lang.floats import FLOAT32
 from .table import APPROXIMATE, EXACT, NONE, Param, _classes, _nonnegative, _stabilizer, rule
 
-
 # --------------------------------------------------------------------------------------------------
 # the LRP weight rules (zplus, alpha_beta, gamma, zbox, flat, wsquare) and guided backprop
 #
@@ -21,7 +20,7 @@ from .table import APPROXIMATE, EXACT, NONE, Param, _classes, _nonnegative, _sta
 #
 #     z = Σ_k L_k(in_k(x)) + b_mod,    s = a(y) / blip(z),    a(x) = Σ_k in_k(x) ⊙ L_kᵀ(s)
 #
-# The bias is an extra input of value 1 with weight b_mod (RULES.md §3, blame): it sits in the
+# The bias is an extra input of value 1 with weight b_mod (docs/rules.md, bias policies): it sits in the
 # denominators and takes ``b_mod ⊙ s``, unless the policy is ``bias ignore`` (then b_mod = 0 and
 # the inputs share everything); zbox and flat give it nothing (see there). They need a Conv, Gemm or
 # MatMul with a constant weight operand (ctx.variant fails naming the node otherwise).

@@ -1,4 +1,4 @@
-"""The rule table: rule name -> emitter, with what each rule declares (RULES.md §3).
+"""The rule table: rule name -> emitter, with what each rule declares (docs/rules.md, the rules).
 
 Every rule is a pure function with one signature, ``emit(ctx) -> list[str | None]``: it reads the
 node, the associated numbers of its outputs (``ctx.a_out``) and its parameters (``ctx.params``),
@@ -8,7 +8,8 @@ gets nothing). Rules are modified gradients: they are built on the VJP table (``
 A rule is added by one function and one ``@rule`` registration, in the file of its family
 (``basic``, ``lrp``, ``guided``, ``deeplift``, ``transformer``, ``unsupported``; ``rules.py`` imports
 them all). Each rule declares the op kinds it accepts, its parameters (validated when the rule file
-is read), and its conservation class per (quantity, kind) (RULES.md §5), which the checker reads.
+is read), and its conservation class per (quantity, kind) (docs/rules.md, conservation classes), which
+the checker reads.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
 
 from ..errors import InternalError
 from ..graph.kinds import BILINEAR, LINEAR, MAX, NONLINEAR, NORMALIZING, ROUTE
@@ -104,7 +104,8 @@ class RuleSpec:
 
     def conservation_of(self, quantity: str, kind: str, op_type: str = "",
                         params: Mapping[str, float] | None = None) -> str:
-        """The rule's conservation class on a node (RULES.md §5), before bias and ε are counted; a
+        """The rule's conservation class on a node (docs/rules.md, conservation classes), before bias and
+        ε are counted; a
         callable class is called with the op type and the rule's parameters."""
         value = self.conservation.get((quantity, kind), NONE)
         return value(op_type, params or {}) if callable(value) else value

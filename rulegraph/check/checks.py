@@ -1,5 +1,6 @@
 """Is a rule file sound for a model? Static checks, predicted and measured conservation, and the
-consistency probes (RULES.md §4-5), gathered in one Report (``report.py``)."""
+consistency probes (docs/rules.md: consistency, conservation classes), gathered in one Report
+(``report.py``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Consistency probes (RULES.md §4): pairs of graphs that compute the same function.
+"""Consistency probes (docs/rules.md, consistency): pairs of graphs that compute the same function.
 
 A rule file is *consistent* when two graphs computing the same function get the same attribution.
 Each probe is a pair of small whole models (input ``x`` -> ... -> a linear layer to a few logits

@@ -1,5 +1,6 @@
 """The static check: every node on the path has a rule that accepts it, and each node's
-conservation class is predicted from the rule table without running anything (RULES.md §5).
+conservation class is predicted from the rule table without running anything (docs/rules.md, conservation
+classes).
 
 Conservation per node: ``Σ view(what the node gives its inputs) + Σ bias shares = Σ view(its
 outputs' numbers)``. Each (rule, quantity, kind) has a class: exact, approximate (ε), leaks bias
@@ -37,7 +38,8 @@ def _has_bias(ctx: RuleContext, spec) -> bool:
 
 
 def predict_node(graph: Graph, assignment: Assignment, ruleset: RuleSet) -> tuple[str, str]:
-    """(class, cause) of one node (RULES.md §5), counting its bias, the policy and ε."""
+    """(class, cause) of one node (docs/rules.md, conservation classes), counting its bias, the policy
+    and ε."""
     node, rule = assignment.node, assignment.binding.rule
     spec = RULES[rule.name]
     quantity, policy = ruleset.quantity, ruleset.bias

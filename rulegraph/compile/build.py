@@ -1,6 +1,7 @@
 """Compile model + rules into one ONNX model: the forward pass and the relevance pass together.
 
-The reverse walk (RULES.md §1): every active tensor ``t`` gets an associated number ``a(t)``. The
+The reverse walk (docs/rules.md, quantities): every active tensor ``t`` gets an associated number
+``a(t)``. The
 pass starts at the start tensor (the chosen output, the input of a node bound to ``start``, or a
 tensor the user names), visits the nodes on the relevance path in reverse topological order, asks
 each node's rule for its inputs' numbers, and sums contributions where a tensor feeds several
@@ -92,9 +93,9 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                       node_sums: bool = False, class_axis: int | None = None) -> Compiled:
     """Build the explainer model (forward + relevance pass) and check it with onnx.checker.
 
-    ``node_sums`` adds, per node on the path, three [N] outputs (RULES.md §5): Σ of the conserved
-    view over what the node gives its inputs, over its outputs' numbers, and over its bias shares,
-    so one run measures every node's conservation. ``class_axis``: the start tensor's class axis
+    ``node_sums`` adds, per node on the path, three [N] outputs (docs/rules.md, conservation
+    classes): Σ of the conserved view over what the node gives its inputs, over its outputs'
+    numbers, and over its bias shares, so one run measures every node's conservation. ``class_axis``: the start tensor's class axis
     when the default (``targets.py``) does not apply.
     """
     unknown = [x for x in graph.inputs if graph.rank(x) is None]
@@ -228,8 +229,8 @@ def _row_sum(tape: Tape, x: str, rows: str) -> str:
 
 
 class _Views:
-    """The conserved view of a tensor (RULES.md §1): ``a`` (relevance), ``t ⊙ a`` (importance),
-    ``(t − t') ⊙ a`` (difference; ``t'`` from the baseline forward pass)."""
+    """The conserved view of a tensor (docs/rules.md, quantities): ``a`` (relevance), ``t ⊙ a``
+    (importance), ``(t − t') ⊙ a`` (difference; ``t'`` from the baseline forward pass)."""
 
     def __init__(self, tape: Tape, quantity: str, baseline_of: dict[str, str]):
         self.tape, self.quantity, self.baseline_of = tape, quantity, baseline_of

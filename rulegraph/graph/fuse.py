@@ -1,5 +1,5 @@
 """Pattern fusion: a few nodes that together compute one elementwise or normalizing op become one
-*fused node* (RULES.md §2, last paragraph), so that a rule bound to the op (``Gelu -> slope``,
+*fused node* (docs/kinds.md, fused nodes), so that a rule bound to the op (``Gelu -> slope``,
 ``nonlinear -> ...``) applies whichever exporter wrote the model.
 
 ``PATTERNS`` is the table: one matcher per pattern, registered with ``@pattern`` under the op type

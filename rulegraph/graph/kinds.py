@@ -1,4 +1,4 @@
-"""Op kinds (RULES.md §2): the classes of ops that rules are defined for.
+"""Op kinds (docs/kinds.md): the classes of ops that rules are defined for.
 
 The model reader knows no op's kind itself: it is given an ``OpKinds`` (the backward's op table,
 ``backward/ops.py``, where each op's kind is declared with its VJP). Mul, Div and MatMul are

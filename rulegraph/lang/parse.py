@@ -47,7 +47,7 @@ from pathlib import Path
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput
 
-from ..errors import Location, RuleSyntaxError, RulegraphError, did_you_mean
+from ..errors import Location, RulegraphError, RuleSyntaxError, did_you_mean
 from . import ruleset
 from .catalog import Catalog
 from .floats import float32_problem

@@ -35,7 +35,7 @@ def check_baseline_names(baseline, inputs: list[str]) -> None:
 
 
 def make_baseline(kind, x: np.ndarray) -> np.ndarray:
-    """The baseline ``x'`` for input ``x`` (DeepLIFT's reference; RULES.md §3 baseline_difference).
+    """The baseline ``x'`` for input ``x`` (DeepLIFT's reference; docs/rules.md, baseline_difference).
 
     ``zeros``; ``mean`` (the batch mean, every row); ``blur`` (a Gaussian blur with σ = one tenth
     of the smallest spatial size, at least 1 pixel: a **decision**, the literature varies);

@@ -16,8 +16,8 @@ from ..compile.targets import Target, TargetError
 from ..compile.unmatched import warn_unmatched
 from ..errors import InternalError, ModelError, RulegraphError
 from ..lang.ruleset import RuleCall, RuleSet
-from . import runtime
 from . import rulefiles as dsl
+from . import runtime
 from .amplification import DEFAULT_MAX_AMPLIFICATION, quiet, warn_if_amplified
 from .baselines import check_baseline_names, make_baseline
 from .files import check_output, model_files, rule_files, write_with

@@ -1,4 +1,4 @@
-"""Attribution methods that are loops around a pass (RULES.md §3, last paragraph): integrated
+"""Attribution methods that are loops around a pass (docs/rules.md, loops): integrated
 gradients, SmoothGrad, and occlusion. Each builds every point of its loop at once and runs them as
 one batch through the compiled explainer (or, for occlusion, through the plain forward model), so
 the loop costs one runtime call, not one per step.

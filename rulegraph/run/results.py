@@ -50,7 +50,7 @@ class Result:
 
     @property
     def delta(self) -> np.ndarray:
-        """End-to-end conservation error per row (RULES.md §5)."""
+        """End-to-end conservation error per row (docs/rules.md, conservation classes)."""
         rows = len(self.start_value)
         total = sum(a.reshape(rows, -1).sum(axis=1).astype(np.float64) for a in self.attribution.values())
         if self.bias_total is not None:
