@@ -108,7 +108,8 @@ def normalize(a: np.ndarray, sign: str = "all", clip: float | None = DEFAULT_CLI
 
 def display_image(x: np.ndarray, bgr: bool = False) -> np.ndarray:
     """A model input [C, H, W] (C 1 or 3) or an image [H, W] / [H, W, 3] -> RGB [H, W, 3] in [0, 1]
-    by min-max scaling (channels reversed first when ``bgr``)."""
+    by min-max scaling per channel, which undoes a per-channel normalization (mean, std) up to each
+    channel's range (channels reversed first when ``bgr``; a constant channel is 0)."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 3 and x.shape[0] in (1, 3) and x.shape[-1] not in (1, 3):
         x = x.transpose(1, 2, 0)
@@ -119,8 +120,8 @@ def display_image(x: np.ndarray, bgr: bool = False) -> np.ndarray:
                              f"got {list(x.shape)}")
     if bgr:
         x = x[..., ::-1]
-    lo, hi = float(x.min()), float(x.max())
-    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
+    x = np.where(hi > lo, (x - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 

@@ -88,10 +88,13 @@ def test_masked_is_input_times_normalized_abs():
 
 
 def test_display_image_reverses_bgr_and_scales_to_unit_range():
-    x = np.stack([np.full((2, 2), 10.0), np.full((2, 2), 20.0), np.array([[0.0, 30.0], [30.0, 30.0]])])
-    rgb = viz.display_image(x, bgr=True)
-    assert rgb.shape == (2, 2, 3)
-    np.testing.assert_allclose(rgb[0, 1], [1.0, 20 / 30, 10 / 30])
+    """Per channel: (x − min) / (max − min), so a per-channel mean and std are undone; BGR reversed."""
+    rgb = RNG.uniform(0, 255, size=(5, 4, 3))
+    rgb[0, 0], rgb[1, 1] = 0.0, 255.0
+    normalized = (rgb - np.array([123.7, 116.3, 103.5])) / np.array([58.4, 57.1, 57.4])
+    np.testing.assert_allclose(viz.display_image(normalized.transpose(2, 0, 1)), rgb / 255)
+    np.testing.assert_allclose(viz.display_image(normalized[..., ::-1], bgr=True), rgb / 255)
+    np.testing.assert_array_equal(viz.display_image(np.full((1, 2, 2), 7.0)), np.zeros((2, 2, 3)))
 
 
 # ---- figures: colour bars and titles -------------------------------------------------------------
@@ -279,5 +282,5 @@ def test_squeezenet_relevance_lies_on_the_kitten(rules):
     on_cat = rgb.mean(axis=-1) < 0.85
     strongest = v >= 0.5
     assert strongest.sum() > 100 and (strongest & on_cat).sum() / strongest.sum() > 1.5 * on_cat.mean()
-    np.testing.assert_allclose(viz.display_image(x[0], bgr=True), (rgb - rgb.min()) / (rgb.max() - rgb.min()),
-                               atol=1e-6)
+    lo, hi = rgb.min(axis=(0, 1)), rgb.max(axis=(0, 1))
+    np.testing.assert_allclose(viz.display_image(x[0], bgr=True), (rgb - lo) / (hi - lo), atol=1e-6)
