@@ -202,11 +202,11 @@ def _first_array(x):
 def cmd_compare(args) -> int:
     """One column per rule file, one row per batch item, on one input."""
     from .explainer import Explainer
-    from .viz import choose_maps, display_image, figure, is_image, read_labels, row_panels, title_of
+    from .viz import FIGURE_SUFFIXES, choose_maps, display_image, figure, is_image, read_labels, row_panels, title_of
 
     rules = [r for r in args.rules.split(",") if r]
     sources = _inputs_of(args) + [f for r in rules for f in rule_files(r)]
-    check_output(args.o, sources, _heatmap_suffixes(), "-o")
+    check_output(args.o, sources, FIGURE_SUFFIXES, "-o")
     labels = read_labels(args.labels) if args.labels else None
     columns = []
     for name in rules:

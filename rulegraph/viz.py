@@ -27,8 +27,12 @@ import numpy as np
 
 from .errors import RulegraphError
 
-#: extensions a picture may be written with
-FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+#: extensions ``--heatmap`` may be written with (raster: matplotlib's, else converted by Pillow)
+HEATMAP_SUFFIXES = (".png", ".bmp", ".gif", ".tif", ".tiff", ".jpg", ".jpeg", ".webp")
+#: extensions a figure may be written with (compare, show)
+FIGURE_SUFFIXES = HEATMAP_SUFFIXES + (".pdf", ".svg")
+MATPLOTLIB_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpeg", ".jpeg": "jpeg",
+                      ".tif": "tiff", ".tiff": "tiff", ".webp": "webp"}
 BAR_HEIGHT = 64
 ALPHA = 0.8          # overlay: the heat map's weight at |v| = 1
 DEFAULT_CLIP = 99.5
@@ -56,8 +60,8 @@ def _choice(value: str, table, what: str) -> str:
 
 
 def heatmap_suffixes() -> list[str]:
-    """The extensions a picture may be written with (what matplotlib writes)."""
-    return list(FIGURE_SUFFIXES)
+    """The extensions ``--heatmap`` may be written with."""
+    return list(HEATMAP_SUFFIXES)
 
 
 def colours(v: np.ndarray) -> np.ndarray:
@@ -282,12 +286,27 @@ def plot_1d(a: np.ndarray, signal: np.ndarray | None = None, kind: str = "auto",
 
 
 def save_figure(fig, path: str | Path, inputs=(), what: str = "--heatmap", dpi: int = 100) -> Path:
-    """Write ``fig`` atomically (``files.write_with``) after ``files.check_output``."""
+    """Write ``fig`` atomically (``files.write_with``) after ``files.check_output``; formats
+    matplotlib lacks (.bmp, .gif) go through a PNG and Pillow."""
     from .files import check_output, write_with
 
     path = check_output(path, inputs, FIGURE_SUFFIXES, what)
-    fmt = path.suffix.lower().lstrip(".")
-    return write_with(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt), what)
+    fmt = MATPLOTLIB_FORMATS.get(path.suffix.lower())
+
+    def write(tmp: Path) -> None:
+        if fmt is not None:
+            fig.savefig(tmp, dpi=dpi, format=fmt)
+            return
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=dpi, format="png")
+        buffer.seek(0)
+        Image.open(buffer).convert("RGB").save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+
+    return write_with(path, write, what)
 
 
 # ---- titles and rows ------------------------------------------------------------------------------

@@ -224,6 +224,14 @@ def test_cli_compare_and_show_write_pngs(tmp_path, capsys):
     assert Image.open(heat).size[1] > 2 * Image.open(heat).size[0]  # eight rows, one per batch item
 
 
+@pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".bmp", "BMP"), (".gif", "GIF"), (".jpg", "JPEG"),
+                                        (".tiff", "TIFF")])
+def test_heatmap_formats(tmp_path, suffix, fmt):
+    out = tmp_path / f"h{suffix}"
+    assert main(["explain", CNN, "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--heatmap", str(out)]) == 0
+    assert Image.open(out).format == fmt
+
+
 def test_cli_show_tokens(tmp_path, capsys):
     rel, ids, vocab, page = tmp_path / "rel.npy", tmp_path / "ids.npy", tmp_path / "vocab.txt", tmp_path / "t.html"
     np.save(rel, np.array([[1.0, -1.0, 0.5]]))

@@ -1,0 +1,53 @@
+"""Regenerate the README's pictures: the ImageNet SqueezeNet 1.1 explained on two photos with four
+rule files, one column per method; the first row the heat map, the second the overlay on the photo.
+
+    python docs/pictures/make_pictures.py [path/to/shared/models]
+
+SqueezeNet's input is BGR 0..255 minus (104, 117, 123), [1, 3, 224, 224]; its output is a Softmax,
+and the bundled rule files start at its input (the logits). Maps are clipped at the 99.5th
+percentile of |map|; the gradient column is the saliency a(x) (``viz.SALIENCY_METHODS``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rulegraph import Explainer, viz
+
+HERE = Path(__file__).resolve().parent
+METHODS = ["lrp-epsilon", "lrp-composite", "gradient", "integrated-gradients"]
+PHOTOS = {"kitten": "kitten_224.png", "cat": "cat.jpg"}
+
+
+def squeezenet_input(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB [224, 224, 3] in [0, 1], the model's input [1, 3, 224, 224])."""
+    rgb = np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR), dtype=np.float32)
+    bgr = rgb[:, :, ::-1] - np.array([104, 117, 123], dtype=np.float32)
+    return rgb / 255, np.ascontiguousarray(bgr.transpose(2, 0, 1)[None])
+
+
+def main(models: Path) -> None:
+    labels = viz.read_labels(models / "imagenet_labels.txt")
+    explainers = {m: Explainer(str(models / "squeezenet1.1_fp32.onnx"), m) for m in METHODS}
+    for name, photo in PHOTOS.items():
+        rgb, x = squeezenet_input(models / photo)
+        heat, over = [], []
+        for method, explainer in explainers.items():
+            result = explainer.explain(x)
+            maps, show = viz.choose_maps(result, method)
+            title = viz.title_of(result.target[0], labels, method + (" (saliency)" if show == "saliency" else ""),
+                                 None if show == "saliency" else float(result.delta[0]))
+            heat.append(viz.image_panel(maps[0], title=title))
+            over.append(viz.image_panel(maps[0], rgb, mode="overlay", title=title))
+        fig = viz.figure([heat, over], size=2.6)
+        out = HERE / f"squeezenet_{name}.png"
+        fig.savefig(out, dpi=80)
+        print(f"{out}: {out.stat().st_size // 1024} KB")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parent.parent.parent / "shared" / "models")
