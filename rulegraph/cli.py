@@ -169,11 +169,13 @@ def _picture_options(p) -> None:
 
     p.add_argument("--mode", choices=MODES, default="heatmap",
                    help="heatmap, overlay (blended on the input) or masked (input x |map|) (default heatmap)")
-    p.add_argument("--sign", choices=list(SIGNS), default="all", help="which values to draw (default all)")
+    p.add_argument("--sign", choices=list(SIGNS),
+                   help="which values to draw (default: all; absolute for a saliency map)")
     p.add_argument("--clip", type=float, default=DEFAULT_CLIP,
                    help=f"the percentile of |map| that saturates the colours (default {DEFAULT_CLIP})")
-    p.add_argument("--reduce", choices=list(REDUCTIONS), default="sum",
-                   help="channels to one map: sum, or maxabs (the value of largest |.|) (default sum)")
+    p.add_argument("--reduce", choices=list(REDUCTIONS),
+                   help="channels to one map: sum, or maxabs (the value of largest |.|) (default: sum; "
+                        "maxabs for a saliency map)")
     p.add_argument("--background", choices=["grey", "colour"], default="grey",
                    help="the input under an overlay in grey or in colour (default grey)")
     p.add_argument("--bgr", action="store_true", help="the input's channels are BGR (drawn as RGB)")
@@ -202,7 +204,8 @@ def _first_array(x):
 def cmd_compare(args) -> int:
     """One column per rule file, one row per batch item, on one input."""
     from .explainer import Explainer
-    from .viz import FIGURE_SUFFIXES, choose_maps, display_image, figure, is_image, read_labels, row_panels, title_of
+    from .viz import (FIGURE_SUFFIXES, choose_maps, display_image, figure, is_image, read_labels, row_panels,
+                      show_defaults, title_of)
 
     rules = [r for r in args.rules.split(",") if r]
     sources = _inputs_of(args) + [f for r in rules for f in rule_files(r)]
@@ -215,6 +218,7 @@ def cmd_compare(args) -> int:
         result = explainer.explain(x, target=target_of(args))
         method = _method(name)
         maps, show = choose_maps(result, method, args.show)
+        sign, reduce = show_defaults(show, args.sign, args.reduce)
         if not is_image(maps):
             raise RulegraphError(f"compare draws image attributions ([N, C, H, W] or [N, H, W]); this model's "
                                  f"input gives {list(maps.shape)}: use explain --heatmap per rule file")
@@ -224,8 +228,8 @@ def cmd_compare(args) -> int:
                            method + (" (saliency)" if show == "saliency" else ""),
                            None if show == "saliency" else float(result.delta[i]))
                   for i in range(len(maps))]
-        columns.append(row_panels(maps, images, titles, mode=args.mode, sign=args.sign, clip=args.clip,
-                                  reduce=args.reduce, background=args.background))
+        columns.append(row_panels(maps, images, titles, mode=args.mode, sign=sign, clip=args.clip,
+                                  reduce=reduce, background=args.background))
         print(f"{method}: {summary(result)}")
     from .viz import save_figure
 
@@ -253,7 +257,8 @@ def cmd_show(args) -> int:
     if args.input:
         images, signals = _display_inputs(args, maps)
     titles = [args.title or ""] * len(maps)
-    viz.render_array(maps, images, args.mode, args.sign, args.clip, args.reduce, args.background, titles,
+    sign, reduce = viz.show_defaults("attribution", args.sign, args.reduce)
+    viz.render_array(maps, images, args.mode, sign, args.clip, reduce, args.background, titles,
                      signals, path=args.o, inputs=sources)
     print(f"picture written to {args.o}")
     return 0
@@ -294,12 +299,12 @@ def _show_tokens(args, maps) -> int:
         tokens = viz.tokens_of(_load_array(args.tokens, "--tokens")[0], viz.read_vocab(args.vocab))
     relevance = maps[0] if maps.ndim > 1 else maps
     if args.o and Path(args.o).suffix.lower() == ".html":
-        write_bytes(args.o, viz.tokens_html(relevance, tokens, args.clip, args.sign).encode("utf-8"), "-o")
+        write_bytes(args.o, viz.tokens_html(relevance, tokens, args.clip, args.sign or "all").encode("utf-8"), "-o")
         print(f"token relevance written to {args.o}")
     else:
         if args.o:
             raise RulegraphError(f"-o {args.o}: token relevance is written as .html (or printed without -o)")
-        print(viz.tokens_ansi(relevance, tokens, None, args.clip, args.sign))
+        print(viz.tokens_ansi(relevance, tokens, None, args.clip, args.sign or "all"))
     return 0
 
 

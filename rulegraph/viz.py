@@ -352,6 +352,17 @@ def choose_maps(result, method: str, show: str | None = None) -> tuple[np.ndarra
     return next(iter(result.saliency.values())), show
 
 
+#: show -> (sign, reduce) by default: a saliency map is drawn as Simonyan et al. do, max |a| over
+#: channels; an attribution signed and summed over channels
+SHOW_DEFAULTS = {"saliency": ("absolute", "maxabs"), "attribution": ("all", "sum")}
+
+
+def show_defaults(show: str, sign: str | None, reduce: str | None) -> tuple[str, str]:
+    """(sign, reduce) with ``SHOW_DEFAULTS[show]`` filling the ones not given."""
+    default_sign, default_reduce = SHOW_DEFAULTS[show]
+    return sign or default_sign, reduce or default_reduce
+
+
 def row_panels(maps: np.ndarray, images=None, titles=None, **options) -> list[Panel]:
     """One panel per batch row of ``maps`` [N, C, H, W] or [N, H, W]."""
     maps = np.asarray(maps)
@@ -416,15 +427,19 @@ def plot_grid_1d(rows, signals, kind, titles):
     return fig
 
 
-def render(result, x=None, mode: str = "overlay", sign: str = "all", clip: float | None = DEFAULT_CLIP,
-           reduce: str = "sum", background: str = "grey", labels=None, method: str = "", show: str | None = None,
+def render(result, x=None, mode: str | None = None, sign: str | None = None, clip: float | None = DEFAULT_CLIP,
+           reduce: str | None = None, background: str = "grey", labels=None, method: str = "",
+           show: str | None = None,
            bgr: bool = False, path=None, inputs=()):
     """The Figure of an ``Explainer.explain`` result: one panel per batch row, titled with the class
     (named from ``labels``, a dict or a labels file), the method and the conservation delta.
     ``x``: the input explained (drawn under ``overlay`` / ``masked``; ``bgr``: its channels are BGR).
     ``show``: ``attribution`` (x ⊙ a(x) for importance files) or ``saliency`` (a(x)); default: saliency
-    for the gradient-type files named in ``SALIENCY_METHODS``, given as ``method``."""
+    for the gradient-type files named in ``SALIENCY_METHODS``, given as ``method``. ``None`` options
+    take ``show_defaults`` (sign, reduce) and ``overlay`` when ``x`` is given, else ``heatmap``."""
     maps, show = choose_maps(result, method, show)
+    sign, reduce = show_defaults(show, sign, reduce)
+    mode = mode or ("overlay" if x is not None else "heatmap")
     if labels is not None and not isinstance(labels, dict):
         labels = read_labels(labels)
     n = len(maps)

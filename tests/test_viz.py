@@ -194,14 +194,16 @@ def digits():
     ("gradient", None, "saliency"), ("gradient", "attribution", "attribution"),
     ("gradient-x-input", None, "attribution"), ("lrp-epsilon", None, "attribution")])
 def test_default_show_is_saliency_for_the_gradient_file(rules, show, field):
+    """A saliency map is drawn as max |a| over channels (Simonyan et al.), an attribution signed and summed."""
     x = digits()
     result = Explainer(CNN, rules).explain(x)
     fig = viz.render(result, x=x, mode="heatmap", method=rules, show=show)
     maps = next(iter(result.saliency.values())) if field == "saliency" else result.map
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == len(x)  # one row per batch item
+    sign, reduce = {"saliency": ("absolute", "maxabs"), "attribution": ("all", "sum")}[field]
     for i, ax in enumerate(panels):
-        v, _ = viz.normalize(maps[i].sum(axis=0))
+        v, _ = viz.normalize(viz.reduce_channels(maps[i], reduce), sign)
         np.testing.assert_allclose(ax.images[0].get_array(), viz.colours(v))
         assert ("saliency" in ax.get_title()) == (field == "saliency")
 
@@ -292,3 +294,12 @@ def test_squeezenet_relevance_lies_on_the_kitten(rules):
     assert strongest.sum() > 100 and (strongest & on_cat).sum() / strongest.sum() > 1.5 * on_cat.mean()
     lo, hi = rgb.min(axis=(0, 1)), rgb.max(axis=(0, 1))
     np.testing.assert_allclose(viz.display_image(x[0], bgr=True), (rgb - lo) / (hi - lo), atol=1e-6)
+
+
+def test_import_rulegraph_does_not_load_matplotlib():
+    import subprocess
+    import sys
+
+    code = "import sys, rulegraph, rulegraph.viz, rulegraph.cli; print('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

@@ -5,11 +5,13 @@ rule files, one column per method; the first row the heat map, the second the ov
 
 SqueezeNet's input is BGR 0..255 minus (104, 117, 123), [1, 3, 224, 224]; its output is a Softmax,
 and the bundled rule files start at its input (the logits). Maps are clipped at the 99.5th
-percentile of |map|; the gradient column is the saliency a(x) (``viz.SALIENCY_METHODS``).
+percentile of |map|; the gradient column is the saliency a(x) (``viz.SALIENCY_METHODS``), drawn as
+max |a| over channels (``viz.SHOW_DEFAULTS``).
 """
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -41,11 +43,14 @@ def main(models: Path) -> None:
             maps, show = viz.choose_maps(result, method)
             title = viz.title_of(result.target[0], labels, method + (" (saliency)" if show == "saliency" else ""),
                                  None if show == "saliency" else float(result.delta[0]))
-            heat.append(viz.image_panel(maps[0], title=title))
-            over.append(viz.image_panel(maps[0], rgb, mode="overlay", title=title))
-        fig = viz.figure([heat, over], size=2.6)
+            sign, reduce = viz.show_defaults(show, None, None)
+            heat.append(viz.image_panel(maps[0], sign=sign, reduce=reduce, title=title))
+            over.append(viz.image_panel(maps[0], rgb, mode="overlay", sign=sign, reduce=reduce, title=title))
         out = HERE / f"squeezenet_{name}.png"
-        fig.savefig(out, dpi=80)
+        buffer = io.BytesIO()
+        viz.figure([heat, over], size=2.6).savefig(buffer, dpi=80, format="png")
+        buffer.seek(0)
+        Image.open(buffer).convert("RGB").quantize(256).save(out, optimize=True)  # 8-bit PNG: a third the size
         print(f"{out}: {out.stat().st_size // 1024} KB")
 
 
