@@ -181,7 +181,8 @@ def _picture_options(p) -> None:
     p.add_argument("--bgr", action="store_true", help="the input's channels are BGR (drawn as RGB)")
     p.add_argument("--labels", help="class names: a file of 'index,name' lines or one name per line")
     p.add_argument("--show", choices=["attribution", "saliency"],
-                   help="draw x ⊙ a(x) or a(x) (default: saliency for gradient, guided-backprop, deconvnet, "
+                   help="draw x ⊙ a(x) or a(x) (default: saliency for gradient, guided-backprop, "
+                        "deconvnet, "
                         "smoothgrad; attribution otherwise)")
 
 
@@ -213,14 +214,16 @@ def cmd_compare(args) -> int:
     labels = read_labels(args.labels) if args.labels else None
     columns = []
     for name in rules:
-        explainer = Explainer(args.model, name, output=args.output, start=args.start, class_axis=args.class_axis)
+        explainer = Explainer(args.model, name, output=args.output, start=args.start,
+                              class_axis=args.class_axis)
         x = load_input(args.input, explainer, args.scale)
         result = explainer.explain(x, target=target_of(args))
         method = _method(name)
         maps, show = choose_maps(result, method, args.show)
         sign, reduce = show_defaults(show, args.sign, args.reduce)
         if not is_image(maps):
-            raise RulegraphError(f"compare draws image attributions ([N, C, H, W] or [N, H, W]); this model's "
+            raise RulegraphError(f"compare draws image attributions ([N, C, H, W] or [N, H, W]); this "
+                                 f"model's "
                                  f"input gives {list(maps.shape)}: use explain --heatmap per rule file")
         xs = _first_array(x)
         images = [display_image(xs[i], args.bgr) for i in range(len(maps))]
@@ -270,19 +273,22 @@ def _display_inputs(args, maps):
 
     if Path(args.input).suffix.lower() in IMAGE_SUFFIXES:
         if not is_image(maps):
-            raise RulegraphError(f"--input {args.input} is an image but the attribution is {list(maps.shape)}, "
+            raise RulegraphError(f"--input {args.input} is an image but the attribution is "
+                                 f"{list(maps.shape)}, "
                                  f"not [N, C, H, W] or [N, H, W]")
         from PIL import Image
 
         try:
             with Image.open(args.input) as image:
-                rgb = np.asarray(image.convert("RGB").resize((maps.shape[-1], maps.shape[-2]), Image.BILINEAR))
+                size = (maps.shape[-1], maps.shape[-2])
+                rgb = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR))
         except (OSError, ValueError) as exc:
             raise RulegraphError(f"--input {args.input} is not a readable image ({exc})") from None
         return [rgb.astype(np.float64) / 255] * len(maps), None
     x = _load_array(args.input, "--input")
     if len(x) != len(maps):
-        raise RulegraphError(f"--input {args.input} has {len(x)} rows, the attribution {len(maps)}; they must match")
+        raise RulegraphError(f"--input {args.input} has {len(x)} rows, the attribution {len(maps)}; "
+                             f"they must match")
     if is_image(maps):
         return [display_image(x[i], args.bgr) for i in range(len(maps))], None
     return None, x.reshape(len(x), -1)
@@ -295,11 +301,13 @@ def _show_tokens(args, maps) -> int:
         tokens = args.token_list.split(",")
     else:
         if not args.vocab:
-            raise RulegraphError("--tokens ids.npy needs --vocab vocab.txt (one token per line, line k is id k)")
+            raise RulegraphError("--tokens ids.npy needs --vocab vocab.txt (one token per line, line k is "
+                                 "id k)")
         tokens = viz.tokens_of(_load_array(args.tokens, "--tokens")[0], viz.read_vocab(args.vocab))
     relevance = maps[0] if maps.ndim > 1 else maps
     if args.o and Path(args.o).suffix.lower() == ".html":
-        write_bytes(args.o, viz.tokens_html(relevance, tokens, args.clip, args.sign or "all").encode("utf-8"), "-o")
+        page = viz.tokens_html(relevance, tokens, args.clip, args.sign or "all")
+        write_bytes(args.o, page.encode("utf-8"), "-o")
         print(f"token relevance written to {args.o}")
     else:
         if args.o:
@@ -449,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="a grid of pictures: one column per rule file, one row per batch item")
     p.add_argument("model", help="the ONNX model file")
-    p.add_argument("--rules", required=True, help="rule files or bundled names, comma-separated (lrp-epsilon,gradient)")
+    p.add_argument("--rules", required=True, help="rule files or bundled names, comma-separated "
+                   "(lrp-epsilon,gradient)")
     p.add_argument("--output", help="the model output to explain (default: the first)")
     p.add_argument("--start", help="start at this intermediate tensor instead")
     p.add_argument("--input", required=True, help=".npy, .npz or an image file")
@@ -466,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_compare, mode="overlay")
 
     p = sub.add_parser("show", help="draw a saved attribution (.npy, batch first)")
-    p.add_argument("attribution", help="the attribution .npy (explain --out, or the compiled explainer's output)")
+    p.add_argument("attribution",
+                   help="the attribution .npy (explain --out, or the compiled explainer's output)")
     p.add_argument("--input", help="the input explained (image file or .npy), drawn under overlay / masked")
     p.add_argument("-o", help="the picture (.png, .pdf, .svg, ...) or, for tokens, .html")
     p.add_argument("--title", help="a title for every panel")

@@ -70,8 +70,6 @@ def colours(v: np.ndarray) -> np.ndarray:
     return np.clip(np.stack([1 - neg, 1 - pos - neg, 1 - pos], axis=-1), 0, 1)
 
 
-_colours = colours
-
 
 def colour_map():
     """``colours`` as a matplotlib colour map over [0, 1] (257 entries: 0.5 is exactly white)."""
@@ -93,7 +91,8 @@ def reduce_channels(a: np.ndarray, reduce: str = "sum") -> np.ndarray:
     raise RulegraphError(f"an image attribution is [C, H, W] or [H, W] per row; got {list(a.shape)}")
 
 
-def normalize(a: np.ndarray, sign: str = "all", clip: float | None = DEFAULT_CLIP) -> tuple[np.ndarray, float]:
+def normalize(a: np.ndarray, sign: str = "all",
+              clip: float | None = DEFAULT_CLIP) -> tuple[np.ndarray, float]:
     """(v, scale): the map after the sign mode divided by the ``clip`` percentile of its |values|
     (``None`` or 100: the largest), clipped to [-1, 1]; an all-zero map gives v = 0, scale 0."""
     a = SIGNS[_choice(sign, SIGNS, "sign mode")](np.asarray(a, dtype=np.float64))
@@ -263,7 +262,9 @@ def plot_1d(a: np.ndarray, signal: np.ndarray | None = None, kind: str = "auto",
     a = np.asarray(a, dtype=np.float64).reshape(-1)
     if not np.isfinite(a).all():
         raise RulegraphError("the attribution holds NaN or infinite values; no picture is drawn")
-    kind = ("bar" if a.size <= 64 else "line") if kind == "auto" else _choice(kind, ("bar", "line"), "plot kind")
+    if kind == "auto":
+        kind = "bar" if a.size <= 64 else "line"
+    _choice(kind, ("bar", "line"), "plot kind")
     red, blue = colours(np.array([1.0]))[0], colours(np.array([-1.0]))[0]
     fig = Figure(figsize=(max(4.0, min(12.0, 0.3 * a.size)) if kind == "bar" else 8.0,
                           4.5 if signal is not None else 3.0), layout="constrained")
@@ -311,7 +312,8 @@ def save_figure(fig, path: str | Path, inputs=(), what: str = "--heatmap", dpi: 
 
 # ---- titles and rows ------------------------------------------------------------------------------
 
-def title_of(cls=None, labels: dict[int, str] | None = None, method: str = "", delta: float | None = None) -> str:
+def title_of(cls=None, labels: dict[int, str] | None = None, method: str = "",
+             delta: float | None = None) -> str:
     """``tabby, tabby cat (281) · lrp-epsilon · Δ 1.2e-06`` (the parts that are known)."""
     parts = []
     if cls is not None:
@@ -347,7 +349,8 @@ def choose_maps(result, method: str, show: str | None = None) -> tuple[np.ndarra
     if show == "attribution":
         return result.map, show
     if not result.saliency:
-        raise RulegraphError(f"--show saliency needs a rule file whose quantity is importance (it gives a(x)); "
+        raise RulegraphError(f"--show saliency needs a rule file whose quantity is importance (it gives "
+                             f"a(x)); "
                              f"{method or 'this one'} gives no saliency")
     return next(iter(result.saliency.values())), show
 
@@ -404,7 +407,7 @@ def render_array(maps: np.ndarray, images=None, mode: str = "heatmap", sign: str
 
 
 def plot_grid_1d(rows, signals, kind, titles):
-    """Several 1-D rows: the first row's figure layout repeated (one figure per row, stacked)."""
+    """Several 1-D rows stacked, one panel each (``plot_1d``'s bars or fills; the signal on a second axis)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -424,13 +427,14 @@ def plot_grid_1d(rows, signals, kind, titles):
             ax.fill_between(t, a, 0, where=a < 0, color=blue, interpolate=True)
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title("" if titles is None else titles[i], fontsize=9)
+        if signals is not None:  # the input on its own axis, in grey
+            ax.twinx().plot(t, np.asarray(signals[i], dtype=np.float64).reshape(-1), color="0.3", lw=0.8)
     return fig
 
 
-def render(result, x=None, mode: str | None = None, sign: str | None = None, clip: float | None = DEFAULT_CLIP,
-           reduce: str | None = None, background: str = "grey", labels=None, method: str = "",
-           show: str | None = None,
-           bgr: bool = False, path=None, inputs=()):
+def render(result, x=None, mode: str | None = None, sign: str | None = None,
+           clip: float | None = DEFAULT_CLIP, reduce: str | None = None, background: str = "grey",
+           labels=None, method: str = "", show: str | None = None, bgr: bool = False, path=None, inputs=()):
     """The Figure of an ``Explainer.explain`` result: one panel per batch row, titled with the class
     (named from ``labels``, a dict or a labels file), the method and the conservation delta.
     ``x``: the input explained (drawn under ``overlay`` / ``masked``; ``bgr``: its channels are BGR).
@@ -527,8 +531,8 @@ def bars_rgb(values: np.ndarray, height: int = BAR_HEIGHT) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def save_heatmap(attribution: np.ndarray, path: str | Path, size: int = 256, inputs=()) -> Path:
-    """The batched-free form: the heat map of one sample's attribution (``render_array`` of one row)."""
+def save_heatmap(attribution: np.ndarray, path: str | Path, inputs=()) -> Path:
+    """The heat map of one sample's attribution (``render_array`` of one row), written to ``path``."""
     fig = render_array(np.asarray(attribution)[None], path=None)
     return save_figure(fig, path, inputs)
 

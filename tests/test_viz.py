@@ -117,7 +117,8 @@ def test_figure_has_image_colour_bar_and_title():
 def test_title_names_class_method_and_delta(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("0,zero\n1,one, the first\n")
-    assert viz.title_of(1, viz.read_labels(labels), "lrp-epsilon", 2.5e-6) == "one (1) · lrp-epsilon · Δ 2.5e-06"
+    title = viz.title_of(1, viz.read_labels(labels), "lrp-epsilon", 2.5e-6)
+    assert title == "one (1) · lrp-epsilon · Δ 2.5e-06"
     assert viz.title_of(7, None, "", None) == "class 7"
 
 
@@ -162,7 +163,8 @@ def test_1d_line_plot_of_a_time_series_with_its_signal():
 
 def test_html_has_one_span_per_token_with_its_colour():
     html = viz.tokens_html([2.0, -1.0, 0.0, 1.0], ["the", "<b>", "cat", "sat"], clip=None)
-    spans = re.findall(r'<span style="background-color: rgb\((\d+), (\d+), (\d+)\)"[^>]*>([^<]*)</span>', html)
+    pattern = r'<span style="background-color: rgb\((\d+), (\d+), (\d+)\)"[^>]*>([^<]*)</span>'
+    spans = re.findall(pattern, html)
     assert [s[3] for s in spans] == ["the", "&lt;b&gt;", "cat", "sat"]
     expected = [(255, 0, 0), (128, 128, 255), (255, 255, 255), (255, 128, 128)]  # round(0.5 * 255) = 128
     assert [tuple(int(c) for c in s[:3]) for s in spans] == expected
@@ -194,7 +196,7 @@ def digits():
     ("gradient", None, "saliency"), ("gradient", "attribution", "attribution"),
     ("gradient-x-input", None, "attribution"), ("lrp-epsilon", None, "attribution")])
 def test_default_show_is_saliency_for_the_gradient_file(rules, show, field):
-    """A saliency map is drawn as max |a| over channels (Simonyan et al.), an attribution signed and summed."""
+    """A saliency map is drawn as max |a| over channels (Simonyan et al.); an attribution signed, summed."""
     x = digits()
     result = Explainer(CNN, rules).explain(x)
     fig = viz.render(result, x=x, mode="heatmap", method=rules, show=show)
@@ -230,12 +232,25 @@ def test_cli_compare_and_show_write_pngs(tmp_path, capsys):
                                         (".tiff", "TIFF")])
 def test_heatmap_formats(tmp_path, suffix, fmt):
     out = tmp_path / f"h{suffix}"
-    assert main(["explain", CNN, "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--heatmap", str(out)]) == 0
+    assert main(["explain", CNN, "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--heatmap",
+                 str(out)]) == 0
     assert Image.open(out).format == fmt
 
 
+def test_cli_show_1d_rows_with_their_signals(tmp_path):
+    t = np.linspace(0, 6, 100)
+    np.save(tmp_path / "rel.npy", np.stack([np.sin(t), np.cos(t)]))
+    np.save(tmp_path / "x.npy", np.stack([t, -t]))
+    assert main(["show", str(tmp_path / "rel.npy"), "--input", str(tmp_path / "x.npy"), "-o",
+                 str(tmp_path / "p.png")]) == 0
+    fig = viz.render_array(np.stack([np.sin(t), np.cos(t)]), signals=np.stack([t, -t]))
+    lines = [ax.lines[0].get_ydata() for ax in fig.axes if ax.lines and len(ax.lines[0].get_ydata()) == 100]
+    np.testing.assert_allclose(lines, [t, -t])
+
+
 def test_cli_show_tokens(tmp_path, capsys):
-    rel, ids, vocab, page = tmp_path / "rel.npy", tmp_path / "ids.npy", tmp_path / "vocab.txt", tmp_path / "t.html"
+    rel, ids = tmp_path / "rel.npy", tmp_path / "ids.npy"
+    vocab, page = tmp_path / "vocab.txt", tmp_path / "t.html"
     np.save(rel, np.array([[1.0, -1.0, 0.5]]))
     np.save(ids, np.array([[2, 0, 1]]))
     vocab.write_text("a\nb\nc\n")
@@ -249,9 +264,11 @@ def test_cli_show_tokens(tmp_path, capsys):
     (lambda w: ["show", str(w / "five.npy"), "-o", str(w / "o.png")], "plot it yourself"),
     (lambda w: ["show", str(w / "rel.npy"), "--input", str(w / "rows.npy"), "-o", str(w / "o.png")],
      "has 2 rows, the attribution 1"),
-    (lambda w: ["explain", CNN, "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--heatmap", str(w / "h.png"),
+    (lambda w: ["explain", CNN, "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--heatmap",
+                str(w / "h.png"),
                 "--labels", str(w / "bad.txt")], "bad.txt:2: expected 'index,name'"),
-    (lambda w: ["explain", CNN, "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--heatmap", str(w / "h.png"),
+    (lambda w: ["explain", CNN, "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--heatmap",
+                str(w / "h.png"),
                 "--show", "saliency"], "--show saliency needs a rule file whose quantity is importance"),
     (lambda w: ["show", str(w / "rel.npy"), "--mode", "overlay", "-o", str(w / "o.png")],
      "draws on the input"),
@@ -275,7 +292,8 @@ def test_unknown_mode_exits_2(capsys):
 # ---- the real photo ------------------------------------------------------------------------------
 
 def kitten():
-    rgb = np.asarray(Image.open(SHARED / "kitten_224.png").convert("RGB").resize((224, 224)), dtype=np.float32)
+    photo = Image.open(SHARED / "kitten_224.png").convert("RGB").resize((224, 224))
+    rgb = np.asarray(photo, dtype=np.float32)
     bgr = rgb[:, :, ::-1] - np.array([104, 117, 123], dtype=np.float32)
     return rgb / 255, np.ascontiguousarray(bgr.transpose(2, 0, 1)[None])
 

@@ -41,7 +41,8 @@ def main(models: Path) -> None:
         for method, explainer in explainers.items():
             result = explainer.explain(x)
             maps, show = viz.choose_maps(result, method)
-            title = viz.title_of(result.target[0], labels, method + (" (saliency)" if show == "saliency" else ""),
+            shown = method + (" (saliency)" if show == "saliency" else "")
+            title = viz.title_of(result.target[0], labels, shown,
                                  None if show == "saliency" else float(result.delta[0]))
             sign, reduce = viz.show_defaults(show, None, None)
             heat.append(viz.image_panel(maps[0], sign=sign, reduce=reduce, title=title))
@@ -50,7 +51,8 @@ def main(models: Path) -> None:
         buffer = io.BytesIO()
         viz.figure([heat, over], size=2.6).savefig(buffer, dpi=80, format="png")
         buffer.seek(0)
-        Image.open(buffer).convert("RGB").quantize(256).save(out, optimize=True)  # 8-bit PNG: a third the size
+        # an 8-bit PNG, a third of the size of the 24-bit one
+        Image.open(buffer).convert("RGB").quantize(256).save(out, optimize=True)
         print(f"{out}: {out.stat().st_size // 1024} KB")
 
 
