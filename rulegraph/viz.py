@@ -11,7 +11,7 @@ towards −1, so ``v`` and ``−v`` get mirrored colours (red and blue swapped).
   input itself, shown in grey or in colour);
 - ``masked``: ``input · |v|`` (the input where the attribution is large, black elsewhere).
 
-Each panel has a colour bar in the attribution's own units and a title. Matplotlib is imported
+Each panel but a masked one has a colour bar in the attribution's own units, and a title. Matplotlib is imported
 inside the functions (backend ``Agg``), so ``import rulegraph`` does not load it.
 """
 
@@ -203,12 +203,14 @@ def tokens_of(ids, vocab: list[str]) -> list[str]:
 
 @dataclass
 class Panel:
-    """One picture of a grid: its RGB pixels, title and colour-bar range (``lo``..``hi``)."""
+    """One picture of a grid: its RGB pixels, title and colour-bar range (``lo``..``hi``; no bar
+    when ``bar`` is false: a masked input has no colour scale)."""
 
     rgb: np.ndarray
     title: str
     lo: float
     hi: float
+    bar: bool = True
 
 
 def image_panel(a: np.ndarray, image: np.ndarray | None = None, mode: str = "heatmap", sign: str = "all",
@@ -218,7 +220,7 @@ def image_panel(a: np.ndarray, image: np.ndarray | None = None, mode: str = "hea
     v, scale = normalize(reduce_channels(a, reduce), sign, clip)
     lo = 0.0 if sign in ("positive", "absolute") else -scale
     hi = 0.0 if sign == "negative" else scale
-    return Panel(compose(v, mode, image, background), title, lo, hi)
+    return Panel(compose(v, mode, image, background), title, lo, hi, bar=mode != "masked")
 
 
 def figure(panels: list[list[Panel]], colorbar: bool = True, size: float = 3.2):
@@ -242,7 +244,7 @@ def figure(panels: list[list[Panel]], colorbar: bool = True, size: float = 3.2):
             p = row[c]
             ax.imshow(np.clip(p.rgb, 0, 1), interpolation="nearest")
             ax.set_title(p.title, fontsize=8)
-            if colorbar:
+            if colorbar and p.bar:
                 top = max(abs(p.lo), abs(p.hi)) or 1.0  # the map is symmetric: -top is blue, +top red
                 mappable = ScalarMappable(Normalize(-top, top), colour_map())
                 bar = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02)

@@ -114,6 +114,12 @@ def test_figure_has_image_colour_bar_and_title():
         assert bar.get_ylim() == pytest.approx((-scale, scale))
 
 
+@pytest.mark.parametrize("mode,bars", [("heatmap", 1), ("overlay", 1), ("masked", 0)])
+def test_colour_bar_except_on_a_masked_input(mode, bars):
+    fig = viz.figure([[viz.image_panel(RNG.standard_normal((4, 4)), RNG.uniform(size=(4, 4, 3)), mode)]])
+    assert len(fig.axes) == 1 + bars
+
+
 def test_title_names_class_method_and_delta(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("0,zero\n1,one, the first\n")
