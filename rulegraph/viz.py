@@ -11,8 +11,9 @@ towards −1, so ``v`` and ``−v`` get mirrored colours (red and blue swapped).
   input itself, shown in grey or in colour);
 - ``masked``: ``input · |v|`` (the input where the attribution is large, black elsewhere).
 
-Each panel but a masked one has a colour bar in the attribution's own units, and a title. Matplotlib is imported
-inside the functions (backend ``Agg``), so ``import rulegraph`` does not load it.
+Each panel but a masked one has a colour bar in the attribution's own units, and a title.
+Matplotlib is imported inside the functions (backend ``Agg``), so ``import rulegraph`` does not
+load it.
 """
 
 from __future__ import annotations
