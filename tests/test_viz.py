@@ -279,11 +279,18 @@ def test_cli_show_tokens(tmp_path, capsys):
     (lambda w: ["show", str(w / "rel.npy"), "--mode", "overlay", "-o", str(w / "o.png")],
      "draws on the input"),
     (lambda w: ["show", str(w / "rel.npy"), "--clip", "0", "-o", str(w / "o.png")], "clip percentile"),
+    (lambda w: ["show", str(w / "rel.npy"), "--input", str(w / "small.npy"), "--mode", "overlay", "-o",
+                str(w / "o.png")], "the input is 2x2 pixels but the map 4x4"),
+    (lambda w: ["compare", CNN, "--rules", "lrp-epsilon,no-such-rules", "--input", str(SAMPLE), "-o",
+                str(w / "g.png")], "no-such-rules"),
+    (lambda w: ["compare", CNN, "--rules", "lrp-epsilon", "--input", str(SAMPLE), "-o", str(w / "g.html")],
+     "extension '.html'"),
 ])
 def test_bad_inputs_exit_2(tmp_path, capsys, argv, message):
     np.save(tmp_path / "five.npy", np.zeros((1, 1, 2, 2, 2)))
     np.save(tmp_path / "rel.npy", np.ones((1, 4, 4)))
     np.save(tmp_path / "rows.npy", np.ones((2, 4, 4)))
+    np.save(tmp_path / "small.npy", np.ones((1, 3, 2, 2)))
     (tmp_path / "bad.txt").write_text("0,zero\none\n")
     assert main(argv(tmp_path)) == 2
     assert message in capsys.readouterr().err
