@@ -139,7 +139,7 @@ def cmd_explain(args) -> int:
     if args.out:
         check_output(args.out, sources, [".npy"], "--out")
     if args.heatmap:
-        check_output(args.heatmap, sources, heatmap_suffixes(), "--heatmap")
+        check_output(args.heatmap, sources, heatmap_suffixes() + [".html"], "--heatmap")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
                           class_axis=args.class_axis)
     explainer.allow_nonfinite = args.allow_nonfinite
@@ -154,13 +154,38 @@ def cmd_explain(args) -> int:
     if args.out:
         write_with(args.out, lambda tmp: np.save(tmp, result.map), "--out")
         print(f"attribution written to {args.out}")
-    if args.heatmap:
+    if args.heatmap and Path(args.heatmap).suffix.lower() == ".html":
+        _token_page(args, result, x, labels)
+        print(f"token relevance written to {args.heatmap}")
+    elif args.heatmap:
         from .viz import render
 
         render(result, x=_first_array(x), labels=labels, method=_method(args.rules), path=args.heatmap,
                inputs=sources, **_picture_kwargs(args))
         print(f"heatmap written to {args.heatmap}")
     return 0
+
+
+def _token_page(args, result, x, labels) -> None:
+    """``explain --heatmap page.html``: the relevance of each token-id input, a row per batch item."""
+    from . import viz
+
+    feeds = x if isinstance(x, dict) else {next(iter(result.attribution)): x}
+    names = [k for k in result.attribution if k in feeds and np.asarray(feeds[k]).dtype.kind in "iu"]
+    if not names:
+        raise RulegraphError(f"--heatmap {args.heatmap}: an .html page shows token-id inputs, and this "
+                             f"model's "
+                             f"attributions are for {list(result.attribution)} (floats): write a .png")
+    vocab = viz.read_vocab(args.vocab) if args.vocab else None
+    rows = []
+    for name in names:
+        for i, ids in enumerate(np.asarray(feeds[name])):
+            tokens = viz.tokens_of(ids, vocab) if vocab else [str(int(t)) for t in ids.reshape(-1)]
+            title = viz.title_of(None if result.target is None else result.target[i], labels,
+                                 _method(args.rules), float(result.delta[i]))
+            rows.append((f"row {i}, '{name}': {title}", result.attribution[name][i], tokens))
+    page = viz.tokens_page(rows, args.clip, args.sign or "all")
+    write_bytes(args.heatmap, page.encode("utf-8"), "--heatmap")
 
 
 def _picture_options(p) -> None:
@@ -450,7 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help="explain inputs holding NaN or Inf "
                    "(refused by default)")
     p.add_argument("--out", help="write the attribution of the first input here (.npy)")
-    p.add_argument("--heatmap", help="write a picture of the attribution here (.png), one row per batch item")
+    p.add_argument("--heatmap", help="write a picture of the attribution here (.png), one row per batch "
+                   "item; .html: the relevance of token-id inputs")
+    p.add_argument("--vocab",
+                   help="with --heatmap x.html: vocabulary file, one token per line (line k is id k)")
     _picture_options(p)
     _max_amplification(p, "warn when a row's Σ|attribution| / |start value| exceeds this")
     p.set_defaults(run=cmd_explain)

@@ -481,6 +481,14 @@ def tokens_html(relevance, tokens: list[str], clip: float | None = DEFAULT_CLIP,
     return '<p style="font-family: monospace; line-height: 1.8">' + " ".join(spans) + "</p>\n"
 
 
+def tokens_page(rows: list[tuple[str, np.ndarray, list[str]]], clip: float | None = DEFAULT_CLIP,
+                sign: str = "all") -> str:
+    """A whole HTML page: per (title, relevance, tokens) row a heading and ``tokens_html``."""
+    body = "".join(f"<h3>{html.escape(title)}</h3>\n" + tokens_html(r, tokens, clip, sign)
+                   for title, r, tokens in rows)
+    return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head><body>\n{body}</body></html>\n'
+
+
 def use_colour(stream=None) -> bool:
     """ANSI colour on ``stream`` (default standard output): a terminal and no NO_COLOR variable."""
     stream = stream or sys.stdout

@@ -285,6 +285,8 @@ def test_cli_show_tokens(tmp_path, capsys):
                 str(w / "g.png")], "no-such-rules"),
     (lambda w: ["compare", CNN, "--rules", "lrp-epsilon", "--input", str(SAMPLE), "-o", str(w / "g.html")],
      "extension '.html'"),
+    (lambda w: ["explain", CNN, "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--heatmap",
+                str(w / "t.html")], "an .html page shows token-id inputs"),
 ])
 def test_bad_inputs_exit_2(tmp_path, capsys, argv, message):
     np.save(tmp_path / "five.npy", np.zeros((1, 1, 2, 2, 2)))
@@ -334,3 +336,28 @@ def test_import_rulegraph_does_not_load_matplotlib():
     code = "import sys, rulegraph, rulegraph.viz, rulegraph.cli; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_explain_token_relevance_as_an_html_page(tmp_path):
+    """A token model (tests/test_transformer.py): one span per token, the vocabulary's text, the
+    relevance ``result.attribution['ids']`` in each span's title, its colour the numpy replica's."""
+    import onnx
+    from test_transformer import IDS, MASK, token_model
+
+    model, vocab, page = tmp_path / "tokens.onnx", tmp_path / "vocab.txt", tmp_path / "t.html"
+    onnx.save(token_model(), str(model))
+    np.savez(tmp_path / "x.npz", ids=IDS, mask=MASK)
+    words = [f"w{k}" for k in range(11)]
+    vocab.write_text("\n".join(words) + "\n")
+    assert main(["explain", str(model), "--rules", "lrp-transformer", "--input", str(tmp_path / "x.npz"),
+                 "--heatmap", str(page), "--vocab", str(vocab)]) == 0
+    text = page.read_text()
+    result = Explainer(str(model), "lrp-transformer").explain({"ids": IDS, "mask": MASK})
+    spans = re.findall(r'rgb\((\d+), (\d+), (\d+)\)" title="([^"]*)">([^<]*)</span>', text)
+    assert [s[4] for s in spans] == [words[i] for i in IDS.reshape(-1)]
+    for row in range(len(IDS)):
+        v, _ = viz.normalize(result.attribution["ids"][row])
+        got = spans[row * IDS.shape[1]:(row + 1) * IDS.shape[1]]
+        assert [tuple(int(c) for c in s[:3]) for s in got] == \
+            [tuple(int(round(c * 255)) for c in rgb) for rgb in viz.colours(v)]
+        np.testing.assert_allclose([float(s[3]) for s in got], result.attribution["ids"][row], rtol=1e-3)
