@@ -139,7 +139,8 @@ def cmd_explain(args) -> int:
     if args.out:
         check_output(args.out, sources, [".npy"], "--out")
     if args.heatmap:
-        check_output(args.heatmap, sources, heatmap_suffixes() + [".html"], "--heatmap")
+        html = Path(args.heatmap).suffix.lower() == ".html"  # token relevance; else a picture
+        check_output(args.heatmap, sources, [".html"] if html else heatmap_suffixes(), "--heatmap")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
                           class_axis=args.class_axis)
     explainer.allow_nonfinite = args.allow_nonfinite
