@@ -1,4 +1,4 @@
-"""``rulegraph explain | check | compile | lint | ops | demo``.
+"""``rulegraph explain | compare | show | check | compile | lint | ops | demo``.
 
 Exit codes: 0 success; 1 a checked property does not hold (``check``; a node without a rule in
 ``ops``); 2 bad input (unreadable model, input or rule file, bad arguments, an output path that
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import viz
 from .backward.ops import load
 from .check.checks import check
 from .compile.plan import assign, find_start, path_nodes
@@ -29,7 +30,26 @@ from .run.amplification import DEFAULT_MAX_AMPLIFICATION
 from .run.explainer import Explainer
 from .run.files import check_output, model_files, rule_files, write_bytes, write_with
 from .run.inputs import IMAGE_SUFFIXES, load_input, read_npy  # noqa: F401  (load_input: the API's input reader)
-from .viz import heatmap_suffixes, save_heatmap
+from .viz import (
+    DEFAULT_CLIP,
+    FIGURE_SUFFIXES,
+    MODES,
+    REDUCTIONS,
+    SIGNS,
+    choose_maps,
+    display_image,
+    figure,
+    heatmap_suffixes,
+    is_image,
+    method_name,
+    read_labels,
+    render,
+    row_panels,
+    save_figure,
+    save_heatmap,
+    show_defaults,
+    title_of,
+)
 
 EXIT_OK, EXIT_VIOLATED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE
@@ -141,19 +161,194 @@ def cmd_explain(args) -> int:
     if args.out:
         check_output(args.out, sources, [".npy"], "--out")
     if args.heatmap:
-        check_output(args.heatmap, sources, heatmap_suffixes(), "--heatmap")
+        html = Path(args.heatmap).suffix.lower() == ".html"  # token relevance; else a picture
+        check_output(args.heatmap, sources, [".html"] if html else heatmap_suffixes(), "--heatmap")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
                           class_axis=args.class_axis)
     explainer.allow_nonfinite = args.allow_nonfinite
+    labels = None
+    if args.heatmap and args.labels:
+
+        labels = read_labels(args.labels)
     x = load_input(args.input, explainer, args.scale, args.allow_nonfinite)
     result = explainer.explain(x, target=target_of(args), max_amplification=args.max_amplification)
     print(summary(result))
     if args.out:
         write_with(args.out, lambda tmp: np.save(tmp, result.map), "--out")
         print(f"attribution written to {args.out}")
-    if args.heatmap:
-        save_heatmap(result.map[0], args.heatmap, inputs=sources)
+    if args.heatmap and Path(args.heatmap).suffix.lower() == ".html":
+        _token_page(args, result, x, labels)
+        print(f"token relevance written to {args.heatmap}")
+    elif args.heatmap:
+
+        render(result, x=_first_array(x), labels=labels, method=_method(args.rules), path=args.heatmap,
+               inputs=sources, **_picture_kwargs(args))
         print(f"heatmap written to {args.heatmap}")
+    return 0
+
+
+def _token_page(args, result, x, labels) -> None:
+    """``explain --heatmap page.html``: the relevance of each token-id input, a row per batch item."""
+
+    feeds = x if isinstance(x, dict) else {next(iter(result.attribution)): x}
+    names = [k for k in result.attribution if k in feeds and np.asarray(feeds[k]).dtype.kind in "iu"]
+    if not names:
+        raise RulegraphError(f"--heatmap {args.heatmap}: an .html page shows token-id inputs, and this "
+                             f"model's "
+                             f"attributions are for {list(result.attribution)} (floats): write a .png")
+    vocab = viz.read_vocab(args.vocab) if args.vocab else None
+    rows = []
+    for name in names:
+        for i, ids in enumerate(np.asarray(feeds[name])):
+            tokens = viz.tokens_of(ids, vocab) if vocab else [str(int(t)) for t in ids.reshape(-1)]
+            title = viz.title_of(None if result.target is None else result.target[i], labels,
+                                 _method(args.rules), float(result.delta[i]))
+            rows.append((f"row {i}, '{name}': {title}", result.attribution[name][i], tokens))
+    page = viz.tokens_page(rows, args.clip, args.sign or "all")
+    write_bytes(args.heatmap, page.encode("utf-8"), "--heatmap")
+
+
+def _picture_options(p) -> None:
+    """The options of every command that draws an attribution (viz.py)."""
+
+    p.add_argument("--mode", choices=MODES, default="heatmap",
+                   help="heatmap, overlay (blended on the input) or masked (input x |map|) (default heatmap)")
+    p.add_argument("--sign", choices=list(SIGNS),
+                   help="which values to draw (default: all; absolute for a saliency map)")
+    p.add_argument("--clip", type=float, default=DEFAULT_CLIP,
+                   help=f"the percentile of |map| that saturates the colours (default {DEFAULT_CLIP})")
+    p.add_argument("--reduce", choices=list(REDUCTIONS),
+                   help="channels to one map: sum, or maxabs (the value of largest |.|) (default: sum; "
+                        "maxabs for a saliency map)")
+    p.add_argument("--background", choices=["grey", "colour"], default="grey",
+                   help="the input under an overlay in grey or in colour (default grey)")
+    p.add_argument("--bgr", action="store_true", help="the input's channels are BGR (drawn as RGB)")
+    p.add_argument("--labels", help="class names: a file of 'index,name' lines or one name per line")
+    p.add_argument("--show", choices=["attribution", "saliency"],
+                   help="draw x ⊙ a(x) or a(x) (default: saliency for gradient, guided-backprop, "
+                        "deconvnet, "
+                        "smoothgrad; attribution otherwise)")
+
+
+def _picture_kwargs(args) -> dict:
+    return {"mode": args.mode, "sign": args.sign, "clip": args.clip, "reduce": args.reduce,
+            "background": args.background, "bgr": args.bgr, "show": args.show}
+
+
+def _method(rules) -> str:
+
+    return method_name(rules)
+
+
+def _first_array(x):
+    """The first input of a feed (a dict for several inputs) as an array."""
+    return next(iter(x.values())) if isinstance(x, dict) else x
+
+
+def cmd_compare(args) -> int:
+    """One column per rule file, one row per batch item, on one input."""
+
+    rules = [r for r in args.rules.split(",") if r]
+    sources = _inputs_of(args) + [f for r in rules for f in rule_files(r)]
+    check_output(args.o, sources, FIGURE_SUFFIXES, "-o")
+    labels = read_labels(args.labels) if args.labels else None
+    columns = []
+    for name in rules:
+        explainer = Explainer(args.model, name, output=args.output, start=args.start,
+                              class_axis=args.class_axis)
+        x = load_input(args.input, explainer, args.scale)
+        result = explainer.explain(x, target=target_of(args))
+        method = _method(name)
+        maps, show = choose_maps(result, method, args.show)
+        sign, reduce = show_defaults(show, args.sign, args.reduce)
+        if not is_image(maps):
+            raise RulegraphError(f"compare draws image attributions ([N, C, H, W] or [N, H, W]); this "
+                                 f"model's "
+                                 f"input gives {list(maps.shape)}: use explain --heatmap per rule file")
+        xs = _first_array(x)
+        images = [display_image(xs[i], args.bgr) for i in range(len(maps))]
+        titles = [title_of(None if result.target is None else result.target[i], labels,
+                           method + (" (saliency)" if show == "saliency" else ""),
+                           None if show == "saliency" else float(result.delta[i]))
+                  for i in range(len(maps))]
+        columns.append(row_panels(maps, images, titles, mode=args.mode, sign=sign, clip=args.clip,
+                                  reduce=reduce, background=args.background))
+        print(f"{method}: {summary(result)}")
+
+    save_figure(figure([list(row) for row in zip(*columns)]), args.o, sources, "-o")
+    print(f"grid written to {args.o}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    """Draw a saved attribution (``explain --out``, or the compiled explainer's output run anywhere)."""
+
+    sources = [Path(args.attribution)] + ([Path(args.input)] if args.input else []) + \
+        [Path(p) for p in (args.labels, args.vocab, args.tokens) if p]
+    if args.o:
+        check_output(args.o, sources, viz.FIGURE_SUFFIXES + (".html",), "-o")
+    maps = _load_array(args.attribution, "attribution")
+    if args.tokens or args.token_list:
+        return _show_tokens(args, maps)
+    if args.o is None:
+        raise RulegraphError("show needs -o FILE for a picture (tokens print to the terminal)")
+    if maps.ndim == 0:
+        maps = maps.reshape(1, 1)
+    images = signals = None
+    if args.input:
+        images, signals = _display_inputs(args, maps)
+    titles = [args.title or ""] * len(maps)
+    sign, reduce = viz.show_defaults("attribution", args.sign, args.reduce)
+    viz.render_array(maps, images, args.mode, sign, args.clip, reduce, args.background, titles,
+                     signals, path=args.o, inputs=sources)
+    print(f"picture written to {args.o}")
+    return 0
+
+
+def _display_inputs(args, maps):
+    """``show --input``: the images under each row (an image file resized to the map), or the 1-D signals."""
+
+    if Path(args.input).suffix.lower() in IMAGE_SUFFIXES:
+        if not is_image(maps):
+            raise RulegraphError(f"--input {args.input} is an image but the attribution is "
+                                 f"{list(maps.shape)}, "
+                                 f"not [N, C, H, W] or [N, H, W]")
+        from PIL import Image
+
+        try:
+            with Image.open(args.input) as image:
+                size = (maps.shape[-1], maps.shape[-2])
+                rgb = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR))
+        except (OSError, ValueError) as exc:
+            raise RulegraphError(f"--input {args.input} is not a readable image ({exc})") from None
+        return [rgb.astype(np.float64) / 255] * len(maps), None
+    x = _load_array(args.input, "--input")
+    if len(x) != len(maps):
+        raise RulegraphError(f"--input {args.input} has {len(x)} rows, the attribution {len(maps)}; "
+                             f"they must match")
+    if is_image(maps):
+        return [display_image(x[i], args.bgr) for i in range(len(maps))], None
+    return None, x.reshape(len(x), -1)
+
+
+def _show_tokens(args, maps) -> int:
+
+    if args.token_list:
+        tokens = args.token_list.split(",")
+    else:
+        if not args.vocab:
+            raise RulegraphError("--tokens ids.npy needs --vocab vocab.txt (one token per line, line k is "
+                                 "id k)")
+        tokens = viz.tokens_of(_load_array(args.tokens, "--tokens")[0], viz.read_vocab(args.vocab))
+    relevance = maps[0] if maps.ndim > 1 else maps
+    if args.o and Path(args.o).suffix.lower() == ".html":
+        page = viz.tokens_html(relevance, tokens, args.clip, args.sign or "all")
+        write_bytes(args.o, page.encode("utf-8"), "-o")
+        print(f"token relevance written to {args.o}")
+    else:
+        if args.o:
+            raise RulegraphError(f"-o {args.o}: token relevance is written as .html (or printed without -o)")
+        print(viz.tokens_ansi(relevance, tokens, None, args.clip, args.sign or "all"))
     return 0
 
 
@@ -271,9 +466,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help="explain inputs holding NaN or Inf "
                    "(refused by default)")
     p.add_argument("--out", help="write the attribution of the first input here (.npy)")
-    p.add_argument("--heatmap", help="write a heatmap of the first row here (.png)")
+    p.add_argument("--heatmap", help="write a picture of the attribution here (.png), one row per batch "
+                   "item; .html: the relevance of token-id inputs")
+    p.add_argument("--vocab",
+                   help="with --heatmap x.html: vocabulary file, one token per line (line k is id k)")
+    _picture_options(p)
     _max_amplification(p, "warn when a row's Σ|attribution| / |start value| exceeds this")
     p.set_defaults(run=cmd_explain)
+
+    p = sub.add_parser("compare", help="a grid of pictures: one column per rule file, one row per batch item")
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("--rules", required=True, help="rule files or bundled names, comma-separated "
+                   "(lrp-epsilon,gradient)")
+    p.add_argument("--output", help="the model output to explain (default: the first)")
+    p.add_argument("--start", help="start at this intermediate tensor instead")
+    p.add_argument("--input", required=True, help=".npy, .npz or an image file")
+    p.add_argument("--target", default="argmax", help="argmax, class indices (3 or 3,5), or a seed .npy")
+    p.add_argument("--at", help="the class at this position (see explain)")
+    p.add_argument("--region", help="the class summed over a region (see explain)")
+    p.add_argument("--mask", help="the class summed over positions weighted by this .npy mask")
+    p.add_argument("--all-positions", action="store_true", help="the class summed over all positions")
+    p.add_argument("--versus", help="contrastive: minus this class's logit")
+    p.add_argument("--class-axis", type=int, help="the start tensor's class axis (see explain)")
+    p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
+    p.add_argument("-o", required=True, help="where to write the grid (.png, .pdf, .svg, ...)")
+    _picture_options(p)
+    p.set_defaults(run=cmd_compare, mode="overlay")
+
+    p = sub.add_parser("show", help="draw a saved attribution (.npy, batch first)")
+    p.add_argument("attribution",
+                   help="the attribution .npy (explain --out, or the compiled explainer's output)")
+    p.add_argument("--input", help="the input explained (image file or .npy), drawn under overlay / masked")
+    p.add_argument("-o", help="the picture (.png, .pdf, .svg, ...) or, for tokens, .html")
+    p.add_argument("--title", help="a title for every panel")
+    p.add_argument("--tokens", help="token ids .npy [N, T] of the explained text (with --vocab)")
+    p.add_argument("--vocab", help="vocabulary file: one token per line, line k (from 0) is id k")
+    p.add_argument("--token-list", help="the tokens themselves, comma-separated")
+    _picture_options(p)
+    p.set_defaults(run=cmd_show)
 
     p = sub.add_parser("compile", help="write the explainer ONNX model (forward + relevance pass)")
     model_and_rules(p)
