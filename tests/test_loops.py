@@ -118,3 +118,17 @@ def test_bundled_loop_files_run_end_to_end():
     np.testing.assert_allclose(ig.map, plain_ig.map, rtol=1e-5, atol=1e-7)
     sg = Explainer(CNN, "smoothgrad").explain(X, target=TARGETS)
     assert sg.saliency["input"].shape == X.shape
+
+
+@pytest.mark.parametrize("loop, params", [("integrated_gradients", {"steps": 4}), ("smoothgrad", {"samples": 2}),
+                                          ("occlusion", {"patch": 4, "stride": 4})])
+def test_a_loop_says_what_it_explained(loop, params, capsys):
+    """A loop's Result names the start tensor and class axis as the plain pass does, so the CLI
+    summary reads ``class 3 of tensor 'logits' [N, 10] (class axis 1)``, not ``class 3 of :``."""
+    from rulegraph.cli import summary
+
+    explainer = Explainer(CNN, "gradient")
+    plain = explainer.explain(X[:2], target=[3, 5])
+    looped = explainer.explain(X[:2], target=[3, 5], loop=loop, **params)
+    assert (looped.explained, looped.class_axis) == (plain.explained, plain.class_axis)
+    assert summary(looped).splitlines()[0].startswith("row 0: class 3 of tensor 'logits' [N, 10] (class axis 1): ")

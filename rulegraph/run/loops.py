@@ -319,8 +319,9 @@ def occlusion(explainer, x, target, params, baseline=None):
 def _result(explainer, attribution, saliency, start_value, outputs, n, targets, bias_shares=None,
             bias_total=None):
     start = outputs[explainer.compiled().start_tensor][:n]
+    spec = explainer.spec  # what was explained, as a plain pass says it (the class per row)
     return Result(attribution=attribution, saliency=saliency, bias_shares=bias_shares or {},
                   bias_total=bias_total,
                   start_value=np.asarray(start_value, dtype=np.float64), start=start,
                   outputs={o: outputs[o][:n] for o in explainer.graph.outputs if o in outputs},
-                  target=targets)
+                  target=targets, explained=spec.where(), class_axis=spec.class_axis)
