@@ -441,6 +441,19 @@ def _max_amplification(p, help_text: str) -> None:
                    help=f"{help_text} (default {DEFAULT_MAX_AMPLIFICATION:g})")
 
 
+def target_options(p) -> None:
+    """The target flags of every command that explains (targets.py: the forms and the class axis)."""
+    p.add_argument("--target", default="argmax", help="argmax, class indices (3 or 3,5), or a seed .npy")
+    p.add_argument("--at", help="for outputs with position axes: the class at this position (20, or 5,7)")
+    p.add_argument("--region", help="the class summed over a region, a start:stop per position axis "
+                   "(10:20,30:40)")
+    p.add_argument("--mask", help="the class summed over positions weighted by this .npy mask")
+    p.add_argument("--all-positions", action="store_true", help="the class summed over all positions")
+    p.add_argument("--versus", help="contrastive: minus this class's logit (at the same positions)")
+    p.add_argument("--class-axis", type=int, help="the start tensor's class axis (default: the final "
+                   "Softmax's axis, else 1 for [N, C] and [N, C, H, W], 2 for [N, T, C])")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rulegraph", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -454,14 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="attribute one input batch")
     model_and_rules(p)
     p.add_argument("--input", required=True, help=".npy, .npz or an image file")
-    p.add_argument("--target", default="argmax", help="argmax, class indices (3 or 3,5), or a seed .npy")
-    p.add_argument("--at", help="for outputs with position axes: the class at this position (20, or 5,7)")
-    p.add_argument("--region", help="the class summed over a region, a start:stop per position axis (10:20,30:40)")
-    p.add_argument("--mask", help="the class summed over positions weighted by this .npy mask")
-    p.add_argument("--all-positions", action="store_true", help="the class summed over all positions")
-    p.add_argument("--versus", help="contrastive: minus this class's logit (at the same positions)")
-    p.add_argument("--class-axis", type=int, help="the start tensor's class axis (default: the final "
-                   "Softmax's axis, else 1 for [N, C] and [N, C, H, W], 2 for [N, T, C])")
+    target_options(p)
     p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
     p.add_argument("--allow-nonfinite", action="store_true", help="explain inputs holding NaN or Inf "
                    "(refused by default)")
@@ -481,13 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="the model output to explain (default: the first)")
     p.add_argument("--start", help="start at this intermediate tensor instead")
     p.add_argument("--input", required=True, help=".npy, .npz or an image file")
-    p.add_argument("--target", default="argmax", help="argmax, class indices (3 or 3,5), or a seed .npy")
-    p.add_argument("--at", help="the class at this position (see explain)")
-    p.add_argument("--region", help="the class summed over a region (see explain)")
-    p.add_argument("--mask", help="the class summed over positions weighted by this .npy mask")
-    p.add_argument("--all-positions", action="store_true", help="the class summed over all positions")
-    p.add_argument("--versus", help="contrastive: minus this class's logit")
-    p.add_argument("--class-axis", type=int, help="the start tensor's class axis (see explain)")
+    target_options(p)
     p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
     p.add_argument("-o", required=True, help="where to write the grid (.png, .pdf, .svg, ...)")
     _picture_options(p)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..graph.kinds import LINEAR
 from ..lang.floats import FLOAT32
-from .table import APPROXIMATE, EXACT, NONE, Param, _classes, _nonnegative, _stabilizer, rule
+from .table import APPROXIMATE, EXACT, NONE, Param, _classes, _nonnegative, _stabilizer, at_most, rule
 
 # --------------------------------------------------------------------------------------------------
 # the LRP weight rules (zplus, alpha_beta, gamma, zbox, flat, wsquare) and guided backprop
@@ -172,13 +172,8 @@ def alpha_beta(ctx) -> list[str | None]:
 GAMMA_MAX = float(2**24)
 
 
-def _gamma(v: float) -> str | None:
-    if (msg := _nonnegative(v)) is not None:
-        return msg
-    if v <= GAMMA_MAX:
-        return None
-    return (f"must be <= 2**24 = {GAMMA_MAX:g}, got {v:g}: beyond, negative weights vanish next to "
-            "(1 + γ)·w⁺ in float32; use the rule zplus")
+_gamma = at_most(GAMMA_MAX, f"2**24 = {GAMMA_MAX:g}", "beyond, negative weights vanish next to (1 + γ)·w⁺ in "
+                 "float32; use the rule zplus")
 
 
 @rule("gamma", {LINEAR}, conservation=_LRP, bias_in_denominator=True,

@@ -139,14 +139,21 @@ def _nonnegative(v: float) -> str | None:
 EPS_MAX = 1e4
 
 
-def _stabilizer(v: float) -> str | None:
-    """ε of a rule: finite, >= 0 and at most EPS_MAX."""
-    if (msg := _nonnegative(v)) is not None:
-        return msg
-    if v <= EPS_MAX:
-        return None
-    return (f"must be <= {EPS_MAX:g}, got {v:g}: a larger ε drowns the pre-activations in float32 and "
-            "every relevance shrinks towards 0")
+def at_most(limit: float, shown: str, why: str):
+    """A parameter validator: finite, >= 0 and at most ``limit`` (``shown`` in the message, with
+    ``why`` a larger value is wrong in the precision the explainer computes in)."""
+
+    def check(v: float) -> str | None:
+        if (msg := _nonnegative(v)) is not None:
+            return msg
+        return None if v <= limit else f"must be <= {shown}, got {v:g}: {why}"
+
+    return check
+
+
+#: ε of a rule: finite, >= 0 and at most EPS_MAX
+_stabilizer = at_most(EPS_MAX, f"{EPS_MAX:g}", "a larger ε drowns the pre-activations in float32 and every "
+                      "relevance shrinks towards 0")
 
 
 def _classes(**by_quantity: Mapping[str, str]) -> dict[tuple[str, str], str]:

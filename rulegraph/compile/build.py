@@ -397,7 +397,7 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
             dims = shape if shape is not None else []
             g.output.append(helper.make_tensor_value_info(name, elem, dims))
             existing.add(name)
-    _prune(model)
+    prune(model)
     model.metadata_props.append(explainer_metadata([o.name for o in graph.model.graph.output]))
     try:
         onnx.checker.check_model(model)
@@ -406,8 +406,10 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
     return model
 
 
-def _prune(model: onnx.ModelProto) -> None:
-    """Drop nodes and initializers nothing downstream uses (e.g. bias shares under ``absorb``)."""
+def prune(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers nothing downstream of the outputs uses (bias shares under
+    ``absorb``; the loop model's unused copies), counting the names a subgraph reads from the outer
+    scope as used."""
     g = model.graph
     needed = {o.name for o in g.output}
     keep = []
@@ -415,6 +417,9 @@ def _prune(model: onnx.ModelProto) -> None:
         if any(o in needed for o in node.output if o):
             keep.append(node)
             needed.update(i for i in node.input if i)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    needed.update(i for n in sub.node for i in n.input if i)
     keep.reverse()
     del g.node[:]
     g.node.extend(keep)

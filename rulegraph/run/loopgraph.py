@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..backward.emit import Tape
-from ..compile.build import BASELINE_PREFIX, TARGET
+from ..compile.build import BASELINE_PREFIX, TARGET, prune
 from ..errors import InternalError, RulegraphError
 from .loops import quadrature, refuse_integrated_gradients
 
@@ -180,7 +180,7 @@ class _Builder:
                                   list(inits.values()))
         model = helper.make_model(graph, opset_imports=list(inner.opset_import), ir_version=inner.ir_version)
         model.functions.extend(inner.functions)
-        _prune(model)
+        prune(model)
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
@@ -198,26 +198,6 @@ def _rename(graph: onnx.GraphProto, names: dict[str, str]) -> None:
         for attr in node.attribute:
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 _rename(sub, names)
-
-
-def _prune(model: onnx.ModelProto) -> None:
-    """Keep the nodes and initializers the outputs need."""
-    g = model.graph
-    needed = {o.name for o in g.output}
-    keep = []
-    for node in reversed(list(g.node)):
-        if any(o in needed for o in node.output if o):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-            for attr in node.attribute:  # names a subgraph reads from the outer scope
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    needed.update(i for n in sub.node for i in n.input if i)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    inits = [i for i in g.initializer if i.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
 
 
 # the loops ---------------------------------------------------------------------------------------
