@@ -127,16 +127,7 @@ def read_image(path: str | Path, shape: list, scale: float = 1.0) -> np.ndarray:
     if channels not in (1, 3):
         raise RulegraphError(f"{path}: the model takes {channels} channels; images give 1 (grey) or 3 (RGB): "
                              f"pass a .npy instead")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RulegraphError(f"{path}: {exc} (raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine)") \
-            from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise RulegraphError(f"{path} is not a readable image ({exc}); is it truncated or corrupt?") from None
+    image = open_image(path)
     size = (width, height) if isinstance(height, int) and isinstance(width, int) else None
     if image.mode in HIGH_DEPTH_MODES:
         array = _high_depth(path, image, size)
@@ -151,6 +142,23 @@ def read_image(path: str | Path, shape: list, scale: float = 1.0) -> np.ndarray:
         array = np.asarray(image, dtype=np.float32) / 255.0
         array = array[None] if channels == 1 else array.transpose(2, 0, 1)
     return (array * np.float32(scale)).astype(np.float32)[None]
+
+
+def open_image(path: Path):
+    """A Pillow image, loaded; decompression bombs, truncated and corrupt files refused by name."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RulegraphError(f"{path}: {exc} (raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine)") \
+            from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise RulegraphError(f"{path} is not a readable image ({exc}); is it truncated or corrupt?") from None
+    return image
 
 
 def _high_depth(path: Path, image, size) -> np.ndarray:
@@ -182,14 +190,31 @@ def _check_finite(where: str, array: np.ndarray) -> None:
                              f"{tuple(int(i) for i in bad[0])}); clean the input, or allow them explicitly")
 
 
-def load_input(path: str | Path, explainer, scale: float = 1.0, allow_nonfinite: bool = False):
+def load_input(path: str | Path, explainer, scale: float = 1.0, allow_nonfinite: bool = False,
+               preprocess=None):
     """A model input from .npy, .npz (arrays named like the model's inputs, or one array) or an image.
 
+    ``preprocess`` (a ``preprocess.Preprocess``, preset name or .json file; default the explainer's
+    ``preprocess``) turns an image into the model's input (``preprocess.py``); array files are taken
+    as already preprocessed (a warning says so when a description is given).
     Returns an array, or a dict {input name: array} for a .npz that names the model's inputs."""
+    from . import preprocess as pre
+
     p = Path(path)
     if not p.is_file():
         raise RulegraphError(f"{path}: no such input file")
     suffix = p.suffix.lower()
+    spec = pre.resolve(preprocess if preprocess is not None else getattr(explainer, "preprocess", None))
+    if spec is not None and suffix in (".npy", ".npz"):
+        pre.already_preprocessed(p, spec)
+    if spec is not None and suffix in IMAGE_SUFFIXES:
+        name = explainer.graph.inputs[0]
+        shape = explainer.graph.shapes.get(name)
+        pre.check_against(spec, shape, f"{path} for input '{name}'")
+        channels, height, width = pre.layout_shape(spec, shape)
+        fixed = isinstance(height, int) and isinstance(width, int)
+        return pre.preprocess(p, spec, channels if isinstance(channels, int) else 3,
+                              (height, width) if fixed else None)
     if suffix == ".npy":
         value = read_npy(p)
         if not allow_nonfinite:
