@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RulegraphError, RulegraphWarning, did_you_mean
+from .images import HIGH_DEPTH_MODES, high_depth, open_image
 
 #: the key of the compiled explainer's ``metadata_props`` entry holding the description as JSON
 METADATA_KEY = "rulegraph.preprocess"
@@ -250,8 +251,6 @@ def _open(source):
 
     if isinstance(source, Image.Image):
         return source, "the image"
-    from .inputs import open_image
-
     return open_image(Path(source)), str(source)
 
 
@@ -288,15 +287,13 @@ def preprocess(source, spec: Preprocess | str | Path | dict, channels: int = 3,
     when ``spec`` has neither resize nor crop."""
     from PIL import Image
 
-    from .inputs import HIGH_DEPTH_MODES, _high_depth
-
     spec = resolve(spec)
     image, where = _open(source)
     if channels not in (1, 3):
         raise RulegraphError(f"{where}: the model takes {channels} channels; images give 1 (grey) or 3")
     size = resized_size(spec, image.size, model_hw)
     if image.mode in HIGH_DEPTH_MODES:  # 16-bit / float single channel: [0, 1] (F as stored), float resize
-        array = _high_depth(Path(where), image, size)[..., None]
+        array = high_depth(Path(where), image, size)[..., None]
         if channels == 3:
             array = np.repeat(array, 3, axis=2)
     else:
