@@ -5,6 +5,7 @@ preset file beside a model, and the errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -278,3 +279,26 @@ def test_cli_unknown_preset_is_a_bad_input(capsys):
     assert main(["check", str(CNN), "--rules", "lrp-epsilon", "--input", str(ROOT / "models" / "digit_3.png"),
                  "--preprocess", "cifar"]) == 2
     assert "the presets are imagenet, imagenet-caffe" in capsys.readouterr().err
+
+
+def doc_table(name: str) -> list[list[str]]:
+    """The rows of the docs/explainer.md table marked ``<!-- name -->``, cells stripped of backticks."""
+    text = (ROOT / "docs" / "explainer.md").read_text(encoding="utf-8")
+    block = text.split(f"<!-- {name} -->")[1].split(f"<!-- /{name} -->")[0]
+    return [[cell.strip().strip("`") for cell in line.strip("|").split("|")]
+            for line in block.strip().splitlines()[2:]]
+
+
+def test_docs_field_table_lists_every_field():
+    fields = [f.name for f in dataclasses.fields(Preprocess)]
+    assert [row[0] for row in doc_table("preprocess-table")] == fields
+
+
+def test_docs_preset_table_is_the_presets():
+    def cells(spec: Preprocess) -> list[str]:
+        numbers = [", ".join(f"{v:g}" for v in values) for values in (spec.mean, spec.std)]
+        return [str(spec.resize), f"{spec.crop[0]}x{spec.crop[1]}", spec.order, f"{spec.scale:g}", *numbers,
+                spec.layout]
+
+    assert {row[0]: row[1:] for row in doc_table("preset-table")} == {
+        name: cells(spec) for name, spec in pre.PRESETS.items()}
