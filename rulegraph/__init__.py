@@ -12,6 +12,7 @@ from .lang.ruleset import RuleSet
 from .run.explainer import Explainer, Result
 from .run.preprocess import Preprocess, preprocess
 
-__all__ = ["CoverageError", "Explainer", "Graph", "ModelError", "Preprocess", "Result", "RuleSet", "RuleSyntaxError",
+__all__ = ["CoverageError", "Explainer", "Graph", "ModelError", "Preprocess", "Result", "RuleSet",
+           "RuleSyntaxError",
            "RulegraphError", "Target", "TargetError", "load", "preprocess"]
 __version__ = "0.1.0"

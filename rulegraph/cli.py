@@ -367,7 +367,8 @@ def cmd_compile(args) -> int:
     print(f"explainer written to {path}: inputs {compiled.input_names}, attribution outputs "
           f"{list(compiled.attribution.values())}")
     if explainer.preprocess is not None:
-        print(f"preprocessing saved in its metadata ('{pre.METADATA_KEY}'): {explainer.preprocess.describe()}")
+        print(f"preprocessing saved in its metadata ('{pre.METADATA_KEY}'): "
+              f"{explainer.preprocess.describe()}")
     return 0
 
 

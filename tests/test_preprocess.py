@@ -82,10 +82,11 @@ STEPS = [
      lambda p: nchw(pillow_bilinear(p, 16, 16) / 255)),
     ("centre crop 11x20: top round(26/2)=13, left round(30/2)=15", Preprocess(crop=(11, 20)), 3, None,
      lambda p: nchw(p[13:24, 15:35] / 255)),
-    ("centre crop 12x21: top round(12.5)=12, left round(14.5)=14 (half to even)", Preprocess(crop=(12, 21)), 3,
-     None, lambda p: nchw(p[12:24, 14:35] / 255)),
-    ("resize 20 then crop 16x16: left round(11/2)=6 (half to even), top 2", Preprocess(resize=20, crop=(16, 16)),
-     3, None, lambda p: nchw(pillow_bilinear(p, 20, 27)[2:18, 6:22] / 255)),
+    ("centre crop 12x21: top round(12.5)=12, left round(14.5)=14 (half to even)",
+     Preprocess(crop=(12, 21)), 3, None, lambda p: nchw(p[12:24, 14:35] / 255)),
+    ("resize 20 then crop 16x16: left round(11/2)=6 (half to even), top 2",
+     Preprocess(resize=20, crop=(16, 16)), 3, None,
+     lambda p: nchw(pillow_bilinear(p, 20, 27)[2:18, 6:22] / 255)),
     ("scale 255: the pixels as stored", Preprocess(crop=(37, 50), scale=255.0), 3, None,
      lambda p: nchw(p.astype(np.float64))),
     ("mean and std per channel in the scaled range", Preprocess(crop=(37, 50), scale=255.0, mean=(10, 20, 30),
@@ -121,7 +122,8 @@ def two_colour_image(width: int, height: int) -> Image.Image:
 # preset, pixel (row, col) in the 224x224 result, expected [c0, c1, c2] computed by hand
 PRESET_PIXELS = [
     # imagenet: (v/255 - mean) / std in RGB order
-    ("imagenet", (5, 5), [(200 / 255 - 0.485) / 0.229, (100 / 255 - 0.456) / 0.224, (50 / 255 - 0.406) / 0.225]),
+    ("imagenet", (5, 5), [(200 / 255 - 0.485) / 0.229, (100 / 255 - 0.456) / 0.224,
+                          (50 / 255 - 0.406) / 0.225]),
     ("imagenet", (200, 220), [(10 / 255 - 0.485) / 0.229, (240 / 255 - 0.456) / 0.224,
                               (128 / 255 - 0.406) / 0.225]),
     # imagenet-caffe: BGR 0..255 minus (103.939, 116.779, 123.68): B 50 - 103.939 = -53.939, ...
@@ -153,7 +155,8 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/models/
 def squeezenet_documented_input() -> np.ndarray:
     """The models README: BGR 0..255 minus (104, 117, 123), [1, 3, 224, 224]."""
     rgb = np.asarray(Image.open(SHARED / "kitten_224.png").convert("RGB"), dtype=np.float32)
-    return np.ascontiguousarray((rgb[:, :, ::-1] - np.array([104, 117, 123], np.float32)).transpose(2, 0, 1)[None])
+    bgr = rgb[:, :, ::-1] - np.array([104, 117, 123], np.float32)
+    return np.ascontiguousarray(bgr.transpose(2, 0, 1)[None])
 
 
 @needs_shared
@@ -245,7 +248,8 @@ ERRORS = [
      r"imagenet, imagenet-caffe"),
     ("unknown preset inside a file", lambda t: pre.read_file(write(t, '{"preset": "vgg"}')),
      r"p\.json: unknown preprocessing preset 'vgg'.*imagenet, imagenet-caffe"),
-    ("malformed JSON at line 3", lambda t: pre.read_file(write(t, '{\n  "resize": 256,\n  "crop": [224 224]\n}')),
+    ("malformed JSON at line 3",
+     lambda t: pre.read_file(write(t, '{\n  "resize": 256,\n  "crop": [224 224]\n}')),
      r"p\.json:3:\d+: not valid JSON"),
     ("a key that does not exist", lambda t: pre.read_file(write(t, '{"means": [1, 2, 3]}')),
      r"p\.json: unknown key\(s\) \['means'\] \(did you mean 'mean'\?\)"),
@@ -259,11 +263,16 @@ ERRORS = [
                                                     Explainer(CNN, "lrp-epsilon"),
                                                     preprocess=Preprocess(std=(1.0, 2.0))),
      r"digit_3\.png for input 'input': std has 2 values but the model takes 1 channel"),
+    ("mean of 3 for a grey read", lambda t: preprocess(IMAGE, "imagenet", channels=1),
+     r"the image: mean has 3 values for 1 channel\(s\); give 1 values or one"),
     ("crop larger than the resized image", lambda t: preprocess(IMAGE, Preprocess(resize=20, crop=(24, 24))),
-     r"the crop 24x24 is larger than the resized image 20x27; crop at most 20x27, or resize to at least 24x24"),
-    ("final size not the model's", lambda t: Explainer(CNN, "lrp-epsilon", preprocess=Preprocess(crop=(7, 7))),
+     r"the crop 24x24 is larger than the resized image 20x27; crop at most 20x27, or resize to at least "
+     r"24x24"),
+    ("final size not the model's",
+     lambda t: Explainer(CNN, "lrp-epsilon", preprocess=Preprocess(crop=(7, 7))),
      r"the preprocessing gives 7x7 images but the model takes 8x8.*--crop 8,8"),
-    ("NHWC read of an NCHW model", lambda t: Explainer(CNN, "lrp-epsilon", preprocess=Preprocess(layout="NHWC")),
+    ("NHWC read of an NCHW model",
+     lambda t: Explainer(CNN, "lrp-epsilon", preprocess=Preprocess(layout="NHWC")),
      r"read as NHWC has 8 channels"),
     ("a missing .json file", lambda t: pre.resolve(str(t / "none.json")), r"none\.json: no such file"),
 ]

@@ -274,8 +274,9 @@ def crop_box(spec: Preprocess, height: int, width: int, where: str) -> tuple[int
         return 0, 0, height, width
     ch, cw = spec.crop
     if ch > height or cw > width:
-        raise RulegraphError(f"{where}: the crop {ch}x{cw} is larger than the resized image {height}x{width}; "
-                             f"crop at most {height}x{width}, or resize to at least {ch}x{cw}")
+        raise RulegraphError(f"{where}: the crop {ch}x{cw} is larger than the resized image "
+                             f"{height}x{width}; crop at most {height}x{width}, or resize to at least "
+                             f"{ch}x{cw}")
     top, left = int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0))
     return top, left, top + ch, left + cw
 
@@ -287,10 +288,15 @@ def preprocess(source, spec: Preprocess | str | Path | dict, channels: int = 3,
     when ``spec`` has neither resize nor crop."""
     from PIL import Image
 
-    spec = resolve(spec)
+    spec = resolve(spec) or Preprocess()
     image, where = _open(source)
     if channels not in (1, 3):
         raise RulegraphError(f"{where}: the model takes {channels} channels; images give 1 (grey) or 3")
+    for name in ("mean", "std"):
+        values = getattr(spec, name)
+        if values is not None and len(values) not in (1, channels):
+            raise RulegraphError(f"{where}: {name} has {len(values)} values for {channels} channel(s); give "
+                                 f"{channels} values or one")
     size = resized_size(spec, image.size, model_hw)
     if image.mode in HIGH_DEPTH_MODES:  # 16-bit / float single channel: [0, 1] (F as stored), float resize
         array = high_depth(Path(where), image, size)[..., None]
