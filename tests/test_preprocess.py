@@ -311,3 +311,36 @@ def test_docs_preset_table_is_the_presets():
 
     assert {row[0]: row[1:] for row in doc_table("preset-table")} == {
         name: cells(spec) for name, spec in pre.PRESETS.items()}
+
+
+# flags, what the command's arguments hold afterwards (labels, bgr for the pictures), the description
+CLI_ROWS = [
+    (["--preprocess", "imagenet-caffe"], {"bgr": True, "labels": None}, pre.PRESETS["imagenet-caffe"]),
+    (["--preprocess", "imagenet", "--crop", "200,180", "--bgr"], {"bgr": True, "labels": None},
+     pre.PRESETS["imagenet"].replace(crop=(200, 180), order="BGR")),
+    (["--resize", "8,8", "--nhwc", "--std", "2,3"], {"bgr": False, "labels": None},
+     Preprocess(resize=(8, 8), layout="NHWC", std=(2.0, 3.0))),
+    ([], {"bgr": False, "labels": None}, None),
+]
+
+
+@pytest.mark.parametrize("flags,after,spec", CLI_ROWS)
+def test_cli_flags_build_the_description(flags, after, spec):
+    from rulegraph.cli import build_parser, preprocess_of
+
+    args = build_parser().parse_args(["explain", str(CNN), "--rules", "lrp-epsilon", "--input", "x.png",
+                                      *flags])
+    assert preprocess_of(args) == spec
+    assert {k: getattr(args, k) for k in after} == after
+
+
+def test_cli_labels_come_from_the_preset_file(tmp_path):
+    from rulegraph.cli import build_parser, preprocess_of
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(CNN, model)
+    (tmp_path / "m.preprocess.json").write_text('{"preset": "imagenet-caffe", "labels": "names.txt"}')
+    args = build_parser().parse_args(["compare", str(model), "--rules", "gradient", "--input", "x.png",
+                                      "-o", "g.png"])
+    assert preprocess_of(args) == pre.PRESETS["imagenet-caffe"].replace(labels=str(tmp_path / "names.txt"))
+    assert (args.labels, args.bgr) == (str(tmp_path / "names.txt"), True)
