@@ -10,7 +10,9 @@ from .errors import CoverageError, ModelError, RulegraphError, RuleSyntaxError
 from .graph import Graph
 from .lang.ruleset import RuleSet
 from .run.explainer import Explainer, Result
+from .run.preprocess import Preprocess, preprocess
 
-__all__ = ["CoverageError", "Explainer", "Graph", "ModelError", "Result", "RuleSet", "RuleSyntaxError",
-           "RulegraphError", "Target", "TargetError", "load"]
+__all__ = ["CoverageError", "Explainer", "Graph", "ModelError", "Preprocess", "Result", "RuleSet",
+           "RuleSyntaxError",
+           "RulegraphError", "Target", "TargetError", "load", "preprocess"]
 __version__ = "0.1.0"

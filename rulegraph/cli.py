@@ -29,6 +29,7 @@ from .run import rulefiles as dsl
 from .run.amplification import DEFAULT_MAX_AMPLIFICATION
 from .run.explainer import Explainer
 from .run.files import check_output, model_files, rule_files, write_bytes, write_with
+from .run import preprocess as pre
 from .run.inputs import IMAGE_SUFFIXES, load_input, read_npy  # noqa: F401  (load_input: the API's input reader)
 from .viz import (
     DEFAULT_CLIP,
@@ -163,6 +164,7 @@ def cmd_explain(args) -> int:
     if args.heatmap:
         html = Path(args.heatmap).suffix.lower() == ".html"  # token relevance; else a picture
         check_output(args.heatmap, sources, [".html"] if html else heatmap_suffixes(), "--heatmap")
+    spec = preprocess_of(args)
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
                           class_axis=args.class_axis)
     explainer.allow_nonfinite = args.allow_nonfinite
@@ -170,7 +172,7 @@ def cmd_explain(args) -> int:
     if args.heatmap and args.labels:
 
         labels = read_labels(args.labels)
-    x = load_input(args.input, explainer, args.scale, args.allow_nonfinite)
+    x = load_input(args.input, explainer, args.scale or 1.0, args.allow_nonfinite, preprocess=spec)
     result = explainer.explain(x, target=target_of(args), max_amplification=args.max_amplification)
     print(summary(result))
     if args.out:
@@ -222,7 +224,8 @@ def _picture_options(p) -> None:
                         "maxabs for a saliency map)")
     p.add_argument("--background", choices=["grey", "colour"], default="grey",
                    help="the input under an overlay in grey or in colour (default grey)")
-    p.add_argument("--bgr", action="store_true", help="the input's channels are BGR (drawn as RGB)")
+    p.add_argument("--bgr", action="store_true", help="the input's channels are BGR (drawn as RGB; images "
+                   "are read as BGR where the command reads them for the model)")
     p.add_argument("--labels", help="class names: a file of 'index,name' lines or one name per line")
     p.add_argument("--show", choices=["attribution", "saliency"],
                    help="draw x ⊙ a(x) or a(x) (default: saliency for gradient, guided-backprop, "
@@ -251,12 +254,13 @@ def cmd_compare(args) -> int:
     rules = [r for r in args.rules.split(",") if r]
     sources = _inputs_of(args) + [f for r in rules for f in rule_files(r)]
     check_output(args.o, sources, FIGURE_SUFFIXES, "-o")
+    spec = preprocess_of(args)
     labels = read_labels(args.labels) if args.labels else None
     columns = []
     for name in rules:
         explainer = Explainer(args.model, name, output=args.output, start=args.start,
                               class_axis=args.class_axis)
-        x = load_input(args.input, explainer, args.scale)
+        x = load_input(args.input, explainer, args.scale or 1.0, preprocess=spec)
         result = explainer.explain(x, target=target_of(args))
         method = _method(name)
         maps, show = choose_maps(result, method, args.show)
@@ -283,6 +287,8 @@ def cmd_compare(args) -> int:
 def cmd_show(args) -> int:
     """Draw a saved attribution (``explain --out``, or the compiled explainer's output run anywhere)."""
 
+    if Path(args.attribution).suffix.lower() == ".onnx":
+        return _show_preprocess(args.attribution)
     sources = [Path(args.attribution)] + ([Path(args.input)] if args.input else []) + \
         [Path(p) for p in (args.labels, args.vocab, args.tokens) if p]
     if args.o:
@@ -355,11 +361,14 @@ def _show_tokens(args, maps) -> int:
 def cmd_compile(args) -> int:
     check_output(args.o, _inputs_of(args), what="-o")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
-                          class_axis=args.class_axis)
+                          class_axis=args.class_axis, preprocess=preprocess_of(args))
     path = explainer.save(args.o)
     compiled = explainer.saved()
     print(f"explainer written to {path}: inputs {compiled.input_names}, attribution outputs "
           f"{list(compiled.attribution.values())}")
+    if explainer.preprocess is not None:
+        print(f"preprocessing saved in its metadata ('{pre.METADATA_KEY}'): "
+              f"{explainer.preprocess.describe()}")
     return 0
 
 
@@ -370,7 +379,8 @@ def cmd_check(args) -> int:
     x = None
     if args.input:
         # check diagnoses NaN/Inf in an input (it names them as the cause) instead of refusing it
-        x = load_input(args.input, Explainer(args.model, args.rules), args.scale, allow_nonfinite=True)
+        x = load_input(args.input, Explainer(args.model, args.rules), args.scale or 1.0, allow_nonfinite=True,
+                       preprocess=preprocess_of(args))
     samples = 0 if x is not None else args.samples
     report = check(args.model, args.rules, x=x, samples=samples, tolerance=args.tolerance,
                    probes=args.probes, output=args.output, start=args.start,
@@ -432,6 +442,74 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _show_preprocess(path: str) -> int:
+    """``rulegraph show explainer.onnx``: the preprocessing its metadata records."""
+    spec = pre.from_metadata(path)
+    if spec is None:
+        print(f"{path}: no preprocessing recorded (compile it with --preprocess to save one)")
+    else:
+        print(f"{path}: preprocessing {spec.describe()}")
+        print(spec.to_json())
+    return 0
+
+
+def _numbers(text: str, option: str, example: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise RulegraphError(f"{option} {text}: expected comma-separated numbers such as {example}") from None
+
+
+def _size_flag(text: str | None, option: str, square: bool):
+    """``--resize 256`` (shorter side) / ``--resize 256,320`` (H, W); ``--crop 224`` is 224x224."""
+    if text is None:
+        return None
+    values = _ints(text, option, "224 or 224,224")
+    if len(values) == 1:
+        return (values[0], values[0]) if square else values[0]
+    if len(values) == 2:
+        return tuple(values)
+    raise RulegraphError(f"{option} {text}: expected one size or H,W")
+
+
+def preprocess_of(args) -> pre.Preprocess | None:
+    """The preprocessing of a command: ``--preprocess NAME|FILE`` (else ``MODEL.preprocess.json`` when
+    present), then the flags on top; None when nothing describes it (images read as [0, scale])."""
+    base = pre.resolve(args.preprocess) if args.preprocess else None
+    if base is None and pre.beside(args.model) is not None:
+        base = pre.read_file(pre.beside(args.model))
+    changes = {"resize": _size_flag(args.resize, "--resize", square=False),
+               "crop": _size_flag(args.crop, "--crop", square=True),
+               "mean": _numbers(args.mean, "--mean", "0.485,0.456,0.406") if args.mean else None,
+               "std": _numbers(args.std, "--std", "0.229,0.224,0.225") if args.std else None,
+               "order": "BGR" if args.bgr else None, "layout": "NHWC" if args.nhwc else None,
+               "scale": args.scale}
+    if base is None and all(v is None for v in changes.values()):
+        return None
+    spec = (base or pre.Preprocess()).replace(**changes)
+    if spec.order == "BGR" and hasattr(args, "mode"):
+        args.bgr = True  # pictures draw the BGR input as RGB
+    if spec.labels and hasattr(args, "mode") and not args.labels:
+        args.labels = spec.labels
+    return spec
+
+
+def _preprocess_options(p, bgr: bool, scale: bool = True) -> None:
+    """How images become the model's input (run/preprocess.py); ``bgr``: add ``--bgr`` here (the
+    picture options already have it)."""
+    p.add_argument("--preprocess", help=f"a preset ({', '.join(pre.PRESETS)}) or a .json file (default: "
+                   f"MODEL.preprocess.json when present); the flags below change it")
+    if scale:
+        p.add_argument("--scale", type=float, help="images are read as values in [0, scale] (default 1)")
+    p.add_argument("--resize", help="resize the shorter side to S (256), or to H,W")
+    p.add_argument("--crop", help="centre crop H,W (224 or 224,224)")
+    p.add_argument("--mean", help="subtract per channel, in the scaled range (0.485,0.456,0.406)")
+    p.add_argument("--std", help="divide per channel (0.229,0.224,0.225)")
+    if bgr:
+        p.add_argument("--bgr", action="store_true", help="the model takes BGR channels")
+    p.add_argument("--nhwc", action="store_true", help="the model takes [N, H, W, C] (default NCHW)")
+
+
 def _heatmap_suffixes() -> list[str]:
     return heatmap_suffixes()
 
@@ -468,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_and_rules(p)
     p.add_argument("--input", required=True, help=".npy, .npz or an image file")
     target_options(p)
-    p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
+    _preprocess_options(p, bgr=False)
     p.add_argument("--allow-nonfinite", action="store_true", help="explain inputs holding NaN or Inf "
                    "(refused by default)")
     p.add_argument("--out", help="write the attribution of the first input here (.npy)")
@@ -488,14 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", help="start at this intermediate tensor instead")
     p.add_argument("--input", required=True, help=".npy, .npz or an image file")
     target_options(p)
-    p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
+    _preprocess_options(p, bgr=False)
     p.add_argument("-o", required=True, help="where to write the grid (.png, .pdf, .svg, ...)")
     _picture_options(p)
     p.set_defaults(run=cmd_compare, mode="overlay")
 
     p = sub.add_parser("show", help="draw a saved attribution (.npy, batch first)")
     p.add_argument("attribution",
-                   help="the attribution .npy (explain --out, or the compiled explainer's output)")
+                   help="the attribution .npy (explain --out, or the compiled explainer's output); a "
+                        "compiled explainer .onnx: print the preprocessing its metadata records")
     p.add_argument("--input", help="the input explained (image file or .npy), drawn under overlay / masked")
     p.add_argument("-o", help="the picture (.png, .pdf, .svg, ...) or, for tokens, .html")
     p.add_argument("--title", help="a title for every panel")
@@ -509,13 +588,14 @@ def build_parser() -> argparse.ArgumentParser:
     model_and_rules(p)
     p.add_argument("-o", required=True, help="where to write the explainer .onnx")
     p.add_argument("--class-axis", type=int, help="the start tensor's class axis (see explain)")
+    _preprocess_options(p, bgr=True)
     p.set_defaults(run=cmd_compile)
 
     p = sub.add_parser("check", help="coverage, conservation and consistency of a rule file on a model (CI)")
     model_and_rules(p)
     p.add_argument("--input", help="measure conservation on this input (.npy, .npz, image)")
     p.add_argument("--samples", type=int, default=4, help="else on N seeded random inputs (0: static only)")
-    p.add_argument("--scale", type=float, default=1.0, help="images are read as values in [0, scale]")
+    _preprocess_options(p, bgr=True)
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest leak allowed, relative to the start value")
     p.add_argument("--probes", action="store_true", help="also run the consistency probes")
     _max_amplification(p, "fail when Σ|attribution| / |start value| exceeds this "

@@ -16,6 +16,7 @@ from ..compile.targets import Target, TargetError
 from ..compile.unmatched import warn_unmatched
 from ..errors import InternalError, ModelError, RulegraphError
 from ..lang.ruleset import RuleCall, RuleSet
+from . import preprocess as preprocessing
 from . import rulefiles as dsl
 from . import runtime
 from .amplification import DEFAULT_MAX_AMPLIFICATION, quiet, warn_if_amplified
@@ -33,6 +34,16 @@ def _load_rules(rules: str | Path | RuleSet) -> RuleSet:
     return dsl.load(rules)
 
 
+def _preprocess_of(value, graph) -> preprocessing.Preprocess | None:
+    """``Explainer(preprocess=...)`` resolved (preset name, .json file, dict) and checked against the
+    model's first input when that is an image-shaped tensor."""
+    spec = preprocessing.resolve(value)
+    if spec is not None:
+        name = graph.inputs[0]
+        preprocessing.check_against(spec, graph.shapes.get(name), f"preprocess for input '{name}'")
+    return spec
+
+
 class Explainer:
     """Model + rule file, compiled once into one ONNX explainer and run with onnxruntime.
 
@@ -47,7 +58,7 @@ class Explainer:
     def __init__(self, model: str | Path | onnx.ModelProto, rules: str | Path | RuleSet,
                  providers: list[str] | None = None, output: str | None = None,
                  start: str | None = None, threads: int = 0, precision: str = "fp32",
-                 class_axis: int | None = None):
+                 class_axis: int | None = None, preprocess=None):
         self.graph = ops.load(model, precision=precision)
         self._model, self._precision = model, precision
         self._where = "the model" if isinstance(model, onnx.ModelProto) else f"model {model}"
@@ -58,6 +69,8 @@ class Explainer:
         self.threads = threads
         self._sources = (model, rules)  # the files read; ``save`` refuses to overwrite them
         self.class_axis = class_axis
+        #: how images become this model's input (``preprocess.py``): used by ``load_input``, saved by ``save``
+        self.preprocess = _preprocess_of(preprocess, self.graph)
         self._spec: targets_mod.StartSpec | None = None
         self._compiled: dict[tuple[bool, bool], Compiled] = {}
         self._sessions: dict = {}
@@ -163,6 +176,8 @@ class Explainer:
         model_path, rules_path = self._sources
         path = check_output(path, model_files(model_path, [path]) + rule_files(rules_path), what="explainer")
         model = self.saved(seed_mode).model
+        if self.preprocess is not None:  # the file documents its own inputs (metadata_props)
+            model = preprocessing.to_metadata(model, self.preprocess)
         return write_with(path, lambda tmp: onnx.save(model, str(tmp)), "explainer")
 
     #: NaN or infinite values in a float input are refused unless this is set (``explainer.allow_nonfinite``)

@@ -14,23 +14,19 @@ by ``scale``.
 from __future__ import annotations
 
 import tokenize
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import RulegraphError, RulegraphWarning
+from ..errors import RulegraphError
+from . import preprocess as pre
+from .images import HIGH_DEPTH_MODES, high_depth, open_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 #: the most bytes one .npz may decompress to (a zip bomb is refused before it is inflated)
 MAX_NPZ_BYTES = 8 << 30
-#: image mode -> the divisor that maps its values to [0, 1] (None: stored as is)
-HIGH_DEPTH_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0,
-                    "F": None}
-
-
 def _check_dtype(where: str, dtype: np.dtype) -> None:
     if dtype.hasobject:
         raise RulegraphError(f"{where} holds Python objects (a pickled array), which rulegraph does not "
@@ -127,19 +123,10 @@ def read_image(path: str | Path, shape: list, scale: float = 1.0) -> np.ndarray:
     if channels not in (1, 3):
         raise RulegraphError(f"{path}: the model takes {channels} channels; images give 1 (grey) or 3 (RGB): "
                              f"pass a .npy instead")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RulegraphError(f"{path}: {exc} (raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine)") \
-            from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise RulegraphError(f"{path} is not a readable image ({exc}); is it truncated or corrupt?") from None
+    image = open_image(path)
     size = (width, height) if isinstance(height, int) and isinstance(width, int) else None
     if image.mode in HIGH_DEPTH_MODES:
-        array = _high_depth(path, image, size)
+        array = high_depth(path, image, size)
         if channels == 3:
             array = np.repeat(array[None], 3, axis=0)
         else:
@@ -153,28 +140,6 @@ def read_image(path: str | Path, shape: list, scale: float = 1.0) -> np.ndarray:
     return (array * np.float32(scale)).astype(np.float32)[None]
 
 
-def _high_depth(path: Path, image, size) -> np.ndarray:
-    """A 16-bit or float single-channel image as float32 [H, W], in [0, 1] (16-bit) or as stored (F)."""
-    from PIL import Image
-
-    raw = np.asarray(image).astype(np.float64)
-    divisor = HIGH_DEPTH_MODES[image.mode]
-    if divisor is None:
-        warnings.warn(f"{path}: a float image (mode F) is read as stored, not scaled to [0, 1]",
-                      RulegraphWarning, stacklevel=3)
-        if not np.isfinite(raw).all():
-            raise RulegraphError(f"{path}: the float image holds NaN or infinite pixels")
-    else:
-        if raw.size and (raw.min() < 0 or raw.max() > divisor):
-            raise RulegraphError(f"{path}: mode {image.mode} pixels span [{raw.min():g}, {raw.max():g}], "
-                                 f"outside the 16-bit range [0, 65535] this reader scales by")
-        raw = raw / divisor
-    array = raw.astype(np.float32)
-    if size is not None and array.shape[::-1] != size:
-        array = np.asarray(Image.fromarray(array, mode="F").resize(size, Image.BILINEAR), dtype=np.float32)
-    return array
-
-
 def _check_finite(where: str, array: np.ndarray) -> None:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = np.argwhere(~np.isfinite(array))
@@ -182,14 +147,29 @@ def _check_finite(where: str, array: np.ndarray) -> None:
                              f"{tuple(int(i) for i in bad[0])}); clean the input, or allow them explicitly")
 
 
-def load_input(path: str | Path, explainer, scale: float = 1.0, allow_nonfinite: bool = False):
+def load_input(path: str | Path, explainer, scale: float = 1.0, allow_nonfinite: bool = False,
+               preprocess=None):
     """A model input from .npy, .npz (arrays named like the model's inputs, or one array) or an image.
 
+    ``preprocess`` (a ``preprocess.Preprocess``, preset name or .json file; default the explainer's
+    ``preprocess``) turns an image into the model's input (``preprocess.py``); array files are taken
+    as already preprocessed (a warning says so when a description is given).
     Returns an array, or a dict {input name: array} for a .npz that names the model's inputs."""
     p = Path(path)
     if not p.is_file():
         raise RulegraphError(f"{path}: no such input file")
     suffix = p.suffix.lower()
+    spec = pre.resolve(preprocess if preprocess is not None else getattr(explainer, "preprocess", None))
+    if spec is not None and suffix in (".npy", ".npz"):
+        pre.already_preprocessed(p, spec)
+    if spec is not None and suffix in IMAGE_SUFFIXES:
+        name = explainer.graph.inputs[0]
+        shape = explainer.graph.shapes.get(name)
+        pre.check_against(spec, shape, f"{path} for input '{name}'")
+        channels, height, width = pre.layout_shape(spec, shape)
+        fixed = isinstance(height, int) and isinstance(width, int)
+        return pre.preprocess(p, spec, channels if isinstance(channels, int) else 3,
+                              (height, width) if fixed else None)
     if suffix == ".npy":
         value = read_npy(p)
         if not allow_nonfinite:
