@@ -25,11 +25,11 @@ from .compile.plan import assign, find_start, path_nodes
 from .compile.targets import Target
 from .compile.unmatched import warn_unmatched
 from .errors import RulegraphError, RulegraphWarning
+from .run import preprocess as pre
 from .run import rulefiles as dsl
 from .run.amplification import DEFAULT_MAX_AMPLIFICATION
 from .run.explainer import Explainer
 from .run.files import check_output, model_files, rule_files, write_bytes, write_with
-from .run import preprocess as pre
 from .run.inputs import IMAGE_SUFFIXES, load_input, read_npy  # noqa: F401  (load_input: the API's input reader)
 from .viz import (
     DEFAULT_CLIP,
