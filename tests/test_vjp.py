@@ -64,6 +64,13 @@ def away(*kinks: float, margin: float = 0.05, scale: float = 1.0) -> Callable:
     return sample
 
 
+def positive(low: float = 0.3, scale: float = 1.0) -> Callable:
+    """Samples ``low + scale·|normal|``: kept away from 0 (Sqrt, Log, Pow's base under a real exponent)."""
+    def sample(rng, shapes):
+        return {k: low + scale * np.abs(rng.standard_normal(s)) for k, s in shapes.items()}
+    return sample
+
+
 def distinct(rng, shapes):
     """All values of all inputs distinct and 4/n apart (a scaled permutation): no max ties."""
     sizes = [int(np.prod(s)) for s in shapes.values()]
@@ -324,6 +331,31 @@ ELEMENTWISE = [
     op("HardSigmoid-defaults", "HardSigmoid", ["x"], X234, sample=away(-2.5, 2.5, scale=3.0)),
     op("HardSwish", "HardSwish", ["x"], X234, sample=away(-3.0, 3.0, scale=3.0)),
     op("Abs", "Abs", ["x"], X234, sample=away(0.0)),
+    op("Sqrt", "Sqrt", ["x"], X234, sample=positive()),
+    op("Exp", "Exp", ["x"], X234),
+    op("Log", "Log", ["x"], X234, sample=positive()),
+    op("Reciprocal", "Reciprocal", ["x"], X234, sample=away(0.0, margin=0.5)),
+    op("Sin", "Sin", ["x"], X234, sample=normal(2.0)),
+    op("Sin-opset22", "Sin", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Cos", "Cos", ["x"], X234, sample=normal(2.0)),
+    op("Cos-opset22", "Cos", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Softsign", "Softsign", ["x"], X234, sample=normal(2.0)),
+    op("Softsign-opset22", "Softsign", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Mish-opset18", "Mish", ["x"], X234, opset=18, sample=normal(2.0)),
+    op("Mish-opset22", "Mish", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Celu", "Celu", ["x"], X234, sample=away(0.0), alpha=0.6),
+    op("Celu-opset28", "Celu", ["x"], X234, opset=28, sample=away(0.0)),
+    # kinks at α (ThresholdedRelu) and at ±λ (Shrink)
+    op("ThresholdedRelu", "ThresholdedRelu", ["x"], X234, sample=away(0.4), alpha=0.4),
+    op("ThresholdedRelu-opset22-default", "ThresholdedRelu", ["x"], X234, opset=22, sample=away(1.0, scale=2.0)),
+    op("Shrink", "Shrink", ["x"], X234, sample=away(-0.7, 0.7), lambd=0.7, bias=0.2),
+    op("Shrink-defaults", "Shrink", ["x"], X234, sample=away(-0.5, 0.5)),
+    op("Pow-const-integer-exponent", "Pow", ["x", "e"], X234, {"e": np.array(3.0)}),
+    op("Pow-const-int64-exponent", "Pow", ["x", "e"], X234, {"e": np.array(2, dtype=np.int64)}),
+    op("Pow-const-real-exponent-broadcast", "Pow", ["x", "e"], X234, {"e": np.array([0.5, 1.5, -0.7, 2.2])},
+       sample=positive()),
+    op("Pow-activation-exponent", "Pow", ["x", "x1"], {"x": [2, 3, 4], "x1": [3, 1]}, sample=positive()),
+    op("Pow-const-base-activation-exponent", "Pow", ["c", "x"], X234, {"c": 0.5 + np.abs(weight(4))}),
 ]
 
 ROUTE = [
@@ -542,3 +574,20 @@ def test_window_sum_conserves_under_radial(case: Case):
     total = sum(float(v.sum()) for v in got.values())
     want = float(np.sum(y * seed))   # relevance starts at y ⊙ seed
     assert total == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+# a rule that blames f(0) on an op whose f(0) is infinite: refused by name ---------------------------
+
+SLOPE = RuleSet((Binding(Selector("kind", "nonlinear"), RuleCall("slope", {}), Location("test", 1, 1)),),
+                quantity="importance")
+
+
+@pytest.mark.parametrize("case", [c.param() for c in [
+    op("Log", "Log", ["x"], X234),
+    op("Reciprocal", "Reciprocal", ["x"], X234),
+    op("Pow-negative-exponent", "Pow", ["x", "e"], X234, {"e": np.array(-1.5)}),
+]])
+def test_slope_refuses_an_infinite_value_at_zero(case: Case):
+    node = case.model.graph.node[0]
+    with pytest.raises(ModelError, match=f"'{node.name}' \\({node.op_type}\\).*f\\(0\\) = -?inf is not finite"):
+        compile_seed(case.model, SLOPE)

@@ -2,7 +2,7 @@
 
 - ``vjp_of``: a fused node's VJP is its members' VJPs chained in reverse: the gradient of exactly
   what the forward computes, reading the members' forward tensors. Members may be ops without a
-  kind of their own (Pow, Sqrt, Reciprocal, Where); their VJPs are in ``MEMBER_VJPS``;
+  kind of their own (Where); their VJPs are in ``MEMBER_VJPS``;
 - ``evaluate``: the members run on given inputs (``f(0)`` for the slope rule);
 - ``emit_copy``: the members emitted again on other inputs (the repeat rule, the baseline pass).
 """
@@ -71,33 +71,6 @@ def _where(ctx, g):
     return [None,
             unbroadcast(ctx, t.op("Where", c, g[0], zero), ctx.y, a) if ctx.active[1] else None,
             unbroadcast(ctx, t.op("Where", c, zero, g[0]), ctx.y, b) if ctx.active[2] else None]
-
-
-@member_vjp("Pow")
-def _pow(ctx, g):
-    """``y = x^p`` for a constant scalar ``p``: ``p·x^(p−1)``."""
-    p = ctx.const(1)
-    if p is None or p.size != 1:
-        raise ctx.fail("Pow needs a constant scalar exponent")
-    p = float(p.reshape(()))
-    t = ctx.tape
-    slope = (t.op("Mul", ctx.x, t.scalar(2.0)) if p == 2.0
-             else t.op("Mul", t.scalar(p), t.op("Pow", ctx.x, t.scalar(p - 1.0))))
-    return [t.op("Mul", g[0], slope), None]
-
-
-@member_vjp("Sqrt")
-def _sqrt(ctx, g):
-    """``y = √x``: ``1/(2y)``."""
-    t = ctx.tape
-    return [t.op("Div", t.op("Mul", g[0], t.scalar(0.5)), ctx.y)]
-
-
-@member_vjp("Reciprocal")
-def _reciprocal(ctx, g):
-    """``y = 1/x``: ``−y²``."""
-    t = ctx.tape
-    return [t.op("Neg", t.op("Mul", g[0], t.op("Mul", ctx.y, ctx.y)))]
 
 
 def evaluate(graph: Graph, node: Node, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -886,6 +886,103 @@ def _abs(ctx, g):
     return [ctx.tape.op("Mul", g[0], ctx.tape.op("Sign", ctx.x))]
 
 
+@vjp("Sqrt", kind=NONLINEAR)
+def _sqrt(ctx, g):
+    """``d√x = 1/(2√x)``."""
+    return [ctx.tape.op("Div", ctx.tape.op("Mul", g[0], ctx.tape.scalar(0.5)), ctx.y)]
+
+
+@vjp("Exp", kind=NONLINEAR)
+def _exp(ctx, g):
+    return [ctx.tape.op("Mul", g[0], ctx.y)]
+
+
+@vjp("Log", kind=NONLINEAR)
+def _log(ctx, g):
+    return [ctx.tape.op("Div", g[0], ctx.x)]
+
+
+@vjp("Reciprocal", kind=NONLINEAR)
+def _reciprocal(ctx, g):
+    """``d(1/x) = −1/x² = −y²``."""
+    t = ctx.tape
+    return [t.op("Neg", t.op("Mul", g[0], t.op("Mul", ctx.y, ctx.y)))]
+
+
+@vjp("Sin", kind=NONLINEAR)
+def _sin(ctx, g):
+    return [ctx.tape.op("Mul", g[0], ctx.tape.op("Cos", ctx.x))]
+
+
+@vjp("Cos", kind=NONLINEAR)
+def _cos(ctx, g):
+    return [ctx.tape.op("Neg", ctx.tape.op("Mul", g[0], ctx.tape.op("Sin", ctx.x)))]
+
+
+@vjp("Softsign", kind=NONLINEAR)
+def _softsign(ctx, g):
+    """``y = x/(1 + |x|)``, ``y' = 1/(1 + |x|)²``."""
+    t = ctx.tape
+    denominator = t.op("Add", t.scalar(1.0), t.op("Abs", ctx.x))
+    return [t.op("Div", g[0], t.op("Mul", denominator, denominator))]
+
+
+@vjp("Mish", kind=NONLINEAR)
+def _mish(ctx, g):
+    """``y = x·tanh(softplus x)``, ``y' = tanh(sp) + x·σ(x)·(1 − tanh²(sp))``."""
+    t, x = ctx.tape, ctx.x
+    th = t.op("Tanh", t.op("Softplus", x))
+    sech2 = t.op("Sub", t.scalar(1.0), t.op("Mul", th, th))
+    d = t.op("Add", th, t.op("Mul", t.op("Mul", x, t.op("Sigmoid", x)), sech2))
+    return [t.op("Mul", g[0], d)]
+
+
+@vjp("Celu", kind=NONLINEAR)
+def _celu(ctx, g):
+    """``y' = 1`` for ``x > 0``, ``exp(x/α)`` otherwise."""
+    t = ctx.tape
+    alpha = ctx.node.attr("alpha", 1.0)
+    positive = t.op("Greater", ctx.x, t.scalar(0.0))
+    slope = t.op("Exp", t.op("Div", ctx.x, t.scalar(alpha)))
+    return [t.op("Where", positive, g[0], t.op("Mul", g[0], slope))]
+
+
+@vjp("ThresholdedRelu", kind=NONLINEAR)
+def _thresholded_relu(ctx, g):
+    """``y = x`` where ``x > α``, else 0 (mask ``x > α``)."""
+    t = ctx.tape
+    above = t.op("Greater", ctx.x, t.scalar(ctx.node.attr("alpha", 1.0)))
+    return [t.op("Where", above, g[0], t.scalar(0.0))]
+
+
+@vjp("Shrink", kind=NONLINEAR)
+def _shrink(ctx, g):
+    """``y = x ∓ bias`` where ``|x| > λ``, else 0 (mask ``|x| > λ``)."""
+    t = ctx.tape
+    outside = t.op("Greater", t.op("Abs", ctx.x), t.scalar(ctx.node.attr("lambd", 0.5)))
+    return [t.op("Where", outside, g[0], t.scalar(0.0))]
+
+
+@vjp("Pow", kind=NONLINEAR)
+def _pow(ctx, g):
+    """``y = xᵇ``: ``∂x = b·x^(b−1)``, ``∂b = y·ln x`` (an activation exponent: defined for ``x > 0``).
+    Nonlinear rules other than the gradient give the exponent nothing; its gradient is exact."""
+    t = ctx.tape
+    x, b = ctx.node.inputs
+    gx = gb = None
+    if ctx.active[0]:
+        bc = ctx.const(1)
+        if bc is not None:
+            factor = t.const(np.asarray(bc, dtype=t.float_dtype), hint="exponent")
+            power = t.op("Pow", x, t.const(np.asarray(bc - 1, dtype=t.float_dtype), hint="exponent"))
+        else:
+            factor, power = b, t.op("Pow", x, t.op("Sub", b, t.scalar(1.0)))
+        gx = unbroadcast(ctx, t.op("Mul", g[0], t.op("Mul", factor, power)), ctx.y, x)
+    if ctx.active[1]:
+        gb = unbroadcast(ctx, t.op("Mul", g[0], t.op("Mul", ctx.y, t.op("Log", x))), ctx.y, b)
+    return [gx, gb]
+
+
 # --------------------------------------------------------------------------------------------------
 # normalizing
 
