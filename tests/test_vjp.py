@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from oracles import GRADIENT, check_vjp, compile_seed, make_model, one_node, run
+from oracles import GRADIENT, check_vjp, compile_seed, make_model, one_node, reference_vjp, run
 
 from rulegraph import Explainer, ModelError
 from rulegraph.compile.build import SEED
@@ -273,7 +273,33 @@ REDUCE = [
     op("ReduceMax-keepdims0", "ReduceMax", ["x"], X234, sample=distinct, axes=[-1], keepdims=0),
     op("ReduceMax-opset18-axes-input", "ReduceMax", ["x", "axes"], X234, {"axes": ints(0)}, opset=18,
        sample=distinct, keepdims=0),
+    op("ReduceMin-one-axis", "ReduceMin", ["x"], X234, sample=distinct, axes=[1]),
+    op("ReduceMin-keepdims0", "ReduceMin", ["x"], X234, sample=distinct, axes=[-1], keepdims=0),
+    op("ReduceMin-opset18-axes-input", "ReduceMin", ["x", "axes"], X234, {"axes": ints(0)}, opset=18,
+       sample=distinct, keepdims=0),
+    op("ReduceMin-opset20-axes-input", "ReduceMin", ["x", "axes"], X234, {"axes": ints(2)}, opset=20,
+       sample=distinct),
+    op("ReduceMin-opset20-noop-empty-axes", "ReduceMin", ["x"], X234, opset=20, noop_with_empty_axes=1),
+    # L1: |x| kinks at 0 avoided; L2: the norm is far from 0; Prod: one row with exact zeros
+    op("ReduceL1-attr-axes", "ReduceL1", ["x"], X234, sample=away(0.0), axes=[0, 2]),
+    op("ReduceL1-opset18-axes-input-keepdims0", "ReduceL1", ["x", "axes"], X234, {"axes": ints(-1)}, opset=18,
+       sample=away(0.0), keepdims=0),
+    op("ReduceL2-attr-axes-keepdims0", "ReduceL2", ["x"], X234, axes=[1], keepdims=0),
+    op("ReduceL2-opset18-all-axes", "ReduceL2", ["x"], X234, opset=18),
+    op("ReduceSumSquare-attr-axes", "ReduceSumSquare", ["x"], X234, axes=[1, 2], keepdims=0),
+    op("ReduceSumSquare-opset18-axes-input", "ReduceSumSquare", ["x", "axes"], X234, {"axes": ints(0)}, opset=18),
+    op("ReduceLogSumExp-attr-axes", "ReduceLogSumExp", ["x"], X234, sample=normal(2.0), axes=[2]),
+    op("ReduceLogSumExp-opset18-axes-input-keepdims0", "ReduceLogSumExp", ["x", "axes"], X234,
+       {"axes": ints(0, 1)}, opset=18, sample=normal(2.0), keepdims=0),
+    op("ReduceLogSumExp-opset28-noop-empty-axes", "ReduceLogSumExp", ["x", "axes"], X234,
+       {"axes": np.zeros(0, dtype=np.int64)}, opset=28, noop_with_empty_axes=1),
+    op("ReduceProd-attr-axes", "ReduceProd", ["x"], X234, axes=[1]),
+    op("ReduceProd-opset18-all-axes-keepdims0", "ReduceProd", ["x"], X234, opset=18, keepdims=0),
+    op("ReduceProd-opset18-axes-input", "ReduceProd", ["x", "axes"], X234, {"axes": ints(0, 2)}, opset=18),
 ]
+
+# ReduceProd with exact zeros: windows with no zero, one zero (the product of the rest) and two zeros (0)
+PROD_ZEROS = np.array([[1.5, -0.7, 0.9], [0.0, 1.3, -1.1], [0.0, 0.8, 0.0], [2.0, 0.0, -0.6]])
 
 BN = [op("BatchNormalization", "BatchNormalization", ["x", "s", "b", "m", "v"], {"x": [2, 3, 4, 4]},
          {"s": weight(3), "b": weight(3), "m": weight(3), "v": 0.5 + W.random(3)}, epsilon=1e-3)]
@@ -408,6 +434,10 @@ ROUTE = [
 
 # `distinct`: values of all operands are distinct, so the maximum is never a tie
 MAX = [
+    op("Min-3-broadcast", "Min", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [3, 1], "x2": [4]}, sample=distinct),
+    op("Min-with-const", "Min", ["x", "c"], X234, {"c": np.linspace(-0.51, 0.49, 4)}, sample=distinct),
+    op("Mean-3-broadcast", "Mean", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [4], "x2": [3, 1]}),
+    op("Mean-with-const", "Mean", ["x", "c"], X234, {"c": weight(3, 1)}),
     op("Max-3-broadcast", "Max", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [3, 1], "x2": [4]}, sample=distinct),
     op("Max-same-shape", "Max", ["x", "x1"], {"x": [2, 3, 4], "x1": [2, 3, 4]}, sample=distinct),
     op("Max-with-const", "Max", ["x", "c"], X234, {"c": np.linspace(-0.51, 0.49, 4)}, sample=distinct),
@@ -452,6 +482,7 @@ UNSUPPORTED = [
     op("Conv-activation-weights", "Conv", ["x", "x1"], {"x": [1, 2, 5, 5], "x1": [3, 2, 3, 3]}),
     op("Pad-reflect", "Pad", ["x", "pads"], X234, {"pads": ints(0, 1, 1, 0, 1, 1)}, mode="reflect"),
     op("ReduceMax-two-axes", "ReduceMax", ["x"], X234, axes=[1, 2]),
+    op("ReduceMin-all-axes", "ReduceMin", ["x"], X234),
 ]
 
 
@@ -591,3 +622,63 @@ def test_slope_refuses_an_infinite_value_at_zero(case: Case):
     node = case.model.graph.node[0]
     with pytest.raises(ModelError, match=f"'{node.name}' \\({node.op_type}\\).*f\\(0\\) = -?inf is not finite"):
         compile_seed(case.model, SLOPE)
+
+
+# pinned points the finite differences keep away from ----------------------------------------------
+
+
+def _others_product(x: np.ndarray) -> np.ndarray:
+    """Π_{j≠i} x_j along the last axis, by deleting each element in turn (numpy, float64)."""
+    return np.stack([np.prod(np.delete(x, i, axis=-1), axis=-1) for i in range(x.shape[-1])], axis=-1)
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reduce_prod_with_zeros_is_the_product_of_the_others(keepdims):
+    model = one_node("ReduceProd", ["x"], {"x": list(PROD_ZEROS.shape)}, axes=[1], keepdims=keepdims)
+    seed = np.array([0.7, -1.2, 0.4, 1.9]).reshape([4, 1] if keepdims else [4])
+    got = reference_vjp(model, {"x": PROD_ZEROS}, seed)["x"]
+    np.testing.assert_allclose(got, seed.reshape(4, 1) * _others_product(PROD_ZEROS), rtol=1e-12, atol=0)
+
+
+TIES = np.array([[0.5, -1.0, 2.0], [0.5, -1.0, 3.0]])
+
+
+@pytest.mark.parametrize("op_type, args, feeds, want", [
+    # equal operands: the first takes the cotangent (autograd's rule, as for Max)
+    ("Min", ["x", "x1"], {"x": TIES[0], "x1": TIES[0]}, {"x": np.ones(3), "x1": np.zeros(3)}),
+    ("Min", ["x", "x1"], {"x": TIES[1], "x1": TIES[0]}, {"x": np.array([1.0, 1.0, 0.0]),
+                                                         "x1": np.array([0.0, 0.0, 1.0])}),
+    ("Max", ["x", "x1"], {"x": TIES[0], "x1": TIES[1]}, {"x": np.array([1.0, 1.0, 0.0]),
+                                                         "x1": np.array([0.0, 0.0, 1.0])}),
+])
+def test_min_max_ties_go_to_the_first_operand(op_type, args, feeds, want):
+    model = one_node(op_type, args, {k: [3] for k in feeds})
+    got = reference_vjp(model, feeds, np.ones(3))
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("axis, x, want", [
+    # a tie along the axis: the first minimum takes it
+    (1, np.array([[0.3, -0.2, -0.2], [1.0, 1.0, 2.0]]), np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])),
+    (0, np.array([[0.3, -0.2, 5.0], [0.3, -0.4, 5.0]]), np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+])
+def test_reduce_min_ties_go_to_the_first_index(axis, x, want):
+    model = one_node("ReduceMin", ["x"], {"x": [2, 3]}, axes=[axis], keepdims=0)
+    got = reference_vjp(model, {"x": x}, np.ones(x.shape[1 - axis]))["x"]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_mean_bias_is_its_constant_share():
+    """``normalized`` with ε → 0 on Mean(x, c): x and the constant c each take their half of y ⊙ seed."""
+    c = weight(3, 1)
+    model = one_node("Mean", ["x", "c"], X234, {"c": c})
+    rules = RuleSet((Binding(Selector("kind", "linear"), RuleCall("normalized", {"eps": 1e-12}),
+                             Location("test", 1, 1)),), quantity="relevance", bias="total")
+    compiled = compile_seed(model, rules)
+    rng = np.random.default_rng(5)
+    x, seed = rng.standard_normal([2, 3, 4]), rng.standard_normal([2, 3, 4])
+    got = run(compiled.model, {"x": x, SEED: seed}, [compiled.attribution["x"], compiled.bias_total])
+    # a(y) = y ⊙ seed, s = a(y)/y = seed: R(x) = x ⊙ seed/2, the bias share c ⊙ seed/2
+    np.testing.assert_allclose(got[compiled.attribution["x"]], x * seed / 2, rtol=1e-9)
+    assert float(np.sum(got[compiled.bias_total])) == pytest.approx(float(np.sum(c * seed / 2)), rel=1e-9)

@@ -260,6 +260,14 @@ def _neg(ctx, g):
     return [ctx.tape.op("Neg", g[0])]
 
 
+@vjp("Mean", kind=LINEAR)
+def _mean(ctx, g):
+    """``y = (x₁ + … + xₙ)/n`` (broadcasting): ``g/n`` to each operand, summed over its broadcast axes."""
+    t = ctx.tape
+    share = t.op("Div", g[0], t.scalar(float(len(ctx.node.inputs))))
+    return [unbroadcast(ctx, share, ctx.y, x) if a else None for x, a in zip(ctx.node.inputs, ctx.active)]
+
+
 @vjp("Mul", kind=LINEAR, bilinear=True)
 def _mul(ctx, g):
     t = ctx.tape
@@ -663,6 +671,66 @@ def _global_average_pool(ctx, g):
     return [ctx.tape.op("Div", spread, _count(ctx, axes))]
 
 
+def _kept(ctx: VjpContext, tensor: str, axes: list[int] | None) -> str:
+    """A reduction's output (or its cotangent) with the reduced axes restored as size 1."""
+    if ctx.node.attr("keepdims", 1):
+        return tensor
+    axes = list(range(ctx.graph.rank(ctx.x))) if axes is None else axes
+    return ctx.tape.unsqueeze(tensor, axes) if axes else tensor
+
+
+def _reduction(ctx: VjpContext, g: list, slope: Callable[[VjpContext, str, list[int] | None], str]) -> list:
+    """``∂x = g ⊙ slope``, ``g`` spread back over the reduced axes; ``slope(ctx, y_kept, axes)``."""
+    axes = _reduce_axes(ctx)
+    spread = _expand_back(ctx, g[0], axes)
+    d = slope(ctx, _kept(ctx, ctx.y, axes), axes)
+    return [ctx.tape.op("Mul", spread, d)] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("ReduceL1", kind=NORMALIZING)
+def _reduce_l1(ctx, g):
+    """``y = Σ|x|``: ``sign(x)``."""
+    return _reduction(ctx, g, lambda ctx, y, axes: ctx.tape.op("Sign", ctx.x))
+
+
+@vjp("ReduceL2", kind=NORMALIZING)
+def _reduce_l2(ctx, g):
+    """``y = √Σx²``: ``x/y``."""
+    return _reduction(ctx, g, lambda ctx, y, axes: ctx.tape.op("Div", ctx.x, y))
+
+
+@vjp("ReduceSumSquare", kind=NORMALIZING)
+def _reduce_sum_square(ctx, g):
+    """``y = Σx²``: ``2x``."""
+    return _reduction(ctx, g, lambda ctx, y, axes: ctx.tape.op("Mul", ctx.x, ctx.tape.scalar(2.0)))
+
+
+@vjp("ReduceLogSumExp", kind=NORMALIZING)
+def _reduce_log_sum_exp(ctx, g):
+    """``y = log Σ exp x``: ``exp(x − y)``, the softmax over the reduced axes."""
+    return _reduction(ctx, g, lambda ctx, y, axes: ctx.tape.op("Exp", ctx.tape.op("Sub", ctx.x, y)))
+
+
+def _product_of_others(ctx: VjpContext, y: str, axes: list[int] | None) -> str:
+    """``∂y/∂xᵢ = Π_{j≠i} xⱼ``, exact with zeros: ``y/xᵢ`` without zeros in the window; with one zero, the
+    product of the rest at the zero and 0 elsewhere; with two or more, 0."""
+    t, x = ctx.tape, ctx.x
+    if axes == []:
+        return t.op("Add", t.zeros_like(x), t.scalar(1.0))
+    zero = t.op("Equal", x, t.scalar(0.0))
+    safe = t.op("Where", zero, t.scalar(1.0), x)
+    rest = t.reduce("ReduceProd", safe, axes)
+    zeros = t.reduce("ReduceSum", t.op("Cast", zero, to=t.float_type), axes)
+    lone = t.op("And", zero, t.op("Equal", zeros, t.scalar(1.0)))
+    at_lone = t.op("Where", lone, rest, t.scalar(0.0))
+    return t.op("Where", t.op("Equal", zeros, t.scalar(0.0)), t.op("Div", rest, safe), at_lone)
+
+
+@vjp("ReduceProd", kind=NORMALIZING)
+def _reduce_prod(ctx, g):
+    return _reduction(ctx, g, _product_of_others)
+
+
 def _batchnorm_scale(ctx: VjpContext) -> tuple[np.ndarray, np.ndarray]:
     """(s, b) of the inference BatchNormalization ``y = s·x + b``, shaped to broadcast over x."""
     values = [ctx.const(i) for i in range(1, 5)]
@@ -746,6 +814,13 @@ def _add_bias(ctx):
     consts = [ctx.const(i) for i, a in enumerate(ctx.active) if not a]
     consts = [c for c in consts if c is not None]
     return sum(consts[1:], consts[0]) if consts else None
+
+
+@linear_bias("Mean")
+def _mean_bias(ctx):
+    consts = [ctx.const(i) for i, a in enumerate(ctx.active) if not a]
+    consts = [c for c in consts if c is not None]
+    return sum(consts[1:], consts[0]) / len(ctx.node.inputs) if consts else None
 
 
 @linear_bias("Sub")
@@ -1142,10 +1217,17 @@ def _max(ctx, g):
             for hit, x, active in zip(masks, ctx.node.inputs, ctx.active)]
 
 
-def _argmax_mask(ctx: VjpContext, flat: str, axis: int) -> str:
-    """Boolean mask of the first arg-max along ``axis`` of ``flat`` (ties: the first index)."""
+@vjp("Min", kind=MAX)
+def _min(ctx, g):
+    """The first operand equal to the minimum takes ``g`` (Max's tie rule)."""
+    return _max(ctx, g)
+
+
+def _argmax_mask(ctx: VjpContext, flat: str, axis: int, arg: str = "ArgMax") -> str:
+    """Boolean mask of the first arg-max (``arg="ArgMin"``: arg-min) along ``axis`` of ``flat`` (ties:
+    the first index)."""
     t = ctx.tape
-    am = t.op("ArgMax", flat, axis=axis, keepdims=1)
+    am = t.op(arg, flat, axis=axis, keepdims=1)
     size = t.op("Gather", t.shape(flat), t.ints([axis]), axis=0)
     rng = t.op("Range", t.const(np.array(0, dtype=np.int64)), t.op("Squeeze", size),
                t.const(np.array(1, dtype=np.int64)))
@@ -1164,14 +1246,16 @@ def _global_max_pool(ctx, g):
     return [t.reshape_like(spread, ctx.x)]
 
 
-@vjp("ReduceMax", kind=MAX)
+@vjp("ReduceMax", "ReduceMin", kind=MAX)
 def _reduce_max(ctx, g):
     t = ctx.tape
     axes = _reduce_axes(ctx)
+    if axes == []:
+        return [g[0]] + [None] * (len(ctx.node.inputs) - 1)
     if axes is None or len(axes) != 1:
-        raise ctx.fail("ReduceMax over several axes is not supported; reduce one axis at a time")
+        raise ctx.fail(f"{ctx.node.op_type} over several axes is not supported; reduce one axis at a time")
     gk = g[0] if ctx.node.attr("keepdims", 1) else t.unsqueeze(g[0], axes)
-    mask = _argmax_mask(ctx, ctx.x, axes[0])
+    mask = _argmax_mask(ctx, ctx.x, axes[0], "ArgMin" if ctx.node.op_type == "ReduceMin" else "ArgMax")
     return [t.op("Where", mask, gk, t.scalar(0.0))] + [None] * (len(ctx.node.inputs) - 1)
 
 
