@@ -328,6 +328,11 @@ def _binary_rows(op_type: str, sample: Callable, const_scale: float = 0.0) -> li
 ARITHMETIC = (_binary_rows("Add", normal()) + _binary_rows("Sub", normal()) + _binary_rows("Mul", normal())
               + _binary_rows("Div", away(0.0, margin=0.5), const_scale=0.5) + [
     op("Neg", "Neg", ["x"], X234),
+    op("CumSum", "CumSum", ["x", "axis"], X234, {"axis": np.array(1, dtype=np.int64)}),
+    op("CumSum-exclusive", "CumSum", ["x", "axis"], X234, {"axis": np.array(-1, dtype=np.int64)}, exclusive=1),
+    op("CumSum-reverse", "CumSum", ["x", "axis"], X234, {"axis": np.array(2, dtype=np.int32)}, reverse=1),
+    op("CumSum-exclusive-reverse", "CumSum", ["x", "axis"], X234, {"axis": np.array(0, dtype=np.int64)},
+       exclusive=1, reverse=1),
     op("Sum-3-broadcast", "Sum", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [4], "x2": [3, 1]}),
     op("Sum-with-const", "Sum", ["x", "c", "x1"], {"x": [2, 3, 4], "x1": [2, 3, 4]}, {"c": weight(4)}),
 ])
@@ -430,6 +435,30 @@ ROUTE = [
     op("Gather-scalar-index", "Gather", ["x", "idx"], X234, {"idx": np.array(2, dtype=np.int64)}, axis=2),
     op("Expand-3x1", "Expand", ["x", "shape"], {"x": [3, 1]}, {"shape": ints(2, 3, 4)}),
     op("Expand-rank-up", "Expand", ["x", "shape"], {"x": [4]}, {"shape": ints(3, 1)}),
+    op("Tile", "Tile", ["x", "reps"], X234, {"reps": ints(2, 1, 3)}),
+    op("DepthToSpace-DCR", "DepthToSpace", ["x"], {"x": [2, 8, 2, 3]}, blocksize=2),
+    op("DepthToSpace-CRD", "DepthToSpace", ["x"], {"x": [2, 8, 2, 3]}, blocksize=2, mode="CRD"),
+    op("DepthToSpace-opset28-CRD", "DepthToSpace", ["x"], {"x": [1, 18, 2, 2]}, opset=28, blocksize=3, mode="CRD"),
+    op("SpaceToDepth", "SpaceToDepth", ["x"], {"x": [2, 3, 4, 6]}, blocksize=2),
+    op("SpaceToDepth-opset28", "SpaceToDepth", ["x"], {"x": [1, 2, 6, 3]}, opset=28, blocksize=3),
+    op("GatherElements-duplicates-axis1", "GatherElements", ["x", "idx"], {"x": [3, 4]},
+       {"idx": np.array([[0, 3, 3], [1, 1, -1], [2, 0, 2]])}, axis=1),
+    op("GatherElements-axis0", "GatherElements", ["x", "idx"], X234, {"idx": np.array([[[1, 0, 1, 1]], [[0, 0, 1, 0]]])}),
+    op("GatherND", "GatherND", ["x", "idx"], X234, {"idx": np.array([[0, 2], [1, 0], [0, 2]])}),
+    op("GatherND-batch-dims1", "GatherND", ["x", "idx"], X234, {"idx": np.array([[[2, 1], [0, 3]], [[1, 1], [2, 0]]])},
+       batch_dims=1),
+    op("GatherND-full-index", "GatherND", ["x", "idx"], X234, {"idx": np.array([[1, 2, 3], [1, 2, 3], [0, 0, 1]])}),
+    op("Where-both-active-broadcast", "Where", ["cond", "x", "x1"], {"x": [2, 3, 4], "x1": [3, 1]},
+       {"cond": W.random((3, 4)) > 0.5}),
+    # GPT-2's causal mask: the scores where the mask holds, a large negative constant elsewhere
+    op("Where-causal-mask", "Where", ["cond", "x", "lo"], {"x": [2, 4, 4]},
+       {"cond": np.tril(np.ones((4, 4), dtype=bool)), "lo": np.array(-1e4)}),
+    op("Where-const-left", "Where", ["cond", "c", "x"], X234, {"cond": W.random(4) > 0.5, "c": weight(3, 1)}),
+    op("Cast-to-double", "Cast", ["x"], X234, to=TensorProto.DOUBLE),
+    op("Cast-opset19-to-double", "Cast", ["x"], X234, opset=19, to=TensorProto.DOUBLE),
+    op("Cast-opset21-to-double", "Cast", ["x"], X234, opset=21, to=TensorProto.DOUBLE),
+    op("Cast-opset25-to-double", "Cast", ["x"], X234, opset=25, to=TensorProto.DOUBLE),
+    op("Cast-opset28-to-double", "Cast", ["x"], X234, opset=28, to=TensorProto.DOUBLE),
 ]
 
 # `distinct`: values of all operands are distinct, so the maximum is never a tie
@@ -555,6 +584,17 @@ SYMBOLIC = [
             sample=distinct),
     SymCase("Gemm-transB-C", "Gemm", ["x", "w", "c"], {"x": ["N", 4]}, {"x": [3, 4]},
             {"w": weight(5, 4), "c": weight(5)}, {"transB": 1, "alpha": 0.7}),
+    SymCase("DepthToSpace-DCR", "DepthToSpace", ["x"], {"x": ["N", 8, "H", "W"]}, {"x": [2, 8, 3, 2]}, {},
+            {"blocksize": 2}),
+    SymCase("DepthToSpace-CRD", "DepthToSpace", ["x"], {"x": ["N", "C", "H", "W"]}, {"x": [2, 18, 2, 3]}, {},
+            {"blocksize": 3, "mode": "CRD"}),
+    SymCase("SpaceToDepth", "SpaceToDepth", ["x"], {"x": ["N", 3, "H", "W"]}, {"x": [2, 3, 4, 6]}, {},
+            {"blocksize": 2}),
+    SymCase("Tile", "Tile", ["x", "reps"], {"x": ["N", 3, "W"]}, {"x": [2, 3, 4]}, {"reps": ints(1, 2, 3)}, {}),
+    SymCase("GatherND-batch-dims1", "GatherND", ["x", "idx"], {"x": [2, 3, "W"]}, {"x": [2, 3, 4]},
+            {"idx": np.array([[[2, 1], [0, 3]], [[1, 1], [2, 0]]])}, {"batch_dims": 1}),
+    SymCase("CumSum-exclusive-reverse", "CumSum", ["x", "axis"], {"x": ["N", 3, "W"]}, {"x": [2, 3, 5]},
+            {"axis": np.array(2, dtype=np.int64)}, {"exclusive": 1, "reverse": 1}),
 ]
 
 

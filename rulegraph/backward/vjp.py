@@ -268,6 +268,17 @@ def _mean(ctx, g):
     return [unbroadcast(ctx, share, ctx.y, x) if a else None for x, a in zip(ctx.node.inputs, ctx.active)]
 
 
+@vjp("CumSum", kind=LINEAR)
+def _cumsum(ctx, g):
+    """``y_i = Σ_{j≤i} x_j`` (``j<i`` exclusive; the other way reversed): ``∂x`` is ``g`` summed the
+    other way, with the same exclusivity."""
+    if ctx.active[1]:
+        raise ctx.fail("CumSum's axis must be an integer, not an activation")
+    reverse = 0 if ctx.node.attr("reverse", 0) else 1
+    back = ctx.tape.op("CumSum", g[0], ctx.node.inputs[1], exclusive=ctx.node.attr("exclusive", 0), reverse=reverse)
+    return [back, None]
+
+
 @vjp("Mul", kind=LINEAR, bilinear=True)
 def _mul(ctx, g):
     t = ctx.tape
@@ -1183,6 +1194,77 @@ def _pad(ctx, g):
 @vjp("Expand", kind=ROUTE)
 def _expand(ctx, g):
     return [unbroadcast(ctx, g[0], ctx.y, ctx.x), None]
+
+
+@vjp("Where", kind=ROUTE)
+def _where(ctx, g):
+    """``y = Where(c, a, b)``: ``g`` where c holds to ``a``, elsewhere to ``b`` (c is boolean, never active)."""
+    t = ctx.tape
+    zero = t.scalar(0.0)
+    c, a, b = ctx.node.inputs
+    return [None,
+            unbroadcast(ctx, t.op("Where", c, g[0], zero), ctx.y, a) if ctx.active[1] else None,
+            unbroadcast(ctx, t.op("Where", c, zero, g[0]), ctx.y, b) if ctx.active[2] else None]
+
+
+@vjp("Cast", kind=ROUTE)
+def _cast(ctx, g):
+    """A float-to-float Cast: ``g`` cast to the pass's float type (half types are read as float32). A cast
+    to an integer type is never active: the model reader refuses an output that depends on x only so."""
+    return [ctx.tape.op("Cast", g[0], to=ctx.tape.float_type)]
+
+
+@vjp("Tile", "GatherElements", "GatherND", kind=ROUTE)
+def _select(ctx, g):
+    """Selections by constant or integer indices: the node re-run on element positions says where each
+    output element came from; ``g`` is added back there (repeats add up)."""
+    if any(ctx.active[1:]):
+        raise ctx.fail(f"the {ctx.node.op_type} repeats or indices must be integers, not activations")
+    taken = ctx.tape.copy_node(ctx.node, [_positions(ctx)] + ctx.node.inputs[1:])
+    return [_scatter_back(ctx, taken, g[0], "add")] + [None] * (len(ctx.node.inputs) - 1)
+
+
+def _shape_of_parts(ctx: VjpContext, parts: list) -> str:
+    """An int64 shape tensor from parts: ints, or ``(start, end, divisor)``, a slice of ``x``'s shape
+    divided by ``divisor``."""
+    t = ctx.tape
+    pieces = []
+    for part in parts:
+        if isinstance(part, int):
+            pieces.append(t.ints([part]))
+        else:
+            start, end, divisor = part
+            dims = t.shape(ctx.x, start=start, end=end)
+            pieces.append(dims if divisor == 1 else t.op("Div", dims, t.ints([divisor] * (end - start))))
+    return t.op("Concat", *pieces, axis=0)
+
+
+def _blocks_back(ctx: VjpContext, g: str, parts: list, perm: list[int]) -> str:
+    """VJP of ``reshape → transpose(perm) → reshape``: ``g`` viewed as the transposed 6-d tensor
+    (shape ``parts``), the transpose undone, viewed as ``x``."""
+    t = ctx.tape
+    inverse = [int(i) for i in np.argsort(perm)]
+    unpermuted = t.op("Transpose", t.op("Reshape", g, _shape_of_parts(ctx, parts)), perm=inverse)
+    return t.reshape_like(unpermuted, ctx.x)
+
+
+@vjp("DepthToSpace", kind=ROUTE)
+def _depth_to_space(ctx, g):
+    """DCR: ``[N, b, b, C/b², H, W]`` transposed ``(0, 3, 4, 1, 5, 2)``; CRD: ``[N, C/b², b, b, H, W]``
+    transposed ``(0, 1, 4, 2, 5, 3)``; both give ``[N, C/b², H, b, W, b]``."""
+    b = ctx.node.attr("blocksize")
+    mode = _text_attr(ctx, "mode", "DCR")
+    perm = [0, 3, 4, 1, 5, 2] if mode == "DCR" else [0, 1, 4, 2, 5, 3]
+    parts = [(0, 1, 1), (1, 2, b * b), (2, 3, 1), b, (3, 4, 1), b]
+    return [_blocks_back(ctx, g[0], parts, perm)]
+
+
+@vjp("SpaceToDepth", kind=ROUTE)
+def _space_to_depth(ctx, g):
+    """``[N, C, H/b, b, W/b, b]`` transposed ``(0, 3, 5, 1, 2, 4)`` to ``[N, b, b, C, H/b, W/b]``."""
+    b = ctx.node.attr("blocksize")
+    parts = [(0, 1, 1), b, b, (1, 2, 1), (2, 3, b), (3, 4, b)]
+    return [_blocks_back(ctx, g[0], parts, [0, 3, 5, 1, 2, 4])]
 
 
 # --------------------------------------------------------------------------------------------------
