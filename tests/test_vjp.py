@@ -287,7 +287,8 @@ REDUCE = [
     op("ReduceL2-attr-axes-keepdims0", "ReduceL2", ["x"], X234, axes=[1], keepdims=0),
     op("ReduceL2-opset18-all-axes", "ReduceL2", ["x"], X234, opset=18),
     op("ReduceSumSquare-attr-axes", "ReduceSumSquare", ["x"], X234, axes=[1, 2], keepdims=0),
-    op("ReduceSumSquare-opset18-axes-input", "ReduceSumSquare", ["x", "axes"], X234, {"axes": ints(0)}, opset=18),
+    op("ReduceSumSquare-opset18-axes-input", "ReduceSumSquare", ["x", "axes"], X234, {"axes": ints(0)},
+       opset=18),
     op("ReduceLogSumExp-attr-axes", "ReduceLogSumExp", ["x"], X234, sample=normal(2.0), axes=[2]),
     op("ReduceLogSumExp-opset18-axes-input-keepdims0", "ReduceLogSumExp", ["x", "axes"], X234,
        {"axes": ints(0, 1)}, opset=18, sample=normal(2.0), keepdims=0),
@@ -329,7 +330,8 @@ ARITHMETIC = (_binary_rows("Add", normal()) + _binary_rows("Sub", normal()) + _b
               + _binary_rows("Div", away(0.0, margin=0.5), const_scale=0.5) + [
     op("Neg", "Neg", ["x"], X234),
     op("CumSum", "CumSum", ["x", "axis"], X234, {"axis": np.array(1, dtype=np.int64)}),
-    op("CumSum-exclusive", "CumSum", ["x", "axis"], X234, {"axis": np.array(-1, dtype=np.int64)}, exclusive=1),
+    op("CumSum-exclusive", "CumSum", ["x", "axis"], X234, {"axis": np.array(-1, dtype=np.int64)},
+       exclusive=1),
     op("CumSum-reverse", "CumSum", ["x", "axis"], X234, {"axis": np.array(2, dtype=np.int32)}, reverse=1),
     op("CumSum-exclusive-reverse", "CumSum", ["x", "axis"], X234, {"axis": np.array(0, dtype=np.int64)},
        exclusive=1, reverse=1),
@@ -378,7 +380,8 @@ ELEMENTWISE = [
     op("Celu-opset28", "Celu", ["x"], X234, opset=28, sample=away(0.0)),
     # kinks at α (ThresholdedRelu) and at ±λ (Shrink)
     op("ThresholdedRelu", "ThresholdedRelu", ["x"], X234, sample=away(0.4), alpha=0.4),
-    op("ThresholdedRelu-opset22-default", "ThresholdedRelu", ["x"], X234, opset=22, sample=away(1.0, scale=2.0)),
+    op("ThresholdedRelu-opset22-default", "ThresholdedRelu", ["x"], X234, opset=22,
+       sample=away(1.0, scale=2.0)),
     op("Shrink", "Shrink", ["x"], X234, sample=away(-0.7, 0.7), lambd=0.7, bias=0.2),
     op("Shrink-defaults", "Shrink", ["x"], X234, sample=away(-0.5, 0.5)),
     op("Pow-const-integer-exponent", "Pow", ["x", "e"], X234, {"e": np.array(3.0)}),
@@ -438,16 +441,19 @@ ROUTE = [
     op("Tile", "Tile", ["x", "reps"], X234, {"reps": ints(2, 1, 3)}),
     op("DepthToSpace-DCR", "DepthToSpace", ["x"], {"x": [2, 8, 2, 3]}, blocksize=2),
     op("DepthToSpace-CRD", "DepthToSpace", ["x"], {"x": [2, 8, 2, 3]}, blocksize=2, mode="CRD"),
-    op("DepthToSpace-opset28-CRD", "DepthToSpace", ["x"], {"x": [1, 18, 2, 2]}, opset=28, blocksize=3, mode="CRD"),
+    op("DepthToSpace-opset28-CRD", "DepthToSpace", ["x"], {"x": [1, 18, 2, 2]}, opset=28, blocksize=3,
+       mode="CRD"),
     op("SpaceToDepth", "SpaceToDepth", ["x"], {"x": [2, 3, 4, 6]}, blocksize=2),
     op("SpaceToDepth-opset28", "SpaceToDepth", ["x"], {"x": [1, 2, 6, 3]}, opset=28, blocksize=3),
     op("GatherElements-duplicates-axis1", "GatherElements", ["x", "idx"], {"x": [3, 4]},
        {"idx": np.array([[0, 3, 3], [1, 1, -1], [2, 0, 2]])}, axis=1),
-    op("GatherElements-axis0", "GatherElements", ["x", "idx"], X234, {"idx": np.array([[[1, 0, 1, 1]], [[0, 0, 1, 0]]])}),
+    op("GatherElements-axis0", "GatherElements", ["x", "idx"], X234,
+       {"idx": np.array([[[1, 0, 1, 1]], [[0, 0, 1, 0]]])}),
     op("GatherND", "GatherND", ["x", "idx"], X234, {"idx": np.array([[0, 2], [1, 0], [0, 2]])}),
-    op("GatherND-batch-dims1", "GatherND", ["x", "idx"], X234, {"idx": np.array([[[2, 1], [0, 3]], [[1, 1], [2, 0]]])},
-       batch_dims=1),
-    op("GatherND-full-index", "GatherND", ["x", "idx"], X234, {"idx": np.array([[1, 2, 3], [1, 2, 3], [0, 0, 1]])}),
+    op("GatherND-batch-dims1", "GatherND", ["x", "idx"], X234,
+       {"idx": np.array([[[2, 1], [0, 3]], [[1, 1], [2, 0]]])}, batch_dims=1),
+    op("GatherND-full-index", "GatherND", ["x", "idx"], X234,
+       {"idx": np.array([[1, 2, 3], [1, 2, 3], [0, 0, 1]])}),
     op("Where-both-active-broadcast", "Where", ["cond", "x", "x1"], {"x": [2, 3, 4], "x1": [3, 1]},
        {"cond": W.random((3, 4)) > 0.5}),
     # GPT-2's causal mask: the scores where the mask holds, a large negative constant elsewhere
@@ -590,7 +596,8 @@ SYMBOLIC = [
             {"blocksize": 3, "mode": "CRD"}),
     SymCase("SpaceToDepth", "SpaceToDepth", ["x"], {"x": ["N", 3, "H", "W"]}, {"x": [2, 3, 4, 6]}, {},
             {"blocksize": 2}),
-    SymCase("Tile", "Tile", ["x", "reps"], {"x": ["N", 3, "W"]}, {"x": [2, 3, 4]}, {"reps": ints(1, 2, 3)}, {}),
+    SymCase("Tile", "Tile", ["x", "reps"], {"x": ["N", 3, "W"]}, {"x": [2, 3, 4]}, {"reps": ints(1, 2, 3)},
+            {}),
     SymCase("GatherND-batch-dims1", "GatherND", ["x", "idx"], {"x": [2, 3, "W"]}, {"x": [2, 3, 4]},
             {"idx": np.array([[[2, 1], [0, 3]], [[1, 1], [2, 0]]])}, {"batch_dims": 1}),
     SymCase("CumSum-exclusive-reverse", "CumSum", ["x", "axis"], {"x": ["N", 3, "W"]}, {"x": [2, 3, 5]},
@@ -660,7 +667,8 @@ SLOPE = RuleSet((Binding(Selector("kind", "nonlinear"), RuleCall("slope", {}), L
 ]])
 def test_slope_refuses_an_infinite_value_at_zero(case: Case):
     node = case.model.graph.node[0]
-    with pytest.raises(ModelError, match=f"'{node.name}' \\({node.op_type}\\).*f\\(0\\) = -?inf is not finite"):
+    want = f"'{node.name}' \\({node.op_type}\\).*f\\(0\\) = -?inf is not finite"
+    with pytest.raises(ModelError, match=want):
         compile_seed(case.model, SLOPE)
 
 

@@ -275,7 +275,8 @@ def _cumsum(ctx, g):
     if ctx.active[1]:
         raise ctx.fail("CumSum's axis must be an integer, not an activation")
     reverse = 0 if ctx.node.attr("reverse", 0) else 1
-    back = ctx.tape.op("CumSum", g[0], ctx.node.inputs[1], exclusive=ctx.node.attr("exclusive", 0), reverse=reverse)
+    back = ctx.tape.op("CumSum", g[0], ctx.node.inputs[1], exclusive=ctx.node.attr("exclusive", 0),
+                       reverse=reverse)
     return [back, None]
 
 
@@ -1198,7 +1199,8 @@ def _expand(ctx, g):
 
 @vjp("Where", kind=ROUTE)
 def _where(ctx, g):
-    """``y = Where(c, a, b)``: ``g`` where c holds to ``a``, elsewhere to ``b`` (c is boolean, never active)."""
+    """``y = Where(c, a, b)``: ``g`` where c holds to ``a``, elsewhere to ``b`` (c is boolean, never
+    active)."""
     t = ctx.tape
     zero = t.scalar(0.0)
     c, a, b = ctx.node.inputs

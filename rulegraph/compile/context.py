@@ -89,9 +89,9 @@ class RuleContext(VjpContext):
         except Exception as exc:
             raise self.fail(f"cannot evaluate f(0): {exc}") from exc
         if not np.all(np.isfinite(value)):
+            op = self.node.op_type
             raise self.fail(f"f(0) = {np.ravel(value)[0]} is not finite, so a rule that blames f(0) cannot "
-                            f"be applied; bind another rule to {self.node.op_type} (e.g. `{self.node.op_type} -> "
-                            "gradient`)")
+                            f"be applied; bind another rule to {op} (e.g. `{op} -> gradient`)")
         if not np.any(value):
             return None
         return self.tape.const(np.asarray(value, dtype=self.tape.float_dtype), hint="f0")
