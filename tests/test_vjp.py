@@ -730,3 +730,25 @@ def test_mean_bias_is_its_constant_share():
     # a(y) = y ⊙ seed, s = a(y)/y = seed: R(x) = x ⊙ seed/2, the bias share c ⊙ seed/2
     np.testing.assert_allclose(got[compiled.attribution["x"]], x * seed / 2, rtol=1e-9)
     assert float(np.sum(got[compiled.bias_total])) == pytest.approx(float(np.sum(c * seed / 2)), rel=1e-9)
+
+
+@pytest.mark.parametrize("args, inputs, consts, kind", [
+    (["x", "e"], X234, {"e": np.array(2.0)}, "nonlinear"),
+    (["c", "x"], X234, {"c": np.array(2.0)}, "normalizing"),
+    (["x", "x1"], {"x": [2, 3, 4], "x1": [4]}, {}, "normalizing"),
+])
+def test_pow_is_nonlinear_in_its_base_only(args, inputs, consts, kind):
+    graph = compile_seed(one_node("Pow", args, inputs, consts)).graph
+    (node,) = [n for n in graph.nodes if n.op_type == "Pow"]
+    assert node.kind == kind
+
+
+def test_a_nonlinear_rule_is_not_assumed_for_an_activation_exponent():
+    """``nonlinear -> ignore`` would give 2^x's relevance to the constant base: the node is normalizing,
+    which the rule set does not cover, and the model is refused naming it."""
+    from rulegraph import CoverageError
+
+    model = one_node("Pow", ["c", "x"], X234, {"c": np.array(2.0)})
+    rules = RuleSet((Binding(Selector("kind", "nonlinear"), RuleCall("ignore", {}), Location("test", 1, 1)),))
+    with pytest.raises(CoverageError, match=r"\(Pow\)"):
+        compile_seed(model, rules)

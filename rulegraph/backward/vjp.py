@@ -71,11 +71,16 @@ WINDOW_SUMS: dict[str, tuple[Callable, Callable]] = {}
 OP_KINDS: dict[str, str] = {}
 #: op types that are bilinear when every float operand is an activation (Mul, Div, MatMul)
 BILINEAR_WHEN_ALL_ACTIVE: set[str] = set()
+#: nonlinear op types that are normalizing (no rule assumed) when an input after the first is an
+#: activation: nonlinear rules read ``y = f(x)`` of the first input only (Pow's exponent)
+NONLINEAR_IN_FIRST_INPUT_ONLY: set[str] = set()
 
 
-def vjp(*op_types: str, kind: str, bilinear: bool = False):
+def vjp(*op_types: str, kind: str, bilinear: bool = False, first_input_only: bool = False):
     """Register the decorated VJP emitter under each op type, with the op's kind: one registration
-    per op. ``bilinear``: the op is bilinear when every float operand is an activation."""
+    per op. ``bilinear``: the op is bilinear when every float operand is an activation;
+    ``first_input_only``: the op is of its kind only while its first input is its only activation,
+    normalizing otherwise."""
 
     def register(fn):
         for op in op_types:
@@ -84,6 +89,8 @@ def vjp(*op_types: str, kind: str, bilinear: bool = False):
             VJPS[op], OP_KINDS[op] = fn, kind
             if bilinear:
                 BILINEAR_WHEN_ALL_ACTIVE.add(op)
+            if first_input_only:
+                NONLINEAR_IN_FIRST_INPUT_ONLY.add(op)
         return fn
 
     return register
@@ -1050,10 +1057,10 @@ def _shrink(ctx, g):
     return [t.op("Where", outside, g[0], t.scalar(0.0))]
 
 
-@vjp("Pow", kind=NONLINEAR)
+@vjp("Pow", kind=NONLINEAR, first_input_only=True)
 def _pow(ctx, g):
-    """``y = xᵇ``: ``∂x = b·x^(b−1)``, ``∂b = y·ln x`` (an activation exponent: defined for ``x > 0``).
-    Nonlinear rules other than the gradient give the exponent nothing; its gradient is exact."""
+    """``y = xᵇ``: ``∂x = b·x^(b−1)``, ``∂b = y·ln x`` (an activation exponent: defined for ``x > 0``;
+    the node is then normalizing, as nonlinear rules read the base only)."""
     t = ctx.tape
     x, b = ctx.node.inputs
     gx = gb = None
