@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from oracles import GRADIENT, check_vjp, compile_seed, make_model, one_node, run
+from oracles import GRADIENT, check_vjp, compile_seed, make_model, one_node, reference_vjp, run
 
 from rulegraph import Explainer, ModelError
 from rulegraph.compile.build import SEED
@@ -61,6 +61,13 @@ def away(*kinks: float, margin: float = 0.05, scale: float = 1.0) -> Callable:
                 x = np.where(near, kink + np.where(x >= kink, margin, -margin), x)
             feeds[k] = x
         return feeds
+    return sample
+
+
+def positive(low: float = 0.3, scale: float = 1.0) -> Callable:
+    """Samples ``low + scale·|normal|``: kept away from 0 (Sqrt, Log, Pow's base under a real exponent)."""
+    def sample(rng, shapes):
+        return {k: low + scale * np.abs(rng.standard_normal(s)) for k, s in shapes.items()}
     return sample
 
 
@@ -266,7 +273,34 @@ REDUCE = [
     op("ReduceMax-keepdims0", "ReduceMax", ["x"], X234, sample=distinct, axes=[-1], keepdims=0),
     op("ReduceMax-opset18-axes-input", "ReduceMax", ["x", "axes"], X234, {"axes": ints(0)}, opset=18,
        sample=distinct, keepdims=0),
+    op("ReduceMin-one-axis", "ReduceMin", ["x"], X234, sample=distinct, axes=[1]),
+    op("ReduceMin-keepdims0", "ReduceMin", ["x"], X234, sample=distinct, axes=[-1], keepdims=0),
+    op("ReduceMin-opset18-axes-input", "ReduceMin", ["x", "axes"], X234, {"axes": ints(0)}, opset=18,
+       sample=distinct, keepdims=0),
+    op("ReduceMin-opset20-axes-input", "ReduceMin", ["x", "axes"], X234, {"axes": ints(2)}, opset=20,
+       sample=distinct),
+    op("ReduceMin-opset20-noop-empty-axes", "ReduceMin", ["x"], X234, opset=20, noop_with_empty_axes=1),
+    # L1: |x| kinks at 0 avoided; L2: the norm is far from 0; Prod: one row with exact zeros
+    op("ReduceL1-attr-axes", "ReduceL1", ["x"], X234, sample=away(0.0), axes=[0, 2]),
+    op("ReduceL1-opset18-axes-input-keepdims0", "ReduceL1", ["x", "axes"], X234, {"axes": ints(-1)}, opset=18,
+       sample=away(0.0), keepdims=0),
+    op("ReduceL2-attr-axes-keepdims0", "ReduceL2", ["x"], X234, axes=[1], keepdims=0),
+    op("ReduceL2-opset18-all-axes", "ReduceL2", ["x"], X234, opset=18),
+    op("ReduceSumSquare-attr-axes", "ReduceSumSquare", ["x"], X234, axes=[1, 2], keepdims=0),
+    op("ReduceSumSquare-opset18-axes-input", "ReduceSumSquare", ["x", "axes"], X234, {"axes": ints(0)},
+       opset=18),
+    op("ReduceLogSumExp-attr-axes", "ReduceLogSumExp", ["x"], X234, sample=normal(2.0), axes=[2]),
+    op("ReduceLogSumExp-opset18-axes-input-keepdims0", "ReduceLogSumExp", ["x", "axes"], X234,
+       {"axes": ints(0, 1)}, opset=18, sample=normal(2.0), keepdims=0),
+    op("ReduceLogSumExp-opset28-noop-empty-axes", "ReduceLogSumExp", ["x", "axes"], X234,
+       {"axes": np.zeros(0, dtype=np.int64)}, opset=28, noop_with_empty_axes=1),
+    op("ReduceProd-attr-axes", "ReduceProd", ["x"], X234, axes=[1]),
+    op("ReduceProd-opset18-all-axes-keepdims0", "ReduceProd", ["x"], X234, opset=18, keepdims=0),
+    op("ReduceProd-opset18-axes-input", "ReduceProd", ["x", "axes"], X234, {"axes": ints(0, 2)}, opset=18),
 ]
+
+# ReduceProd with exact zeros: windows with no zero, one zero (the product of the rest) and two zeros (0)
+PROD_ZEROS = np.array([[1.5, -0.7, 0.9], [0.0, 1.3, -1.1], [0.0, 0.8, 0.0], [2.0, 0.0, -0.6]])
 
 BN = [op("BatchNormalization", "BatchNormalization", ["x", "s", "b", "m", "v"], {"x": [2, 3, 4, 4]},
          {"s": weight(3), "b": weight(3), "m": weight(3), "v": 0.5 + W.random(3)}, epsilon=1e-3)]
@@ -295,6 +329,12 @@ def _binary_rows(op_type: str, sample: Callable, const_scale: float = 0.0) -> li
 ARITHMETIC = (_binary_rows("Add", normal()) + _binary_rows("Sub", normal()) + _binary_rows("Mul", normal())
               + _binary_rows("Div", away(0.0, margin=0.5), const_scale=0.5) + [
     op("Neg", "Neg", ["x"], X234),
+    op("CumSum", "CumSum", ["x", "axis"], X234, {"axis": np.array(1, dtype=np.int64)}),
+    op("CumSum-exclusive", "CumSum", ["x", "axis"], X234, {"axis": np.array(-1, dtype=np.int64)},
+       exclusive=1),
+    op("CumSum-reverse", "CumSum", ["x", "axis"], X234, {"axis": np.array(2, dtype=np.int32)}, reverse=1),
+    op("CumSum-exclusive-reverse", "CumSum", ["x", "axis"], X234, {"axis": np.array(0, dtype=np.int64)},
+       exclusive=1, reverse=1),
     op("Sum-3-broadcast", "Sum", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [4], "x2": [3, 1]}),
     op("Sum-with-const", "Sum", ["x", "c", "x1"], {"x": [2, 3, 4], "x1": [2, 3, 4]}, {"c": weight(4)}),
 ])
@@ -324,6 +364,32 @@ ELEMENTWISE = [
     op("HardSigmoid-defaults", "HardSigmoid", ["x"], X234, sample=away(-2.5, 2.5, scale=3.0)),
     op("HardSwish", "HardSwish", ["x"], X234, sample=away(-3.0, 3.0, scale=3.0)),
     op("Abs", "Abs", ["x"], X234, sample=away(0.0)),
+    op("Sqrt", "Sqrt", ["x"], X234, sample=positive()),
+    op("Exp", "Exp", ["x"], X234),
+    op("Log", "Log", ["x"], X234, sample=positive()),
+    op("Reciprocal", "Reciprocal", ["x"], X234, sample=away(0.0, margin=0.5)),
+    op("Sin", "Sin", ["x"], X234, sample=normal(2.0)),
+    op("Sin-opset22", "Sin", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Cos", "Cos", ["x"], X234, sample=normal(2.0)),
+    op("Cos-opset22", "Cos", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Softsign", "Softsign", ["x"], X234, sample=normal(2.0)),
+    op("Softsign-opset22", "Softsign", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Mish-opset18", "Mish", ["x"], X234, opset=18, sample=normal(2.0)),
+    op("Mish-opset22", "Mish", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Celu", "Celu", ["x"], X234, sample=away(0.0), alpha=0.6),
+    op("Celu-opset28", "Celu", ["x"], X234, opset=28, sample=away(0.0)),
+    # kinks at α (ThresholdedRelu) and at ±λ (Shrink)
+    op("ThresholdedRelu", "ThresholdedRelu", ["x"], X234, sample=away(0.4), alpha=0.4),
+    op("ThresholdedRelu-opset22-default", "ThresholdedRelu", ["x"], X234, opset=22,
+       sample=away(1.0, scale=2.0)),
+    op("Shrink", "Shrink", ["x"], X234, sample=away(-0.7, 0.7), lambd=0.7, bias=0.2),
+    op("Shrink-defaults", "Shrink", ["x"], X234, sample=away(-0.5, 0.5)),
+    op("Pow-const-integer-exponent", "Pow", ["x", "e"], X234, {"e": np.array(3.0)}),
+    op("Pow-const-int64-exponent", "Pow", ["x", "e"], X234, {"e": np.array(2, dtype=np.int64)}),
+    op("Pow-const-real-exponent-broadcast", "Pow", ["x", "e"], X234, {"e": np.array([0.5, 1.5, -0.7, 2.2])},
+       sample=positive()),
+    op("Pow-activation-exponent", "Pow", ["x", "x1"], {"x": [2, 3, 4], "x1": [3, 1]}, sample=positive()),
+    op("Pow-const-base-activation-exponent", "Pow", ["c", "x"], X234, {"c": 0.5 + np.abs(weight(4))}),
 ]
 
 ROUTE = [
@@ -372,10 +438,41 @@ ROUTE = [
     op("Gather-scalar-index", "Gather", ["x", "idx"], X234, {"idx": np.array(2, dtype=np.int64)}, axis=2),
     op("Expand-3x1", "Expand", ["x", "shape"], {"x": [3, 1]}, {"shape": ints(2, 3, 4)}),
     op("Expand-rank-up", "Expand", ["x", "shape"], {"x": [4]}, {"shape": ints(3, 1)}),
+    op("Tile", "Tile", ["x", "reps"], X234, {"reps": ints(2, 1, 3)}),
+    op("DepthToSpace-DCR", "DepthToSpace", ["x"], {"x": [2, 8, 2, 3]}, blocksize=2),
+    op("DepthToSpace-CRD", "DepthToSpace", ["x"], {"x": [2, 8, 2, 3]}, blocksize=2, mode="CRD"),
+    op("DepthToSpace-opset28-CRD", "DepthToSpace", ["x"], {"x": [1, 18, 2, 2]}, opset=28, blocksize=3,
+       mode="CRD"),
+    op("SpaceToDepth", "SpaceToDepth", ["x"], {"x": [2, 3, 4, 6]}, blocksize=2),
+    op("SpaceToDepth-opset28", "SpaceToDepth", ["x"], {"x": [1, 2, 6, 3]}, opset=28, blocksize=3),
+    op("GatherElements-duplicates-axis1", "GatherElements", ["x", "idx"], {"x": [3, 4]},
+       {"idx": np.array([[0, 3, 3], [1, 1, -1], [2, 0, 2]])}, axis=1),
+    op("GatherElements-axis0", "GatherElements", ["x", "idx"], X234,
+       {"idx": np.array([[[1, 0, 1, 1]], [[0, 0, 1, 0]]])}),
+    op("GatherND", "GatherND", ["x", "idx"], X234, {"idx": np.array([[0, 2], [1, 0], [0, 2]])}),
+    op("GatherND-batch-dims1", "GatherND", ["x", "idx"], X234,
+       {"idx": np.array([[[2, 1], [0, 3]], [[1, 1], [2, 0]]])}, batch_dims=1),
+    op("GatherND-full-index", "GatherND", ["x", "idx"], X234,
+       {"idx": np.array([[1, 2, 3], [1, 2, 3], [0, 0, 1]])}),
+    op("Where-both-active-broadcast", "Where", ["cond", "x", "x1"], {"x": [2, 3, 4], "x1": [3, 1]},
+       {"cond": W.random((3, 4)) > 0.5}),
+    # GPT-2's causal mask: the scores where the mask holds, a large negative constant elsewhere
+    op("Where-causal-mask", "Where", ["cond", "x", "lo"], {"x": [2, 4, 4]},
+       {"cond": np.tril(np.ones((4, 4), dtype=bool)), "lo": np.array(-1e4)}),
+    op("Where-const-left", "Where", ["cond", "c", "x"], X234, {"cond": W.random(4) > 0.5, "c": weight(3, 1)}),
+    op("Cast-to-double", "Cast", ["x"], X234, to=TensorProto.DOUBLE),
+    op("Cast-opset19-to-double", "Cast", ["x"], X234, opset=19, to=TensorProto.DOUBLE),
+    op("Cast-opset21-to-double", "Cast", ["x"], X234, opset=21, to=TensorProto.DOUBLE),
+    op("Cast-opset25-to-double", "Cast", ["x"], X234, opset=25, to=TensorProto.DOUBLE),
+    op("Cast-opset28-to-double", "Cast", ["x"], X234, opset=28, to=TensorProto.DOUBLE),
 ]
 
 # `distinct`: values of all operands are distinct, so the maximum is never a tie
 MAX = [
+    op("Min-3-broadcast", "Min", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [3, 1], "x2": [4]}, sample=distinct),
+    op("Min-with-const", "Min", ["x", "c"], X234, {"c": np.linspace(-0.51, 0.49, 4)}, sample=distinct),
+    op("Mean-3-broadcast", "Mean", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [4], "x2": [3, 1]}),
+    op("Mean-with-const", "Mean", ["x", "c"], X234, {"c": weight(3, 1)}),
     op("Max-3-broadcast", "Max", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [3, 1], "x2": [4]}, sample=distinct),
     op("Max-same-shape", "Max", ["x", "x1"], {"x": [2, 3, 4], "x1": [2, 3, 4]}, sample=distinct),
     op("Max-with-const", "Max", ["x", "c"], X234, {"c": np.linspace(-0.51, 0.49, 4)}, sample=distinct),
@@ -420,6 +517,7 @@ UNSUPPORTED = [
     op("Conv-activation-weights", "Conv", ["x", "x1"], {"x": [1, 2, 5, 5], "x1": [3, 2, 3, 3]}),
     op("Pad-reflect", "Pad", ["x", "pads"], X234, {"pads": ints(0, 1, 1, 0, 1, 1)}, mode="reflect"),
     op("ReduceMax-two-axes", "ReduceMax", ["x"], X234, axes=[1, 2]),
+    op("ReduceMin-all-axes", "ReduceMin", ["x"], X234),
 ]
 
 
@@ -492,6 +590,18 @@ SYMBOLIC = [
             sample=distinct),
     SymCase("Gemm-transB-C", "Gemm", ["x", "w", "c"], {"x": ["N", 4]}, {"x": [3, 4]},
             {"w": weight(5, 4), "c": weight(5)}, {"transB": 1, "alpha": 0.7}),
+    SymCase("DepthToSpace-DCR", "DepthToSpace", ["x"], {"x": ["N", 8, "H", "W"]}, {"x": [2, 8, 3, 2]}, {},
+            {"blocksize": 2}),
+    SymCase("DepthToSpace-CRD", "DepthToSpace", ["x"], {"x": ["N", "C", "H", "W"]}, {"x": [2, 18, 2, 3]}, {},
+            {"blocksize": 3, "mode": "CRD"}),
+    SymCase("SpaceToDepth", "SpaceToDepth", ["x"], {"x": ["N", 3, "H", "W"]}, {"x": [2, 3, 4, 6]}, {},
+            {"blocksize": 2}),
+    SymCase("Tile", "Tile", ["x", "reps"], {"x": ["N", 3, "W"]}, {"x": [2, 3, 4]}, {"reps": ints(1, 2, 3)},
+            {}),
+    SymCase("GatherND-batch-dims1", "GatherND", ["x", "idx"], {"x": [2, 3, "W"]}, {"x": [2, 3, 4]},
+            {"idx": np.array([[[2, 1], [0, 3]], [[1, 1], [2, 0]]])}, {"batch_dims": 1}),
+    SymCase("CumSum-exclusive-reverse", "CumSum", ["x", "axis"], {"x": ["N", 3, "W"]}, {"x": [2, 3, 5]},
+            {"axis": np.array(2, dtype=np.int64)}, {"exclusive": 1, "reverse": 1}),
 ]
 
 
@@ -542,3 +652,103 @@ def test_window_sum_conserves_under_radial(case: Case):
     total = sum(float(v.sum()) for v in got.values())
     want = float(np.sum(y * seed))   # relevance starts at y ⊙ seed
     assert total == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+# a rule that blames f(0) on an op whose f(0) is infinite: refused by name ---------------------------
+
+SLOPE = RuleSet((Binding(Selector("kind", "nonlinear"), RuleCall("slope", {}), Location("test", 1, 1)),),
+                quantity="importance")
+
+
+@pytest.mark.parametrize("case", [c.param() for c in [
+    op("Log", "Log", ["x"], X234),
+    op("Reciprocal", "Reciprocal", ["x"], X234),
+    op("Pow-negative-exponent", "Pow", ["x", "e"], X234, {"e": np.array(-1.5)}),
+]])
+def test_slope_refuses_an_infinite_value_at_zero(case: Case):
+    node = case.model.graph.node[0]
+    want = f"'{node.name}' \\({node.op_type}\\).*f\\(0\\) = -?inf is not finite"
+    with pytest.raises(ModelError, match=want):
+        compile_seed(case.model, SLOPE)
+
+
+# pinned points the finite differences keep away from ----------------------------------------------
+
+
+def _others_product(x: np.ndarray) -> np.ndarray:
+    """Π_{j≠i} x_j along the last axis, by deleting each element in turn (numpy, float64)."""
+    return np.stack([np.prod(np.delete(x, i, axis=-1), axis=-1) for i in range(x.shape[-1])], axis=-1)
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reduce_prod_with_zeros_is_the_product_of_the_others(keepdims):
+    model = one_node("ReduceProd", ["x"], {"x": list(PROD_ZEROS.shape)}, axes=[1], keepdims=keepdims)
+    seed = np.array([0.7, -1.2, 0.4, 1.9]).reshape([4, 1] if keepdims else [4])
+    got = reference_vjp(model, {"x": PROD_ZEROS}, seed)["x"]
+    np.testing.assert_allclose(got, seed.reshape(4, 1) * _others_product(PROD_ZEROS), rtol=1e-12, atol=0)
+
+
+TIES = np.array([[0.5, -1.0, 2.0], [0.5, -1.0, 3.0]])
+
+
+@pytest.mark.parametrize("op_type, args, feeds, want", [
+    # equal operands: the first takes the cotangent (autograd's rule, as for Max)
+    ("Min", ["x", "x1"], {"x": TIES[0], "x1": TIES[0]}, {"x": np.ones(3), "x1": np.zeros(3)}),
+    ("Min", ["x", "x1"], {"x": TIES[1], "x1": TIES[0]}, {"x": np.array([1.0, 1.0, 0.0]),
+                                                         "x1": np.array([0.0, 0.0, 1.0])}),
+    ("Max", ["x", "x1"], {"x": TIES[0], "x1": TIES[1]}, {"x": np.array([1.0, 1.0, 0.0]),
+                                                         "x1": np.array([0.0, 0.0, 1.0])}),
+])
+def test_min_max_ties_go_to_the_first_operand(op_type, args, feeds, want):
+    model = one_node(op_type, args, {k: [3] for k in feeds})
+    got = reference_vjp(model, feeds, np.ones(3))
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("axis, x, want", [
+    # a tie along the axis: the first minimum takes it
+    (1, np.array([[0.3, -0.2, -0.2], [1.0, 1.0, 2.0]]), np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])),
+    (0, np.array([[0.3, -0.2, 5.0], [0.3, -0.4, 5.0]]), np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+])
+def test_reduce_min_ties_go_to_the_first_index(axis, x, want):
+    model = one_node("ReduceMin", ["x"], {"x": [2, 3]}, axes=[axis], keepdims=0)
+    got = reference_vjp(model, {"x": x}, np.ones(x.shape[1 - axis]))["x"]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_mean_bias_is_its_constant_share():
+    """``normalized`` with ε → 0 on Mean(x, c): x and the constant c each take their half of y ⊙ seed."""
+    c = weight(3, 1)
+    model = one_node("Mean", ["x", "c"], X234, {"c": c})
+    rules = RuleSet((Binding(Selector("kind", "linear"), RuleCall("normalized", {"eps": 1e-12}),
+                             Location("test", 1, 1)),), quantity="relevance", bias="total")
+    compiled = compile_seed(model, rules)
+    rng = np.random.default_rng(5)
+    x, seed = rng.standard_normal([2, 3, 4]), rng.standard_normal([2, 3, 4])
+    got = run(compiled.model, {"x": x, SEED: seed}, [compiled.attribution["x"], compiled.bias_total])
+    # a(y) = y ⊙ seed, s = a(y)/y = seed: R(x) = x ⊙ seed/2, the bias share c ⊙ seed/2
+    np.testing.assert_allclose(got[compiled.attribution["x"]], x * seed / 2, rtol=1e-9)
+    assert float(np.sum(got[compiled.bias_total])) == pytest.approx(float(np.sum(c * seed / 2)), rel=1e-9)
+
+
+@pytest.mark.parametrize("args, inputs, consts, kind", [
+    (["x", "e"], X234, {"e": np.array(2.0)}, "nonlinear"),
+    (["c", "x"], X234, {"c": np.array(2.0)}, "normalizing"),
+    (["x", "x1"], {"x": [2, 3, 4], "x1": [4]}, {}, "normalizing"),
+])
+def test_pow_is_nonlinear_in_its_base_only(args, inputs, consts, kind):
+    graph = compile_seed(one_node("Pow", args, inputs, consts)).graph
+    (node,) = [n for n in graph.nodes if n.op_type == "Pow"]
+    assert node.kind == kind
+
+
+def test_a_nonlinear_rule_is_not_assumed_for_an_activation_exponent():
+    """``nonlinear -> ignore`` would give 2^x's relevance to the constant base: the node is normalizing,
+    which the rule set does not cover, and the model is refused naming it."""
+    from rulegraph import CoverageError
+
+    model = one_node("Pow", ["c", "x"], X234, {"c": np.array(2.0)})
+    rules = RuleSet((Binding(Selector("kind", "nonlinear"), RuleCall("ignore", {}), Location("test", 1, 1)),))
+    with pytest.raises(CoverageError, match=r"\(Pow\)"):
+        compile_seed(model, rules)

@@ -1,8 +1,8 @@
 """The backward of a fused node (``graph/fuse.py`` finds them): the members read again.
 
 - ``vjp_of``: a fused node's VJP is its members' VJPs chained in reverse: the gradient of exactly
-  what the forward computes, reading the members' forward tensors. Members may be ops without a
-  kind of their own (Pow, Sqrt, Reciprocal, Where); their VJPs are in ``MEMBER_VJPS``;
+  what the forward computes, reading the members' forward tensors. Members that are no op of their
+  own would have their VJPs in ``MEMBER_VJPS`` (every member now has a row in the VJP table);
 - ``evaluate``: the members run on given inputs (``f(0)`` for the slope rule);
 - ``emit_copy``: the members emitted again on other inputs (the repeat rule, the baseline pass).
 """
@@ -18,7 +18,7 @@ from ..graph.kinds import NONLINEAR
 from ..graph.read import Graph, Node
 from .emit import Tape
 from .reverse import checked, walk_back
-from .vjp import VJPS, VjpContext, fused_kind, registrar, unbroadcast
+from .vjp import VJPS, VjpContext, fused_kind, registrar
 
 #: VJPs of ops that rulegraph differentiates only as members of a fused node (they have no kind)
 MEMBER_VJPS: dict[str, Callable[[VjpContext, list], list]] = {}
@@ -60,44 +60,6 @@ def _fused_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
     seeds = {o: [gi] for o, gi in zip(ctx.node.outputs, g) if gi is not None}
     cotangents = walk_back(tape, ctx.node.members, seeds, graph.active, member_step)
     return [tape.sum(cotangents[t]) if a and t in cotangents else None for t, a in zip(ctx.node.inputs, ctx.active)]
-
-
-@member_vjp("Where")
-def _where(ctx, g):
-    """``y = Where(c, a, b)``: ``g`` where c holds to ``a``, elsewhere to ``b``."""
-    t = ctx.tape
-    zero = t.scalar(0.0)
-    c, a, b = ctx.node.inputs
-    return [None,
-            unbroadcast(ctx, t.op("Where", c, g[0], zero), ctx.y, a) if ctx.active[1] else None,
-            unbroadcast(ctx, t.op("Where", c, zero, g[0]), ctx.y, b) if ctx.active[2] else None]
-
-
-@member_vjp("Pow")
-def _pow(ctx, g):
-    """``y = x^p`` for a constant scalar ``p``: ``p·x^(p−1)``."""
-    p = ctx.const(1)
-    if p is None or p.size != 1:
-        raise ctx.fail("Pow needs a constant scalar exponent")
-    p = float(p.reshape(()))
-    t = ctx.tape
-    slope = (t.op("Mul", ctx.x, t.scalar(2.0)) if p == 2.0
-             else t.op("Mul", t.scalar(p), t.op("Pow", ctx.x, t.scalar(p - 1.0))))
-    return [t.op("Mul", g[0], slope), None]
-
-
-@member_vjp("Sqrt")
-def _sqrt(ctx, g):
-    """``y = √x``: ``1/(2y)``."""
-    t = ctx.tape
-    return [t.op("Div", t.op("Mul", g[0], t.scalar(0.5)), ctx.y)]
-
-
-@member_vjp("Reciprocal")
-def _reciprocal(ctx, g):
-    """``y = 1/x``: ``−y²``."""
-    t = ctx.tape
-    return [t.op("Neg", t.op("Mul", g[0], t.op("Mul", ctx.y, ctx.y)))]
 
 
 def evaluate(graph: Graph, node: Node, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -14,10 +14,10 @@ from .. import graph
 from ..graph.kinds import OpKinds
 from ..graph.read import Graph
 from . import fused  # noqa: F401  (declares the fused-only ops' kinds)
-from .vjp import BILINEAR_WHEN_ALL_ACTIVE, OP_KINDS, VJPS
+from .vjp import BILINEAR_WHEN_ALL_ACTIVE, NONLINEAR_IN_FIRST_INPUT_ONLY, OP_KINDS, VJPS
 
 #: every op's kind, for the model reader and the rule language
-OPS = OpKinds(OP_KINDS, BILINEAR_WHEN_ALL_ACTIVE)
+OPS = OpKinds(OP_KINDS, BILINEAR_WHEN_ALL_ACTIVE, NONLINEAR_IN_FIRST_INPUT_ONLY)
 
 __all__ = ["OPS", "OP_KINDS", "VJPS", "load"]
 

@@ -71,11 +71,16 @@ WINDOW_SUMS: dict[str, tuple[Callable, Callable]] = {}
 OP_KINDS: dict[str, str] = {}
 #: op types that are bilinear when every float operand is an activation (Mul, Div, MatMul)
 BILINEAR_WHEN_ALL_ACTIVE: set[str] = set()
+#: nonlinear op types that are normalizing (no rule assumed) when an input after the first is an
+#: activation: nonlinear rules read ``y = f(x)`` of the first input only (Pow's exponent)
+NONLINEAR_IN_FIRST_INPUT_ONLY: set[str] = set()
 
 
-def vjp(*op_types: str, kind: str, bilinear: bool = False):
+def vjp(*op_types: str, kind: str, bilinear: bool = False, first_input_only: bool = False):
     """Register the decorated VJP emitter under each op type, with the op's kind: one registration
-    per op. ``bilinear``: the op is bilinear when every float operand is an activation."""
+    per op. ``bilinear``: the op is bilinear when every float operand is an activation;
+    ``first_input_only``: the op is of its kind only while its first input is its only activation,
+    normalizing otherwise."""
 
     def register(fn):
         for op in op_types:
@@ -84,6 +89,8 @@ def vjp(*op_types: str, kind: str, bilinear: bool = False):
             VJPS[op], OP_KINDS[op] = fn, kind
             if bilinear:
                 BILINEAR_WHEN_ALL_ACTIVE.add(op)
+            if first_input_only:
+                NONLINEAR_IN_FIRST_INPUT_ONLY.add(op)
         return fn
 
     return register
@@ -258,6 +265,26 @@ def _sub(ctx, g):
 @vjp("Neg", kind=LINEAR)
 def _neg(ctx, g):
     return [ctx.tape.op("Neg", g[0])]
+
+
+@vjp("Mean", kind=LINEAR)
+def _mean(ctx, g):
+    """``y = (x₁ + … + xₙ)/n`` (broadcasting): ``g/n`` to each operand, summed over its broadcast axes."""
+    t = ctx.tape
+    share = t.op("Div", g[0], t.scalar(float(len(ctx.node.inputs))))
+    return [unbroadcast(ctx, share, ctx.y, x) if a else None for x, a in zip(ctx.node.inputs, ctx.active)]
+
+
+@vjp("CumSum", kind=LINEAR)
+def _cumsum(ctx, g):
+    """``y_i = Σ_{j≤i} x_j`` (``j<i`` exclusive; the other way reversed): ``∂x`` is ``g`` summed the
+    other way, with the same exclusivity."""
+    if ctx.active[1]:
+        raise ctx.fail("CumSum's axis must be an integer, not an activation")
+    reverse = 0 if ctx.node.attr("reverse", 0) else 1
+    back = ctx.tape.op("CumSum", g[0], ctx.node.inputs[1], exclusive=ctx.node.attr("exclusive", 0),
+                       reverse=reverse)
+    return [back, None]
 
 
 @vjp("Mul", kind=LINEAR, bilinear=True)
@@ -663,6 +690,66 @@ def _global_average_pool(ctx, g):
     return [ctx.tape.op("Div", spread, _count(ctx, axes))]
 
 
+def _kept(ctx: VjpContext, tensor: str, axes: list[int] | None) -> str:
+    """A reduction's output (or its cotangent) with the reduced axes restored as size 1."""
+    if ctx.node.attr("keepdims", 1):
+        return tensor
+    axes = list(range(ctx.graph.rank(ctx.x))) if axes is None else axes
+    return ctx.tape.unsqueeze(tensor, axes) if axes else tensor
+
+
+def _reduction(ctx: VjpContext, g: list, slope: Callable[[VjpContext, str, list[int] | None], str]) -> list:
+    """``∂x = g ⊙ slope``, ``g`` spread back over the reduced axes; ``slope(ctx, y_kept, axes)``."""
+    axes = _reduce_axes(ctx)
+    spread = _expand_back(ctx, g[0], axes)
+    d = slope(ctx, _kept(ctx, ctx.y, axes), axes)
+    return [ctx.tape.op("Mul", spread, d)] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("ReduceL1", kind=NORMALIZING)
+def _reduce_l1(ctx, g):
+    """``y = Σ|x|``: ``sign(x)``."""
+    return _reduction(ctx, g, lambda ctx, y, axes: ctx.tape.op("Sign", ctx.x))
+
+
+@vjp("ReduceL2", kind=NORMALIZING)
+def _reduce_l2(ctx, g):
+    """``y = √Σx²``: ``x/y``."""
+    return _reduction(ctx, g, lambda ctx, y, axes: ctx.tape.op("Div", ctx.x, y))
+
+
+@vjp("ReduceSumSquare", kind=NORMALIZING)
+def _reduce_sum_square(ctx, g):
+    """``y = Σx²``: ``2x``."""
+    return _reduction(ctx, g, lambda ctx, y, axes: ctx.tape.op("Mul", ctx.x, ctx.tape.scalar(2.0)))
+
+
+@vjp("ReduceLogSumExp", kind=NORMALIZING)
+def _reduce_log_sum_exp(ctx, g):
+    """``y = log Σ exp x``: ``exp(x − y)``, the softmax over the reduced axes."""
+    return _reduction(ctx, g, lambda ctx, y, axes: ctx.tape.op("Exp", ctx.tape.op("Sub", ctx.x, y)))
+
+
+def _product_of_others(ctx: VjpContext, y: str, axes: list[int] | None) -> str:
+    """``∂y/∂xᵢ = Π_{j≠i} xⱼ``, exact with zeros: ``y/xᵢ`` without zeros in the window; with one zero, the
+    product of the rest at the zero and 0 elsewhere; with two or more, 0."""
+    t, x = ctx.tape, ctx.x
+    if axes == []:
+        return t.op("Add", t.zeros_like(x), t.scalar(1.0))
+    zero = t.op("Equal", x, t.scalar(0.0))
+    safe = t.op("Where", zero, t.scalar(1.0), x)
+    rest = t.reduce("ReduceProd", safe, axes)
+    zeros = t.reduce("ReduceSum", t.op("Cast", zero, to=t.float_type), axes)
+    lone = t.op("And", zero, t.op("Equal", zeros, t.scalar(1.0)))
+    at_lone = t.op("Where", lone, rest, t.scalar(0.0))
+    return t.op("Where", t.op("Equal", zeros, t.scalar(0.0)), t.op("Div", rest, safe), at_lone)
+
+
+@vjp("ReduceProd", kind=NORMALIZING)
+def _reduce_prod(ctx, g):
+    return _reduction(ctx, g, _product_of_others)
+
+
 def _batchnorm_scale(ctx: VjpContext) -> tuple[np.ndarray, np.ndarray]:
     """(s, b) of the inference BatchNormalization ``y = s·x + b``, shaped to broadcast over x."""
     values = [ctx.const(i) for i in range(1, 5)]
@@ -746,6 +833,13 @@ def _add_bias(ctx):
     consts = [ctx.const(i) for i, a in enumerate(ctx.active) if not a]
     consts = [c for c in consts if c is not None]
     return sum(consts[1:], consts[0]) if consts else None
+
+
+@linear_bias("Mean")
+def _mean_bias(ctx):
+    consts = [ctx.const(i) for i, a in enumerate(ctx.active) if not a]
+    consts = [c for c in consts if c is not None]
+    return sum(consts[1:], consts[0]) / len(ctx.node.inputs) if consts else None
 
 
 @linear_bias("Sub")
@@ -886,6 +980,103 @@ def _abs(ctx, g):
     return [ctx.tape.op("Mul", g[0], ctx.tape.op("Sign", ctx.x))]
 
 
+@vjp("Sqrt", kind=NONLINEAR)
+def _sqrt(ctx, g):
+    """``d√x = 1/(2√x)``."""
+    return [ctx.tape.op("Div", ctx.tape.op("Mul", g[0], ctx.tape.scalar(0.5)), ctx.y)]
+
+
+@vjp("Exp", kind=NONLINEAR)
+def _exp(ctx, g):
+    return [ctx.tape.op("Mul", g[0], ctx.y)]
+
+
+@vjp("Log", kind=NONLINEAR)
+def _log(ctx, g):
+    return [ctx.tape.op("Div", g[0], ctx.x)]
+
+
+@vjp("Reciprocal", kind=NONLINEAR)
+def _reciprocal(ctx, g):
+    """``d(1/x) = −1/x² = −y²``."""
+    t = ctx.tape
+    return [t.op("Neg", t.op("Mul", g[0], t.op("Mul", ctx.y, ctx.y)))]
+
+
+@vjp("Sin", kind=NONLINEAR)
+def _sin(ctx, g):
+    return [ctx.tape.op("Mul", g[0], ctx.tape.op("Cos", ctx.x))]
+
+
+@vjp("Cos", kind=NONLINEAR)
+def _cos(ctx, g):
+    return [ctx.tape.op("Neg", ctx.tape.op("Mul", g[0], ctx.tape.op("Sin", ctx.x)))]
+
+
+@vjp("Softsign", kind=NONLINEAR)
+def _softsign(ctx, g):
+    """``y = x/(1 + |x|)``, ``y' = 1/(1 + |x|)²``."""
+    t = ctx.tape
+    denominator = t.op("Add", t.scalar(1.0), t.op("Abs", ctx.x))
+    return [t.op("Div", g[0], t.op("Mul", denominator, denominator))]
+
+
+@vjp("Mish", kind=NONLINEAR)
+def _mish(ctx, g):
+    """``y = x·tanh(softplus x)``, ``y' = tanh(sp) + x·σ(x)·(1 − tanh²(sp))``."""
+    t, x = ctx.tape, ctx.x
+    th = t.op("Tanh", t.op("Softplus", x))
+    sech2 = t.op("Sub", t.scalar(1.0), t.op("Mul", th, th))
+    d = t.op("Add", th, t.op("Mul", t.op("Mul", x, t.op("Sigmoid", x)), sech2))
+    return [t.op("Mul", g[0], d)]
+
+
+@vjp("Celu", kind=NONLINEAR)
+def _celu(ctx, g):
+    """``y' = 1`` for ``x > 0``, ``exp(x/α)`` otherwise."""
+    t = ctx.tape
+    alpha = ctx.node.attr("alpha", 1.0)
+    positive = t.op("Greater", ctx.x, t.scalar(0.0))
+    slope = t.op("Exp", t.op("Div", ctx.x, t.scalar(alpha)))
+    return [t.op("Where", positive, g[0], t.op("Mul", g[0], slope))]
+
+
+@vjp("ThresholdedRelu", kind=NONLINEAR)
+def _thresholded_relu(ctx, g):
+    """``y = x`` where ``x > α``, else 0 (mask ``x > α``)."""
+    t = ctx.tape
+    above = t.op("Greater", ctx.x, t.scalar(ctx.node.attr("alpha", 1.0)))
+    return [t.op("Where", above, g[0], t.scalar(0.0))]
+
+
+@vjp("Shrink", kind=NONLINEAR)
+def _shrink(ctx, g):
+    """``y = x ∓ bias`` where ``|x| > λ``, else 0 (mask ``|x| > λ``)."""
+    t = ctx.tape
+    outside = t.op("Greater", t.op("Abs", ctx.x), t.scalar(ctx.node.attr("lambd", 0.5)))
+    return [t.op("Where", outside, g[0], t.scalar(0.0))]
+
+
+@vjp("Pow", kind=NONLINEAR, first_input_only=True)
+def _pow(ctx, g):
+    """``y = xᵇ``: ``∂x = b·x^(b−1)``, ``∂b = y·ln x`` (an activation exponent: defined for ``x > 0``;
+    the node is then normalizing, as nonlinear rules read the base only)."""
+    t = ctx.tape
+    x, b = ctx.node.inputs
+    gx = gb = None
+    if ctx.active[0]:
+        bc = ctx.const(1)
+        if bc is not None:
+            factor = t.const(np.asarray(bc, dtype=t.float_dtype), hint="exponent")
+            power = t.op("Pow", x, t.const(np.asarray(bc - 1, dtype=t.float_dtype), hint="exponent"))
+        else:
+            factor, power = b, t.op("Pow", x, t.op("Sub", b, t.scalar(1.0)))
+        gx = unbroadcast(ctx, t.op("Mul", g[0], t.op("Mul", factor, power)), ctx.y, x)
+    if ctx.active[1]:
+        gb = unbroadcast(ctx, t.op("Mul", g[0], t.op("Mul", ctx.y, t.op("Log", x))), ctx.y, b)
+    return [gx, gb]
+
+
 # --------------------------------------------------------------------------------------------------
 # normalizing
 
@@ -1013,6 +1204,78 @@ def _expand(ctx, g):
     return [unbroadcast(ctx, g[0], ctx.y, ctx.x), None]
 
 
+@vjp("Where", kind=ROUTE)
+def _where(ctx, g):
+    """``y = Where(c, a, b)``: ``g`` where c holds to ``a``, elsewhere to ``b`` (c is boolean, never
+    active)."""
+    t = ctx.tape
+    zero = t.scalar(0.0)
+    c, a, b = ctx.node.inputs
+    return [None,
+            unbroadcast(ctx, t.op("Where", c, g[0], zero), ctx.y, a) if ctx.active[1] else None,
+            unbroadcast(ctx, t.op("Where", c, zero, g[0]), ctx.y, b) if ctx.active[2] else None]
+
+
+@vjp("Cast", kind=ROUTE)
+def _cast(ctx, g):
+    """A float-to-float Cast: ``g`` cast to the pass's float type (half types are read as float32). A cast
+    to an integer type is never active: the model reader refuses an output that depends on x only so."""
+    return [ctx.tape.op("Cast", g[0], to=ctx.tape.float_type)]
+
+
+@vjp("Tile", "GatherElements", "GatherND", kind=ROUTE)
+def _select(ctx, g):
+    """Selections by constant or integer indices: the node re-run on element positions says where each
+    output element came from; ``g`` is added back there (repeats add up)."""
+    if any(ctx.active[1:]):
+        raise ctx.fail(f"the {ctx.node.op_type} repeats or indices must be integers, not activations")
+    taken = ctx.tape.copy_node(ctx.node, [_positions(ctx)] + ctx.node.inputs[1:])
+    return [_scatter_back(ctx, taken, g[0], "add")] + [None] * (len(ctx.node.inputs) - 1)
+
+
+def _shape_of_parts(ctx: VjpContext, parts: list) -> str:
+    """An int64 shape tensor from parts: ints, or ``(start, end, divisor)``, a slice of ``x``'s shape
+    divided by ``divisor``."""
+    t = ctx.tape
+    pieces = []
+    for part in parts:
+        if isinstance(part, int):
+            pieces.append(t.ints([part]))
+        else:
+            start, end, divisor = part
+            dims = t.shape(ctx.x, start=start, end=end)
+            pieces.append(dims if divisor == 1 else t.op("Div", dims, t.ints([divisor] * (end - start))))
+    return t.op("Concat", *pieces, axis=0)
+
+
+def _blocks_back(ctx: VjpContext, g: str, parts: list, perm: list[int]) -> str:
+    """VJP of ``reshape → transpose(perm) → reshape``: ``g`` viewed as the transposed 6-d tensor
+    (shape ``parts``), the transpose undone, viewed as ``x``."""
+    t = ctx.tape
+    inverse = [int(i) for i in np.argsort(perm)]
+    unpermuted = t.op("Transpose", t.op("Reshape", g, _shape_of_parts(ctx, parts)), perm=inverse)
+    return t.reshape_like(unpermuted, ctx.x)
+
+
+@vjp("DepthToSpace", kind=ROUTE)
+def _depth_to_space(ctx, g):
+    """DCR: ``[N, b, b, C/b², H, W]`` transposed ``(0, 3, 4, 1, 5, 2)``; CRD: ``[N, C/b², b, b, H, W]``
+    transposed ``(0, 1, 4, 2, 5, 3)``; both give ``[N, C/b², H, b, W, b]``."""
+    b = ctx.node.attr("blocksize")
+    mode = _text_attr(ctx, "mode", "DCR")
+    perm = [0, 3, 4, 1, 5, 2] if mode == "DCR" else [0, 1, 4, 2, 5, 3]
+    parts = [(0, 1, 1), (1, 2, b * b), (2, 3, 1), b, (3, 4, 1), b]
+    return [_blocks_back(ctx, g[0], parts, perm)]
+
+
+@vjp("SpaceToDepth", kind=ROUTE)
+def _space_to_depth(ctx, g):
+    """``[N, C, H/b, b, W/b, b]`` transposed ``(0, 3, 5, 1, 2, 4)`` to ``[N, b, b, C, H/b, W/b]``."""
+    b = ctx.node.attr("blocksize")
+    parts = [(0, 1, 1), b, b, (1, 2, 1), (2, 3, b), (3, 4, b)]
+    return [_blocks_back(ctx, g[0], parts, [0, 3, 5, 1, 2, 4])]
+
+
 # --------------------------------------------------------------------------------------------------
 # max
 
@@ -1045,10 +1308,17 @@ def _max(ctx, g):
             for hit, x, active in zip(masks, ctx.node.inputs, ctx.active)]
 
 
-def _argmax_mask(ctx: VjpContext, flat: str, axis: int) -> str:
-    """Boolean mask of the first arg-max along ``axis`` of ``flat`` (ties: the first index)."""
+@vjp("Min", kind=MAX)
+def _min(ctx, g):
+    """The first operand equal to the minimum takes ``g`` (Max's tie rule)."""
+    return _max(ctx, g)
+
+
+def _argmax_mask(ctx: VjpContext, flat: str, axis: int, arg: str = "ArgMax") -> str:
+    """Boolean mask of the first arg-max (``arg="ArgMin"``: arg-min) along ``axis`` of ``flat`` (ties:
+    the first index)."""
     t = ctx.tape
-    am = t.op("ArgMax", flat, axis=axis, keepdims=1)
+    am = t.op(arg, flat, axis=axis, keepdims=1)
     size = t.op("Gather", t.shape(flat), t.ints([axis]), axis=0)
     rng = t.op("Range", t.const(np.array(0, dtype=np.int64)), t.op("Squeeze", size),
                t.const(np.array(1, dtype=np.int64)))
@@ -1067,14 +1337,16 @@ def _global_max_pool(ctx, g):
     return [t.reshape_like(spread, ctx.x)]
 
 
-@vjp("ReduceMax", kind=MAX)
+@vjp("ReduceMax", "ReduceMin", kind=MAX)
 def _reduce_max(ctx, g):
     t = ctx.tape
     axes = _reduce_axes(ctx)
+    if axes == []:
+        return [g[0]] + [None] * (len(ctx.node.inputs) - 1)
     if axes is None or len(axes) != 1:
-        raise ctx.fail("ReduceMax over several axes is not supported; reduce one axis at a time")
+        raise ctx.fail(f"{ctx.node.op_type} over several axes is not supported; reduce one axis at a time")
     gk = g[0] if ctx.node.attr("keepdims", 1) else t.unsqueeze(g[0], axes)
-    mask = _argmax_mask(ctx, ctx.x, axes[0])
+    mask = _argmax_mask(ctx, ctx.x, axes[0], "ArgMin" if ctx.node.op_type == "ReduceMin" else "ArgMax")
     return [t.op("Where", mask, gk, t.scalar(0.0))] + [None] * (len(ctx.node.inputs) - 1)
 
 

@@ -88,6 +88,10 @@ class RuleContext(VjpContext):
             value = evaluate(self.graph, self.node, {self.x: zero})[0]
         except Exception as exc:
             raise self.fail(f"cannot evaluate f(0): {exc}") from exc
+        if not np.all(np.isfinite(value)):
+            op = self.node.op_type
+            raise self.fail(f"f(0) = {np.ravel(value)[0]} is not finite, so a rule that blames f(0) cannot "
+                            f"be applied; bind another rule to {op} (e.g. `{op} -> gradient`)")
         if not np.any(value):
             return None
         return self.tape.const(np.asarray(value, dtype=self.tape.float_dtype), hint="f0")

@@ -2,7 +2,8 @@
 
 The model reader knows no op's kind itself: it is given an ``OpKinds`` (the backward's op table,
 ``backward/ops.py``, where each op's kind is declared with its VJP). Mul, Div and MatMul are
-*linear* when one operand is a constant and *bilinear* when both are activations; ``OpKinds.of``
+*linear* when one operand is a constant and *bilinear* when both are activations; Pow is *nonlinear*
+in its base and *normalizing* (no rule assumed) once its exponent is an activation; ``OpKinds.of``
 decides that from the node.
 """
 
@@ -22,10 +23,12 @@ KINDS = (LINEAR, NONLINEAR, MAX, ROUTE, BILINEAR, NORMALIZING)
 
 @dataclass(frozen=True)
 class OpKinds:
-    """op type -> kind, and the op types that are bilinear when every float operand is an activation."""
+    """op type -> kind, the op types that are bilinear when every float operand is an activation, and
+    the nonlinear op types that are normalizing when an input after the first is an activation."""
 
     table: Mapping[str, str]
     bilinear: Set[str] = frozenset()
+    first_input_only: Set[str] = frozenset()
 
     def __contains__(self, op_type: str) -> bool:
         return op_type in self.table
@@ -37,4 +40,6 @@ class OpKinds:
         """
         if op_type in self.bilinear and sum(active_inputs[:2]) >= 2:
             return BILINEAR
+        if op_type in self.first_input_only and any(active_inputs[1:]):
+            return NORMALIZING
         return self.table.get(op_type)
