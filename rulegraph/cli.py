@@ -47,7 +47,6 @@ from .viz import (
     render,
     row_panels,
     save_figure,
-    save_heatmap,
     show_defaults,
     title_of,
 )
@@ -239,7 +238,6 @@ def _picture_kwargs(args) -> dict:
 
 
 def _method(rules) -> str:
-
     return method_name(rules)
 
 
@@ -437,7 +435,7 @@ def cmd_demo(args) -> int:
     print(f"model: {model.name} (bundled digits CNN), input: {image.name}, rules: {args.rules}")
     print(f"predicted class: {int(np.argmax(logits))} (logit {logits.max():.3f}) on {result.device}")
     print(summary(result))
-    save_heatmap(result.map[0], args.heatmap, inputs=sources)
+    render(result, x=x, mode="heatmap", method=_method(args.rules), path=args.heatmap, inputs=sources)
     print(f"heatmap written to {args.heatmap}")
     return 0
 
