@@ -218,3 +218,16 @@ def test_loop_model_of_the_ppocr_classifier():
     with pytest.raises(RulegraphError, match=r"occlusion as a graph needs the spatial size of input 'x' "
                                              r"fixed in the model \(its shape is \['N', 3, '\?', '\?'\]\)"):
         compile_loop(explainer, loop_call("occlusion"))
+
+
+def test_the_loop_model_is_marked_as_an_explainer(tmp_path):
+    """Like the compiled pass, the loop model carries ``rulegraph.explainer_of`` (the original
+    outputs), so given again as a model it is refused by that mark."""
+    from rulegraph.errors import ModelError
+
+    path = tmp_path / "ig.onnx"
+    Explainer(CNN, "integrated-gradients").save(path)
+    marks = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert marks["rulegraph.explainer_of"] == '["logits"]'
+    with pytest.raises(ModelError, match=r"already a rulegraph explainer"):
+        Explainer(path, "gradient")

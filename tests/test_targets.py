@@ -420,3 +420,12 @@ def test_forward_and_seed_need_no_class_axis():
     expected = np.zeros(x.shape)
     expected[0, :, 0, 2, 3] = w[1, :, 0, 0, 0]
     np.testing.assert_allclose(result.saliency["x"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", ["N", "batch_size"])
+def test_the_target_input_is_declared_with_the_models_batch(batch):
+    """``rulegraph/target`` is declared ``[batch]`` with the model's own batch symbol, like every
+    per-row output of the explainer."""
+    compiled = Explainer(mlp(batch), "gradient").compiled()
+    target = next(i for i in compiled.model.graph.input if i.name == compiled.target_input)
+    assert [d.dim_param for d in target.type.tensor_type.shape.dim] == [batch]

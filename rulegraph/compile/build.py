@@ -380,7 +380,8 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
         elem = graph.dtypes.get(start, TensorProto.FLOAT)
         g.input.append(helper.make_tensor_value_info(compiled.seed_input, elem, graph.shapes.get(start)))
     else:
-        g.input.append(helper.make_tensor_value_info(compiled.target_input, TensorProto.INT64, ["N"]))
+        g.input.append(helper.make_tensor_value_info(compiled.target_input, TensorProto.INT64,
+                                                     _row_dims(graph, compiled.spec)))
     for x, name in baseline_inputs.items():
         g.input.append(helper.make_tensor_value_info(name, graph.dtypes[x], graph.shapes.get(x)))
     g.input.extend(extra_inputs)

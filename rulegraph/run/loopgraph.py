@@ -32,6 +32,7 @@ from onnx import TensorProto, helper
 from ..backward.emit import Tape
 from ..compile.build import BASELINE_PREFIX, TARGET, prune
 from ..errors import InternalError, RulegraphError
+from ..graph.model_check import explainer_metadata
 from .loops import quadrature, refuse_integrated_gradients
 
 NOISE_PREFIX = "rulegraph/noise/"
@@ -181,6 +182,7 @@ class _Builder:
         model = helper.make_model(graph, opset_imports=list(inner.opset_import), ir_version=inner.ir_version)
         model.functions.extend(inner.functions)
         prune(model)
+        model.metadata_props.append(explainer_metadata([o.name for o in self.graph.model.graph.output]))
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
