@@ -182,7 +182,7 @@ def cmd_explain(args) -> int:
         print(f"token relevance written to {args.heatmap}")
     elif args.heatmap:
 
-        render(result, x=_first_array(x), labels=labels, method=_method(args.rules), path=args.heatmap,
+        render(result, x=_first_array(x), labels=labels, method=method_name(args.rules), path=args.heatmap,
                inputs=sources, **_picture_kwargs(args))
         print(f"heatmap written to {args.heatmap}")
     return 0
@@ -203,7 +203,7 @@ def _token_page(args, result, x, labels) -> None:
         for i, ids in enumerate(np.asarray(feeds[name])):
             tokens = viz.tokens_of(ids, vocab) if vocab else [str(int(t)) for t in ids.reshape(-1)]
             title = viz.title_of(None if result.target is None else result.target[i], labels,
-                                 _method(args.rules), float(result.delta[i]))
+                                 method_name(args.rules), float(result.delta[i]))
             rows.append((f"row {i}, '{name}': {title}", result.attribution[name][i], tokens))
     page = viz.tokens_page(rows, args.clip, args.sign or "all")
     write_bytes(args.heatmap, page.encode("utf-8"), "--heatmap")
@@ -237,10 +237,6 @@ def _picture_kwargs(args) -> dict:
             "background": args.background, "bgr": args.bgr, "show": args.show}
 
 
-def _method(rules) -> str:
-    return method_name(rules)
-
-
 def _first_array(x):
     """The first input of a feed (a dict for several inputs) as an array."""
     return next(iter(x.values())) if isinstance(x, dict) else x
@@ -260,7 +256,7 @@ def cmd_compare(args) -> int:
                               class_axis=args.class_axis)
         x = load_input(args.input, explainer, args.scale or 1.0, preprocess=spec)
         result = explainer.explain(x, target=target_of(args))
-        method = _method(name)
+        method = method_name(name)
         maps, show = choose_maps(result, method, args.show)
         sign, reduce = show_defaults(show, args.sign, args.reduce)
         if not is_image(maps):
@@ -427,7 +423,7 @@ def cmd_demo(args) -> int:
     models = bundled_models_dir()
     model, image = models / "digits_cnn.onnx", models / "digit_3.png"
     sources = [model, image] + rule_files(args.rules)
-    check_output(args.heatmap, sources, _heatmap_suffixes(), "--heatmap")
+    check_output(args.heatmap, sources, heatmap_suffixes(), "--heatmap")
     explainer = Explainer(model, args.rules)
     x = load_input(str(image), explainer)
     result = explainer.explain(x)
@@ -435,7 +431,7 @@ def cmd_demo(args) -> int:
     print(f"model: {model.name} (bundled digits CNN), input: {image.name}, rules: {args.rules}")
     print(f"predicted class: {int(np.argmax(logits))} (logit {logits.max():.3f}) on {result.device}")
     print(summary(result))
-    render(result, x=x, mode="heatmap", method=_method(args.rules), path=args.heatmap, inputs=sources)
+    render(result, x=x, mode="heatmap", method=method_name(args.rules), path=args.heatmap, inputs=sources)
     print(f"heatmap written to {args.heatmap}")
     return 0
 
@@ -506,10 +502,6 @@ def _preprocess_options(p, bgr: bool, scale: bool = True) -> None:
     if bgr:
         p.add_argument("--bgr", action="store_true", help="the model takes BGR channels")
     p.add_argument("--nhwc", action="store_true", help="the model takes [N, H, W, C] (default NCHW)")
-
-
-def _heatmap_suffixes() -> list[str]:
-    return heatmap_suffixes()
 
 
 def _max_amplification(p, help_text: str) -> None:
