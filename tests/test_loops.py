@@ -132,3 +132,15 @@ def test_a_loop_says_what_it_explained(loop, params, capsys):
     looped = explainer.explain(X[:2], target=[3, 5], loop=loop, **params)
     assert (looped.explained, looped.class_axis) == (plain.explained, plain.class_axis)
     assert summary(looped).splitlines()[0].startswith("row 0: class 3 of tensor 'logits' [N, 10] (class axis 1): ")
+
+
+@pytest.mark.parametrize("target, message", [
+    (3.7, r"target must be integer class indices for tensor 'logits' \[N, 10\] \(class axis 1\); got 3.7"),
+    (True, r"got True \(bool\)"),
+    (15, r"target class 15 is out of range for tensor 'logits' \[N, 10\]"),
+])
+def test_a_loop_checks_its_target_as_a_plain_pass_does(target, message):
+    """A float or bool class is never rounded into a class, and an out-of-range class is refused
+    before any loop point runs."""
+    with pytest.raises(RulegraphError, match=message):
+        Explainer(CNN, "gradient").explain(X[:2], target=target, loop="smoothgrad", samples=2)

@@ -129,7 +129,7 @@ def _targets_for(explainer, feeds, target) -> np.ndarray:
     """Class per row; ``argmax`` (and a negative class, which means the same) is decided on the real
     input by one plain forward run, not per loop point."""
     n = next(iter(feeds.values())).shape[0]
-    targets = class_per_row(target, n)
+    targets = class_per_row(target, n, explainer.spec)
     if (targets < 0).any():
         outputs = explainer.forward({k: v for k, v in feeds.items()})
         start = outputs[explainer.compiled().start_tensor]

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..compile.targets import Target, TargetError
-from ..errors import RulegraphError
+from ..compile.targets import Target, TargetError, class_indices
 
 
 @dataclass
@@ -63,20 +62,12 @@ class Result:
         return self.delta / scale
 
 
-def class_per_row(target, n: int) -> np.ndarray:
-    """A class per row (``-1``: arg-max) from a class, a class list or ``"argmax"`` (the loops' targets)."""
+def class_per_row(target, n: int, spec) -> np.ndarray:
+    """A class per row (``-1``: arg-max) from a class, a class list or ``"argmax"`` (the loops'
+    targets), checked as a plain pass checks it (``targets.class_indices``: integers only, in range)."""
     if isinstance(target, Target):
         if any(v is not None for v in (target.at, target.region, target.mask, target.versus)) or target.all_positions:
             raise TargetError("loops explain a class per row; position forms and versus= are not available "
                               "with a loop yet (explain without the loop, or pass a seed array)")
         target = target.cls
-    if isinstance(target, str):
-        if target != "argmax":
-            raise RulegraphError(f"target must be a class index, 'argmax' or a seed array, got '{target}'")
-        return np.full(n, -1, dtype=np.int64)
-    t = np.asarray(target, dtype=np.int64).reshape(-1)
-    if t.size == 1:
-        return np.full(n, int(t[0]), dtype=np.int64)
-    if t.size != n:
-        raise RulegraphError(f"got {t.size} targets for a batch of {n}")
-    return t
+    return class_indices(target, n, spec)
