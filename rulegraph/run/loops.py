@@ -133,7 +133,7 @@ def _targets_for(explainer, feeds, target) -> np.ndarray:
     if (targets < 0).any():
         outputs = explainer.forward({k: v for k, v in feeds.items()})
         start = outputs[explainer.compiled().start_tensor]
-        argmax = start.reshape(n, start.shape[1], -1)[:, :, 0].argmax(axis=1).astype(np.int64)
+        argmax = np.argmax(start, axis=explainer.spec.class_axis).reshape(n).astype(np.int64)
         targets = np.where(targets < 0, argmax, targets)
     return targets
 

@@ -70,4 +70,7 @@ def class_per_row(target, n: int, spec) -> np.ndarray:
             raise TargetError("loops explain a class per row; position forms and versus= are not available "
                               "with a loop yet (explain without the loop, or pass a seed array)")
         target = target.cls
+    if spec.class_axis is not None and spec.position_axes:
+        raise TargetError(f"loops explain a class per row, and {spec.where()} has position axes: explain "
+                          "without the loop (at=, region=, mask=, all_positions=), or pass a seed array")
     return class_indices(target, n, spec)
