@@ -21,6 +21,7 @@ import numpy as np
 from . import viz
 from .backward.ops import load
 from .check.checks import check
+from .check.measured import sample_inputs
 from .compile.plan import assign, find_start, path_nodes
 from .compile.targets import Target
 from .compile.unmatched import warn_unmatched
@@ -30,6 +31,7 @@ from .run import rulefiles as dsl
 from .run.amplification import DEFAULT_MAX_AMPLIFICATION
 from .run.explainer import Explainer
 from .run.files import check_output, model_files, rule_files, write_bytes, write_with
+from .run.kernels import cuda_fallbacks
 from .run.inputs import IMAGE_SUFFIXES, load_input, read_npy  # noqa: F401  (load_input: the API's input reader)
 from .viz import (
     DEFAULT_CLIP,
@@ -380,6 +382,8 @@ def cmd_check(args) -> int:
                    probes=args.probes, output=args.output, start=args.start,
                    max_amplification=args.max_amplification)
     text = {"text": report.to_text, "json": report.to_json, "junit": report.to_junit}[args.format]()
+    if args.profile:
+        text += "\n" + placement_line(args, x)
     if args.output_file:
         write_bytes(args.output_file, (text if text.endswith("\n") else text + "\n").encode("utf-8"),
                     "--output-file")
@@ -387,6 +391,21 @@ def cmd_check(args) -> int:
     else:
         print(text)
     return 0 if report.ok else 1
+
+
+def placement_line(args, x) -> str:
+    """One line: where onnxruntime ran the explainer's nodes (its profile of one run), and the
+    nodes CUDA has no kernel for (the kernel registry, kernels.py)."""
+    explainer = Explainer(args.model, args.rules, output=args.output, start=args.start)
+    if x is None:
+        x = sample_inputs(explainer.graph, 1)
+    counts = explainer.placement(x)
+    ran = ", ".join(f"{provider} {n}" for provider, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    fallbacks = cuda_fallbacks(explainer.compiled().model)
+    named = "; ".join(f.line() for f in fallbacks[:5]) + (" ..." if len(fallbacks) > 5 else "")
+    cuda = (f"{len(fallbacks)} node(s) have no CUDA kernel and would run on the CPU under CUDA: {named}"
+            if fallbacks else "every node has a CUDA kernel")
+    return f"profile: kernels run per provider: {ran}; {cuda}"
 
 
 def cmd_lint(args) -> int:
@@ -588,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     _preprocess_options(p, bgr=True)
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest leak allowed, relative to the start value")
     p.add_argument("--probes", action="store_true", help="also run the consistency probes")
+    p.add_argument("--profile", action="store_true",
+                   help="also say where onnxruntime ran the explainer's nodes (one profiled run)")
     _max_amplification(p, "fail when Σ|attribution| / |start value| exceeds this "
                           "(a map that conserves by cancellation)")
     p.add_argument("--format", choices=["text", "json", "junit"], default="text")

@@ -13,17 +13,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/torch_models.p
 
 @pytest.fixture
 def ort_runs(monkeypatch):
-    """A list that grows by one per onnxruntime ``InferenceSession.run`` call."""
+    """A list that grows by one per onnxruntime run (``InferenceSession.run``, or
+    ``run_with_iobinding``, which rulegraph's runs go through)."""
     import onnxruntime
 
     calls = []
-    real = onnxruntime.InferenceSession.run
+    for method in ("run", "run_with_iobinding"):
+        real = getattr(onnxruntime.InferenceSession, method)
 
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return real(self, *args, **kwargs)
+        def counting(self, *args, real=real, **kwargs):
+            calls.append(1)
+            return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(onnxruntime.InferenceSession, "run", counting)
+        monkeypatch.setattr(onnxruntime.InferenceSession, method, counting)
     return calls
 
 

@@ -53,12 +53,14 @@ class Explainer:
     explained in float32 (``precision="fp32"``, its weights upcast exactly, the attribution in
     float32) unless ``precision="native"`` asks for its own type throughout. ``class_axis``: the
     start tensor's class axis where the default (final Softmax's axis, else by rank) does not apply.
+    ``strict_device``: a node without a kernel on the requested provider (CUDA) is an error rather
+    than a silent run on the CPU with copies across the device boundary.
     """
 
     def __init__(self, model: str | Path | onnx.ModelProto, rules: str | Path | RuleSet,
                  providers: list[str] | None = None, output: str | None = None,
                  start: str | None = None, threads: int = 0, precision: str = "fp32",
-                 class_axis: int | None = None, preprocess=None):
+                 class_axis: int | None = None, preprocess=None, strict_device: bool = False):
         self.graph = ops.load(model, precision=precision)
         self._model, self._precision = model, precision
         self._where = "the model" if isinstance(model, onnx.ModelProto) else f"model {model}"
@@ -67,6 +69,8 @@ class Explainer:
         self.output = output
         self.start = start
         self.threads = threads
+        #: refuse to place a node on the CPU when a GPU provider was asked for (``runtime.session``)
+        self.strict_device = strict_device
         self._sources = (model, rules)  # the files read; ``save`` refuses to overwrite them
         self.class_axis = class_axis
         #: how images become this model's input (``preprocess.py``): used by ``load_input``, saved by ``save``
@@ -108,7 +112,8 @@ class Explainer:
             compiled = self.compiled(seed_mode, node_sums)
             try:
                 self._sessions[key] = runtime.session(compiled.model.SerializeToString(), self.providers,
-                                                      self.threads, what="the compiled explainer")
+                                                      self.threads, what="the compiled explainer",
+                                                      strict=self.strict_device)
             except ModelError as exc:
                 self._forward_session()
                 raise InternalError(f"{runtime.translate(str(exc), compiled.origins)}; onnxruntime accepts "
@@ -125,8 +130,21 @@ class Explainer:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(
                     start, self.graph.dtypes.get(start, onnx.TensorProto.FLOAT), self.graph.shapes.get(start)))
             self._sessions["forward"] = runtime.session(model.SerializeToString(), self.providers,
-                                                        self.threads, what=self._where)
+                                                        self.threads, what=self._where, strict=self.strict_device)
         return self._sessions["forward"]
+
+    def placement(self, x, target="argmax") -> dict[str, int]:
+        """Where onnxruntime ran the explainer's nodes on ``x``: kernels run per execution provider,
+        from onnxruntime's profile of one run in a session of its own (``rulegraph check --profile``)."""
+        import tempfile
+
+        feeds, compiled, _, _, _ = self._pass_feeds(x, target, None, False)
+        with tempfile.TemporaryDirectory() as tmp:
+            sess = runtime.session(compiled.model.SerializeToString(), self.providers, self.threads,
+                                   what="the compiled explainer", strict=self.strict_device,
+                                   profile=str(Path(tmp) / "profile"))
+            runtime.run(sess, [o.name for o in sess.get_outputs()], feeds)
+            return runtime.placement(sess.end_profiling())
 
     def forward(self, x) -> dict[str, np.ndarray]:
         """The model alone on ``x``: its outputs and the start tensor (loops and argmax use it)."""
@@ -217,7 +235,7 @@ class Explainer:
         out = {}
         self._declare_ranks(feeds)
         for name, value in feeds.items():
-            value = np.asarray(value)
+            value = np.asarray(runtime.host_array(value))
             want = onnx.helper.tensor_dtype_to_np_dtype(self.graph.dtypes.get(name, onnx.TensorProto.FLOAT))
             rank = self.graph.rank(name)
             if rank is not None and value.ndim == rank - 1:
@@ -284,21 +302,8 @@ class Explainer:
             with quiet():
                 return LOOPS[loop_call.name].run(self.without_loop(), x, target, dict(loop_call.params),
                                                  baseline)
-        feeds = self._feeds(x)
-        spec = self.spec
-        n = next(iter(feeds.values())).shape[0] if spec.batched else 1
-        seed, resolved = self._target_feeds(target, feeds, spec, n)
-        seed_mode = seed is not None
-        compiled = self.compiled(seed_mode, node_sums)
-        if seed_mode:
-            feeds[compiled.seed_input] = seed
-        else:
-            feeds[compiled.target_input] = resolved.classes
-            if resolved.weights is not None:
-                feeds[compiled.positions_input] = resolved.weights.astype(np.float32)
-        for name, baseline_input in compiled.baseline_inputs.items():
-            given = baseline.get(name) if isinstance(baseline, Mapping) else baseline
-            feeds[baseline_input] = make_baseline(self.ruleset.baseline if given is None else given, feeds[name])
+        feeds, compiled, spec, n, resolved = self._pass_feeds(x, target, baseline, node_sums)
+        seed_mode = compiled.seed_mode
         sess = self.session(seed_mode, node_sums)
         values = _run_in_chunks(sess, feeds, self._static_batch(), next(iter(feeds.values())).shape[0],
                                 self._run_failure(compiled))
@@ -330,6 +335,26 @@ class Explainer:
         )
         warn_if_amplified(result, max_amplification)
         return result
+
+    def _pass_feeds(self, x, target, baseline, node_sums: bool):
+        """The feeds of one pass: the inputs, the target (classes and position weights) or the seed,
+        the baselines; with the compiled explainer they are for, the start's spec, the batch size
+        and the resolved target (None for a seed array given as is)."""
+        feeds = self._feeds(x)
+        spec = self.spec
+        n = next(iter(feeds.values())).shape[0] if spec.batched else 1
+        seed, resolved = self._target_feeds(target, feeds, spec, n)
+        compiled = self.compiled(seed is not None, node_sums)
+        if seed is not None:
+            feeds[compiled.seed_input] = seed
+        else:
+            feeds[compiled.target_input] = resolved.classes
+            if resolved.weights is not None:
+                feeds[compiled.positions_input] = resolved.weights.astype(np.float32)
+        for name, baseline_input in compiled.baseline_inputs.items():
+            given = baseline.get(name) if isinstance(baseline, Mapping) else baseline
+            feeds[baseline_input] = make_baseline(self.ruleset.baseline if given is None else given, feeds[name])
+        return feeds, compiled, spec, n, resolved
 
     def _target_feeds(self, target, feeds, spec, n: int):
         """(a seed array, or None) and the resolved target (None for a seed array given as is)."""
@@ -381,7 +406,7 @@ def _run_in_chunks(sess, feeds: dict[str, np.ndarray], static_batch: int | None,
         raise RulegraphError(f"the model was exported with a fixed batch of {step} (input {inputs}); a batch "
                              f"of {n} is not a multiple of it (re-export with a dynamic batch axis)")
     try:
-        runs = [sess.run(names, {k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+        runs = [runtime.run(sess, names, {k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
     except Exception as exc:
         hint = ""
         if "MLFloat16" in str(exc) or "float16" in str(exc).lower():

@@ -7,8 +7,11 @@ The GPU is detected by creating the session and reading ``session.get_providers(
 from __future__ import annotations
 
 import re
+import warnings
 
-from ..errors import ModelError, RuntimeMissingError
+import numpy as np
+
+from ..errors import ModelError, RulegraphWarning, RuntimeMissingError
 
 INSTALL_HINT = ("rulegraph needs onnxruntime: install `rulegraph[cpu]` (onnxruntime) or "
                 "`rulegraph[gpu]` (onnxruntime-gpu, CUDA 13); not both, they clobber each other")
@@ -29,7 +32,8 @@ def default_providers() -> list[str]:
     return preferred + ["CPUExecutionProvider"]
 
 
-def _session(model_bytes: bytes, providers: tuple[str, ...], threads: int):
+def _session(model_bytes: bytes, providers: tuple[str, ...], threads: int, strict: bool = False,
+             profile: str | None = None):
     rt = ort()
     options = rt.SessionOptions()
     # silence the CUDA probe's warnings on machines without a GPU, and the error lines onnxruntime
@@ -37,21 +41,97 @@ def _session(model_bytes: bytes, providers: tuple[str, ...], threads: int):
     options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
+    if strict:   # a node without a kernel on the requested provider is an error, not a silent CPU copy
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
     return rt.InferenceSession(model_bytes, sess_options=options, providers=list(providers))
 
 
+_told_no_gpu = False
+
+
+def _tell_if_no_gpu(sess, providers: tuple[str, ...]) -> None:
+    """One line, once per process, when CUDA was asked for (or offered by onnxruntime-gpu) but the
+    session runs on the CPU: no GPU, or CUDA's libraries missing."""
+    global _told_no_gpu
+    if "CUDAExecutionProvider" in providers and device_of(sess) == "cpu" and not _told_no_gpu:
+        _told_no_gpu = True
+        warnings.warn("onnxruntime offers CUDA but found no usable GPU (no device, or CUDA/cuDNN libraries "
+                      "missing); running on the CPU", RulegraphWarning, stacklevel=3)
+
+
 def session(model_bytes: bytes, providers: list[str] | None = None, threads: int = 0,
-            what: str = "the model"):
+            what: str = "the model", strict: bool = False, profile: str | None = None):
     """A session for a serialized model. The Explainer keeps its sessions for its lifetime; none
     is kept here, so a large model's memory goes with its Explainer. onnxruntime refusing the
-    model is a ``ModelError`` naming ``what``, with onnxruntime's whole message."""
+    model is a ``ModelError`` naming ``what``, with onnxruntime's whole message. ``strict``:
+    onnxruntime may not place a node on the CPU when another provider was asked for
+    (``session.disable_cpu_ep_fallback``); ``profile``: a file prefix for onnxruntime's profile."""
     providers = tuple(providers or default_providers())
+    if strict:   # onnxruntime refuses the CPU provider listed beside a disabled CPU fallback
+        devices = tuple(p for p in providers if p != "CPUExecutionProvider")
+        missing = [p for p in devices if p not in ort().get_available_providers()]
+        if missing:
+            raise ModelError(f"strict device placement asks for {', '.join(missing)}, which this onnxruntime "
+                             f"does not have (it has {', '.join(ort().get_available_providers())}); install "
+                             f"`rulegraph[gpu]` on a machine with a GPU, or run without strict")
+        strict = bool(devices)
+        providers = devices or providers
     try:
-        return _session(model_bytes, providers, threads)
+        sess = _session(model_bytes, providers, threads, strict, profile)
     except RuntimeMissingError:
         raise
     except Exception as exc:  # noqa: BLE001 (onnxruntime's Fail, InvalidGraph, NotImplemented, ...)
-        raise ModelError(f"onnxruntime refuses {what}: {str(exc).strip()}") from exc
+        hint = ("; strict device placement is on: a node has no kernel on the requested provider "
+                "(`rulegraph ops` lists them), run without strict to let onnxruntime place it on the CPU"
+                if strict else "")
+        raise ModelError(f"onnxruntime refuses {what}: {str(exc).strip()}{hint}") from exc
+    _tell_if_no_gpu(sess, providers)
+    return sess
+
+
+def host_array(value):
+    """An input as a host array: numpy as itself, a DLPack tensor on the CPU (torch, jax) as a view
+    without a copy, one on a device (a torch or cupy tensor on the GPU) copied to the host once,
+    where every input is checked (rank, type, finite values) before it is bound for the run."""
+    if isinstance(value, np.ndarray) or not hasattr(value, "__dlpack_device__"):
+        return value
+    if value.__dlpack_device__()[0] == 1:          # kDLCPU
+        return np.from_dlpack(value)
+    return ort().OrtValue.from_dlpack(value).numpy()
+
+
+def run(sess, names: list[str], feeds: dict) -> list[np.ndarray]:
+    """One run through IO binding: host arrays are copied to the session's device once, OrtValues
+    are bound where they are, outputs are allocated on the session's device and copied back to the
+    host once. The same path runs on the CPU provider."""
+    binding = sess.io_binding()
+    device = device_of(sess)
+    for name, value in feeds.items():
+        if isinstance(value, np.ndarray):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        else:
+            binding.bind_ortvalue_input(name, value)
+    for name in names:
+        binding.bind_output(name, device)
+    sess.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()
+
+
+def placement(profile_file: str) -> dict[str, int]:
+    """Nodes run per execution provider, read from an onnxruntime profile (its JSON trace)."""
+    import json
+
+    with open(profile_file) as f:
+        events = json.load(f)
+    counts: dict[str, int] = {}
+    for event in events:
+        provider = event.get("args", {}).get("provider")
+        if event.get("cat") == "Node" and provider and event.get("name", "").endswith("_kernel_time"):
+            counts[provider] = counts.get(provider, 0) + 1
+    return counts
 
 
 def translate(message: str, origins: dict[str, str]) -> str:
