@@ -121,8 +121,8 @@ def recurrent_model(case: Case, outputs=None, elem=TensorProto.DOUBLE) -> onnx.M
     if case.lens == "input":
         inits = [i for i in inits if i.name != "lens"]
         graph_inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [B]))
-    graph = helper.make_graph([node], "t", graph_inputs,
-                              [helper.make_tensor_value_info(o, elem, None) for o in node_outputs if o], inits)
+    graph_outputs = [helper.make_tensor_value_info(o, elem, None) for o in node_outputs if o]
+    graph = helper.make_graph([node], "t", graph_inputs, graph_outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -253,13 +253,14 @@ def arras_lstm_lrp(x, W, R, b, V, v, seed, eps):
     ``y / blip(y)`` of the map linear in the signal, 1 up to ε), tanh passing relevance through;
     the relevance of the output is ``seed ⊙ y``."""
     steps = x.shape[0]
-    blocks = {k: (W[i * H:(i + 1) * H], R[i * H:(i + 1) * H], b[i * H:(i + 1) * H] + b[4 * H + i * H:4 * H + (i + 1) * H])
-              for i, k in enumerate("iofc")}
+    rows = {k: slice(i * H, (i + 1) * H) for i, k in enumerate("iofc")}
+    blocks = {k: (W[r], R[r], b[:4 * H][r] + b[4 * H:][r]) for k, r in rows.items()}
     hs, cs, gates, xhs = [], [], [], []
     h = c = None
     for t in range(steps):
         xh = x[t] if h is None else np.concatenate([x[t], h], axis=-1)
-        z = {k: xh @ (w if h is None else np.concatenate([w, r], axis=1)).T + bb for k, (w, r, bb) in blocks.items()}
+        z = {k: xh @ (w if h is None else np.concatenate([w, r], axis=1)).T + bb
+             for k, (w, r, bb) in blocks.items()}
         i, o, f, g = _sigmoid(z["i"]), _sigmoid(z["o"]), _sigmoid(z["f"]), np.tanh(z["c"])
         c = i * g if c is None else f * c + i * g
         h = o * np.tanh(c)
@@ -298,12 +299,14 @@ def test_lstm_lrp_epsilon_is_arras_2017():
     unrolled LSTM is the Arras et al. 2017 LSTM-LRP."""
     rng = np.random.default_rng(11)
     C = 2
-    W, R, b = rng.standard_normal((1, 4 * H, I)), rng.standard_normal((1, 4 * H, H)), rng.standard_normal((1, 8 * H))
+    W, R = rng.standard_normal((1, 4 * H, I)), rng.standard_normal((1, 4 * H, H))
+    b = rng.standard_normal((1, 8 * H))
     V, v = rng.standard_normal((H, C)), rng.standard_normal(C)
     nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h_all"], hidden_size=H),
              helper.make_node("Squeeze", ["h_all", "zero"], ["h"]),
              helper.make_node("Gemm", ["h", "V", "v"], ["y"])]
-    graph = helper.make_graph(nodes, "arras", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [T, B, I])],
+    x_info = helper.make_tensor_value_info("x", TensorProto.DOUBLE, [T, B, I])
+    graph = helper.make_graph(nodes, "arras", [x_info],
                               [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [B, C])],
                               [numpy_helper.from_array(a, n) for a, n in
                                ((W, "W"), (R, "R"), (b, "B"), (V, "V"), (v, "v"), (np.array([0]), "zero"))])
@@ -366,7 +369,8 @@ def test_torch_gradient_equals_autograd(exports, net, dynamo):
     target = 0 if NETS[net][1] == 1 else 2
     x = torch.from_numpy(e.x).requires_grad_(True)
     e.net(x)[:, target].sum().backward()
-    got = Explainer(e.paths[dynamo], ROOT / "rules" / "gradient.rules").explain(e.x, target=target).saliency["input"]
+    explainer = Explainer(e.paths[dynamo], ROOT / "rules" / "gradient.rules")
+    got = explainer.explain(e.x, target=target).saliency["input"]
     np.testing.assert_allclose(got, x.grad.numpy(), rtol=1e-4, atol=1e-5 * np.abs(x.grad.numpy()).max())
 
 
