@@ -198,6 +198,29 @@ def test_sequence_lengths_at_run_time_give_the_constant_lengths_vjp(case):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-14)
 
 
+LRP_EPSILON = (ROOT / "rules" / "lrp-epsilon.rules").read_text()
+
+
+@pytest.mark.parametrize("case, output", [(c, o) for c in CASES for o in c.outputs[:2]],
+                         ids=[f"{c.id}-{o}" for c in CASES for o in c.outputs[:2]])
+def test_lrp_epsilon_conserves_with_biases_blamed(case, output):
+    """Σ attribution (every float input) + Σ bias shares = Σ seed ⊙ y, to 1e-3 of Σ |seed ⊙ y|."""
+    from rulegraph.compile.build import SEED, compile_explainer
+    from rulegraph.run import rulefiles
+
+    model = recurrent_model(case, outputs=(output,))
+    compiled = compile_explainer(G.load(model), rulefiles.parse(LRP_EPSILON, source="t.rules"), seed_mode=True)
+    rng = np.random.default_rng(5)
+    feeds = feeds_of(model, rng)
+    y = run(G.load(model).model, feeds)[output]  # onnx.reference's LSTM/GRU/RNN are not the ONNX ones
+    seed = rng.standard_normal(y.shape)
+    names = list(compiled.attribution.values()) + ([compiled.bias_total] if case.bias else [])
+    values = run(compiled.model, {**feeds, SEED: seed}, names)
+    total = sum(values[n].sum() for n in names)
+    assert (compiled.bias_total is not None) == case.bias
+    assert abs(total - (seed * y).sum()) <= 1e-3 * np.abs(seed * y).sum()
+
+
 def _symbolic_steps(model):
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "steps"
     return model
@@ -235,6 +258,20 @@ def test_refused_with_the_fix(case, edit, words):
         G.load(model)
     for w in words:
         assert w in str(info.value)
+
+
+def test_the_fix_for_a_symbolic_length_works():
+    """The refusal's fix, update_inputs_outputs_dims on the input, makes the model explainable."""
+    from onnx.tools.update_model_dims import update_inputs_outputs_dims
+
+    model = _symbolic_steps(recurrent_model(Case("GRU", "bidirectional")))
+    outputs = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    fixed = update_inputs_outputs_dims(model, {"X": [T, B, I]}, outputs)
+    rng = np.random.default_rng(2)
+    want = run(G.load(recurrent_model(Case("GRU", "bidirectional"))).model, feeds := feeds_of(fixed, rng))
+    got = run(G.load(fixed).model, feeds)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
 
 
 # Arras et al. 2017 LSTM-LRP ------------------------------------------------------------------------
