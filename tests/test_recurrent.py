@@ -209,7 +209,8 @@ def test_lrp_epsilon_conserves_with_biases_blamed(case, output):
     from rulegraph.run import rulefiles
 
     model = recurrent_model(case, outputs=(output,))
-    compiled = compile_explainer(G.load(model), rulefiles.parse(LRP_EPSILON, source="t.rules"), seed_mode=True)
+    rules = rulefiles.parse(LRP_EPSILON, source="t.rules")
+    compiled = compile_explainer(G.load(model), rules, seed_mode=True)
     rng = np.random.default_rng(5)
     feeds = feeds_of(model, rng)
     y = run(G.load(model).model, feeds)[output]  # onnx.reference's LSTM/GRU/RNN are not the ONNX ones
@@ -265,7 +266,8 @@ def test_the_fix_for_a_symbolic_length_works():
     from onnx.tools.update_model_dims import update_inputs_outputs_dims
 
     model = _symbolic_steps(recurrent_model(Case("GRU", "bidirectional")))
-    outputs = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    outputs = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim]
+               for o in model.graph.output}
     fixed = update_inputs_outputs_dims(model, {"X": [T, B, I]}, outputs)
     rng = np.random.default_rng(2)
     want = run(G.load(recurrent_model(Case("GRU", "bidirectional"))).model, feeds := feeds_of(fixed, rng))
