@@ -173,7 +173,7 @@ class _Recurrent:
 
     def expand(self) -> list[onnx.NodeProto]:
         e = self.emit
-        outputs = [o for o in self.node.output]
+        outputs = list(self.node.output)
         finals: dict[str, list[str]] = {"h": [], "c": []}
         per_step: list[list[str]] = [[] for _ in range(self.steps)]
         masks = self._masks()
