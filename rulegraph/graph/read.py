@@ -20,6 +20,9 @@ Reading a model:
    node each, so that a rule binds to the op whichever exporter wrote it (``fuse.py``). The model
    proto is unchanged: the forward still runs the original nodes, only ``nodes`` shows one.
 
+Between 3 and 4, recurrent nodes (LSTM, GRU, RNN) are unrolled into their per-step primitives
+(``recurrent.py``): the model proto holds the primitives too, the outputs keep their names.
+
 Token sources: a Gather (axis 0) whose data is a float constant (an embedding table) and whose
 indices are an integer graph input (token ids), directly or through ops that keep every value in
 order (``TOKEN_ROUTES``: Reshape, Squeeze, Cast, ...), is where the relevance pass finishes for that
@@ -43,6 +46,7 @@ from ..errors import ModelError, node_ref
 from .kinds import OpKinds
 from .legacy_resize import restore_legacy_resize
 from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
+from .recurrent import expand_recurrent
 
 MIN_OPSET = 17
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
@@ -148,6 +152,8 @@ def load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | N
     constants = _collect_constants(proto)
     nodes_proto = _fold_constants(proto, constants)
     proto = _rebuild(proto, nodes_proto, constants)
+    if expand_recurrent(proto, constants):
+        proto = _rebuild(proto, list(proto.graph.node), constants)
     _name_batch(proto)
     return _build(proto, constants, op_kinds)
 
