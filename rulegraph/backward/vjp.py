@@ -981,7 +981,9 @@ def _clip(ctx, g):
     grads = [gx, None, None]
     at_lo = None
     if lo is not None:
-        at_lo = t.op("Less", x, lo) if hi is None else t.op("And", t.op("Less", x, lo), t.op("LessOrEqual", lo, hi))
+        at_lo = t.op("Less", x, lo)
+        if hi is not None:
+            at_lo = t.op("And", at_lo, t.op("LessOrEqual", lo, hi))
         if ctx.active[1]:
             grads[1] = unbroadcast(ctx, t.op("Where", at_lo, g[0], zero), ctx.y, lo)
     if hi is not None and ctx.active[2]:
