@@ -311,6 +311,13 @@ REDUCE = [
     op("ReduceProd-attr-axes", "ReduceProd", ["x"], X234, axes=[1]),
     op("ReduceProd-opset18-all-axes-keepdims0", "ReduceProd", ["x"], X234, opset=18, keepdims=0),
     op("ReduceProd-opset18-axes-input", "ReduceProd", ["x", "axes"], X234, {"axes": ints(0, 2)}, opset=18),
+    # several axes (found by the ONNX backend suite, tests/test_onnx_backend.py)
+    op("ReduceMax-two-axes", "ReduceMax", ["x"], {"x": [2, 3, 4, 5]}, sample=distinct, axes=[1, 3]),
+    op("ReduceMax-two-axes-keepdims0", "ReduceMax", ["x"], {"x": [2, 3, 4, 5]}, sample=distinct, axes=[3, 0],
+       keepdims=0),
+    op("ReduceMin-all-axes", "ReduceMin", ["x"], X234, sample=distinct),
+    op("ReduceMax-opset18-two-axes-input", "ReduceMax", ["x", "axes"], X234, {"axes": ints(-1, 0)}, opset=18,
+       sample=distinct),
 ]
 
 # ReduceProd with exact zeros: windows with no zero, one zero (the product of the rest) and two zeros (0)
@@ -546,8 +553,6 @@ def test_scalar_start_tensor():
 UNSUPPORTED = [
     op("Conv-activation-weights", "Conv", ["x", "x1"], {"x": [1, 2, 5, 5], "x1": [3, 2, 3, 3]}),
     op("Pad-reflect", "Pad", ["x", "pads"], X234, {"pads": ints(0, 1, 1, 0, 1, 1)}, mode="reflect"),
-    op("ReduceMax-two-axes", "ReduceMax", ["x"], X234, axes=[1, 2]),
-    op("ReduceMin-all-axes", "ReduceMin", ["x"], X234),
     op("Dropout-training-mode", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.3), "t": np.array(True)}),
     op("Dropout-training-mode-default-ratio", "Dropout", ["x", "", "t"], X234, {"t": np.array(True)}),
 ]
@@ -736,6 +741,16 @@ def test_min_max_ties_go_to_the_first_operand(op_type, args, feeds, want):
     got = reference_vjp(model, feeds, np.ones(3))
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("axes, x, want", [
+    ([0, 1], [[1.0, 3.0], [3.0, 0.0]], [[0.0, 1.0], [0.0, 0.0]]),
+    ([1, 0], [[2.0, 0.0], [2.0, 2.0]], [[1.0, 0.0], [0.0, 0.0]]),
+])
+def test_reduce_max_over_several_axes_ties_go_to_the_first_in_row_major_order(axes, x, want):
+    model = one_node("ReduceMax", ["x"], {"x": [2, 2]}, axes=axes)
+    got = reference_vjp(model, {"x": np.array(x)}, np.ones((1, 1)))["x"]
+    np.testing.assert_array_equal(got, np.array(want))
 
 
 @pytest.mark.parametrize("axis, x, want", [

@@ -1359,15 +1359,15 @@ def _min(ctx, g):
     return _max(ctx, g)
 
 
-def _argmax_mask(ctx: VjpContext, flat: str, axis: int, arg: str = "ArgMax") -> str:
+def _argmax_mask(ctx: VjpContext, flat: str, axis: int, arg: str = "ArgMax", rank: int | None = None) -> str:
     """Boolean mask of the first arg-max (``arg="ArgMin"``: arg-min) along ``axis`` of ``flat`` (ties:
-    the first index)."""
+    the first index); ``rank``: that of ``flat`` where it is not ``x`` and not 3."""
     t = ctx.tape
     am = t.op(arg, flat, axis=axis, keepdims=1)
     size = t.op("Gather", t.shape(flat), t.ints([axis]), axis=0)
     rng = t.op("Range", t.const(np.array(0, dtype=np.int64)), t.op("Squeeze", size),
                t.const(np.array(1, dtype=np.int64)))
-    rank = ctx.graph.rank(ctx.x) if flat == ctx.x else 3
+    rank = rank or (ctx.graph.rank(ctx.x) if flat == ctx.x else 3)
     shape = [1] * rank
     shape[axis] = -1
     return t.op("Equal", t.op("Reshape", rng, t.ints(shape)), am)
@@ -1388,10 +1388,19 @@ def _reduce_max(ctx, g):
     axes = _reduce_axes(ctx)
     if axes == []:
         return [g[0]] + [None] * (len(ctx.node.inputs) - 1)
-    if axes is None or len(axes) != 1:
-        raise ctx.fail(f"{ctx.node.op_type} over several axes is not supported; reduce one axis at a time")
+    rank = ctx.graph.rank(ctx.x)
+    axes = list(range(rank)) if axes is None else axes
     gk = g[0] if ctx.node.attr("keepdims", 1) else t.unsqueeze(g[0], axes)
-    mask = _argmax_mask(ctx, ctx.x, axes[0], "ArgMin" if ctx.node.op_type == "ReduceMin" else "ArgMax")
+    arg = "ArgMin" if ctx.node.op_type == "ReduceMin" else "ArgMax"
+    if len(axes) == 1:
+        mask = _argmax_mask(ctx, ctx.x, axes[0], arg)
+    else:   # several axes: moved last and merged into one (ties: the first in row-major order)
+        kept = [a for a in range(rank) if a not in axes]
+        moved = t.op("Transpose", ctx.x, perm=kept + axes)
+        flat = t.op("Reshape", moved, t.ints([0] * len(kept) + [-1]))
+        merged = _argmax_mask(ctx, flat, len(kept), arg, rank=len(kept) + 1)
+        mask = t.op("Transpose", t.op("Reshape", merged, t.shape(moved)),
+                    perm=[int(i) for i in np.argsort(kept + axes)])
     return [t.op("Where", mask, gk, t.scalar(0.0))] + [None] * (len(ctx.node.inputs) - 1)
 
 
