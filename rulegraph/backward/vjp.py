@@ -1231,7 +1231,9 @@ def _pad(ctx, g):
     ends = [-e if e else INT64_MAX for e in end]
     gx = t.op("Slice", g[0], t.ints(begin), t.ints(ends), t.ints(axes))
     grads = [gx] + [None] * (len(ctx.node.inputs) - 1)
-    if len(ctx.active) > 2 and ctx.active[2]:   # an activation pad value: every padded element is it
+    # an activation pad value: every padded element is it. A constant one gets no part, also where a
+    # route rule asks for the parts of constants (context.py): it is not a per-row bias
+    if len(ctx.active) > 2 and ctx.active[2] and ctx.node.inputs[2] in ctx.graph.active:
         padded = t.op("Sub", t.reduce_sum(g[0], None, keepdims=False), t.reduce_sum(gx, None, keepdims=False))
         grads[2] = t.reshape_like(padded, ctx.node.inputs[2])
     return grads
