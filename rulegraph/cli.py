@@ -23,6 +23,7 @@ from .backward.ops import load
 from .check.checks import check
 from .check.measured import sample_inputs
 from .compile.plan import assign, find_start, path_nodes
+from .compile.summary import summarize
 from .compile.targets import Target
 from .compile.unmatched import warn_unmatched
 from .errors import RulegraphError, RulegraphWarning
@@ -418,6 +419,11 @@ def cmd_ops(args) -> int:
     graph = load(args.model)
     ruleset = dsl.load(args.rules)
     start = find_start(graph, ruleset, args.output, args.start)
+    if args.summary or args.json:
+        warn_unmatched(graph, ruleset, args.output, args.start)
+        report = summarize(graph, ruleset, start)
+        print(report.to_json() if args.json else report.to_text())
+        return 1 if report.total.with_rule < report.total.on_path else 0
     rows = assign(graph, ruleset, path_nodes(graph, start))
     warn_unmatched(graph, ruleset, args.output, args.start)
     width = max([len(r.node.name) for r in rows] + [4])
@@ -619,8 +625,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rules")
     p.set_defaults(run=cmd_lint)
 
-    p = sub.add_parser("ops", help="which node gets which rule")
-    model_and_rules(p)
+    p = sub.add_parser("ops", help="which node gets which rule; --summary: the coverage per op type")
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("--rules", default="gradient", help="a rule file, or a bundled one's name (default: gradient)")
+    p.add_argument("--output", help="the model output to explain (default: the first)")
+    p.add_argument("--start", help="start at this intermediate tensor instead")
+    p.add_argument("--summary", action="store_true", help="per op type and kind: nodes, on the relevance path, "
+                   "with a usable rule (which), off the path, the share covered; and the total")
+    p.add_argument("--json", action="store_true", help="the summary as JSON (implies --summary)")
     p.set_defaults(run=cmd_ops)
 
     p = sub.add_parser("demo", help="explain a bundled digit with a bundled model; write a heatmap")

@@ -71,6 +71,17 @@ def positive(low: float = 0.3, scale: float = 1.0) -> Callable:
     return sample
 
 
+def clip_bounds(lo: float | None, hi: float | None = None, kinks=()) -> Callable:
+    """``x`` normal away from the bounds; inputs after ``x`` get ``lo`` then ``hi`` (the bounds that
+    are activations)."""
+    def sample(rng, shapes):
+        names = list(shapes)
+        feeds = away(*[b for b in (lo, hi) if b is not None], *kinks)(rng, {names[0]: shapes[names[0]]})
+        feeds.update({k: np.array(float(b)) for k, b in zip(names[1:], [b for b in (lo, hi) if b is not None])})
+        return feeds
+    return sample
+
+
 def distinct(rng, shapes):
     """All values of all inputs distinct and 4/n apart (a scaled permutation): no max ties."""
     sizes = [int(np.prod(s)) for s in shapes.values()]
@@ -256,6 +267,9 @@ POOL = [
     op("AveragePool-no-pads", "AveragePool", ["x"], {"x": [2, 2, 6, 6]}, kernel_shape=[2, 2], strides=[2, 2]),
     op("GlobalAveragePool", "GlobalAveragePool", ["x"], {"x": [2, 3, 4, 5]}),
     op("GlobalMaxPool", "GlobalMaxPool", ["x"], {"x": [2, 3, 4, 5]}, sample=distinct),
+    # found by the ONNX backend suite (tests/test_onnx_backend.py): the Indices order does not matter
+    op("MaxPool-storage-order-1", "MaxPool", ["x"], {"x": [1, 2, 5, 4]}, sample=distinct, kernel_shape=[2, 2],
+       strides=[2, 1], storage_order=1),
 ]
 
 REDUCE = [
@@ -297,6 +311,13 @@ REDUCE = [
     op("ReduceProd-attr-axes", "ReduceProd", ["x"], X234, axes=[1]),
     op("ReduceProd-opset18-all-axes-keepdims0", "ReduceProd", ["x"], X234, opset=18, keepdims=0),
     op("ReduceProd-opset18-axes-input", "ReduceProd", ["x", "axes"], X234, {"axes": ints(0, 2)}, opset=18),
+    # several axes (found by the ONNX backend suite, tests/test_onnx_backend.py)
+    op("ReduceMax-two-axes", "ReduceMax", ["x"], {"x": [2, 3, 4, 5]}, sample=distinct, axes=[1, 3]),
+    op("ReduceMax-two-axes-keepdims0", "ReduceMax", ["x"], {"x": [2, 3, 4, 5]}, sample=distinct, axes=[3, 0],
+       keepdims=0),
+    op("ReduceMin-all-axes", "ReduceMin", ["x"], X234, sample=distinct),
+    op("ReduceMax-opset18-two-axes-input", "ReduceMax", ["x", "axes"], X234, {"axes": ints(-1, 0)}, opset=18,
+       sample=distinct),
 ]
 
 # ReduceProd with exact zeros: windows with no zero, one zero (the product of the rest) and two zeros (0)
@@ -390,6 +411,16 @@ ELEMENTWISE = [
        sample=positive()),
     op("Pow-activation-exponent", "Pow", ["x", "x1"], {"x": [2, 3, 4], "x1": [3, 1]}, sample=positive()),
     op("Pow-const-base-activation-exponent", "Pow", ["c", "x"], X234, {"c": 0.5 + np.abs(weight(4))}),
+    # found by the ONNX backend suite (tests/test_onnx_backend.py): a zero base, activation bounds of Clip
+    op("Pow-zero-base-activation-exponent", "Pow", ["c", "x"], X234, {"c": np.array([0.0, 0.5, 0.0, 2.0])},
+       sample=positive()),
+    op("Clip-activation-bounds", "Clip", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [], "x2": []},
+       sample=clip_bounds(-0.4, 0.5)),
+    op("Clip-activation-min-above-max", "Clip", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [], "x2": []},
+       sample=clip_bounds(0.6, -0.2)),
+    op("Clip-activation-min-only", "Clip", ["x", "x1"], {"x": [2, 3, 4], "x1": []}, sample=clip_bounds(-0.3)),
+    op("Clip-const-min-activation-max", "Clip", ["x", "lo", "x1"], {"x": [2, 3, 4], "x1": []},
+       {"lo": np.array(-0.5)}, sample=clip_bounds(0.3, kinks=(-0.5,))),
 ]
 
 ROUTE = [
@@ -465,6 +496,12 @@ ROUTE = [
     op("Cast-opset21-to-double", "Cast", ["x"], X234, opset=21, to=TensorProto.DOUBLE),
     op("Cast-opset25-to-double", "Cast", ["x"], X234, opset=25, to=TensorProto.DOUBLE),
     op("Cast-opset28-to-double", "Cast", ["x"], X234, opset=28, to=TensorProto.DOUBLE),
+    # found by the ONNX backend suite (tests/test_onnx_backend.py)
+    op("SpaceToDepth-opset28-CRD", "SpaceToDepth", ["x"], {"x": [1, 2, 6, 4]}, opset=28, blocksize=2, mode="CRD"),
+    op("Pad-activation-value", "Pad", ["x", "pads", "x1"], {"x": [2, 3, 4], "x1": []},
+       {"pads": ints(1, 0, 0, 0, 2, 1)}),
+    op("Dropout-training-mode-false", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.3), "t": np.array(False)}),
+    op("Dropout-training-ratio-0", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.0), "t": np.array(True)}),
 ]
 
 # `distinct`: values of all operands are distinct, so the maximum is never a tie
@@ -516,8 +553,8 @@ def test_scalar_start_tensor():
 UNSUPPORTED = [
     op("Conv-activation-weights", "Conv", ["x", "x1"], {"x": [1, 2, 5, 5], "x1": [3, 2, 3, 3]}),
     op("Pad-reflect", "Pad", ["x", "pads"], X234, {"pads": ints(0, 1, 1, 0, 1, 1)}, mode="reflect"),
-    op("ReduceMax-two-axes", "ReduceMax", ["x"], X234, axes=[1, 2]),
-    op("ReduceMin-all-axes", "ReduceMin", ["x"], X234),
+    op("Dropout-training-mode", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.3), "t": np.array(True)}),
+    op("Dropout-training-mode-default-ratio", "Dropout", ["x", "", "t"], X234, {"t": np.array(True)}),
 ]
 
 
@@ -706,6 +743,16 @@ def test_min_max_ties_go_to_the_first_operand(op_type, args, feeds, want):
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
+@pytest.mark.parametrize("axes, x, want", [
+    ([0, 1], [[1.0, 3.0], [3.0, 0.0]], [[0.0, 1.0], [0.0, 0.0]]),
+    ([1, 0], [[2.0, 0.0], [2.0, 2.0]], [[1.0, 0.0], [0.0, 0.0]]),
+])
+def test_reduce_max_over_several_axes_ties_go_to_the_first_in_row_major_order(axes, x, want):
+    model = one_node("ReduceMax", ["x"], {"x": [2, 2]}, axes=axes)
+    got = reference_vjp(model, {"x": np.array(x)}, np.ones((1, 1)))["x"]
+    np.testing.assert_array_equal(got, np.array(want))
+
+
 @pytest.mark.parametrize("axis, x, want", [
     # a tie along the axis: the first minimum takes it
     (1, np.array([[0.3, -0.2, -0.2], [1.0, 1.0, 2.0]]), np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])),
@@ -740,6 +787,20 @@ def test_mean_bias_is_its_constant_share():
 def test_pow_is_nonlinear_in_its_base_only(args, inputs, consts, kind):
     graph = compile_seed(one_node("Pow", args, inputs, consts)).graph
     (node,) = [n for n in graph.nodes if n.op_type == "Pow"]
+    assert node.kind == kind
+
+
+@pytest.mark.parametrize("op_type, args, inputs, consts, kind", [
+    ("Clip", ["x", "lo", "hi"], X234, {"lo": np.array(-0.5), "hi": np.array(0.5)}, "nonlinear"),
+    ("Clip", ["x", "x1", "hi"], {"x": [2, 3, 4], "x1": []}, {"hi": np.array(0.5)}, "normalizing"),
+    ("Pad", ["x", "pads"], X234, {"pads": ints(0, 1, 0, 0, 1, 0)}, "route"),
+    ("Pad", ["x", "pads", "x1"], {"x": [2, 3, 4], "x1": []}, {"pads": ints(0, 1, 0, 0, 1, 0)}, "normalizing"),
+])
+def test_activation_bounds_and_pad_values_make_the_node_normalizing(op_type, args, inputs, consts, kind):
+    """Rules of Clip's and Pad's kinds read their first input only; an activation bound or pad value
+    makes the node normalizing (no rule assumed), as an activation exponent does for Pow."""
+    graph = compile_seed(one_node(op_type, args, inputs, consts)).graph
+    (node,) = [n for n in graph.nodes if n.op_type == op_type]
     assert node.kind == kind
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ..errors import InternalError, ModelError
 from ..graph.kinds import LINEAR, MAX, NONLINEAR, NORMALIZING, ROUTE
@@ -963,16 +963,33 @@ def _hard_swish(ctx, g):
     return [t.op("Mul", g[0], d)]
 
 
-@vjp("Clip", kind=NONLINEAR)
+@vjp("Clip", kind=NONLINEAR, first_input_only=True)
 def _clip(ctx, g):
-    t, x = ctx.tape, ctx.x
+    """``y = min(max(x, lo), hi)``: ``g`` to ``x`` where ``lo <= x <= hi``; to a bound that is an
+    activation where it is the value taken: ``lo`` where ``x < lo <= hi``, ``hi`` everywhere else
+    (``x > hi``, or ``lo > hi``, where ONNX gives ``hi``). The node is normalizing then (as Pow with an
+    activation exponent): nonlinear rules read ``y = f(x)`` of the first input."""
+    t, x, zero = ctx.tape, ctx.x, ctx.tape.scalar(0.0)
+    bound = [i < len(ctx.node.inputs) and bool(ctx.node.inputs[i]) for i in (0, 1, 2)]
+    lo, hi = (ctx.node.inputs[i] if bound[i] else None for i in (1, 2))
     inside = None
-    for i, op in ((1, "GreaterOrEqual"), (2, "LessOrEqual")):
-        if i < len(ctx.node.inputs) and ctx.node.inputs[i]:
-            cond = t.op(op, x, ctx.node.inputs[i])
+    for b, op in ((lo, "GreaterOrEqual"), (hi, "LessOrEqual")):
+        if b is not None:
+            cond = t.op(op, x, b)
             inside = cond if inside is None else t.op("And", inside, cond)
-    gx = g[0] if inside is None else t.op("Where", inside, g[0], t.scalar(0.0))
-    return [gx] + [None] * (len(ctx.node.inputs) - 1)
+    gx = g[0] if inside is None else t.op("Where", inside, g[0], zero)
+    grads = [gx, None, None]
+    at_lo = None
+    if lo is not None:
+        at_lo = t.op("Less", x, lo)
+        if hi is not None:
+            at_lo = t.op("And", at_lo, t.op("LessOrEqual", lo, hi))
+        if ctx.active[1]:
+            grads[1] = unbroadcast(ctx, t.op("Where", at_lo, g[0], zero), ctx.y, lo)
+    if hi is not None and ctx.active[2]:
+        at_hi = t.op("Not", inside if at_lo is None else t.op("Or", inside, at_lo))
+        grads[2] = unbroadcast(ctx, t.op("Where", at_hi, g[0], zero), ctx.y, hi)
+    return grads[:len(ctx.node.inputs)]
 
 
 @vjp("Abs", kind=NONLINEAR)
@@ -1073,7 +1090,10 @@ def _pow(ctx, g):
             factor, power = b, t.op("Pow", x, t.op("Sub", b, t.scalar(1.0)))
         gx = unbroadcast(ctx, t.op("Mul", g[0], t.op("Mul", factor, power)), ctx.y, x)
     if ctx.active[1]:
-        gb = unbroadcast(ctx, t.op("Mul", g[0], t.op("Mul", ctx.y, t.op("Log", x))), ctx.y, b)
+        # at x = 0 (b >= 0) y = 0 for every b near: ∂b = 0, not 0·ln 0 = NaN (autograd's convention)
+        flat = t.op("And", t.op("Equal", x, t.scalar(0.0)), t.op("GreaterOrEqual", b, t.scalar(0.0)))
+        slope = t.op("Where", flat, t.scalar(0.0), t.op("Mul", ctx.y, t.op("Log", x)))
+        gb = unbroadcast(ctx, t.op("Mul", g[0], slope), ctx.y, b)
     return [gx, gb]
 
 
@@ -1108,8 +1128,21 @@ def _reshape(ctx, g):
     return [ctx.tape.reshape_like(g[0], ctx.x)] + [None] * (len(ctx.node.inputs) - 1)
 
 
-@vjp("Identity", "Dropout", kind=ROUTE)
+@vjp("Identity", kind=ROUTE)
 def _identity(ctx, g):
+    return [g[0]] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("Dropout", kind=ROUTE)
+def _dropout(ctx, g):
+    """Inference Dropout is the identity. In training mode (``training_mode`` true or computed, ratio
+    not 0) it drops random elements: refused, as BatchNormalization in training mode is."""
+    if len(ctx.node.inputs) > 2 and ctx.node.inputs[2]:
+        training, ratio = ctx.const(2), ctx.const(1)
+        has_ratio = len(ctx.node.inputs) > 1 and bool(ctx.node.inputs[1])
+        r = 0.5 if not has_ratio else None if ratio is None else float(np.ravel(ratio)[0])
+        if (training is None or bool(np.ravel(training)[0])) and r != 0.0:
+            raise ctx.fail("Dropout in training mode drops random elements; export the model in eval mode")
     return [g[0]] + [None] * (len(ctx.node.inputs) - 1)
 
 
@@ -1178,7 +1211,7 @@ def _gather(ctx, g):
     return [_scatter_back(ctx, taken, g[0], "add"), None]
 
 
-@vjp("Pad", kind=ROUTE)
+@vjp("Pad", kind=ROUTE, first_input_only=True)
 def _pad(ctx, g):
     t = ctx.tape
     mode = ctx.node.attr("mode", b"constant")
@@ -1196,7 +1229,14 @@ def _pad(ctx, g):
     if min(begin + end) < 0:
         raise ctx.fail("Pad with negative amounts (cropping) is not supported")
     ends = [-e if e else INT64_MAX for e in end]
-    return [t.op("Slice", g[0], t.ints(begin), t.ints(ends), t.ints(axes))] + [None] * (len(ctx.node.inputs) - 1)
+    gx = t.op("Slice", g[0], t.ints(begin), t.ints(ends), t.ints(axes))
+    grads = [gx] + [None] * (len(ctx.node.inputs) - 1)
+    # an activation pad value: every padded element is it. A constant one gets no part, also where a
+    # route rule asks for the parts of constants (context.py): it is not a per-row bias
+    if len(ctx.active) > 2 and ctx.active[2] and ctx.node.inputs[2] in ctx.graph.active:
+        padded = t.op("Sub", t.reduce_sum(g[0], None, keepdims=False), t.reduce_sum(gx, None, keepdims=False))
+        grads[2] = t.reshape_like(padded, ctx.node.inputs[2])
+    return grads
 
 
 @vjp("Expand", kind=ROUTE)
@@ -1270,10 +1310,14 @@ def _depth_to_space(ctx, g):
 
 @vjp("SpaceToDepth", kind=ROUTE)
 def _space_to_depth(ctx, g):
-    """``[N, C, H/b, b, W/b, b]`` transposed ``(0, 3, 5, 1, 2, 4)`` to ``[N, b, b, C, H/b, W/b]``."""
+    """``[N, C, H/b, b, W/b, b]`` transposed, DCR: ``(0, 3, 5, 1, 2, 4)`` to ``[N, b, b, C, H/b, W/b]``;
+    CRD (opset 28's ``mode``): ``(0, 1, 3, 5, 2, 4)`` to ``[N, C, b, b, H/b, W/b]``."""
     b = ctx.node.attr("blocksize")
-    parts = [(0, 1, 1), b, b, (1, 2, 1), (2, 3, b), (3, 4, b)]
-    return [_blocks_back(ctx, g[0], parts, [0, 3, 5, 1, 2, 4])]
+    if _text_attr(ctx, "mode", "DCR") == "DCR":
+        parts, perm = [(0, 1, 1), b, b, (1, 2, 1), (2, 3, b), (3, 4, b)], [0, 3, 5, 1, 2, 4]
+    else:
+        parts, perm = [(0, 1, 1), (1, 2, 1), b, b, (2, 3, b), (3, 4, b)], [0, 1, 3, 5, 2, 4]
+    return [_blocks_back(ctx, g[0], parts, perm)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1282,9 +1326,12 @@ def _space_to_depth(ctx, g):
 
 @vjp("MaxPool", kind=MAX)
 def _maxpool(ctx, g):
-    if ctx.node.attr("storage_order", 0):
-        raise ctx.fail("MaxPool with storage_order=1 is not supported")
-    indices = ctx.request_output(ctx.node, 1)
+    if ctx.node.attr("storage_order", 0):   # column-major Indices: the row-major ones of a copy instead
+        attrs = {a.name: helper.get_attribute_value(a) for a in ctx.node.attribute_protos
+                 if a.name != "storage_order"}
+        indices = ctx.tape.op("MaxPool", ctx.x, outputs=2, **attrs)[1]
+    else:
+        indices = ctx.request_output(ctx.node, 1)
     return [_scatter_back(ctx, indices, g[0], "add")]
 
 
@@ -1314,15 +1361,15 @@ def _min(ctx, g):
     return _max(ctx, g)
 
 
-def _argmax_mask(ctx: VjpContext, flat: str, axis: int, arg: str = "ArgMax") -> str:
+def _argmax_mask(ctx: VjpContext, flat: str, axis: int, arg: str = "ArgMax", rank: int | None = None) -> str:
     """Boolean mask of the first arg-max (``arg="ArgMin"``: arg-min) along ``axis`` of ``flat`` (ties:
-    the first index)."""
+    the first index); ``rank``: that of ``flat`` where it is not ``x`` and not 3."""
     t = ctx.tape
     am = t.op(arg, flat, axis=axis, keepdims=1)
     size = t.op("Gather", t.shape(flat), t.ints([axis]), axis=0)
     rng = t.op("Range", t.const(np.array(0, dtype=np.int64)), t.op("Squeeze", size),
                t.const(np.array(1, dtype=np.int64)))
-    rank = ctx.graph.rank(ctx.x) if flat == ctx.x else 3
+    rank = rank or (ctx.graph.rank(ctx.x) if flat == ctx.x else 3)
     shape = [1] * rank
     shape[axis] = -1
     return t.op("Equal", t.op("Reshape", rng, t.ints(shape)), am)
@@ -1343,10 +1390,19 @@ def _reduce_max(ctx, g):
     axes = _reduce_axes(ctx)
     if axes == []:
         return [g[0]] + [None] * (len(ctx.node.inputs) - 1)
-    if axes is None or len(axes) != 1:
-        raise ctx.fail(f"{ctx.node.op_type} over several axes is not supported; reduce one axis at a time")
+    rank = ctx.graph.rank(ctx.x)
+    axes = list(range(rank)) if axes is None else axes
     gk = g[0] if ctx.node.attr("keepdims", 1) else t.unsqueeze(g[0], axes)
-    mask = _argmax_mask(ctx, ctx.x, axes[0], "ArgMin" if ctx.node.op_type == "ReduceMin" else "ArgMax")
+    arg = "ArgMin" if ctx.node.op_type == "ReduceMin" else "ArgMax"
+    if len(axes) == 1:
+        mask = _argmax_mask(ctx, ctx.x, axes[0], arg)
+    else:   # several axes: moved last and merged into one (ties: the first in row-major order)
+        kept = [a for a in range(rank) if a not in axes]
+        moved = t.op("Transpose", ctx.x, perm=kept + axes)
+        flat = t.op("Reshape", moved, t.ints([0] * len(kept) + [-1]))
+        merged = _argmax_mask(ctx, flat, len(kept), arg, rank=len(kept) + 1)
+        mask = t.op("Transpose", t.op("Reshape", merged, t.shape(moved)),
+                    perm=[int(i) for i in np.argsort(kept + axes)])
     return [t.op("Where", mask, gk, t.scalar(0.0))] + [None] * (len(ctx.node.inputs) - 1)
 
 
