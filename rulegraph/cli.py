@@ -423,6 +423,8 @@ def cmd_ops(args) -> int:
         warn_unmatched(graph, ruleset, args.output, args.start)
         report = summarize(graph, ruleset, start)
         print(report.to_json() if args.json else report.to_text())
+        if not args.json:
+            print(cuda_line(graph))
         return 1 if report.total.with_rule < report.total.on_path else 0
     rows = assign(graph, ruleset, path_nodes(graph, start))
     warn_unmatched(graph, ruleset, args.output, args.start)
@@ -441,7 +443,18 @@ def cmd_ops(args) -> int:
             rule = f"{r.binding.rule}    ({r.binding.selector} at {r.binding.location})"
         print(f"{r.node.name:<{width}}  {op_types[r.node.name]:<{op_width}} {r.node.kind or '?':<12} {rule}")
     print(f"{len(rows)} nodes on the relevance path (start: '{start}'); {missing} without a usable rule")
+    print(cuda_line(graph))
     return 1 if missing else 0
+
+
+def cuda_line(graph) -> str:
+    """The model's nodes CUDA has no kernel for (kernels.py): they run on the CPU under CUDA. The
+    nodes rulegraph adds for the backward all have one (tests/test_cuda_kernels.py)."""
+    fallbacks = cuda_fallbacks(graph.model)
+    if not fallbacks:
+        return "CUDA: every node of the model has a CUDA kernel"
+    return (f"CUDA: {len(fallbacks)} node(s) of the model have no CUDA kernel and run on the CPU under CUDA "
+            f"(onnxruntime copies across the device boundary): " + "; ".join(f.line() for f in fallbacks))
 
 
 def cmd_demo(args) -> int:

@@ -88,10 +88,9 @@ def test_placement_counts_every_kernel_run_per_provider(tmp_path):
     assert 0 < counts["CPUExecutionProvider"] <= kernels
 
 
-def test_check_profile_names_where_nodes_ran_and_the_cuda_fallbacks(tmp_path, capsys):
+def celu_model(tmp_path) -> str:
+    """x·W then Celu, an op CUDA has no kernel for."""
     from onnx import TensorProto, helper
-
-    from rulegraph.cli import main
 
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"], name="dense"),
@@ -101,9 +100,27 @@ def test_check_profile_names_where_nodes_ran_and_the_cuda_fallbacks(tmp_path, ca
         [helper.make_tensor("w", TensorProto.FLOAT, [3, 4], np.linspace(-1, 1, 12))])
     path = tmp_path / "celu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    assert main(["check", str(path), "--rules", "gradient", "--samples", "2", "--profile"]) == 0
+    return str(path)
+
+
+CELU_LINE = "node 'the_celu' (Celu, opset 17, float): CUDA has no kernel for this op at this opset"
+
+
+def test_check_profile_names_where_nodes_ran_and_the_cuda_fallbacks(tmp_path, capsys):
+    from rulegraph.cli import main
+
+    assert main(["check", celu_model(tmp_path), "--rules", "gradient", "--samples", "2", "--profile"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     head, cuda = last.split("; ", 1)
     assert head.startswith("profile: kernels run per provider: CPUExecutionProvider ")
-    assert cuda == ("1 node(s) have no CUDA kernel and would run on the CPU under CUDA: node 'the_celu' "
-                    "(Celu, opset 17, float): CUDA has no kernel for this op at this opset")
+    assert cuda == "1 node(s) have no CUDA kernel and would run on the CPU under CUDA: " + CELU_LINE
+
+
+@pytest.mark.parametrize("summary", [[], ["--summary"]])
+def test_ops_names_the_nodes_cuda_has_no_kernel_for(tmp_path, capsys, summary):
+    from rulegraph.cli import main
+
+    assert main(["ops", celu_model(tmp_path), "--rules", "gradient", *summary]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "CUDA: 1 node(s) of the model have no CUDA kernel and run on the CPU under CUDA (onnxruntime copies "
+        "across the device boundary): " + CELU_LINE)

@@ -46,6 +46,10 @@ def _session(model_bytes: bytes, providers: tuple[str, ...], threads: int, stric
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = profile
+    if "CUDAExecutionProvider" in providers:
+        # onnxruntime-gpu logs two error lines on the default logger when CUDA's libraries or the GPU
+        # are missing; rulegraph says it in one line instead (_tell_if_no_gpu)
+        rt.set_default_logger_severity(4)
     return rt.InferenceSession(model_bytes, sess_options=options, providers=list(providers))
 
 
