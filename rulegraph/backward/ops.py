@@ -14,6 +14,7 @@ from .. import graph
 from ..graph.kinds import OpKinds
 from ..graph.read import Graph
 from . import fused  # noqa: F401  (declares the fused-only ops' kinds)
+from . import einsum  # noqa: F401  (registers its VJP)
 from .vjp import BILINEAR_WHEN_ALL_ACTIVE, NONLINEAR_IN_FIRST_INPUT_ONLY, OP_KINDS, VJPS
 
 #: every op's kind, for the model reader and the rule language

@@ -67,8 +67,8 @@ GATES = frozenset({"Sigmoid", "HardSigmoid"})  # squeeze-excitation gates x·σ(
 
 
 def _product(ctx, name: str) -> None:
-    if ctx.node.op_type not in ("Mul", "Div", "MatMul"):
-        raise ctx.fail(f"rule '{name}' is defined for Mul, Div and MatMul of two activations, "
+    if ctx.node.op_type not in ("Mul", "Div", "MatMul", "Einsum"):
+        raise ctx.fail(f"rule '{name}' is defined for Mul, Div, MatMul and Einsum of activations, "
                        f"not {ctx.node.op_type}")
 
 
@@ -102,6 +102,8 @@ def uniform(ctx) -> list[str | None]:
     MatMul ``y_ij = Σ_k A_ik B_kj``: the ε-rule over the sum gives each term
     ``A_ik B_kj / blip(y_ij) · a(y_ij)``, which its two factors share half and half:
     ``a(A) = ½ A ⊙ (s Bᵀ)``, ``a(B) = ½ B ⊙ (Aᵀ s)``, ``s = a(y) / blip(y)``; conservative up to ε.
+    An Einsum of ``n`` active operands (multilinear, so ``Σ xₖ ⊙ VJPₖ(s) = s ⊙ y`` for each) gives each
+    ``a(xₖ) = xₖ ⊙ VJPₖ(s) / n``; a constant operand gets nothing.
 
     ``softmax_constant = 1``: where one operand is a Softmax output (through route ops only: the
     attention weights of ``softmax(QKᵀ)·V``), that operand is held constant and the other takes all
@@ -117,10 +119,11 @@ def uniform(ctx) -> list[str | None]:
         if constant.count(True) == 1:
             return _keep(ctx, constant.index(False))
     t = ctx.tape
-    if ctx.node.op_type == "MatMul":
-        s = t.op("Mul", _normalized_output(ctx), t.scalar(0.5))
+    if ctx.node.op_type in ("MatMul", "Einsum"):
+        share = 1.0 / sum(ctx.active)
+        s = t.op("Mul", _normalized_output(ctx), t.scalar(share))
         grads = ctx.vjp([s])
-        return [t.op("Mul", x, g) for x, g in zip(ctx.node.inputs, grads)]
+        return [None if g is None else t.op("Mul", x, g) for x, g in zip(ctx.node.inputs, grads)]
     half = t.op("Mul", ctx.a_out[0], t.scalar(0.5))
     return [unbroadcast(ctx, half, ctx.y, x) for x in ctx.node.inputs]
 

