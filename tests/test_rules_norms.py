@@ -61,3 +61,45 @@ def test_normalized_einsum_with_a_constant_operand():
     m = model([node("Einsum", ["x", "c"], "y", equation="ij,jk->ik")], {"x": [3, 4]}, {"c": c})
     out = seeded(m, rules("linear -> normalized(eps = 1e-3)\n"), {"x": x}, g)
     np.testing.assert_allclose(out["R"]["x"], x * ((g / blip(y, 1e-3)) @ c.T), rtol=1e-10)
+
+
+# Scatter: route without a reduction, linear with reduction add ------------------------------------
+
+SCATTER_KINDS = [
+    ("ScatterND", {}, 16, "route"),
+    ("ScatterND", {"reduction": "none"}, 16, "route"),
+    ("ScatterND", {"reduction": "add"}, 16, "linear"),
+    ("ScatterElements", {}, 11, "route"),
+    ("ScatterElements", {"reduction": "add"}, 18, "linear"),
+]
+
+
+@pytest.mark.parametrize("op_type, attrs, opset, kind", SCATTER_KINDS)
+def test_scatter_kind_follows_its_reduction(op_type, attrs, opset, kind):
+    from rulegraph.backward import ops as G
+
+    idx = np.array([[1, 0]]) if op_type == "ScatterND" else np.array([[0, 1]])
+    shape_u = [1] if op_type == "ScatterND" else [1, 2]
+    m = model([node(op_type, ["x", "idx", "u"], "y", **attrs)], {"x": [3, 2], "u": shape_u}, {"idx": idx},
+              opset=opset)
+    (n,) = [n for n in G.load(m).nodes if n.op_type == op_type]
+    assert n.kind == kind
+
+
+def test_normalized_scatter_add_blames_constant_data():
+    """``y = c + S(u)`` (ScatterND add): ``a(u) = u ⊙ gather(q)``, ``c`` takes ``c ⊙ q`` as a bias,
+    ``q = a(y)/blip(y)``; conservative up to ε with the bias counted."""
+    c, u = RNG.normal(size=(2, 3, 4)), RNG.normal(size=(2, 2, 4))
+    idx = np.array([[[0, 1], [0, 1]], [[1, 0], [1, 2]]])   # (sample, row) of each update row; a repeat
+    y = c.copy()
+    for i in np.ndindex(idx.shape[:2]):
+        y[tuple(idx[i])] += u[i]
+    g = RNG.normal(size=y.shape)
+    m = model([node("ScatterND", ["c", "idx", "u"], "y", reduction="add")], {"u": [2, 2, 4]},
+              {"c": c, "idx": idx}, opset=18)
+    out = seeded(m, rules("linear -> normalized(eps = 1e-3)\n"), {"u": u}, g)
+    q = g / blip(y, 1e-3)
+    want = np.stack([u[i] * q[tuple(idx[i])] for i in np.ndindex(idx.shape[:2])]).reshape(u.shape)
+    np.testing.assert_allclose(out["R"]["u"], want, rtol=1e-10)
+    (share,) = out["bias"].values()
+    np.testing.assert_allclose(share, (c * q).reshape(2, -1).sum(1), rtol=1e-10)

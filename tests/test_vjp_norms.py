@@ -10,7 +10,8 @@ import zlib
 import numpy as np
 import pytest
 from oracles import check_vjp, compile_seed, run
-from test_vjp import NORMAL, Case, _shapes, away, nodes, op, positive
+from onnx import helper
+from test_vjp import Case, _shapes, distinct, nodes, op, positive
 
 from rulegraph import ModelError
 from rulegraph.compile.build import SEED
@@ -55,7 +56,34 @@ EINSUM = [
        equation="bij,bj->bi"),
 ]
 
-CASES = EINSUM
+# indices with a repeat: without a reduction the runtime keeps one of the two updates, the other gets nothing
+X3x4 = {"x": [3, 4]}
+SCATTER = [
+    op("ScatterND-opset11-both-active", "ScatterND", ["x", "idx", "x1"], {"x": [4, 3], "x1": [2, 3]},
+       {"idx": ints(3, 0).reshape(2, 1)}, opset=11),
+    op("ScatterND-opset13-elements-repeat", "ScatterND", ["x", "idx", "x1"], {"x": [3, 4], "x1": [3]},
+       {"idx": np.array([[0, 1], [2, 3], [0, 1]])}, opset=13),
+    op("ScatterND-opset16-add-repeat", "ScatterND", ["x", "idx", "x1"], {"x": [3, 4], "x1": [3]},
+       {"idx": np.array([[0, 1], [2, 3], [0, 1]])}, opset=16, reduction="add"),
+    op("ScatterND-opset18-add-const-data", "ScatterND", ["c", "idx", "x"], {"x": [2, 2, 4]},
+       {"c": w(3, 2, 4), "idx": ints(2, 0).reshape(2, 1)}, opset=18, reduction="add"),
+    op("ScatterND-opset18-const-updates", "ScatterND", ["x", "idx", "c"], X3x4,
+       {"c": w(2), "idx": np.array([[1, 1], [0, 3]])}, opset=18),
+    op("ScatterElements-opset11-axis1", "ScatterElements", ["x", "idx", "x1"], {"x": [3, 5], "x1": [3, 2]},
+       {"idx": np.array([[0, 4], [2, 1], [3, 3]])}, opset=11, axis=1),
+    op("ScatterElements-opset13-negative-indices", "ScatterElements", ["x", "idx", "x1"],
+       {"x": [4, 3], "x1": [2, 3]}, {"idx": np.array([[-1, 0, 2], [1, -4, -2]])}, opset=13),
+    op("ScatterElements-opset16-add-repeat", "ScatterElements", ["x", "idx", "x1"], {"x": [3, 5], "x1": [3, 2]},
+       {"idx": np.array([[0, 0], [2, 1], [4, 4]])}, opset=16, axis=1, reduction="add"),
+    op("ScatterElements-opset18-add-const-updates", "ScatterElements", ["x", "idx", "c"], X3x4,
+       {"c": w(2, 4), "idx": np.array([[2, 0, 1, 2], [2, 1, 1, 0]])}, opset=18, reduction="add"),
+    nodes("ScatterElements-indices-computed", [
+        helper.make_node("ArgMax", ["x1"], ["idx"], axis=1),
+        helper.make_node("ScatterElements", ["x", "idx", "x2"], ["y"], axis=1)],
+        {"x": [3, 5], "x1": [3, 4], "x2": [3, 1]}, opset=18, sample=distinct),
+]
+
+CASES = EINSUM + SCATTER
 
 
 @pytest.mark.parametrize("case", [c.param() for c in CASES])
@@ -77,6 +105,10 @@ REFUSED = [
      "repeat a letter"),
     (op("Einsum-ellipsis-summed-out", "Einsum", ["x", "c"], {"x": [2, 3, 4]}, {"c": w(4)},
         equation="...j,j->"), "sums out the ellipsis"),
+    (op("ScatterND-reduction-mul", "ScatterND", ["x", "idx", "x1"], {"x": [4, 3], "x1": [1, 3]},
+        {"idx": ints(2).reshape(1, 1)}, opset=16, reduction="mul"), "reduction 'mul' is not supported"),
+    (op("ScatterElements-reduction-max", "ScatterElements", ["x", "idx", "x1"], {"x": [4, 3], "x1": [1, 3]},
+        {"idx": ints(0, 1, 2).reshape(1, 3)}, opset=18, reduction="max"), "reduction 'max' is not supported"),
 ]
 
 

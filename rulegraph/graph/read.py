@@ -496,7 +496,7 @@ def _mark_active(graph: Graph, op_kinds: OpKinds) -> None:
         elif (ids := token_ids(graph, n)) is not None:
             graph.sources[n.outputs[0]] = ids
             active.add(n.outputs[0])
-        n.kind = op_kinds.of(n.op_type, flags)
+        n.kind = op_kinds.of(n.op_type, flags, n.attrs)
     graph.active = active
 
 
