@@ -5,11 +5,25 @@ closed-form numpy replicas (seeded pass on the ONNX reference evaluator, float64
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
-from oracles import blip
-from test_transformer import model, node, rules, seeded
+from oracles import blip, run
+from test_transformer import model, node, rules
+
+from rulegraph.backward import ops as G
+from rulegraph.compile.build import SEED, compile_explainer
 
 RNG = np.random.default_rng(23)
+
+
+def seeded(m: onnx.ModelProto, ruleset, feeds: dict, seed: np.ndarray) -> dict:
+    """Attribution per input and bias share per node of one seeded pass, on the reference evaluator
+    with its float64 kernels (``oracles.run``: GroupNormalization in the input's precision)."""
+    compiled = compile_explainer(G.load(m), ruleset, seed_mode=True)
+    names = [o.name for o in compiled.model.graph.output]
+    values = run(compiled.model, {**feeds, SEED: seed}, names)
+    return {"R": {x: values[o] for x, o in compiled.attribution.items()},
+            "bias": {k: values[o] for k, o in compiled.bias_shares.items()}}
 
 
 # Einsum under normalized (one active operand) and uniform (several) --------------------------------
@@ -76,8 +90,6 @@ SCATTER_KINDS = [
 
 @pytest.mark.parametrize("op_type, attrs, opset, kind", SCATTER_KINDS)
 def test_scatter_kind_follows_its_reduction(op_type, attrs, opset, kind):
-    from rulegraph.backward import ops as G
-
     idx = np.array([[1, 0]]) if op_type == "ScatterND" else np.array([[0, 1]])
     shape_u = [1] if op_type == "ScatterND" else [1, 2]
     m = model([node(op_type, ["x", "idx", "u"], "y", **attrs)], {"x": [3, 2], "u": shape_u}, {"idx": idx},
@@ -103,3 +115,60 @@ def test_normalized_scatter_add_blames_constant_data():
     np.testing.assert_allclose(out["R"]["u"], want, rtol=1e-10)
     (share,) = out["bias"].values()
     np.testing.assert_allclose(share, (c * q).reshape(2, -1).sum(1), rtol=1e-10)
+
+
+# layernorm_linear on Instance, Group and RMS normalization -----------------------------------------
+
+
+def norm_replica(x, gamma, beta, groups, centered, g, eps, bias_policy, ln_eps=1e-5, per_group=False):
+    """``layernorm_linear`` in numpy: the view ``[N, G, C/G, rest]`` (Instance: G = C; RMS: one group
+    over the trailing axes, not centered), ``c = γ/σ`` constant; returns (a(x), bias share per sample, y)."""
+    n, ch = x.shape[:2]
+    v = x.reshape(n, groups, -1)
+    mu = v.mean(axis=2, keepdims=True) if centered else 0.0
+    sigma = np.sqrt(((v - mu) ** 2).mean(axis=2, keepdims=True) + ln_eps)
+    shape = [ch] + [1] * (x.ndim - 2)
+    repeat = ch // groups if per_group else 1
+    gam = np.repeat(gamma, repeat).reshape(shape) if gamma.ndim == 1 and x.ndim > 2 else gamma
+    bet = 0.0 if beta is None else (np.repeat(beta, repeat).reshape(shape) if x.ndim > 2 else beta)
+    z = ((v - mu) / sigma).reshape(x.shape) * gam
+    y = z + bet
+    q = g / blip(z if bias_policy == "ignore" else y, eps)
+    cq = (q * gam).reshape(n, groups, -1) / sigma
+    if centered:
+        cq = cq - cq.mean(axis=2, keepdims=True)
+    share = (bet * q).reshape(n, -1).sum(1)
+    return x * cq.reshape(x.shape), share, y
+
+
+NORM_CASES = {
+    # id: (op, shape, attrs, opset, groups, centered, scale size, bias size, per_group)
+    "instance-2d": ("InstanceNormalization", [2, 3, 4, 3], {}, 17, 3, True, 3, 3, False),
+    "group-21": ("GroupNormalization", [2, 6, 2, 2], {"num_groups": 2}, 21, 2, True, 6, 6, False),
+    "group-18-per-group": ("GroupNormalization", [2, 6, 3], {"num_groups": 3}, 18, 3, True, 3, 3, True),
+    "rms-last-axis": ("RMSNormalization", [2, 3, 5], {"axis": 1}, 23, 1, False, None, None, False),
+}
+
+
+@pytest.mark.parametrize("bias", ["blame", "ignore"])
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+def test_layernorm_linear_on_other_normalizations(case, bias):
+    op_type, shape, attrs, opset, groups, centered, scale_n, bias_n, per_group = NORM_CASES[case]
+    x, g = RNG.normal(size=shape), RNG.normal(size=shape)
+    if op_type == "RMSNormalization":
+        gamma, beta = RNG.uniform(0.5, 1.5, size=shape[1:]), None
+        consts, args = {"gamma": gamma}, ["x", "gamma"]
+    else:
+        gamma, beta = RNG.uniform(0.5, 1.5, size=scale_n), RNG.normal(size=bias_n)
+        consts, args = {"gamma": gamma, "beta": beta}, ["x", "gamma", "beta"]
+    m = model([node(op_type, args, "y", epsilon=1e-5, **attrs)], {"x": shape}, consts, opset=opset)
+    m.graph.ClearField("output")
+    m.graph.output.append(onnx.helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, shape))
+    out = seeded(m, rules("normalizing -> layernorm_linear(eps = 1e-3)\n", bias=bias), {"x": x}, g)
+    relevance, share, y = norm_replica(x, gamma, beta, groups, centered, g, 1e-3, bias, per_group=per_group)
+    np.testing.assert_allclose(out["R"]["x"], relevance, rtol=1e-9, atol=1e-12)
+    if beta is not None and bias == "blame":
+        (got,) = out["bias"].values()
+        np.testing.assert_allclose(got, share, rtol=1e-9)
+        conserved = (g * y / blip(y, 1e-3)).reshape(len(x), -1).sum(1)
+        np.testing.assert_allclose(relevance.reshape(len(x), -1).sum(1) + share, conserved, rtol=1e-9)

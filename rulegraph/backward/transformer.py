@@ -27,6 +27,7 @@ from __future__ import annotations
 from ..graph.kinds import BILINEAR, NORMALIZING, ROUTE
 from ..graph.read import Graph
 from .table import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
+from .normalization import norm_form
 from .vjp import _layer_norm_stats, layer_norm_axes, unbroadcast
 
 _EPS = Param("eps", 1e-6, _stabilizer, "the stabilizer epsilon")
@@ -202,8 +203,13 @@ def _layernorm_has_bias(ctx) -> bool:
     return _layernorm_inputs(ctx)[1] is not None
 
 
+#: the normalizations ``layernorm_linear`` reads through their view (``normalization.norm_form``)
+VIEWED_NORMS = frozenset({"InstanceNormalization", "GroupNormalization", "RMSNormalization"})
+
+
 @rule("layernorm_linear", {NORMALIZING}, params=[_EPS], bias_in_denominator=True, has_bias=_layernorm_has_bias,
-      conservation=_classes(relevance={NORMALIZING: APPROXIMATE}), op_types={"LayerNormalization"})
+      conservation=_classes(relevance={NORMALIZING: APPROXIMATE}),
+      op_types={"LayerNormalization"} | VIEWED_NORMS)
 def layernorm_linear(ctx) -> list[str | None]:
     """LayerNormalization with its normalising factor held constant (Ali et al. 2022, the LN-rule;
     Achtibat et al. 2024): ``y = (x − mean(x)) ⊙ c + β`` with ``c = γ / σ(x)`` constant is the linear
@@ -214,7 +220,12 @@ def layernorm_linear(ctx) -> list[str | None]:
     with ``d = y`` (``β`` takes ``β ⊙ a(y) / blip(d)``, reported under ``bias blame``) or ``d = z``
     under ``bias ignore``. Conservative up to ε with the bias counted. Native and fused (decomposed)
     LayerNorms alike.
+
+    Instance, Group and RMS normalization likewise, through their view (``normalization.py``):
+    ``Mᵀg = unview(v(γ ⊙ g)/σ − mean_A(v(γ ⊙ g)/σ))``, without the mean for RMS (not centered).
     """
+    if ctx.node.op_type in VIEWED_NORMS:
+        return _viewed_norm_linear(ctx)
     if ctx.node.op_type != "LayerNormalization":
         raise ctx.fail(f"rule 'layernorm_linear' is defined for LayerNormalization, not {ctx.node.op_type}")
     t = ctx.tape
@@ -232,3 +243,24 @@ def layernorm_linear(ctx) -> list[str | None]:
         ctx.report_bias(t.op("Mul", beta, s))
     return [t.op("Mul", ctx.x, transposed)] + [None] * (len(ctx.node.inputs) - 1)
 
+
+
+def _viewed_norm_linear(ctx) -> list[str | None]:
+    """``layernorm_linear`` on an Instance, Group or RMS normalization: ``c = γ/σ`` held constant."""
+    t = ctx.tape
+    form = norm_form(ctx)
+    _, inv_std = form.stats(t, form.to_view(t, ctx.x))
+    y, a = ctx.y, ctx.a_out[0]
+    beta = form.bias if _layernorm_has_bias(ctx) else None
+    d = y
+    if beta is not None and ctx.bias_policy == "ignore":
+        d = t.op("Sub", y, form.back(t, t.op("Add", form.to_view(t, t.zeros_like(y)), beta), y))
+    eps = ctx.params["eps"]
+    s = t.op("Div", a, t.blip(d, eps)) if eps > 0 else t.safe_div(a, d)
+    sv = form.to_view(t, s)
+    cs = t.op("Mul", sv if form.scale is None else t.op("Mul", sv, form.scale), inv_std)
+    if form.centered:
+        cs = t.op("Sub", cs, t.reduce("ReduceMean", cs, form.axes))
+    if beta is not None and ctx.bias_policy != "ignore":
+        ctx.report_bias(form.back(t, t.op("Mul", sv, beta), y))
+    return [t.op("Mul", ctx.x, form.back(t, cs, ctx.x))] + [None] * (len(ctx.node.inputs) - 1)
