@@ -172,3 +172,45 @@ def test_layernorm_linear_on_other_normalizations(case, bias):
         np.testing.assert_allclose(got, share, rtol=1e-9)
         conserved = (g * y / blip(y, 1e-3)).reshape(len(x), -1).sum(1)
         np.testing.assert_allclose(relevance.reshape(len(x), -1).sum(1) + share, conserved, rtol=1e-9)
+
+
+# cp_attention on the Attention op -------------------------------------------------------------------
+
+
+def attention_weights(q, k, scale, causal, mask):
+    """``softmax(scale · QKᵀ + mask)`` per head, kv heads repeated to the query heads (4-D inputs)."""
+    k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+    s = scale * q @ np.swapaxes(k, -1, -2) + (0.0 if mask is None else mask)
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], dtype=bool)), s, -np.inf)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+ATTENTION_CP = {
+    # id: (Q, K, V shapes [B, H, S, d], attrs, constant float mask shape or None)
+    "gqa-causal": ([2, 4, 3, 2], [2, 2, 3, 2], [2, 2, 3, 5], {"is_causal": 1}, None),
+    "float-mask-scale": ([1, 2, 3, 4], [1, 2, 5, 4], [1, 2, 5, 3], {"scale": 0.6}, [3, 5]),
+}
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+@pytest.mark.parametrize("case", sorted(ATTENTION_CP))
+def test_cp_attention_gives_the_values_everything(case, eps):
+    qs, ks, vs, attrs, mask_shape = ATTENTION_CP[case]
+    q, k, v = RNG.normal(size=qs), RNG.normal(size=ks), RNG.normal(size=vs)
+    mask = None if mask_shape is None else RNG.normal(size=mask_shape)
+    args, consts = (["q", "k", "v"], {}) if mask is None else (["q", "k", "v", "m"], {"m": mask})
+    m = model([node("Attention", args, "y", **attrs)], {"q": qs, "k": ks, "v": vs}, consts, opset=23)
+    scale = float(np.float32(attrs["scale"])) if "scale" in attrs else 1 / np.sqrt(qs[-1])   # a float attribute
+    p = attention_weights(q, k, scale, attrs.get("is_causal"), mask)
+    # the node's own Y divides (the reference takes √scale in float32: Y and P V differ by 1e-8)
+    y = run(m, {"q": q, "k": k, "v": v})["y"]
+    g = RNG.normal(size=y.shape)
+    out = seeded(m, rules(f"normalizing -> cp_attention(eps = {eps})\n"), {"q": q, "k": k, "v": v}, g)
+    s = g / blip(y, eps) if eps else g / y
+    d_rep = np.swapaxes(p, -1, -2) @ s
+    d_v = d_rep.reshape(vs[0], ks[1], qs[1] // ks[1], *vs[2:]).sum(2)
+    np.testing.assert_allclose(out["R"]["v"], v * d_v, rtol=1e-9, atol=1e-12)
+    assert not np.any(out["R"]["q"]) and not np.any(out["R"]["k"])
+    assert out["R"]["v"].sum() == pytest.approx((s * (p @ np.repeat(v, qs[1] // ks[1], axis=1))).sum(), rel=1e-9)

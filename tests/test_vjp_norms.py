@@ -123,7 +123,34 @@ NORMS = [
     op("LRN-size1", "LRN", ["x"], {"x": [1, 3, 2, 2]}, opset=13, size=1, alpha=0.2),
 ]
 
-CASES = EINSUM + SCATTER + NORMS
+QKV4 = {"x": [2, 2, 3, 4], "x1": [2, 2, 5, 4], "x2": [2, 2, 5, 3]}   # Q, K, V: [B, H, S, d]
+#: a boolean mask with one query row that sees no key (its output row is 0)
+ROW_BLIND = np.array([[True, False, True, True, False], [False] * 5, [True] * 5])
+ATTENTION = [
+    op("Attention-4d", "Attention", ["x", "x1", "x2"], QKV4, opset=23),
+    op("Attention-4d-causal-scale", "Attention", ["x", "x1", "x2"], {"x": [1, 2, 4, 3], "x1": [1, 2, 4, 3],
+       "x2": [1, 2, 4, 3]}, opset=23, is_causal=1, scale=0.7),
+    op("Attention-3d-gqa-softcap", "Attention", ["x", "x1", "x2"], {"x": [2, 3, 8], "x1": [2, 5, 4], "x2": [2, 5, 6]},
+       opset=23, q_num_heads=4, kv_num_heads=2, softcap=2.0),
+    op("Attention-4d-gqa-bool-mask", "Attention", ["x", "x1", "x2", "m"],
+       {"x": [1, 4, 3, 4], "x1": [1, 2, 5, 4], "x2": [1, 2, 5, 4]}, {"m": ROW_BLIND}, opset=23),
+    op("Attention-float-mask-active", "Attention", ["x", "x1", "x2", "x3"], {**QKV4, "x3": [3, 5]}, opset=23),
+    op("Attention-float-mask-const-causal", "Attention", ["x", "x1", "x2", "m"], {"x": [1, 2, 3, 4],
+       "x1": [1, 2, 3, 4], "x2": [1, 2, 3, 2]}, {"m": w(1, 2, 3, 3)}, opset=23, is_causal=1),
+    nodes("Attention-past-present-causal", [
+        helper.make_node("Attention", ["x", "x1", "x2", "", "x3", "x4"], ["a", "pk", "pv"], is_causal=1),
+        helper.make_node("Flatten", ["a"], ["fa"]), helper.make_node("Flatten", ["pk"], ["fk"]),
+        helper.make_node("Flatten", ["pv"], ["fv"]), helper.make_node("Concat", ["fa", "fk", "fv"], ["y"], axis=1)],
+        {"x": [2, 2, 2, 3], "x1": [2, 2, 2, 3], "x2": [2, 2, 2, 3], "x3": [2, 2, 3, 3], "x4": [2, 2, 3, 3]},
+        opset=23),
+    nodes("Attention-3d-past-const", [
+        helper.make_node("Attention", ["x", "x1", "x2", "", "pk", "pv"], ["y"], q_num_heads=2, kv_num_heads=1)],
+        {"x": [1, 2, 6], "x1": [1, 2, 3], "x2": [1, 2, 3]}, {"pk": w(1, 1, 3, 3), "pv": w(1, 1, 3, 3)}, opset=23),
+    op("Attention-opset24", "Attention", ["x", "x1", "x2"], QKV4, opset=24, is_causal=1),
+    op("Attention-opset25", "Attention", ["x", "x1", "x2"], QKV4, opset=25, softcap=3.0),
+]
+
+CASES = EINSUM + SCATTER + NORMS + ATTENTION
 
 
 @pytest.mark.parametrize("case", [c.param() for c in CASES])
@@ -149,6 +176,14 @@ REFUSED = [
         {"idx": ints(2).reshape(1, 1)}, opset=16, reduction="mul"), "reduction 'mul' is not supported"),
     (op("ScatterElements-reduction-max", "ScatterElements", ["x", "idx", "x1"], {"x": [4, 3], "x1": [1, 3]},
         {"idx": ints(0, 1, 2).reshape(1, 3)}, opset=18, reduction="max"), "reduction 'max' is not supported"),
+    (op("Attention-sliding-window", "Attention", ["x", "x1", "x2"], QKV4, opset=25, left_window_size=1),
+     "sliding window"),
+    (op("Attention-nonpad-kv-seqlen", "Attention", ["x", "x1", "x2", "", "", "", "n"], QKV4,
+        {"n": ints(4, 5)}, opset=24), "nonpad_kv_seqlen"),
+    (nodes("Attention-qk-output-explained", [
+        helper.make_node("Attention", ["x", "x1", "x2"], ["a", "", "", "qk"], name="the_Attention",
+                         qk_matmul_output_mode=3),
+        helper.make_node("ReduceSum", ["qk"], ["y"], keepdims=0)], QKV4, opset=23), "qk_matmul_output"),
     (op("InstanceNormalization-activation-scale", "InstanceNormalization", ["x", "x1", "b"],
         {"x": [2, 3, 4], "x1": [3]}, {"b": w(3)}), "scale or bias computed from the input"),
 ]

@@ -14,7 +14,7 @@ from .. import graph
 from ..graph.kinds import OpKinds
 from ..graph.read import Graph
 from . import fused  # noqa: F401  (declares the fused-only ops' kinds)
-from . import einsum, normalization  # noqa: F401  (register their VJPs)
+from . import attention, einsum, normalization  # noqa: F401  (register their VJPs)
 from .scatter import KIND_BY_ATTRIBUTE
 from .vjp import BILINEAR_WHEN_ALL_ACTIVE, NONLINEAR_IN_FIRST_INPUT_ONLY, OP_KINDS, VJPS
 

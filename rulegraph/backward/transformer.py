@@ -16,7 +16,9 @@ Ali et al. 2022, "XAI for transformers: better explanations through conservative
   input, with the remainder blamed as a bias.
 - ``block``: the input gets nothing.
 - ``layernorm_linear``: LayerNormalization with ``γ/σ`` held constant is a linear map of ``x``;
-  the ε-rule on that map, ``β`` blamed as a bias.
+  the ε-rule on that map, ``β`` blamed as a bias (Instance, Group and RMS normalization likewise).
+- ``cp_attention``: the ONNX Attention op with its attention weights held constant (CP-LRP): the
+  values take all the relevance by the ε-rule.
 
 Every rule here computes relevance directly; under the importance or difference quantity their
 numbers mean nothing, and the checker predicts no conservation there.
@@ -27,6 +29,7 @@ from __future__ import annotations
 from ..graph.kinds import BILINEAR, NORMALIZING, ROUTE
 from ..graph.read import Graph
 from .table import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
+from .attention import attention_parts, heads_of, present_back, unrepeat
 from .normalization import norm_form
 from .vjp import _layer_norm_stats, layer_norm_axes, unbroadcast
 
@@ -264,3 +267,30 @@ def _viewed_norm_linear(ctx) -> list[str | None]:
     if beta is not None and ctx.bias_policy != "ignore":
         ctx.report_bias(form.back(t, t.op("Mul", sv, beta), y))
     return [t.op("Mul", ctx.x, form.back(t, cs, ctx.x))] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@rule("cp_attention", {NORMALIZING}, params=[_EPS], conservation=_classes(relevance={NORMALIZING: APPROXIMATE}),
+      op_types={"Attention"})
+def cp_attention(ctx) -> list[str | None]:
+    """CP-LRP on the ONNX Attention op (Ali et al. 2022): the attention weights ``P`` held constant,
+    ``Y = P V`` is linear in the values, which take all the relevance by the ε-rule:
+
+    ``a(V) = V ⊙ Pᵀ(a(Y) / blip(Y))`` per head (repeated heads summed back; past values take their
+    part likewise); Q, K and the mask get nothing. Conservative up to ε (no bias).
+    """
+    if ctx.node.op_type != "Attention":
+        raise ctx.fail(f"rule 'cp_attention' is defined for Attention, not {ctx.node.op_type}")
+    if any(a is not None for a in ctx.a_out[1:]):
+        raise ctx.fail("rule 'cp_attention' explains the Y output of Attention; its present_key, present_value "
+                       "or qk_matmul_output output feeds the explained output too (bind Attention -> gradient)")
+    t = ctx.tape
+    parts = attention_parts(ctx)
+    s = _normalized_output(ctx)
+    s4 = heads_of(ctx, parts, s)
+    d_v = unrepeat(t, t.op("MatMul", t.op("Transpose", parts.p, perm=[0, 1, 3, 2]), s4), parts.repeats, parts.v)
+    past, new = present_back(ctx, parts, d_v, 2)
+    out: list[str | None] = [None] * len(ctx.node.inputs)
+    out[2] = t.op("Mul", ctx.node.inputs[2], new) if ctx.active[2] else None
+    if past is not None and len(ctx.active) > 5 and ctx.active[5]:
+        out[5] = t.op("Mul", ctx.node.inputs[5], past)
+    return out
