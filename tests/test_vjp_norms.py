@@ -94,6 +94,14 @@ def op_rows(op_type, args, inputs, consts, opset, **attrs) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
 
 
+def nodes_model(node_list, inputs, consts, opset) -> onnx.ModelProto:
+    """A few-node float64 model, its output shape given by ``shaped``."""
+    graph = helper.make_graph(node_list, "test", [helper.make_tensor_value_info(k, TensorProto.DOUBLE, v)
+                                                  for k, v in inputs.items()],
+                              [], [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+
+
 def shaped(model: onnx.ModelProto, id: str, shape: list[int]) -> Case:
     model.graph.output.append(helper.make_tensor_value_info("y", TensorProto.DOUBLE, shape))
     return Case(id, model)
@@ -114,6 +122,11 @@ NORMS = [
                    num_groups=1), "GroupNormalization-opset21-rank3-one-group", [2, 4, 5]),
     shaped(op_rows("GroupNormalization", ["x", "s", "b"], {"x": [3, 8]}, {"s": w(8), "b": w(8)}, opset=21,
                    num_groups=2, stash_type=1), "GroupNormalization-opset21-rank2-stash", [3, 8]),
+    # onnx infers no shape through GroupNormalization: the reader gives it its input's (ReduceMean needs the rank)
+    shaped(nodes_model([helper.make_node("GroupNormalization", ["x", "s", "b"], ["h"], num_groups=2),
+                        helper.make_node("ReduceMean", ["h", "axes"], ["y"], keepdims=0)],
+                       {"x": [2, 4, 3, 2]}, {"s": w(4), "b": w(4), "axes": ints(2, 3)}, opset=21),
+           "GroupNormalization-then-ReduceMean", [2, 4]),
     op("RMSNormalization-last-axis", "RMSNormalization", ["x", "s"], {"x": [2, 3, 5]}, {"s": w(5)}, opset=23),
     op("RMSNormalization-axis1-broadcast-scale", "RMSNormalization", ["x", "s"], {"x": [2, 3, 4]},
        {"s": w(1, 4)}, opset=23, axis=1, epsilon=1e-3),
