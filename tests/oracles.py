@@ -109,10 +109,12 @@ class GroupNormalization(OpRun):
         eps = 1e-5 if epsilon is None else epsilon
         v = x.reshape(n, num_groups, -1)
         mean = v.mean(axis=2, keepdims=True)
-        normalized = ((v - mean) / np.sqrt(((v - mean) ** 2).mean(axis=2, keepdims=True) + eps)).reshape(x.shape)
+        std = np.sqrt(((v - mean) ** 2).mean(axis=2, keepdims=True) + eps)
+        normalized = ((v - mean) / std).reshape(x.shape)
         repeat = c // scale.size
         shape = [c] + [1] * (x.ndim - 2)
-        return (normalized * np.repeat(scale, repeat).reshape(shape) + np.repeat(bias, repeat).reshape(shape),)
+        gamma, beta = np.repeat(scale, repeat).reshape(shape), np.repeat(bias, repeat).reshape(shape)
+        return (normalized * gamma + beta,)
 
 
 class LRN(OpRun):

@@ -49,7 +49,8 @@ class RMSAttentionBlock(nn.Module):
         self.norm = nn.RMSNorm(D)
         # one Linear per head, stacked: no Reshape of a size computed at run time
         self.q = nn.ModuleList(nn.Linear(D, 2) for _ in range(4))
-        self.k, self.v = nn.ModuleList(nn.Linear(D, 2) for _ in range(2)), nn.ModuleList(nn.Linear(D, 2) for _ in range(2))
+        self.k = nn.ModuleList(nn.Linear(D, 2) for _ in range(2))
+        self.v = nn.ModuleList(nn.Linear(D, 2) for _ in range(2))
         self.mix = nn.Parameter(torch.randn(4, 2, D) * 0.5)
         self.out = nn.Linear(D, 3)
         with torch.no_grad():
@@ -65,7 +66,8 @@ class RMSAttentionBlock(nn.Module):
 
 #: net -> (class, input shape, LRP file, [(exporter, opset)])
 NETS = {
-    "groupnorm_cnn": (GroupNormCNN, (3, 6, 6), "lrp-epsilon", [("torchscript", 17), ("dynamo", 18), ("dynamo", 23)]),
+    "groupnorm_cnn": (GroupNormCNN, (3, 6, 6), "lrp-epsilon",
+                      [("torchscript", 17), ("dynamo", 18), ("dynamo", 23)]),
     "rms_attention": (RMSAttentionBlock, (T, D), "lrp-transformer", [("dynamo", 18), ("dynamo", 23)]),
 }
 CASES = [pytest.param(net, exporter, opset, id=f"{net}-{exporter}-{opset}")
@@ -76,7 +78,8 @@ def export(model: nn.Module, x, path, exporter: str, opset: int):
     kwargs: dict = {"input_names": ["input"], "output_names": ["logits"], "dynamo": exporter == "dynamo",
                     "opset_version": opset}
     if exporter == "dynamo":
-        kwargs.update(external_data=False, verbose=False, dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
+        kwargs.update(external_data=False, verbose=False,
+                      dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
     else:
         kwargs.update(dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     with warnings.catch_warnings():

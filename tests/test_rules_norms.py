@@ -202,7 +202,8 @@ def test_cp_attention_gives_the_values_everything(case, eps):
     mask = None if mask_shape is None else RNG.normal(size=mask_shape)
     args, consts = (["q", "k", "v"], {}) if mask is None else (["q", "k", "v", "m"], {"m": mask})
     m = model([node("Attention", args, "y", **attrs)], {"q": qs, "k": ks, "v": vs}, consts, opset=23)
-    scale = float(np.float32(attrs["scale"])) if "scale" in attrs else 1 / np.sqrt(qs[-1])   # a float attribute
+    # a float attribute: the float32 value
+    scale = float(np.float32(attrs["scale"])) if "scale" in attrs else 1 / np.sqrt(qs[-1])
     p = attention_weights(q, k, scale, attrs.get("is_causal"), mask)
     # the node's own Y divides (the reference takes √scale in float32: Y and P V differ by 1e-8)
     y = run(m, {"q": q, "k": k, "v": v})["y"]
@@ -213,4 +214,5 @@ def test_cp_attention_gives_the_values_everything(case, eps):
     d_v = d_rep.reshape(vs[0], ks[1], qs[1] // ks[1], *vs[2:]).sum(2)
     np.testing.assert_allclose(out["R"]["v"], v * d_v, rtol=1e-9, atol=1e-12)
     assert not np.any(out["R"]["q"]) and not np.any(out["R"]["k"])
-    assert out["R"]["v"].sum() == pytest.approx((s * (p @ np.repeat(v, qs[1] // ks[1], axis=1))).sum(), rel=1e-9)
+    values = p @ np.repeat(v, qs[1] // ks[1], axis=1)
+    assert out["R"]["v"].sum() == pytest.approx((s * values).sum(), rel=1e-9)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-import pytest
-from oracles import check_vjp, compile_seed, run
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_vjp import Case, _shapes, distinct, nodes, op, positive
+from oracles import check_vjp, compile_seed, run
+from test_vjp import Case, _shapes, distinct, nodes, op
 
 from rulegraph import ModelError
 from rulegraph.compile.build import SEED
@@ -74,8 +74,8 @@ SCATTER = [
        {"idx": np.array([[0, 4], [2, 1], [3, 3]])}, opset=11, axis=1),
     op("ScatterElements-opset13-negative-indices", "ScatterElements", ["x", "idx", "x1"],
        {"x": [4, 3], "x1": [2, 3]}, {"idx": np.array([[-1, 0, 2], [1, -4, -2]])}, opset=13),
-    op("ScatterElements-opset16-add-repeat", "ScatterElements", ["x", "idx", "x1"], {"x": [3, 5], "x1": [3, 2]},
-       {"idx": np.array([[0, 0], [2, 1], [4, 4]])}, opset=16, axis=1, reduction="add"),
+    op("ScatterElements-opset16-add-repeat", "ScatterElements", ["x", "idx", "x1"],
+       {"x": [3, 5], "x1": [3, 2]}, {"idx": np.array([[0, 0], [2, 1], [4, 4]])}, opset=16, axis=1, reduction="add"),
     op("ScatterElements-opset18-add-const-updates", "ScatterElements", ["x", "idx", "c"], X3x4,
        {"c": w(2, 4), "idx": np.array([[2, 0, 1, 2], [2, 1, 1, 0]])}, opset=18, reduction="add"),
     nodes("ScatterElements-indices-computed", [
@@ -114,15 +114,16 @@ NORMS = [
        {"s": w(3), "b": w(3)}),
     op("InstanceNormalization-opset22", "InstanceNormalization", ["x", "s", "b"], {"x": [1, 2, 3, 3]},
        {"s": w(2), "b": w(2)}, opset=22),
-    shaped(op_rows("GroupNormalization", ["x", "s", "b"], {"x": [2, 6, 3, 2]}, {"s": w(3), "b": w(3)}, opset=18,
-                   num_groups=3, epsilon=1e-3), "GroupNormalization-opset18-per-group", [2, 6, 3, 2]),
-    shaped(op_rows("GroupNormalization", ["x", "s", "b"], {"x": [2, 6, 3, 2]}, {"s": w(6), "b": w(6)}, opset=21,
-                   num_groups=2), "GroupNormalization-opset21-per-channel", [2, 6, 3, 2]),
+    shaped(op_rows("GroupNormalization", ["x", "s", "b"], {"x": [2, 6, 3, 2]}, {"s": w(3), "b": w(3)},
+                   opset=18, num_groups=3, epsilon=1e-3), "GroupNormalization-opset18-per-group", [2, 6, 3, 2]),
+    shaped(op_rows("GroupNormalization", ["x", "s", "b"], {"x": [2, 6, 3, 2]}, {"s": w(6), "b": w(6)},
+                   opset=21, num_groups=2), "GroupNormalization-opset21-per-channel", [2, 6, 3, 2]),
     shaped(op_rows("GroupNormalization", ["x", "s", "b"], {"x": [2, 4, 5]}, {"s": w(4), "b": w(4)}, opset=21,
                    num_groups=1), "GroupNormalization-opset21-rank3-one-group", [2, 4, 5]),
     shaped(op_rows("GroupNormalization", ["x", "s", "b"], {"x": [3, 8]}, {"s": w(8), "b": w(8)}, opset=21,
                    num_groups=2, stash_type=1), "GroupNormalization-opset21-rank2-stash", [3, 8]),
-    # onnx infers no shape through GroupNormalization: the reader gives it its input's (ReduceMean needs the rank)
+    # onnx infers no shape through GroupNormalization: the reader gives it its input's (ReduceMean
+    # needs the rank)
     shaped(nodes_model([helper.make_node("GroupNormalization", ["x", "s", "b"], ["h"], num_groups=2),
                         helper.make_node("ReduceMean", ["h", "axes"], ["y"], keepdims=0)],
                        {"x": [2, 4, 3, 2]}, {"s": w(4), "b": w(4), "axes": ints(2, 3)}, opset=21),
@@ -143,8 +144,8 @@ ATTENTION = [
     op("Attention-4d", "Attention", ["x", "x1", "x2"], QKV4, opset=23),
     op("Attention-4d-causal-scale", "Attention", ["x", "x1", "x2"], {"x": [1, 2, 4, 3], "x1": [1, 2, 4, 3],
        "x2": [1, 2, 4, 3]}, opset=23, is_causal=1, scale=0.7),
-    op("Attention-3d-gqa-softcap", "Attention", ["x", "x1", "x2"], {"x": [2, 3, 8], "x1": [2, 5, 4], "x2": [2, 5, 6]},
-       opset=23, q_num_heads=4, kv_num_heads=2, softcap=2.0),
+    op("Attention-3d-gqa-softcap", "Attention", ["x", "x1", "x2"],
+       {"x": [2, 3, 8], "x1": [2, 5, 4], "x2": [2, 5, 6]}, opset=23, q_num_heads=4, kv_num_heads=2, softcap=2.0),
     op("Attention-4d-gqa-bool-mask", "Attention", ["x", "x1", "x2", "m"],
        {"x": [1, 4, 3, 4], "x1": [1, 2, 5, 4], "x2": [1, 2, 5, 4]}, {"m": ROW_BLIND}, opset=23),
     op("Attention-float-mask-active", "Attention", ["x", "x1", "x2", "x3"], {**QKV4, "x3": [3, 5]}, opset=23),
@@ -153,12 +154,15 @@ ATTENTION = [
     nodes("Attention-past-present-causal", [
         helper.make_node("Attention", ["x", "x1", "x2", "", "x3", "x4"], ["a", "pk", "pv"], is_causal=1),
         helper.make_node("Flatten", ["a"], ["fa"]), helper.make_node("Flatten", ["pk"], ["fk"]),
-        helper.make_node("Flatten", ["pv"], ["fv"]), helper.make_node("Concat", ["fa", "fk", "fv"], ["y"], axis=1)],
+        helper.make_node("Flatten", ["pv"], ["fv"]),
+        helper.make_node("Concat", ["fa", "fk", "fv"], ["y"], axis=1)],
         {"x": [2, 2, 2, 3], "x1": [2, 2, 2, 3], "x2": [2, 2, 2, 3], "x3": [2, 2, 3, 3], "x4": [2, 2, 3, 3]},
         opset=23),
     nodes("Attention-3d-past-const", [
-        helper.make_node("Attention", ["x", "x1", "x2", "", "pk", "pv"], ["y"], q_num_heads=2, kv_num_heads=1)],
-        {"x": [1, 2, 6], "x1": [1, 2, 3], "x2": [1, 2, 3]}, {"pk": w(1, 1, 3, 3), "pv": w(1, 1, 3, 3)}, opset=23),
+        helper.make_node("Attention", ["x", "x1", "x2", "", "pk", "pv"], ["y"], q_num_heads=2,
+                         kv_num_heads=1)],
+        {"x": [1, 2, 6], "x1": [1, 2, 3], "x2": [1, 2, 3]}, {"pk": w(1, 1, 3, 3), "pv": w(1, 1, 3, 3)},
+        opset=23),
     op("Attention-opset24", "Attention", ["x", "x1", "x2"], QKV4, opset=24, is_causal=1),
     op("Attention-opset25", "Attention", ["x", "x1", "x2"], QKV4, opset=25, softcap=3.0),
 ]

@@ -164,7 +164,8 @@ def attention_parts(ctx: VjpContext) -> Parts:
     if scale is None:
         size = head // q_heads if three_d and isinstance(head, int) else head
         if not isinstance(size, int):
-            raise ctx.fail("the head size of the Attention inputs must be static (or give the scale attribute)")
+            raise ctx.fail("the head size of the Attention inputs must be static (or give the scale "
+                           "attribute)")
         scale = 1.0 / float(np.sqrt(size))
     k_rep, v_rep = _repeat(t, k, repeats), _repeat(t, v, repeats)
     s = t.op("Mul", t.op("MatMul", q, t.op("Transpose", k_rep, perm=[0, 1, 3, 2])), t.scalar(scale))
@@ -186,7 +187,8 @@ def heads_of(ctx: VjpContext, parts: Parts, g: str) -> str:
     return _heads(ctx.tape, g, ctx.node.attr("q_num_heads")) if parts.three_d else g
 
 
-def present_back(ctx: VjpContext, parts: Parts, d_present: str | None, index: int) -> tuple[str | None, str | None]:
+def present_back(ctx: VjpContext, parts: Parts, d_present: str | None,
+                 index: int) -> tuple[str | None, str | None]:
     """The cotangent of the present keys (``index = 1``) or values (2), ``[B, Hkv, S_past + S, d]``,
     split into (past, new input in its own layout)."""
     if d_present is None:

@@ -80,12 +80,13 @@ def norm_form(ctx: VjpContext) -> NormForm:
     scale, bias = _operand(ctx, 1), _operand(ctx, 2)
     if op == "InstanceNormalization":
         channel = [-1] + [1] * (rank - 2)
-        return NormForm(None, list(range(2, rank)), True, _shaped(t, scale, channel), _shaped(t, bias, channel),
-                        epsilon)
+        return NormForm(None, list(range(2, rank)), True, _shaped(t, scale, channel),
+                        _shaped(t, bias, channel), epsilon)
     if op == "GroupNormalization":
         groups = ctx.node.attr("num_groups")
         per_channel = t.op("Div", t.shape(ctx.x, start=1, end=2), t.ints([groups]))
-        view = t.op("Concat", t.shape(ctx.x, start=0, end=1), t.ints([groups]), per_channel, t.ints([-1]), axis=0)
+        view = t.op("Concat", t.shape(ctx.x, start=0, end=1), t.ints([groups]), per_channel, t.ints([-1]),
+                    axis=0)
         per_group = ctx.tape.opset < 21
         shape = [groups, 1, 1] if per_group else [groups, -1, 1]
         return NormForm(view, [2, 3], True, _shaped(t, scale, shape), _shaped(t, bias, shape), epsilon)

@@ -33,7 +33,8 @@ def _reduction(ctx: VjpContext) -> str:
     value = value.decode() if isinstance(value, bytes) else value
     if value not in _SUPPORTED:
         raise ctx.fail(f"{ctx.node.op_type} with reduction '{value}' is not supported (only 'none' and "
-                       "'add' are: their gradients are selections); scatter with 'add' or without a reduction")
+                       "'add' are: their gradients are selections); scatter with 'add' or without a "
+                       "reduction")
     return value
 
 

@@ -210,8 +210,8 @@ def _layernorm_has_bias(ctx) -> bool:
 VIEWED_NORMS = frozenset({"InstanceNormalization", "GroupNormalization", "RMSNormalization"})
 
 
-@rule("layernorm_linear", {NORMALIZING}, params=[_EPS], bias_in_denominator=True, has_bias=_layernorm_has_bias,
-      conservation=_classes(relevance={NORMALIZING: APPROXIMATE}),
+@rule("layernorm_linear", {NORMALIZING}, params=[_EPS], bias_in_denominator=True,
+      has_bias=_layernorm_has_bias, conservation=_classes(relevance={NORMALIZING: APPROXIMATE}),
       op_types={"LayerNormalization"} | VIEWED_NORMS)
 def layernorm_linear(ctx) -> list[str | None]:
     """LayerNormalization with its normalising factor held constant (Ali et al. 2022, the LN-rule;
@@ -269,8 +269,8 @@ def _viewed_norm_linear(ctx) -> list[str | None]:
     return [t.op("Mul", ctx.x, form.back(t, cs, ctx.x))] + [None] * (len(ctx.node.inputs) - 1)
 
 
-@rule("cp_attention", {NORMALIZING}, params=[_EPS], conservation=_classes(relevance={NORMALIZING: APPROXIMATE}),
-      op_types={"Attention"})
+@rule("cp_attention", {NORMALIZING}, params=[_EPS],
+      conservation=_classes(relevance={NORMALIZING: APPROXIMATE}), op_types={"Attention"})
 def cp_attention(ctx) -> list[str | None]:
     """CP-LRP on the ONNX Attention op (Ali et al. 2022): the attention weights ``P`` held constant,
     ``Y = P V`` is linear in the values, which take all the relevance by the ε-rule:
@@ -281,13 +281,15 @@ def cp_attention(ctx) -> list[str | None]:
     if ctx.node.op_type != "Attention":
         raise ctx.fail(f"rule 'cp_attention' is defined for Attention, not {ctx.node.op_type}")
     if any(a is not None for a in ctx.a_out[1:]):
-        raise ctx.fail("rule 'cp_attention' explains the Y output of Attention; its present_key, present_value "
-                       "or qk_matmul_output output feeds the explained output too (bind Attention -> gradient)")
+        raise ctx.fail("rule 'cp_attention' explains the Y output of Attention; its present_key, "
+                       "present_value or qk_matmul_output output feeds the explained output too (bind "
+                       "Attention -> gradient)")
     t = ctx.tape
     parts = attention_parts(ctx)
     s = _normalized_output(ctx)
     s4 = heads_of(ctx, parts, s)
-    d_v = unrepeat(t, t.op("MatMul", t.op("Transpose", parts.p, perm=[0, 1, 3, 2]), s4), parts.repeats, parts.v)
+    weights_t = t.op("Transpose", parts.p, perm=[0, 1, 3, 2])
+    d_v = unrepeat(t, t.op("MatMul", weights_t, s4), parts.repeats, parts.v)
     past, new = present_back(ctx, parts, d_v, 2)
     out: list[str | None] = [None] * len(ctx.node.inputs)
     out[2] = t.op("Mul", ctx.node.inputs[2], new) if ctx.active[2] else None

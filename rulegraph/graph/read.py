@@ -439,7 +439,8 @@ def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """onnx shape inference, with the output of each ``SHAPE_OF_FIRST_INPUT`` node declared as its
     input's shape once that is known (and inference run again past it)."""
     inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    pending = [n for n in proto.graph.node if n.op_type in SHAPE_OF_FIRST_INPUT and n.domain in ("", "ai.onnx")]
+    pending = [n for n in proto.graph.node
+               if n.op_type in SHAPE_OF_FIRST_INPUT and n.domain in ("", "ai.onnx")]
     declared: list[onnx.ValueInfoProto] = []
     while pending:
         g = inferred.graph
