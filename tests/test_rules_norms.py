@@ -216,3 +216,17 @@ def test_cp_attention_gives_the_values_everything(case, eps):
     assert not np.any(out["R"]["q"]) and not np.any(out["R"]["k"])
     values = p @ np.repeat(v, qs[1] // ks[1], axis=1)
     assert out["R"]["v"].sum() == pytest.approx((s * values).sum(), rel=1e-9)
+
+
+@pytest.mark.parametrize("source, warned", [("lrp-epsilon", False), ("mine.rules", True)])
+def test_unused_normalization_binding_is_warned_in_a_users_file_only(source, warned):
+    """The CNN files bind GroupNorm and InstanceNorm, which most CNNs lack: no warning for a bundled
+    file's binding; the same binding in the user's file is reported."""
+    from rulegraph.check import check
+    from rulegraph.run import rulefiles as dsl
+
+    m = model([node("Gemm", ["x", "w"], "y")], {"x": [2, 3]}, {"w": RNG.normal(size=(3, 2))})
+    text = 'rulegraph 1\ninclude "lrp-epsilon"\nGroupNormalization -> layernorm_linear\n'
+    ruleset = dsl.load(source) if source == "lrp-epsilon" else dsl.parse(text, source=source)
+    unused = [d for d in check(m, ruleset).diagnostics if d.code == "unused-binding"]
+    assert [d.where.split(":")[0] for d in unused] == ([source] if warned else [])
