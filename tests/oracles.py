@@ -97,7 +97,43 @@ class GatherElements(OpRun):
         return (np.take_along_axis(data, indices, axis=axis),)
 
 
-REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements]
+class GroupNormalization(OpRun):
+    """The reference GroupNormalization runs its function body, which computes in ``stash_type``
+    (float32 by default): too coarse for a finite difference. This one keeps the input's precision;
+    a scale of ``num_groups`` elements is per group (opset 18), one of C elements per channel (21)."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, bias, epsilon=None, num_groups=None, stash_type=None):
+        n, c = x.shape[:2]
+        eps = 1e-5 if epsilon is None else epsilon
+        v = x.reshape(n, num_groups, -1)
+        mean = v.mean(axis=2, keepdims=True)
+        std = np.sqrt(((v - mean) ** 2).mean(axis=2, keepdims=True) + eps)
+        normalized = ((v - mean) / std).reshape(x.shape)
+        repeat = c // scale.size
+        shape = [c] + [1] * (x.ndim - 2)
+        gamma, beta = np.repeat(scale, repeat).reshape(shape), np.repeat(bias, repeat).reshape(shape)
+        return (normalized * gamma + beta,)
+
+
+class LRN(OpRun):
+    """The reference LRN loops over the batch axis instead of the channels (and takes 4-D input
+    only); this one sums the window of ``size`` channels around each channel, any rank."""
+
+    op_domain = ""
+
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+        alpha, beta, bias = 1e-4 if alpha is None else alpha, 0.75 if beta is None else beta, \
+            1.0 if bias is None else bias
+        before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+        square_sum = np.zeros_like(x)
+        for ch in range(x.shape[1]):
+            square_sum[:, ch] = (x[:, max(0, ch - before):ch + after + 1] ** 2).sum(axis=1)
+        return ((x / (bias + alpha / size * square_sum) ** beta).astype(x.dtype),)
+
+
+REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN]
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,

@@ -45,6 +45,13 @@ def _summary(ruleset) -> list[tuple]:
 # --------------------------------------------------------------------------------------------------
 # (a) bundled rule files
 
+
+
+def CNN_NORMS(eps: float) -> dict[str, str]:  # noqa: N802 (reads as a table entry)
+    """The normalizations of CNNs the LRP files bind (1/σ held constant)."""
+    return {op: f"layernorm_linear(eps = {eps:g})" for op in ("GroupNormalization", "InstanceNormalization")}
+
+
 # name -> {selector: rule as printed}; quantity and bias: tests/tables.py
 BINDINGS = {
     "gradient": {"linear": "gradient", "nonlinear": "gradient", "max": "gradient", "route": "gradient",
@@ -53,11 +60,11 @@ BINDINGS = {
                          "bilinear": "gradient", "normalizing": "gradient"},
     "lrp-0": {"linear": "normalized(eps = 0)", "nonlinear": "ignore", "max": "gradient", "route": "gradient",
               "bilinear": "uniform(eps = 0, softmax_constant = 1, gate_constant = 1)",
-              "normalizing": "unsupported"},
+              "normalizing": "unsupported", **CNN_NORMS(0)},
     "lrp-epsilon": {"linear": "normalized(eps = 1e-06)", "nonlinear": "ignore", "max": "gradient",
                     "route": "gradient",
                     "bilinear": "uniform(eps = 1e-06, softmax_constant = 1, gate_constant = 1)",
-                    "normalizing": "unsupported"},
+                    "normalizing": "unsupported", **CNN_NORMS(1e-06)},
     "deconvnet": {"linear": "gradient", "nonlinear": "repeat", "max": "gradient", "route": "gradient",
                   "bilinear": "gradient", "normalizing": "gradient"},
 }

@@ -14,10 +14,12 @@ from .. import graph
 from ..graph.kinds import OpKinds
 from ..graph.read import Graph
 from . import fused  # noqa: F401  (declares the fused-only ops' kinds)
+from . import attention, einsum, normalization  # noqa: F401  (register their VJPs)
+from .scatter import KIND_BY_ATTRIBUTE
 from .vjp import BILINEAR_WHEN_ALL_ACTIVE, NONLINEAR_IN_FIRST_INPUT_ONLY, OP_KINDS, VJPS
 
 #: every op's kind, for the model reader and the rule language
-OPS = OpKinds(OP_KINDS, BILINEAR_WHEN_ALL_ACTIVE, NONLINEAR_IN_FIRST_INPUT_ONLY)
+OPS = OpKinds(OP_KINDS, BILINEAR_WHEN_ALL_ACTIVE, NONLINEAR_IN_FIRST_INPUT_ONLY, KIND_BY_ATTRIBUTE)
 
 __all__ = ["OPS", "OP_KINDS", "VJPS", "load"]
 

@@ -16,7 +16,9 @@ Ali et al. 2022, "XAI for transformers: better explanations through conservative
   input, with the remainder blamed as a bias.
 - ``block``: the input gets nothing.
 - ``layernorm_linear``: LayerNormalization with ``γ/σ`` held constant is a linear map of ``x``;
-  the ε-rule on that map, ``β`` blamed as a bias.
+  the ε-rule on that map, ``β`` blamed as a bias (Instance, Group and RMS normalization likewise).
+- ``cp_attention``: the ONNX Attention op with its attention weights held constant (CP-LRP): the
+  values take all the relevance by the ε-rule.
 
 Every rule here computes relevance directly; under the importance or difference quantity their
 numbers mean nothing, and the checker predicts no conservation there.
@@ -27,6 +29,8 @@ from __future__ import annotations
 from ..graph.kinds import BILINEAR, NORMALIZING, ROUTE
 from ..graph.read import Graph
 from .table import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
+from .attention import attention_parts, heads_of, present_back, unrepeat
+from .normalization import norm_form
 from .vjp import _layer_norm_stats, layer_norm_axes, unbroadcast
 
 _EPS = Param("eps", 1e-6, _stabilizer, "the stabilizer epsilon")
@@ -67,8 +71,8 @@ GATES = frozenset({"Sigmoid", "HardSigmoid"})  # squeeze-excitation gates x·σ(
 
 
 def _product(ctx, name: str) -> None:
-    if ctx.node.op_type not in ("Mul", "Div", "MatMul"):
-        raise ctx.fail(f"rule '{name}' is defined for Mul, Div and MatMul of two activations, "
+    if ctx.node.op_type not in ("Mul", "Div", "MatMul", "Einsum"):
+        raise ctx.fail(f"rule '{name}' is defined for Mul, Div, MatMul and Einsum of activations, "
                        f"not {ctx.node.op_type}")
 
 
@@ -102,6 +106,8 @@ def uniform(ctx) -> list[str | None]:
     MatMul ``y_ij = Σ_k A_ik B_kj``: the ε-rule over the sum gives each term
     ``A_ik B_kj / blip(y_ij) · a(y_ij)``, which its two factors share half and half:
     ``a(A) = ½ A ⊙ (s Bᵀ)``, ``a(B) = ½ B ⊙ (Aᵀ s)``, ``s = a(y) / blip(y)``; conservative up to ε.
+    An Einsum of ``n`` active operands (multilinear, so ``Σ xₖ ⊙ VJPₖ(s) = s ⊙ y`` for each) gives each
+    ``a(xₖ) = xₖ ⊙ VJPₖ(s) / n``; a constant operand gets nothing.
 
     ``softmax_constant = 1``: where one operand is a Softmax output (through route ops only: the
     attention weights of ``softmax(QKᵀ)·V``), that operand is held constant and the other takes all
@@ -117,10 +123,11 @@ def uniform(ctx) -> list[str | None]:
         if constant.count(True) == 1:
             return _keep(ctx, constant.index(False))
     t = ctx.tape
-    if ctx.node.op_type == "MatMul":
-        s = t.op("Mul", _normalized_output(ctx), t.scalar(0.5))
+    if ctx.node.op_type in ("MatMul", "Einsum"):
+        share = 1.0 / sum(ctx.active)
+        s = t.op("Mul", _normalized_output(ctx), t.scalar(share))
         grads = ctx.vjp([s])
-        return [t.op("Mul", x, g) for x, g in zip(ctx.node.inputs, grads)]
+        return [None if g is None else t.op("Mul", x, g) for x, g in zip(ctx.node.inputs, grads)]
     half = t.op("Mul", ctx.a_out[0], t.scalar(0.5))
     return [unbroadcast(ctx, half, ctx.y, x) for x in ctx.node.inputs]
 
@@ -199,8 +206,13 @@ def _layernorm_has_bias(ctx) -> bool:
     return _layernorm_inputs(ctx)[1] is not None
 
 
-@rule("layernorm_linear", {NORMALIZING}, params=[_EPS], bias_in_denominator=True, has_bias=_layernorm_has_bias,
-      conservation=_classes(relevance={NORMALIZING: APPROXIMATE}), op_types={"LayerNormalization"})
+#: the normalizations ``layernorm_linear`` reads through their view (``normalization.norm_form``)
+VIEWED_NORMS = frozenset({"InstanceNormalization", "GroupNormalization", "RMSNormalization"})
+
+
+@rule("layernorm_linear", {NORMALIZING}, params=[_EPS], bias_in_denominator=True,
+      has_bias=_layernorm_has_bias, conservation=_classes(relevance={NORMALIZING: APPROXIMATE}),
+      op_types={"LayerNormalization"} | VIEWED_NORMS)
 def layernorm_linear(ctx) -> list[str | None]:
     """LayerNormalization with its normalising factor held constant (Ali et al. 2022, the LN-rule;
     Achtibat et al. 2024): ``y = (x − mean(x)) ⊙ c + β`` with ``c = γ / σ(x)`` constant is the linear
@@ -211,7 +223,12 @@ def layernorm_linear(ctx) -> list[str | None]:
     with ``d = y`` (``β`` takes ``β ⊙ a(y) / blip(d)``, reported under ``bias blame``) or ``d = z``
     under ``bias ignore``. Conservative up to ε with the bias counted. Native and fused (decomposed)
     LayerNorms alike.
+
+    Instance, Group and RMS normalization likewise, through their view (``normalization.py``):
+    ``Mᵀg = unview(v(γ ⊙ g)/σ − mean_A(v(γ ⊙ g)/σ))``, without the mean for RMS (not centered).
     """
+    if ctx.node.op_type in VIEWED_NORMS:
+        return _viewed_norm_linear(ctx)
     if ctx.node.op_type != "LayerNormalization":
         raise ctx.fail(f"rule 'layernorm_linear' is defined for LayerNormalization, not {ctx.node.op_type}")
     t = ctx.tape
@@ -229,3 +246,53 @@ def layernorm_linear(ctx) -> list[str | None]:
         ctx.report_bias(t.op("Mul", beta, s))
     return [t.op("Mul", ctx.x, transposed)] + [None] * (len(ctx.node.inputs) - 1)
 
+
+
+def _viewed_norm_linear(ctx) -> list[str | None]:
+    """``layernorm_linear`` on an Instance, Group or RMS normalization: ``c = γ/σ`` held constant."""
+    t = ctx.tape
+    form = norm_form(ctx)
+    _, inv_std = form.stats(t, form.to_view(t, ctx.x))
+    y, a = ctx.y, ctx.a_out[0]
+    beta = form.bias if _layernorm_has_bias(ctx) else None
+    d = y
+    if beta is not None and ctx.bias_policy == "ignore":
+        d = t.op("Sub", y, form.back(t, t.op("Add", form.to_view(t, t.zeros_like(y)), beta), y))
+    eps = ctx.params["eps"]
+    s = t.op("Div", a, t.blip(d, eps)) if eps > 0 else t.safe_div(a, d)
+    sv = form.to_view(t, s)
+    cs = t.op("Mul", sv if form.scale is None else t.op("Mul", sv, form.scale), inv_std)
+    if form.centered:
+        cs = t.op("Sub", cs, t.reduce("ReduceMean", cs, form.axes))
+    if beta is not None and ctx.bias_policy != "ignore":
+        ctx.report_bias(form.back(t, t.op("Mul", sv, beta), y))
+    return [t.op("Mul", ctx.x, form.back(t, cs, ctx.x))] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@rule("cp_attention", {NORMALIZING}, params=[_EPS],
+      conservation=_classes(relevance={NORMALIZING: APPROXIMATE}), op_types={"Attention"})
+def cp_attention(ctx) -> list[str | None]:
+    """CP-LRP on the ONNX Attention op (Ali et al. 2022): the attention weights ``P`` held constant,
+    ``Y = P V`` is linear in the values, which take all the relevance by the ε-rule:
+
+    ``a(V) = V ⊙ Pᵀ(a(Y) / blip(Y))`` per head (repeated heads summed back; past values take their
+    part likewise); Q, K and the mask get nothing. Conservative up to ε (no bias).
+    """
+    if ctx.node.op_type != "Attention":
+        raise ctx.fail(f"rule 'cp_attention' is defined for Attention, not {ctx.node.op_type}")
+    if any(a is not None for a in ctx.a_out[1:]):
+        raise ctx.fail("rule 'cp_attention' explains the Y output of Attention; its present_key, "
+                       "present_value or qk_matmul_output output feeds the explained output too (bind "
+                       "Attention -> gradient)")
+    t = ctx.tape
+    parts = attention_parts(ctx)
+    s = _normalized_output(ctx)
+    s4 = heads_of(ctx, parts, s)
+    weights_t = t.op("Transpose", parts.p, perm=[0, 1, 3, 2])
+    d_v = unrepeat(t, t.op("MatMul", weights_t, s4), parts.repeats, parts.v)
+    past, new = present_back(ctx, parts, d_v, 2)
+    out: list[str | None] = [None] * len(ctx.node.inputs)
+    out[2] = t.op("Mul", ctx.node.inputs[2], new) if ctx.active[2] else None
+    if past is not None and len(ctx.active) > 5 and ctx.active[5]:
+        out[5] = t.op("Mul", ctx.node.inputs[5], past)
+    return out

@@ -17,6 +17,7 @@ from ..compile.plan import Assignment, assign, find_start, path_nodes
 from ..errors import RulegraphError
 from ..graph.kinds import LINEAR
 from ..graph.read import Graph
+from ..lang.parse import bundled_rule_names
 from ..lang.ruleset import RuleSet
 from .report import COUNTED_BIAS, SEVERITY, Diagnostic, NodeCheck
 
@@ -88,9 +89,12 @@ def static(graph: Graph, ruleset: RuleSet, output: str | None = None, start: str
                                f"{a.binding.selector} at {a.binding.location}", cls, cause,
                                leak_by_nature=cls == LEAKS_BIAS and nature == LEAKS_BIAS))
     used = {id(a.binding) for a in assignments if a.binding is not None}
+    bundled = {f"rules/{name}.rules" for name in bundled_rule_names()}
     for b in ruleset.bindings:
-        # a kind binding that matches nothing is normal in a general file (no max op in an MLP)
-        if id(b) not in used and not RULES[b.rule.name].starts_pass and b.selector.form != "kind":
+        # a kind binding that matches nothing is normal in a general file (no max op in an MLP), and so
+        # is any binding of a bundled file (the CNN files bind GroupNorm, which most CNNs lack)
+        if id(b) not in used and not RULES[b.rule.name].starts_pass and b.selector.form != "kind" \
+                and b.location.file not in bundled:
             diagnostics.append(Diagnostic("warning", "unused-binding", str(b.location),
                                           f"'{b.selector} -> {b.rule}' matches no node on the relevance path"))
     diagnostics += _silent_overrides(ruleset)

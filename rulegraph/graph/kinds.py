@@ -29,17 +29,26 @@ class OpKinds:
     table: Mapping[str, str]
     bilinear: Set[str] = frozenset()
     first_input_only: Set[str] = frozenset()
+    #: op type -> (attribute, its default, {value: kind}): a kind that an attribute decides (Scatter's
+    #: reduction); a value not listed keeps the table's kind
+    by_attribute: Mapping[str, tuple[str, str, Mapping[str, str]]] | None = None
 
     def __contains__(self, op_type: str) -> bool:
         return op_type in self.table
 
-    def of(self, op_type: str, active_inputs: list[bool]) -> str | None:
+    def of(self, op_type: str, active_inputs: list[bool], attrs: Mapping | None = None) -> str | None:
         """The node's kind, or None for an op type rulegraph does not know.
 
-        ``active_inputs[i]`` tells whether input ``i`` carries an activation (not a constant).
+        ``active_inputs[i]`` tells whether input ``i`` carries an activation (not a constant);
+        ``attrs`` are the node's attributes.
         """
-        if op_type in self.bilinear and sum(active_inputs[:2]) >= 2:
+        if op_type in self.bilinear and sum(active_inputs) >= 2:
             return BILINEAR
         if op_type in self.first_input_only and any(active_inputs[1:]):
             return NORMALIZING
+        if self.by_attribute and op_type in self.by_attribute:
+            name, default, kinds = self.by_attribute[op_type]
+            value = (attrs or {}).get(name, default)
+            value = value.decode() if isinstance(value, bytes) else value
+            return kinds.get(value, self.table.get(op_type))
         return self.table.get(op_type)

@@ -437,9 +437,40 @@ def _shape_of(type_proto) -> list[int | str | None] | None:
     return dims
 
 
+#: op types onnx infers no output shape for, whose output has the shape of their first input
+SHAPE_OF_FIRST_INPUT = frozenset({"GroupNormalization"})
+
+
+def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference, with the output of each ``SHAPE_OF_FIRST_INPUT`` node declared as its
+    input's shape once that is known (and inference run again past it)."""
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    pending = [n for n in proto.graph.node
+               if n.op_type in SHAPE_OF_FIRST_INPUT and n.domain in ("", "ai.onnx")]
+    declared: list[onnx.ValueInfoProto] = []
+    while pending:
+        g = inferred.graph
+        known = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)
+                 if vi.type.tensor_type.HasField("shape")}
+        ready = [n for n in pending if n.input[0] in known and n.output[0] not in known]
+        if not ready:
+            break
+        for n in ready:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(known[n.input[0]])
+            vi.name = n.output[0]
+            declared.append(vi)
+        pending = [n for n in pending if n not in ready]
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        copy.graph.value_info.extend(declared)
+        inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
+    return inferred
+
+
 def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray], op_kinds: OpKinds) -> Graph:
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        inferred = _infer_shapes(proto)
     except Exception as exc:
         raise ModelError(f"shape inference failed on the model: {exc}") from exc
     dtypes: dict[str, int] = {}
@@ -502,7 +533,7 @@ def _mark_active(graph: Graph, op_kinds: OpKinds) -> None:
         elif (ids := token_ids(graph, n)) is not None:
             graph.sources[n.outputs[0]] = ids
             active.add(n.outputs[0])
-        n.kind = op_kinds.of(n.op_type, flags)
+        n.kind = op_kinds.of(n.op_type, flags, n.attrs)
     graph.active = active
 
 
