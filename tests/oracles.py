@@ -243,3 +243,32 @@ def check_vjp(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], rng: np.r
     assert abs(lhs - rhs) <= rtol * max(scale, 1e-12), (
         f"<VJP, d> = {lhs!r} but <s, FD> = {rhs!r} (difference {lhs - rhs:.3g}, scale {scale:.3g})")
     return vjps
+
+
+def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every float64 tensor, type and Cast target made float32 (subgraphs included)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+
+    def convert(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type == onnx.TensorProto.DOUBLE:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32),
+                                                    tensor.name))
+
+    def fix(graph: onnx.GraphProto) -> None:
+        for tensor in graph.initializer:
+            convert(tensor)
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if value.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE:
+                value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == onnx.TensorProto.DOUBLE:
+                    attr.i = onnx.TensorProto.FLOAT
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    convert(attr.t)
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    fix(attr.g)
+
+    fix(out.graph)
+    return out

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import test_recurrent
 import test_vjp
+import test_vjp_norms
 from onnx import TensorProto, helper, numpy_helper
-from oracles import GRADIENT
+from oracles import GRADIENT, as_float32
 
 from rulegraph import Explainer
 from rulegraph.compile.targets import TargetError
@@ -31,7 +33,7 @@ MODELS = [ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_mlp.onn
 
 #: op types that CUDA has no float kernel for at any opset the table's rows use (the user's forward
 #: node stays on the CPU; rulegraph's backward of it is made of ops CUDA has)
-FORWARD_FALLBACKS = {"Celu", "Mean", "Mish"}
+FORWARD_FALLBACKS = {"Celu", "GroupNormalization", "Mean", "Mish"}
 
 
 # the registry as data ---------------------------------------------------------------------------
@@ -84,50 +86,27 @@ def test_a_type_the_kernel_lacks_is_named():
 # every explainer rulegraph emits ------------------------------------------------------------------
 
 
-def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with every float64 tensor, type and Cast target made float32."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def emitted_fallbacks(compiled: onnx.ModelProto) -> list[str]:
+    """Fallbacks other than the user's own forward nodes of an op in ``FORWARD_FALLBACKS`` (the
+    nodes rulegraph emits are named ``rg/...`` and ``rulegraph/...``; an unnamed user node gets a name
+    when the model is read)."""
+    def emitted(name: str) -> bool:
+        return name.startswith(("rg/", "rulegraph/"))
 
-    def convert(tensor: onnx.TensorProto) -> None:
-        if tensor.data_type == TensorProto.DOUBLE:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
-
-    def fix(graph: onnx.GraphProto) -> None:
-        for tensor in graph.initializer:
-            convert(tensor)
-        for value in (*graph.input, *graph.output, *graph.value_info):
-            if value.type.tensor_type.elem_type == TensorProto.DOUBLE:
-                value.type.tensor_type.elem_type = TensorProto.FLOAT
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.name == "to" and attr.i == TensorProto.DOUBLE:
-                    attr.i = TensorProto.FLOAT
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    convert(attr.t)
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    fix(attr.g)
-
-    fix(out.graph)
-    return out
+    return [f.line() for f in kernels.cuda_fallbacks(compiled)
+            if emitted(f.node) or f.op_type not in FORWARD_FALLBACKS]
 
 
-def emitted_fallbacks(user: onnx.ModelProto, compiled: onnx.ModelProto) -> list[str]:
-    """Fallbacks other than the user's own forward nodes of an op in ``FORWARD_FALLBACKS``."""
-    forward = {node.name for node in user.graph.node if node.op_type in FORWARD_FALLBACKS}
-    return [f.line() for f in kernels.cuda_fallbacks(compiled) if f.node not in forward]
-
-
-@pytest.mark.parametrize("case", [c.param() for c in test_vjp.CASES])
+@pytest.mark.parametrize("case", [c.param() for c in test_vjp.CASES + test_vjp_norms.CASES])
 def test_every_vjp_row_emits_only_cuda_ops(case):
     model = as_float32(case.model)
     explainer = Explainer(model, GRADIENT)
-    assert emitted_fallbacks(model, explainer.compiled(seed_mode=True).model) == []
+    assert emitted_fallbacks(explainer.compiled(seed_mode=True).model) == []
     try:
         compiled = explainer.compiled()
     except TargetError:    # rows whose output has no class axis are explained by a seed only
         return
-    assert emitted_fallbacks(model, compiled.model) == []
+    assert emitted_fallbacks(compiled.model) == []
 
 
 @pytest.mark.parametrize("model_path", MODELS, ids=lambda p: p.stem)
@@ -135,10 +114,10 @@ def test_every_vjp_row_emits_only_cuda_ops(case):
 def test_bundled_and_real_models_emit_only_cuda_ops(model_path, rules):
     explainer = Explainer(model_path, rules)
     user = onnx.load(model_path)
-    assert emitted_fallbacks(user, explainer.compiled().model) == []
+    assert emitted_fallbacks(explainer.compiled().model) == []
     fixed_batch = user.graph.input[0].type.tensor_type.shape.dim[0].dim_value > 0
     if not fixed_batch:   # a loop model needs a dynamic batch (mnist-8's is fixed at 1)
-        assert emitted_fallbacks(user, explainer.saved().model) == []
+        assert emitted_fallbacks(explainer.saved().model) == []
 
 
 PPOCR = sorted((ROOT / "tests" / "data" / "ppocr").glob("*.onnx"))
@@ -147,6 +126,13 @@ PPOCR = sorted((ROOT / "tests" / "data" / "ppocr").glob("*.onnx"))
 @pytest.mark.parametrize("model_path", PPOCR, ids=lambda p: p.stem)
 @pytest.mark.parametrize("rules", ["gradient", "lrp-transformer"])   # rec has attention
 def test_ppocr_explainers_emit_only_cuda_ops(model_path, rules):
-    user = onnx.load(model_path)
     compiled = Explainer(model_path, ROOT / "rules" / f"{rules}.rules").compiled(seed_mode=True)
-    assert emitted_fallbacks(user, compiled.model) == []
+    assert emitted_fallbacks(compiled.model) == []
+
+
+@pytest.mark.parametrize("case", test_recurrent.CASES[::6], ids=lambda c: c.id)
+def test_unrolled_recurrent_nodes_emit_only_cuda_ops(case):
+    """LSTM/GRU/RNN are unrolled into primitives when read (graph/recurrent.py): one in six of
+    the option × direction rows, in float32."""
+    model = test_recurrent.recurrent_model(case, elem=TensorProto.FLOAT)
+    assert emitted_fallbacks(Explainer(model, GRADIENT).compiled(seed_mode=True).model) == []

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from oracles import check_vjp, compile_seed, run
+from oracles import as_float32, check_vjp, compile_seed, run
 from test_vjp import Case, _shapes, distinct, nodes, op
 
 from rulegraph import ModelError
@@ -217,19 +217,6 @@ def test_refused_by_name(case: Case, why: str):
 
 #: op types onnxruntime runs in float32 only: their rows run there in float32, compared at float32 precision
 FLOAT32_ONLY = {"InstanceNormalization", "LRN", "GroupNormalization"}
-
-
-def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The float64 row model in float32: its inputs, outputs and float initializers."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for value in list(model.graph.input) + list(model.graph.output):
-        if value.type.tensor_type.elem_type == TensorProto.DOUBLE:
-            value.type.tensor_type.elem_type = TensorProto.FLOAT
-    for i, init in enumerate(model.graph.initializer):
-        if init.data_type == TensorProto.DOUBLE:
-            model.graph.initializer[i].CopyFrom(
-                numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
-    return model
 
 
 #: rows onnxruntime refuses, with the reason
