@@ -169,7 +169,9 @@ def evaluate(model, rules, x, target="argmax", metrics=None, settings: Settings 
 
     ``target``: ``"argmax"`` (the model's class per row) or class indices; ``metrics``: the
     families to measure (``FAMILIES``; default all); ``random``: add uniform-noise attributions
-    as the reference; ``output``: the model output scored (default: the first)."""
+    as the reference; ``output``: the model output explained (default: the first). The score is
+    the softmax (``Settings.softmax``) of the tensor the rule files start at: the logits before a
+    final Softmax."""
     from .explainer import Explainer
 
     settings = settings or Settings()
@@ -180,8 +182,8 @@ def evaluate(model, rules, x, target="argmax", metrics=None, settings: Settings 
         raise RulegraphError("nothing to evaluate: give a rule file (or random=True)")
     first = next(iter(explainers.values())) if explainers else Explainer(model, "gradient", output=output)
     x = _input(first, x)
-    out_name = output or first.graph.outputs[0]
-    scorer = pert.Scorer(lambda xs: first.forward(xs)[out_name], settings.softmax, settings.budget)
+    start = first.spec.tensor  # the tensor the rule files explain: the logits before a final Softmax
+    scorer = pert.Scorer(lambda xs: first.forward(xs)[start], settings.softmax, settings.budget)
     logits = scorer.outputs(len(x), lambda s, e: x[s:e])
     classes = np.broadcast_to(logits.argmax(axis=1) if isinstance(target, str) and target == "argmax"
                               else np.asarray(target, dtype=np.int64), (len(x),)).copy()

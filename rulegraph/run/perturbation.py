@@ -54,6 +54,8 @@ class Scorer:
             xs = first if stop == start + 1 else make(start, stop)
             out = np.asarray(self.predict(xs))
             self.runs += 1
+            if out.ndim > 2 and out.shape[0] == len(xs) and all(d == 1 for d in out.shape[2:]):
+                out = out.reshape(len(xs), -1)  # [N, C, 1, 1] class maps of a global pooling
             if out.ndim != 2 or out.shape[0] != len(xs):
                 raise RulegraphError(f"evaluation scores a class per row: the model's output is "
                                      f"{list(out.shape)} for {len(xs)} rows, not [rows, classes]; pass "
@@ -191,7 +193,7 @@ def deletion_insertion(scorer: Scorer, x, a, classes, steps: int = 100, baseline
 
 def _imputed(image: np.ndarray, pixels: np.ndarray, noise: float, rng) -> np.ndarray:
     """ROAD's noisy linear imputation of ``pixels`` (flat indices over H·W) in ``image`` [C, H, W]."""
-    from scipy.sparse import csc_matrix, lil_matrix
+    from scipy.sparse import csc_matrix
     from scipy.sparse.linalg import spsolve
 
     c, h, w = image.shape
@@ -200,7 +202,7 @@ def _imputed(image: np.ndarray, pixels: np.ndarray, noise: float, rng) -> np.nda
     known[pixels] = 0
     variable = np.zeros(h * w, dtype=int)
     variable[pixels] = np.arange(len(pixels))
-    lhs = lil_matrix((len(pixels), len(pixels)))
+    rows, cols, values = [np.arange(len(pixels))], [np.arange(len(pixels))], []
     rhs = np.zeros((len(pixels), c))
     total = np.ones(len(pixels))
     for (dr, dc), weight in ROAD_NEIGHBOURS.items():
@@ -209,10 +211,13 @@ def _imputed(image: np.ndarray, pixels: np.ndarray, noise: float, rng) -> np.nda
         ids, where = np.flatnonzero(valid), (pixels + dr * w + dc)[valid]
         seen = known[where] == 1
         rhs[ids[seen], :] -= weight * flat[:, where[seen]].T
-        lhs[ids[~seen], variable[where[~seen]]] = weight
+        rows.append(ids[~seen])
+        cols.append(variable[where[~seen]])
+        values.append(np.full(len(rows[-1]), weight))
         total[~valid] -= weight
-    lhs[np.arange(len(pixels)), np.arange(len(pixels))] = -total
-    solved = np.transpose(spsolve(csc_matrix(lhs), rhs))
+    lhs = csc_matrix((np.concatenate([-total, *values]), (np.concatenate(rows), np.concatenate(cols))),
+                     shape=(len(pixels), len(pixels)))
+    solved = np.transpose(spsolve(lhs, rhs))
     out = flat.copy()
     out[:, pixels] = solved + noise * rng.randn(*solved.shape)
     return out.reshape(image.shape)
