@@ -545,7 +545,7 @@ def cmd_evaluate(args) -> int:
                            baseline=_baseline_of(args.baseline), seed=args.seed, softmax=not args.logits)
     metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
     result = ev.evaluate(args.model, rules, x, target=target, metrics=metrics, settings=settings,
-                         random=not args.no_random, output=args.output)
+                         random=not args.no_random, output=args.output, show=args.show)
     print(result.text())
     print("ranking: " + " > ".join(result.ranking(args.rank_by)))
     if args.json:
@@ -670,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="seed of the random draws (default 42)")
     p.add_argument("--logits", action="store_true", help="score the raw output, not its softmax")
     p.add_argument("--no-random", action="store_true", help="leave out the random-attribution reference")
+    p.add_argument("--show", default="attribution", choices=("attribution", "saliency"),
+                   help="evaluate the attribution (default) or the saliency a(x) of importance rule files")
     p.add_argument("--rank-by", help="the metric the ranking uses (default abpc)")
     p.add_argument("--json", help="write every per-sample value here (.json)")
     p.add_argument("--csv", help="write one line per method, sample and metric here (.csv)")

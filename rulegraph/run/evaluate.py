@@ -22,6 +22,7 @@ from . import perturbation as pert
 from . import sanity
 
 RANDOM = "random"  #: the reference method: uniform noise in [0, 1), seeded
+SHOWS = ("attribution", "saliency")
 
 
 @dataclass(frozen=True)
@@ -163,13 +164,20 @@ def _input(explainer, x) -> np.ndarray:
     return x
 
 
+def map_of(result, show: str = "attribution") -> np.ndarray:
+    """The map evaluated: the attribution of the first input, or (``show="saliency"``) a(x) where
+    the rule file's quantity is importance and gives it (the attribution otherwise)."""
+    return next(iter(result.saliency.values())) if show == "saliency" and result.saliency else result.map
+
+
 def evaluate(model, rules, x, target="argmax", metrics=None, settings: Settings | None = None,
-             random: bool = True, output: str | None = None) -> Evaluation:
+             random: bool = True, output: str | None = None, show: str = "attribution") -> Evaluation:
     """Evaluate each rule file in ``rules`` (a name/path or a list) on the batch ``x`` [N, ...].
 
     ``target``: ``"argmax"`` (the model's class per row) or class indices; ``metrics``: the
     families to measure (``FAMILIES``; default all); ``random``: add uniform-noise attributions
-    as the reference; ``output``: the model output explained (default: the first). The score is
+    as the reference; ``output``: the model output explained (default: the first); ``show``:
+    ``map_of``'s choice. The score is
     the softmax (``Settings.softmax``) of the tensor the rule files start at: the logits before a
     final Softmax."""
     from .explainer import Explainer
@@ -194,7 +202,10 @@ def evaluate(model, rules, x, target="argmax", metrics=None, settings: Settings 
     def random_maps(xs, _classes):
         return rng.uniform(size=xs.shape).astype(np.float32)
 
-    methods = {name: (lambda xs, cs, e=e: e.explain(xs, target=cs).map) for name, e in explainers.items()}
+    if show not in SHOWS:
+        raise RulegraphError(f"show {show!r} is not one of {', '.join(SHOWS)}")
+    methods = {name: (lambda xs, cs, e=e: map_of(e.explain(xs, target=cs), show))
+               for name, e in explainers.items()}
     if random:
         methods[RANDOM] = random_maps
     result = Evaluation(methods=list(methods), classes=classes)
@@ -205,7 +216,7 @@ def evaluate(model, rules, x, target="argmax", metrics=None, settings: Settings 
         for family in families:
             FAMILY_RUNS[family](result, name, scorer, x, a, classes, settings,
                                 lambda xs, cs, f=explain: f(xs, cs), graph_model, explainers.get(name),
-                                logits.shape[1])
+                                logits.shape[1], show)
     result.runs = scorer.runs
     return result
 
@@ -246,11 +257,11 @@ def _correlation(result, name, scorer, x, a, classes, s, *_):
         scorer, x, a, classes, s.runs, subset, s.baseline, s.seed)
 
 
-def _random_logit(result, name, scorer, x, a, classes, s, explain, model, explainer, n_classes):
+def _random_logit(result, name, scorer, x, a, classes, s, explain, model, explainer, n_classes, show):
     result.scores[name]["random_logit"] = sanity.random_logit(explain, x, a, classes, n_classes, s.seed)
 
 
-def _mprt(result, name, scorer, x, a, classes, s, explain, model, explainer, n_classes):
+def _mprt(result, name, scorer, x, a, classes, s, explain, model, explainer, n_classes, show):
     from .explainer import Explainer
 
     if explainer is None:  # the random reference does not depend on the model
@@ -259,7 +270,8 @@ def _mprt(result, name, scorer, x, a, classes, s, explain, model, explainer, n_c
     else:
         def explain_model(copy, xs, cs):
             randomized = Explainer(copy, explainer.ruleset, output=explainer.output)
-            return randomized.explain(xs, target=cs, max_amplification=None).map  # random weights amplify
+            # random weights amplify: no warning per step
+            return map_of(randomized.explain(xs, target=cs, max_amplification=None), show)
     models = [("original", model), *sanity.randomized(model, s.seed)]
     steps = sanity.mprt(explain_model, models, x, a, classes)
     result.layers[name] = steps
