@@ -194,6 +194,18 @@ def test_road_imputation_solves_neighbouring_pixels_jointly():
         assert value * total == pytest.approx(sum(w * grid[p] for p, w in nb[(r, c)]), rel=1e-12)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_road_dense_and_sparse_solutions_agree(channels, monkeypatch):
+    """Systems up to ``DENSE_MAX`` pixels are solved by numpy, larger ones by scipy's spsolve (as
+    Quantus does); both give the same imputation and draw the same noise."""
+    pytest.importorskip("scipy.sparse", reason="scipy is the sparse solver")
+    image = RNG.uniform(size=(channels, 9, 7))
+    pixels = RNG.permutation(63)[:40]
+    dense = pert._imputed(image, pixels, 0.1, np.random.RandomState(2))
+    monkeypatch.setattr(pert, "DENSE_MAX", 0)
+    np.testing.assert_allclose(pert._imputed(image, pixels, 0.1, np.random.RandomState(2)), dense, rtol=1e-10)
+
+
 def test_road_without_noise_keeps_the_class_of_a_constant_image():
     """A constant image imputes to itself: the linear model's arg-max does not move."""
     x = np.full((2, 1, H, W), 0.5, np.float32)

@@ -194,9 +194,6 @@ def deletion_insertion(scorer: Scorer, x, a, classes, steps: int = 100, baseline
 
 def _imputed(image: np.ndarray, pixels: np.ndarray, noise: float, rng) -> np.ndarray:
     """ROAD's noisy linear imputation of ``pixels`` (flat indices over H·W) in ``image`` [C, H, W]."""
-    from scipy.sparse import csc_matrix
-    from scipy.sparse.linalg import spsolve
-
     c, h, w = image.shape
     flat = image.reshape(c, -1)
     known = np.ones(h * w)
@@ -223,6 +220,12 @@ def _imputed(image: np.ndarray, pixels: np.ndarray, noise: float, rng) -> np.nda
         solved = np.linalg.solve(lhs, rhs).T
         solved = solved[0] if c == 1 else solved  # the shape spsolve gives, so the noise draws match
     else:
+        try:
+            from scipy.sparse import csc_matrix
+            from scipy.sparse.linalg import spsolve
+        except ImportError:
+            raise RulegraphError(f"ROAD imputes {len(pixels)} pixels of an image with a sparse solver: install "
+                                 f"scipy (rulegraph[evaluate])") from None
         solved = np.transpose(spsolve(csc_matrix(entries, shape=(len(pixels), len(pixels))), rhs))
     out = flat.copy()
     out[:, pixels] = solved + noise * rng.randn(*solved.shape)
@@ -237,10 +240,6 @@ def road(scorer: Scorer, x, a, classes, percentages=tuple(range(1, 100, 2)), noi
     noise is drawn percentage by percentage, sample by sample, from ``RandomState(seed)``."""
     if x.ndim != 4:
         raise RulegraphError(f"ROAD needs image inputs [N, C, H, W]; the input is {list(x.shape)}")
-    try:
-        import scipy.sparse  # noqa: F401
-    except ImportError:
-        raise RulegraphError("ROAD solves a sparse linear system per image: install scipy") from None
     n, c, h, w = x.shape
     a_flat = flat_attribution(a, x)
     pixel_a = a_flat if c == 1 else a_flat.reshape(n, c, h * w).sum(axis=1)
