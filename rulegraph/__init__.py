@@ -9,10 +9,11 @@ from .compile.targets import Target, TargetError
 from .errors import CoverageError, ModelError, RulegraphError, RuleSyntaxError
 from .graph import Graph
 from .lang.ruleset import RuleSet
+from .run.evaluate import Evaluation, evaluate
 from .run.explainer import Explainer, Result
 from .run.preprocess import Preprocess, preprocess
 
-__all__ = ["CoverageError", "Explainer", "Graph", "ModelError", "Preprocess", "Result", "RuleSet",
+__all__ = ["CoverageError", "Evaluation", "Explainer", "Graph", "ModelError", "Preprocess", "Result", "RuleSet",
            "RuleSyntaxError",
-           "RulegraphError", "Target", "TargetError", "load", "preprocess"]
+           "RulegraphError", "Target", "TargetError", "evaluate", "load", "preprocess"]
 __version__ = "0.1.0"

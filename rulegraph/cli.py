@@ -1,4 +1,4 @@
-"""``rulegraph explain | compare | show | check | compile | lint | ops | demo``.
+"""``rulegraph explain | compare | show | evaluate | check | compile | lint | ops | demo``.
 
 Exit codes: 0 success; 1 a checked property does not hold (``check``; a node without a rule in
 ``ops``); 2 bad input (unreadable model, input or rule file, bad arguments, an output path that
@@ -560,6 +560,51 @@ def target_options(p) -> None:
                    "Softmax's axis, else 1 for [N, C] and [N, C, H, W], 2 for [N, T, C])")
 
 
+def cmd_evaluate(args) -> int:
+    """Faithfulness metrics and sanity checks of each rule file (and random attributions) on a batch."""
+    from .run import evaluate as ev
+
+    rules = [r for r in args.rules.split(",") if r]
+    sources = _inputs_of(args) + [f for r in rules for f in rule_files(r)]
+    sources += [Path(f) for f in args.input.split(",") if Path(f).is_file()]
+    outputs = {"--json": args.json, "--csv": args.csv, "--plot": args.plot}
+    for option, path in outputs.items():
+        if path:
+            check_output(path, sources, (".json",) if option == "--json" else (".csv",) if option == "--csv"
+                         else FIGURE_SUFFIXES, option)
+    spec = preprocess_of(args)
+    reader = Explainer(args.model, rules[0] if rules else "gradient", output=args.output)
+    parts = [load_input(path, reader, args.scale or 1.0, preprocess=spec) for path in args.input.split(",")]
+    x = np.concatenate([_first_array(part) for part in parts])
+    target = _parse_target(args.target)
+    if isinstance(target, np.ndarray):
+        raise RulegraphError("evaluate scores classes: --target is argmax or class indices (3 or 3,5)")
+    settings = ev.Settings(patch_size=args.patch_size, regions=args.regions, features_in_step=args.step,
+                           baseline=_baseline_of(args.baseline), seed=args.seed, softmax=not args.logits)
+    metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
+    result = ev.evaluate(args.model, rules, x, target=target, metrics=metrics, settings=settings,
+                         random=not args.no_random, output=args.output, show=args.show)
+    print(result.text())
+    print("ranking: " + " > ".join(result.ranking(args.rank_by)))
+    if args.json:
+        write_bytes(args.json, result.to_json().encode(), "--json")
+    if args.csv:
+        write_bytes(args.csv, result.to_csv().encode(), "--csv")
+    if args.plot:
+        save_figure(viz.plot_evaluation(result), args.plot, sources, "--plot")
+    for option, path in outputs.items():
+        if path:
+            print(f"{option[2:]} written to {path}")
+    return 0
+
+
+def _baseline_of(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rulegraph", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -652,6 +697,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", default="lrp-epsilon")
     p.add_argument("--heatmap", default="rulegraph-demo.png")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="faithfulness metrics and sanity checks of rule files on a batch")
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("--rules", required=True, help="rule files or bundled names, comma-separated "
+                   "(lrp-epsilon,gradient); random attributions are added as the reference")
+    p.add_argument("--output", help="the model output scored and explained (default: the first)")
+    p.add_argument("--input", required=True, help=".npy or .npz batch, or image files, comma-separated")
+    p.add_argument("--target", default="argmax", help="argmax, or class indices (3 or 3,5)")
+    _preprocess_options(p, bgr=True)
+    p.add_argument("--metrics", help="metric families, comma-separated (default all): region, pixel, "
+                   "deletion, road, correlation, random_logit, mprt")
+    p.add_argument("--patch-size", type=int, default=8, help="region perturbation: patch side (default 8)")
+    p.add_argument("--regions", type=int, default=100, help="region perturbation: regions removed (100)")
+    p.add_argument("--step", type=int, default=1, help="pixel flipping: features per step (default 1)")
+    p.add_argument("--baseline", default="black", help="value of removed features: black (the sample's "
+                   "minimum), white (its maximum) or a number")
+    p.add_argument("--seed", type=int, default=42, help="seed of the random draws (default 42)")
+    p.add_argument("--logits", action="store_true", help="score the raw output, not its softmax")
+    p.add_argument("--no-random", action="store_true", help="leave out the random-attribution reference")
+    p.add_argument("--show", default="attribution", choices=("attribution", "saliency"),
+                   help="evaluate the attribution (default) or the saliency a(x) of importance rule files")
+    p.add_argument("--rank-by", help="the metric the ranking uses (default abpc)")
+    p.add_argument("--json", help="write every per-sample value here (.json)")
+    p.add_argument("--csv", help="write one line per method, sample and metric here (.csv)")
+    p.add_argument("--plot", help="write the curves here (.png, .pdf, .svg)")
+    p.set_defaults(run=cmd_evaluate)
     return parser
 
 

@@ -550,3 +550,65 @@ def save_heatmap(attribution: np.ndarray, path: str | Path, inputs=()) -> Path:
 def load_image(path: str | Path, shape: list, scale: float = 1.0) -> np.ndarray:
     """An image file as a float32 [1, C, H, W] array in [0, scale] (``inputs.read_image``)."""
     return read_image(path, shape, scale)
+
+
+# ---- evaluation curves ----------------------------------------------------------------------------
+
+#: curve name -> (panel title, y label); the x axis is the fraction of the steps taken
+CURVE_PANELS = {
+    "region_morf": ("region perturbation, MoRF", "f(x) − f(x perturbed)"),
+    "region_lerf": ("region perturbation, LeRF", "f(x) − f(x perturbed)"),
+    "pixel_morf": ("pixel flipping, MoRF", "class score"),
+    "pixel_lerf": ("pixel flipping, LeRF", "class score"),
+    "deletion": ("deletion", "class score"),
+    "insertion": ("insertion", "class score"),
+    "road_morf": ("ROAD, MoRF imputed", "accuracy"),
+    "road_lerf": ("ROAD, LeRF imputed", "accuracy"),
+}
+
+
+def plot_evaluation(evaluation, columns: int = 3):
+    """A Figure of an ``Evaluation``: one panel per curve (the mean over the samples, shaded ± one
+    standard error, one line per method) and the MPRT cascade (Spearman per randomized layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    names = [c for c in CURVE_PANELS if any(c in curves for curves in evaluation.curves.values())]
+    panels = len(names) + bool(evaluation.layers)
+    if not panels:
+        raise RulegraphError("the evaluation holds no curves to plot (measure region, pixel, deletion, "
+                             "road or mprt)")
+    rows = -(-panels // columns)
+    fig = Figure(figsize=(4.2 * min(columns, panels), 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, min(columns, panels), squeeze=False).reshape(-1)
+    for ax, name in zip(axes, names):
+        for method in evaluation.methods:
+            curve = evaluation.curves[method].get(name)
+            if curve is None:
+                continue
+            t = np.linspace(0, 1, curve.shape[1])
+            mean = curve.mean(axis=0)
+            sem = curve.std(axis=0, ddof=1) / np.sqrt(len(curve)) if len(curve) > 1 else 0 * mean
+            ax.plot(t, mean, label=method, lw=1.2)
+            ax.fill_between(t, mean - sem, mean + sem, alpha=0.2)
+        ax.set_title(CURVE_PANELS[name][0], fontsize=9)
+        ax.set_xlabel("fraction perturbed", fontsize=8)
+        ax.set_ylabel(CURVE_PANELS[name][1], fontsize=8)
+    if evaluation.layers:
+        ax = axes[len(names)]
+        for method, steps in evaluation.layers.items():
+            values = np.array([v for _, v in steps])
+            ax.errorbar(np.arange(len(steps)), np.nanmean(values, axis=1),
+                        yerr=np.nanstd(values, axis=1), label=method, lw=1.2, capsize=2)
+        labels = [name.rsplit("/", 1)[-1] if name != "original" else name for name, _ in next(iter(
+            evaluation.layers.values()))]
+        ax.set_xticks(np.arange(len(labels)), labels, rotation=60, ha="right", fontsize=6)
+        ax.set_title("MPRT: layers randomized from the top", fontsize=9)
+        ax.set_ylabel("Spearman with the original |map|", fontsize=8)
+        ax.axhline(0, color="black", lw=0.5)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    return fig
