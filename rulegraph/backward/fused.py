@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..graph.kinds import NONLINEAR
+from ..graph.kinds import DEFAULT_DOMAINS, NONLINEAR, onnx_op_type
 from ..graph.read import Graph, Node
 from .emit import Tape
 from .reverse import checked, walk_back
@@ -69,7 +69,8 @@ def evaluate(graph: Graph, node: Node, feeds: dict[str, np.ndarray]) -> list[np.
 
     protos = []
     for m in node.members or [node]:
-        proto = helper.make_node(m.op_type, m.inputs, m.outputs, name=m.name, domain=m.domain)
+        proto = helper.make_node(onnx_op_type(m.op_type, m.domain), m.inputs, m.outputs, name=m.name,
+                                 domain=m.domain)
         proto.attribute.extend(m.attribute_protos)
         protos.append(proto)
     produced = {o for p in protos for o in p.output}
@@ -80,6 +81,13 @@ def evaluate(graph: Graph, node: Node, feeds: dict[str, np.ndarray]) -> list[np.
     outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.outputs if o]
     model = helper.make_model(helper.make_graph(protos, "evaluate", inputs, outputs),
                               opset_imports=[helper.make_opsetid("", graph.opset)])
+    if any(p.domain not in DEFAULT_DOMAINS for p in protos):  # the reference has no com.microsoft ops
+        import onnxruntime
+
+        model.opset_import.extend(e for e in graph.model.opset_import if e.domain not in DEFAULT_DOMAINS)
+        model.ir_version = graph.model.ir_version
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, values)
     return ReferenceEvaluator(model).run(None, values)
 
 

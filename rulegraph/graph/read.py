@@ -6,7 +6,9 @@ Reading a model:
    provides, bad external data), naming the file and the node or tensor; sort the nodes
    topologically (exports occur unsorted; onnxruntime runs them) and give inputs declared without a
    shape their rank;
-1. refuse ops outside the default ONNX domain, naming the node;
+1. refuse ops outside the default ONNX domain that the op table does not know, and the ops of
+   onnxruntime's tools that rulegraph does not explain (``domains.py``), naming the node; a node
+   of another domain is keyed ``domain.op_type`` (``kinds.op_key``);
 2. upgrade opsets below ``MIN_OPSET`` (the backward needs ScatterElements with ``reduction="add"``,
    opset 16);
 3. name unnamed nodes; treat initializers, Constant nodes and graph inputs that have an
@@ -40,7 +42,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, node_ref
-from .kinds import OpKinds
+from .domains import check_ops, with_stand_ins
+from .kinds import OpKinds, op_key
 from .legacy_resize import restore_legacy_resize
 from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
 
@@ -133,7 +136,8 @@ class Graph:
 def load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | None,
                op_kinds: OpKinds) -> Graph:
     check_structure(proto)
-    _check_domains(proto)
+    check_ops(proto, op_kinds)
+    _check_subgraphs(proto)
     for node in proto.graph.node:  # 'ai.onnx' is the default domain's other name (onnxruntime reads both)
         if node.domain == "ai.onnx":
             node.domain = ""
@@ -280,12 +284,7 @@ def opset_of(proto: onnx.ModelProto) -> int:
     raise ModelError("the model imports no default ONNX opset")
 
 
-def _check_domains(proto: onnx.ModelProto) -> None:
-    for i, node in enumerate(proto.graph.node):
-        if node.domain not in ("", "ai.onnx"):
-            name = node.name or f"#{i}"
-            raise ModelError(f"{node_ref(name, node.op_type)} is in domain '{node.domain}'; rulegraph "
-                             "explains only standard ONNX ops (re-export without custom ops)")
+def _check_subgraphs(proto: onnx.ModelProto) -> None:
     for node in proto.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise ModelError(f"{node_ref(node.name, node.op_type)} has a subgraph (control flow); "
@@ -320,7 +319,8 @@ def _collect_constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return constants
 
 
-def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], opset: int) -> dict:
+def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], opset: int,
+                    domains: tuple = ()) -> dict:
     """Run nodes on constant inputs, all at once: onnxruntime when it is installed, else (or when
     it refuses) the ONNX reference evaluator. Returns every output by name."""
     produced = {o for n in nodes for o in n.output if o}
@@ -330,8 +330,9 @@ def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray
     names = [o for n in nodes for o in n.output if o]
     graph = helper.make_graph(nodes, "fold", inputs, [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None)
                                                       for o in names])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              ir_version=max(8, helper.find_min_ir_version_for([helper.make_opsetid("", opset)])))
+    opsets = [helper.make_opsetid("", opset)] + [e for e in domains if e.domain not in ("", "ai.onnx")]
+    model = helper.make_model(graph, opset_imports=opsets,
+                              ir_version=max(8, helper.find_min_ir_version_for(opsets, ignore_unknown=True)))
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
         import onnxruntime  # imported here: reading a model must not need onnxruntime
@@ -345,9 +346,10 @@ def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray
     return {name: np.asarray(value) for name, value in zip(names, values)}
 
 
-def _evaluate(node: onnx.NodeProto, constants: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
+def _evaluate(node: onnx.NodeProto, constants: dict[str, np.ndarray], opset: int,
+              domains: tuple = ()) -> list[np.ndarray]:
     """Run one node on constant inputs."""
-    values = _evaluate_nodes([node], constants, opset)
+    values = _evaluate_nodes([node], constants, opset, domains)
     return [values[o] for o in node.output if o]
 
 
@@ -365,11 +367,12 @@ def _fold_constants(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) ->
     if not foldable:
         return remaining
     try:
-        constants.update(_evaluate_nodes(foldable, constants, opset))
+        constants.update(_evaluate_nodes(foldable, constants, opset, tuple(proto.opset_import)))
     except Exception:  # noqa: BLE001 (find the node that fails, to name it)
         for node in foldable:
             try:
-                constants.update(zip([o for o in node.output if o], _evaluate(node, constants, opset)))
+                constants.update(zip([o for o in node.output if o],
+                                     _evaluate(node, constants, opset, tuple(proto.opset_import))))
             except Exception as exc:
                 raise ModelError(f"{node_ref(node.name, node.op_type)}: cannot evaluate it on its constant "
                                  f"inputs: {exc}") from exc
@@ -433,7 +436,7 @@ def _shape_of(type_proto) -> list[int | str | None] | None:
 
 def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray], op_kinds: OpKinds) -> Graph:
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(with_stand_ins(proto), strict_mode=False, data_prop=True)
     except Exception as exc:
         raise ModelError(f"shape inference failed on the model: {exc}") from exc
     dtypes: dict[str, int] = {}
@@ -448,7 +451,7 @@ def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray], op_kinds: O
     nodes: list[Node] = []
     for i, p in enumerate(proto.graph.node):
         attrs = {a.name: helper.get_attribute_value(a) for a in p.attribute}
-        nodes.append(Node(p.name, p.op_type, list(p.input), list(p.output), attrs, list(p.attribute),
+        nodes.append(Node(p.name, op_key(p.op_type, p.domain), list(p.input), list(p.output), attrs, list(p.attribute),
                           p.domain, index=i))
 
     dag, producer, consumers = link(nodes)
