@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..graph.kinds import DEFAULT_DOMAINS, NONLINEAR, onnx_op_type
+from ..graph.kinds import DEFAULT_DOMAINS, NONLINEAR, ROUTE, onnx_op_type
 from ..graph.read import Graph, Node
 from .emit import Tape
 from .reverse import checked, walk_back
@@ -28,11 +28,25 @@ member_vjp = registrar(MEMBER_VJPS)
 
 #: SiLU (Swish) is not an ONNX op: it names the pattern ``x·Sigmoid(x)``, so that a rule file can bind it
 fused_kind("SiLU", NONLINEAR)
+#: QuantizeLinear → DequantizeLinear of an activation, read in float (``graph/fuse.py``, qdq)
+fused_kind("QuantizeDequantize", ROUTE)
+
+
+def _straight_through(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
+    """The straight-through estimator (Bengio et al. 2013): the rounding's derivative, 0 almost
+    everywhere, is taken as 1, so the pair passes its cotangent through: ``a(x) = a(y)``."""
+    return [g[0]]
+
+
+#: fused op types whose VJP is not their members' chain
+FUSED_VJPS: dict[str, Callable[[VjpContext, list], list]] = {"QuantizeDequantize": _straight_through}
 
 
 def vjp_of(node: Node) -> Callable[[VjpContext, list], list] | None:
     """The VJP emitter of ``node``: the VJP table's entry, or for a fused node its members' chain."""
-    return _fused_vjp if node.members else VJPS.get(node.op_type)
+    if node.members:
+        return FUSED_VJPS.get(node.op_type, _fused_vjp)
+    return VJPS.get(node.op_type)
 
 
 def apply_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:

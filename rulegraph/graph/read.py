@@ -52,6 +52,9 @@ FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOA
 #: Ops that must never be folded even when their inputs are constant.
 NOT_FOLDABLE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                           "Multinomial", "Bernoulli"})
+#: Ops whose integer output carries their float input's number: a QuantizeLinear, read with the
+#: DequantizeLinear after it as one straight-through node (``fuse.py``, the qdq pattern)
+QUANTIZERS = frozenset({"QuantizeLinear"})
 #: Ops between token ids and their embedding lookup that keep every value, in order.
 TOKEN_ROUTES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
 
@@ -494,7 +497,8 @@ def _mark_active(graph: Graph, op_kinds: OpKinds) -> None:
         flags = [t in active for t in n.inputs]
         if any(flags):
             for o in n.outputs:
-                if o and (graph.is_float(o) or (o not in graph.dtypes and n.op_type in op_kinds)):
+                if o and (graph.is_float(o) or (o not in graph.dtypes and n.op_type in op_kinds)
+                          or n.op_type in QUANTIZERS):
                     active.add(o)
         elif (ids := token_ids(graph, n)) is not None:
             graph.sources[n.outputs[0]] = ids
