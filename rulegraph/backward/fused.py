@@ -33,9 +33,26 @@ fused_kind("QuantizeDequantize", ROUTE)
 
 
 def _straight_through(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
-    """The straight-through estimator (Bengio et al. 2013): the rounding's derivative, 0 almost
-    everywhere, is taken as 1, so the pair passes its cotangent through: ``a(x) = a(y)``."""
-    return [g[0]]
+    """The straight-through estimator (Bengio et al. 2013), clipped as torch's fake quantization is:
+    the rounding's derivative, 0 almost everywhere, is taken as 1 where ``x`` lies in the range the
+    integer type represents (``round(x/s) + z`` in ``[q_min, q_max]``, i.e. ``x`` within half a step
+    of ``[DQ(q_min), DQ(q_max)]``), and 0 outside it (saturated, as below a ReLU the quantizer
+    absorbed): ``a(x) = a(y)`` inside the range, 0 outside."""
+    t = ctx.tape
+    quantize, dequantize = ctx.node.members
+    q = quantize.outputs[0]
+    dtype = helper.tensor_dtype_to_np_dtype(ctx.graph.dtypes[q])
+    info = np.iinfo(dtype)
+    x = ctx.node.inputs[0]
+    bounds = []
+    for value in (info.min, info.max):
+        filled = t.op("Expand", t.const(np.array(value, dtype=dtype), hint="qbound"), t.shape(q))
+        bounds.append(t.copy_node(dequantize, [filled] + dequantize.inputs[1:]))
+    # half a step beyond either bound still rounds into the range: s/2 = (hi − lo) / (2 (q_max − q_min))
+    half = t.op("Mul", t.op("Sub", bounds[1], bounds[0]), t.scalar(0.5 / (float(info.max) - float(info.min))))
+    inside = t.op("And", t.op("GreaterOrEqual", x, t.op("Sub", bounds[0], half)),
+                  t.op("LessOrEqual", x, t.op("Add", bounds[1], half)))
+    return [t.op("Where", inside, g[0], t.scalar(0.0))]
 
 
 #: fused op types whose VJP is not their members' chain
