@@ -4,7 +4,8 @@ RotaryEmbedding (opset 23). Keys are ``domain.op_type`` (``graph/kinds.op_key``)
 - the normalizations (``NORMS``): ``SkipLayerNormalization`` (``s = x + skip + bias``, then a
   LayerNorm of ``s`` over the last axis), ``SkipSimplifiedLayerNormalization`` (``s``, then an RMS
   norm ``s / √(mean s² + ε) ⊙ γ``) and ``SimplifiedLayerNormalization`` (an RMS norm over the axes from
-  ``axis``); their fourth output, where present, is ``s`` itself;
+  ``axis``, in the standard domain, where onnxruntime runs it though ONNX defines no such op); the
+  fourth output of the Skip forms, where present, is ``s`` itself;
 - ``FastGelu`` (``Gelu(x + bias)``, tanh form), ``BiasGelu`` (``Gelu(a + b)``, erf form) and
   ``com.microsoft.Gelu`` (erf form);
 - ``FusedMatMul``: ``alpha · op(A) @ op(B)``, ``op`` transposing the last two axes (``transA``/``transB``);
@@ -42,7 +43,7 @@ class NormForm:
 NORMS: dict[str, NormForm] = {
     f"{MS}.SkipLayerNormalization": NormForm((0, 1), 2, 3, 4, 3, centered=True),
     f"{MS}.SkipSimplifiedLayerNormalization": NormForm((0, 1), 2, None, 3, 3, centered=False),
-    f"{MS}.SimplifiedLayerNormalization": NormForm((0,), 1, None, None, None, centered=False),
+    "SimplifiedLayerNormalization": NormForm((0,), 1, None, None, None, centered=False),
 }
 
 

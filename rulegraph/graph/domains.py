@@ -109,7 +109,7 @@ def _fused_matmul(node: onnx.NodeProto, rank_of) -> list[onnx.NodeProto] | None:
 STAND_INS = {
     f"{MS}.SkipLayerNormalization": lambda node, rank_of: _like_first(node, (0, 3)),
     f"{MS}.SkipSimplifiedLayerNormalization": lambda node, rank_of: _like_first(node, (0, 3)),
-    f"{MS}.SimplifiedLayerNormalization": lambda node, rank_of: _like_first(node, (0,)),
+    "SimplifiedLayerNormalization": lambda node, rank_of: _like_first(node, (0,)),
     f"{MS}.FastGelu": lambda node, rank_of: _like_first(node, (0,)),
     f"{MS}.BiasGelu": lambda node, rank_of: _like_first(node, (0,)),
     f"{MS}.Gelu": lambda node, rank_of: _like_first(node, (0,)),
@@ -121,7 +121,7 @@ STAND_INS = {
 def with_stand_ins(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` with every node of ``STAND_INS`` replaced by its stand-in, for shape inference
     only (the proto itself unchanged); ``proto`` itself when it has none."""
-    if all(node.domain in ("", "ai.onnx") for node in proto.graph.node):
+    if not any(op_key(node.op_type, node.domain) in STAND_INS for node in proto.graph.node):
         return proto
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
