@@ -147,3 +147,36 @@ def with_stand_ins(proto: onnx.ModelProto) -> onnx.ModelProto:
 def _partial(proto: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "partial", list(proto.graph.input), [], list(proto.graph.initializer))
     return helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+
+
+# biased Gelus ------------------------------------------------------------------------------------
+
+#: op key -> the op it is without its bias: ``BiasGelu(x, b)`` is ``Gelu(x + b)``, ``FastGelu(x, b)``
+#: is ``FastGelu(x + b)``
+BIASED = {f"{MS}.BiasGelu": "Gelu", f"{MS}.FastGelu": "FastGelu"}
+
+
+def split_biases(proto: onnx.ModelProto) -> None:
+    """Read a Gelu with a bias as the Add and the Gelu it computes (``BIASED``), in place: the Add is a
+    linear node whose bias the rules see as any other's (blamed, or in the ε-rule's denominator),
+    as in the model before onnxruntime's optimizer fused it. Exact: onnxruntime's kernel adds the
+    bias in float, then applies the Gelu."""
+    taken = {t for n in proto.graph.node for t in list(n.input) + list(n.output)}
+    taken |= {n.name for n in proto.graph.node}
+    nodes = []
+    for node in proto.graph.node:
+        op = BIASED.get(op_key(node.op_type, node.domain))
+        if op is None or len(node.input) < 2 or not node.input[1]:
+            nodes.append(node)
+            continue
+        summed = name = f"{node.output[0]}/biased"
+        while summed in taken:
+            summed = name = f"{summed}_"
+        taken.add(summed)
+        add_name = f"{node.name}/bias" if node.name else ""
+        nodes.append(helper.make_node("Add", list(node.input[:2]), [summed], name=add_name))
+        gelu = helper.make_node(op, [summed], list(node.output), name=node.name, domain=node.domain)
+        gelu.attribute.extend(node.attribute)
+        nodes.append(gelu)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)

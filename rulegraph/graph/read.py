@@ -8,7 +8,8 @@ Reading a model:
    shape their rank;
 1. refuse ops outside the default ONNX domain that the op table does not know, and the ops of
    onnxruntime's tools that rulegraph does not explain (``domains.py``), naming the node; a node
-   of another domain is keyed ``domain.op_type`` (``kinds.op_key``);
+   of another domain is keyed ``domain.op_type`` (``kinds.op_key``); a Gelu with a bias
+   (``BiasGelu``, ``FastGelu``) is read as the Add and the Gelu it computes;
 2. upgrade opsets below ``MIN_OPSET`` (the backward needs ScatterElements with ``reduction="add"``,
    opset 16);
 3. name unnamed nodes; treat initializers, Constant nodes and graph inputs that have an
@@ -42,7 +43,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, node_ref
-from .domains import check_ops, with_stand_ins
+from .domains import check_ops, split_biases, with_stand_ins
 from .kinds import OpKinds, op_key
 from .legacy_resize import restore_legacy_resize
 from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
@@ -145,6 +146,7 @@ def load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | N
         if node.domain == "ai.onnx":
             node.domain = ""
     _name_nodes(proto)
+    split_biases(proto)
     sort_nodes(proto)
     check_valid(proto)
     if precision == "fp32":
