@@ -117,3 +117,12 @@ def test_lrp_transformer_without_stabilizer_equals_the_exported_model(optimized_
     np.testing.assert_allclose(results[0].bias_total, results[1].bias_total, rtol=1e-5)
     got, expected = (r.attribution["input_ids"] for r in results)
     assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+def test_gradient_x_input_equals_the_exported_model(optimized_bert):
+    """The slope rule evaluates f(0) of com.microsoft.Gelu on onnxruntime (the reference has no such op)."""
+    _, ids, mask, paths = optimized_bert
+    results = [rulegraph.Explainer(paths[name], "gradient-x-input").explain(_feeds(ids, mask), target=TARGETS)
+               for name in ("optimized", "exported")]
+    got, expected = (r.attribution["input_ids"] for r in results)
+    assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()

@@ -117,6 +117,8 @@ def evaluate(graph: Graph, node: Node, feeds: dict[str, np.ndarray]) -> list[np.
 
         model.opset_import.extend(e for e in graph.model.opset_import if e.domain not in DEFAULT_DOMAINS)
         model.ir_version = graph.model.ir_version
+        for out in model.graph.output:  # onnxruntime wants the outputs' types
+            out.type.tensor_type.elem_type = graph.dtypes.get(out.name, TensorProto.FLOAT)
         session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return session.run(None, values)
     return ReferenceEvaluator(model).run(None, values)
