@@ -113,20 +113,24 @@ ROWS = [
                                                     domain=MS, epsilon=1e-3)], XS, {"g": G4},
         lambda x, skip, g: norm(x + skip, g, eps=1e-3)),
     Row("SkipLayerNormalization-skip-broadcast", [N("SkipLayerNormalization", ["x", "skip", "g", "b"], ["y"],
-                                                   domain=MS)], {"x": [2, 3, 4], "skip": [3, 4]}, {"g": G4, "b": B4},
+                                                   domain=MS)], {"x": [2, 3, 4], "skip": [3, 4]}, {"g": G4,
+                                                                                                   "b": B4},
         lambda x, skip, g, b: norm(x + skip, g, b)),
     Row("SkipLayerNormalization-sum-output-used",
         [N("SkipLayerNormalization", ["x", "skip", "g", "b", "c"], ["n", "", "", "s"], domain=MS),
-         N("Mul", ["s", "w"], ["ws"]), N("Add", ["n", "ws"], ["y"])], XS, {"g": G4, "b": B4, "c": C4, "w": weight(4)},
+         N("Mul", ["s", "w"], ["ws"]), N("Add", ["n", "ws"], ["y"])], XS, {"g": G4, "b": B4, "c": C4,
+                                                                           "w": weight(4)},
         lambda x, skip, g, b, c, w: norm(x + skip + c, g, b) + w * (x + skip + c)),
-    Row("SkipSimplifiedLayerNormalization", [N("SkipSimplifiedLayerNormalization", ["x", "skip", "g", "c"], ["y"],
+    Row("SkipSimplifiedLayerNormalization", [N("SkipSimplifiedLayerNormalization", ["x", "skip", "g", "c"],
+                                               ["y"],
                                                domain=MS, epsilon=1e-6)], XS, {"g": G4, "c": C4},
         lambda x, skip, g, c: norm(x + skip + c, g, eps=1e-6, centered=False)),
     Row("SkipSimplifiedLayerNormalization-sum-output-used",
         [N("SkipSimplifiedLayerNormalization", ["x", "skip", "g"], ["n", "", "", "s"], domain=MS),
          N("Mul", ["n", "s"], ["y"])], XS, {"g": G4},
         lambda x, skip, g: norm(x + skip, g, eps=1e-5, centered=False) * (x + skip)),
-    Row("SimplifiedLayerNormalization", [N("SimplifiedLayerNormalization", ["x", "g"], ["y"], epsilon=1e-5)], X,
+    Row("SimplifiedLayerNormalization", [N("SimplifiedLayerNormalization", ["x", "g"], ["y"], epsilon=1e-5)],
+        X,
         {"g": G4}, lambda x, g: norm(x, g, centered=False)),
     Row("SimplifiedLayerNormalization-axis-1", [N("SimplifiedLayerNormalization", ["x", "g"], ["y"], axis=1,
                                                   epsilon=1e-4)], X, {"g": weight(3, 4)},
@@ -136,15 +140,18 @@ ROWS = [
     Row("FastGelu", [N("FastGelu", ["x"], ["y"], domain=MS)], X, {}, lambda x: gelu(x, tanh=True)),
     Row("BiasGelu", [N("BiasGelu", ["x", "b"], ["y"], domain=MS)], X, {"b": B4}, lambda x, b: gelu(x + b)),
     Row("com.microsoft.Gelu", [N("Gelu", ["x"], ["y"], domain=MS)], X, {}, lambda x: gelu(x)),
-    Row("FusedMatMul-const-B-transB-alpha", [N("FusedMatMul", ["x", "w"], ["y"], domain=MS, transB=1, alpha=0.7)],
+    Row("FusedMatMul-const-B-transB-alpha", [N("FusedMatMul", ["x", "w"], ["y"], domain=MS, transB=1,
+                                               alpha=0.7)],
         X, {"w": weight(5, 4)}, lambda x, w: 0.7 * x @ w.T),
     Row("FusedMatMul-transA-transB", [N("FusedMatMul", ["x", "w"], ["y"], domain=MS, transA=1, transB=1)],
         {"x": [2, 4, 3]}, {"w": weight(5, 4)}, lambda x, w: swap(x) @ w.T),
-    Row("FusedMatMul-both-active-broadcast", [N("FusedMatMul", ["x", "x1"], ["y"], domain=MS, transB=1, alpha=1.5)],
+    Row("FusedMatMul-both-active-broadcast", [N("FusedMatMul", ["x", "x1"], ["y"], domain=MS, transB=1,
+                                                alpha=1.5)],
         {"x": [2, 3, 4], "x1": [1, 5, 4]}, {}, lambda x, x1: 1.5 * x @ swap(x1)),
     Row("FusedMatMul-both-active-transA", [N("FusedMatMul", ["x", "x1"], ["y"], domain=MS, transA=1)],
         {"x": [2, 4, 3], "x1": [2, 4, 5]}, {}, lambda x, x1: swap(x) @ x1),
-    Row("RotaryEmbedding-com.microsoft-4d", [N("RotaryEmbedding", ["x", "pos", "cos", "sin"], ["y"], domain=MS)],
+    Row("RotaryEmbedding-com.microsoft-4d", [N("RotaryEmbedding", ["x", "pos", "cos", "sin"], ["y"],
+                                               domain=MS)],
         {"x": [2, 2, 3, 4]}, {"cos": COS, "sin": SIN},
         lambda x, cos, sin: rotate(x, cos[POS][:, None], sin[POS][:, None]), ints={"pos": POS}),
     Row("RotaryEmbedding-com.microsoft-3d-interleaved",
@@ -156,7 +163,8 @@ ROWS = [
         {"x": [2, 2, 3, 4]}, {"cos": COS, "sin": SIN},
         lambda x, cos, sin: rotate(x, cos[POS][:, None], sin[POS][:, None]), opset=23, ints={"pos": POS}),
     Row("RotaryEmbedding-23-partial-interleaved",
-        [N("RotaryEmbedding", ["x", "cos", "sin", "pos"], ["y"], num_heads=2, rotary_embedding_dim=2, interleaved=1)],
+        [N("RotaryEmbedding", ["x", "cos", "sin", "pos"], ["y"], num_heads=2, rotary_embedding_dim=2,
+           interleaved=1)],
         {"x": [2, 3, 8]}, {"cos": COS[:, :1], "sin": SIN[:, :1]},
         lambda x, cos, sin: heads(rotate(heads(x, 2), cos[POS][:, None], sin[POS][:, None], True, 2), -2),
         opset=23, ints={"pos": POS}),
@@ -165,11 +173,15 @@ ROWS = [
 
 def build(row: Row) -> onnx.ModelProto:
     infos = [helper.make_tensor_value_info(k, TensorProto.FLOAT, s) for k, s in row.inputs.items()]
-    infos += [helper.make_tensor_value_info(k, TensorProto.INT64, v.shape) for k, v in (row.ints or {}).items()]
+    infos += [helper.make_tensor_value_info(k, TensorProto.INT64, v.shape) for k,
+              v in (row.ints or {}).items()]
     inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in row.consts.items()]
-    graph = helper.make_graph(row.nodes, "contrib", infos, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    graph = helper.make_graph(row.nodes, "contrib", infos, [helper.make_tensor_value_info("y",
+                                                                                          TensorProto.FLOAT,
+                                                                                          None)],
                               inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", row.opset), helper.make_opsetid(MS, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", row.opset),
+                                                    helper.make_opsetid(MS, 1)])
     model.ir_version = 10
     return model
 
@@ -202,18 +214,22 @@ def test_vjp_against_the_replica(row):
     y = onnxruntime.InferenceSession(model.SerializeToString()).run(["y"], {**feeds, **(row.ints or {})})[0]
     consts = {k: np.asarray(v, np.float32).astype(np.float64) for k, v in row.consts.items()}
     expected_y = row.replica(**{k: v.astype(np.float64) for k, v in feeds.items()}, **consts)
-    np.testing.assert_allclose(y, expected_y, rtol=1e-5, atol=1e-5 * np.abs(expected_y).max())  # the op's math
+    np.testing.assert_allclose(y, expected_y, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected_y).max())  # the op's math
     seed = rng.standard_normal(y.shape).astype(np.float32)
     names = [compiled.saliency[k] for k in row.inputs]
     got = dict(zip(row.inputs, session.run(names, {**feeds, **(row.ints or {}), SEED: seed})))
     expected = replica_vjp(row, feeds, seed.astype(np.float64))
     for k in row.inputs:
-        np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=1e-5 * np.abs(expected[k]).max(), err_msg=k)
+        np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=1e-5 * np.abs(expected[k]).max(),
+                                   err_msg=k)
 
 
 KINDS = [  # op key, kind
-    (f"{MS}.SkipLayerNormalization", "normalizing"), (f"{MS}.SkipSimplifiedLayerNormalization", "normalizing"),
-    ("SimplifiedLayerNormalization", "normalizing"), (f"{MS}.FastGelu", "nonlinear"), (f"{MS}.BiasGelu", "nonlinear"),
+    (f"{MS}.SkipLayerNormalization", "normalizing"), (f"{MS}.SkipSimplifiedLayerNormalization",
+                                                      "normalizing"),
+    ("SimplifiedLayerNormalization", "normalizing"), (f"{MS}.FastGelu", "nonlinear"), (f"{MS}.BiasGelu",
+                                                                                       "nonlinear"),
     (f"{MS}.Gelu", "nonlinear"), ("Gelu", "nonlinear"), (f"{MS}.FusedMatMul", "linear"),
     (f"{MS}.RotaryEmbedding", "linear"), ("RotaryEmbedding", "linear"),
 ]
@@ -237,22 +253,27 @@ def _one(op_type: str, domain: str, inputs=("x",), **attrs) -> onnx.ModelProto:
 REFUSALS = [
     (_one("Attention", MS), "node 'n0' (Attention) (domain 'com.microsoft') is not supported: onnxruntime's "
      "transformer optimizer writes it; optimize with `FusionOptions(model_type)` and "
-     "`options.enable_attention = False` (optimize_model(..., optimization_options=options)), which keeps the op "
+     "`options.enable_attention = False` (optimize_model(..., optimization_options=options)), which keeps "
+     "the op "
      "by op (MatMul, Softmax, ...)"),
     (_one("EmbedLayerNormalization", MS), "`options.enable_embed_layer_norm = False`"),
     (_one("BiasAdd", MS), "`options.enable_bias_add = False`"),
-    (_one("QLinearAdd", MS), "(QLinearAdd) (domain 'com.microsoft') is not supported: it is an integer op of a "
+    (_one("QLinearAdd", MS),
+     "(QLinearAdd) (domain 'com.microsoft') is not supported: it is an integer op of a "
      "QOperator-format quantized model, whose path carries no float number; quantize with "
      "`quant_format=QuantFormat.QDQ`"),
-    (_one("Inverse", MS), "node 'n0' (Inverse) is in domain 'com.microsoft', whose op 'Inverse' rulegraph does "
+    (_one("Inverse", MS),
+     "node 'n0' (Inverse) is in domain 'com.microsoft', whose op 'Inverse' rulegraph does "
      "not explain (it knows com.microsoft.BiasGelu, com.microsoft.FastGelu, com.microsoft.FusedMatMul, "),
-    (_one("Relu", "org.example"), "node 'n0' (Relu) is in domain 'org.example', whose op 'Relu' rulegraph does "
+    (_one("Relu", "org.example"),
+     "node 'n0' (Relu) is in domain 'org.example', whose op 'Relu' rulegraph does "
      "not explain; re-export without custom ops"),
 ]
 
 
 @pytest.mark.parametrize("model, message", REFUSALS, ids=["Attention", "EmbedLayerNormalization", "BiasAdd",
-                                                          "QLinearAdd", "unknown-contrib-op", "unknown-domain"])
+                                                          "QLinearAdd", "unknown-contrib-op",
+                                                          "unknown-domain"])
 def test_refused_by_name_with_what_avoids_it(model, message):
     for node in model.graph.node:
         node.name = "n0"
@@ -264,7 +285,8 @@ def test_refused_by_name_with_what_avoids_it(model, message):
 
 
 def test_rule_file_binds_an_op_of_another_domain():
-    text = "rulegraph 1\nquantity relevance\ncom.microsoft.SkipLayerNormalization -> layernorm_linear(eps = 1e-6)\n"
+    text = ("rulegraph 1\nquantity relevance\n"
+            "com.microsoft.SkipLayerNormalization -> layernorm_linear(eps = 1e-6)\n")
     (binding,) = rulefiles.parse(text, source="t.rules").bindings
     assert (binding.selector.form, binding.selector.value, binding.rule.name) == (
         "op", f"{MS}.SkipLayerNormalization", "layernorm_linear")

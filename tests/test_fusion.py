@@ -212,8 +212,8 @@ def test_fused(name, nodes, consts, opset, shape, expected):
 def test_every_pattern_has_rows():
     covered = {m.pattern for name, nodes, consts, opset, shape, _ in FUSED
                for m in find_matches(G.load(build(nodes, consts, opset, shape), fuse=False))[0]}
-    covered |= {m.pattern for _, dtype, scale, zero, axis, opset, block in QDQ_PAIRS  # rows in test_qdq.py
-                for m in find_matches(G.load(pair_model(dtype, scale, zero, axis, opset, block), fuse=False))[0]}
+    qdq_models = [pair_model(*row[1:]) for row in QDQ_PAIRS]  # rows in test_qdq.py
+    covered |= {m.pattern for model in qdq_models for m in find_matches(G.load(model, fuse=False))[0]}
     assert covered == set(PATTERNS)
     for p in PATTERNS.values():
         assert p.doc and ":" in p.doc, p.name  # identity, then the exporters that write it

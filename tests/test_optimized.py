@@ -22,6 +22,7 @@ pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 TARGETS = [2, 0]
+MS = "com.microsoft"
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,9 @@ def optimized_bert(tmp_path_factory):
     paths = {"exported": folder / "bert.onnx", "optimized": folder / "bert_optimized.onnx"}
     torch.onnx.export(model, (ids, mask), str(paths["exported"]), input_names=["input_ids", "attention_mask"],
                       output_names=["logits"], opset_version=17, dynamo=False,
-                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
-    optimized = optimize_model(str(paths["exported"]), model_type="bert", num_heads=4, hidden_size=64, opt_level=0)
+                      dynamic_axes={name: {0: "batch", 1: "seq"} for name in ("input_ids", "attention_mask")})
+    optimized = optimize_model(str(paths["exported"]), model_type="bert", num_heads=4, hidden_size=64,
+                               opt_level=0)
     optimized.save_model_to_file(str(paths["optimized"]))
     return model, ids, mask, paths
 
@@ -60,7 +62,7 @@ def test_the_optimizer_wrote_contrib_ops(optimized_bert):
 
     *_, paths = optimized_bert
     ops = collections.Counter((n.domain, n.op_type) for n in onnx.load(str(paths["optimized"])).graph.node)
-    assert ops[("com.microsoft", "SkipLayerNormalization")] == 4 and ops[("com.microsoft", "BiasGelu")] == 2, ops
+    assert ops[(MS, "SkipLayerNormalization")] == 4 and ops[(MS, "BiasGelu")] == 2, ops
 
 
 def autograd_per_token(model, ids, mask) -> np.ndarray:
@@ -101,7 +103,8 @@ def test_lrp_transformer_conserves_blames_biases_and_equals_the_exported_model(o
     result = rulegraph.Explainer(paths["optimized"], "lrp-transformer").explain(feeds, target=TARGETS)
     assert np.abs(result.relative_delta).max() < 1e-3, result.relative_delta
     skip_norms = [name for name in result.bias_shares if "SkipLayerNorm" in name]
-    assert len(skip_norms) == 4 and all(np.any(result.bias_shares[n] != 0) for n in skip_norms)  # β and b blamed
+    # β and the bias of the sum are blamed
+    assert len(skip_norms) == 4 and all(np.any(result.bias_shares[n] != 0) for n in skip_norms)
 
 
 def test_lrp_transformer_without_stabilizer_equals_the_exported_model(optimized_bert, tmp_path):

@@ -3,8 +3,9 @@ is one straight-through route node, a weight's DequantizeLinear folds to its flo
 
 Oracles: torch's fake quantization (``torch.fake_quantize_per_tensor_affine``), whose backward is
 the clipped straight-through estimator, and the same estimator written out per element (per axis,
-block-wise) on a replica of each model; the float model with the dequantized weights for the CNN made by onnxruntime.quantization;
-exact expected errors for the refusals."""
+block-wise) on a replica of each model; for the CNN made by onnxruntime.quantization, a torch
+replica with the weights dequantized by numpy and torch's fake quantization at every pair; exact
+expected errors for the refusals."""
 
 from __future__ import annotations
 
@@ -35,9 +36,11 @@ def pair_model(dtype: str, scale: np.ndarray, zero: np.ndarray, axis: int | None
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], **attrs),
              helper.make_node("Mul", ["d", "w"], ["y"])]
-    inits = [numpy_helper.from_array(scale.astype(np.float32), "s"), numpy_helper.from_array(zero.astype(np_type), "z"),
+    inits = [numpy_helper.from_array(scale.astype(np.float32), "s"),
+             numpy_helper.from_array(zero.astype(np_type), "z"),
              numpy_helper.from_array(np.float32(1.5) * np.ones(shape[-1], np.float32), "w")]
-    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    graph = helper.make_graph(nodes, "qdq", [x],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
@@ -75,7 +78,8 @@ PAIRS = [  # id, dtype, scale, zero point, axis, opset, block size
     ("int16-per-tensor", "int16", np.array(1e-4), np.array(3), None, 21, None),
     ("uint16-per-tensor", "uint16", np.array(1e-4), np.array(30000), None, 21, None),
     ("int8-per-axis", "int8", np.array([0.01, 0.02, 0.05]), np.array([0, 1, -2]), 1, 17, None),
-    ("uint8-per-axis-last", "uint8", np.array([0.01, 0.02, 0.03, 0.04]), np.array([120, 128, 130, 127]), -1, 17, None),
+    ("uint8-per-axis-last", "uint8", np.array([0.01, 0.02, 0.03, 0.04]), np.array([120, 128, 130, 127]), -1,
+     17, None),
     ("int8-block-wise", "int8", np.array([[[0.01, 0.03]] * 3] * 2), np.zeros((2, 3, 2)), -1, 21, 2),
 ]
 
@@ -87,7 +91,8 @@ def test_pair_is_one_straight_through_route_node(name, dtype, scale, zero, axis,
     (pair,) = [n for n in graph.nodes if n.members]
     assert (pair.op_type, pair.kind, [m.op_type for m in pair.members]) == (
         "QuantizeDequantize", "route", ["QuantizeLinear", "DequantizeLinear"])
-    x = (RNG.standard_normal((2, 3, 4)) * (0.4 if dtype.startswith("int8") or "8" in dtype else 2.0)).astype(np.float32)
+    spread = 0.4 if "8" in dtype else 2.0  # some values beyond the range of the 8-bit rows: saturated
+    x = (spread * RNG.standard_normal((2, 3, 4))).astype(np.float32)
     seed = RNG.standard_normal((2, 3, 4)).astype(np.float32)
     compiled = compile_explainer(graph, GRADIENT, seed_mode=True)
     session = onnxruntime.InferenceSession(compiled.model.SerializeToString())
@@ -123,11 +128,13 @@ def quantized_cnn(tmp_path_factory):
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1),
                               torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
     folder = tmp_path_factory.mktemp("qdq")
     torch.onnx.export(net, (torch.randn(2, 3, 16, 16),), str(folder / "cnn.onnx"), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False)
+                      output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17,
+                      dynamo=False)
     paths = {}
     reader = type("Reader", (_Calibration, CalibrationDataReader), {})
     for name, fmt in (("qdq", QuantFormat.QDQ), ("qoperator", QuantFormat.QOperator)):
@@ -143,23 +150,23 @@ def _replica(model: onnx.ModelProto, x: np.ndarray) -> tuple[torch.Tensor, torch
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     values: dict[str, torch.Tensor] = {}
 
-    def dequantized(name):
-        return (inits[name].astype(np.float64) - 0) if name in inits else values[name]
-
     xt = torch.tensor(x.astype(np.float64), requires_grad=True)
     values["input"] = xt
     for node in model.graph.node:
         ins, attrs = list(node.input), {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "DequantizeLinear" and ins[0] in inits:
             q, s, z = (inits[i] for i in ins)
-            values[node.output[0]] = torch.tensor((q.astype(np.float64) - z.astype(np.float64)) * s.astype(np.float64))
+            q, z, s = (v.astype(np.float64) for v in (q, z, s))
+            values[node.output[0]] = torch.tensor((q - z) * s)
         elif node.op_type == "QuantizeLinear":
             s, z = inits[ins[1]], inits[ins[2]]
-            values[node.output[0]] = fake_quantize(values[ins[0]], np.asarray(s, np.float64), z, "int8", None, None)
+            values[node.output[0]] = fake_quantize(values[ins[0]], np.asarray(s, np.float64), z, "int8",
+                                                   None, None)
         elif node.op_type == "DequantizeLinear":
             values[node.output[0]] = values[ins[0]]  # the pair: fake_quantize already gives the float value
         elif node.op_type == "Conv":
-            values[node.output[0]] = torch.nn.functional.conv2d(values[ins[0]], values[ins[1]], values[ins[2]],
+            values[node.output[0]] = torch.nn.functional.conv2d(values[ins[0]], values[ins[1]],
+                                                                values[ins[2]],
                                                                 padding=attrs["pads"][:2])
         elif node.op_type == "MaxPool":
             values[node.output[0]] = torch.nn.functional.max_pool2d(values[ins[0]], attrs["kernel_shape"])

@@ -132,13 +132,16 @@ def gelu_derivative(t: Tape, z: str, tanh: bool) -> str:
     if tanh:
         k = math.sqrt(2.0 / math.pi)
         z2 = t.op("Mul", z, z)
-        th = t.op("Tanh", t.op("Mul", t.scalar(k), t.op("Add", z, t.op("Mul", t.scalar(0.044715), t.op("Mul", z2, z)))))
+        cubic = t.op("Mul", t.scalar(0.044715), t.op("Mul", z2, z))
+        th = t.op("Tanh", t.op("Mul", t.scalar(k), t.op("Add", z, cubic)))
         dinner = t.op("Mul", t.scalar(k), t.op("Add", t.scalar(1.0), t.op("Mul", t.scalar(3 * 0.044715), z2)))
         sech2 = t.op("Sub", t.scalar(1.0), t.op("Mul", th, th))
         return t.op("Add", t.op("Mul", t.scalar(0.5), t.op("Add", t.scalar(1.0), th)),
                     t.op("Mul", t.op("Mul", t.scalar(0.5), z), t.op("Mul", sech2, dinner)))
-    cdf = t.op("Mul", t.scalar(0.5), t.op("Add", t.scalar(1.0), t.op("Erf", t.op("Mul", z, t.scalar(1 / math.sqrt(2))))))
-    pdf = t.op("Mul", t.scalar(1 / math.sqrt(2 * math.pi)), t.op("Exp", t.op("Mul", t.scalar(-0.5), t.op("Mul", z, z))))
+    erf = t.op("Erf", t.op("Mul", z, t.scalar(1 / math.sqrt(2))))
+    cdf = t.op("Mul", t.scalar(0.5), t.op("Add", t.scalar(1.0), erf))
+    gauss = t.op("Exp", t.op("Mul", t.scalar(-0.5), t.op("Mul", z, z)))
+    pdf = t.op("Mul", t.scalar(1 / math.sqrt(2 * math.pi)), gauss)
     return t.op("Add", cdf, t.op("Mul", z, pdf))
 
 

@@ -74,8 +74,8 @@ def check_ops(proto: onnx.ModelProto, op_kinds: OpKinds) -> None:
         if key not in op_kinds and node.domain not in ("", "ai.onnx"):
             known = sorted(k for k in op_kinds.table if k.startswith(f"{node.domain}."))
             also = f" (it knows {', '.join(known)})" if known else ""
-            raise ModelError(f"{where} is in domain '{node.domain}', whose op '{node.op_type}' rulegraph does "
-                             f"not explain{also}; re-export without custom ops")
+            raise ModelError(f"{where} is in domain '{node.domain}', whose op '{node.op_type}' rulegraph "
+                             f"does not explain{also}; re-export without custom ops")
 
 
 # shapes ------------------------------------------------------------------------------------------
@@ -96,7 +96,8 @@ def _fused_matmul(node: onnx.NodeProto, rank_of) -> list[onnx.NodeProto] | None:
                 return None
             perm = list(range(rank))
             perm[-2:] = perm[-1], perm[-2]
-            operands.append((x, [helper.make_node("Transpose", [x], [f"{node.output[0]}/{flag}"], perm=perm)]))
+            swapped = helper.make_node("Transpose", [x], [f"{node.output[0]}/{flag}"], perm=perm)
+            operands.append((x, [swapped]))
         else:
             operands.append((x, []))
     nodes = [n for _, made in operands for n in made]

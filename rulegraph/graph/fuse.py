@@ -466,7 +466,8 @@ def _qdq(graph: Graph, quantize: Node) -> Match:
     dequantize = _only_user(graph, q, "DequantizeLinear")
     if dequantize.inputs[0] != q:
         raise NoMatch(f"{dequantize} does not dequantize '{q}'")
-    return Match("qdq", "QuantizeDequantize", [quantize, dequantize], [quantize.inputs[0]], dequantize.outputs[0])
+    return Match("qdq", "QuantizeDequantize", [quantize, dequantize], [quantize.inputs[0]],
+                 dequantize.outputs[0])
 
 
 # --------------------------------------------------------------------------------------------------

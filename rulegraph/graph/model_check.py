@@ -71,7 +71,8 @@ def checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` as ``onnx.checker`` can check it: a copy whose ``ONNXRUNTIME_STANDARD_OPS`` nodes are
     in a domain of their own (the checker knows no such op in the standard domain); ``proto`` itself
     when it has none."""
-    if not any(n.domain in _DEFAULT_DOMAINS and n.op_type in ONNXRUNTIME_STANDARD_OPS for n in proto.graph.node):
+    nodes = proto.graph.node
+    if not any(n.domain in _DEFAULT_DOMAINS and n.op_type in ONNXRUNTIME_STANDARD_OPS for n in nodes):
         return proto
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)

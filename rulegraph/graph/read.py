@@ -456,8 +456,8 @@ def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray], op_kinds: O
     nodes: list[Node] = []
     for i, p in enumerate(proto.graph.node):
         attrs = {a.name: helper.get_attribute_value(a) for a in p.attribute}
-        nodes.append(Node(p.name, op_key(p.op_type, p.domain), list(p.input), list(p.output), attrs, list(p.attribute),
-                          p.domain, index=i))
+        nodes.append(Node(p.name, op_key(p.op_type, p.domain), list(p.input), list(p.output), attrs,
+                          list(p.attribute), p.domain, index=i))
 
     dag, producer, consumers = link(nodes)
     if not nx.is_directed_acyclic_graph(dag):
