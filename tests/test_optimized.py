@@ -129,3 +129,54 @@ def test_gradient_x_input_equals_the_exported_model(optimized_bert):
                for name in ("optimized", "exported")]
     got, expected = (r.attribution["input_ids"] for r in results)
     assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+@pytest.fixture(scope="module")
+def eager_bert(tmp_path_factory):
+    """A BERT exported with eager attention, which the optimizer fuses into Attention and
+    EmbedLayerNormalization by default: (torch model, ids, mask, {options: optimized path})."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=3,
+                        attn_implementation="eager")
+    model = BertForSequenceClassification(config).eval()
+    ids = torch.randint(5, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    folder = tmp_path_factory.mktemp("eager")
+    torch.onnx.export(model, (ids, mask), str(folder / "bert.onnx"), input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={name: {0: "batch", 1: "seq"} for name in ("input_ids", "attention_mask")})
+    paths = {}
+    for name, off in (("default", ()), ("unfused", ("enable_attention", "enable_embed_layer_norm"))):
+        options = FusionOptions("bert")
+        for option in off:
+            setattr(options, option, False)
+        optimized = optimize_model(str(folder / "bert.onnx"), model_type="bert", num_heads=4, hidden_size=64,
+                                   optimization_options=options, opt_level=0)
+        paths[name] = folder / f"bert_{name}.onnx"
+        optimized.save_model_to_file(str(paths[name]))
+    return model, ids, mask, paths
+
+
+def test_fused_attention_is_refused_with_the_options_that_avoid_it(eager_bert):
+    *_, paths = eager_bert
+    with pytest.raises(rulegraph.ModelError) as err:
+        rulegraph.Explainer(paths["default"], "gradient")
+    message = str(err.value)
+    assert ("node 'EmbedLayerNormalization_0' (EmbedLayerNormalization) (domain 'com.microsoft') is not "
+            "supported: onnxruntime's transformer optimizer writes it; optimize with `FusionOptions(model_type)` "
+            "and `options.enable_embed_layer_norm = False`") in message
+    assert ("node 'Attention_0' (Attention) (domain 'com.microsoft') (and 1 more) is not supported: onnxruntime's "
+            "transformer optimizer writes it; optimize with `FusionOptions(model_type)` and "
+            "`options.enable_attention = False`") in message
+
+
+def test_with_those_options_the_gradient_equals_autograd(eager_bert):
+    model, ids, mask, paths = eager_bert
+    result = rulegraph.Explainer(paths["unfused"], "gradient").explain(_feeds(ids, mask), target=TARGETS)
+    expected = autograd_per_token(model, ids, mask)
+    assert np.abs(result.attribution["input_ids"] - expected).max() < 1e-4 * np.abs(expected).max()

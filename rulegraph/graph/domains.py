@@ -64,13 +64,20 @@ REFUSED: dict[str, str] = {
 
 def check_ops(proto: onnx.ModelProto, op_kinds: OpKinds) -> None:
     """Refuse a node the op table does not know when it is outside the standard domain or in
-    ``REFUSED`` (an unknown standard op is refused later, where the rules bind), naming it."""
+    ``REFUSED`` (an unknown standard op is refused later, where the rules bind), naming it; every op
+    of ``REFUSED`` the model has is named at once, with what avoids it."""
+    refused: dict[str, list[str]] = {}
+    for i, node in enumerate(proto.graph.node):
+        key = op_key(node.op_type, node.domain)
+        if key in REFUSED:
+            domain = f" (domain '{node.domain}')" if node.domain else ""
+            refused.setdefault(key, []).append(f"{node_ref(node.name or f'#{i}', node.op_type)}{domain}")
+    if refused:
+        raise ModelError("; ".join(f"{nodes[0]}{f' (and {len(nodes) - 1} more)' if len(nodes) > 1 else ''} is "
+                                   f"not supported: {REFUSED[key]}" for key, nodes in refused.items()))
     for i, node in enumerate(proto.graph.node):
         key = op_key(node.op_type, node.domain)
         where = node_ref(node.name or f"#{i}", node.op_type)
-        if key in REFUSED:
-            domain = f" (domain '{node.domain}')" if node.domain else ""
-            raise ModelError(f"{where}{domain} is not supported: {REFUSED[key]}")
         if key not in op_kinds and node.domain not in ("", "ai.onnx"):
             known = sorted(k for k in op_kinds.table if k.startswith(f"{node.domain}."))
             also = f" (it knows {', '.join(known)})" if known else ""
