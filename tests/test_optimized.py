@@ -147,8 +147,9 @@ def eager_bert(tmp_path_factory):
     ids = torch.randint(5, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     folder = tmp_path_factory.mktemp("eager")
-    torch.onnx.export(model, (ids, mask), str(folder / "bert.onnx"), input_names=["input_ids", "attention_mask"],
-                      output_names=["logits"], opset_version=17, dynamo=False,
+    torch.onnx.export(model, (ids, mask), str(folder / "bert.onnx"),
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=17,
+                      dynamo=False,
                       dynamic_axes={name: {0: "batch", 1: "seq"} for name in ("input_ids", "attention_mask")})
     paths = {}
     for name, off in (("default", ()), ("unfused", ("enable_attention", "enable_embed_layer_norm"))):
@@ -168,10 +169,10 @@ def test_fused_attention_is_refused_with_the_options_that_avoid_it(eager_bert):
         rulegraph.Explainer(paths["default"], "gradient")
     message = str(err.value)
     assert ("node 'EmbedLayerNormalization_0' (EmbedLayerNormalization) (domain 'com.microsoft') is not "
-            "supported: onnxruntime's transformer optimizer writes it; optimize with `FusionOptions(model_type)` "
-            "and `options.enable_embed_layer_norm = False`") in message
-    assert ("node 'Attention_0' (Attention) (domain 'com.microsoft') (and 1 more) is not supported: onnxruntime's "
-            "transformer optimizer writes it; optimize with `FusionOptions(model_type)` and "
+            "supported: onnxruntime's transformer optimizer writes it; optimize with "
+            "`FusionOptions(model_type)` and `options.enable_embed_layer_norm = False`") in message
+    assert ("node 'Attention_0' (Attention) (domain 'com.microsoft') (and 1 more) is not supported: "
+            "onnxruntime's transformer optimizer writes it; optimize with `FusionOptions(model_type)` and "
             "`options.enable_attention = False`") in message
 
 

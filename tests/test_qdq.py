@@ -206,5 +206,7 @@ def test_qoperator_model_is_refused_naming_the_op(quantized_cnn):
     with pytest.raises(ModelError) as err:
         Explainer(str(quantized_cnn["qoperator"]), "gradient")
     message = str(err.value)
-    assert "node '/0/Conv_quant' (QLinearConv) is not supported" in message
+    assert ("node '/0/Conv_quant' (QLinearConv) (and 1 more), node '/5/GlobalAveragePool_quant' "
+            "(QLinearGlobalAveragePool) (domain 'com.microsoft'), node '/7/Gemm_quant' (QGemm) (domain "
+            "'com.microsoft') are not supported: it is an integer op") in message
     assert "quantize with `quant_format=QuantFormat.QDQ`" in message

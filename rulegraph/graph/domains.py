@@ -73,8 +73,12 @@ def check_ops(proto: onnx.ModelProto, op_kinds: OpKinds) -> None:
             domain = f" (domain '{node.domain}')" if node.domain else ""
             refused.setdefault(key, []).append(f"{node_ref(node.name or f'#{i}', node.op_type)}{domain}")
     if refused:
-        raise ModelError("; ".join(f"{nodes[0]}{f' (and {len(nodes) - 1} more)' if len(nodes) > 1 else ''} is "
-                                   f"not supported: {REFUSED[key]}" for key, nodes in refused.items()))
+        by_reason: dict[str, list[str]] = {}
+        for key, nodes in refused.items():
+            more = f" (and {len(nodes) - 1} more)" if len(nodes) > 1 else ""
+            by_reason.setdefault(REFUSED[key], []).append(nodes[0] + more)
+        raise ModelError("; ".join(f"{', '.join(nodes)} {'is' if len(nodes) == 1 else 'are'} not supported: "
+                                   f"{why}" for why, nodes in by_reason.items()))
     for i, node in enumerate(proto.graph.node):
         key = op_key(node.op_type, node.domain)
         where = node_ref(node.name or f"#{i}", node.op_type)
