@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import test_contrib
 import test_recurrent
 import test_vjp
 import test_vjp_norms
@@ -136,3 +137,9 @@ def test_unrolled_recurrent_nodes_emit_only_cuda_ops(case):
     the option × direction rows, in float32."""
     model = test_recurrent.recurrent_model(case, elem=TensorProto.FLOAT)
     assert emitted_fallbacks(Explainer(model, GRADIENT).compiled(seed_mode=True).model) == []
+
+
+@pytest.mark.parametrize("row", test_contrib.ROWS, ids=lambda r: r.id)
+def test_contrib_rows_emit_only_cuda_ops(row):
+    """onnxruntime's contrib ops (com.microsoft and its standard-domain SimplifiedLayerNormalization)."""
+    assert emitted_fallbacks(Explainer(test_contrib.build(row), GRADIENT).compiled(seed_mode=True).model) == []

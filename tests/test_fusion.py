@@ -32,6 +32,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 from oracles import GRADIENT, check_vjp, make_model, one_node, reference_vjp, run
+from test_qdq import PAIRS as QDQ_PAIRS
+from test_qdq import pair_model
 
 from rulegraph import Explainer
 from rulegraph.backward import ops as G
@@ -210,6 +212,8 @@ def test_fused(name, nodes, consts, opset, shape, expected):
 def test_every_pattern_has_rows():
     covered = {m.pattern for name, nodes, consts, opset, shape, _ in FUSED
                for m in find_matches(G.load(build(nodes, consts, opset, shape), fuse=False))[0]}
+    qdq_models = [pair_model(*row[1:]) for row in QDQ_PAIRS]  # rows in test_qdq.py
+    covered |= {m.pattern for model in qdq_models for m in find_matches(G.load(model, fuse=False))[0]}
     assert covered == set(PATTERNS)
     for p in PATTERNS.values():
         assert p.doc and ":" in p.doc, p.name  # identity, then the exporters that write it

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..graph.kinds import onnx_op_type
+
 
 def free_prefix(names, base: str = "rg") -> str:
     """``base`` (or ``base1``, ``base2``, ...): a prefix no name in ``names`` starts with, so that
@@ -103,8 +105,9 @@ class Tape:
         """Emit ``node``'s op with its attributes on other inputs; returns the first output."""
         n_out = outputs if outputs is not None else 1
         names = [self.fresh(node.op_type) for _ in range(n_out)]
-        proto = helper.make_node(node.op_type, ["" if i is None else i for i in inputs], names,
-                                 name=names[0], domain=node.domain)
+        op_type = onnx_op_type(node.op_type, node.domain)
+        proto = helper.make_node(op_type, ["" if i is None else i for i in inputs], names, name=names[0],
+                                 domain=node.domain)
         proto.attribute.extend(node.attribute_protos)
         self.nodes.append(proto)
         return names[0] if n_out == 1 else names

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..graph.kinds import NONLINEAR
+from ..graph.kinds import DEFAULT_DOMAINS, NONLINEAR, ROUTE, onnx_op_type
 from ..graph.read import Graph, Node
 from .emit import Tape
 from .reverse import checked, walk_back
@@ -28,11 +28,42 @@ member_vjp = registrar(MEMBER_VJPS)
 
 #: SiLU (Swish) is not an ONNX op: it names the pattern ``x·Sigmoid(x)``, so that a rule file can bind it
 fused_kind("SiLU", NONLINEAR)
+#: QuantizeLinear → DequantizeLinear of an activation, read in float (``graph/fuse.py``, qdq)
+fused_kind("QuantizeDequantize", ROUTE)
+
+
+def _straight_through(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
+    """The straight-through estimator (Bengio et al. 2013), clipped as torch's fake quantization is:
+    the rounding's derivative, 0 almost everywhere, is taken as 1 where ``x`` lies in the range the
+    integer type represents (``round(x/s) + z`` in ``[q_min, q_max]``, i.e. ``x`` within half a step
+    of ``[DQ(q_min), DQ(q_max)]``), and 0 outside it (saturated, as below a ReLU the quantizer
+    absorbed): ``a(x) = a(y)`` inside the range, 0 outside."""
+    t = ctx.tape
+    quantize, dequantize = ctx.node.members
+    q = quantize.outputs[0]
+    dtype = helper.tensor_dtype_to_np_dtype(ctx.graph.dtypes[q])
+    info = np.iinfo(dtype)
+    x = ctx.node.inputs[0]
+    bounds = []
+    for value in (info.min, info.max):
+        filled = t.op("Expand", t.const(np.array(value, dtype=dtype), hint="qbound"), t.shape(q))
+        bounds.append(t.copy_node(dequantize, [filled] + dequantize.inputs[1:]))
+    # half a step beyond either bound still rounds into the range: s/2 = (hi − lo) / (2 (q_max − q_min))
+    half = t.op("Mul", t.op("Sub", bounds[1], bounds[0]), t.scalar(0.5 / (float(info.max) - float(info.min))))
+    inside = t.op("And", t.op("GreaterOrEqual", x, t.op("Sub", bounds[0], half)),
+                  t.op("LessOrEqual", x, t.op("Add", bounds[1], half)))
+    return [t.op("Where", inside, g[0], t.scalar(0.0))]
+
+
+#: fused op types whose VJP is not their members' chain
+FUSED_VJPS: dict[str, Callable[[VjpContext, list], list]] = {"QuantizeDequantize": _straight_through}
 
 
 def vjp_of(node: Node) -> Callable[[VjpContext, list], list] | None:
     """The VJP emitter of ``node``: the VJP table's entry, or for a fused node its members' chain."""
-    return _fused_vjp if node.members else VJPS.get(node.op_type)
+    if node.members:
+        return FUSED_VJPS.get(node.op_type, _fused_vjp)
+    return VJPS.get(node.op_type)
 
 
 def apply_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
@@ -69,7 +100,8 @@ def evaluate(graph: Graph, node: Node, feeds: dict[str, np.ndarray]) -> list[np.
 
     protos = []
     for m in node.members or [node]:
-        proto = helper.make_node(m.op_type, m.inputs, m.outputs, name=m.name, domain=m.domain)
+        proto = helper.make_node(onnx_op_type(m.op_type, m.domain), m.inputs, m.outputs, name=m.name,
+                                 domain=m.domain)
         proto.attribute.extend(m.attribute_protos)
         protos.append(proto)
     produced = {o for p in protos for o in p.output}
@@ -80,6 +112,15 @@ def evaluate(graph: Graph, node: Node, feeds: dict[str, np.ndarray]) -> list[np.
     outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.outputs if o]
     model = helper.make_model(helper.make_graph(protos, "evaluate", inputs, outputs),
                               opset_imports=[helper.make_opsetid("", graph.opset)])
+    if any(p.domain not in DEFAULT_DOMAINS for p in protos):  # the reference has no com.microsoft ops
+        import onnxruntime
+
+        model.opset_import.extend(e for e in graph.model.opset_import if e.domain not in DEFAULT_DOMAINS)
+        model.ir_version = graph.model.ir_version
+        for out in model.graph.output:  # onnxruntime wants the outputs' types
+            out.type.tensor_type.elem_type = graph.dtypes.get(out.name, TensorProto.FLOAT)
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, values)
     return ReferenceEvaluator(model).run(None, values)
 
 

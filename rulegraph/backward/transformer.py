@@ -30,8 +30,9 @@ from ..graph.kinds import BILINEAR, NORMALIZING, ROUTE
 from ..graph.read import Graph
 from .table import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
 from .attention import attention_parts, heads_of, present_back, unrepeat
+from .contrib import NORMS, norm_axes, norm_stats, norm_sum
 from .normalization import norm_form
-from .vjp import _layer_norm_stats, layer_norm_axes, unbroadcast
+from .vjp import _layer_norm_stats, _reduce_where_one, layer_norm_axes, unbroadcast
 
 _EPS = Param("eps", 1e-6, _stabilizer, "the stabilizer epsilon")
 
@@ -203,6 +204,8 @@ def _layernorm_inputs(ctx) -> tuple[str | None, str | None]:
 
 
 def _layernorm_has_bias(ctx) -> bool:
+    if ctx.node.op_type in NORMS:
+        return any(v is not None and v.any() for v in norm_biases(ctx))
     return _layernorm_inputs(ctx)[1] is not None
 
 
@@ -212,7 +215,7 @@ VIEWED_NORMS = frozenset({"InstanceNormalization", "GroupNormalization", "RMSNor
 
 @rule("layernorm_linear", {NORMALIZING}, params=[_EPS], bias_in_denominator=True,
       has_bias=_layernorm_has_bias, conservation=_classes(relevance={NORMALIZING: APPROXIMATE}),
-      op_types={"LayerNormalization"} | VIEWED_NORMS)
+      op_types={"LayerNormalization", *VIEWED_NORMS, *NORMS})
 def layernorm_linear(ctx) -> list[str | None]:
     """LayerNormalization with its normalising factor held constant (Ali et al. 2022, the LN-rule;
     Achtibat et al. 2024): ``y = (x − mean(x)) ⊙ c + β`` with ``c = γ / σ(x)`` constant is the linear
@@ -229,6 +232,8 @@ def layernorm_linear(ctx) -> list[str | None]:
     """
     if ctx.node.op_type in VIEWED_NORMS:
         return _viewed_norm_linear(ctx)
+    if ctx.node.op_type in NORMS:
+        return _norm_linear(ctx)
     if ctx.node.op_type != "LayerNormalization":
         raise ctx.fail(f"rule 'layernorm_linear' is defined for LayerNormalization, not {ctx.node.op_type}")
     t = ctx.tape
@@ -295,4 +300,58 @@ def cp_attention(ctx) -> list[str | None]:
     out[2] = t.op("Mul", ctx.node.inputs[2], new) if ctx.active[2] else None
     if past is not None and len(ctx.active) > 5 and ctx.active[5]:
         out[5] = t.op("Mul", ctx.node.inputs[5], past)
+    return out
+
+
+def norm_biases(ctx) -> tuple:
+    """(β, the bias of the sum) of a contrib normalization (``contrib.NORMS``) as constants, or None."""
+    form = NORMS[ctx.node.op_type]
+    return tuple(None if i is None else ctx.const(i) for i in (form.beta, form.bias))
+
+
+def _norm_linear(ctx) -> list[str | None]:
+    """layernorm_linear on onnxruntime's Skip/Simplified LayerNormalization (``contrib.NORMS``):
+    ``s = x + skip + b`` is linear, and so is the normalization of ``s`` with ``c = γ/σ(s)`` held
+    constant, ``y = M s + β`` (``M s = c ⊙ (s − mean s)``, no centering for the RMS forms). With
+    ``T = Mᵀ(a(y) / blip(d))`` (plus ``a(s) / blip(s)`` where the sum output ``s`` is used too),
+    each summed input ``x_i`` gets ``x_i ⊙ T``; ``β`` and ``b`` are blamed (``β ⊙ a(y)/blip(d)``,
+    ``b ⊙ T``) with ``d = y``, or left out of ``d`` under ``bias ignore``."""
+    t, form = ctx.tape, NORMS[ctx.node.op_type]
+    axes = norm_axes(ctx)
+    s = norm_sum(ctx)
+    _, inv_std = norm_stats(ctx, s, axes)
+    beta, bias = (ctx.node.inputs[i] if v is not None and v.any() else None
+                  for i, v in zip((form.beta, form.bias), norm_biases(ctx)))
+    c = t.op("Mul", inv_std, ctx.node.inputs[form.gamma])
+
+    def m(x: str) -> str:  # M x
+        return t.op("Mul", c, t.op("Sub", x, t.reduce("ReduceMean", x, axes)) if form.centered else x)
+
+    ignore, eps = ctx.bias_policy == "ignore", ctx.params["eps"]
+
+    def share(a: str, d: str) -> str:
+        return t.op("Div", a, t.blip(d, eps)) if eps > 0 else t.safe_div(a, d)
+
+    transposed = []
+    if ctx.a_out[0] is not None:
+        d = ctx.y
+        if ignore:
+            d = t.op("Sub", d, t.sum([x for x in (beta, bias and m(bias)) if x])) if beta or bias else d
+        elif beta:
+            ctx.report_bias(t.op("Mul", beta, share(ctx.a_out[0], d)))
+        cs = t.op("Mul", share(ctx.a_out[0], d), c)
+        transposed.append(t.op("Sub", cs, t.reduce("ReduceMean", cs, axes)) if form.centered else cs)
+    if form.sum_output is not None and form.sum_output < len(ctx.a_out) and ctx.a_out[form.sum_output]:
+        d = t.op("Sub", s, bias) if bias and ignore else s
+        transposed.append(share(ctx.a_out[form.sum_output], d))
+    out: list[str | None] = [None] * len(ctx.node.inputs)
+    if not transposed:
+        return out
+    total = t.sum(transposed)
+    if bias and not ignore:
+        ctx.report_bias(t.op("Mul", bias, total))
+    for i in form.summed:
+        if ctx.active[i]:
+            x = ctx.node.inputs[i]
+            out[i] = t.reshape_like(_reduce_where_one(t, t.op("Mul", x, total), x), x)
     return out

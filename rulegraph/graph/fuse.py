@@ -453,6 +453,24 @@ def _safe_softmax(graph: Graph, softmax: Node) -> Match:
 
 
 # --------------------------------------------------------------------------------------------------
+# quantize-dequantize pairs (QDQ models)
+
+
+@pattern("qdq", "QuantizeDequantize", "QuantizeLinear")
+def _qdq(graph: Graph, quantize: Node) -> Match:
+    """DequantizeLinear(QuantizeLinear(x)): x rounded to the quantization grid, onnxruntime.quantization's
+    QDQ format (per tensor, per axis, block-wise; any integer type); read in float, straight-through."""
+    q = quantize.outputs[0]
+    if quantize.inputs[0] not in graph.active:
+        raise NoMatch(f"'{quantize.inputs[0]}' is not an activation")
+    dequantize = _only_user(graph, q, "DequantizeLinear")
+    if dequantize.inputs[0] != q:
+        raise NoMatch(f"{dequantize} does not dequantize '{q}'")
+    return Match("qdq", "QuantizeDequantize", [quantize, dequantize], [quantize.inputs[0]],
+                 dequantize.outputs[0])
+
+
+# --------------------------------------------------------------------------------------------------
 # finding and fusing
 
 

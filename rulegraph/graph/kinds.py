@@ -20,6 +20,22 @@ BILINEAR = "bilinear"
 NORMALIZING = "normalizing"
 KINDS = (LINEAR, NONLINEAR, MAX, ROUTE, BILINEAR, NORMALIZING)
 
+#: the standard ONNX domain's two names (onnxruntime reads both)
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def op_key(op_type: str, domain: str = "") -> str:
+    """The op table's key of an op: its type in the standard domain, ``domain.op_type`` in any other
+    (``com.microsoft.SkipLayerNormalization``), so that ops of the same name in two domains stay apart
+    (onnxruntime's ``com.microsoft.Gelu`` and ONNX's ``Gelu``). ``Node.op_type`` holds this key."""
+    return op_type if domain in DEFAULT_DOMAINS else f"{domain}.{op_type}"
+
+
+def onnx_op_type(key: str, domain: str = "") -> str:
+    """The ONNX op type of a key, to emit the op again (``op_key``'s inverse)."""
+    prefix = f"{domain}."
+    return key[len(prefix):] if domain not in DEFAULT_DOMAINS and key.startswith(prefix) else key
+
 
 @dataclass(frozen=True)
 class OpKinds:

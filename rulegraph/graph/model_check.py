@@ -28,6 +28,11 @@ SEED = "rulegraph/seed"
 EXPLAINER_KEY = "rulegraph.explainer_of"
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+#: op types that onnxruntime runs in the standard domain though no ONNX opset defines them (its
+#: transformer optimizer writes them there): read as any op; the op table decides (``domains.py``)
+ONNXRUNTIME_STANDARD_OPS = frozenset({"SimplifiedLayerNormalization"})
+#: the domain such a node is given for ``onnx.checker`` only, which would refuse it in the standard one
+_CHECKED_AS = "ai.onnxruntime.standard"
 
 
 def check_structure(proto: onnx.ModelProto) -> None:
@@ -45,6 +50,7 @@ def check_valid(proto: onnx.ModelProto) -> None:
     A model over protobuf's 2 GiB is not checked: the checker cannot take it in memory."""
     if proto.ByteSize() >= 2**31:
         return
+    proto = checkable(proto)
     # the checker wants a shape on every declared type; onnxruntime (and ONNX itself) allows none:
     # declare an empty one for the check only (full_check=False compares no shapes)
     g = proto.graph
@@ -80,6 +86,23 @@ def without_deprecated(proto: onnx.ModelProto) -> onnx.ModelProto:
         node = copy.graph.node[i]
         node.op_type = "Sum"
         node.ClearField("attribute")
+    return copy
+
+
+def checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` as ``onnx.checker`` can check it: a copy whose ``ONNXRUNTIME_STANDARD_OPS`` nodes are
+    in a domain of their own (the checker knows no such op in the standard domain), and without the
+    deprecated ops onnxruntime still runs (``without_deprecated``); ``proto`` itself when it has none."""
+    proto = without_deprecated(proto)
+    nodes = proto.graph.node
+    if not any(n.domain in _DEFAULT_DOMAINS and n.op_type in ONNXRUNTIME_STANDARD_OPS for n in nodes):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for node in copy.graph.node:
+        if node.domain in _DEFAULT_DOMAINS and node.op_type in ONNXRUNTIME_STANDARD_OPS:
+            node.domain = _CHECKED_AS
+    copy.opset_import.append(helper.make_opsetid(_CHECKED_AS, 1))
     return copy
 
 
@@ -146,7 +169,8 @@ def _check_versions(proto: onnx.ModelProto) -> None:
 
 def _check_op_types(proto: onnx.ModelProto) -> None:
     for i, node in enumerate(proto.graph.node):
-        if node.domain in _DEFAULT_DOMAINS and not onnx.defs.has(node.op_type):
+        if node.domain in _DEFAULT_DOMAINS and not onnx.defs.has(node.op_type) \
+                and node.op_type not in ONNXRUNTIME_STANDARD_OPS:
             names = [s.name for s in onnx.defs.get_all_schemas() if s.domain in _DEFAULT_DOMAINS]
             raise ModelError(f"{node_ref(node.name or f'#{i}', node.op_type)}: no ONNX opset defines op type "
                              f"'{node.op_type}'{did_you_mean(node.op_type, names)}")

@@ -6,7 +6,10 @@ Reading a model:
    provides, bad external data), naming the file and the node or tensor; sort the nodes
    topologically (exports occur unsorted; onnxruntime runs them) and give inputs declared without a
    shape their rank;
-1. refuse ops outside the default ONNX domain, naming the node;
+1. refuse ops outside the default ONNX domain that the op table does not know, and the ops of
+   onnxruntime's tools that rulegraph does not explain (``domains.py``), naming the node; a node
+   of another domain is keyed ``domain.op_type`` (``kinds.op_key``); a Gelu with a bias
+   (``BiasGelu``, ``FastGelu``) is read as the Add and the Gelu it computes;
 2. upgrade opsets below ``MIN_OPSET`` (the backward needs ScatterElements with ``reduction="add"``,
    opset 16);
 3. name unnamed nodes; treat initializers, Constant nodes and graph inputs that have an
@@ -43,7 +46,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, node_ref
-from .kinds import OpKinds
+from .domains import check_ops, split_biases, with_stand_ins
+from .kinds import OpKinds, op_key
 from .legacy_resize import restore_legacy_resize
 from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
 from .recurrent import expand_recurrent
@@ -53,6 +57,9 @@ FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOA
 #: Ops that must never be folded even when their inputs are constant.
 NOT_FOLDABLE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                           "Multinomial", "Bernoulli"})
+#: Ops whose integer output carries their float input's number: a QuantizeLinear, read with the
+#: DequantizeLinear after it as one straight-through node (``fuse.py``, the qdq pattern)
+QUANTIZERS = frozenset({"QuantizeLinear"})
 #: Ops between token ids and their embedding lookup that keep every value, in order.
 TOKEN_ROUTES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
 
@@ -137,11 +144,13 @@ class Graph:
 def load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | None,
                op_kinds: OpKinds) -> Graph:
     check_structure(proto)
-    _check_domains(proto)
+    check_ops(proto, op_kinds)
+    _check_subgraphs(proto)
     for node in proto.graph.node:  # 'ai.onnx' is the default domain's other name (onnxruntime reads both)
         if node.domain == "ai.onnx":
             node.domain = ""
     _name_nodes(proto)
+    split_biases(proto)
     sort_nodes(proto)
     check_valid(proto)
     if precision == "fp32":
@@ -286,12 +295,7 @@ def opset_of(proto: onnx.ModelProto) -> int:
     raise ModelError("the model imports no default ONNX opset")
 
 
-def _check_domains(proto: onnx.ModelProto) -> None:
-    for i, node in enumerate(proto.graph.node):
-        if node.domain not in ("", "ai.onnx"):
-            name = node.name or f"#{i}"
-            raise ModelError(f"{node_ref(name, node.op_type)} is in domain '{node.domain}'; rulegraph "
-                             "explains only standard ONNX ops (re-export without custom ops)")
+def _check_subgraphs(proto: onnx.ModelProto) -> None:
     for node in proto.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise ModelError(f"{node_ref(node.name, node.op_type)} has a subgraph (control flow); "
@@ -326,7 +330,8 @@ def _collect_constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return constants
 
 
-def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], opset: int) -> dict:
+def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], opset: int,
+                    domains: tuple = ()) -> dict:
     """Run nodes on constant inputs, all at once: onnxruntime when it is installed, else (or when
     it refuses) the ONNX reference evaluator. Returns every output by name."""
     produced = {o for n in nodes for o in n.output if o}
@@ -336,8 +341,9 @@ def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray
     names = [o for n in nodes for o in n.output if o]
     graph = helper.make_graph(nodes, "fold", inputs, [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None)
                                                       for o in names])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              ir_version=max(8, helper.find_min_ir_version_for([helper.make_opsetid("", opset)])))
+    opsets = [helper.make_opsetid("", opset)] + [e for e in domains if e.domain not in ("", "ai.onnx")]
+    model = helper.make_model(graph, opset_imports=opsets,
+                              ir_version=max(8, helper.find_min_ir_version_for(opsets, ignore_unknown=True)))
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
         import onnxruntime  # imported here: reading a model must not need onnxruntime
@@ -351,9 +357,10 @@ def _evaluate_nodes(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray
     return {name: np.asarray(value) for name, value in zip(names, values)}
 
 
-def _evaluate(node: onnx.NodeProto, constants: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
+def _evaluate(node: onnx.NodeProto, constants: dict[str, np.ndarray], opset: int,
+              domains: tuple = ()) -> list[np.ndarray]:
     """Run one node on constant inputs."""
-    values = _evaluate_nodes([node], constants, opset)
+    values = _evaluate_nodes([node], constants, opset, domains)
     return [values[o] for o in node.output if o]
 
 
@@ -371,11 +378,12 @@ def _fold_constants(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) ->
     if not foldable:
         return remaining
     try:
-        constants.update(_evaluate_nodes(foldable, constants, opset))
+        constants.update(_evaluate_nodes(foldable, constants, opset, tuple(proto.opset_import)))
     except Exception:  # noqa: BLE001 (find the node that fails, to name it)
         for node in foldable:
             try:
-                constants.update(zip([o for o in node.output if o], _evaluate(node, constants, opset)))
+                constants.update(zip([o for o in node.output if o],
+                                     _evaluate(node, constants, opset, tuple(proto.opset_import))))
             except Exception as exc:
                 raise ModelError(f"{node_ref(node.name, node.op_type)}: cannot evaluate it on its constant "
                                  f"inputs: {exc}") from exc
@@ -470,7 +478,7 @@ def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray], op_kinds: OpKinds) -> Graph:
     try:
-        inferred = _infer_shapes(proto)
+        inferred = _infer_shapes(with_stand_ins(proto))
     except Exception as exc:
         raise ModelError(f"shape inference failed on the model: {exc}") from exc
     dtypes: dict[str, int] = {}
@@ -485,8 +493,8 @@ def _build(proto: onnx.ModelProto, constants: dict[str, np.ndarray], op_kinds: O
     nodes: list[Node] = []
     for i, p in enumerate(proto.graph.node):
         attrs = {a.name: helper.get_attribute_value(a) for a in p.attribute}
-        nodes.append(Node(p.name, p.op_type, list(p.input), list(p.output), attrs, list(p.attribute),
-                          p.domain, index=i))
+        nodes.append(Node(p.name, op_key(p.op_type, p.domain), list(p.input), list(p.output), attrs,
+                          list(p.attribute), p.domain, index=i))
 
     dag, producer, consumers = link(nodes)
     if not nx.is_directed_acyclic_graph(dag):
@@ -528,7 +536,8 @@ def _mark_active(graph: Graph, op_kinds: OpKinds) -> None:
         flags = [t in active for t in n.inputs]
         if any(flags):
             for o in n.outputs:
-                if o and (graph.is_float(o) or (o not in graph.dtypes and n.op_type in op_kinds)):
+                if o and (graph.is_float(o) or (o not in graph.dtypes and n.op_type in op_kinds)
+                          or n.op_type in QUANTIZERS):
                     active.add(o)
         elif (ids := token_ids(graph, n)) is not None:
             graph.sources[n.outputs[0]] = ids
