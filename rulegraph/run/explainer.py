@@ -11,6 +11,7 @@ import onnx
 from ..backward import ops
 from ..compile import targets as targets_mod
 from ..compile.build import Compiled, compile_explainer
+from ..compile.layers import resolve_tensor
 from ..compile.plan import find_start
 from ..compile.targets import Target, TargetError
 from ..compile.unmatched import warn_unmatched
@@ -76,12 +77,13 @@ class Explainer:
         self._sessions: dict = {}
         warn_unmatched(self.graph, self.ruleset, output, start)
 
-    def compiled(self, seed_mode: bool = False, node_sums: bool = False) -> Compiled:
-        """The explainer model; ``node_sums`` adds per-node conservation sums (rulegraph check)."""
-        key = (seed_mode, node_sums)
+    def compiled(self, seed_mode: bool = False, node_sums: bool = False, at: tuple[str, ...] = ()) -> Compiled:
+        """The explainer model; ``node_sums`` adds per-node conservation sums (rulegraph check);
+        ``at``: tensors whose latent relevance is an extra output (``Compiled.at_attribution``)."""
+        key = (seed_mode, node_sums) + ((at,) if at else ())
         if key not in self._compiled:
             self._compiled[key] = compile_explainer(self.graph, self.ruleset, self.output, self.start,
-                                                    seed_mode, node_sums, self.class_axis)
+                                                    seed_mode, node_sums, self.class_axis, at=at)
         return self._compiled[key]
 
     @property
@@ -100,12 +102,12 @@ class Explainer:
         spec = self.spec
         return Target(cls, all_positions=True) if spec.class_axis is not None and spec.position_axes else cls
 
-    def session(self, seed_mode: bool = False, node_sums: bool = False):
+    def session(self, seed_mode: bool = False, node_sums: bool = False, at: tuple[str, ...] = ()):
         """The onnxruntime session of the compiled explainer (created once). onnxruntime refusing
         the model is a ``ModelError``; refusing the explainer of a model it accepts, a bug."""
-        key = (seed_mode, node_sums)
+        key = (seed_mode, node_sums) + ((at,) if at else ())
         if key not in self._sessions:
-            compiled = self.compiled(seed_mode, node_sums)
+            compiled = self.compiled(seed_mode, node_sums, at)
             try:
                 self._sessions[key] = runtime.session(compiled.model.SerializeToString(), self.providers,
                                                       self.threads, what="the compiled explainer")
@@ -268,7 +270,7 @@ class Explainer:
 
     def explain(self, x, target: int | str | np.ndarray | list = "argmax", node_sums: bool = False,
                 baseline=None, loop: str | None = None,
-                max_amplification: float | None = DEFAULT_MAX_AMPLIFICATION, **loop_params) -> Result:
+                max_amplification: float | None = DEFAULT_MAX_AMPLIFICATION, at=None, **loop_params) -> Result:
         """Explain a batch. ``target``: a class index (one, or one per row), ``"argmax"``, or a seed
         array shaped like the start tensor (a neuron or channel objective). ``node_sums`` also
         returns each node's conservation sums (``Result.node_sums``) from the same run.
@@ -277,9 +279,13 @@ class Explainer:
         ``loop`` (``integrated_gradients``, ``smoothgrad``, ``occlusion``, with ``loop_params``)
         runs a loop around the pass as one batched run; default: the rule file's ``loop`` header.
         ``max_amplification``: warn (``RulegraphWarning``) when a row's Σ|attribution| / |start value|
-        exceeds it (amplification.py; None: never; not for loops)."""
+        exceeds it (amplification.py; None: never; not for loops). ``at``: tensor or node names (one,
+        or a list) whose latent relevance the same run also gives (``Result.at``, ``Result.at_numbers``)."""
         check_baseline_names(baseline, self.graph.inputs)
+        at = tuple(resolve_tensor(self.graph, name) for name in ([at] if isinstance(at, str) else at or ()))
         loop_call = self._loop(loop, loop_params)
+        if at and (loop_call is not None):
+            raise RulegraphError("at= (latent relevance) is given by a plain pass; explain without the loop")
         if loop_call is not None:
             with quiet():
                 return LOOPS[loop_call.name].run(self.without_loop(), x, target, dict(loop_call.params),
@@ -289,7 +295,7 @@ class Explainer:
         n = next(iter(feeds.values())).shape[0] if spec.batched else 1
         seed, resolved = self._target_feeds(target, feeds, spec, n)
         seed_mode = seed is not None
-        compiled = self.compiled(seed_mode, node_sums)
+        compiled = self.compiled(seed_mode, node_sums, at)
         if seed_mode:
             feeds[compiled.seed_input] = seed
         else:
@@ -299,7 +305,7 @@ class Explainer:
         for name, baseline_input in compiled.baseline_inputs.items():
             given = baseline.get(name) if isinstance(baseline, Mapping) else baseline
             feeds[baseline_input] = make_baseline(self.ruleset.baseline if given is None else given, feeds[name])
-        sess = self.session(seed_mode, node_sums)
+        sess = self.session(seed_mode, node_sums, at)
         values = _run_in_chunks(sess, feeds, self._static_batch(), next(iter(feeds.values())).shape[0],
                                 self._run_failure(compiled))
         start = values[compiled.start_tensor]
@@ -327,6 +333,8 @@ class Explainer:
             explained=spec.where(),
             class_axis=spec.class_axis,
             where="" if resolved is None else resolved.where,
+            at={t: values[o] for t, o in compiled.at_attribution.items()},
+            at_numbers={t: values[o] for t, o in compiled.at_numbers.items()},
         )
         warn_if_amplified(result, max_amplification)
         return result
