@@ -20,7 +20,8 @@ With ``A`` the layer's activation ``[N, K, h, w]`` and ``G = ∂y/∂A`` (``y`` 
 
 then ``cam ← relu(cam)``, per image ``(cam − min) / (max − min + 1e-7)``, bilinear (half-pixel)
 resize to the input's ``H × W``, and the same min-max again. A token layer ``[N, 1 + h·w, D]``
-is read as ``[N, D, h, w]`` with the class token dropped (``layers.token_grid``).
+is read as ``[N, D, h, w]`` with the class token dropped (``layers.token_grid``; where shape
+inference does not know ``T``, the square grid of the run's ``T − 1`` tokens).
 
 The principal component comes from repeated squaring of ``Cᵀ C`` (``C`` the centred ``[h·w, K]``
 activations), rescaled each time: after ``EIGEN_SQUARINGS`` steps it is ``v vᵀ`` up to scale.
@@ -146,11 +147,18 @@ def _as_grid(tape: Tape, graph: Graph, tensor: str, grad: str) -> tuple[str, str
     if rank != 3:
         raise ModelError(f"the layer '{tensor}' {graph.shapes.get(tensor)} is neither a 4-D activation "
                          "[N, K, h, w] nor a token tensor [N, T, D]; name another layer")
-    h, w = token_grid(graph, tensor)
+    size = token_grid(graph, tensor)
+    if size is None:   # T known only at run time: the square grid of T − 1 tokens
+        cells = tape.op("Cast", tape.op("Sub", tape.shape(tensor, 1, 2), tape.ints([1])), to=TensorProto.FLOAT)
+        side = tape.op("Cast", tape.op("Floor", tape.op("Add", tape.op("Sqrt", cells), tape.scalar(0.5))),
+                       to=TensorProto.INT64)
+        hw = tape.op("Concat", side, side, axis=0)
+    else:
+        hw = tape.ints(list(size))
 
     def grid(t: str) -> str:
         tokens = tape.op("Slice", t, tape.ints([1]), tape.ints([2 ** 62]), tape.ints([1]))
-        shape = tape.op("Concat", tape.shape(t, 0, 1), tape.ints([h, w]), tape.shape(t, 2, 3), axis=0)
+        shape = tape.op("Concat", tape.shape(t, 0, 1), hw, tape.shape(t, 2, 3), axis=0)
         return tape.op("Transpose", tape.op("Reshape", tokens, shape), perm=[0, 3, 1, 2])
 
     return grid(tensor), grid(grad)

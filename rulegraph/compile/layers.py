@@ -47,14 +47,19 @@ def default_cam_layer(graph: Graph, start: str) -> str:
                      "CLI --layer NAME); a token tensor [N, T, D] is read as a grid with the class token dropped")
 
 
-def token_grid(graph: Graph, tensor: str) -> tuple[int, int]:
+def token_grid(graph: Graph, tensor: str) -> tuple[int, int] | None:
     """``(h, w)`` of a token tensor ``[N, 1 + h·w, D]`` (the class token first, dropped): the square
-    grid, else the spatial size of a 4-D tensor of the model with ``h·w`` positions (the patch embedding)."""
+    grid, else the spatial size of a 4-D tensor of the model with ``h·w`` positions (the patch
+    embedding); None when ``T`` is unknown to shape inference: the square grid of the run's ``T``."""
     shape = graph.shapes.get(tensor)
-    tokens = shape[1] if shape is not None and len(shape) == 3 else None
-    if not isinstance(tokens, int) or tokens < 2:
-        raise ModelError(f"the layer '{tensor}' {shape} is not a token tensor [N, T, D] with a known T; "
-                         "name a 4-D activation [N, K, h, w] or a token tensor")
+    if shape is None or len(shape) != 3:
+        raise ModelError(f"the layer '{tensor}' {shape} is not a token tensor [N, T, D]; name a 4-D activation "
+                         "[N, K, h, w] or a token tensor")
+    tokens = shape[1]
+    if not isinstance(tokens, int):
+        return None
+    if tokens < 2:
+        raise ModelError(f"the layer '{tensor}' {shape} has no tokens after the class token")
     cells = tokens - 1
     side = math.isqrt(cells)
     if side * side == cells:
