@@ -9,10 +9,11 @@ from .compile.targets import Target, TargetError
 from .errors import CoverageError, ModelError, RulegraphError, RuleSyntaxError
 from .graph import Graph
 from .lang.ruleset import RuleSet
+from .run.cam import Cam, cam, crp
 from .run.explainer import Explainer, Result
 from .run.preprocess import Preprocess, preprocess
 
-__all__ = ["CoverageError", "Explainer", "Graph", "ModelError", "Preprocess", "Result", "RuleSet",
+__all__ = ["Cam", "CoverageError", "Explainer", "Graph", "ModelError", "Preprocess", "Result", "RuleSet",
            "RuleSyntaxError",
-           "RulegraphError", "Target", "TargetError", "load", "preprocess"]
+           "RulegraphError", "Target", "TargetError", "cam", "crp", "load", "preprocess"]
 __version__ = "0.1.0"
