@@ -170,7 +170,8 @@ def _cam_or_rules(args) -> None:
 
 def cmd_cam(args, sources) -> int:
     """``explain --method M [--layer NAME]``: the CAM per row, as ``--out`` and a picture."""
-    cam = Cam(args.model, args.method, args.layer, output=args.output, start=args.start, class_axis=args.class_axis)
+    cam = Cam(args.model, args.method, args.layer, output=args.output, start=args.start,
+              class_axis=args.class_axis)
     x = load_input(args.input, cam.explainer, args.scale or 1.0, args.allow_nonfinite,
                    preprocess=preprocess_of(args))
     result = cam.explain(x, target=target_of(args))
@@ -185,8 +186,9 @@ def cmd_cam(args, sources) -> int:
         xs = _first_array(x)
         images = [display_image(xs[i], args.bgr) for i in range(len(maps))]
         titles = [title_of(int(c), labels, f"{args.method} at {result.layer}", None) for c in result.target]
-        viz.render_array(maps, images, args.mode, args.sign or ("all" if result.guided is not None else "positive"),
-                         args.clip, args.reduce or "sum", args.background, titles, path=args.heatmap, inputs=sources)
+        sign = args.sign or ("all" if result.guided is not None else "positive")
+        viz.render_array(maps, images, args.mode, sign, args.clip, args.reduce or "sum", args.background, titles,
+                         path=args.heatmap, inputs=sources)
         print(f"heatmap written to {args.heatmap}")
     return 0
 
@@ -416,8 +418,8 @@ def cmd_compile(args) -> int:
                   class_axis=args.class_axis, preprocess=preprocess_of(args))
         path = cam.save(args.o)
         compiled = cam.compiled()
-        print(f"{args.method} model written to {path}: layer '{compiled.layer}', inputs {compiled.input_names}, "
-              f"map output '{compiled.guided_output or compiled.cam_output}'")
+        print(f"{args.method} model written to {path}: layer '{compiled.layer}', "
+              f"inputs {compiled.input_names}, map output '{compiled.guided_output or compiled.cam_output}'")
         return 0
     if args.layer:
         raise RulegraphError("--layer names the CAM layer of --method; compile with a rule file writes the "
@@ -599,10 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rules", required=not cam, help="a rule file, or a bundled one's name (lrp-epsilon)"
                        + ("; or --method for a CAM" if cam else ""))
         if cam:
-            p.add_argument("--method", choices=CAM_METHODS, help="a CAM instead of a rule file: the map at "
-                           "--layer from the gradient pass, upsampled and min-max normalized as pytorch-grad-cam")
-            p.add_argument("--layer", help="the tensor or node of --method (default: the last 4-D activation "
-                           "before the global pooling); with --rules: also give the attribution at this tensor")
+            p.add_argument("--method", choices=CAM_METHODS,
+                           help="a CAM instead of a rule file: the map at --layer from the gradient pass, "
+                                "upsampled and min-max normalized as pytorch-grad-cam")
+            p.add_argument("--layer", help="the tensor or node of --method (default: the last 4-D "
+                           "activation before the global pooling); with --rules: also give the attribution "
+                           "at this tensor")
         p.add_argument("--output", help="the model output to explain (default: the first)")
         p.add_argument("--start", help="start at this intermediate tensor instead")
 

@@ -76,15 +76,17 @@ class CamModel:
         return {x: self.guided_output or self.cam_output}
 
 
-def cam_layer(graph: Graph, ruleset: RuleSet, layer: str | None, output: str | None, start: str | None) -> str:
+def cam_layer(graph: Graph, ruleset: RuleSet, layer: str | None, output: str | None,
+              start: str | None) -> str:
     """The tensor the CAM is taken at: the one ``layer`` names, else the default (``layers.py``)."""
     if layer is not None:
         return resolve_tensor(graph, layer)
     return default_cam_layer(graph, find_start(graph, ruleset, output, start))
 
 
-def compile_cam(graph: Graph, gradient: RuleSet, method: str, layer: str | None = None, output: str | None = None,
-                start: str | None = None, class_axis: int | None = None, guided: RuleSet | None = None) -> CamModel:
+def compile_cam(graph: Graph, gradient: RuleSet, method: str, layer: str | None = None,
+                output: str | None = None, start: str | None = None, class_axis: int | None = None,
+                guided: RuleSet | None = None) -> CamModel:
     """One ONNX model computing ``method``'s map at ``layer`` (module docstring). ``gradient``: the
     rule file whose pass gives ``G`` (the bundled ``gradient``); ``guided``: guided backprop's, for
     ``guided-gradcam``."""
@@ -149,7 +151,8 @@ def _as_grid(tape: Tape, graph: Graph, tensor: str, grad: str) -> tuple[str, str
                          "[N, K, h, w] nor a token tensor [N, T, D]; name another layer")
     size = token_grid(graph, tensor)
     if size is None:   # T known only at run time: the square grid of T − 1 tokens
-        cells = tape.op("Cast", tape.op("Sub", tape.shape(tensor, 1, 2), tape.ints([1])), to=TensorProto.FLOAT)
+        count = tape.op("Sub", tape.shape(tensor, 1, 2), tape.ints([1]))
+        cells = tape.op("Cast", count, to=TensorProto.FLOAT)
         side = tape.op("Cast", tape.op("Floor", tape.op("Add", tape.op("Sqrt", cells), tape.scalar(0.5))),
                        to=TensorProto.INT64)
         hw = tape.op("Concat", side, side, axis=0)
@@ -181,8 +184,8 @@ def _gradcam_pp(tape, a, g, **_):
     g2 = tape.op("Mul", g, g)
     g3 = tape.op("Mul", g2, g)
     total = tape.reduce_sum(a, [2, 3])
-    denominator = tape.op("Add", tape.op("Add", tape.op("Mul", tape.scalar(2.0), g2), tape.op("Mul", total, g3)),
-                          tape.scalar(1e-6))
+    twice = tape.op("Mul", tape.scalar(2.0), g2)
+    denominator = tape.op("Add", tape.op("Add", twice, tape.op("Mul", total, g3)), tape.scalar(1e-6))
     alpha = tape.op("Div", g2, denominator)
     alpha = tape.op("Where", tape.op("Equal", g, tape.scalar(0.0)), tape.scalar(0.0), alpha)
     weights = tape.reduce_sum(tape.op("Mul", tape.op("Relu", g), alpha), [2, 3], keepdims=False)
@@ -222,7 +225,8 @@ def _eigencam(tape, a, g, **_):
     length = tape.op("Sqrt", tape.reduce_sum(tape.op("Mul", v, v), [1]))
     v = tape.op("Div", v, tape.op("Max", length, tape.scalar(1e-30)))
     projection = tape.op("MatMul", centred, v)                                          # [N, h·w, 1]
-    projection = tape.op("Reshape", projection, tape.op("Concat", tape.shape(a, 0, 1), tape.shape(a, 2, 4), axis=0))
+    grid = tape.op("Concat", tape.shape(a, 0, 1), tape.shape(a, 2, 4), axis=0)
+    projection = tape.op("Reshape", projection, grid)
     high = tape.reduce("ReduceMax", projection, [1, 2])
     low = tape.reduce("ReduceMin", projection, [1, 2])
     flip = tape.op("Greater", tape.op("Abs", low), tape.op("Abs", high))
@@ -232,7 +236,8 @@ def _eigencam(tape, a, g, **_):
 def _rescaled(tape: Tape, m: str) -> str:
     """``m / max|m|`` per batch row (``m`` itself where it is all zeros)."""
     scale = tape.reduce("ReduceMax", tape.op("Abs", m), [1, 2])
-    return tape.op("Div", m, tape.op("Where", tape.op("Equal", scale, tape.scalar(0.0)), tape.scalar(1.0), scale))
+    zero = tape.op("Equal", scale, tape.scalar(0.0))
+    return tape.op("Div", m, tape.op("Where", zero, tape.scalar(1.0), scale))
 
 
 def _scorecam(tape, a, g, *, graph: Graph, compiled: Compiled, x: str, model: onnx.ModelProto):
@@ -240,12 +245,14 @@ def _scorecam(tape, a, g, *, graph: Graph, compiled: Compiled, x: str, model: on
     sizes = tape.op("Concat", tape.shape(a, 0, 2), tape.shape(x, 2, 4), axis=0)
     up = tape.op("Resize", a, "", "", sizes, mode="linear", coordinate_transformation_mode="align_corners")
     low, high = tape.reduce("ReduceMin", up, [2, 3]), tape.reduce("ReduceMax", up, [2, 3])
-    masks = tape.op("Div", tape.op("Sub", up, low), tape.op("Add", tape.op("Sub", high, low), tape.scalar(1e-8)))
+    spread = tape.op("Add", tape.op("Sub", high, low), tape.scalar(1e-8))
+    masks = tape.op("Div", tape.op("Sub", up, low), spread)
     masked = tape.op("Mul", tape.unsqueeze(x, [1]), tape.unsqueeze(masks, [2]))         # [N, K, C, H, W]
     batch = tape.op("Reshape", masked, tape.op("Concat", tape.ints([-1]), tape.shape(x, 1, 4), axis=0))
     y = _forward_copy(tape, graph, model, x, batch)[compiled.start_tensor]            # [N·K, ...]
     shape = tape.op("Concat", tape.shape(a, 0, 2), tape.ints([-1]), axis=0)
-    seed = tape.op("Reshape", compiled.seed, tape.op("Concat", tape.shape(a, 0, 1), tape.ints([1, -1]), axis=0))
+    rows = tape.op("Concat", tape.shape(a, 0, 1), tape.ints([1, -1]), axis=0)
+    seed = tape.op("Reshape", compiled.seed, rows)
     scores = tape.reduce_sum(tape.op("Mul", tape.op("Reshape", y, shape), seed), [2], keepdims=False)
     return _weighted(tape, tape.op("Softmax", scores, axis=1), a)
 
@@ -311,7 +318,8 @@ def _normalize(tape: Tape, cam: str, x: str, out: str) -> str:
     """relu, min-max per image, bilinear (half-pixel) resize to ``x``'s H × W, relu, min-max."""
     def minmax(t: str) -> str:
         shifted = tape.op("Sub", t, tape.reduce("ReduceMin", t, [1, 2]))
-        return tape.op("Div", shifted, tape.op("Add", tape.scalar(1e-7), tape.reduce("ReduceMax", shifted, [1, 2])))
+        top = tape.reduce("ReduceMax", shifted, [1, 2])
+        return tape.op("Div", shifted, tape.op("Add", tape.scalar(1e-7), top))
 
     small = tape.unsqueeze(minmax(tape.op("Relu", cam)), [1])
     sizes = tape.op("Concat", tape.shape(small, 0, 2), tape.shape(x, 2, 4), axis=0)
@@ -321,5 +329,6 @@ def _normalize(tape: Tape, cam: str, x: str, out: str) -> str:
     return out
 
 
-_MAPS = {"cam": _cam, "gradcam": _gradcam, "gradcam++": _gradcam_pp, "hirescam": _hirescam, "xgradcam": _xgradcam,
-         "layercam": _layercam, "eigencam": _eigencam, "scorecam": _scorecam, "guided-gradcam": _gradcam}
+_MAPS = {"cam": _cam, "gradcam": _gradcam, "gradcam++": _gradcam_pp, "hirescam": _hirescam,
+         "xgradcam": _xgradcam, "layercam": _layercam, "eigencam": _eigencam, "scorecam": _scorecam,
+         "guided-gradcam": _gradcam}

@@ -44,7 +44,8 @@ def default_cam_layer(graph: Graph, start: str) -> str:
             if out in graph.active and graph.rank(out) == 4:
                 return out
     raise ModelError(f"no 4-D activation [N, K, h, w] on the way to '{start}': name the layer (layer=..., "
-                     "CLI --layer NAME); a token tensor [N, T, D] is read as a grid with the class token dropped")
+                     "CLI --layer NAME); a token tensor [N, T, D] is read as a grid with the class token "
+                     "dropped")
 
 
 def token_grid(graph: Graph, tensor: str) -> tuple[int, int] | None:
@@ -53,8 +54,8 @@ def token_grid(graph: Graph, tensor: str) -> tuple[int, int] | None:
     embedding); None when ``T`` is unknown to shape inference: the square grid of the run's ``T``."""
     shape = graph.shapes.get(tensor)
     if shape is None or len(shape) != 3:
-        raise ModelError(f"the layer '{tensor}' {shape} is not a token tensor [N, T, D]; name a 4-D activation "
-                         "[N, K, h, w] or a token tensor")
+        raise ModelError(f"the layer '{tensor}' {shape} is not a token tensor [N, T, D]; name a 4-D "
+                         "activation [N, K, h, w] or a token tensor")
     tokens = shape[1]
     if not isinstance(tokens, int):
         return None
@@ -68,5 +69,5 @@ def token_grid(graph: Graph, tensor: str) -> tuple[int, int] | None:
         if dims is not None and len(dims) == 4 and all(isinstance(d, int) for d in dims[2:]) \
                 and dims[2] * dims[3] == cells and other in graph.active:
             return dims[2], dims[3]
-    raise ModelError(f"the layer '{tensor}' has {cells} tokens after the class token, not a square grid, and no "
-                     "4-D tensor of the model has that many positions; name a 4-D activation instead")
+    raise ModelError(f"the layer '{tensor}' has {cells} tokens after the class token, not a square grid, "
+                     "and no 4-D tensor of the model has that many positions; name a 4-D activation instead")

@@ -51,8 +51,8 @@ class Cam:
                  preprocess=None):
         if method not in METHODS:
             raise RulegraphError(f"unknown CAM method '{method}'; methods: {', '.join(METHODS)}")
-        self.explainer = Explainer(model, "gradient", providers, output, start, threads, class_axis=class_axis,
-                                   preprocess=preprocess)
+        self.explainer = Explainer(model, "gradient", providers, output, start, threads,
+                                   class_axis=class_axis, preprocess=preprocess)
         self.method, self._layer, self._model = method, layer, model
         self._compiled: CamModel | None = None
         self._session = None
@@ -85,7 +85,8 @@ class Cam:
         n = next(iter(feeds.values())).shape[0]
         seed, resolved = e._target_feeds(target, feeds, e.spec, n)
         if seed is not None:
-            raise TargetError("a CAM explains a class (at positions), not a seed array or a contrast (versus=)")
+            raise TargetError("a CAM explains a class (at positions), not a seed array or a contrast "
+                              "(versus=)")
         cam = self.compiled()
         compiled = cam.compiled
         feeds[compiled.target_input] = resolved.classes
@@ -137,7 +138,8 @@ def crp(explainer: Explainer, x, layer: str, channels=None, target="argmax", cha
     full = explainer.explain(x, target=target, at=[tensor], **explain_options)
     number = full.at_numbers[tensor]
     if number.ndim < 2 or not 0 < channel_axis < number.ndim:
-        raise RulegraphError(f"channel_axis {channel_axis} does not fit the layer '{tensor}' {list(number.shape)}")
+        raise RulegraphError(f"channel_axis {channel_axis} does not fit the layer '{tensor}' "
+                             f"{list(number.shape)}")
     count = number.shape[channel_axis]
     chosen = list(range(count)) if channels is None else [int(c) for c in channels]
     wrong = [c for c in chosen if not 0 <= c < count]

@@ -77,7 +77,8 @@ class Explainer:
         self._sessions: dict = {}
         warn_unmatched(self.graph, self.ruleset, output, start)
 
-    def compiled(self, seed_mode: bool = False, node_sums: bool = False, at: tuple[str, ...] = ()) -> Compiled:
+    def compiled(self, seed_mode: bool = False, node_sums: bool = False,
+                 at: tuple[str, ...] = ()) -> Compiled:
         """The explainer model; ``node_sums`` adds per-node conservation sums (rulegraph check);
         ``at``: tensors whose latent relevance is an extra output (``Compiled.at_attribution``)."""
         key = (seed_mode, node_sums) + ((at,) if at else ())
@@ -270,7 +271,8 @@ class Explainer:
 
     def explain(self, x, target: int | str | np.ndarray | list = "argmax", node_sums: bool = False,
                 baseline=None, loop: str | None = None,
-                max_amplification: float | None = DEFAULT_MAX_AMPLIFICATION, at=None, **loop_params) -> Result:
+                max_amplification: float | None = DEFAULT_MAX_AMPLIFICATION, at=None,
+                **loop_params) -> Result:
         """Explain a batch. ``target``: a class index (one, or one per row), ``"argmax"``, or a seed
         array shaped like the start tensor (a neuron or channel objective). ``node_sums`` also
         returns each node's conservation sums (``Result.node_sums``) from the same run.
