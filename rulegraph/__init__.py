@@ -9,11 +9,12 @@ from .compile.targets import Target, TargetError
 from .errors import CoverageError, ModelError, RulegraphError, RuleSyntaxError
 from .graph import Graph
 from .lang.ruleset import RuleSet
+from .run.cam import Cam, cam, crp
 from .run.evaluate import Evaluation, evaluate
 from .run.explainer import Explainer, Result
 from .run.preprocess import Preprocess, preprocess
 
-__all__ = ["CoverageError", "Evaluation", "Explainer", "Graph", "ModelError", "Preprocess", "Result", "RuleSet",
-           "RuleSyntaxError",
-           "RulegraphError", "Target", "TargetError", "evaluate", "load", "preprocess"]
+__all__ = ["Cam", "CoverageError", "Evaluation", "Explainer", "Graph", "ModelError", "Preprocess", "Result",
+           "RuleSet", "RuleSyntaxError", "RulegraphError", "Target", "TargetError", "cam", "crp", "evaluate", "load",
+           "preprocess"]
 __version__ = "0.1.0"

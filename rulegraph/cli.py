@@ -22,6 +22,7 @@ from . import viz
 from .backward.ops import load
 from .check.checks import check
 from .check.measured import sample_inputs
+from .compile.cam import METHODS as CAM_METHODS
 from .compile.plan import assign, find_start, path_nodes
 from .compile.summary import summarize
 from .compile.targets import Target
@@ -30,6 +31,7 @@ from .errors import RulegraphError, RulegraphWarning
 from .run import preprocess as pre
 from .run import rulefiles as dsl
 from .run.amplification import DEFAULT_MAX_AMPLIFICATION
+from .run.cam import Cam
 from .run.explainer import Explainer
 from .run.files import check_output, model_files, rule_files, write_bytes, write_with
 from .run.kernels import cuda_fallbacks
@@ -143,7 +145,7 @@ def summary(result) -> str:
 
 def _inputs_of(args) -> list[Path]:
     """The files a command reads (model, its external data, rule file, input): no output may be one."""
-    outputs = [getattr(args, name, None) for name in ("out", "heatmap", "o", "output_file")]
+    outputs = [getattr(args, name, None) for name in ("out", "heatmap", "o", "output_file", "layer_out")]
     files = model_files(getattr(args, "model", None), outputs) + rule_files(getattr(args, "rules", None))
     for name in ("input", "target"):
         value = getattr(args, name, None)
@@ -159,13 +161,62 @@ def _explained(result, i: int) -> str:
     return f"class {int(result.target[i])}{versus} of {result.explained}{where}: "
 
 
+def _cam_or_rules(args) -> None:
+    """``--rules`` or ``--method`` (a CAM, on the gradient), not both, not neither."""
+    if args.method and args.rules:
+        raise RulegraphError(f"--method {args.method} computes its map from the gradient pass: drop --rules "
+                             f"{args.rules}, or drop --method to explain with the rule file")
+    if not args.method and not args.rules:
+        raise RulegraphError(f"--rules is required (a rule file or a bundled name such as lrp-epsilon), or "
+                             f"--method for a CAM ({', '.join(CAM_METHODS)})")
+
+
+def cmd_cam(args, sources) -> int:
+    """``explain --method M [--layer NAME]``: the CAM per row, as ``--out`` and a picture."""
+    cam = Cam(args.model, args.method, args.layer, output=args.output, start=args.start,
+              class_axis=args.class_axis)
+    x = load_input(args.input, cam.explainer, args.scale or 1.0, args.allow_nonfinite,
+                   preprocess=preprocess_of(args))
+    result = cam.explain(x, target=target_of(args))
+    maps = result.guided if result.guided is not None else result.map
+    for i, c in enumerate(result.target):
+        print(f"row {i}: {args.method} at '{result.layer}' for class {int(c)}")
+    if args.out:
+        write_with(args.out, lambda tmp: np.save(tmp, maps), "--out")
+        print(f"{args.method} map written to {args.out}")
+    if args.heatmap:
+        labels = read_labels(args.labels) if args.labels else None
+        xs = _first_array(x)
+        images = [display_image(xs[i], args.bgr) for i in range(len(maps))]
+        titles = [title_of(int(c), labels, f"{args.method} at {result.layer}", None) for c in result.target]
+        sign = args.sign or ("all" if result.guided is not None else "positive")
+        viz.render_array(maps, images, args.mode, sign, args.clip, args.reduce or "sum", args.background, titles,
+                         path=args.heatmap, inputs=sources)
+        print(f"heatmap written to {args.heatmap}")
+    return 0
+
+
+def _layer_summary(result, layer: str) -> str:
+    """``row i: Σ attribution at 'T' ...`` per row (``explain --layer`` with a rule file)."""
+    values = result.at[layer]
+    return "\n".join(f"row {i}: attribution at '{layer}' {list(values.shape[1:])}: sum {float(v.sum()):.6g}"
+                     for i, v in enumerate(values))
+
+
 def cmd_explain(args) -> int:
+    _cam_or_rules(args)
     sources = _inputs_of(args)
     if args.out:
         check_output(args.out, sources, [".npy"], "--out")
     if args.heatmap:
         html = Path(args.heatmap).suffix.lower() == ".html"  # token relevance; else a picture
         check_output(args.heatmap, sources, [".html"] if html else heatmap_suffixes(), "--heatmap")
+    if args.layer_out:
+        check_output(args.layer_out, sources, [".npy"], "--layer-out")
+        if not args.layer:
+            raise RulegraphError("--layer-out writes the attribution at --layer NAME: give --layer")
+    if args.method:
+        return cmd_cam(args, sources)
     spec = preprocess_of(args)
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
                           class_axis=args.class_axis)
@@ -175,8 +226,15 @@ def cmd_explain(args) -> int:
 
         labels = read_labels(args.labels)
     x = load_input(args.input, explainer, args.scale or 1.0, args.allow_nonfinite, preprocess=spec)
-    result = explainer.explain(x, target=target_of(args), max_amplification=args.max_amplification)
+    result = explainer.explain(x, target=target_of(args), max_amplification=args.max_amplification,
+                               at=[args.layer] if args.layer else None)
     print(summary(result))
+    if args.layer:
+        layer = next(iter(result.at))
+        print(_layer_summary(result, layer))
+        if args.layer_out:
+            write_with(args.layer_out, lambda tmp: np.save(tmp, result.at[layer]), "--layer-out")
+            print(f"attribution at '{layer}' written to {args.layer_out}")
     if args.out:
         write_with(args.out, lambda tmp: np.save(tmp, result.map), "--out")
         print(f"attribution written to {args.out}")
@@ -356,7 +414,19 @@ def _show_tokens(args, maps) -> int:
 
 
 def cmd_compile(args) -> int:
+    _cam_or_rules(args)
     check_output(args.o, _inputs_of(args), what="-o")
+    if args.method:
+        cam = Cam(args.model, args.method, args.layer, output=args.output, start=args.start,
+                  class_axis=args.class_axis, preprocess=preprocess_of(args))
+        path = cam.save(args.o)
+        compiled = cam.compiled()
+        print(f"{args.method} model written to {path}: layer '{compiled.layer}', "
+              f"inputs {compiled.input_names}, map output '{compiled.guided_output or compiled.cam_output}'")
+        return 0
+    if args.layer:
+        raise RulegraphError("--layer names the CAM layer of --method; compile with a rule file writes the "
+                             "whole pass (explain --layer gives the attribution at a layer)")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
                           class_axis=args.class_axis, preprocess=preprocess_of(args))
     path = explainer.save(args.o)
@@ -609,20 +679,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rulegraph", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_and_rules(p):
+    def model_and_rules(p, cam: bool = False):
         p.add_argument("model", help="the ONNX model file")
-        p.add_argument("--rules", required=True, help="a rule file, or a bundled one's name (lrp-epsilon)")
+        p.add_argument("--rules", required=not cam, help="a rule file, or a bundled one's name (lrp-epsilon)"
+                       + ("; or --method for a CAM" if cam else ""))
+        if cam:
+            p.add_argument("--method", choices=CAM_METHODS,
+                           help="a CAM instead of a rule file: the map at --layer from the gradient pass, "
+                                "upsampled and min-max normalized as pytorch-grad-cam")
+            p.add_argument("--layer", help="the tensor or node of --method (default: the last 4-D "
+                           "activation before the global pooling); with --rules: also give the attribution "
+                           "at this tensor")
         p.add_argument("--output", help="the model output to explain (default: the first)")
         p.add_argument("--start", help="start at this intermediate tensor instead")
 
     p = sub.add_parser("explain", help="attribute one input batch")
-    model_and_rules(p)
+    model_and_rules(p, cam=True)
     p.add_argument("--input", required=True, help=".npy, .npz or an image file")
     target_options(p)
     _preprocess_options(p, bgr=False)
     p.add_argument("--allow-nonfinite", action="store_true", help="explain inputs holding NaN or Inf "
                    "(refused by default)")
     p.add_argument("--out", help="write the attribution of the first input here (.npy)")
+    p.add_argument("--layer-out", help="write the attribution at --layer here (.npy)")
     p.add_argument("--heatmap", help="write a picture of the attribution here (.png), one row per batch "
                    "item; .html: the relevance of token-id inputs")
     p.add_argument("--vocab",
@@ -658,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_show)
 
     p = sub.add_parser("compile", help="write the explainer ONNX model (forward + relevance pass)")
-    model_and_rules(p)
+    model_and_rules(p, cam=True)
     p.add_argument("-o", required=True, help="where to write the explainer .onnx")
     p.add_argument("--class-axis", type=int, help="the start tensor's class axis (see explain)")
     _preprocess_options(p, bgr=True)

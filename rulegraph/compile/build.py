@@ -78,6 +78,11 @@ class Compiled:
     class_output: str = CLASS
     #: every name rulegraph added -> what it belongs to in the user's terms ("the backward of node ...")
     origins: dict[str, str] = field(default_factory=dict)
+    #: ``at=`` tensors (latent relevance, ``layers.py``): tensor -> output of ``a(t)``, and of its view
+    #: (the attribution at ``t``: ``a(t)``, ``t ⊙ a(t)`` or ``(t − t') ⊙ a(t)``), both shaped like ``t``
+    at_numbers: dict[str, str] = field(default_factory=dict)
+    at_attribution: dict[str, str] = field(default_factory=dict)
+    seed: str = ""   # the tensor ``a(start)`` the pass starts from (``_seed``)
 
     @property
     def input_names(self) -> list[str]:
@@ -90,13 +95,15 @@ class Compiled:
 
 def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                       start_tensor: str | None = None, seed_mode: bool = False,
-                      node_sums: bool = False, class_axis: int | None = None) -> Compiled:
+                      node_sums: bool = False, class_axis: int | None = None,
+                      at: tuple[str, ...] = ()) -> Compiled:
     """Build the explainer model (forward + relevance pass) and check it with onnx.checker.
 
     ``node_sums`` adds, per node on the path, three [N] outputs (docs/rules.md, conservation
     classes): Σ of the conserved view over what the node gives its inputs, over its outputs'
     numbers, and over its bias shares, so one run measures every node's conservation. ``class_axis``: the start tensor's class axis
-    when the default (``targets.py``) does not apply.
+    when the default (``targets.py``) does not apply. ``at``: intermediate tensors whose number
+    ``a(t)`` and attribution are extra outputs of the same run (``Compiled.at_numbers``, ``at_attribution``).
     """
     unknown = [x for x in graph.inputs if graph.rank(x) is None]
     if unknown:
@@ -158,11 +165,13 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                 tape, view, node, a_out, result, bias_terms.get(node.name, []), graph, rows)
         return result
 
-    seeds = {start: [_seed(tape, graph, ruleset, axes, seed_mode, compiled, view, rows)]}
+    compiled.seed = _seed(tape, graph, ruleset, axes, seed_mode, compiled, view, rows)
+    seeds = {start: [compiled.seed]}
     a = walk_back(tape, [assignment.node for assignment in assignments], seeds, graph.active, apply_rule)
     tape.scope, tape.context = "", "rulegraph's attribution outputs"
 
     outputs = _finish(tape, graph, ruleset, a, compiled, bias_terms, view, rows)
+    outputs.update(_at_outputs(tape, graph, ruleset, a, compiled, view, at))
     if compiled.node_sums:
         row = _row_dims(graph, axes)
         outputs.update({name: row for sums in (*compiled.node_sums.values(), *compiled.node_abs_sums.values())
@@ -340,6 +349,24 @@ def _finish(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, b
             compiled.bias_shares = per_node
             outputs.update({o: row for o in per_node.values()})
     outputs[compiled.start_value] = row
+    return outputs
+
+
+def _at_outputs(tape: Tape, graph: Graph, ruleset: RuleSet, a, compiled: Compiled, view: _Views,
+                at: tuple[str, ...]) -> dict:
+    """``a(t)`` and its view for every ``at`` tensor (a tensor the pass reaches: on the path from
+    the inputs to the start), and ``t`` itself, as outputs shaped like ``t``."""
+    outputs = {}
+    for t in at:
+        if t not in a:
+            raise ModelError(f"tensor '{t}' is not on the relevance path from the inputs to the start "
+                             f"'{compiled.start_tensor}': the pass gives it no number; name a tensor "
+                             "between the inputs and the start (rulegraph ops lists the nodes on the path)")
+        number = tape.op("Identity", tape.sum(a[t]))
+        compiled.at_numbers[t] = number
+        compiled.at_attribution[t] = number if ruleset.quantity == "relevance" else view(t, number)
+        outputs.update({number: graph.shapes.get(t), compiled.at_attribution[t]: graph.shapes.get(t),
+                        t: graph.shapes.get(t)})
     return outputs
 
 

@@ -11,6 +11,7 @@ import onnx
 from ..backward import ops
 from ..compile import targets as targets_mod
 from ..compile.build import Compiled, compile_explainer
+from ..compile.layers import resolve_tensor
 from ..compile.plan import find_start
 from ..compile.targets import Target, TargetError
 from ..compile.unmatched import warn_unmatched
@@ -80,12 +81,14 @@ class Explainer:
         self._sessions: dict = {}
         warn_unmatched(self.graph, self.ruleset, output, start)
 
-    def compiled(self, seed_mode: bool = False, node_sums: bool = False) -> Compiled:
-        """The explainer model; ``node_sums`` adds per-node conservation sums (rulegraph check)."""
-        key = (seed_mode, node_sums)
+    def compiled(self, seed_mode: bool = False, node_sums: bool = False,
+                 at: tuple[str, ...] = ()) -> Compiled:
+        """The explainer model; ``node_sums`` adds per-node conservation sums (rulegraph check);
+        ``at``: tensors whose latent relevance is an extra output (``Compiled.at_attribution``)."""
+        key = (seed_mode, node_sums) + ((at,) if at else ())
         if key not in self._compiled:
             self._compiled[key] = compile_explainer(self.graph, self.ruleset, self.output, self.start,
-                                                    seed_mode, node_sums, self.class_axis)
+                                                    seed_mode, node_sums, self.class_axis, at=at)
         return self._compiled[key]
 
     @property
@@ -104,12 +107,12 @@ class Explainer:
         spec = self.spec
         return Target(cls, all_positions=True) if spec.class_axis is not None and spec.position_axes else cls
 
-    def session(self, seed_mode: bool = False, node_sums: bool = False):
+    def session(self, seed_mode: bool = False, node_sums: bool = False, at: tuple[str, ...] = ()):
         """The onnxruntime session of the compiled explainer (created once). onnxruntime refusing
         the model is a ``ModelError``; refusing the explainer of a model it accepts, a bug."""
-        key = (seed_mode, node_sums)
+        key = (seed_mode, node_sums) + ((at,) if at else ())
         if key not in self._sessions:
-            compiled = self.compiled(seed_mode, node_sums)
+            compiled = self.compiled(seed_mode, node_sums, at)
             try:
                 self._sessions[key] = runtime.session(compiled.model.SerializeToString(), self.providers,
                                                       self.threads, what="the compiled explainer",
@@ -286,7 +289,8 @@ class Explainer:
 
     def explain(self, x, target: int | str | np.ndarray | list = "argmax", node_sums: bool = False,
                 baseline=None, loop: str | None = None,
-                max_amplification: float | None = DEFAULT_MAX_AMPLIFICATION, **loop_params) -> Result:
+                max_amplification: float | None = DEFAULT_MAX_AMPLIFICATION, at=None,
+                **loop_params) -> Result:
         """Explain a batch. ``target``: a class index (one, or one per row), ``"argmax"``, or a seed
         array shaped like the start tensor (a neuron or channel objective). ``node_sums`` also
         returns each node's conservation sums (``Result.node_sums``) from the same run.
@@ -295,16 +299,20 @@ class Explainer:
         ``loop`` (``integrated_gradients``, ``smoothgrad``, ``occlusion``, with ``loop_params``)
         runs a loop around the pass as one batched run; default: the rule file's ``loop`` header.
         ``max_amplification``: warn (``RulegraphWarning``) when a row's Σ|attribution| / |start value|
-        exceeds it (amplification.py; None: never; not for loops)."""
+        exceeds it (amplification.py; None: never; not for loops). ``at``: tensor or node names (one,
+        or a list) whose latent relevance the same run also gives (``Result.at``, ``Result.at_numbers``)."""
         check_baseline_names(baseline, self.graph.inputs)
+        at = tuple(resolve_tensor(self.graph, name) for name in ([at] if isinstance(at, str) else at or ()))
         loop_call = self._loop(loop, loop_params)
+        if at and (loop_call is not None):
+            raise RulegraphError("at= (latent relevance) is given by a plain pass; explain without the loop")
         if loop_call is not None:
             with quiet():
                 return LOOPS[loop_call.name].run(self.without_loop(), x, target, dict(loop_call.params),
                                                  baseline)
-        feeds, compiled, spec, n, resolved = self._pass_feeds(x, target, baseline, node_sums)
+        feeds, compiled, spec, n, resolved = self._pass_feeds(x, target, baseline, node_sums, at)
         seed_mode = compiled.seed_mode
-        sess = self.session(seed_mode, node_sums)
+        sess = self.session(seed_mode, node_sums, at)
         values = _run_in_chunks(sess, feeds, self._static_batch(), next(iter(feeds.values())).shape[0],
                                 self._run_failure(compiled))
         start = values[compiled.start_tensor]
@@ -332,11 +340,13 @@ class Explainer:
             explained=spec.where(),
             class_axis=spec.class_axis,
             where="" if resolved is None else resolved.where,
+            at={t: values[o] for t, o in compiled.at_attribution.items()},
+            at_numbers={t: values[o] for t, o in compiled.at_numbers.items()},
         )
         warn_if_amplified(result, max_amplification)
         return result
 
-    def _pass_feeds(self, x, target, baseline, node_sums: bool):
+    def _pass_feeds(self, x, target, baseline, node_sums: bool, at: tuple[str, ...] = ()):
         """The feeds of one pass: the inputs, the target (classes and position weights) or the seed,
         the baselines; with the compiled explainer they are for, the start's spec, the batch size
         and the resolved target (None for a seed array given as is)."""
@@ -344,7 +354,7 @@ class Explainer:
         spec = self.spec
         n = next(iter(feeds.values())).shape[0] if spec.batched else 1
         seed, resolved = self._target_feeds(target, feeds, spec, n)
-        compiled = self.compiled(seed is not None, node_sums)
+        compiled = self.compiled(seed is not None, node_sums, at)
         if seed is not None:
             feeds[compiled.seed_input] = seed
         else:

@@ -23,7 +23,9 @@ class Result:
     tensor) and ``where`` (``at t=20``, ``over region [2:5, 0:4]``, ... or ``''``); ``node_sums``:
     node -> (Σ view given to its inputs, Σ view of its outputs, Σ bias shares), [N] each (None
     where empty), when asked for; ``node_abs_sums``: node -> (Σ |view| given to its inputs,
-    Σ |view| of its outputs), the magnitudes of the same numbers (amplification.py).
+    Σ |view| of its outputs), the magnitudes of the same numbers (amplification.py); ``at``: tensor ->
+    the attribution at that intermediate tensor (latent relevance: ``a(t)``, or ``t ⊙ a(t)`` for
+    importance), ``at_numbers``: tensor -> ``a(t)`` itself (the gradient for the gradient file), when asked for.
     """
 
     attribution: dict[str, np.ndarray]
@@ -41,6 +43,8 @@ class Result:
     explained: str = ""
     class_axis: int | None = None
     where: str = ""
+    at: dict[str, np.ndarray] = field(default_factory=dict)
+    at_numbers: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def map(self) -> np.ndarray:
