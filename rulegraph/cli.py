@@ -222,7 +222,8 @@ def cmd_explain_dataset(args) -> int:
 
         summary = on_ray.explain_files(args.input, args.model, args.rules, args.o, actors=args.actors,
                                        num_gpus=args.num_gpus, output=args.output, start=args.start,
-                                       class_axis=args.class_axis, **options)
+                                       class_axis=args.class_axis, max_amplification=args.max_amplification,
+                                       progress=False if args.quiet else None, **options)
     else:
         explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
                               class_axis=args.class_axis)

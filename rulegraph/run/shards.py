@@ -134,6 +134,21 @@ def batch_size_for(explainer, sample_bytes: int, budget: int) -> int:
     return int(size)
 
 
+def sizes(explainer, sample, batch_size: int | None, shard_size: int | None, budget: int) -> tuple[int, int]:
+    """(batch size, shard size): those given, else chosen to ``budget`` from one ``sample``: the batch
+    by ``batch_size_for``, the shard so that its attributions (about the inputs' size) take a quarter
+    of the budget, at least one batch and at most ``MAX_SHARD_SIZE``."""
+    values = sample.values() if isinstance(sample, Mapping) else [sample]
+    sample_bytes = sum(np.asarray(v).nbytes for v in values)
+    if batch_size is None:
+        batch_size = batch_size_for(explainer, sample_bytes, budget)
+    if batch_size < 1 or (shard_size is not None and shard_size < 1):
+        raise RulegraphError(f"batch size {batch_size} and shard size {shard_size} must be at least 1")
+    if shard_size is None:
+        shard_size = int(min(MAX_SHARD_SIZE, max(batch_size, budget // max(4 * sample_bytes, 1))))
+    return int(batch_size), int(shard_size)
+
+
 def _digest(explainer) -> str:
     """What the outputs depend on besides the samples: the compiled pass and any loop around it."""
     h = hashlib.sha256(explainer.compiled().model.SerializeToString(deterministic=True))
@@ -147,6 +162,12 @@ def _target_text(target) -> str:
     raise RulegraphError(f"a dataset run explains one target for every sample: 'argmax', a class index or a "
                          f"Target (at=, region=, ...); got {type(target).__name__} (per-row classes and seed "
                          f"arrays fit one batch: use Explainer.explain)")
+
+
+def manifest(explainer, target, format: str, shard_size: int, batch_size: int, options: dict) -> dict:
+    """What a run's files depend on besides the samples (``MANIFEST``)."""
+    return {"explainer": _digest(explainer), "target": _target_text(target), "format": format,
+            "shard_size": shard_size, "batch_size": batch_size, "options": repr(sorted(options.items()))}
 
 
 def _check_manifest(out: Path, manifest: dict) -> None:
@@ -321,23 +342,14 @@ def run(explainer, data, out: str | Path, target="argmax", format: str = "parque
         raise RulegraphError(f"unknown output format '{format}'; formats: {', '.join(FORMATS)}")
     if format == "parquet":
         require("pyarrow.parquet", "a parquet output (--format npz needs nothing more)")
-    target_text = _target_text(target)
+    _target_text(target)
     source: Source = open_source(data, explainer, preprocess, scale, explainer.allow_nonfinite, column)
     out = _output_folder(out, data)
     first, items = _peek(source.items)
     if first is None:
         raise RulegraphError(f"{source.where}: the dataset is empty")
-    sample = first.load()
-    sample_bytes = sum(np.asarray(v).nbytes for v in (sample.values() if isinstance(sample, Mapping) else [sample]))
-    if batch_size is None:
-        batch_size = batch_size_for(explainer, sample_bytes, memory_budget)
-    if batch_size < 1 or (shard_size is not None and shard_size < 1):
-        raise RulegraphError(f"batch size {batch_size} and shard size {shard_size} must be at least 1")
-    if shard_size is None:
-        shard_size = int(min(MAX_SHARD_SIZE, max(batch_size, memory_budget // max(4 * sample_bytes, 1))))
-    _check_manifest(out, {"explainer": _digest(explainer), "target": target_text, "format": format,
-                          "shard_size": shard_size, "batch_size": batch_size,
-                          "options": repr(sorted(options.items()))})
+    batch_size, shard_size = sizes(explainer, first.load(), batch_size, shard_size, memory_budget)
+    _check_manifest(out, manifest(explainer, target, format, shard_size, batch_size, options))
     for stale in out.glob(".part-*.tmp*"):  # left by a process killed outright (atomic_write's temp files)
         stale.unlink()
     bar = progress_bar(source.count, progress)
