@@ -340,6 +340,8 @@ def _gemm_model(static_batch=None) -> onnx.ModelProto:
 
 BUDGETS = [  # (static batch, budget bytes, expected: budget // (3 * (16 + 12 + 12) + 2 * 16) rounded to the batch)
     (None, 152 * 10, 10),
+    (None, 152 * 1000, shards.MAX_BATCH_SIZE),
+    (4, 152 * 1000, shards.MAX_BATCH_SIZE),
     (None, 152 * 10 + 151, 10),
     (None, 100, 1),
     (4, 152 * 10, 8),

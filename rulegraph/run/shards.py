@@ -45,6 +45,10 @@ FORMATS = ("parquet", "npz")
 MANIFEST = "rulegraph-run.json"
 DEFAULT_MEMORY_BUDGET = 1 << 30
 MAX_SHARD_SIZE = 1000
+#: the largest batch chosen by itself: onnxruntime's throughput has long levelled off there, and
+#: the runtime's buffers settle after the second run of a shape, so a run of a few batches already
+#: has its whole-dataset peak memory
+MAX_BATCH_SIZE = 256
 #: the model's intermediate tensors are counted this many times per sample: the forward value, its
 #: relevance view in the backward pass, and one more for the runtime's own buffers
 TENSOR_COPIES = 3
@@ -121,14 +125,14 @@ def batch_size_for(explainer, sample_bytes: int, budget: int) -> int:
     """The most samples whose tensors fit ``budget`` bytes: each tensor that carries the batch axis
     (its first dimension the inputs' batch dimension) counted ``TENSOR_COPIES`` times at its size per
     sample (a tensor with other unknown dimensions at the input sample's size), at least 1; a model
-    exported with a fixed batch takes a multiple of it."""
+    exported with a fixed batch takes a multiple of it; at most ``MAX_BATCH_SIZE`` (or the fixed batch)."""
     graph = explainer.graph
     batch_dim = graph.dim(graph.inputs[0], 0) if graph.rank(graph.inputs[0]) else None
     static = batch_dim if isinstance(batch_dim, int) and batch_dim > 1 else None
     per_sample = sum(_bytes_per_row(graph, name, sample_bytes) for name, shape in graph.shapes.items()
                      if shape and shape[0] == batch_dim)
     per_sample = TENSOR_COPIES * max(per_sample, sample_bytes) + 2 * sample_bytes
-    size = max(1, budget // max(per_sample, 1))
+    size = max(1, min(MAX_BATCH_SIZE, budget // max(per_sample, 1)))
     if static:
         size = max(static, size - size % static)
     return int(size)
