@@ -419,3 +419,12 @@ def test_a_folder_without_an_output_folder_is_refused(tmp_path, samples, capsys)
     _write_pngs(tmp_path / "images", samples[:2])
     assert main(["explain", str(CNN), "--rules", "lrp-epsilon", "--input", str(tmp_path / "images")]) == 2
     assert "is a dataset: give the folder for its outputs with -o OUTDIR" in capsys.readouterr().err
+
+
+def test_ray_without_ray_names_the_extra(monkeypatch, tmp_path, samples, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    np.save(tmp_path / "x.npy", samples[:2])
+    argv = ["explain", str(CNN), "--rules", "lrp-epsilon", "--input", str(tmp_path / "x.npy"), "-o",
+            str(tmp_path / "o"), "--ray"]
+    assert main(argv) == 2
+    assert 'running on Ray needs ray: pip install "rulegraph-onnx[ray]"' in capsys.readouterr().err
