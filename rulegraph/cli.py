@@ -32,10 +32,12 @@ from .run import preprocess as pre
 from .run import rulefiles as dsl
 from .run.amplification import DEFAULT_MAX_AMPLIFICATION
 from .run.cam import Cam
+from .run.dataset import is_dataset_path
 from .run.explainer import Explainer
 from .run.files import check_output, model_files, rule_files, write_bytes, write_with
 from .run.kernels import cuda_fallbacks
 from .run.inputs import IMAGE_SUFFIXES, load_input, read_npy  # noqa: F401  (load_input: the API's input reader)
+from .run.shards import FORMATS, MAX_SHARD_SIZE
 from .viz import (
     DEFAULT_CLIP,
     FIGURE_SUFFIXES,
@@ -205,6 +207,11 @@ def _layer_summary(result, layer: str) -> str:
 
 def cmd_explain(args) -> int:
     _cam_or_rules(args)
+    if args.o or is_dataset_path(args.input):
+        if args.method:
+            raise RulegraphError(f"--method {args.method} explains one input at a time; a dataset run (-o, or a "
+                                 f"folder, glob or .parquet input) takes --rules")
+        return cmd_explain_dataset(args)
     sources = _inputs_of(args)
     if args.out:
         check_output(args.out, sources, [".npy"], "--out")
@@ -246,6 +253,48 @@ def cmd_explain(args) -> int:
         render(result, x=_first_array(x), labels=labels, method=method_name(args.rules), path=args.heatmap,
                inputs=sources, **_picture_kwargs(args))
         print(f"heatmap written to {args.heatmap}")
+    return 0
+
+
+def _memory(text: str) -> int:
+    """``512M``, ``2G``, ``1.5G`` or a number of bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    body = text.strip().upper().removesuffix("B")
+    try:
+        value = float(body[:-1]) * units[body[-1]] if body and body[-1] in units else float(body)
+    except ValueError:
+        value = -1
+    if not value >= 1:
+        raise RulegraphError(f"--memory-budget must be a size like 512M or 2G; got '{text}'")
+    return int(value)
+
+
+def cmd_explain_dataset(args) -> int:
+    """``explain --input FOLDER|GLOB|FILE -o OUTDIR``: a dataset run (run/shards.py), or ``--ray``."""
+    if not args.o:
+        raise RulegraphError(f"--input {args.input} is a dataset: give the folder for its outputs with -o OUTDIR")
+    given = [f for f in ("out", "heatmap") if getattr(args, f)]
+    if given:
+        raise RulegraphError(f"--{given[0]} writes one batch's result; a dataset run writes shards into -o "
+                             f"{args.o}: drop --{given[0]}")
+    spec = preprocess_of(args)
+    options = {"target": target_of(args), "format": args.format, "shard_size": args.shard_size,
+               "batch_size": args.batch_size, "memory_budget": _memory(args.memory_budget),
+               "preprocess": spec, "scale": args.scale or 1.0, "column": args.column}
+    if args.ray:
+        from . import ray as on_ray
+
+        summary = on_ray.explain_files(args.input, args.model, args.rules, args.o, actors=args.actors,
+                                       num_gpus=args.num_gpus, output=args.output, start=args.start,
+                                       class_axis=args.class_axis, max_amplification=args.max_amplification,
+                                       progress=False if args.quiet else None, **options)
+    else:
+        explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
+                              class_axis=args.class_axis)
+        explainer.allow_nonfinite = args.allow_nonfinite
+        summary = explainer.explain_dataset(args.input, args.o, progress=False if args.quiet else None,
+                                            max_amplification=args.max_amplification, **options)
+    print(summary)
     return 0
 
 
@@ -612,6 +661,23 @@ def _preprocess_options(p, bgr: bool, scale: bool = True) -> None:
     p.add_argument("--nhwc", action="store_true", help="the model takes [N, H, W, C] (default NCHW)")
 
 
+def _dataset_options(p) -> None:
+    """A dataset run's flags (run/shards.py, ray.py)."""
+    p.add_argument("-o", help="dataset run: the folder for its shards (created if missing; a run there is resumed)")
+    p.add_argument("--format", choices=list(FORMATS), default="parquet",
+                   help="dataset run: parquet (the dataset extra) or npz shards")
+    p.add_argument("--shard-size", type=int, help="dataset run: samples per shard (default: to the memory "
+                   f"budget, at most {MAX_SHARD_SIZE})")
+    p.add_argument("--batch-size", type=int, help="dataset run: samples per explainer run (default: to the "
+                   "memory budget)")
+    p.add_argument("--memory-budget", default="1G", help="dataset run: memory for one batch (512M, 2G)")
+    p.add_argument("--column", help="dataset run on a parquet file: the column of images (bytes) or tensors")
+    p.add_argument("--quiet", action="store_true", help="dataset run: no progress bar")
+    p.add_argument("--ray", action="store_true", help="dataset run on Ray Data (the ray extra)")
+    p.add_argument("--actors", type=int, default=2, help="--ray: actors, one onnxruntime session each")
+    p.add_argument("--num-gpus", type=float, default=0, help="--ray: GPUs per actor")
+
+
 def _max_amplification(p, help_text: str) -> None:
     p.add_argument("--max-amplification", type=float, default=DEFAULT_MAX_AMPLIFICATION,
                    help=f"{help_text} (default {DEFAULT_MAX_AMPLIFICATION:g})")
@@ -695,11 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="attribute one input batch")
     model_and_rules(p, cam=True)
-    p.add_argument("--input", required=True, help=".npy, .npz or an image file")
+    p.add_argument("--input", required=True, help=".npy, .npz or an image file; with -o a dataset: a folder, "
+                   "a quoted glob ('shards/*.npy'), a .npy/.npz (a sample per row) or a .parquet file")
     target_options(p)
     _preprocess_options(p, bgr=False)
     p.add_argument("--allow-nonfinite", action="store_true", help="explain inputs holding NaN or Inf "
                    "(refused by default)")
+    _dataset_options(p)
     p.add_argument("--out", help="write the attribution of the first input here (.npy)")
     p.add_argument("--layer-out", help="write the attribution at --layer here (.npy)")
     p.add_argument("--heatmap", help="write a picture of the attribution here (.png), one row per batch "

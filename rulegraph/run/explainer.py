@@ -366,6 +366,15 @@ class Explainer:
             feeds[baseline_input] = make_baseline(self.ruleset.baseline if given is None else given, feeds[name])
         return feeds, compiled, spec, n, resolved
 
+    def explain_dataset(self, data, out, target="argmax", **options):
+        """Explain every sample of a dataset (a folder, glob pattern, .npy/.npz/.parquet file, or an
+        iterable of arrays) into shards in the folder ``out``, streamed, batched to a memory budget and
+        resumable (``shards.run``: ``format``, ``shard_size``, ``batch_size``, ``memory_budget``,
+        ``progress``, ``column``; the rest as for ``explain``). Returns a ``shards.Summary``."""
+        from .shards import run
+
+        return run(self, data, out, target=target, **options)
+
     def _target_feeds(self, target, feeds, spec, n: int):
         """(a seed array, or None) and the resolved target (None for a seed array given as is)."""
         if isinstance(target, np.ndarray) and target.dtype.kind in "fc":
