@@ -115,15 +115,25 @@ def batch_dim(graph: Graph) -> int | str | None:
 AXIS_OPS = frozenset({"Concat", "Gather", "Split", "Slice", "Softmax", "LogSoftmax", "Flatten", "CumSum"})
 
 
-def _moves_batch(node) -> bool:
+def _reduce_axes(graph: Graph, node) -> list[int] | None:
+    """A reduction's axes: the attribute, or the constant second input (ReduceSum from opset 13, the
+    other reductions from 18); None when they are not known (every axis, or computed at run time)."""
+    axes = node.attr("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] in graph.constants:
+        axes = graph.constants[node.inputs[1]].reshape(-1).tolist()
+    return None if axes is None or len(axes) == 0 else [int(a) for a in axes]
+
+
+def _moves_batch(graph: Graph, node) -> bool:
     """Whether ``node`` may take the batch out of the outermost place of its output (a Transpose
     moving axis 0, a reduction over axis 0, an op along axis 0)."""
     if node.op_type == "Transpose":
         perm = node.attr("perm")
         return perm is None or perm[0] != 0
     if node.op_type.startswith("Reduce"):
-        axes = node.attr("axes")
-        return axes is None or 0 in axes
+        axes = _reduce_axes(graph, node)
+        rank = graph.rank(node.inputs[0])
+        return axes is None or 0 in axes or (rank is not None and -rank in axes)
     if node.op_type in AXIS_OPS and node.op_type != "Flatten":
         return node.attr("axis", 0) == 0
     return node.op_type == "Flatten" and node.attr("axis", 1) == 0
@@ -145,7 +155,7 @@ def batch_state(graph: Graph, tensor: str) -> str:
         if dim == batch:
             return "folded"
         node = graph.producer.get(tensor)
-        if isinstance(dim, int) or node is None or _moves_batch(node):
+        if isinstance(dim, int) or node is None or _moves_batch(graph, node):
             return "lost"
         active = [t for t in node.inputs if t in graph.active and graph.rank(t)]
         if not active:  # shape inference gave up on the way: the rows are checked after the run
