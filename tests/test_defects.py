@@ -6,6 +6,10 @@ model that shows it, exported by both torch exporters (``dynamo=False``: TorchSc
    LRP-ε with the biases blamed conserves per row (the per-row bias sums are taken over ``[N, -1]``
    with ``N`` from the input, not over axis 0 of the BN's output), and a reduction whose axes are
    an input (opset 18) keeps the batch when it does not reduce axis 0.
+2. Swin: the window padding's amounts come from ``Shape`` of an activation whose shape is static
+   but for the batch; the reader folds that shape arithmetic to constants (``graph/static_shapes``).
+   The legacy export used to be refused (``Pad amounts computed at run time``), the dynamo export
+   lost the batch at a Slice with axes as an input and at torch's ``as_strided`` pooling.
 """
 
 from __future__ import annotations
@@ -126,3 +130,94 @@ def reduce_model(axes: list[int]):
 def test_reduction_axes_given_as_an_input_keep_or_lose_the_batch(axes, state):
     graph = G.load(reduce_model(axes))
     assert graph.dim("y", 0) != "N" and targets.batch_state(graph, "y") == state
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Swin: shape arithmetic on static dims folds
+
+
+def padding_model(axis_of_size: int):
+    """x [N, 5, 6] -> y = Pad(x, pads) with pads = [0, 0, 0, 0, 0, (7 − size % 7) % 7] computed from
+    ``Shape(x)[axis_of_size]`` (as torch traces Swin's ``maybe_pad``) -> Relu."""
+    ints = {"axis": [axis_of_size], "seven": [7], "zeros": [0, 0, 0, 0, 0]}
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "axis"], ["size"], axis=0),
+             helper.make_node("Mod", ["size", "seven"], ["rest"]),
+             helper.make_node("Sub", ["seven", "rest"], ["gap"]),
+             helper.make_node("Mod", ["gap", "seven"], ["amount"]),
+             helper.make_node("Concat", ["zeros", "amount"], ["pads"], axis=0),
+             helper.make_node("Pad", ["x", "pads"], ["padded"]),
+             helper.make_node("Relu", ["padded"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in ints.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize(("axis", "pads"), [(1, [0, 0, 0, 0, 0, 2]), (2, [0, 0, 0, 0, 0, 1]),
+                                            (-1, [0, 0, 0, 0, 0, 1])])
+def test_shape_arithmetic_on_static_dims_folds_to_constants(axis, pads):
+    graph = G.load(padding_model(axis))
+    assert [n.op_type for n in graph.nodes] == ["Pad", "Relu"]
+    np.testing.assert_array_equal(graph.constants[graph.nodes[0].inputs[1]], pads)
+    x = np.random.default_rng(0).normal(size=(2, 5, 6)).astype(np.float32)
+    result = rulegraph.Explainer(padding_model(axis), "gradient").explain(x, target=np.ones((2, 5, 6 + pads[-1])))
+    np.testing.assert_array_equal(result.saliency["x"], (x > 0).astype(np.float32))
+
+
+def test_shape_arithmetic_on_the_batch_is_not_folded():
+    """The batch dimension is never a constant: the pads stay computed, and the Pad is refused."""
+    graph = G.load(padding_model(0))
+    assert "Shape" in [n.op_type for n in graph.nodes]
+    with pytest.raises(rulegraph.RulegraphError, match="Pad amounts computed at run time"):
+        rulegraph.Explainer(padding_model(0), "gradient").explain(np.ones((2, 5, 6), np.float32),
+                                                                  target=np.ones((2, 5, 6)))
+
+
+@pytest.fixture(scope="module")
+def swin(tmp_path_factory):
+    """A two-stage Swin (window 7 on 16×16 and 8×8 token grids: both pad), random weights."""
+    transformers = pytest.importorskip("transformers", reason="Swin comes from transformers")
+    config = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                     window_size=7, num_labels=5)
+    torch.manual_seed(0)
+    net = Logits(transformers.SwinForImageClassification(config).eval())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    folder = tmp_path_factory.mktemp("swin")
+    return net, x, {name: tm.export_onnx(net, x, folder / f"{name}.onnx", dynamo)
+                    for name, dynamo in EXPORTERS.items()}
+
+
+class Logits(nn.Module):
+    """A transformers image classifier as ``pixel_values -> logits``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=x).logits
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_swin_gradient_equals_autograd(swin, exporter):
+    net, x, paths = swin
+    explainer = rulegraph.Explainer(paths[exporter], "gradient")
+    pads = [n.inputs[1] for n in explainer.graph.nodes if n.op_type == "Pad"]
+    assert pads and all(p in explainer.graph.constants for p in pads)  # the window padding, folded
+    result = explainer.explain(x.numpy(), target=[0, 3])
+    np.testing.assert_allclose(result.outputs["logits"], net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    net(xg)[[0, 1], [0, 3]].sum().backward()
+    expected = xg.grad.numpy()
+    error = np.abs(result.saliency["input"] - expected).max() / np.abs(expected).max()
+    print(f"\n{exporter}: Swin gradient vs autograd, max relative error {error:.1e}")
+    assert error < 1e-4
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_swin_lrp_transformer_conserves(swin, exporter):
+    _, x, paths = swin
+    result = rulegraph.Explainer(paths[exporter], "lrp-transformer").explain(x.numpy(), target=[0, 3])
+    print(f"\n{exporter}: Swin lrp-transformer relative delta per row {result.relative_delta}")
+    assert np.abs(result.relative_delta).max() < 1e-3
