@@ -10,20 +10,28 @@ model that shows it, exported by both torch exporters (``dynamo=False``: TorchSc
    but for the batch; the reader folds that shape arithmetic to constants (``graph/static_shapes``).
    The legacy export used to be refused (``Pad amounts computed at run time``), the dynamo export
    lost the batch at a Slice with axes as an input and at torch's ``as_strided`` pooling.
+3. GPT-2 with a left-padded row (sdpa and eager attention): the NaN-guarded Softmax of a fully
+   masked query row differentiates through its own VJP on the guarded output (its members' chain
+   multiplied by the raw, NaN, Softmax); the gradient × input per token equals autograd and
+   lrp-transformer conserves. Any NaN/Inf answer for finite inputs is named (``Result.nonfinite``)
+   and warned about, with its cause (the forward, or the backward).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import rulegraph
 from rulegraph.backward import ops as G
 from rulegraph.compile import targets
+from rulegraph.errors import RulegraphWarning
 
 torch = pytest.importorskip("torch", reason="the defects are reproduced on torch models ([crosscheck] extra)")
 pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
@@ -221,3 +229,134 @@ def test_swin_lrp_transformer_conserves(swin, exporter):
     result = rulegraph.Explainer(paths[exporter], "lrp-transformer").explain(x.numpy(), target=[0, 3])
     print(f"\n{exporter}: Swin lrp-transformer relative delta per row {result.relative_delta}")
     assert np.abs(result.relative_delta).max() < 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. GPT-2 with sdpa attention: the NaN-guarded Softmax of a fully masked row
+
+
+class NextToken(nn.Module):
+    """A transformers causal LM as ``(ids, mask) -> logits [N, T, vocab]`` (no cache)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+GPT2_CASES = [(attention, exporter) for attention in ("sdpa", "eager") for exporter in EXPORTERS]
+VOCAB, NEXT = 50, [3, 4]  # the next-token class explained per row, at the last position
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """{attention: torch model}, ids [2, 7], mask (row 1 padded on the left, 3 tokens), {case: path}."""
+    transformers = pytest.importorskip("transformers", reason="GPT-2 comes from transformers")
+    transformers.logging.set_verbosity_error()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    folder = tmp_path_factory.mktemp("gpt2")
+    nets, paths = {}, {}
+    for attention in ("sdpa", "eager"):
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                         bos_token_id=0, eos_token_id=0, attn_implementation=attention)
+        torch.manual_seed(0)
+        nets[attention] = NextToken(transformers.GPT2LMHeadModel(config).eval())
+        for exporter, dynamo in EXPORTERS.items():
+            paths[attention, exporter] = tm.export_token_model(nets[attention], ids, mask,
+                                                               folder / f"{attention}_{exporter}.onnx", dynamo)
+    return nets, ids, mask, paths
+
+
+def next_token_autograd(net: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Σ_e emb ⊙ ∂logit[n, T−1, NEXT[n]]/∂emb at the token embeddings' output, per token [N, T]."""
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["emb"] = output
+
+    handle = net.net.transformer.wte.register_forward_hook(keep)
+    try:
+        net(ids, mask)[[0, 1], -1, NEXT].sum().backward()
+    finally:
+        handle.remove()
+    emb = captured["emb"]
+    return (emb * emb.grad).sum(-1).detach().numpy()
+
+
+@pytest.mark.parametrize(("attention", "exporter"), GPT2_CASES)
+def test_gpt2_padded_row_gradient_is_finite_and_equals_autograd(gpt2, attention, exporter):
+    nets, ids, mask, paths = gpt2
+    feeds = {"ids": ids.numpy(), "mask": mask.numpy()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "not finite", RulegraphWarning)  # a NaN answer warns
+        result = rulegraph.Explainer(paths[attention, exporter], "gradient").explain(
+            feeds, target=rulegraph.Target(NEXT, at=6))
+    session = onnxruntime.InferenceSession(str(paths[attention, exporter]), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(result.outputs["logits"], session.run(["logits"], feeds)[0], rtol=1e-5, atol=1e-6)
+    real = mask.numpy() == 1  # torch's own values at padded queries differ by exporter; the next token's agree
+    np.testing.assert_allclose(result.outputs["logits"][real], nets[attention](ids, mask).detach().numpy()[real],
+                               rtol=1e-4, atol=1e-5)
+    expected = next_token_autograd(nets[attention], ids, mask)
+    assert np.isfinite(result.map).all() and not result.nonfinite
+    np.testing.assert_array_equal(result.map[expected == 0], 0.0)  # the padded tokens
+    error = np.abs(result.map - expected).max() / np.abs(expected).max()
+    print(f"\n{attention}/{exporter}: gradient × input per token vs autograd, max relative error {error:.1e}")
+    assert error < 1e-4
+
+
+@pytest.mark.parametrize(("attention", "exporter"), GPT2_CASES)
+def test_gpt2_padded_row_lrp_transformer_conserves(gpt2, attention, exporter):
+    _, ids, mask, paths = gpt2
+    feeds = {"ids": ids.numpy(), "mask": mask.numpy()}
+    result = rulegraph.Explainer(paths[attention, exporter], "lrp-transformer").explain(
+        feeds, target=rulegraph.Target(NEXT, at=6))
+    assert np.isfinite(result.map).all() and not result.nonfinite
+    np.testing.assert_array_equal(result.map[1, :3], 0.0)  # the padded tokens
+    assert np.abs(result.relative_delta).max() < 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# 3b. a NaN or Inf answer is never returned silently
+
+
+def sqrt_model():
+    """y = Sqrt(x) @ I: finite at x = 0 while dy/dx = 1 / (2√x) is not; NaN for x < 0."""
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["s"]), helper.make_node("MatMul", ["s", "v"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.eye(2, dtype=np.float32), "v")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+NONFINITE = [  # (x, rules, what is named, the cause's words)
+    ([[4.0, 0.0], [1.0, 1.0]], "gradient-x-input", "the attribution of input 'x' holds NaN in row 0 (1 of 4 entries)",
+     "the start value is finite there, so the backward pass made them"),
+    ([[4.0, 0.0], [1.0, 1.0]], "gradient", "the saliency of input 'x' holds Inf in row 0 (1 of 4 entries)",
+     "the backward pass made them"),
+    ([[1.0, 1.0], [1.0, -1.0]], "gradient-x-input", "the attribution of input 'x' holds NaN in row 1 (1 of 4 entries)",
+     "is not finite in row 1: the model's forward overflowed or divided by zero"),
+]
+
+
+@pytest.mark.parametrize(("x", "rules", "named", "cause"), NONFINITE)
+def test_a_nonfinite_answer_for_finite_inputs_is_named_and_warned(x, rules, named, cause):
+    with pytest.warns(RulegraphWarning, match="not finite") as caught:
+        result = rulegraph.Explainer(sqrt_model(), rules).explain(np.array(x, np.float32), target=[1, 1])
+    text = str(caught[0].message)
+    assert named in text and cause in text
+    assert any(named in sentence and cause in sentence for sentence in result.nonfinite)
+
+
+def test_nonfinite_inputs_allowed_give_nonfinite_answers_without_a_warning():
+    explainer = rulegraph.Explainer(sqrt_model(), "gradient-x-input")
+    explainer.allow_nonfinite = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "not finite", RulegraphWarning)
+        result = explainer.explain(np.array([[np.nan, 0.0], [1.0, 1.0]], np.float32), target=[1, 1])
+    assert not np.isfinite(result.map).all() and result.nonfinite == []

@@ -30,9 +30,19 @@ member_vjp = registrar(MEMBER_VJPS)
 fused_kind("SiLU", NONLINEAR)
 
 
+#: fused op types whose own VJP, reading the fused node's output, is the gradient of what the members
+#: compute, where the members' chain is not: the NaN-guarded Softmax (``Where(IsNaN(s), 0, s)``), whose
+#: chain multiplies by the raw Softmax ``s`` (NaN on fully masked rows, where the guarded output is 0
+#: and the gradient is 0, as torch's ``_safe_softmax`` gives)
+OWN_VJP = frozenset({"Softmax"})
+
+
 def vjp_of(node: Node) -> Callable[[VjpContext, list], list] | None:
-    """The VJP emitter of ``node``: the VJP table's entry, or for a fused node its members' chain."""
-    return _fused_vjp if node.members else VJPS.get(node.op_type)
+    """The VJP emitter of ``node``: the VJP table's entry, or for a fused node its members' chain
+    (its own op's entry for ``OWN_VJP``)."""
+    if node.members and node.op_type not in OWN_VJP:
+        return _fused_vjp
+    return VJPS.get(node.op_type)
 
 
 def apply_vjp(ctx: VjpContext, g: list[str | None]) -> list[str | None]:

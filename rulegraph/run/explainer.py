@@ -25,6 +25,7 @@ from .files import check_output, model_files, rule_files, write_with
 from .inputs import convert
 from .loopgraph import compile_loop
 from .loops import LOOPS
+from .nonfinite import warn_if_nonfinite
 from .results import Result
 
 
@@ -329,6 +330,7 @@ class Explainer:
             where="" if resolved is None else resolved.where,
         )
         warn_if_amplified(result, max_amplification)
+        warn_if_nonfinite(result, {k: feeds[k] for k in self.graph.inputs if k in feeds})
         return result
 
     def _target_feeds(self, target, feeds, spec, n: int):

@@ -23,7 +23,9 @@ class Result:
     tensor) and ``where`` (``at t=20``, ``over region [2:5, 0:4]``, ... or ``''``); ``node_sums``:
     node -> (Σ view given to its inputs, Σ view of its outputs, Σ bias shares), [N] each (None
     where empty), when asked for; ``node_abs_sums``: node -> (Σ |view| given to its inputs,
-    Σ |view| of its outputs), the magnitudes of the same numbers (amplification.py).
+    Σ |view| of its outputs), the magnitudes of the same numbers (amplification.py);
+    ``nonfinite``: one sentence per array above that holds NaN/Inf while the inputs were finite,
+    with its rows and cause (nonfinite.py; ``explain`` also warns), else empty.
     """
 
     attribution: dict[str, np.ndarray]
@@ -41,6 +43,7 @@ class Result:
     explained: str = ""
     class_axis: int | None = None
     where: str = ""
+    nonfinite: list[str] = field(default_factory=list)
 
     @property
     def map(self) -> np.ndarray:
