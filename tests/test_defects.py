@@ -240,17 +240,6 @@ def test_swin_lrp_transformer_conserves(swin, exporter):
 # 3. GPT-2 with sdpa attention: the NaN-guarded Softmax of a fully masked row
 
 
-class NextToken(nn.Module):
-    """A transformers causal LM as ``(ids, mask) -> logits [N, T, vocab]`` (no cache)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.net(input_ids=ids, attention_mask=mask, use_cache=False).logits
-
-
 GPT2_CASES = [(attention, exporter) for attention in ("sdpa", "eager") for exporter in EXPORTERS]
 VOCAB, NEXT = 50, [3, 4]  # the next-token class explained per row, at the last position
 
@@ -269,28 +258,11 @@ def gpt2(tmp_path_factory):
         config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2,
                                          bos_token_id=0, eos_token_id=0, attn_implementation=attention)
         torch.manual_seed(0)
-        nets[attention] = NextToken(transformers.GPT2LMHeadModel(config).eval())
+        nets[attention] = tm.CausalLM(transformers.GPT2LMHeadModel(config).eval())
         for exporter, dynamo in EXPORTERS.items():
             paths[attention, exporter] = tm.export_token_model(nets[attention], ids, mask,
                                                                folder / f"{attention}_{exporter}.onnx", dynamo)
     return nets, ids, mask, paths
-
-
-def next_token_autograd(net: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """Σ_e emb ⊙ ∂logit[n, T−1, NEXT[n]]/∂emb at the token embeddings' output, per token [N, T]."""
-    captured = {}
-
-    def keep(module, inputs, output):
-        output.retain_grad()
-        captured["emb"] = output
-
-    handle = net.net.transformer.wte.register_forward_hook(keep)
-    try:
-        net(ids, mask)[[0, 1], -1, NEXT].sum().backward()
-    finally:
-        handle.remove()
-    emb = captured["emb"]
-    return (emb * emb.grad).sum(-1).detach().numpy()
 
 
 @pytest.mark.parametrize(("attention", "exporter"), GPT2_CASES)
@@ -306,7 +278,7 @@ def test_gpt2_padded_row_gradient_is_finite_and_equals_autograd(gpt2, attention,
     real = mask.numpy() == 1  # torch's own values at padded queries differ by exporter; the next token's agree
     np.testing.assert_allclose(result.outputs["logits"][real], nets[attention](ids, mask).detach().numpy()[real],
                                rtol=1e-4, atol=1e-5)
-    expected = next_token_autograd(nets[attention], ids, mask)
+    expected = tm.token_gradient_x_input(nets[attention], ids, mask, NEXT)
     assert np.isfinite(result.map).all() and not result.nonfinite
     np.testing.assert_array_equal(result.map[expected == 0], 0.0)  # the padded tokens
     error = np.abs(result.map - expected).max() / np.abs(expected).max()
