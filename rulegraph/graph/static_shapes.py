@@ -45,7 +45,8 @@ def _dims(type_proto: onnx.TypeProto) -> list[int | None] | None:
     tensor = type_proto.tensor_type
     if not tensor.HasField("shape"):
         return None
-    return [int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
+    return [int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in tensor.shape.dim]
 
 
 def _shape(node: onnx.NodeProto, dims: list[int | None]) -> Partial:
@@ -154,7 +155,7 @@ def partial_values(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> 
                       for i in node.input]
             try:
                 part = _carry(node, inputs, constants)
-            except (ValueError, IndexError, TypeError):  # entries the op does not accept: onnxruntime will say
+            except (ValueError, IndexError, TypeError):  # entries the op refuses: onnxruntime will say so
                 part = None
         else:
             continue
