@@ -148,6 +148,8 @@ FUSED = [
     ("safe_softmax-dynamo",  # torch's _safe_softmax in scaled_dot_product_attention
      [n("Softmax", ["x"], "s", axis=-1), n("IsNaN", ["s"], "nan"), n("Where", ["nan", "zero", "s"], "y")],
      {"zero": c(0.0)}, 18, X, [("Softmax", ["s", "nan", "y"])]),
+    ("reciprocal-torchscript",  # 1 / s as Div(1, s): rsqrt in a TorchScript-exported RMSNorm
+     [n("Div", ["one", "x"], "y")], {"one": c(1.0)}, 17, X, [("Reciprocal", ["y"])]),
 ]
 
 # patterns whose decomposed form has an op without a kind (Pow, Sqrt): only the fused graph compiles
@@ -177,6 +179,8 @@ def feeds_for(name: str, shape, rng) -> dict[str, np.ndarray]:
     x = 2.0 * rng.standard_normal(shape)
     if name.startswith("hardswish"):  # away from the kinks at ±3 of Clip(x + 3, 0, 6)
         x = np.where(np.abs(np.abs(x) - 3) < 0.05, x + 0.1, x)
+    if name.startswith("reciprocal"):  # away from the pole at 0
+        x = np.sign(x) * (np.abs(x) + 0.5)
     return {"x": x}
 
 

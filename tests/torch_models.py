@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -392,3 +393,37 @@ def export_token_model(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, 
         with torch.no_grad():
             torch.onnx.export(model.eval(), (ids, mask), str(path), **kwargs)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers causal language models (tests/test_defects.py, tests/test_llm.py)
+
+
+class CausalLM(nn.Module):
+    """A transformers causal LM as ``(ids, mask) -> logits [N, T, vocab]`` (no KV cache)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def token_gradient_x_input(net: CausalLM, ids: torch.Tensor, mask: torch.Tensor, classes: Sequence[int],
+                           position: int = -1) -> np.ndarray:
+    """Σ_e emb ⊙ ∂logit[n, position, classes[n]]/∂emb at the token embeddings' output, per token
+    ``[N, T]`` (autograd, float32)."""
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["emb"] = output
+
+    handle = net.net.get_input_embeddings().register_forward_hook(keep)
+    try:
+        net(ids, mask)[range(len(classes)), position, list(classes)].sum().backward()
+    finally:
+        handle.remove()
+    emb = captured["emb"]
+    return (emb * emb.grad).sum(-1).detach().numpy()

@@ -59,9 +59,17 @@ def _straight_through(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
 FUSED_VJPS: dict[str, Callable[[VjpContext, list], list]] = {"QuantizeDequantize": _straight_through}
 
 
+#: fused op types whose own VJP, reading the fused node's output, is the gradient of what the members
+#: compute, where the members' chain is not: the NaN-guarded Softmax (``Where(IsNaN(s), 0, s)``), whose
+#: chain multiplies by the raw Softmax ``s`` (NaN on fully masked rows, where the guarded output is 0
+#: and the gradient is 0, as torch's ``_safe_softmax`` gives)
+OWN_VJP = frozenset({"Softmax"})
+
+
 def vjp_of(node: Node) -> Callable[[VjpContext, list], list] | None:
-    """The VJP emitter of ``node``: the VJP table's entry, or for a fused node its members' chain."""
-    if node.members:
+    """The VJP emitter of ``node``: the VJP table's entry, or for a fused node its members' chain
+    (its own op's entry for ``OWN_VJP``; ``FUSED_VJPS`` for a fused-only op)."""
+    if node.members and node.op_type not in OWN_VJP:
         return FUSED_VJPS.get(node.op_type, _fused_vjp)
     return VJPS.get(node.op_type)
 

@@ -115,17 +115,35 @@ def batch_dim(graph: Graph) -> int | str | None:
 AXIS_OPS = frozenset({"Concat", "Gather", "Split", "Slice", "Softmax", "LogSoftmax", "Flatten", "CumSum"})
 
 
-def _moves_batch(node) -> bool:
+#: where an op takes its axes as an input (from opset 13 for ReduceSum, 18 for the other reductions)
+AXES_INPUT = {"Slice": 3}
+
+
+def _axes(graph: Graph, node) -> list[int] | None:
+    """A reduction's or a Slice's axes, non-negative: the attribute, or the constant axes input;
+    None when they are not known (absent: every axis; or computed at run time)."""
+    axes = node.attr("axes")
+    position = AXES_INPUT.get(node.op_type, 1)
+    if axes is None and len(node.inputs) > position and node.inputs[position] in graph.constants:
+        axes = graph.constants[node.inputs[position]].reshape(-1).tolist()
+    rank = graph.rank(node.inputs[0])
+    if axes is None or len(axes) == 0 or (rank is None and any(a < 0 for a in axes)):
+        return None
+    return [int(a) % rank if rank else int(a) for a in axes]
+
+
+def _moves_batch(graph: Graph, node) -> bool:
     """Whether ``node`` may take the batch out of the outermost place of its output (a Transpose
-    moving axis 0, a reduction over axis 0, an op along axis 0)."""
+    moving axis 0, a reduction or a Slice over axis 0, an op along axis 0)."""
     if node.op_type == "Transpose":
         perm = node.attr("perm")
         return perm is None or perm[0] != 0
-    if node.op_type.startswith("Reduce"):
-        axes = node.attr("axes")
+    if node.op_type.startswith("Reduce") or node.op_type == "Slice":
+        axes = _axes(graph, node)
         return axes is None or 0 in axes
     if node.op_type in AXIS_OPS and node.op_type != "Flatten":
-        return node.attr("axis", 0) == 0
+        rank = graph.rank(node.inputs[0])
+        return node.attr("axis", 0) % (rank or 1) == 0 if rank else node.attr("axis", 0) == 0
     return node.op_type == "Flatten" and node.attr("axis", 1) == 0
 
 
@@ -145,7 +163,7 @@ def batch_state(graph: Graph, tensor: str) -> str:
         if dim == batch:
             return "folded"
         node = graph.producer.get(tensor)
-        if isinstance(dim, int) or node is None or _moves_batch(node):
+        if isinstance(dim, int) or node is None or _moves_batch(graph, node):
             return "lost"
         active = [t for t in node.inputs if t in graph.active and graph.rank(t)]
         if not active:  # shape inference gave up on the way: the rows are checked after the run

@@ -470,6 +470,18 @@ def _qdq(graph: Graph, quantize: Node) -> Match:
                  dequantize.outputs[0])
 
 
+# a reciprocal written as a quotient
+
+
+@pattern("reciprocal", "Reciprocal", "Div")
+def _reciprocal(graph: Graph, div: Node) -> Match:
+    """1 / s as Div(1, s): torch's TorchScript exporter (rsqrt in Llama's RMSNorm); nonlinear in s,
+    where a Div with a constant operand would read as linear (and the ε-rule flip the sign)."""
+    if _scalar(graph, div.inputs[0]) != 1.0 or div.inputs[1] not in graph.active:
+        raise NoMatch(f"{div} is not Div(1, s) of an activation s")
+    return Match("reciprocal", "Reciprocal", [div], [div.inputs[1]], div.outputs[0])
+
+
 # --------------------------------------------------------------------------------------------------
 # finding and fusing
 

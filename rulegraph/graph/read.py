@@ -14,7 +14,9 @@ Reading a model:
    opset 16);
 3. name unnamed nodes; treat initializers, Constant nodes and graph inputs that have an
    initializer (old exports such as mnist-8) as constants, and fold every node whose inputs are all
-   constants (a Reshape of a weight, shape arithmetic on static shapes);
+   constants (a Reshape of a weight, shape arithmetic on static shapes), then the entries of
+   ``Shape`` of an activation that are static (all but the batch) and what is computed from them
+   (``static_shapes``: Swin's window padding);
 4. infer shapes and dtypes;
 5. mark *active* tensors: floats computed from a float graph input or from an embedding lookup
    (a *token source*, below). Only active tensors carry an associated number; integer tensors
@@ -51,6 +53,7 @@ from .kinds import OpKinds, op_key
 from .legacy_resize import restore_legacy_resize
 from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
 from .recurrent import expand_recurrent
+from .static_shapes import partial_values, unused_shape_nodes
 
 MIN_OPSET = 17
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
@@ -164,7 +167,22 @@ def load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | N
     if expand_recurrent(proto, constants):
         proto = _rebuild(proto, list(proto.graph.node), constants)
     _name_batch(proto)
+    proto = _fold_static_shapes(proto, constants)
     return _build(proto, constants, op_kinds)
+
+
+def _fold_static_shapes(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Fold shape arithmetic on static dimensions (``static_shapes``) and what it computes, until
+    nothing more folds."""
+    while True:
+        found, tracked = partial_values(proto, constants)
+        if not found:
+            return proto
+        constants.update(found)
+        proto = _rebuild(proto, [n for n in proto.graph.node if not all(o in found for o in n.output if o)],
+                         constants)
+        proto = _rebuild(proto, unused_shape_nodes(proto, tracked), constants)
+        proto = _rebuild(proto, _fold_constants(proto, constants), constants)
 
 
 def sort_nodes(proto: onnx.ModelProto) -> None:
@@ -410,7 +428,9 @@ BATCH_SYMBOL = "N"
 def _name_batch(proto: onnx.ModelProto) -> None:
     """One symbol for the dynamic batch dimension of every input (exporters write ``-1``, ``0``,
     nothing, or a symbol each), so that shape inference shows which tensors carry the batch; the
-    outputs' declared dims that are not fixed are left to inference (exporters name them apart).
+    outputs' declared dims that are not fixed are left to inference (exporters name them apart),
+    except an output's first dim declared with an input's batch symbol: the exporter traced the
+    batch there (through ops inference cannot follow, such as torch's ``as_strided`` pooling).
     A fixed first dimension (``1``) is kept: the model accepts only that batch."""
     dynamic = []
     for vi in proto.graph.input:
@@ -425,9 +445,12 @@ def _name_batch(proto: onnx.ModelProto) -> None:
         dim.dim_param = symbol
     for vi in proto.graph.output:
         if vi.type.tensor_type.HasField("shape"):
-            for dim in vi.type.tensor_type.shape.dim:
+            for i, dim in enumerate(vi.type.tensor_type.shape.dim):
+                batch = i == 0 and dynamic and dim.HasField("dim_param") and dim.dim_param in symbols
                 if not (dim.HasField("dim_value") and dim.dim_value > 0):
                     dim.Clear()
+                if batch:
+                    dim.dim_param = symbol
 
 
 def _shape_of(type_proto) -> list[int | str | None] | None:

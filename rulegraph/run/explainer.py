@@ -26,6 +26,7 @@ from .files import check_output, model_files, rule_files, write_with
 from .inputs import convert
 from .loopgraph import compile_loop
 from .loops import LOOPS
+from .nonfinite import warn_if_nonfinite
 from .results import Result
 
 
@@ -344,6 +345,7 @@ class Explainer:
             at_numbers={t: values[o] for t, o in compiled.at_numbers.items()},
         )
         warn_if_amplified(result, max_amplification)
+        warn_if_nonfinite(result, {k: feeds[k] for k in self.graph.inputs if k in feeds})
         return result
 
     def _pass_feeds(self, x, target, baseline, node_sums: bool, at: tuple[str, ...] = ()):

@@ -26,6 +26,8 @@ class Result:
     Σ |view| of its outputs), the magnitudes of the same numbers (amplification.py); ``at``: tensor ->
     the attribution at that intermediate tensor (latent relevance: ``a(t)``, or ``t ⊙ a(t)`` for
     importance), ``at_numbers``: tensor -> ``a(t)`` itself (the gradient for the gradient file), when asked for.
+    ``nonfinite``: one sentence per array above that holds NaN/Inf while the inputs were finite,
+    with its rows and cause (nonfinite.py; ``explain`` also warns), else empty.
     """
 
     attribution: dict[str, np.ndarray]
@@ -45,6 +47,7 @@ class Result:
     where: str = ""
     at: dict[str, np.ndarray] = field(default_factory=dict)
     at_numbers: dict[str, np.ndarray] = field(default_factory=dict)
+    nonfinite: list[str] = field(default_factory=list)
 
     @property
     def map(self) -> np.ndarray:

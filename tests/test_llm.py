@@ -1,0 +1,104 @@
+"""Decoder language models from transformers configs (random weights), exported by both torch
+exporters: the relevance of every prompt token for the next-token logit.
+
+- GPT-2 (learned positions, GELU MLP, LayerNorm) and a Llama-style model (rotary embeddings,
+  RMSNorm decomposed by the exporter into Pow/ReduceMean/Add/Sqrt/Div or Rsqrt/Mul, SiLU-gated
+  MLP, grouped-query attention with fewer key/value heads than heads);
+- the ``gradient`` file: gradient × input per token at the token embeddings equals autograd;
+- ``lrp-transformer``: tokens plus bias shares add up to the next-token logit to 1e-3 (GPT-2).
+  The Llama-style model does not conserve to 1e-3 yet, an expected failure (strict, so that it
+  reports when it holds): its decomposed RMSNorm ``x · (1 / sqrt(mean(x²) + ε))`` passes half the
+  relevance into the normalizing factor, where the ε stabilizers leak 1.2e-3 and 2.2e-3 per row;
+  AttnLRP holds the factor constant (the RMS normalization rules, issue 10 item 2).
+- Both exports get the same lrp-transformer map: the TorchScript export writes ``1 / sqrt`` as
+  ``Div(1, s)``, read as a Reciprocal (nonlinear; as a Div with a constant operand it read as
+  linear, and the ε-rule flipped the relevance's sign: deltas of about 1).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rulegraph
+
+torch = pytest.importorskip("torch", reason="the language models are built in torch ([crosscheck] extra)")
+transformers = pytest.importorskip("transformers", reason="GPT-2 and Llama configs come from transformers")
+pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch_models as tm  # noqa: E402
+
+VOCAB, T, NEXT = 50, 7, [3, 4]  # vocabulary, prompt length, the next token explained per row
+EXPORTERS = {"torchscript": False, "dynamo": True}
+
+
+def gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+
+
+def llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+MODELS = {"gpt2": gpt2, "llama": llama}
+CASES = [(model, exporter) for model in MODELS for exporter in EXPORTERS]
+
+
+@pytest.fixture(scope="module")
+def llms(tmp_path_factory):
+    """{model: torch model}, ids [2, T], mask (all ones), {(model, exporter): onnx path}."""
+    transformers.logging.set_verbosity_error()
+    ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    folder = tmp_path_factory.mktemp("llm")
+    nets, paths = {}, {}
+    for name, build in MODELS.items():
+        torch.manual_seed(0)
+        nets[name] = tm.CausalLM(build().eval())
+        for exporter, dynamo in EXPORTERS.items():
+            paths[name, exporter] = tm.export_token_model(nets[name], ids, mask, folder / f"{name}_{exporter}.onnx",
+                                                          dynamo)
+    return nets, ids, mask, paths
+
+
+def explain(paths, model, exporter, rules, ids, mask):
+    explainer = rulegraph.Explainer(paths[model, exporter], rules)
+    return explainer.explain({"ids": ids.numpy(), "mask": mask.numpy()}, target=rulegraph.Target(NEXT, at=T - 1))
+
+
+@pytest.mark.parametrize(("model", "exporter"), CASES)
+def test_gradient_per_prompt_token_equals_autograd(llms, model, exporter):
+    nets, ids, mask, paths = llms
+    result = explain(paths, model, exporter, "gradient", ids, mask)
+    np.testing.assert_allclose(result.outputs["logits"], nets[model](ids, mask).detach().numpy(), rtol=1e-4,
+                               atol=1e-5)
+    assert result.map.shape == (2, T) and result.explained.startswith("tensor 'logits'")
+    expected = tm.token_gradient_x_input(nets[model], ids, mask, NEXT, position=T - 1)
+    error = np.abs(result.map - expected).max() / np.abs(expected).max()
+    print(f"\n{model}/{exporter}: gradient × input per token vs autograd, max relative error {error:.1e}")
+    assert error < 1e-4
+
+
+@pytest.mark.parametrize(("model", "exporter"), [
+    pytest.param(model, exporter, marks=pytest.mark.xfail(
+        model == "llama", strict=True, reason="decomposed RMSNorm: the normalizing factor takes relevance "
+        "(held constant by the RMS normalization rules to come)")) for model, exporter in CASES])
+def test_lrp_transformer_per_prompt_token_conserves(llms, model, exporter):
+    _, ids, mask, paths = llms
+    result = explain(paths, model, exporter, "lrp-transformer", ids, mask)
+    assert set(result.attribution) == {"ids"} and np.isfinite(result.map).all()
+    print(f"\n{model}/{exporter}: lrp-transformer relative delta per row {result.relative_delta}")
+    assert np.abs(result.relative_delta).max() < 1e-3
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_both_exports_get_the_same_lrp_transformer_map(llms, model):
+    _, ids, mask, paths = llms
+    maps = [explain(paths, model, exporter, "lrp-transformer", ids, mask).map for exporter in EXPORTERS]
+    assert np.abs(maps[0] - maps[1]).max() / np.abs(maps[1]).max() < 1e-4
