@@ -85,10 +85,7 @@ def test_gradient_per_prompt_token_equals_autograd(llms, model, exporter):
     assert error < 1e-4
 
 
-@pytest.mark.parametrize(("model", "exporter"), [
-    pytest.param(model, exporter, marks=pytest.mark.xfail(
-        model == "llama", strict=True, reason="decomposed RMSNorm: the normalizing factor takes relevance "
-        "(held constant by the RMS normalization rules to come)")) for model, exporter in CASES])
+@pytest.mark.parametrize(("model", "exporter"), CASES)
 def test_lrp_transformer_per_prompt_token_conserves(llms, model, exporter):
     _, ids, mask, paths = llms
     result = explain(paths, model, exporter, "lrp-transformer", ids, mask)

@@ -431,6 +431,56 @@ def _layernorm(graph: Graph, mean: Node) -> Match:
                  {"axis": -len(axes), "epsilon": eps})
 
 
+@pattern("rmsnorm", "RMSNormalization", "Pow", "Mul")
+def _rmsnorm(graph: Graph, square: Node) -> Match:
+    """RMSNormalization(x, γ) = x / √(mean(x²) + ε) · γ: torch's export of Llama-style RMSNorm (and
+    T5's LayerNorm), which has no centering.
+
+    Written as Pow(x, 2) (or Mul(x, x)), ReduceMean over trailing axes keeping dims, Add(ε), Sqrt,
+    then Div(x, σ), or Reciprocal (or Div(1, σ)) and Mul with x; then Mul γ where present.
+    """
+    x = square.inputs[0]
+    if not ((square.op_type == "Pow" and _scalar(graph, square.inputs[1]) == 2.0)
+            or (square.op_type == "Mul" and square.inputs == [x, x])):
+        raise NoMatch(f"{square} is not the square of '{x}'")
+    rank = graph.rank(x)
+    if rank is None or x not in graph.active:
+        raise NoMatch(f"'{x}' is not an activation of known rank")
+    mean = _only_user(graph, square.outputs[0], "ReduceMean")
+    axes = _mean_axes(graph, mean, rank)
+    if mean.inputs[0] != square.outputs[0] or axes != list(range(rank - len(axes), rank)):
+        raise NoMatch(f"{mean} does not average the squares over trailing axes")
+    add = _only_user(graph, mean.outputs[0], "Add")
+    eps = _scalar(graph, _other(add, mean.outputs[0]))
+    if eps is None or eps < 0:
+        raise NoMatch(f"{add} does not add a constant ε >= 0 to the mean square")
+    sqrt = _only_user(graph, add.outputs[0], "Sqrt")
+    sigma = sqrt.outputs[0]
+    scale = _only_user(graph, sigma, "Div", "Reciprocal")
+    members = [square, mean, add, sqrt, scale]
+    if scale.op_type == "Div" and scale.inputs == [x, sigma]:
+        out = scale.outputs[0]
+    else:
+        if scale.op_type == "Div" and not (scale.inputs[1] == sigma and _scalar(graph, scale.inputs[0]) == 1.0):
+            raise NoMatch(f"{scale} divides neither '{x}' nor 1 by σ")
+        mul = _only_user(graph, scale.outputs[0], "Mul")
+        if sorted(mul.inputs) != sorted([x, scale.outputs[0]]):
+            raise NoMatch(f"{mul} does not multiply '{x}' by 1/σ")
+        members.append(mul)
+        out = mul.outputs[0]
+    inputs = [x]
+    users = _users(graph, out)
+    if out not in graph.outputs and len(users) == 1 and users[0].op_type == "Mul":
+        gamma = _other(users[0], out)
+        value = graph.constants.get(gamma)
+        if value is not None and value.dtype.kind == "f" and value.ndim <= len(axes):
+            inputs.append(gamma)
+            members.append(users[0])
+            out = users[0].outputs[0]
+    return Match("rmsnorm", "RMSNormalization", _ordered(members), inputs, out,
+                 {"axis": -len(axes), "epsilon": eps})
+
+
 # --------------------------------------------------------------------------------------------------
 # Softmax with a NaN guard
 
