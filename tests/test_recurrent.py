@@ -420,3 +420,14 @@ def test_torch_lrp_epsilon_conserves(exports, net, dynamo):
     result = Explainer(e.paths[dynamo], ROOT / "rules" / "lrp-epsilon.rules").explain(e.x, target="argmax")
     assert result.bias_total is not None and np.abs(result.bias_total).max() > 0  # the biases are blamed
     assert np.abs(result.relative_delta).max() <= 1e-3
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_check_sums_time_major_tensors_per_row(exports, dynamo):
+    """batch_first nets are transposed to time-major [T, N, ...] for the recurrent node: the per-node
+    conservation sums of ``rulegraph check`` take each row along the batch axis, wherever it is."""
+    from rulegraph.check import check
+
+    e = exports["lstm_classifier"]
+    report = check(e.paths[dynamo], ROOT / "rules" / "lrp-epsilon.rules", x=e.x, samples=0)
+    assert report.ok, report.to_text()

@@ -201,11 +201,11 @@ def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, g
     there is nothing to sum. The magnitudes measure the node's amplification (amplification.py)."""
 
     def totals(pairs) -> tuple[str | None, str | None]:
-        views = [view(t, v) for t, v in pairs if v is not None and t in graph.active]
+        views = [(view(t, v), t) for t, v in pairs if v is not None and t in graph.active]
         if not views:
             return None, None
-        signed = [_row_sum(tape, v, rows) for v in views]
-        magnitude = [_row_sum(tape, tape.op("Abs", v), rows) for v in views]
+        signed = [_row_sum(tape, _batch_first(tape, graph, v, t), rows) for v, t in views]
+        magnitude = [_row_sum(tape, tape.op("Abs", _batch_first(tape, graph, v, t)), rows) for v, t in views]
         return tuple(tape.sum(terms) if len(terms) > 1 else tape.op("Identity", terms[0])
                      for terms in (signed, magnitude))
 
@@ -227,6 +227,17 @@ def _row_dims(graph: Graph, spec: StartSpec) -> list:
     """The declared shape of a per-row output."""
     batch = batch_dim(graph) if spec.batched else 1
     return [batch if batch is not None else "N"]
+
+
+def _batch_first(tape: Tape, graph: Graph, x: str, like: str) -> str:
+    """``x``, shaped like the graph tensor ``like``, with the batch axis moved first where ``like``
+    carries it elsewhere (time-major ``[T, N, H]`` of a recurrent op): the axis of the batch symbol,
+    found once in its declared shape."""
+    batch, shape = batch_dim(graph), graph.shapes.get(like)
+    if not isinstance(batch, str) or not shape or list(shape).count(batch) != 1 or shape[0] == batch:
+        return x
+    axis = list(shape).index(batch)
+    return tape.op("Transpose", x, perm=[axis] + [i for i in range(len(shape)) if i != axis])
 
 
 def _row_sum(tape: Tape, x: str, rows: str) -> str:
