@@ -369,6 +369,21 @@ def _mean_axes(graph: Graph, node: Node, rank: int) -> list[int]:
     return sorted(int(a) % rank for a in axes)
 
 
+def _root_mean_square(graph: Graph, square: Node, rank: int, axes: list[int] | None = None):
+    """The nodes ReduceMean, Add(ε), Sqrt after ``square`` (σ = √(mean(square) + ε) over trailing
+    axes, or over ``axes`` where given), with ε and the axes."""
+    mean = _only_user(graph, square.outputs[0], "ReduceMean")
+    found = _mean_axes(graph, mean, rank)
+    want = axes if axes is not None else list(range(rank - len(found), rank))
+    if mean.inputs[0] != square.outputs[0] or found != want:
+        raise NoMatch(f"{mean} does not average the squares over the axes {want}")
+    add = _only_user(graph, mean.outputs[0], "Add")
+    eps = _scalar(graph, _other(add, mean.outputs[0]))
+    if eps is None or eps < 0:
+        raise NoMatch(f"{add} does not add a constant ε >= 0 to the mean square")
+    return (mean, add, _only_user(graph, add.outputs[0], "Sqrt")), eps, found
+
+
 @pattern("layernorm", "LayerNormalization", "ReduceMean")
 def _layernorm(graph: Graph, mean: Node) -> Match:
     """LayerNormalization(x, γ, β) = (x − mean x)/√(var x + ε)·γ + β: torch before opset 17, tf2onnx.
@@ -394,14 +409,7 @@ def _layernorm(graph: Graph, mean: Node) -> Match:
         raise NoMatch(f"'{d}' should feed its square and the division; it feeds "
                       f"{', '.join(str(u) for u in users)}")
     square = squares[0]
-    var = _only_user(graph, square.outputs[0], "ReduceMean")
-    if var.inputs[0] != square.outputs[0] or _mean_axes(graph, var, rank) != axes:
-        raise NoMatch(f"{var} does not average the squares over the axes {axes}")
-    add = _only_user(graph, var.outputs[0], "Add")
-    eps = _scalar(graph, _other(add, var.outputs[0]))
-    if eps is None or eps < 0:
-        raise NoMatch(f"{add} does not add a constant ε >= 0 to the variance")
-    sqrt = _only_user(graph, add.outputs[0], "Sqrt")
+    (var, add, sqrt), eps, _ = _root_mean_square(graph, square, rank, axes)
     scale = _only_user(graph, sqrt.outputs[0], "Div", "Reciprocal")
     members = [mean, sub, square, var, add, sqrt, scale]
     if scale.op_type == "Reciprocal":
@@ -446,15 +454,7 @@ def _rmsnorm(graph: Graph, square: Node) -> Match:
     rank = graph.rank(x)
     if rank is None or x not in graph.active:
         raise NoMatch(f"'{x}' is not an activation of known rank")
-    mean = _only_user(graph, square.outputs[0], "ReduceMean")
-    axes = _mean_axes(graph, mean, rank)
-    if mean.inputs[0] != square.outputs[0] or axes != list(range(rank - len(axes), rank)):
-        raise NoMatch(f"{mean} does not average the squares over trailing axes")
-    add = _only_user(graph, mean.outputs[0], "Add")
-    eps = _scalar(graph, _other(add, mean.outputs[0]))
-    if eps is None or eps < 0:
-        raise NoMatch(f"{add} does not add a constant ε >= 0 to the mean square")
-    sqrt = _only_user(graph, add.outputs[0], "Sqrt")
+    (mean, add, sqrt), eps, axes = _root_mean_square(graph, square, rank)
     sigma = sqrt.outputs[0]
     scale = _only_user(graph, sigma, "Div", "Reciprocal")
     members = [square, mean, add, sqrt, scale]
