@@ -325,7 +325,6 @@ def outcomes() -> dict[str, Outcome]:
 EXCEPTIONS = {
     "test_batchnorm_epsilon_training_mode": ("refused", "BatchNormalization in training mode; export..."),
     "test_batchnorm_example_training_mode": ("refused", "BatchNormalization in training mode; export..."),
-    "test_einsum_batch_diagonal": ("refused", "the Einsum subscripts '...ii' of operand 0 repeat a..."),
     "test_elu_example": ("kink", "one-sided differences 1.901 and 1.611"),
     "test_group_normalization_epsilon": ("kink", "one-sided differences 3.383 and 4.339"),
     "test_group_normalization_example": ("kink", "one-sided differences -3.685 and -5.314"),

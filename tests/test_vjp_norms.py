@@ -55,6 +55,15 @@ EINSUM = [
        equation="ii,ij->ij"),
     op("Einsum-opset28", "Einsum", ["x", "x1"], {"x": [2, 3, 4], "x1": [2, 4]}, opset=28,
        equation="bij,bj->bi"),
+    # a repeated letter in an active operand: the cotangent written onto the diagonal
+    op("Einsum-diagonal", "Einsum", ["x"], {"x": [3, 3]}, equation="ii->i"),
+    op("Einsum-trace", "Einsum", ["x"], {"x": [4, 4]}, equation="ii"),
+    op("Einsum-batch-diagonal-ellipsis", "Einsum", ["x"], {"x": [2, 3, 3]}, equation="...ii->...i"),
+    op("Einsum-triple-diagonal", "Einsum", ["x"], {"x": [2, 2, 2]}, equation="iii->i"),
+    op("Einsum-diagonal-times-active", "Einsum", ["x", "x1"], {"x": [3, 3, 2], "x1": [2, 4]},
+       equation="iij,jk->ik"),
+    op("Einsum-two-diagonals-broadcast-ellipsis", "Einsum", ["x", "x1"], {"x": [1, 3, 3, 2, 2], "x1": [4, 3]},
+       equation="...iijj,...i->...ij"),
 ]
 
 # indices with a repeat: without a reduction the runtime keeps one of the two updates, the other gets nothing
@@ -243,8 +252,6 @@ def test_case_ids_unique():
 # refused by name: (row, what the message says) ------------------------------------------------------
 
 REFUSED = [
-    (op("Einsum-diagonal-of-an-activation", "Einsum", ["x"], {"x": [3, 3]}, equation="ii->i"),
-     "repeat a letter"),
     (op("Einsum-ellipsis-summed-out", "Einsum", ["x", "c"], {"x": [2, 3, 4]}, {"c": w(4)},
         equation="...j,j->"), "sums out the ellipsis"),
     (op("InstanceNormalization-activation-scale", "InstanceNormalization", ["x", "x1", "b"],
