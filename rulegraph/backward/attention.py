@@ -125,7 +125,8 @@ def _padded_mask(ctx: VjpContext, s: str) -> str | None:
         bias = t.op("Where", mask, t.scalar(0.0), t.scalar(_NEG_INF))
     rank = ctx.graph.rank(mask)
     if not rank:
-        raise ctx.fail("the rank of the attn_mask must be static")
+        raise ctx.fail("the attn_mask must have a static rank of at least 1 (run shape inference on the "
+                       "model)")
     last = ctx.graph.dim(mask, -1)
     if isinstance(last, int) and last == _keys(ctx):
         return bias
