@@ -6,17 +6,20 @@ keys and values are prepended along the sequence: the ``present`` outputs):
     P = softmax(cap(scale · Q Kᵀ) + bias),   Y = P V,
 
 with ``cap(s) = c·tanh(s/c)`` (``softcap = c > 0``), ``bias`` the float mask, or 0/−∞ from a boolean
-mask and ``is_causal`` (a query ``i`` sees keys ``j ≤ i + past``), and grouped-query attention
-repeating each of the ``kv_num_heads`` key and value heads for ``q_num_heads / kv_num_heads`` query
-heads. The VJP recomputes ``P`` and differentiates each step:
+mask (a mask shorter than the keys padded with −∞), plus −∞ where the structure hides key ``j`` from
+query ``i``: at ``p = i + offset`` (offset: the past's length, or ``nonpad_kv_seqlen − Sq`` per batch for
+an external cache, else 0) it sees ``j ≤ p`` under ``is_causal``, ``p − left ≤ j ≤ p + right`` for the
+window sizes ≥ 0 (opset 25) and ``j < nonpad_kv_seqlen`` (opset 24); grouped-query attention repeats
+each of the ``kv_num_heads`` key and value heads for ``q_num_heads / kv_num_heads`` query heads. The
+VJP recomputes ``P`` and differentiates each step:
 
     dV = Pᵀ g,  dP = g Vᵀ,  dL = P ⊙ (dP − Σ_j dP ⊙ P),  ds = dL ⊙ cap'(s),
-    dQ = scale · ds K,  dK = scale · dsᵀ Q,  d(float mask) = dL,
+    dQ = scale · ds K,  dK = scale · dsᵀ Q,  d(float mask) = dL (its keys),
 
-the repeated heads summed back, ``present`` cotangents added, and the past split off.
-
-Refused by name: ``nonpad_kv_seqlen`` (opset 24), sliding windows (opset 25), a mask shorter than the
-keys, and the ``qk_matmul_output`` output on the explained path.
+the repeated heads summed back, ``present`` cotangents added, and the past split off. The cotangent
+of ``qk_matmul_output`` joins the chain where its mode takes it: ``ds`` (0: the raw scores, as
+onnxruntime and the operator's text have it), before ``cap'`` (1), ``dL`` (2), ``dP`` (3).
+``softmax_precision`` changes only the rounding of the forward, not its derivative.
 """
 
 from __future__ import annotations
@@ -93,47 +96,91 @@ def unrepeat(t: Tape, x: str, repeats: int, like: str) -> str:
 
 
 def _refuse_unsupported(ctx: VjpContext) -> None:
-    node = ctx.node
-    if _input(ctx, 6) is not None:
-        raise ctx.fail("Attention with nonpad_kv_seqlen (opset 24's external cache) is not supported; "
-                       "pass the padding as attn_mask instead")
-    for name in ("left_window_size", "right_window_size"):
-        if node.attr(name, -1) >= 0:
-            raise ctx.fail(f"Attention with a sliding window ({name} = {node.attr(name)}) is not supported; "
-                           "write the window into attn_mask instead")
-    if _active(ctx, 3) and ctx.graph.dtypes.get(node.inputs[3]) == TensorProto.BOOL:
+    if _active(ctx, 3) and ctx.graph.dtypes.get(ctx.node.inputs[3]) == TensorProto.BOOL:
         raise ctx.fail("a boolean attn_mask cannot be an activation")
 
 
-def _mask_bias(ctx: VjpContext, s: str, past: str | None) -> str | None:
-    """The additive bias of the scores ``s [B, H, Sq, Skv]``: the mask (boolean: 0 or −∞) plus the causal
-    part; None without either."""
+def _int(t: Tape, value: int) -> str:
+    return t.const(np.array(value, dtype=np.int64))
+
+
+def _keys(ctx: VjpContext) -> int | None:
+    """The static number of keys (past and new), None where it is not static."""
+    k, past = ctx.node.inputs[1], _input(ctx, 4)
+    keys = ctx.graph.dim(k, 1 if ctx.graph.rank(k) == 3 else 2)
+    if past is not None:
+        before = ctx.graph.dim(past, 2)
+        keys = before + keys if isinstance(before, int) and isinstance(keys, int) else None
+    return keys if isinstance(keys, int) else None
+
+
+def _padded_mask(ctx: VjpContext, s: str) -> str | None:
+    """The attn_mask as an additive float bias (boolean: 0 where True, −∞ where False), its last axis
+    padded with −∞ to the keys of ``s [B, H, Sq, Skv]`` (a mask may be shorter than the keys)."""
+    t, mask = ctx.tape, _input(ctx, 3)
+    if mask is None:
+        return None
+    bias = mask
+    if ctx.graph.dtypes.get(mask) == TensorProto.BOOL:
+        bias = t.op("Where", mask, t.scalar(0.0), t.scalar(_NEG_INF))
+    rank = ctx.graph.rank(mask)
+    if not rank:
+        raise ctx.fail("the attn_mask must have a static rank of at least 1 (run shape inference on the "
+                       "model)")
+    last = ctx.graph.dim(mask, -1)
+    if isinstance(last, int) and last == _keys(ctx):
+        return bias
+    short = t.op("Sub", t.op("Gather", t.shape(s), t.ints([3]), axis=0), t.shape(mask, -1))
+    pads = t.op("Concat", t.ints([0] * (2 * rank - 1)), short, axis=0)
+    return t.op("Pad", bias, pads, t.scalar(_NEG_INF))
+
+
+def _allowed(ctx: VjpContext, s: str, past: str | None) -> str | None:
+    """Which keys each query sees by structure, broadcast to ``s [B, H, Sq, Skv]`` (None: all). A query
+    ``i`` sits at ``p = i + offset`` (offset: the past's length, ``nonpad_kv_seqlen − Sq`` per batch
+    for an external cache, else 0) and sees key ``j`` iff ``j ≤ p`` (``is_causal``),
+    ``p − left ≤ j ≤ p + right`` (the window sizes that are ≥ 0) and ``j < nonpad_kv_seqlen``."""
     t, node = ctx.tape, ctx.node
-    mask = _input(ctx, 3)
-    bias = None
-    if mask is not None:
-        last = ctx.graph.dim(mask, -1) if ctx.graph.rank(mask) else None
-        keys = ctx.graph.dim(node.inputs[1], 1 if ctx.graph.rank(node.inputs[1]) == 3 else 2)
-        if past is not None and isinstance(keys, int):
-            keys = ctx.graph.dim(past, 2) + keys if isinstance(ctx.graph.dim(past, 2), int) else None
-        if isinstance(last, int) and isinstance(keys, int) and last != keys:
-            raise ctx.fail(f"an attn_mask of {last} keys for {keys} keys (padded by the runtime) is not "
-                           "supported; pass a mask as long as the keys")
-        if ctx.graph.dtypes.get(mask) == TensorProto.BOOL:
-            bias = t.op("Where", mask, t.scalar(0.0), t.scalar(_NEG_INF))
-        else:
-            bias = mask
-    if node.attr("is_causal", 0):
-        rows = t.op("Gather", t.shape(s), t.ints([2]), axis=0)
-        cols = t.op("Gather", t.shape(s), t.ints([3]), axis=0)
-        zero, one = t.const(np.array(0, dtype=np.int64)), t.const(np.array(1, dtype=np.int64))
-        i = t.op("Range", zero, t.op("Squeeze", rows), one)
-        j = t.op("Range", zero, t.op("Squeeze", cols), one)
-        if past is not None:
-            i = t.op("Add", i, t.op("Squeeze", t.op("Gather", t.shape(past), t.ints([2]), axis=0)))
-        allowed = t.op("LessOrEqual", t.unsqueeze(j, [0]), t.unsqueeze(i, [1]))
-        causal = t.op("Where", allowed, t.scalar(0.0), t.scalar(_NEG_INF))
-        bias = causal if bias is None else t.op("Add", bias, causal)
+    nonpad = _input(ctx, 6)
+    left, right = node.attr("left_window_size", -1), node.attr("right_window_size", -1)
+    causal = bool(node.attr("is_causal", 0))
+    if not causal and left < 0 and right < 0 and nonpad is None:
+        return None
+    rows = t.op("Squeeze", t.op("Gather", t.shape(s), t.ints([2]), axis=0))
+    cols = t.op("Squeeze", t.op("Gather", t.shape(s), t.ints([3]), axis=0))
+    j = t.op("Range", _int(t, 0), cols, _int(t, 1))                       # [Skv]
+    p = t.unsqueeze(t.op("Range", _int(t, 0), rows, _int(t, 1)), [1])    # [Sq, 1]
+    n = None
+    if nonpad is not None:
+        n = t.op("Reshape", t.op("Cast", nonpad, to=TensorProto.INT64), t.ints([-1, 1, 1, 1]))
+    if past is not None:
+        p = t.op("Add", p, t.op("Squeeze", t.op("Gather", t.shape(past), t.ints([2]), axis=0)))
+    elif n is not None:
+        p = t.op("Add", p, t.op("Sub", n, rows))                             # [B, 1, Sq, 1]
+    conditions = []
+    if causal:
+        conditions.append(t.op("LessOrEqual", j, p))
+    if left >= 0:
+        conditions.append(t.op("GreaterOrEqual", j, t.op("Sub", p, _int(t, left))))
+    if right >= 0:
+        conditions.append(t.op("LessOrEqual", j, t.op("Add", p, _int(t, right))))
+    if n is not None:
+        conditions.append(t.op("Less", j, n))
+    allowed = conditions[0]
+    for c in conditions[1:]:
+        allowed = t.op("And", allowed, c)
+    return allowed
+
+
+def _mask_bias(ctx: VjpContext, s: str, past: str | None) -> str | None:
+    """The additive bias of the scores ``s [B, H, Sq, Skv]``: the (padded) mask plus −∞ where the
+    structure (causal, window, padding) hides a key; None without either."""
+    t = ctx.tape
+    bias = _padded_mask(ctx, s)
+    allowed = _allowed(ctx, s, past)
+    if allowed is not None:
+        hidden = t.op("Where", allowed, t.scalar(0.0), t.scalar(_NEG_INF))
+        bias = hidden if bias is None else t.op("Add", bias, hidden)
     return bias
 
 
@@ -211,35 +258,53 @@ def _plus(t: Tape, a: str | None, b: str | None) -> str | None:
     return t.op("Add", a, b)
 
 
+#: qk_matmul_output_mode -> where its cotangent joins the chain: the scores ``s`` (0), the capped
+#: scores (1), the biased logits (2), the weights ``P`` (3)
+QK_OUTPUT_AT = {0: "s", 1: "capped", 2: "logits", 3: "p"}
+
+
 @vjp("Attention", kind=NORMALIZING)
 def _attention(ctx, g):
-    """The chain of the module docstring, for every active input."""
-    if len(g) > 3 and g[3] is not None:
-        raise ctx.fail("the qk_matmul_output output of Attention feeds the explained output; only Y, "
-                       "present_key and present_value are supported")
+    """The chain of the module docstring, for every active input; the cotangent of
+    ``qk_matmul_output`` joins it where its mode takes the output (``QK_OUTPUT_AT``)."""
     t = ctx.tape
     parts = attention_parts(ctx)
     out: list[str | None] = [None] * len(ctx.node.inputs)
     gy = heads_of(ctx, parts, g[0]) if g[0] is not None else None
-    d_k = d_v = None
+    g_qk = g[3] if len(g) > 3 else None
+    at = QK_OUTPUT_AT.get(ctx.node.attr("qk_matmul_output_mode", 0))
+    if g_qk is not None and at is None:
+        raise ctx.fail(f"qk_matmul_output_mode {ctx.node.attr('qk_matmul_output_mode')} is not one of "
+                       "ONNX's modes 0 to 3")
+
+    def joined(d: str | None, point: str) -> str | None:
+        return _plus(t, d, g_qk) if at == point and g_qk is not None else d
+
+    d_k = d_v = d_p = None
     if gy is not None:
         d_v = unrepeat(t, t.op("MatMul", t.op("Transpose", parts.p, perm=[0, 1, 3, 2]), gy), parts.repeats,
                         parts.v)
         d_p = t.op("MatMul", gy, t.op("Transpose", parts.v_rep, perm=[0, 1, 3, 2]))
+    d_p = joined(d_p, "p")
+    d_logits = None
+    if d_p is not None:
         d_logits = t.op("Mul", parts.p, t.op("Sub", d_p, t.reduce_sum(t.op("Mul", d_p, parts.p), [-1])))
-        cap = ctx.node.attr("softcap", 0.0)
-        d_s = d_logits
-        if cap:
-            th = t.op("Tanh", t.op("Div", parts.s, t.scalar(cap)))
-            d_s = t.op("Mul", d_logits, t.op("Sub", t.scalar(1.0), t.op("Mul", th, th)))
+    d_logits = joined(d_logits, "logits")
+    d_s = joined(d_logits, "capped")
+    cap = ctx.node.attr("softcap", 0.0)
+    if cap and d_s is not None:
+        th = t.op("Tanh", t.op("Div", parts.s, t.scalar(cap)))
+        d_s = t.op("Mul", d_s, t.op("Sub", t.scalar(1.0), t.op("Mul", th, th)))
+    d_s = joined(d_s, "s")
+    if d_s is not None:
         d_s = t.op("Mul", d_s, t.scalar(parts.scale))
         if ctx.active[0]:
             d_q = t.op("MatMul", d_s, parts.k_rep)
             out[0] = _unheads(t, d_q) if parts.three_d else d_q
         d_k = unrepeat(t, t.op("MatMul", t.op("Transpose", d_s, perm=[0, 1, 3, 2]), parts.q), parts.repeats,
                         parts.k)
-        if _active(ctx, 3):
-            out[3] = _mask_back(t, d_logits, ctx.node.inputs[3])
+    if _active(ctx, 3) and d_logits is not None:
+        out[3] = _mask_back(t, d_logits, ctx.node.inputs[3])
     for index, d in ((1, d_k), (2, d_v)):
         extra = g[index] if len(g) > index else None
         past, new = present_back(ctx, parts, _plus(t, d, extra), index)
@@ -251,5 +316,7 @@ def _attention(ctx, g):
 
 
 def _mask_back(t: Tape, d: str, mask: str) -> str:
-    """``d [B, H, Sq, Skv]`` summed to the (broadcast) shape of the float mask."""
+    """``d [B, H, Sq, Skv]`` cut to the float mask's keys (it may be shorter) and summed to its
+    (broadcast) shape."""
+    d = t.op("Slice", d, t.ints([0]), t.shape(mask, -1), t.ints([-1]))
     return t.reshape_like(_reduce_where_one(t, d, mask), mask)

@@ -7,8 +7,10 @@ subscripts: ``a(xᵢ) = einsum("out, …others… -> termᵢ", g, …)``. A lett
 operand ``i`` broadcast are summed back to its shape. Linear with one active operand, bilinear (the
 uniform and gate rules) with more.
 
-Refused by name: a repeated letter in an active operand (a diagonal, ``"ii->i"``), and an ellipsis in
-an active operand that the output drops.
+A repeated letter in an active operand (a diagonal, ``"...ii->...i"``): the cotangent of the diagonal
+(each letter once) is written onto it by an identity operand, ``einsum("…i, ij -> …ij", d, I)``.
+
+Refused by name: an ellipsis in an active operand that the output drops.
 """
 
 from __future__ import annotations
@@ -73,10 +75,7 @@ def _einsum(ctx, g):
     for i, (x, term) in enumerate(zip(ctx.node.inputs, eq.terms)):
         if not ctx.active[i]:
             continue
-        letters = term.replace(ELLIPSIS, "")
-        if len(set(letters)) != len(letters):
-            raise ctx.fail(f"the Einsum subscripts '{_spelled(term)}' of operand {i} repeat a letter (a "
-                           "diagonal); its gradient is not supported. Take the diagonal before the Einsum")
+        letters = "".join(dict.fromkeys(term.replace(ELLIPSIS, "")))
         if ELLIPSIS in term and ELLIPSIS not in eq.output:
             raise ctx.fail(f"the Einsum equation sums out the ellipsis of operand {i} ('{_spelled(term)}' -> "
                            f"'{_spelled(eq.output)}'); its gradient is not supported. Write the summed axes "
@@ -91,10 +90,36 @@ def _einsum(ctx, g):
             ones = t.op("ConstantOfShape", sizes, value=_one(t.float_dtype))
             terms.append("".join(lonely))
             operands.append(ones)
-        spelled = ",".join(_spelled(s) for s in terms) + "->" + _spelled(term)
+        diagonal = "".join(dict.fromkeys(term))      # a repeated letter once: the operand's diagonal
+        spelled = ",".join(_spelled(s) for s in terms) + "->" + _spelled(diagonal)
         d = t.op("Einsum", *operands, equation=spelled)
+        if diagonal != term:
+            d = _onto_diagonal(t, d, diagonal, term, x, eq)
         out[i] = _sum_to(t, d, x, x) if ELLIPSIS in term else d
     return out
+
+
+def _onto_diagonal(t, d: str, diagonal: str, term: str, x: str, eq: Equation) -> str:
+    """``d`` (subscripts ``diagonal``, each letter once) written onto the diagonal of an operand with
+    subscripts ``term``: each repeat of a letter ``c`` renamed to a fresh ``c'`` and ``d`` multiplied
+    by the identity ``[c = c']``, ``einsum("diagonal, cc', … -> term'", d, I, …)``."""
+    used = set("".join(eq.terms) + eq.output)
+    fresh = (c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used)
+    renamed, seen, terms, operands = [], set(), [diagonal], [d]
+    for c in term:
+        if c in seen and c != ELLIPSIS:
+            other = next(fresh)
+            size = t.op("Squeeze", t.op("Gather", t.shape(x), t.ints([_axis_of(term, c)]), axis=0))
+            zero, one = (t.const(np.array(v, dtype=np.int64)) for v in (0, 1))
+            n = t.op("Range", zero, size, one)
+            eye = t.op("Cast", t.op("Equal", t.unsqueeze(n, [1]), t.unsqueeze(n, [0])), to=t.float_type)
+            terms.append(c + other)
+            operands.append(eye)
+            c = other
+        seen.add(c)
+        renamed.append(c)
+    spelled = ",".join(_spelled(s) for s in terms) + "->" + _spelled("".join(renamed))
+    return t.op("Einsum", *operands, equation=spelled)
 
 
 def _one(dtype):
