@@ -86,8 +86,8 @@ def test_lrp_file_conserves_with_biases_blamed(exported, name, library, dynamo):
 
 OLD_README = f"""text
 {bench.MARK_BEGIN}
-| architecture | exporter | opset | nodes | rules on the path (LRP file) | gradient vs autograd | LRP conservation \
-| same at ε = 0 | smallest \\|logit\\| |
+| architecture | exporter | opset | nodes | rules on the path (LRP file) | gradient vs autograd \
+| LRP conservation | same at ε = 0 | smallest \\|logit\\| |
 |---|---|---|---|---|---|---|---|---|
 | resnet18 | torchscript | 17 | 65 | gradient 2, normalized 30 | 9.1e-07 | 1.4e-05 | 1.7e-07 | 6.7e-01 |
 | vgg11_bn | dynamo | 18 | 28 | gradient 6, normalized 12 | 1.3e-06 | 1.0e-04 | 5.6e-06 | 1.4e-02 |
@@ -97,7 +97,8 @@ OLD_README = f"""text
 NEW_README = f"""{bench.MARK_BEGIN}
 | {" | ".join(bench.COLUMNS)} |
 |{"---|" * len(bench.COLUMNS)}
-| resnet18 | dynamo | 18 | 49 | gradient 2 | 9.1e-07 | 1.3e-05 | 2.6e-07 | 6.7e-01 | – | 2026-12-01, torchvision 0.24.0 |
+| resnet18 | dynamo | 18 | 49 | gradient 2 | 9.1e-07 | 1.3e-05 | 2.6e-07 | 6.7e-01 | – \
+| 2026-12-01, torchvision 0.24.0 |
 {bench.MARK_END}
 """
 
@@ -105,8 +106,9 @@ KEPT = [
     (OLD_README, "resnet18", [["resnet18", "torchscript", "17", "65", "gradient 2, normalized 30", "9.1e-07",
                                "1.4e-05", "1.7e-07", "6.7e-01", "–", bench.LEGACY]]),
     (OLD_README, "densenet121", []),
-    (NEW_README, "resnet18", [["resnet18", "dynamo", "18", "49", "gradient 2", "9.1e-07", "1.3e-05", "2.6e-07",
-                               "6.7e-01", "–", "2026-12-01, torchvision 0.24.0; kept: not installed here"]]),
+    (NEW_README, "resnet18", [["resnet18", "dynamo", "18", "49", "gradient 2", "9.1e-07", "1.3e-05",
+                               "2.6e-07", "6.7e-01", "–",
+                               "2026-12-01, torchvision 0.24.0; kept: not installed here"]]),
     (NEW_README.replace("0.24.0 |", "0.24.0; kept: not installed here |"), "resnet18",
      [["resnet18", "dynamo", "18", "49", "gradient 2", "9.1e-07", "1.3e-05", "2.6e-07", "6.7e-01", "–",
        "2026-12-01, torchvision 0.24.0; kept: not installed here"]]),
@@ -116,3 +118,20 @@ KEPT = [
 @pytest.mark.parametrize("readme, name, rows", KEPT)
 def test_rows_of_a_missing_library_are_kept_with_what_they_were_measured_with(readme, name, rows):
     assert bench.kept_rows(readme, name) == rows
+
+
+MERGED = [
+    ([], ""),
+    (["export: AssertionError: no GQA"], "export: AssertionError: no GQA"),
+    (["gradient: TargetError: lost", "lrp-epsilon: TargetError: lost"],
+     "gradient, lrp-epsilon: TargetError: lost"),
+    (["gradient: ModelError: Pad", "lrp-transformer: TargetError: lost"],
+     "gradient: ModelError: Pad; lrp-transformer: TargetError: lost"),
+    (["LRP leaks at ε = 0: most at Div node 'd' (Σ out − Σ in = 1.8)"],
+     "LRP leaks at ε = 0: most at Div node 'd' (Σ out − Σ in = 1.8)"),
+]
+
+
+@pytest.mark.parametrize("fails, cell", MERGED)
+def test_the_failures_of_a_row_are_one_phrase_per_cause(fails, cell):
+    assert bench.merged(fails) == cell
