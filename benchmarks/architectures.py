@@ -3,26 +3,33 @@ explained end to end.
 
 For each architecture and exporter: opset, node count, how many nodes on the relevance path each
 rule kind covers, whether the `gradient` rule file matches torch.autograd (max error relative to
-the largest gradient; for token models gradient × input per token at the token embeddings), and the
+the largest gradient; for token models gradient × input per token at the token embeddings), the
 end-to-end conservation error of the LRP file (bias blamed): `lrp-epsilon`, or `lrp-transformer`
-for the transformers.
+for the transformers, and what fails and why where something does. Families: torchvision and
+transformers models from tiny configs, hand-built torch op families, and real third-party ONNX
+models (tests/data, /work/shared/models; no torch twin, so no gradient oracle).
 
     python benchmarks/architectures.py [--only resnet18,vit] [--write-readme]
 
-Needs torch, torchvision and transformers (not part of the test extras); rows whose library is
-missing are skipped. With --write-readme the table replaces the block between the
-`<!-- architectures -->` markers in README.md.
+Needs torch and transformers (torchvision for its rows; none is part of the test extras). With
+--write-readme the table replaces the block between the `<!-- architectures -->` markers in
+README.md (with --only, only those architectures' rows are replaced). The rows of an architecture
+whose library is missing here are kept from the README, marked with what they were measured with.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import importlib
+import re
 import sys
 import tempfile
-import traceback
+import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +43,11 @@ from rulegraph.compile.plan import assign, find_start, path_nodes
 MARK_BEGIN, MARK_END = "<!-- architectures -->", "<!-- /architectures -->"
 
 
+# ---------------------------------------------------------------------------------------------------
+# builders: each returns (a torch module taking the inputs positionally and giving [N, K], the inputs,
+# the token-embedding module whose output the gradient is read at, or None for float inputs)
+
+
 def torchvision_model(name: str, size: int = 224):
     def build():
         import torch
@@ -43,68 +55,371 @@ def torchvision_model(name: str, size: int = 224):
 
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(weights=None).eval()
-        return model, {"input": torch.randn(2, 3, size, size)}
+        return model, {"input": torch.randn(2, 3, size, size)}, None
 
     return build
 
 
-def bert_encoder():
+def picked(model, pick, head=None):
+    """``model``'s output reduced to [N, K] by ``pick`` (and a linear ``head``), as one module."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, num_labels=3)
-    model = BertForSequenceClassification(config).eval()
-    ids = torch.randint(5, 1000, (2, 12))
-    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    class Picked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.head = model, head
+
+        def forward(self, *args):
+            y = pick(self.model(*args))
+            return y if self.head is None else self.head(y)
+
+    return Picked().eval()
 
 
-def vit():
+def token_ids(n: int = 12, vocab: int = 1000, mask: bool = True) -> dict:
     import torch
-    from transformers import ViTConfig, ViTForImageClassification
 
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, num_labels=10)
-    return ViTForImageClassification(config).eval(), {"input": torch.randn(2, 3, 32, 32)}
+    ids = torch.randint(5, vocab, (2, n))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if mask else {"input_ids": ids}
 
+
+def hf(config_name: str, model_name: str, inputs, pick=lambda out: out.logits, head: int | None = None,
+         embeddings=lambda model: model.get_input_embeddings(), init=None, **config):
+    """A transformers model from a tiny config with random weights (seed 0); ``embeddings``: the
+    module whose output the token embeddings are (for the gradient × input oracle); ``init``:
+    applied to each module after construction."""
+
+    def build():
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        model = getattr(transformers, model_name)(getattr(transformers, config_name)(**config)).eval()
+        if init is not None:
+            model.apply(init)
+        feeds = inputs()
+        linear = None if head is None else torch.nn.Linear(model.config.hidden_size, head)
+        float_input = any(v.is_floating_point() for v in feeds.values())
+        return picked(model, pick, linear), feeds, None if float_input else embeddings(model)
+
+    return build
+
+
+def causal_lm(config_name: str, model_name: str, **config):
+    """A decoder LLM: the next-token logits after the prompt (the last position), no KV cache."""
+    tiny = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    return hf(config_name, model_name, lambda: token_ids(mask=False),
+              pick=lambda out: out.logits[:, -1], **{**tiny, **config})
+
+
+def image(size: int = 32):
+    import torch
+
+    return lambda: {"pixel_values": torch.randn(2, 3, size, size)}
+
+
+
+
+def handmade(name: str, inputs):
+    def build():
+        import torch
+
+        torch.manual_seed(0)
+        return HANDMADE[name]().eval(), {"input": inputs()}, None
+
+    return build
+
+
+def _handmade_modules() -> dict:
+    """The hand-built op families (torch modules, defined when torch is importable)."""
+    import torch
+    from torch import nn
+    from torch.nn import functional
+
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class UNet(nn.Module):
+        """Two levels: max-pool down, ConvTranspose up with the skip concatenated, an Upsample
+        (bilinear) of the bottleneck added; the class map [N, C, H, W]."""
+
+        def __init__(self, classes=3):
+            super().__init__()
+            self.enc1, self.enc2 = block(3, 8), block(8, 16)
+            self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+            self.side = nn.Sequential(nn.Conv2d(16, 8, 1), nn.Upsample(scale_factor=2, mode="bilinear"))
+            self.dec = block(16, 8)
+            self.out = nn.Conv2d(8, classes, 1)
+
+        def forward(self, x):
+            e1 = self.enc1(x)
+            e2 = self.enc2(functional.max_pool2d(e1, 2))
+            d = self.dec(torch.cat([self.up(e2) + self.side(e2), e1], 1))
+            return self.out(d)
+
+    class Audio1d(nn.Module):
+        """A 1-D CNN on a waveform [N, 1, T]: strided Conv1d, BatchNorm1d, ReLU, MaxPool1d, mean."""
+
+        def __init__(self, classes=5):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv1d(1, 8, 16, stride=4), nn.BatchNorm1d(8), nn.ReLU(),
+                                     nn.MaxPool1d(4),
+                                     nn.Conv1d(8, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU())
+            self.fc = nn.Linear(16, classes)
+
+        def forward(self, x):
+            return self.fc(self.net(x).mean(-1))
+
+    class Yolo(nn.Module):
+        """A YOLOv8-style decoupled head on a small backbone: box and class branches concatenated
+        to [N, 4 + C, cells]; the class logits of one box (cell 5)."""
+
+        def __init__(self, classes=6):
+            super().__init__()
+            self.backbone = nn.Sequential(block(3, 8), nn.MaxPool2d(2), block(8, 16), nn.MaxPool2d(2))
+            self.box = nn.Sequential(block(16, 16), nn.Conv2d(16, 4, 1))
+            self.cls = nn.Sequential(block(16, 16), nn.Conv2d(16, classes, 1))
+
+        def forward(self, x):
+            f = self.backbone(x)
+            out = torch.cat([self.box(f), self.cls(f)], 1).flatten(2)
+            return out[:, 4:, 5]
+
+    class Recurrent(nn.Module):
+        """An LSTM or GRU over [N, T, 8] (batch first), the last step's output through a Linear."""
+
+        def __init__(self, cell=nn.LSTM, outputs=4, bidirectional=False):
+            super().__init__()
+            self.rnn = cell(8, 16, batch_first=True, bidirectional=bidirectional)
+            self.fc = nn.Linear(32 if bidirectional else 16, outputs)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    class GroupNormCNN(nn.Module):
+        def __init__(self, classes=10):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                                     nn.MaxPool2d(2),
+                                     nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU())
+            self.fc = nn.Linear(32, classes)
+
+        def forward(self, x):
+            return self.fc(self.net(x).mean((2, 3)))
+
+    class FCN(nn.Module):
+        """An FCN-style segmentation head: strided backbone, 1 × 1 classifier, bilinear interpolation
+        back to the input size."""
+
+        def __init__(self, classes=4):
+            super().__init__()
+            self.backbone = nn.Sequential(block(3, 8), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                          nn.Conv2d(16, 16, 3, stride=2, padding=1, dilation=1), nn.ReLU())
+            self.head = nn.Sequential(block(16, 16), nn.Dropout(0.1), nn.Conv2d(16, classes, 1))
+
+        def forward(self, x):
+            return functional.interpolate(self.head(self.backbone(x)), size=x.shape[-2:], mode="bilinear",
+                                          align_corners=False)
+
+    return {"unet": UNet, "audio-1d-cnn": Audio1d, "yolo-head": Yolo,
+            "lstm-classifier": Recurrent, "gru-classifier": lambda: Recurrent(nn.GRU),
+            "bigru-classifier": lambda: Recurrent(nn.GRU, bidirectional=True),
+            "lstm-regressor": lambda: Recurrent(outputs=1), "groupnorm-cnn": GroupNormCNN, "fcn-head": FCN}
+
+
+class _Handmade(dict):
+    def __missing__(self, name):
+        self.update(_handmade_modules())
+        return self[name]
+
+
+HANDMADE = _Handmade()
+
+
+def torch_init(module) -> None:
+    """torch's own initialization of convolutions and batch norms: transformers' MobileViT init
+    (weights and BatchNorm scales ~ N(0, 0.02)) lets the activations underflow (logits ~1e-23)."""
+    import torch
+
+    if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d)):
+        module.reset_parameters()
+
+
+def randn(*shape):
+    def make():
+        import torch
+
+        return torch.randn(*shape)
+
+    return make
+
+@dataclass(frozen=True)
+class Family:
+    """A row family: a builder, the library it needs, its LRP file and its two targets, or for a
+    segmentation map [N, C, H, W] one class over a region (class, rows, columns): a seed of ones."""
+
+    build: Callable
+    library: str
+    lrp: str = "lrp-epsilon"
+    targets: tuple = (1, 2)
+    region: tuple | None = None
+
+    def target(self, net, inputs: dict):
+        """What the explainer is given: the classes, or the region's seed (the output's shape)."""
+        if self.region is None:
+            return list(self.targets)
+        import torch
+
+        with torch.no_grad():
+            seed = np.zeros(tuple(net(*inputs.values()).shape), np.float32)
+        seed[(slice(None),) + self.region] = 1.0
+        return seed
+
+
+def _tf(build, **kw) -> Family:
+    return Family(build, "transformers", "lrp-transformer", **kw)
+
+
+IMAGE_TF = {"image_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
 
 ARCHITECTURES = {
-    "resnet18": torchvision_model("resnet18"),
-    "vgg11_bn": torchvision_model("vgg11_bn"),
-    "squeezenet1_1": torchvision_model("squeezenet1_1"),
-    "mobilenet_v3_small": torchvision_model("mobilenet_v3_small"),
-    "efficientnet_b0": torchvision_model("efficientnet_b0"),
-    "densenet121": torchvision_model("densenet121"),
-    "bert (transformers)": bert_encoder,
-    "vit (transformers)": vit,
+    "resnet18": Family(torchvision_model("resnet18"), "torchvision"),
+    "vgg11_bn": Family(torchvision_model("vgg11_bn"), "torchvision"),
+    "squeezenet1_1": Family(torchvision_model("squeezenet1_1"), "torchvision"),
+    "mobilenet_v3_small": Family(torchvision_model("mobilenet_v3_small"), "torchvision"),
+    "efficientnet_b0": Family(torchvision_model("efficientnet_b0"), "torchvision"),
+    "densenet121": Family(torchvision_model("densenet121"), "torchvision"),
+    "bert (transformers)": _tf(hf("BertConfig", "BertForSequenceClassification", token_ids, vocab_size=1000,
+                                  hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64, num_labels=3)),
+    "vit (transformers)": _tf(hf("ViTConfig", "ViTForImageClassification", image(), patch_size=8,
+                                 hidden_size=64,
+                                 num_labels=10, **IMAGE_TF)),
+    "gpt2 (transformers)": _tf(hf("GPT2Config", "GPT2LMHeadModel", lambda: token_ids(mask=False),
+                                  pick=lambda out: out.logits[:, -1], vocab_size=1000, n_positions=64,
+                                  n_embd=64, n_layer=2, n_head=4)),
+    "llama (transformers)": _tf(causal_lm("LlamaConfig", "LlamaForCausalLM")),
+    "llama with eager attention (transformers)": _tf(causal_lm("LlamaConfig", "LlamaForCausalLM",
+                                                               attn_implementation="eager")),
+    "qwen2 (transformers)": _tf(causal_lm("Qwen2Config", "Qwen2ForCausalLM")),
+    "qwen3 (transformers)": _tf(causal_lm("Qwen3Config", "Qwen3ForCausalLM", head_dim=16)),
+    "mistral (transformers)": _tf(causal_lm("MistralConfig", "MistralForCausalLM", sliding_window=8)),
+    "t5 encoder (transformers)": _tf(hf("T5Config", "T5EncoderModel", token_ids,
+                                        pick=lambda out: out.last_hidden_state[:, 0], head=5,
+                                        embeddings=lambda model: model.encoder.embed_tokens, vocab_size=1000,
+                                        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)),
+    "deit (transformers)": _tf(hf("DeiTConfig", "DeiTForImageClassification", image(), patch_size=8,
+                                  hidden_size=64, num_labels=10, **IMAGE_TF)),
+    "swin (transformers)": _tf(hf("SwinConfig", "SwinForImageClassification", image(), image_size=32,
+                                  patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                                  num_labels=10)),
+    "clip vision (transformers)": _tf(hf("CLIPVisionConfig", "CLIPVisionModelWithProjection", image(),
+                                         pick=lambda out: out.image_embeds, patch_size=8, hidden_size=64,
+                                         projection_dim=10, **IMAGE_TF)),
+    "clip text (transformers)": _tf(hf("CLIPTextConfig", "CLIPTextModelWithProjection", token_ids,
+                                       pick=lambda out: out.text_embeds, vocab_size=1000, hidden_size=64,
+                                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       max_position_embeddings=32, projection_dim=10)),
+    "convnext (transformers)": _tf(hf("ConvNextConfig", "ConvNextForImageClassification", image(),
+                                      hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10)),
+    "mobilevit (transformers)": _tf(hf("MobileViTConfig", "MobileViTForImageClassification", image(64),
+                                       image_size=64, hidden_sizes=[32, 48, 64],
+                                       neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_attention_heads=2,
+                                       num_labels=10, init=torch_init)),
+    "whisper encoder (transformers)": _tf(hf("WhisperConfig", "WhisperForAudioClassification",
+                                             lambda: {"input_features": randn(2, 16, 32)()}, num_mel_bins=16,
+                                             d_model=64, encoder_layers=2, encoder_attention_heads=4,
+                                             encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=4,
+                                             decoder_ffn_dim=128, max_source_positions=16,
+                                             classifier_proj_size=16,
+                                             num_labels=4)),
+    "wav2vec2 (transformers)": _tf(hf("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification",
+                                      lambda: {"input_values": randn(2, 800)()}, hidden_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                      conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                      num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                                      classifier_proj_size=16, num_labels=4)),
+    "segformer (transformers)": _tf(hf("SegformerConfig", "SegformerForSemanticSegmentation", image(),
+                                       num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                       hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
+                                       num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32,
+                                       num_labels=4), region=(1, slice(2, 6), slice(2, 6))),
+    "u-net (torch)": Family(handmade("unet", randn(2, 3, 16, 16)), "torch",
+                            region=(1, slice(4, 8), slice(6, 10))),
+    "1-d cnn on audio (torch)": Family(handmade("audio-1d-cnn", randn(2, 1, 1600)), "torch"),
+    "yolo-style head (torch)": Family(handmade("yolo-head", randn(2, 3, 16, 16)), "torch"),
+    "lstm classifier (torch)": Family(handmade("lstm-classifier", randn(2, 7, 8)), "torch"),
+    "gru classifier (torch)": Family(handmade("gru-classifier", randn(2, 7, 8)), "torch"),
+    "bidirectional gru classifier (torch)": Family(handmade("bigru-classifier", randn(2, 7, 8)), "torch"),
+    "lstm regressor (torch)": Family(handmade("lstm-regressor", randn(2, 7, 8)), "torch", targets=(0, 0)),
+    "groupnorm cnn (torch)": Family(handmade("groupnorm-cnn", randn(2, 3, 16, 16)), "torch"),
+    "fcn head (torch)": Family(handmade("fcn-head", randn(2, 3, 24, 24)), "torch",
+                               region=(2, slice(8, 16), slice(8, 16))),
 }
 
 
-def logits_module(model, n_inputs: int):
-    """``model`` with one tensor output, 'logits', and named positional inputs a (, b)."""
-    import torch
+@dataclass(frozen=True)
+class ThirdParty:
+    """A real exported model (no torch twin): its file, a batch of 2 and what is explained."""
 
-    def logits(out):
-        return out.logits if hasattr(out, "logits") else out
+    path: Path
+    shape: tuple
+    target: Callable = lambda: [1, 2]
+    start: Callable | None = None
+    lrp: str = "lrp-epsilon"
+
+
+def _pixel_seed():
+    seed = np.zeros((2, 1, 32, 64), np.float32)
+    seed[0, 0, 20, 30] = seed[1, 0, 5, 60] = 1.0
+    return seed
+
+
+def _before_sigmoid(proto) -> str:
+    return next(n.input[0] for n in proto.graph.node if n.op_type == "Sigmoid")
+
+
+def _rec_target():
+    from rulegraph import Target
+
+    return Target("argmax", at=5)
+
+
+DATA = ROOT / "tests" / "data"
+SHARED = ROOT.parent.parent / "shared" / "models"   # /work/shared/models beside the checkouts
+THIRD_PARTY = {
+    "mnist-8 (ONNX model zoo)": ThirdParty(DATA / "mnist-8.onnx", (2, 1, 28, 28)),
+    "resnet20 cifar10": ThirdParty(DATA / "resnet20_cifar10.onnx", (2, 3, 32, 32)),
+    "squeezenet1.1 (ONNX model zoo)": ThirdParty(SHARED / "squeezenet1.1_fp32.onnx", (2, 3, 224, 224)),
+    "PP-OCRv4 text detector": ThirdParty(DATA / "ppocr" / "ch_PP-OCRv4_det_infer.onnx", (2, 3, 32, 64),
+                                         target=_pixel_seed, start=_before_sigmoid),
+    "PP-OCRv4 recogniser": ThirdParty(DATA / "ppocr" / "ch_PP-OCRv4_rec_infer.onnx", (2, 3, 48, 80),
+                                      target=_rec_target, lrp="lrp-transformer"),
+    "PP-OCR direction classifier": ThirdParty(DATA / "ppocr" / "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                                              (2, 3, 48, 192), target=lambda: [0, 1]),
+}
+
+def logits_module(net, n_inputs: int):
+    """``net`` with named positional inputs a (, b) for the exporters."""
+    import torch
 
     class One(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.model = model
+            self.net = net
 
         def forward(self, a):
-            return logits(self.model(a))
+            return self.net(a)
 
     class Two(One):
         def forward(self, a, b):
-            return logits(self.model(a, b))
+            return self.net(a, b)
 
     return (One if n_inputs == 1 else Two)().eval()
 
 
-def export(model, inputs: dict, path: Path, dynamo: bool) -> None:
+def export(net, inputs: dict, path: Path, dynamo: bool) -> None:
     import torch
 
     names = list(inputs)
@@ -119,90 +434,145 @@ def export(model, inputs: dict, path: Path, dynamo: bool) -> None:
         else:
             kwargs["opset_version"] = 17
             kwargs["dynamic_axes"] = {k: {0: "batch"} for k in names + ["logits"]}
-        torch.onnx.export(logits_module(model, len(names)), tuple(inputs.values()), str(path), **kwargs)
+        torch.onnx.export(logits_module(net, len(names)), tuple(inputs.values()), str(path), **kwargs)
 
 
-def autograd_gradient(model, inputs: dict, targets):
+def autograd_gradient(net, inputs: dict, embeddings, targets):
     """(input name, what the `gradient` file should give for it): the saliency of a float input, or
-    for token ids (no float input) Σ_e emb ⊙ ∂y/∂emb at the input embeddings' output."""
+    for token ids (no float input) Σ_e emb ⊙ ∂y/∂emb at the input embeddings' output. ``targets``:
+    one class per row, or a seed shaped like the output."""
     import torch
 
-    float_name = next((k for k, v in inputs.items() if v.is_floating_point()), None)
-    if float_name is None:
+    if isinstance(targets, np.ndarray):
+        seed = torch.as_tensor(targets)
+        rows = slice(None)
+        picked_net = net
+        net = lambda *args: picked_net(*args) * seed  # noqa: E731
+    else:
+        rows = torch.arange(len(targets)), torch.as_tensor(targets)
+    if embeddings is not None:
         captured = {}
 
         def keep(module, args, output):
             output.retain_grad()
             captured["emb"] = output
 
-        handle = model.get_input_embeddings().register_forward_hook(keep)
+        handle = embeddings.register_forward_hook(keep)
         try:
-            logits = logits_module(model, len(inputs))(*inputs.values())
-            logits[torch.arange(len(targets)), torch.as_tensor(targets)].sum().backward()
+            net(*inputs.values())[rows].sum().backward()
         finally:
             handle.remove()
         emb = captured["emb"]
         return next(iter(inputs)), (emb * emb.grad).sum(-1).detach().numpy()
+    float_name = next(k for k, v in inputs.items() if v.is_floating_point())
     x = inputs[float_name].clone().requires_grad_(True)
-    args = [x if k == float_name else v for k, v in inputs.items()]
-    logits = logits_module(model, len(args))(*args)
-    logits[torch.arange(len(targets)), torch.as_tensor(targets)].sum().backward()
+    net(*[x if k == float_name else v for k, v in inputs.items()])[rows].sum().backward()
     return float_name, x.grad.numpy()
 
 
-def row(name: str, build, dynamo: bool) -> dict:
+STAGES = ("build", "export", "gradient", "lrp-epsilon", "lrp-transformer")
+
+
+def failure(stage: str, exc: BaseException) -> str:
+    """What failed and why, in one short phrase."""
+    lines = [line.strip() for line in str(exc).strip().splitlines()] or [""]
+    detail = f" {lines[1][:90]}" if len(lines) > 1 else ""
+    return f"{stage}: {type(exc).__name__}: {lines[0][:110]}{detail}"
+
+
+def row(name: str, family: Family, dynamo: bool) -> dict:
     """One table row; the explainers of a row go before the next (vgg11's weights are 0.5 GB)."""
     import gc
 
-
     try:
-        return _row(name, build, dynamo)
+        return _row(name, family, dynamo)
     finally:
         gc.collect()
 
 
-def _row(name: str, build, dynamo: bool) -> dict:
+def _row(name: str, family: Family, dynamo: bool) -> dict:
     import onnx
 
-    model, inputs = build()
-    out = {"architecture": name, "exporter": "dynamo" if dynamo else "torchscript"}
+    net, inputs, embeddings = family.build()
+    out = {"architecture": name, "exporter": "dynamo" if dynamo else "torchscript", "fails": []}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         try:
-            export(model, inputs, path, dynamo)
+            export(net, inputs, path, dynamo)
         except Exception as exc:  # noqa: BLE001 (an exporter failure is a result, not a crash)
-            out["error"] = f"export failed: {type(exc).__name__}"
+            out["fails"].append(failure("export", exc))
             return out
         proto = onnx.load(str(path))
         out["opset"] = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         out["nodes"] = len(proto.graph.node)
         feeds = {k: v.numpy() for k, v in inputs.items()}
+        targets = family.target(net, inputs)
         try:
-            grad = Explainer(path, "gradient")
-            targets = [1, 2]
-            name_in, expected = autograd_gradient(model, inputs, targets)
-            result = grad.explain(feeds, target=targets)
+            name_in, expected = autograd_gradient(net, inputs, embeddings, targets)
+            result = Explainer(path, "gradient").explain(feeds, target=targets)
             got = result.saliency.get(name_in, result.attribution.get(name_in))
             out["gradient_error"] = float(np.abs(got - expected).max() / np.abs(expected).max())
-            del grad, result
+            del result
         except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
-            out["gradient_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-        try:
-            lrp = Explainer(path, "lrp-transformer" if "transformers" in name else "lrp-epsilon")
-            start = find_start(lrp.graph, lrp.ruleset, None, None)
-            kinds = Counter(a.binding.rule.name if a.binding else "none"
-                            for a in assign(lrp.graph, lrp.ruleset, path_nodes(lrp.graph, start)))
-            out["rules"] = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-            result = lrp.explain(feeds, target=[1, 2])
+            out["fails"].append(failure("gradient", exc))
+        lrp_row(out, path, family.lrp, feeds, targets, None)
+    return out
+
+
+def lrp_row(out: dict, path: Path, rules: str, feeds: dict, target, start) -> None:
+    """The LRP columns of a row: rules on the path, conservation, and the same at ε = 0."""
+    try:
+        lrp = Explainer(path, rules, start=start)
+        first = find_start(lrp.graph, lrp.ruleset, None, start)
+        kinds = Counter(a.binding.rule.name if a.binding else "none"
+                        for a in assign(lrp.graph, lrp.ruleset, path_nodes(lrp.graph, first)))
+        out["rules"] = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = lrp.explain(feeds, target=target)
             out["conservation"] = float(np.abs(result.relative_delta).max())
             out["logit"] = float(np.abs(result.start_value).min())
             del lrp, result
-            exact = Explainer(path, without_eps("transformers" in name)).explain(feeds, target=[1, 2])
-            out["conservation_eps0"] = float(np.abs(exact.relative_delta).max())
-        except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
-            out["conservation"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-    return out
+            exact = Explainer(path, without_eps(rules == "lrp-transformer"), start=start)
+            out["conservation_eps0"] = float(np.abs(exact.explain(feeds, target=target).relative_delta).max())
+            if out["conservation_eps0"] > 1e-3:
+                out["fails"].append(leak(exact, feeds, target))
+    except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
+        out["fails"].append(failure(rules, exc))
 
+
+def leak(explainer, feeds, target) -> str:
+    """Where an LRP file at ε = 0 does not conserve: the node whose relevance in and out differ most
+    (its bias shares counted), from the per-node sums of one run."""
+    sums = explainer.explain(feeds, target=target, node_sums=True).node_sums
+    ops = {n.name: n.op_type for n in explainer.graph.nodes}
+    gaps = {node: float(np.abs(o - i - (0 if b is None else b)).max())
+            for node, (i, o, b) in sums.items() if i is not None and o is not None}
+    node = max(gaps, key=gaps.get)
+    where = f"{ops.get(node, '?')} node '{node}'"
+    return f"LRP leaks at ε = 0: most at {where} (Σ out − Σ in = {gaps[node]:.2g})"
+
+
+def third_party_row(name: str, model: ThirdParty) -> dict:
+    """A real exported model: no torch twin, so the gradient column is "—" (the gradient file is
+    still run; a failure of it is recorded); LRP file `lrp-epsilon` (`lrp-transformer` for the
+    recogniser, an SVTR with LayerNorm and attention)."""
+    import onnx
+
+    out = {"architecture": name, "exporter": "third-party", "fails": [], "gradient_error": "—"}
+    if not model.path.exists():
+        raise ImportError(f"{model.path} is not here")
+    proto = onnx.load(str(model.path))
+    out["opset"] = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    out["nodes"] = len(proto.graph.node)
+    feeds = np.random.default_rng(0).standard_normal(model.shape).astype(np.float32)
+    start = model.start(proto) if model.start else None
+    try:
+        Explainer(proto, "gradient", start=start).explain(feeds, target=model.target())
+    except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
+        out["fails"].append(failure("gradient", exc))
+    lrp_row(out, proto, model.lrp, feeds, model.target(), start)
+    return out
 
 def without_eps(transformer: bool):
     """The LRP file with every ε set to 0 (LRP-0): what is left of a leak is float rounding."""
@@ -222,18 +592,72 @@ def fmt(value) -> str:
     return str(value) if value is not None else "–"
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| architecture | exporter | opset | nodes | rules on the path (LRP file) | gradient vs autograd "
-            "| LRP conservation | same at ε = 0 | smallest \\|logit\\| |\n|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['architecture']} | {r['exporter']} | – | – | {r['error']} | – | – | – | – |")
-            continue
-        lines.append(f"| {r['architecture']} | {r['exporter']} | {r['opset']} | {r['nodes']} | {r.get('rules', '–')} "
-                     f"| {fmt(r.get('gradient_error'))} | {fmt(r.get('conservation'))} "
-                     f"| {fmt(r.get('conservation_eps0'))} | {fmt(r.get('logit'))} |")
+COLUMNS = ("architecture", "exporter", "opset", "nodes", "rules on the path (LRP file)",
+           "gradient vs autograd",
+           "LRP conservation", "same at ε = 0", "smallest \\|logit\\|", "what fails (why)", "measured with")
+KEYS = ("architecture", "exporter", "opset", "nodes", "rules", "gradient_error", "conservation",
+        "conservation_eps0", "logit", "fails", "measured")
+
+
+def merged(fails: list[str]) -> str:
+    """The failures of a row, one per cause: stages failing the same way share it ("gradient,
+    lrp-epsilon: TargetError: ...")."""
+    stages: dict[str, list[str]] = {}
+    for fail in fails:
+        stage, _, why = fail.partition(": ") if fail.split(":")[0] in STAGES else ("", "", fail)
+        stages.setdefault(why, []).append(stage)
+    return "; ".join(", ".join(s for s in names if s) + (": " if any(names) else "") + why
+                     for why, names in stages.items())
+
+
+def cells(r: dict) -> list[str]:
+    values = dict(r, fails=merged(r.get("fails", [])).replace("|", "\\|") or "–")
+    return [fmt(values.get(k)) for k in KEYS]
+
+
+def table(rows: list) -> str:
+    """Rows are dicts (measured now) or lists of cells (kept from the README)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r if isinstance(r, list) else cells(r)) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def measured_with(library: str) -> str:
+    import importlib
+    import onnxruntime
+
+    modules = ("onnx",) if library == "onnx" else dict.fromkeys(("torch", library))
+    versions = [f"{m} {importlib.import_module(m).__version__}" for m in modules]
+    return f"{date.today().isoformat()}, " + ", ".join(versions + [f"onnxruntime {onnxruntime.__version__}"])
+
+
+#: what the README rows from before the "measured with" column were measured with (commit d5d0b36)
+KEPT = "; kept: not installed here"
+LEGACY = "2026-11-22, torchvision (version not recorded)" + KEPT
+
+
+def readme_rows(readme: str) -> list[dict]:
+    """The rows of the README's table, as {column: cell} (any earlier column layout)."""
+    begin, end = readme.index(MARK_BEGIN) + len(MARK_BEGIN), readme.index(MARK_END)
+    lines = [line for line in readme[begin:end].strip().splitlines() if line.startswith("|")]
+    if not lines:
+        return []
+    split = lambda line: [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]  # noqa: E731
+    return [dict(zip(split(lines[0]), split(line))) for line in lines[2:]]
+
+
+def kept_rows(readme: str, name: str, library_missing: bool = True) -> list[list[str]]:
+    """The README's rows of ``name`` in the current column layout; for a library missing here, the
+    "measured with" cell says so."""
+    kept = []
+    for old in readme_rows(readme):
+        if old.get("architecture") != name:
+            continue
+        new = [old.get(c, "–") for c in COLUMNS]
+        measured = old.get("measured with", LEGACY)
+        new[-1] = measured if measured.endswith(KEPT) or not library_missing else measured + KEPT
+        kept.append(new)
+    return kept
 
 
 def main() -> None:
@@ -241,25 +665,42 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated architecture names")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
-    names = args.only.split(",") if args.only else list(ARCHITECTURES)
+    everything = {**ARCHITECTURES, **THIRD_PARTY}
+    names = args.only.split(",") if args.only else list(everything)
+    readme = ROOT / "README.md"
     rows = []
-    for name in names:
-        for dynamo in (False, True):
+    for name in everything if args.only and args.write_readme else names:
+        if name not in names:   # --only with --write-readme: the other rows stay as they are
+            rows += kept_rows(readme.read_text(), name, library_missing=False)
+            continue
+        family = everything[name]
+        library = family.library if isinstance(family, Family) else "onnx"
+        try:
+            importlib.import_module(library)
+        except ImportError as exc:
+            kept = kept_rows(readme.read_text(), name)
+            print(f"{name}: {exc}; {len(kept)} rows kept from the README", file=sys.stderr)
+            rows += kept
+            continue
+        for dynamo in (False, True) if isinstance(family, Family) else (None,):
+            started = time.perf_counter()
             try:
-                rows.append(row(name, ARCHITECTURES[name], dynamo))
+                if dynamo is None:
+                    measured = third_party_row(name, family)
+                else:
+                    measured = row(name, family, dynamo)
             except ImportError as exc:
                 print(f"{name}: skipped ({exc})", file=sys.stderr)
                 break
-            except Exception:  # noqa: BLE001 (a failure is a row of the table)
-                buffer = io.StringIO()
-                traceback.print_exc(file=buffer)
-                rows.append({"architecture": name, "exporter": "dynamo" if dynamo else "torchscript",
-                             "error": buffer.getvalue().strip().splitlines()[-1][:100]})
-            print(rows[-1], file=sys.stderr, flush=True)
+            except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
+                measured = {"architecture": name, "exporter": "dynamo" if dynamo else "torchscript",
+                            "fails": [failure("build", exc)]}
+            measured["measured"] = measured_with(library)
+            rows.append(measured)
+            print(f"{time.perf_counter() - started:.0f} s", rows[-1], file=sys.stderr, flush=True)
     text = table(rows)
     print(text)
     if args.write_readme:
-        readme = ROOT / "README.md"
         content = readme.read_text()
         begin, end = content.index(MARK_BEGIN) + len(MARK_BEGIN), content.index(MARK_END)
         readme.write_text(content[:begin] + "\n" + text + "\n" + content[end:])
