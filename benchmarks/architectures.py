@@ -7,7 +7,7 @@ the largest gradient; for token models gradient × input per token at the token 
 end-to-end conservation error of the LRP file (bias blamed): `lrp-epsilon`, or `lrp-transformer`
 for the transformers, and what fails and why where something does. Families: torchvision and
 transformers models from tiny configs, hand-built torch op families, and real third-party ONNX
-models (tests/data, /work/shared/models; no torch twin, so no gradient oracle).
+models (tests/data, ../shared/models; no torch twin, so no gradient oracle).
 
     python benchmarks/architectures.py [--only resnet18,vit] [--write-readme]
 
@@ -387,7 +387,7 @@ def _rec_target():
 
 
 DATA = ROOT / "tests" / "data"
-SHARED = ROOT.parent.parent / "shared" / "models"   # /work/shared/models beside the checkouts
+SHARED = ROOT.parent / "shared" / "models"   # ../shared/models beside the checkout
 THIRD_PARTY = {
     "mnist-8 (ONNX model zoo)": ThirdParty(DATA / "mnist-8.onnx", (2, 1, 28, 28)),
     "resnet20 cifar10": ThirdParty(DATA / "resnet20_cifar10.onnx", (2, 3, 32, 32)),
