@@ -5,11 +5,13 @@ exporters: the relevance of every prompt token for the next-token logit.
   RMSNorm decomposed by the exporter into Pow/ReduceMean/Add/Sqrt/Div or Rsqrt/Mul, SiLU-gated
   MLP, grouped-query attention with fewer key/value heads than heads);
 - the ``gradient`` file: gradient × input per token at the token embeddings equals autograd;
-- ``lrp-transformer``: tokens plus bias shares add up to the next-token logit to 1e-3 (GPT-2).
-  The Llama-style model does not conserve to 1e-3 yet, an expected failure (strict, so that it
-  reports when it holds): its decomposed RMSNorm ``x · (1 / sqrt(mean(x²) + ε))`` passes half the
-  relevance into the normalizing factor, where the ε stabilizers leak 1.2e-3 and 2.2e-3 per row;
-  AttnLRP holds the factor constant (the RMS normalization rules, issue 10 item 2).
+- ``lrp-transformer``: tokens plus bias shares add up to the next-token logit to 1e-3. The
+  Llama-style model's decomposed RMSNorm ``x · (1 / sqrt(mean(x²) + ε)) · γ`` is fused into one
+  RMSNormalization node (graph/fuse.py), so ``layernorm_linear`` holds the factor constant as
+  AttnLRP does; read as a product of two activations it passed half the relevance into the factor,
+  where the ε stabilizers leaked 1.2e-3 and 2.2e-3 per row;
+- a chosen later token: the logit of the prompt's own next token at an earlier position. Causal
+  attention gives the tokens after that position exactly nothing, under both files;
 - Both exports get the same lrp-transformer map: the TorchScript export writes ``1 / sqrt`` as
   ``Div(1, s)``, read as a Reciprocal (nonlinear; as a Div with a constant operand it read as
   linear, and the ε-rule flipped the relevance's sign: deltas of about 1).
@@ -99,3 +101,21 @@ def test_both_exports_get_the_same_lrp_transformer_map(llms, model):
     _, ids, mask, paths = llms
     maps = [explain(paths, model, exporter, "lrp-transformer", ids, mask).map for exporter in EXPORTERS]
     assert np.abs(maps[0] - maps[1]).max() / np.abs(maps[1]).max() < 1e-4
+
+
+LATER = 3   # explain, at position 3, the logit of the token the prompt has at position 4
+
+
+@pytest.mark.parametrize(("model", "exporter"), CASES)
+def test_a_chosen_later_token_gets_relevance_from_the_tokens_before_it_only(llms, model, exporter):
+    nets, ids, mask, paths = llms
+    chosen = ids[:, LATER + 1].tolist()
+    target = rulegraph.Target(chosen, at=LATER)
+    feeds = {"ids": ids.numpy(), "mask": mask.numpy()}
+    gradient = rulegraph.Explainer(paths[model, exporter], "gradient").explain(feeds, target=target)
+    expected = tm.token_gradient_x_input(nets[model], ids, mask, chosen, position=LATER)
+    assert np.abs(gradient.map - expected).max() / np.abs(expected).max() < 1e-4
+    lrp = rulegraph.Explainer(paths[model, exporter], "lrp-transformer").explain(feeds, target=target)
+    assert np.abs(lrp.relative_delta).max() < 1e-3
+    for result in (gradient, lrp):   # causal attention: the tokens after the position get nothing
+        assert (result.map[:, LATER + 1:] == 0).all() and (result.map[:, :LATER + 1] != 0).any()
