@@ -1,5 +1,7 @@
 """Decoder language models from transformers configs (random weights), exported by both torch
-exporters: the relevance of every prompt token for the next-token logit.
+exporters: the relevance of every prompt token for the next-token logit, without and with a KV cache
+(the cached keys and values as model inputs: the gradient reaches them as autograd's does, and the
+new tokens and the cache share the relevance, conserving).
 
 - GPT-2 (learned positions, GELU MLP, LayerNorm) and a Llama-style model (rotary embeddings,
   RMSNorm decomposed by the exporter into Pow/ReduceMean/Add/Sqrt/Div or Rsqrt/Mul, SiLU-gated
@@ -19,6 +21,7 @@ exporters: the relevance of every prompt token for the next-token logit.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -119,3 +122,72 @@ def test_a_chosen_later_token_gets_relevance_from_the_tokens_before_it_only(llms
     assert np.abs(lrp.relative_delta).max() < 1e-3
     for result in (gradient, lrp):   # causal attention: the tokens after the position get nothing
         assert (result.map[:, LATER + 1:] == 0).all() and (result.map[:, :LATER + 1] != 0).any()
+
+
+# with a KV cache: the prompt's earlier tokens come in as past keys and values ---------------------
+
+PAST, NEW = 5, 3   # tokens already in the cache, new tokens
+
+
+class WithCache(torch.nn.Module):
+    """A causal LM of (ids, mask, k0, v0, k1, v1): the two layers' cached keys and values as inputs."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, ids, mask, k0, v0, k1, v1):
+        cache = transformers.DynamicCache()
+        cache.update(k0, v0, 0)
+        cache.update(k1, v1, 1)
+        # transformers 5 names it ``cache``; earlier releases ``past_key_values``
+        name = "cache" if "cache" in inspect.signature(self.net.forward).parameters else "past_key_values"
+        return self.net(input_ids=ids, attention_mask=mask, use_cache=True, **{name: cache}).logits
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """{model: (torch model, feeds, {exporter: onnx path})}."""
+    import warnings
+
+    transformers.logging.set_verbosity_error()
+    out = {}
+    folder = tmp_path_factory.mktemp("kv")
+    for name, build in MODELS.items():
+        torch.manual_seed(0)
+        net = build().eval()
+        prompt = torch.randint(0, VOCAB, (2, PAST), generator=torch.Generator().manual_seed(1))
+        past = net(input_ids=prompt, use_cache=True).past_key_values
+        kv = [t.detach() for layer in past.layers[:2] for t in (layer.keys, layer.values)]
+        ids = torch.randint(0, VOCAB, (2, NEW), generator=torch.Generator().manual_seed(2))
+        args = (ids, torch.ones(2, PAST + NEW, dtype=torch.long), *kv)
+        model = WithCache(net).eval()
+        names = ["ids", "mask", "k0", "v0", "k1", "v1"]
+        paths = {}
+        for exporter, dynamo in EXPORTERS.items():
+            paths[exporter] = folder / f"{name}_{exporter}.onnx"
+            options = ({"opset_version": 18, "external_data": False, "verbose": False} if dynamo
+                       else {"opset_version": 17})
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, args, str(paths[exporter]), input_names=names, output_names=["logits"],
+                                  dynamo=dynamo, **options)
+        out[name] = (model, dict(zip(names, args)), paths)
+    return out
+
+
+@pytest.mark.parametrize(("model", "exporter"), CASES)
+def test_with_a_kv_cache_the_gradient_reaches_the_cache_and_lrp_conserves(cached, model, exporter):
+    net, args, paths = cached[model]
+    feeds = {k: v.numpy() for k, v in args.items()}
+    target = rulegraph.Target(NEXT, at=NEW - 1)
+    gradient = rulegraph.Explainer(paths[exporter], "gradient").explain(feeds, target=target)
+    kv = {k: args[k].clone().requires_grad_(True) for k in ("k0", "v0", "k1", "v1")}
+    logits = net(args["ids"], args["mask"], *kv.values())
+    logits[torch.arange(2), NEW - 1, torch.tensor(NEXT)].sum().backward()
+    for name, tensor in kv.items():   # the gradient rule's saliency of each cached tensor is ∂logit/∂cache
+        want = tensor.grad.numpy()
+        assert np.abs(gradient.saliency[name] - want).max() <= 1e-4 * np.abs(want).max(), name
+    lrp = rulegraph.Explainer(paths[exporter], "lrp-transformer").explain(feeds, target=target)
+    assert set(lrp.attribution) == {"ids", "k0", "v0", "k1", "v1"}   # new tokens and the cache share it
+    assert np.abs(lrp.relative_delta).max() < 1e-3
