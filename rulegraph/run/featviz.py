@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from ..errors import RulegraphError
 
@@ -235,6 +236,8 @@ class Visualizer:
         graph = self.explainer.graph
         self.layer = resolve_tensor(graph, layer)
         self.input = graph.inputs[0]
+        #: the input's element type: float32, or float64 for a float64 model (exact gradient checks)
+        self.dtype = np.float64 if graph.dtypes.get(self.input) == onnx.TensorProto.DOUBLE else np.float32
         self.spec = self.explainer.preprocess
         self.layout = self.spec.layout if self.spec is not None else "NCHW"
         shape = graph.shapes.get(self.input) or []
@@ -253,7 +256,7 @@ class Visualizer:
         ONE run of the explainer."""
         image, cache = self.param.forward(p)
         x = to_model(transform.apply(image), self.affine, self.layout)
-        result = self.explainer.explain(x.astype(np.float32), target=seed.astype(np.float32),
+        result = self.explainer.explain(x.astype(self.dtype), target=seed.astype(self.dtype),
                                         max_amplification=None)
         objective = (seed * result.start.astype(np.float64)).reshape(len(seed), -1).sum(axis=1)
         g = from_model_gradient(result.saliency[self.input].astype(np.float64), self.affine, self.layout)
@@ -261,7 +264,7 @@ class Visualizer:
 
     def start_shape(self) -> tuple:
         x = to_model(np.full((1, self.channels_in, self.height, self.width), 0.5), self.affine, self.layout)
-        return self.explainer.forward(x.astype(np.float32))[self.layer].shape[1:]
+        return self.explainer.forward(x.astype(self.dtype))[self.layer].shape[1:]
 
     def run(self, channels, kind: str = "channel", direction=None, steps: int = 256, lr: float = 0.05,
             seed: int = 0, pad: int = 12, jitter: int = 8, scales=(1.0, 0.975, 1.025, 0.95, 1.05),
