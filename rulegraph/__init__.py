@@ -12,9 +12,10 @@ from .lang.ruleset import RuleSet
 from .run.cam import Cam, cam, crp
 from .run.evaluate import Evaluation, evaluate
 from .run.explainer import Explainer, Result
+from .run.featviz import visualize
 from .run.preprocess import Preprocess, preprocess
 
 __all__ = ["Cam", "CoverageError", "Evaluation", "Explainer", "Graph", "ModelError", "Preprocess", "Result",
            "RuleSet", "RuleSyntaxError", "RulegraphError", "Target", "TargetError", "cam", "crp", "evaluate", "load",
-           "preprocess"]
+           "preprocess", "visualize"]
 __version__ = "0.1.0"

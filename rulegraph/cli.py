@@ -696,6 +696,24 @@ def target_options(p) -> None:
                    "Softmax's axis, else 1 for [N, C] and [N, C, H, W], 2 for [N, T, C])")
 
 
+def cmd_visualize(args) -> int:
+    """``visualize MODEL --layer T --channels 0-15 -o grid.png``: feature visualization (run/featviz.py)."""
+    from .run import featviz
+
+    channels = featviz.parse_channels(args.channels)
+    direction = None
+    if args.direction:
+        direction = read_npy(args.direction)
+    vis = featviz.Visualizer(args.model, args.layer, preprocess_of(args)).run(
+        channels, args.objective, direction, steps=args.steps, lr=args.lr, seed=args.seed)
+    for label, first, last in zip(vis.channels, vis.history[0], vis.history[-1]):
+        print(f"{vis.layer} {args.objective} {label}: objective {first:.4g} -> {last:.4g}")
+    titles = [f"{vis.layer} {args.objective} {c}" for c in vis.channels]
+    viz.image_tiles(vis.images, titles, args.o, inputs=model_files(args.model), columns=args.columns)
+    print(f"grid written to {args.o}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     """Faithfulness metrics and sanity checks of each rule file (and random attributions) on a batch."""
     from .run import evaluate as ev
@@ -839,6 +857,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a usable rule (which), off the path, the share covered; and the total")
     p.add_argument("--json", action="store_true", help="the summary as JSON (implies --summary)")
     p.set_defaults(run=cmd_ops)
+
+    p = sub.add_parser("visualize", help="feature visualization: inputs optimized from noise to excite "
+                       "channels of a tensor, as a grid")
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("--layer", required=True, help="the tensor or node whose channels are shown")
+    p.add_argument("--channels", default="0-7", help="channels: 0-15, 3,5,9 (default 0-7)")
+    p.add_argument("--objective", choices=("channel", "neuron", "direction"), default="channel",
+                   help="a channel's mean, its centre neuron, or a --direction over channels")
+    p.add_argument("--direction", help=".npy: a vector over the channels (or one per row) for "
+                   "--objective direction")
+    p.add_argument("--steps", type=int, default=256, help="Adam steps (default 256)")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the noise and transformations")
+    p.add_argument("--columns", type=int, default=8, help="tiles per row of the grid")
+    _preprocess_options(p, bgr=True)
+    p.add_argument("-o", required=True, help="where to write the grid (.png, .pdf, .svg, ...)")
+    p.set_defaults(run=cmd_visualize)
 
     p = sub.add_parser("demo", help="explain a bundled digit with a bundled model; write a heatmap")
     p.add_argument("--rules", default="lrp-epsilon")

@@ -612,3 +612,12 @@ def plot_evaluation(evaluation, columns: int = 3):
         ax.set_visible(False)
     axes[0].legend(fontsize=7)
     return fig
+
+
+def image_tiles(images: np.ndarray, titles: list[str], path: str | Path, inputs=(), columns: int = 8,
+                what: str = "-o") -> Path:
+    """Images [N, C, H, W] in [0, 1] (C 1 or 3) as a titled grid, ``columns`` tiles a row, no colour bars."""
+    tiles = [Panel(np.repeat(np.clip(img, 0, 1).transpose(1, 2, 0), 3 // img.shape[0], axis=-1), title,
+                   0.0, 0.0, bar=False) for img, title in zip(images, titles)]
+    rows = [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
+    return save_figure(figure(rows, colorbar=False, size=2.0), path, inputs, what)
