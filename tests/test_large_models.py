@@ -173,3 +173,20 @@ def test_session_of_a_large_proto_equals_bytes_session(monkeypatch):
     got = _outputs(runtime.session(proto), feeds)
     for name, value in expected.items():
         assert np.array_equal(got[name], value), name
+
+
+def test_checker_and_digest_never_take_the_whole_large_model(monkeypatch):
+    """onnx.checker refuses a proto over 2 GiB, and SerializeToString fails: both see pieces."""
+    monkeypatch.setattr(large, "LARGE_BYTES", 0)
+    checked = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checked.append(m) or real(m, *a, **k))
+    explainer = Explainer(ROOT / "models" / "digits_cnn.onnx", "lrp-epsilon")
+    compiled = explainer.compiled()
+    big = {t.name for t in compiled.model.graph.initializer if t.ByteSize() > large.INLINE_BYTES}
+    assert big and checked
+    for model in checked:
+        assert big.isdisjoint(t.name for t in model.graph.initializer)
+    pieces = list(large.serialized(compiled.model))
+    assert len(pieces) == 1 + len(compiled.model.graph.initializer)
+    assert max(len(p) for p in pieces) < compiled.model.ByteSize()

@@ -4,9 +4,9 @@ A model is *large* when its initializers hold more than ``LARGE_BYTES`` (a modul
 tests can lower it). onnx's shape inference and ``SerializeToString`` take one protobuf message, which
 cannot exceed 2 GiB; for a large model
 
-- ``infer_shapes`` runs onnx's inference on a shell copy whose big initializers (over ``INLINE_BYTES``)
-  are graph inputs of the same type and shape: a weight's values never decide a shape, small
-  initializers (shape tensors, axes) stay for data propagation;
+- ``infer_shapes`` (and ``onnx.checker``, through ``without_weights``) runs on a shell copy whose big
+  initializers (over ``INLINE_BYTES``) are graph inputs of the same type and shape: a weight's values
+  never decide a shape, small initializers (shape tensors, axes) stay for data propagation;
 - ``write`` stores the big initializers' bytes in one data file beside the model, one tensor at a time,
   and the model itself as a shell that names each tensor's location, offset and length (ONNX external
   data). The model in memory is left unchanged (``onnx.save`` with external data would clear it).
@@ -62,22 +62,37 @@ def _big(tensor: onnx.TensorProto) -> bool:
     return tensor.ByteSize() > INLINE_BYTES
 
 
-def infer_shapes(proto: onnx.ModelProto, **options) -> onnx.ModelProto:
-    """``onnx.shape_inference.infer_shapes(proto, **options)``; for a large model, inferred on a shell
-    whose big initializers are graph inputs of their type and shape (the result lists them as inputs
-    and holds no big initializer)."""
+def without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` itself when it is not large; else a shell whose big initializers are graph inputs of
+    their type and shape (what shape inference and ``onnx.checker`` need of a weight)."""
     if not is_large(proto):
-        return onnx.shape_inference.infer_shapes(proto, **options)
+        return proto
     shell = _shell(proto)
     declared = {i.name for i in shell.graph.input}
     for tensor in proto.graph.initializer:
-        if _big(tensor):
-            if tensor.name not in declared:
-                shell.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
-                                                                            list(tensor.dims)))
-        else:
+        if not _big(tensor):
             shell.graph.initializer.append(tensor)
-    return onnx.shape_inference.infer_shapes(shell, **options)
+        elif tensor.name not in declared:
+            shell.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                        list(tensor.dims)))
+    return shell
+
+
+def infer_shapes(proto: onnx.ModelProto, **options) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes(proto, **options)``, on ``without_weights(proto)`` (for a
+    large model the result lists the big initializers as inputs and holds none of them)."""
+    return onnx.shape_inference.infer_shapes(without_weights(proto), **options)
+
+
+def serialized(proto: onnx.ModelProto):
+    """``proto``'s deterministic serialization in pieces each under 2 GiB (for a digest): the whole
+    model when it is not large, else the shell then each initializer."""
+    if not is_large(proto):
+        yield proto.SerializeToString(deterministic=True)
+        return
+    yield _shell(proto).SerializeToString(deterministic=True)
+    for tensor in proto.graph.initializer:
+        yield tensor.SerializeToString(deterministic=True)
 
 
 def _raw(tensor: onnx.TensorProto) -> bytes:
