@@ -190,3 +190,20 @@ def test_checker_and_digest_never_take_the_whole_large_model(monkeypatch):
     pieces = list(large.serialized(compiled.model))
     assert len(pieces) == 1 + len(compiled.model.graph.initializer)
     assert max(len(p) for p in pieces) < compiled.model.ByteSize()
+
+
+@pytest.mark.parametrize(("flag", "external"), [([], False), (["--external-data"], True)])
+def test_cli_compile_external_data(flag, external, tmp_path):
+    from rulegraph.cli import main
+
+    model = ROOT / "models" / "digits_cnn.onnx"
+    argv = ["compile", str(model), "--rules", "lrp-epsilon", "-o", str(tmp_path / "e.onnx"), *flag]
+    assert main(argv) == 0
+    assert (tmp_path / "e.onnx.data").is_file() == external
+    plain = onnxruntime.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    explainer = Explainer(model, "lrp-epsilon")
+    feeds, _, _, _, _ = explainer._pass_feeds(_input(onnx.load(str(model))), "argmax", None, False)
+    expected = _outputs(explainer.session(), feeds)
+    got = _outputs(plain, feeds)
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
