@@ -478,7 +478,7 @@ def cmd_compile(args) -> int:
                              "whole pass (explain --layer gives the attribution at a layer)")
     explainer = Explainer(args.model, args.rules, output=args.output, start=args.start,
                           class_axis=args.class_axis, preprocess=preprocess_of(args))
-    path = explainer.save(args.o)
+    path = explainer.save(args.o, external_data=args.external_data or None)
     compiled = explainer.saved()
     print(f"explainer written to {path}: inputs {compiled.input_names}, attribution outputs "
           f"{list(compiled.attribution.values())}")
@@ -826,6 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_and_rules(p, cam=True)
     p.add_argument("-o", required=True, help="where to write the explainer .onnx")
     p.add_argument("--class-axis", type=int, help="the start tensor's class axis (see explain)")
+    p.add_argument("--external-data", action="store_true",
+                   help="weights in <o>.data beside the explainer (the default over 1 GiB of weights)")
     _preprocess_options(p, bgr=True)
     p.set_defaults(run=cmd_compile)
 

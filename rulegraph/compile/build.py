@@ -41,6 +41,7 @@ from ..backward.reverse import checked, walk_back
 from ..backward.rules import RULES
 from ..backward.vjp import VjpContext
 from ..errors import CoverageError, InternalError, ModelError, RulegraphError
+from ..graph import large
 from ..graph.model_check import SEED, TARGET, checkable, explainer_metadata
 from ..graph.read import Graph, Node
 from ..lang.ruleset import RuleSet
@@ -439,7 +440,7 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
     prune(model)
     model.metadata_props.append(explainer_metadata([o.name for o in graph.model.graph.output]))
     try:
-        onnx.checker.check_model(checkable(model))
+        onnx.checker.check_model(checkable(large.without_weights(model)))
     except onnx.checker.ValidationError as exc:
         raise InternalError(f"the compiled explainer is not valid ONNX: {exc}") from exc
     return model

@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from ..errors import ModelError, node_ref
+from . import large
 from .kinds import OpKinds, op_key
 
 MS = "com.microsoft"
@@ -140,7 +141,7 @@ def with_stand_ins(proto: onnx.ModelProto) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
 
     def rank_of(tensor: str) -> int | None:  # inferred over the nodes so far (a transposed operand)
-        inferred = onnx.shape_inference.infer_shapes(_partial(copy, nodes))
+        inferred = large.infer_shapes(_partial(copy, nodes))
         g = inferred.graph
         for vi in list(g.input) + list(g.value_info):
             if vi.name == tensor and vi.type.tensor_type.HasField("shape"):

@@ -53,6 +53,7 @@ from .kinds import OpKinds, op_key
 from .legacy_resize import restore_legacy_resize
 from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
 from .recurrent import expand_recurrent
+from . import large
 from .static_shapes import partial_values, unused_shape_nodes
 
 MIN_OPSET = 17
@@ -475,7 +476,7 @@ SHAPE_OF_FIRST_INPUT = frozenset({"GroupNormalization"})
 def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """onnx shape inference, with the output of each ``SHAPE_OF_FIRST_INPUT`` node declared as its
     input's shape once that is known (and inference run again past it)."""
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    inferred = large.infer_shapes(proto, strict_mode=False, data_prop=True)
     pending = [n for n in proto.graph.node
                if n.op_type in SHAPE_OF_FIRST_INPUT and n.domain in ("", "ai.onnx")]
     declared: list[onnx.ValueInfoProto] = []
@@ -495,7 +496,7 @@ def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
         copy.graph.value_info.extend(declared)
-        inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
+        inferred = large.infer_shapes(copy, strict_mode=False, data_prop=True)
     return inferred
 
 

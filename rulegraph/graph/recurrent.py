@@ -32,6 +32,7 @@ import onnx
 from onnx import helper
 
 from ..errors import ModelError, node_ref
+from . import large
 
 #: number of gates (blocks of ``hidden_size`` rows in W and R) per op, in ONNX's order
 GATES = {"LSTM": "iofc", "GRU": "zrh", "RNN": "i"}
@@ -73,7 +74,7 @@ def expand_recurrent(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -
     go into ``constants``); False when there is none."""
     if not any(n.op_type in GATES and n.domain in ("", "ai.onnx") for n in proto.graph.node):
         return False
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    inferred = large.infer_shapes(proto, strict_mode=False, data_prop=True)
     shapes = {vi.name: vi.type.tensor_type.shape for vi in
               list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)}
     taken = {t for n in proto.graph.node for t in list(n.input) + list(n.output)} | set(constants)

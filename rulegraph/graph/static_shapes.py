@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import large
+
 #: ops whose output entries are entries of their first input (selected or moved, never computed)
 CARRIERS = frozenset({"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast"})
 
@@ -138,7 +140,7 @@ def partial_values(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> 
     model's tensors, by name; every tensor tracked as a partial value). The nodes that compute the
     first can be dropped from the model."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        inferred = large.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 (the reader's own inference names the failure)
         return {}, set()
     graph = inferred.graph

@@ -93,7 +93,7 @@ class Cam:
         if resolved.weights is not None:
             feeds[compiled.positions_input] = resolved.weights.astype(np.float32)
         if self._session is None:
-            self._session = runtime.session(cam.model.SerializeToString(), e.providers, e.threads,
+            self._session = runtime.session(cam.model, e.providers, e.threads,
                                             what=f"the {self.method} model")
         values = _run_in_chunks(self._session, feeds, e._static_batch(), n, None)
         return CamResult(values[cam.cam_output], values[cam.guided_output] if cam.guided_output else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ..compile.plan import find_start
 from ..compile.targets import Target, TargetError
 from ..compile.unmatched import warn_unmatched
 from ..errors import InternalError, ModelError, RulegraphError
+from ..graph import large
 from ..lang.ruleset import RuleCall, RuleSet
 from . import preprocess as preprocessing
 from . import rulefiles as dsl
@@ -115,7 +117,7 @@ class Explainer:
         if key not in self._sessions:
             compiled = self.compiled(seed_mode, node_sums, at)
             try:
-                self._sessions[key] = runtime.session(compiled.model.SerializeToString(), self.providers,
+                self._sessions[key] = runtime.session(compiled.model, self.providers,
                                                       self.threads, what="the compiled explainer",
                                                       strict=self.strict_device)
             except ModelError as exc:
@@ -133,7 +135,7 @@ class Explainer:
             if start not in {o.name for o in model.graph.output}:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(
                     start, self.graph.dtypes.get(start, onnx.TensorProto.FLOAT), self.graph.shapes.get(start)))
-            self._sessions["forward"] = runtime.session(model.SerializeToString(), self.providers,
+            self._sessions["forward"] = runtime.session(model, self.providers,
                                                         self.threads, what=self._where, strict=self.strict_device)
         return self._sessions["forward"]
 
@@ -144,7 +146,7 @@ class Explainer:
 
         feeds, compiled, _, _, _ = self._pass_feeds(x, target, None, False)
         with tempfile.TemporaryDirectory() as tmp:
-            sess = runtime.session(compiled.model.SerializeToString(), self.providers, self.threads,
+            sess = runtime.session(compiled.model, self.providers, self.threads,
                                    what="the compiled explainer", strict=self.strict_device,
                                    profile=str(Path(tmp) / "profile"))
             runtime.run(sess, [o.name for o in sess.get_outputs()], feeds)
@@ -192,15 +194,33 @@ class Explainer:
 
         return failure
 
-    def save(self, path: str | Path, seed_mode: bool = False) -> Path:
+    def save(self, path: str | Path, seed_mode: bool = False, external_data: bool | None = None) -> Path:
         """Write the explainer ONNX model (``saved``); any ONNX runtime can run it without rulegraph.
-        The write is atomic and refuses to overwrite the model or rule file read (``files.check_output``)."""
+        The write is atomic and refuses to overwrite the model or rule file read (``files.check_output``).
+        ``external_data``: the weights in ``<path>.data`` beside it (ONNX external data); by default
+        when they exceed ``graph.large.LARGE_BYTES`` (protobuf cannot hold over 2 GiB in one file)."""
         model_path, rules_path = self._sources
         path = check_output(path, model_files(model_path, [path]) + rule_files(rules_path), what="explainer")
         model = self.saved(seed_mode).model
         if self.preprocess is not None:  # the file documents its own inputs (metadata_props)
             model = preprocessing.to_metadata(model, self.preprocess)
-        return write_with(path, lambda tmp: onnx.save(model, str(tmp)), "explainer")
+        if external_data is None:
+            external_data = large.is_large(model)
+        if not external_data:
+            return write_with(path, lambda tmp: onnx.save(model, str(tmp)), "explainer")
+        data = Path(path).with_name(Path(path).name + ".data")
+        check_output(data, model_files(model_path, [path]) + rule_files(rules_path), what="explainer data")
+
+        def write(tmp: Path) -> None:   # the data file is in place before the model that names it
+            staged = tmp.with_name(tmp.name + ".data")
+            try:
+                large.write(model, tmp, staged, location=data.name)
+                os.replace(staged, data)
+            finally:
+                if staged.exists():
+                    staged.unlink()
+
+        return write_with(path, write, "explainer")
 
     #: NaN or infinite values in a float input are refused unless this is set (``explainer.allow_nonfinite``)
     allow_nonfinite = False

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from onnx import defs, shape_inference
+from onnx import defs
+
+from ..graph import large
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "onnxruntime-cuda-kernels.csv"
 FLOAT_TYPES = frozenset({"float", "double", "float16", "bfloat16"})
@@ -87,7 +89,7 @@ def _constraint_tensor(node: onnx.NodeProto, domain: str, opset: int) -> str | N
 
 def _types_by_name(model: onnx.ModelProto) -> dict[str, int]:
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = large.infer_shapes(model, strict_mode=False)
     except Exception:  # noqa: BLE001 (inference is best effort; declared types remain)
         inferred = model
     graph = inferred.graph

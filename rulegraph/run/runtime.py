@@ -7,11 +7,15 @@ The GPU is detected by creating the session and reading ``session.get_providers(
 from __future__ import annotations
 
 import re
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
+import onnx
 
 from ..errors import ModelError, RulegraphWarning, RuntimeMissingError
+from ..graph import large
 
 INSTALL_HINT = ("rulegraph needs onnxruntime: install `rulegraph[cpu]` (onnxruntime) or "
                 "`rulegraph[gpu]` (onnxruntime-gpu, CUDA 13); not both, they clobber each other")
@@ -32,7 +36,7 @@ def default_providers() -> list[str]:
     return preferred + ["CPUExecutionProvider"]
 
 
-def _session(model_bytes: bytes, providers: tuple[str, ...], threads: int, strict: bool = False,
+def _session(model_bytes, providers: tuple[str, ...], threads: int, strict: bool = False,
              profile: str | None = None):
     rt = ort()
     options = rt.SessionOptions()
@@ -50,7 +54,14 @@ def _session(model_bytes: bytes, providers: tuple[str, ...], threads: int, stric
         # onnxruntime-gpu logs two error lines on the default logger when CUDA's libraries or the GPU
         # are missing; rulegraph says it in one line instead (_tell_if_no_gpu)
         rt.set_default_logger_severity(4)
-    return rt.InferenceSession(model_bytes, sess_options=options, providers=list(providers))
+    if not isinstance(model_bytes, onnx.ModelProto):
+        return rt.InferenceSession(model_bytes, sess_options=options, providers=list(providers))
+    if not large.is_large(model_bytes):
+        return rt.InferenceSession(model_bytes.SerializeToString(), sess_options=options, providers=list(providers))
+    with tempfile.TemporaryDirectory(prefix="rulegraph-") as folder:   # protobuf's 2 GiB: external data
+        path = Path(folder) / "model.onnx"
+        large.write(model_bytes, path)
+        return rt.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 
 _told_no_gpu = False
@@ -66,9 +77,10 @@ def _tell_if_no_gpu(sess, providers: tuple[str, ...]) -> None:
                       "missing); running on the CPU", RulegraphWarning, stacklevel=3)
 
 
-def session(model_bytes: bytes, providers: list[str] | None = None, threads: int = 0,
+def session(model_bytes, providers: list[str] | None = None, threads: int = 0,
             what: str = "the model", strict: bool = False, profile: str | None = None):
-    """A session for a serialized model. The Explainer keeps its sessions for its lifetime; none
+    """A session for a serialized model (bytes), or for a ``ModelProto``: over ``large.LARGE_BYTES`` of
+    weights, written with external data to a temporary folder that onnxruntime reads it from. The Explainer keeps its sessions for its lifetime; none
     is kept here, so a large model's memory goes with its Explainer. onnxruntime refusing the
     model is a ``ModelError`` naming ``what``, with onnxruntime's whole message. ``strict``:
     onnxruntime may not place a node on the CPU when another provider was asked for

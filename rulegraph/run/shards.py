@@ -38,6 +38,7 @@ import onnx
 
 from ..compile.targets import Target
 from ..errors import RulegraphError, RulegraphWarning
+from ..graph import large
 from .dataset import Source, open_source, require
 from .files import atomic_write
 
@@ -155,7 +156,9 @@ def sizes(explainer, sample, batch_size: int | None, shard_size: int | None, bud
 
 def _digest(explainer) -> str:
     """What the outputs depend on besides the samples: the compiled pass and any loop around it."""
-    h = hashlib.sha256(explainer.compiled().model.SerializeToString(deterministic=True))
+    h = hashlib.sha256()
+    for piece in large.serialized(explainer.compiled().model):
+        h.update(piece)
     h.update(repr(getattr(explainer.ruleset, "loop", None)).encode())
     return h.hexdigest()
 

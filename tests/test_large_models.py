@@ -1,0 +1,209 @@
+"""Models over protobuf's 2 GiB (graph/large.py): with ``large.LARGE_BYTES`` lowered, small models take
+the large-model path end to end (external data read, shape inference on a shell, sessions from a
+temporary file with external data, the explainer saved with its weights beside it). Oracle: the same
+model on the in-memory path, bit for bit; onnx's own shape inference; onnx's own external-data reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import numpy_helper
+
+from rulegraph import Explainer
+from rulegraph.graph import large
+from rulegraph.run import runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+#: (model file, rule set)
+MODELS = [
+    (ROOT / "models" / "digits_cnn.onnx", "lrp-epsilon"),
+    (ROOT / "models" / "digits_cnn.onnx", "gradient"),
+    (DATA / "mnist-8.onnx", "lrp-epsilon"),
+    (DATA / "resnet20_cifar10.onnx", "lrp-epsilon"),
+    (DATA / "resnet20_cifar10.onnx", "gradient-x-input"),
+]
+IDS = [f"{m.stem}-{r}" for m, r in MODELS]
+
+
+def _input(model: onnx.ModelProto, rows: int = 2) -> np.ndarray:
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    dims[0] = rows if not model.graph.input[0].type.tensor_type.shape.dim[0].dim_value else dims[0]
+    return np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+
+
+def _external_copy(path: Path, folder: Path) -> Path:
+    """``path`` re-saved by onnx with every tensor in one external-data file."""
+    target = folder / "model.onnx"
+    onnx.save(onnx.load(str(path)), str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    return target
+
+
+@pytest.fixture
+def large_path(monkeypatch):
+    """Every model is large; counts the models written with external data for a session or a save."""
+    monkeypatch.setattr(large, "LARGE_BYTES", 0)
+    written = []
+    real = large.write
+
+    def counting(proto, path, *args, **kwargs):
+        written.append(Path(path))
+        return real(proto, path, *args, **kwargs)
+
+    monkeypatch.setattr(large, "write", counting)
+    return written
+
+
+def _outputs(session, feeds: dict) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+@pytest.mark.parametrize(("model", "rules"), MODELS, ids=IDS)
+def test_large_path_equals_in_memory_path(model, rules, tmp_path, large_path, monkeypatch):
+    proto = onnx.load(str(model))
+    x = _input(proto)
+    with monkeypatch.context() as small:
+        small.setattr(large, "LARGE_BYTES", 1 << 40)
+        reference = Explainer(model, rules)
+        expected = reference.explain(x)
+        feeds, compiled, _, _, _ = reference._pass_feeds(x, "argmax", None, False)
+        expected_outputs = _outputs(reference.session(), feeds)
+    assert not large_path
+
+    explainer = Explainer(_external_copy(model, tmp_path), rules)
+    got = explainer.explain(x)
+    assert large_path, "the session was not made from a file with external data"
+    for field in ("attribution", "saliency", "outputs"):
+        assert getattr(got, field).keys() == getattr(expected, field).keys()
+        for name, value in getattr(expected, field).items():
+            assert np.array_equal(getattr(got, field)[name], value), (field, name)
+    assert np.array_equal(got.target, expected.target)
+    assert np.array_equal(got.delta, expected.delta)
+
+    (tmp_path / "out").mkdir()
+    saved = explainer.save(tmp_path / "out" / "explainer.onnx")
+    data = saved.with_name("explainer.onnx.data")
+    assert data.is_file()
+    shell = onnx.load(str(saved), load_external_data=False)
+    inline = [t.name for t in shell.graph.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() > large.INLINE_BYTES]
+    assert inline == []
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["explainer.onnx", "explainer.onnx.data"]
+    # the saved file with its data: same weights as the compiled explainer in memory (onnx's reader)
+    full = onnx.load(str(saved))
+    weights = {t.name: numpy_helper.to_array(t) for t in compiled.model.graph.initializer}
+    assert {t.name for t in full.graph.initializer} == set(weights)
+    for t in full.graph.initializer:
+        assert np.array_equal(numpy_helper.to_array(t), weights[t.name], equal_nan=True), t.name
+    # and plain onnxruntime runs it to the same numbers
+    plain = onnxruntime.InferenceSession(str(saved), providers=["CPUExecutionProvider"])
+    got_outputs = _outputs(plain, feeds)
+    assert set(got_outputs) == set(expected_outputs)
+    for name, value in expected_outputs.items():
+        assert np.array_equal(got_outputs[name], value), name
+
+
+@pytest.mark.parametrize(("model", "rules"), MODELS[::2], ids=IDS[::2])
+def test_shell_inference_equals_onnx_inference(model, rules, monkeypatch):
+    proto = onnx.load(str(model))
+    expected = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    monkeypatch.setattr(large, "LARGE_BYTES", 0)
+    got = large.infer_shapes(proto, strict_mode=False, data_prop=True)
+    assert [vi.SerializeToString() for vi in got.graph.value_info] == \
+        [vi.SerializeToString() for vi in expected.graph.value_info]
+    assert list(got.graph.output) == list(expected.graph.output)
+    big = {t.name for t in proto.graph.initializer if t.ByteSize() > large.INLINE_BYTES}
+    assert big and big.isdisjoint(t.name for t in got.graph.initializer)
+
+
+@pytest.mark.parametrize("typed", [False, True], ids=["raw_data", "float_data"])
+def test_write_leaves_the_model_unchanged_and_reads_back(typed, tmp_path):
+    rng = np.random.default_rng(1)
+    weights = {f"w{i}": rng.standard_normal((40, 9 + i)).astype(np.float32) for i in range(3)}
+    small = np.arange(4, dtype=np.int64)
+    inits = [numpy_helper.from_array(w, name) for name, w in weights.items()]
+    if typed:
+        inits = [onnx.helper.make_tensor(t.name, t.data_type, t.dims, numpy_helper.to_array(t).ravel())
+                 for t in inits]
+    nodes = [onnx.helper.make_node("MatMul", ["x", "w0"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, [2, 40])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, [2, 9])],
+                                   inits + [numpy_helper.from_array(small, "s")])
+    proto = onnx.helper.make_model(graph)
+    before = proto.SerializeToString()
+    large.write(proto, tmp_path / "m.onnx")
+    assert proto.SerializeToString() == before
+    assert (tmp_path / "m.onnx.data").stat().st_size == sum(w.nbytes for w in weights.values())
+    back = onnx.load(str(tmp_path / "m.onnx"))
+    values = {t.name: numpy_helper.to_array(t) for t in back.graph.initializer}
+    assert set(values) == set(weights) | {"s"}
+    for name, w in weights.items():
+        assert np.array_equal(values[name], w)
+    assert np.array_equal(values["s"], small)
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_save_external_data_on_request(external, tmp_path):
+    model = ROOT / "models" / "digits_cnn.onnx"
+    explainer = Explainer(model, "lrp-epsilon")
+    path = explainer.save(tmp_path / "e.onnx", external_data=external)
+    assert (tmp_path / "e.onnx.data").is_file() == external
+    plain = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = _input(onnx.load(str(model)))
+    feeds, _, _, _, _ = explainer._pass_feeds(x, "argmax", None, False)
+    expected = _outputs(explainer.session(), feeds)
+    got = _outputs(plain, feeds)
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
+
+
+def test_session_of_a_large_proto_equals_bytes_session(monkeypatch):
+    proto = onnx.load(str(ROOT / "models" / "digits_cnn.onnx"))
+    x = _input(proto)
+    feeds = {proto.graph.input[0].name: x}
+    expected = _outputs(runtime.session(proto.SerializeToString()), feeds)
+    monkeypatch.setattr(large, "LARGE_BYTES", 0)
+    got = _outputs(runtime.session(proto), feeds)
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
+
+
+def test_checker_and_digest_never_take_the_whole_large_model(monkeypatch):
+    """onnx.checker refuses a proto over 2 GiB, and SerializeToString fails: both see pieces."""
+    monkeypatch.setattr(large, "LARGE_BYTES", 0)
+    checked = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checked.append(m) or real(m, *a, **k))
+    explainer = Explainer(ROOT / "models" / "digits_cnn.onnx", "lrp-epsilon")
+    compiled = explainer.compiled()
+    big = {t.name for t in compiled.model.graph.initializer if t.ByteSize() > large.INLINE_BYTES}
+    assert big and checked
+    for model in checked:
+        assert big.isdisjoint(t.name for t in model.graph.initializer)
+    pieces = list(large.serialized(compiled.model))
+    assert len(pieces) == 1 + len(compiled.model.graph.initializer)
+    assert max(len(p) for p in pieces) < compiled.model.ByteSize()
+
+
+@pytest.mark.parametrize(("flag", "external"), [([], False), (["--external-data"], True)])
+def test_cli_compile_external_data(flag, external, tmp_path):
+    from rulegraph.cli import main
+
+    model = ROOT / "models" / "digits_cnn.onnx"
+    argv = ["compile", str(model), "--rules", "lrp-epsilon", "-o", str(tmp_path / "e.onnx"), *flag]
+    assert main(argv) == 0
+    assert (tmp_path / "e.onnx.data").is_file() == external
+    plain = onnxruntime.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    explainer = Explainer(model, "lrp-epsilon")
+    feeds, _, _, _, _ = explainer._pass_feeds(_input(onnx.load(str(model))), "argmax", None, False)
+    expected = _outputs(explainer.session(), feeds)
+    got = _outputs(plain, feeds)
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
