@@ -365,7 +365,8 @@ class Explainer:
             at_numbers={t: values[o] for t, o in compiled.at_numbers.items()},
         )
         warn_if_amplified(result, max_amplification)
-        warn_if_nonfinite(result, {k: feeds[k] for k in self.graph.inputs if k in feeds})
+        if not self.allow_nonfinite:   # the inputs were checked finite by _feeds
+            warn_if_nonfinite(result)
         return result
 
     def _pass_feeds(self, x, target, baseline, node_sums: bool, at: tuple[str, ...] = ()):

@@ -28,13 +28,10 @@ def _row_text(rows: list[int]) -> str:
     return f"row{'s' if len(rows) > 1 else ''} {shown}"
 
 
-def nonfinite_answers(result, inputs: dict[str, np.ndarray]) -> list[str]:
+def nonfinite_answers(result) -> list[str]:
     """Sentences naming each array of ``result`` that holds NaN/Inf, with its rows and the cause;
-    empty when every one is finite or when a float input is not finite."""
-    for value in inputs.values():
-        value = np.asarray(value)
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            return []
+    empty when every one is finite. For runs whose inputs were checked finite (the explainer's
+    input check, unless ``allow_nonfinite``)."""
     arrays = [(f"the attribution of input '{k}'", v) for k, v in result.attribution.items()]
     arrays += [(f"the saliency of input '{k}'", v) for k, v in result.saliency.items()]
     arrays += [(f"the bias share of node '{k}'", v) for k, v in result.bias_shares.items()]
@@ -60,8 +57,8 @@ def nonfinite_answers(result, inputs: dict[str, np.ndarray]) -> list[str]:
     return found
 
 
-def warn_if_nonfinite(result, inputs: dict[str, np.ndarray]) -> None:
+def warn_if_nonfinite(result) -> None:
     """Fill ``result.nonfinite`` and warn (one ``RulegraphWarning``) when it is not empty."""
-    result.nonfinite = nonfinite_answers(result, inputs)
+    result.nonfinite = nonfinite_answers(result)
     if result.nonfinite:
         warnings.warn("not finite: " + "; ".join(result.nonfinite), RulegraphWarning, stacklevel=3)
