@@ -714,6 +714,151 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+def _unit_list(text: str | None) -> list[int] | None:
+    """``--units``/``--channels`` as a list (``0-15``, ``3,5,9``), or None for all."""
+    from .run.featviz import parse_channels
+
+    return None if text is None else parse_channels(text)
+
+
+def _dataset_reading(args) -> dict:
+    """The dataset options of the views (units, represent): batch size, budget, progress, preprocessing."""
+    return {"batch_size": args.batch_size, "memory_budget": _memory(args.memory_budget),
+            "progress": False if args.quiet else None, "preprocess": preprocess_of(args),
+            "scale": args.scale or 1.0, "column": args.column}
+
+
+#: units drawn at most in one picture (a row each); --json holds every unit
+MAX_UNIT_ROWS = 64
+
+
+def cmd_units(args) -> int:
+    """``units MODEL --layer T --input DATA -k 9 -o grid.png``: the top-k samples per unit (run/units.py)."""
+    from .run.units import top_examples
+
+    sources = model_files(args.model) + [Path(args.input)]
+    check_output(args.o, sources, FIGURE_SUFFIXES, "-o")
+    if args.json:
+        check_output(args.json, sources, [".json"], "--json")
+    found = top_examples(args.model, args.layer, args.input, k=args.k, units=_unit_list(args.units),
+                         **_dataset_reading(args))
+    print(f"'{found.layer}': top {found.values.shape[1]} of {found.samples} samples for {len(found.units)} units "
+          f"(axis {found.unit_axis}); receptive field: {found.field.text()}")
+    for u, values, ids in zip(found.units, found.values, found.ids):
+        print(f"unit {u}: " + ", ".join(f"{name} ({v:.4g})" for name, v in zip(ids, values)))
+    shown = found
+    if len(found.units) > MAX_UNIT_ROWS:
+        from dataclasses import replace
+
+        warnings.warn(f"the picture shows the first {MAX_UNIT_ROWS} of {len(found.units)} units (choose them "
+                      f"with --units; --json holds every unit)", RulegraphWarning, stacklevel=1)
+        shown = replace(found, units=found.units[:MAX_UNIT_ROWS], values=found.values[:MAX_UNIT_ROWS],
+                        crops=found.crops[:MAX_UNIT_ROWS])
+    save_figure(viz.unit_examples_figure(shown, bgr=args.bgr), args.o, sources, "-o")
+    print(f"grid written to {args.o}")
+    if args.json:
+        import json
+
+        write_bytes(args.json, (json.dumps(found.to_json(), indent=1) + "\n").encode(), "--json")
+        print(f"examples written to {args.json}")
+    return 0
+
+
+def _sample_labels(path: str) -> np.ndarray:
+    """``--labels``: one integer class per sample, a .npy array or a text file of one number a line."""
+    if Path(path).suffix.lower() == ".npy":
+        return read_npy(path)
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RulegraphError(f"--labels {path}: cannot read it ({exc})") from None
+    bad = next((i for i, line in enumerate(lines, 1) if not line.lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise RulegraphError(f"{path}:{bad}: expected one integer class per line; got '{lines[bad - 1]}'")
+    return np.array([int(line) for line in lines], dtype=np.int64)
+
+
+def cmd_represent(args) -> int:
+    """``represent MODEL --layer T --input DATA --labels L -o map.png``: a t-SNE/PCA map of a tensor
+    over a dataset; ``--grid``: the units of a dense layer on a grid per class (run/representation.py)."""
+    from .run import representation as rep
+
+    sources = model_files(args.model) + [Path(args.input)] + ([Path(args.labels)] if args.labels else [])
+    for option, path in (("-o", args.o), ("--grid", args.grid)):
+        if path:
+            check_output(path, sources, FIGURE_SUFFIXES, option)
+    if not args.o and not args.grid:
+        raise RulegraphError("give -o map.png (the 2-D map) and/or --grid grid.png (the unit grid)")
+    labels = _sample_labels(args.labels) if args.labels else None
+    colour = args.colour or ("label" if labels is not None else "prediction")
+    names = read_labels(args.class_names) if args.class_names else None
+    reading = _dataset_reading(args)
+    if args.o:
+        found = rep.represent(args.model, args.layer, args.input, labels=labels, method=args.method, seed=args.seed,
+                              perplexity=args.perplexity, **reading)
+        classes = found.colours(colour)
+        title = (f"{found.method} of '{found.layer}' over {len(classes)} samples, coloured by {colour}")
+        save_figure(viz.embedding_figure(found.embedding, classes, title, names), args.o, sources, "-o")
+        print(f"map of {len(classes)} samples written to {args.o}")
+    if args.grid:
+        grid = rep.unit_grid(args.model, args.layer, args.input, labels=labels if colour == "label" else None,
+                             **reading)
+        save_figure(viz.unit_grid_figure(grid, names), args.grid, sources, "--grid")
+        rows, columns = grid.cells.shape
+        print(f"unit grid ({grid.means.shape[1]} units on {rows}x{columns}, {len(grid.classes)} classes) written "
+              f"to {args.grid}")
+    return 0
+
+
+def cmd_crp(args) -> int:
+    """``crp MODEL RULES --input X --layer T --channels 0-7 -o grid.png``: each channel's share of the
+    relevance at a layer as an input map (run/cam.py ``crp``), a row per input: the full map, then a
+    tile per channel on its colour scale."""
+    from .run.cam import crp
+
+    sources = _inputs_of(args)
+    check_output(args.o, sources, FIGURE_SUFFIXES, "-o")
+    if args.out:
+        check_output(args.out, sources, [".npz"], "--out")
+    explainer = Explainer(args.model, args.rules, output=args.output, class_axis=args.class_axis)
+    x = load_input(args.input, explainer, args.scale or 1.0, preprocess=preprocess_of(args))
+    found = crp(explainer, x, args.layer, _unit_list(args.channels), target=target_of(args),
+                max_amplification=args.max_amplification)
+    full = found.result.map
+    rows = []
+    for i in range(len(full)):
+        share = found.maps[i].reshape(len(found.channels), -1).sum(axis=1)
+        print(f"row {i}: {summary_line(found.result, i)}; at '{found.layer}': "
+              + ", ".join(f"channel {c} {v:.4g}" for c, v in zip(found.channels, share))
+              + f" (full map {float(full[i].sum()):.4g})")
+        rows.append(viz.concept_panels(full[i], found.maps[i], found.channels, args.clip))
+    fig = figure(rows, size=1.6)
+    fig.suptitle(f"{method_name(args.rules)}: each channel's share of the relevance at '{found.layer}' "
+                 f"(one colour scale per row)", fontsize=9)
+    save_figure(fig, args.o, sources, "-o")
+    print(f"grid written to {args.o}")
+    if args.out:
+        write_with(args.out, lambda tmp: np.savez(tmp, maps=found.maps, full=full,
+                                                  channels=np.asarray(found.channels)), "--out")
+        print(f"maps written to {args.out}")
+    return 0
+
+
+def summary_line(result, i: int) -> str:
+    """``class 3, start value 4.1`` of row ``i``."""
+    cls = "" if result.target is None else f"class {int(result.target[i])}, "
+    return f"{cls}start value {float(result.start_value[i]):.4g}"
+
+
+def _view_options(p) -> None:
+    """The dataset flags of the unit and representation views (run/layerdata.py)."""
+    p.add_argument("--batch-size", type=int, help="samples per run (default: to the memory budget)")
+    p.add_argument("--memory-budget", default="1G", help="memory for one batch (512M, 2G)")
+    p.add_argument("--column", help="a parquet input: the column of images (bytes) or tensors")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _preprocess_options(p, bgr=True)
+
+
 def cmd_evaluate(args) -> int:
     """Faithfulness metrics and sanity checks of each rule file (and random attributions) on a batch."""
     from .run import evaluate as ev
@@ -876,6 +1021,57 @@ def build_parser() -> argparse.ArgumentParser:
     _preprocess_options(p, bgr=True)
     p.add_argument("-o", required=True, help="where to write the grid (.png, .pdf, .svg, ...)")
     p.set_defaults(run=cmd_visualize)
+
+    p = sub.add_parser("units", help="dataset examples: the k samples that most activate each unit of a "
+                       "tensor, as a grid")
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("--layer", required=True, help="the tensor or node whose units (channels of [N, C, ...], "
+                   "features of [N, F] or [N, T, D]) are shown")
+    p.add_argument("--input", required=True, help="the dataset: a folder, a quoted glob ('shards/*.npy'), a "
+                   ".npy/.npz (a sample per row) or a .parquet file")
+    p.add_argument("-k", type=int, default=9, help="examples per unit (default 9)")
+    p.add_argument("--units", help="units: 0-15, 3,5,9 (default all)")
+    _view_options(p)
+    p.add_argument("-o", required=True, help="where to write the grid (.png, .pdf, .svg, ...)")
+    p.add_argument("--json", help="write every unit's examples (id, value, position, crop box) here (.json)")
+    p.set_defaults(run=cmd_units)
+
+    p = sub.add_parser("represent", help="representation map: a tensor over a dataset in 2-D (t-SNE, PCA), "
+                       "coloured by label or prediction; --grid: a dense layer's units per class")
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("--layer", required=True, help="the tensor or node (flattened per sample)")
+    p.add_argument("--input", required=True, help="the dataset: a folder, a quoted glob, a .npy/.npz (a sample "
+                   "per row) or a .parquet file")
+    p.add_argument("--labels", help="one integer class per sample: a .npy, or a text file of one number a line")
+    p.add_argument("--colour", choices=["label", "prediction"],
+                   help="colour the points by --labels or by the model's prediction (default: label when "
+                        "given)")
+    p.add_argument("--class-names", help="legend names: a file of 'index,name' lines or one name per line")
+    p.add_argument("--method", choices=["tsne", "pca"], default="tsne",
+                   help="tsne (openTSNE, the views extra) or pca (default tsne)")
+    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="t-SNE random seed (default 0)")
+    _view_options(p)
+    p.add_argument("-o", help="where to write the map (.png, .pdf, .svg, ...)")
+    p.add_argument("--grid", help="where to write the unit grid of a dense [N, U] layer, one heat map per class")
+    p.set_defaults(run=cmd_represent)
+
+    p = sub.add_parser("crp", help="concept relevance: each channel's share of the relevance at a layer as an "
+                       "input map, a tile per channel beside the full map")
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("rules", help="a rule file, or a bundled one's name (lrp-epsilon)")
+    p.add_argument("--input", required=True, help=".npy, .npz or an image file")
+    p.add_argument("--layer", required=True, help="the tensor or node whose channels split the relevance")
+    p.add_argument("--channels", default="0-7", help="channels: 0-15, 3,5,9 (default 0-7)")
+    p.add_argument("--output", help="the model output to explain (default: the first)")
+    target_options(p)
+    _preprocess_options(p, bgr=True)
+    p.add_argument("--clip", type=float, default=DEFAULT_CLIP,
+                   help=f"the percentile of |full map| that saturates the colours (default {DEFAULT_CLIP})")
+    _max_amplification(p, "warn when a row's Σ|attribution| / |start value| exceeds this")
+    p.add_argument("-o", required=True, help="where to write the grid (.png, .pdf, .svg, ...)")
+    p.add_argument("--out", help="write the maps here (.npz: maps [N, M, ...], full [N, ...], channels)")
+    p.set_defaults(run=cmd_crp)
 
     p = sub.add_parser("demo", help="explain a bundled digit with a bundled model; write a heatmap")
     p.add_argument("--rules", default="lrp-epsilon")

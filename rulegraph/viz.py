@@ -621,3 +621,119 @@ def image_tiles(images: np.ndarray, titles: list[str], path: str | Path, inputs=
                    0.0, 0.0, bar=False) for img, title in zip(images, titles)]
     rows = [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
     return save_figure(figure(rows, colorbar=False, size=2.0), path, inputs, what)
+
+
+# ---- unit and representation views (run/units.py, run/representation.py) ---------------------------
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _tile(crop: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """An input crop [C, ...] as RGB: an image crop by ``display_image`` (min-max per channel over the
+    crop), a 1-D sample [F] or [C, T] as one grey row."""
+    crop = np.asarray(crop, dtype=np.float64)
+    if crop.ndim == 3 and crop.shape[0] in (1, 3) and crop.shape[1] and crop.shape[2]:
+        return display_image(crop, bgr)
+    row = crop.reshape(-1 if crop.ndim < 2 else crop.shape[0], crop.shape[-1] if crop.ndim else 1)
+    return display_image(row, False)
+
+
+def unit_examples_figure(examples, bgr: bool = False, size: float = 1.1):
+    """One row per unit, its k examples as tiles (the input at the receptive field of the max, or the
+    whole input) titled with the activation; the row starts with the unit's name."""
+    units, k = examples.values.shape
+    fig = _figure(size * k + 1.0, size * units + 0.5)
+    axes = fig.subplots(units, k, squeeze=False)
+    for u in range(units):
+        for r in range(k):
+            ax = axes[u][r]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            ax.imshow(_tile(examples.crops[u][r], bgr), interpolation="nearest")
+            ax.set_title(f"{examples.values[u, r]:.3g}", fontsize=7, pad=2)
+            if r == 0:
+                ax.set_ylabel(f"unit {examples.units[u]}", fontsize=8)
+    where = examples.field.text() if examples.field.axes is not None else (
+        "whole inputs: receptive field " + examples.field.text().split(":")[0])
+    fig.suptitle(f"top {k} of {examples.samples} samples per unit of '{examples.layer}' ({where})", fontsize=8)
+    return fig
+
+
+def class_names(classes, labels: dict[int, str] | None = None) -> list[str]:
+    """A legend name per class: the labels file's name, else the number."""
+    return [labels.get(int(c), str(c)) if labels else str(c) for c in classes]
+
+
+def embedding_figure(embedding: np.ndarray, classes: np.ndarray, title: str, labels: dict[int, str] | None = None,
+                     size: float = 6.0):
+    """A scatter plot of 2-D points coloured by class (tab10/tab20, a legend entry per class)."""
+    import matplotlib
+
+    embedding = np.asarray(embedding, dtype=np.float64)
+    found = np.unique(classes)
+    cmap = matplotlib.colormaps["tab10" if len(found) <= 10 else "tab20"]
+    fig = _figure(size + 1.4, size)
+    ax = fig.subplots()
+    for i, (c, name) in enumerate(zip(found, class_names(found, labels))):
+        chosen = classes == c
+        ax.scatter(embedding[chosen, 0], embedding[chosen, 1], s=6, color=cmap(i % cmap.N), label=name,
+                   linewidths=0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=3, frameon=False)
+    return fig
+
+
+def unit_grid_figure(grid, labels: dict[int, str] | None = None, size: float = 1.6):
+    """One small heat map per class of the unit grid (``representation.UnitGrid``), one colour scale
+    for all (viridis; empty cells white), with a colour bar."""
+    import matplotlib
+
+    maps = grid.maps()
+    count = len(maps)
+    columns = min(count, 5)
+    rows = -(-count // columns)
+    fig = _figure(size * columns * 1.15 + 0.6, size * rows + 0.6)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    lo, hi = float(np.nanmin(maps)), float(np.nanmax(maps))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    image = None
+    for i, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if i >= count:
+            continue
+        image = ax.imshow(maps[i], cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+        name = class_names([grid.classes[i]], labels)[0]
+        ax.set_title(f"{grid.by} {name} ({grid.counts[i]})", fontsize=8)
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("mean activation", fontsize=8)
+    rows_, cols_ = grid.cells.shape
+    fig.suptitle(f"units of '{grid.layer}' on a {rows_}x{cols_} grid (ordered by the first principal component "
+                 f"of their class means), mean per {grid.by}", fontsize=8)
+    return fig
+
+
+def concept_panels(full: np.ndarray, maps: np.ndarray, channels, clip: float | None = DEFAULT_CLIP,
+                   reduce: str = "sum") -> list[Panel]:
+    """One input row's CRP panels: the full map, then one per channel, all on the full map's colour
+    scale (its ``clip`` percentile of |map|), so the channels' shares compare with it and each other;
+    one colour bar, the full map's."""
+    full2 = reduce_channels(full, reduce)
+    _, scale = normalize(full2, "all", clip)
+    scale = scale or 1.0
+    panels = [Panel(colours(np.clip(full2 / scale, -1, 1)), f"full map\nsum {full2.sum():.3g}", -scale, scale)]
+    for c, m in zip(channels, maps):
+        m2 = reduce_channels(m, reduce)
+        panels.append(Panel(colours(np.clip(m2 / scale, -1, 1)), f"channel {c}\nsum {m2.sum():.3g}", -scale, scale,
+                            bar=False))
+    return panels
