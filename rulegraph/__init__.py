@@ -14,8 +14,10 @@ from .run.evaluate import Evaluation, evaluate
 from .run.explainer import Explainer, Result
 from .run.featviz import visualize
 from .run.preprocess import Preprocess, preprocess
+from .run.representation import represent, unit_grid
+from .run.units import top_examples
 
 __all__ = ["Cam", "CoverageError", "Evaluation", "Explainer", "Graph", "ModelError", "Preprocess", "Result",
            "RuleSet", "RuleSyntaxError", "RulegraphError", "Target", "TargetError", "cam", "crp", "evaluate", "load",
-           "preprocess", "visualize"]
+           "preprocess", "represent", "top_examples", "unit_grid", "visualize"]
 __version__ = "0.1.0"
