@@ -813,7 +813,7 @@ def cmd_represent(args) -> int:
 def cmd_crp(args) -> int:
     """``crp MODEL RULES --input X --layer T --channels 0-7 -o grid.png``: each channel's share of the
     relevance at a layer as an input map (run/cam.py ``crp``), a row per input: the full map, then a
-    tile per channel on its colour scale."""
+    tile per channel (one colour scale for the channels of a row)."""
     from .run.cam import crp
 
     sources = _inputs_of(args)
@@ -834,7 +834,7 @@ def cmd_crp(args) -> int:
         rows.append(viz.concept_panels(full[i], found.maps[i], found.channels, args.clip))
     fig = figure(rows, size=1.6)
     fig.suptitle(f"{method_name(args.rules)}: each channel's share of the relevance at '{found.layer}' "
-                 f"(one colour scale per row)", fontsize=9)
+                 f"(the channels of a row on one colour scale)", fontsize=9)
     save_figure(fig, args.o, sources, "-o")
     print(f"grid written to {args.o}")
     if args.out:
@@ -1067,7 +1067,7 @@ def build_parser() -> argparse.ArgumentParser:
     target_options(p)
     _preprocess_options(p, bgr=True)
     p.add_argument("--clip", type=float, default=DEFAULT_CLIP,
-                   help=f"the percentile of |full map| that saturates the colours (default {DEFAULT_CLIP})")
+                   help=f"the percentile of |map| that saturates the colours (default {DEFAULT_CLIP})")
     _max_amplification(p, "warn when a row's Σ|attribution| / |start value| exceeds this")
     p.add_argument("-o", required=True, help="where to write the grid (.png, .pdf, .svg, ...)")
     p.add_argument("--out", help="write the maps here (.npz: maps [N, M, ...], full [N, ...], channels)")

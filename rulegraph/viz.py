@@ -725,15 +725,16 @@ def unit_grid_figure(grid, labels: dict[int, str] | None = None, size: float = 1
 
 def concept_panels(full: np.ndarray, maps: np.ndarray, channels, clip: float | None = DEFAULT_CLIP,
                    reduce: str = "sum") -> list[Panel]:
-    """One input row's CRP panels: the full map, then one per channel, all on the full map's colour
-    scale (its ``clip`` percentile of |map|), so the channels' shares compare with it and each other;
-    one colour bar, the full map's."""
+    """One input row's CRP panels: the full map on its own colour scale, then one per channel, all
+    channels on one scale (the ``clip`` percentile of |values| over all of them, colour bar on the
+    last), so the channels compare with each other; each title gives the map's sum."""
     full2 = reduce_channels(full, reduce)
-    _, scale = normalize(full2, "all", clip)
-    scale = scale or 1.0
-    panels = [Panel(colours(np.clip(full2 / scale, -1, 1)), f"full map\nsum {full2.sum():.3g}", -scale, scale)]
-    for c, m in zip(channels, maps):
-        m2 = reduce_channels(m, reduce)
-        panels.append(Panel(colours(np.clip(m2 / scale, -1, 1)), f"channel {c}\nsum {m2.sum():.3g}", -scale, scale,
-                            bar=False))
+    v, scale = normalize(full2, "all", clip)
+    panels = [Panel(colours(v), f"full map\nsum {full2.sum():.3g}", -scale, scale)]
+    shares = np.stack([reduce_channels(m, reduce) for m in maps])
+    _, common = normalize(shares, "all", clip)
+    common = common or 1.0
+    for i, (c, m2) in enumerate(zip(channels, shares)):
+        panels.append(Panel(colours(np.clip(m2 / common, -1, 1)), f"channel {c}\nsum {m2.sum():.3g}", -common,
+                            common, bar=i == len(shares) - 1))
     return panels
