@@ -640,8 +640,7 @@ def _tile(crop: np.ndarray, bgr: bool = False) -> np.ndarray:
     crop = np.asarray(crop, dtype=np.float64)
     if crop.ndim == 3 and crop.shape[0] in (1, 3) and crop.shape[1] and crop.shape[2]:
         return display_image(crop, bgr)
-    row = crop.reshape(-1 if crop.ndim < 2 else crop.shape[0], crop.shape[-1] if crop.ndim else 1)
-    return display_image(row, False)
+    return display_image(crop.reshape(-1, crop.shape[-1]) if crop.ndim else crop.reshape(1, 1), False)
 
 
 def unit_examples_figure(examples, bgr: bool = False, size: float = 1.1):

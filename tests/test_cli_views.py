@@ -154,3 +154,22 @@ def test_crp_bad_input_exits_2(data, capsys, args, message):
                  *[v for kv in base.items() for v in kv]])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp / "c.png").exists()
+
+
+def test_units_of_a_sequence_model_draw_whole_sequences(tmp_path, capsys):
+    """A [N, T, F] input: no spatial field to cut, each tile the whole [T, F] sample in grey."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(1).normal(0, 1, (4, 5)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Tanh", ["m"], ["h"])],
+                              "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 4])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 6, 5])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "seq.onnx")
+    np.save(tmp_path / "s.npy", np.random.default_rng(2).normal(0, 1, (12, 6, 4)).astype(np.float32))
+    code = main(["units", str(tmp_path / "seq.onnx"), "--layer", "h", "--input", str(tmp_path / "s.npy"), "-k", "3",
+                 "-o", str(tmp_path / "u.png")])
+    captured = capsys.readouterr()
+    assert code == 0 and is_png(tmp_path / "u.png") and "for 5 units (axis 2)" in captured.out
+    assert "whole inputs are shown" in captured.err

@@ -2,6 +2,7 @@
 brute-force sort of every activation, the same answer for every batch size and source, receptive fields
 against the closed form and against the support of impulse responses, errors naming the bad layer/unit."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,13 @@ def digits(n: int) -> np.ndarray:
     return x
 
 
-def activations(model: str, tensor: str, x: np.ndarray) -> np.ndarray:
+def activations(model: str, tensor: str, x: np.ndarray, name: str = "input") -> np.ndarray:
     """The tensor over all of ``x`` in one plain onnxruntime run (the model with it as an output)."""
     proto = onnx.load(model)
-    proto.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+    if tensor not in {o.name for o in proto.graph.output}:
+        proto.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run([tensor], {"input": x})[0]
+    return sess.run([tensor], {name: x})[0]
 
 
 def brute_force(a: np.ndarray, axis: int, k: int):
@@ -65,8 +67,13 @@ def test_top_k_equals_brute_force(model, tensor, axis):
     x = digits(60)
     a = activations(model, tensor, x)
     values, indices, flat = brute_force(a, axis, 5)
-    with pytest.warns() if a.ndim == 2 else _nothing():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RulegraphWarning)
         found = top_examples(model, tensor, list(x), k=5, batch_size=7)
+    # a dense layer has no receptive field to crop at: said once; a conv layer's is computed: silent
+    assert [str(w.message).split(";")[0] for w in caught] == (
+        [f"the receptive field of '{tensor}' is not computable: tensor '{tensor}' ['N', {a.shape[1]}] has no "
+         f"spatial axes like the input 'input' ['N', 1, 8, 8]"] if a.ndim == 2 else [])
     np.testing.assert_array_equal(found.indices, indices)
     np.testing.assert_array_equal(found.values, values)
     shape = [n for i, n in enumerate(a.shape) if i not in (0, axis)]
@@ -74,18 +81,6 @@ def test_top_k_equals_brute_force(model, tensor, axis):
     np.testing.assert_array_equal(found.positions, expected)
     assert found.ids == [[str(i) for i in row] for row in indices.tolist()]
     assert found.samples == 60
-
-
-class _nothing:
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("error", RulegraphWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
 
 
 def test_ties_are_ordered_by_dataset_position():
@@ -288,3 +283,42 @@ def _check_against_impulses(model, field, size: int = 23):
 ])
 def test_receptive_field_of_bundled_models(model, tensor, text):
     assert receptive_field(rulegraph.load(model), tensor).text().startswith(text)
+
+
+def sequence_model(path: Path) -> str:
+    """x [N, 6, 4] -> MatMul [4, 5] -> Tanh: h [N, 6, 5], a feature per last-axis entry."""
+    w = np.random.default_rng(1).normal(0, 1, (4, 5)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Tanh", ["m"], ["h"])],
+                              "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 4])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 6, 5])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def test_features_of_a_sequence_tensor_are_its_last_axis(tmp_path):
+    """[N, T, D]: unit = feature d, score = its max over T (position t), against the brute force."""
+    model = sequence_model(tmp_path / "seq.onnx")
+    x = np.random.default_rng(2).normal(0, 1, (30, 6, 4)).astype(np.float32)
+    values, indices, flat = brute_force(activations(model, "h", x, "x"), 2, 4)
+    with pytest.warns(RulegraphWarning, match="'MatMul_0' .MatMul. is not a convolution, pool or position-wise"):
+        found = top_examples(model, "h", list(x), k=4, batch_size=4)
+    assert found.unit_axis == 2 and found.units == list(range(5))
+    np.testing.assert_array_equal(found.indices, indices)
+    np.testing.assert_array_equal(found.values, values)
+    np.testing.assert_array_equal(found.positions[..., 0], flat)
+
+
+def test_units_off_the_channel_axis_have_no_crop(tmp_path):
+    """A position-wise tensor of a [N, T, D] input has a field for axes 2.., but its units are axis 2."""
+    w = np.ones((1,), np.float32)
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["h"])], "seq",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 4])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 6, 4])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    x = np.random.default_rng(0).normal(0, 1, (5, 6, 4)).astype(np.float32)
+    with pytest.warns(RulegraphWarning, match="units are on axis 2 of 'h'"):
+        found = top_examples(str(tmp_path / "m.onnx"), "h", list(x), k=2)
+    assert found.boxes is None
+    np.testing.assert_array_equal(found.crops[0][0], x[found.indices[0, 0]])

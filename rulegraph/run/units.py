@@ -112,6 +112,9 @@ def top_examples(model, layer: str, data, k: int = 9, units=None, unit_axis: int
         values = np.asarray(batch.values)
         if chosen is None:
             axis, chosen = _check_units(tensor, values.shape, unit_axis, units)
+            if axis != 1 and field.axes is not None:  # the field is of axes 2.. of an [N, C, ...] tensor
+                field = Field(reason=f"the units are on axis {axis} of '{tensor}' {list(values.shape)}, so its "
+                                     f"other axes are not the input's spatial axes")
             empty = np.empty((len(chosen), 0))
             state = (empty, empty.astype(np.int64), empty.astype(np.int64))
             crops = [{} for _ in chosen]
