@@ -26,8 +26,9 @@ LAYER = "/features/features.6/Relu_output_0"
 
 
 def command(folder: Path, work: Path, layer: str) -> list[str]:
-    return [sys.executable, "-m", "rulegraph.cli", "units", str(MODEL), "--layer", layer, "--input", str(folder),
-            "-k", "9", "-o", str(work / "grid.png"), "--json", str(work / "examples.json"), "--quiet"]
+    return [sys.executable, "-m", "rulegraph.cli", "units", str(MODEL), "--layer", layer, "--input",
+            str(folder), "-k", "9", "-o", str(work / "grid.png"), "--json", str(work / "examples.json"),
+            "--quiet"]
 
 
 def peak(folder: Path, work: Path, layer: str) -> tuple[int, float]:

@@ -714,11 +714,14 @@ def cmd_visualize(args) -> int:
     return 0
 
 
-def _unit_list(text: str | None) -> list[int] | None:
+def _unit_list(text: str | None, option: str) -> list[int] | None:
     """``--units``/``--channels`` as a list (``0-15``, ``3,5,9``), or None for all."""
     from .run.featviz import parse_channels
 
-    return None if text is None else parse_channels(text)
+    try:
+        return None if text is None else parse_channels(text)
+    except RulegraphError as exc:
+        raise RulegraphError(str(exc).replace("--channels", option)) from None
 
 
 def _dataset_reading(args) -> dict:
@@ -740,10 +743,10 @@ def cmd_units(args) -> int:
     check_output(args.o, sources, FIGURE_SUFFIXES, "-o")
     if args.json:
         check_output(args.json, sources, [".json"], "--json")
-    found = top_examples(args.model, args.layer, args.input, k=args.k, units=_unit_list(args.units),
-                         **_dataset_reading(args))
-    print(f"'{found.layer}': top {found.values.shape[1]} of {found.samples} samples for {len(found.units)} units "
-          f"(axis {found.unit_axis}); receptive field: {found.field.text()}")
+    found = top_examples(args.model, args.layer, args.input, k=args.k,
+                         units=_unit_list(args.units, "--units"), **_dataset_reading(args))
+    print(f"'{found.layer}': top {found.values.shape[1]} of {found.samples} samples for {len(found.units)} "
+          f"units (axis {found.unit_axis}); receptive field: {found.field.text()}")
     for u, values, ids in zip(found.units, found.values, found.ids):
         print(f"unit {u}: " + ", ".join(f"{name} ({v:.4g})" for name, v in zip(ids, values)))
     shown = found
@@ -794,8 +797,8 @@ def cmd_represent(args) -> int:
     names = read_labels(args.class_names) if args.class_names else None
     reading = _dataset_reading(args)
     if args.o:
-        found = rep.represent(args.model, args.layer, args.input, labels=labels, method=args.method, seed=args.seed,
-                              perplexity=args.perplexity, **reading)
+        found = rep.represent(args.model, args.layer, args.input, labels=labels, method=args.method,
+                              seed=args.seed, perplexity=args.perplexity, **reading)
         classes = found.colours(colour)
         title = (f"{found.method} of '{found.layer}' over {len(classes)} samples, coloured by {colour}")
         save_figure(viz.embedding_figure(found.embedding, classes, title, names), args.o, sources, "-o")
@@ -805,8 +808,8 @@ def cmd_represent(args) -> int:
                              **reading)
         save_figure(viz.unit_grid_figure(grid, names), args.grid, sources, "--grid")
         rows, columns = grid.cells.shape
-        print(f"unit grid ({grid.means.shape[1]} units on {rows}x{columns}, {len(grid.classes)} classes) written "
-              f"to {args.grid}")
+        print(f"unit grid ({grid.means.shape[1]} units on {rows}x{columns}, {len(grid.classes)} classes) "
+              f"written to {args.grid}")
     return 0
 
 
@@ -822,7 +825,7 @@ def cmd_crp(args) -> int:
         check_output(args.out, sources, [".npz"], "--out")
     explainer = Explainer(args.model, args.rules, output=args.output, class_axis=args.class_axis)
     x = load_input(args.input, explainer, args.scale or 1.0, preprocess=preprocess_of(args))
-    found = crp(explainer, x, args.layer, _unit_list(args.channels), target=target_of(args),
+    found = crp(explainer, x, args.layer, _unit_list(args.channels, "--channels"), target=target_of(args),
                 max_amplification=args.max_amplification)
     full = found.result.map
     rows = []
@@ -1040,9 +1043,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "coloured by label or prediction; --grid: a dense layer's units per class")
     p.add_argument("model", help="the ONNX model file")
     p.add_argument("--layer", required=True, help="the tensor or node (flattened per sample)")
-    p.add_argument("--input", required=True, help="the dataset: a folder, a quoted glob, a .npy/.npz (a sample "
-                   "per row) or a .parquet file")
-    p.add_argument("--labels", help="one integer class per sample: a .npy, or a text file of one number a line")
+    p.add_argument("--input", required=True, help="the dataset: a folder, a quoted glob, a .npy/.npz (a "
+                   "sample per row) or a .parquet file")
+    p.add_argument("--labels", help="one integer class per sample: a .npy, or a text file of one number a "
+                   "line")
     p.add_argument("--colour", choices=["label", "prediction"],
                    help="colour the points by --labels or by the model's prediction (default: label when "
                         "given)")
@@ -1053,11 +1057,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="t-SNE random seed (default 0)")
     _view_options(p)
     p.add_argument("-o", help="where to write the map (.png, .pdf, .svg, ...)")
-    p.add_argument("--grid", help="where to write the unit grid of a dense [N, U] layer, one heat map per class")
+    p.add_argument("--grid", help="where to write the unit grid of a dense [N, U] layer, one heat map per "
+                   "class")
     p.set_defaults(run=cmd_represent)
 
-    p = sub.add_parser("crp", help="concept relevance: each channel's share of the relevance at a layer as an "
-                       "input map, a tile per channel beside the full map")
+    p = sub.add_parser("crp", help="concept relevance: each channel's share of the relevance at a layer as "
+                       "an input map, a tile per channel beside the full map")
     p.add_argument("model", help="the ONNX model file")
     p.add_argument("rules", help="a rule file, or a bundled one's name (lrp-epsilon)")
     p.add_argument("--input", required=True, help=".npy, .npz or an image file")

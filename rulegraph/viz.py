@@ -662,7 +662,8 @@ def unit_examples_figure(examples, bgr: bool = False, size: float = 1.1):
                 ax.set_ylabel(f"unit {examples.units[u]}", fontsize=8)
     where = examples.field.text() if examples.field.axes is not None else (
         "whole inputs: receptive field " + examples.field.text().split(":")[0])
-    fig.suptitle(f"top {k} of {examples.samples} samples per unit of '{examples.layer}' ({where})", fontsize=8)
+    fig.suptitle(f"top {k} of {examples.samples} samples per unit of '{examples.layer}' ({where})",
+                 fontsize=8)
     return fig
 
 
@@ -671,8 +672,8 @@ def class_names(classes, labels: dict[int, str] | None = None) -> list[str]:
     return [labels.get(int(c), str(c)) if labels else str(c) for c in classes]
 
 
-def embedding_figure(embedding: np.ndarray, classes: np.ndarray, title: str, labels: dict[int, str] | None = None,
-                     size: float = 6.0):
+def embedding_figure(embedding: np.ndarray, classes: np.ndarray, title: str,
+                     labels: dict[int, str] | None = None, size: float = 6.0):
     """A scatter plot of 2-D points coloured by class (tab10/tab20, a legend entry per class)."""
     import matplotlib
 
@@ -710,15 +711,16 @@ def unit_grid_figure(grid, labels: dict[int, str] | None = None, size: float = 1
         ax.set_axis_off()
         if i >= count:
             continue
-        image = ax.imshow(maps[i], cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+        image = ax.imshow(maps[i], cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1,
+                          interpolation="nearest")
         name = class_names([grid.classes[i]], labels)[0]
         ax.set_title(f"{grid.by} {name} ({grid.counts[i]})", fontsize=8)
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
     bar.ax.tick_params(labelsize=7)
     bar.set_label("mean activation", fontsize=8)
     rows_, cols_ = grid.cells.shape
-    fig.suptitle(f"units of '{grid.layer}' on a {rows_}x{cols_} grid (ordered by the first principal component "
-                 f"of their class means), mean per {grid.by}", fontsize=8)
+    fig.suptitle(f"units of '{grid.layer}' on a {rows_}x{cols_} grid (ordered by the first principal "
+                 f"component of their class means), mean per {grid.by}", fontsize=8)
     return fig
 
 

@@ -24,7 +24,8 @@ SAMPLE = np.load(MODELS / "digits_sample.npz")
 def data(tmp_path):
     """40 digits as one .npy (the 8 bundled samples repeated with noise), their labels as .npy and .txt."""
     rng = np.random.default_rng(0)
-    x = np.clip(np.tile(SAMPLE["x"], (5, 1, 1, 1)) + rng.normal(0, 0.05, (40, 1, 8, 8)), 0, 1).astype(np.float32)
+    x = np.tile(SAMPLE["x"], (5, 1, 1, 1)) + rng.normal(0, 0.05, (40, 1, 8, 8))
+    x = np.clip(x, 0, 1).astype(np.float32)
     y = np.tile(SAMPLE["y"], 5).astype(np.int64)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
@@ -53,8 +54,8 @@ def test_units_writes_the_grid_and_the_examples(data, capsys):
 
 def test_units_dense_layer_warns_in_one_line(data, capsys):
     tmp, _, _ = data
-    code = main(["units", MLP, "--layer", "/net/net.4/Relu_output_0", "--input", str(tmp / "x.npy"), "-k", "2",
-                 "--units", "0-1", "-o", str(tmp / "u.png")])
+    code = main(["units", MLP, "--layer", "/net/net.4/Relu_output_0", "--input", str(tmp / "x.npy"),
+                 "-k", "2", "--units", "0-1", "-o", str(tmp / "u.png")])
     err = capsys.readouterr().err
     assert code == 0 and "rulegraph units: warning: the receptive field" in err and "whole inputs" in err
 
@@ -62,7 +63,7 @@ def test_units_dense_layer_warns_in_one_line(data, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--layer", "nope"], "no tensor or node 'nope'"),
     (["--units", "99"], "unit 99 is not one of the 16 units"),
-    (["--units", "a-b"], "'a-b' is not a channel or a range"),
+    (["--units", "a-b"], "--units: 'a-b' is not a channel or a range"),
     (["-k", "0"], "k must be a positive integer"),
     (["-o", "grid.txt"], "grid.txt"),
 ])
@@ -124,8 +125,8 @@ def test_represent_colours_the_points_it_was_asked_to(data):
 def test_crp_maps_sum_to_the_full_map(data, capsys):
     tmp, x, _ = data
     np.save(tmp / "two.npy", x[:2])
-    code = main(["crp", CNN, "lrp-epsilon", "--input", str(tmp / "two.npy"), "--layer", LAYER, "--channels", "0-15",
-                 "-o", str(tmp / "crp.png"), "--out", str(tmp / "crp.npz")])
+    code = main(["crp", CNN, "lrp-epsilon", "--input", str(tmp / "two.npy"), "--layer", LAYER,
+                 "--channels", "0-15", "-o", str(tmp / "crp.png"), "--out", str(tmp / "crp.npz")])
     assert code == 0 and is_png(tmp / "crp.png")
     with np.load(tmp / "crp.npz") as saved:
         maps, full, channels = saved["maps"], saved["full"], saved["channels"]
@@ -162,14 +163,15 @@ def test_units_of_a_sequence_model_draw_whole_sequences(tmp_path, capsys):
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(1).normal(0, 1, (4, 5)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Tanh", ["m"], ["h"])],
-                              "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 4])],
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Tanh", ["m"], ["h"])]
+    graph = helper.make_graph(nodes, "seq",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 4])],
                               [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 6, 5])],
                               [numpy_helper.from_array(w, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "seq.onnx")
     np.save(tmp_path / "s.npy", np.random.default_rng(2).normal(0, 1, (12, 6, 4)).astype(np.float32))
-    code = main(["units", str(tmp_path / "seq.onnx"), "--layer", "h", "--input", str(tmp_path / "s.npy"), "-k", "3",
-                 "-o", str(tmp_path / "u.png")])
+    code = main(["units", str(tmp_path / "seq.onnx"), "--layer", "h", "--input", str(tmp_path / "s.npy"),
+                 "-k", "3", "-o", str(tmp_path / "u.png")])
     captured = capsys.readouterr()
     assert code == 0 and is_png(tmp_path / "u.png") and "for 5 units (axis 2)" in captured.out
     assert "whole inputs are shown" in captured.err

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from rulegraph.run import representation as rep
-from rulegraph.run.representation import RepresentationError, grid_shape, pca, represent, snake, unit_grid
+from rulegraph.run.representation import RepresentationError, grid_shape, represent, snake, unit_grid
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 MLP = str(MODELS / "digits_mlp.onnx")
@@ -23,7 +23,8 @@ FIRST = "/net/net.2/Relu_output_0"
 @pytest.fixture(scope="module")
 def digits():
     """All 1797 digits [N, 1, 8, 8] in [0, 1], labels, and the models' 80/20 split (held-out = test)."""
-    datasets = pytest.importorskip("sklearn.datasets", reason="the digits come with scikit-learn (crosscheck extra)")
+    datasets = pytest.importorskip("sklearn.datasets",
+                                   reason="the digits come with scikit-learn (crosscheck extra)")
     from sklearn.model_selection import train_test_split
 
     data = datasets.load_digits()
@@ -138,7 +139,7 @@ def test_unit_grid_by_prediction_and_errors(digits):
     predictions = np.argmax(run(MLP, ["logits"], x)[0], axis=1)
     np.testing.assert_array_equal(found.classes, np.unique(predictions))
     assert found.by == "prediction" and found.cells.shape == (4, 8)
-    with pytest.raises(RepresentationError, match="a dense layer .N, U.; '/features/features.6/Relu_output_0'"):
+    with pytest.raises(RepresentationError, match="dense layer .N, U.; '/features/features.6/Relu_output_0'"):
         unit_grid(CNN, "/features/features.6/Relu_output_0", list(x))
     with pytest.raises(RepresentationError, match="59 labels for more samples"):
         unit_grid(MLP, HIDDEN, list(x), labels=np.zeros(59, np.int64), batch_size=10)

@@ -117,6 +117,10 @@ def _union(fields: list[Field], node: Node) -> Field:
     return Field(tuple(axes))
 
 
+def _channel_concat(node: Node, rank: int) -> bool:
+    return node.op_type == "Concat" and node.attr("axis") in (1, 1 - rank)
+
+
 def receptive_field(graph: Graph, tensor: str) -> Field:
     """The field of ``tensor``'s spatial positions (axes 2.. of an [N, C, ...] tensor) in the model's
     first input (module docstring)."""
@@ -125,8 +129,8 @@ def receptive_field(graph: Graph, tensor: str) -> Field:
     if rank is None or rank < 3:
         return Field(reason=f"the input '{source}' {graph.shapes.get(source)} has no spatial axes")
     if graph.rank(tensor) != rank and tensor != source:
-        return Field(reason=f"tensor '{tensor}' {graph.shapes.get(tensor)} has no spatial axes like the input "
-                            f"'{source}' {graph.shapes.get(source)}")
+        return Field(reason=f"tensor '{tensor}' {graph.shapes.get(tensor)} has no spatial axes like the "
+                            f"input '{source}' {graph.shapes.get(source)}")
     fields = {source: Field(tuple(Axis(1, 1, 0) for _ in range(rank - 2)))}
     for node in graph.nodes:
         spatial = [fields[i] for i in node.inputs if i in fields]
@@ -139,7 +143,7 @@ def receptive_field(graph: Graph, tensor: str) -> Field:
             out = Field(whole=True)
         elif node.op_type in POOLS:
             out = Field(whole=True) if spatial[0].whole else _window(node, graph, spatial[0])
-        elif node.op_type in POSITIONWISE or (node.op_type == "Concat" and node.attr("axis") in (1, 1 - rank)):
+        elif node.op_type in POSITIONWISE or _channel_concat(node, rank):
             out = _union(spatial, node)
         else:
             out = Field(reason=f"{node} is not a convolution, pool or position-wise op")

@@ -52,8 +52,9 @@ class Representation:
             raise RepresentationError(f"colour by '{by}'? use one of {', '.join(COLOURINGS)}")
         chosen = self.labels if by == "label" else self.predictions
         if chosen is None:
-            raise RepresentationError("no labels were given: colour by prediction, or pass labels" if by == "label"
-                                      else "the model's first output is not [N, C]: no predictions to colour by")
+            raise RepresentationError(
+                "no labels were given: colour by prediction, or pass labels" if by == "label"
+                else "the model's first output is not [N, C]: no predictions to colour by")
         return chosen
 
 
@@ -76,8 +77,8 @@ def tsne(points: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndar
     try:
         from openTSNE import TSNE
     except ImportError:
-        raise RepresentationError('t-SNE needs openTSNE: pip install "rulegraph-onnx[views]" (or method="pca")') \
-            from None
+        raise RepresentationError('t-SNE needs openTSNE: pip install "rulegraph-onnx[views]" '
+                                  '(or method="pca")') from None
     n = len(points)
     if n < 4:
         raise RepresentationError(f"t-SNE needs at least 4 samples; the dataset has {n}")
@@ -97,7 +98,8 @@ def _labels(labels, count: int | None, where: str) -> np.ndarray | None:
         raise RepresentationError(f"{where}: labels are integers, one per sample; got {out.dtype} "
                                   f"{list(out.shape)}")
     if count is not None and len(out) != count:
-        raise RepresentationError(f"{where}: {len(out)} labels for {count} samples; give one label per sample")
+        raise RepresentationError(f"{where}: {len(out)} labels for {count} samples; give one label per "
+                                  f"sample")
     return out.astype(np.int64)
 
 
@@ -180,8 +182,9 @@ def unit_grid(model, layer: str, data, labels=None, batch_size: int | None = Non
     reader = LayerReader(model, layer, preprocess, providers)
     shape = reader.graph.shapes.get(reader.layer)
     if shape is not None and len(shape) != 2:
-        raise RepresentationError(f"the unit grid lays out the units of a dense layer [N, U]; '{reader.layer}' is "
-                                  f"{shape} (give a tensor of rank 2, e.g. after Flatten/Gemm)")
+        raise RepresentationError(f"the unit grid lays out the units of a dense layer [N, U]; "
+                                  f"'{reader.layer}' is {shape} (give a tensor of rank 2, e.g. after "
+                                  f"Flatten/Gemm)")
     given = _labels(labels, None, f"the unit grid of '{reader.layer}'")
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
@@ -203,12 +206,12 @@ def unit_grid(model, layer: str, data, labels=None, batch_size: int | None = Non
             counts[c] = counts.get(c, 0) + len(rows)
         seen += len(values)
     if given is not None and seen != len(given):
-        raise RepresentationError(f"the unit grid of '{reader.layer}': {len(given)} labels for {seen} samples; "
-                                  f"give one label per sample")
+        raise RepresentationError(f"the unit grid of '{reader.layer}': {len(given)} labels for {seen} "
+                                  f"samples; give one label per sample")
     classes = np.array(sorted(sums), dtype=np.int64)
     means = np.stack([sums[c] / counts[c] for c in classes.tolist()])
-    return UnitGrid(means, classes, np.array([counts[c] for c in classes.tolist()]), layout(means), reader.layer,
-                    "label" if given is not None else "prediction")
+    return UnitGrid(means, classes, np.array([counts[c] for c in classes.tolist()]), layout(means),
+                    reader.layer, "label" if given is not None else "prediction")
 
 
 __all__ = ["Representation", "RepresentationError", "UnitGrid", "grid_shape", "pca", "represent", "snake",

@@ -72,8 +72,10 @@ def scores(values: np.ndarray, unit_axis: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(flat, where[..., None], axis=2)[..., 0].astype(np.float64), where
 
 
-def merge(running: tuple[np.ndarray, np.ndarray, np.ndarray], batch: tuple[np.ndarray, np.ndarray, np.ndarray],
-          k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def merge(running: Candidates, batch: Candidates, k: int) -> Candidates:
     """The top k of two candidate sets (score, index, position), each [U, m]: by score descending,
     then index ascending."""
     value = np.concatenate([running[0], batch[0]], axis=1)
@@ -113,8 +115,8 @@ def top_examples(model, layer: str, data, k: int = 9, units=None, unit_axis: int
         if chosen is None:
             axis, chosen = _check_units(tensor, values.shape, unit_axis, units)
             if axis != 1 and field.axes is not None:  # the field is of axes 2.. of an [N, C, ...] tensor
-                field = Field(reason=f"the units are on axis {axis} of '{tensor}' {list(values.shape)}, so its "
-                                     f"other axes are not the input's spatial axes")
+                field = Field(reason=f"the units are on axis {axis} of '{tensor}' {list(values.shape)}, "
+                                     f"so its other axes are not the input's spatial axes")
             empty = np.empty((len(chosen), 0))
             state = (empty, empty.astype(np.int64), empty.astype(np.int64))
             crops = [{} for _ in chosen]
