@@ -14,8 +14,10 @@ from .run.evaluate import Evaluation, evaluate
 from .run.explainer import Explainer, Result
 from .run.featviz import visualize
 from .run.preprocess import Preprocess, preprocess
+from .run.windows import UnitWindows, unit_windows
 
 __all__ = ["Cam", "CoverageError", "Evaluation", "Explainer", "Graph", "ModelError", "Preprocess", "Result",
            "RuleSet", "RuleSyntaxError", "RulegraphError", "Target", "TargetError", "cam", "crp", "evaluate", "load",
            "preprocess", "visualize"]
+__all__ += ["UnitWindows", "unit_windows"]
 __version__ = "0.1.0"

@@ -120,14 +120,15 @@ def resolve_layer(graph, layer: str | None, state: str | None) -> tuple[str, Unr
     listing = "; ".join(_describe(n, u) for n, u in nodes.items())
     if layer is None:
         if len(nodes) > 1:
-            raise WindowsError(f"the model has {len(nodes)} recurrent nodes; name one (layer=..., CLI --layer): "
-                               f"{listing}")
+            raise WindowsError(f"the model has {len(nodes)} recurrent nodes; name one (layer=..., CLI "
+                               f"--layer): {listing}")
         layer = next(iter(nodes))
     named_state = None
     if layer in nodes:
         name = layer
     else:
-        found = [(n, OUTPUT_STATES[i]) for n, u in nodes.items() for i, o in enumerate(u.outputs) if o == layer]
+        found = [(n, OUTPUT_STATES[i]) for n, u in nodes.items()
+                 for i, o in enumerate(u.outputs) if o == layer]
         if not found:
             raise WindowsError(f"'{layer}' is no recurrent node of the model nor one of their outputs; "
                                f"the recurrent nodes: {listing}")
@@ -135,15 +136,15 @@ def resolve_layer(graph, layer: str | None, state: str | None) -> tuple[str, Unr
     unrolled = nodes[name]
     state = state or named_state or "h"
     if state not in unrolled.states:
-        raise WindowsError(f"state '{state}' of {_describe(name, unrolled)}: it has {', '.join(unrolled.states)} "
-                           f"(h: the hidden state; c: an LSTM's cell state)")
+        raise WindowsError(f"state '{state}' of {_describe(name, unrolled)}: it has "
+                           f"{', '.join(unrolled.states)} (h: the hidden state; c: an LSTM's cell state)")
     if named_state is not None and state != named_state:
-        raise WindowsError(f"'{layer}' is the {named_state} output of '{name}', but state '{state}' was asked "
-                           f"for; name the node '{name}' with the state, or give one of them")
+        raise WindowsError(f"'{layer}' is the {named_state} output of '{name}', but state '{state}' was "
+                           f"asked for; name the node '{name}' with the state, or give one of them")
     if "forward" not in unrolled.directions:
-        raise WindowsError(f"{_describe(name, unrolled)} runs in reverse only: its state at a step depends on "
-                           f"the steps after it, so a window cannot be read from the start of a run; unit "
-                           f"windows need a forward (or bidirectional: its forward half) recurrence")
+        raise WindowsError(f"{_describe(name, unrolled)} runs in reverse only: its state at a step depends "
+                           f"on the steps after it, so a window cannot be read from the start of a run; "
+                           f"unit windows need a forward (or bidirectional: its forward half) recurrence")
     return name, unrolled, state
 
 
@@ -184,8 +185,8 @@ class _Runner:
                                f"{shape} other than the batch axis 0")
         steps = shape[time_axis]
         if not isinstance(steps, int):
-            raise WindowsError(f"axis {time_axis} of the model input '{self.input}' {shape} is '{steps}', not a "
-                               f"number of steps; give the time axis (time_axis=..., --time-axis)")
+            raise WindowsError(f"axis {time_axis} of the model input '{self.input}' {shape} is '{steps}', "
+                               f"not a number of steps; give the time axis (time_axis=..., --time-axis)")
         if not 1 <= window <= steps:
             raise WindowsError(f"window length {window}: the model input '{self.input}' {shape} has {steps} "
                                f"steps on its time axis {time_axis}; choose 1 ≤ L ≤ {steps}")
@@ -249,8 +250,8 @@ def unit_windows(model, layer: str | None, data, window: int, state: str | None 
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
         raise WindowsError(f"the window length is a number of steps, got {window!r}")
     window = int(window)
-    if per_sample is not None and (isinstance(per_sample, bool) or not isinstance(per_sample, (int, np.integer))
-                                   or per_sample < 1):
+    counted = isinstance(per_sample, (int, np.integer)) and not isinstance(per_sample, bool)
+    if per_sample is not None and (not counted or per_sample < 1):
         raise WindowsError(f"per_sample is a number of windows ≥ 1 per sample (or None: every start), "
                            f"got {per_sample!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -290,8 +291,9 @@ def _windows(samples, window: int, step_shape: tuple[int, ...], per_sample, rng,
             raise WindowsError(f"sample {sample_id} holds {sample.dtype} values; give numbers")
         sample = np.moveaxis(sample, time_axis - 1, 0) if sample.ndim == len(step_shape) + 1 else sample
         if sample.ndim != len(step_shape) + 1 or sample.shape[1:] != step_shape:
-            raise WindowsError(f"sample {sample_id} has shape {list(sample.shape)}; the model reads steps of "
-                               f"shape {list(step_shape)}, so a sample is [T, {', '.join(map(str, step_shape))}]")
+            raise WindowsError(f"sample {sample_id} has shape {list(sample.shape)}; the model reads steps "
+                               f"of shape {list(step_shape)}, so a sample is "
+                               f"[T, {', '.join(map(str, step_shape))}]")
         if len(sample) < window:
             raise WindowsError(f"sample {sample_id} has {len(sample)} steps, fewer than the window length "
                                f"{window}")
@@ -319,8 +321,8 @@ def _check_causal(runner: _Runner, batch: np.ndarray, states: np.ndarray, name: 
     other = runner.states(batch, pad=runner.pad + 1.0)
     scale = max(float(np.abs(states).max()), 1.0)
     if not np.allclose(states, other, rtol=0, atol=1e-5 * scale):
-        raise ModelError(f"the state of '{name}' at the window's steps changes with the input after the window "
-                         f"(steps {runner.window}..{runner.steps - 1} of axis {runner.time_axis} of "
+        raise ModelError(f"the state of '{name}' at the window's steps changes with the input after the "
+                         f"window (steps {runner.window}..{runner.steps - 1} of axis {runner.time_axis} of "
                          f"'{runner.input}'): the model mixes steps before the recurrence, or the state is "
                          f"not a forward one; unit windows need the state after step t to depend on steps "
                          f"0..t only")
