@@ -168,8 +168,8 @@ def main(out_dir: Path = HERE) -> float:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--test-set", type=Path, help="only write the held-out digits (float32 [1000, 28, 28]) "
-                                                      "to this .npy file")
+    parser.add_argument("--test-set", type=Path,
+                        help="only write the held-out digits (float32 [1000, 28, 28]) to this .npy file")
     args = parser.parse_args()
     if args.test_set:
         np.save(args.test_set, load_data()[1])
