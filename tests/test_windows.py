@@ -41,7 +41,7 @@ def sigmoid(z):
 
 
 def recurrent_model(op: str = "LSTM", direction: str = "forward", mix_steps: bool = False, seed: int = 0,
-                    two: bool = False) -> onnx.ModelProto:
+                    two: bool = False, batch: int | str = "N") -> onnx.ModelProto:
     """x [N, T, F] float64 -> Transpose -> ``op`` (seeded weights) -> Y_h -> Gemm -> logits [N, 3];
     ``mix_steps``: x plus its mean over the steps first (an op that mixes steps); ``two``: a second
     node reading the first one's Y."""
@@ -73,9 +73,9 @@ def recurrent_model(op: str = "LSTM", direction: str = "forward", mix_steps: boo
               helper.make_node("Flatten", ["ht"], ["hf"], axis=1),
               helper.make_node("Gemm", ["hf", "fc_w"], ["logits"], transB=1)]
     inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
-    x = helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", T, F])
+    x = helper.make_tensor_value_info("x", TensorProto.DOUBLE, [batch, T, F])
     graph = helper.make_graph(nodes, "t", [x], [helper.make_tensor_value_info("logits", TensorProto.DOUBLE,
-                                                                              ["N", 3])], inits)
+                                                                              [batch, 3])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -167,6 +167,15 @@ def test_bidirectional_reads_its_forward_half():
     model = recurrent_model("LSTM", "bidirectional")
     got = unit_windows(model, "rnn", DATA, 3, per_sample=None)
     want = brute_force(model, DATA, 3)[0]
+    np.testing.assert_allclose(got.images, want, rtol=1e-9, atol=1e-12)
+
+
+def test_a_fixed_batch_size_is_run_in_chunks():
+    """A model exported with batch 2 gets the windows two at a time (the last chunk padded)."""
+    model = recurrent_model("GRU", batch=2)
+    got = unit_windows(model, "rnn", DATA, 4, per_sample=None, batch_size=5)
+    want = brute_force(model, DATA, 4)[0]
+    assert got.windows == len(DATA) * (T - 4 + 1)
     np.testing.assert_allclose(got.images, want, rtol=1e-9, atol=1e-12)
 
 
