@@ -207,7 +207,9 @@ def main(out_dir: Path = HERE) -> dict[str, float]:
             f"{path.stat().st_size} bytes, ops {op_counts(path)}"
         )
 
-    (out_dir / "accuracy.json").write_text(json.dumps(accs, indent=2) + "\n")
+    table = out_dir / "accuracy.json"  # other scripts (make_mnist_lstm.py) keep their rows in it too
+    table.write_text(json.dumps({**(json.loads(table.read_text()) if table.exists() else {}), **accs},
+                                indent=2) + "\n")
     return accs
 
 

@@ -16,8 +16,9 @@ from .run.featviz import visualize
 from .run.preprocess import Preprocess, preprocess
 from .run.representation import represent, unit_grid
 from .run.units import top_examples
+from .run.windows import UnitWindows, unit_windows
 
 __all__ = ["Cam", "CoverageError", "Evaluation", "Explainer", "Graph", "ModelError", "Preprocess", "Result",
-           "RuleSet", "RuleSyntaxError", "RulegraphError", "Target", "TargetError", "cam", "crp", "evaluate", "load",
-           "preprocess", "represent", "top_examples", "unit_grid", "visualize"]
+           "RuleSet", "RuleSyntaxError", "RulegraphError", "Target", "TargetError", "UnitWindows", "cam", "crp",
+           "evaluate", "load", "preprocess", "represent", "top_examples", "unit_grid", "unit_windows", "visualize"]
 __version__ = "0.1.0"

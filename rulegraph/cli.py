@@ -862,6 +862,40 @@ def _view_options(p) -> None:
     _preprocess_options(p, bgr=True)
 
 
+def cmd_windows(args) -> int:
+    """``windows MODEL --window L --input DATA -o grid.png``: per unit of a recurrent node, the
+    activation-weighted average input window (run/windows.py)."""
+    from .run import windows
+
+    inputs = model_files(args.model) + ([Path(args.input)] if Path(args.input).exists() else [])
+    check_output(args.o, inputs, FIGURE_SUFFIXES, "-o")
+    if args.npz:
+        check_output(args.npz, inputs + [Path(args.o)], (".npz",), "--npz")
+    per_sample = None if args.per_sample == "all" else _positive_int(args.per_sample, "--per-sample")
+    result = windows.unit_windows(args.model, args.layer, args.input, args.window, state=args.state,
+                                  reduce=args.reduce, per_sample=per_sample, seed=args.seed,
+                                  batch_size=args.batch_size, time_axis=args.time_axis, pad=args.pad)
+    print(result.describe())
+    titles = [f"unit {k}" for k in range(len(result.weights))]
+    viz.window_grid(windows.tile_images(result, stretch=not args.raw), titles, args.o, inputs, args.columns,
+                    title=result.describe())
+    print(f"grid written to {args.o}")
+    if args.npz:
+        windows.save_npz(result, args.npz)
+        print(f"averages written to {args.npz}")
+    return 0
+
+
+def _positive_int(text: str, option: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise RulegraphError(f"{option} is a number ≥ 1 or 'all', got '{text}'")
+    return value
+
+
 def cmd_evaluate(args) -> int:
     """Faithfulness metrics and sanity checks of each rule file (and random attributions) on a batch."""
     from .run import evaluate as ev
@@ -1077,6 +1111,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", required=True, help="where to write the grid (.png, .pdf, .svg, ...)")
     p.add_argument("--out", help="write the maps here (.npz: maps [N, M, ...], full [N, ...], channels)")
     p.set_defaults(run=cmd_crp)
+
+    p = sub.add_parser("windows", help="recurrent units: per hidden unit, the average of the input windows "
+                       "weighted by its activation, as a grid")
+    p.add_argument("model", help="the ONNX model file (with an LSTM, GRU or RNN node)")
+    p.add_argument("--layer", help="the recurrent node, or its output Y/Y_h (hidden state) or Y_c (cell "
+                   "state); default: the only recurrent node")
+    p.add_argument("--state", choices=("h", "c"), help="h: the hidden state (default), c: an LSTM's cell "
+                   "state")
+    p.add_argument("--window", type=int, required=True, help="L: steps per window")
+    p.add_argument("--input", required=True, help="the dataset: .npy/.npz samples [S, T, ...] (a sample per "
+                   "row), a folder, a glob or a .parquet file")
+    p.add_argument("--reduce", choices=("last", "max"), default="last", help="the unit's activation at "
+                   "the window's last step (default) or its largest over the window's steps")
+    p.add_argument("--per-sample", default="4", help="windows drawn per sample, or 'all' starts (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window starts (default 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="windows per run (default 256)")
+    p.add_argument("--time-axis", type=int, default=1, help="the model input's time axis (default 1: "
+                   "[N, T, F])")
+    p.add_argument("--pad", type=float, default=0.0, help="the value of the steps after the window "
+                   "(default 0)")
+    p.add_argument("--raw", action="store_true", help="tiles on the data's own scale (0..1), not each "
+                   "stretched from its minimum to its maximum")
+    p.add_argument("--columns", type=int, default=8, help="tiles per row of the grid")
+    p.add_argument("--npz", help="also write the averages (images [K, L, F], mean, weights) to this .npz")
+    p.add_argument("-o", required=True, help="where to write the grid (.png, .pdf, .svg, ...)")
+    p.set_defaults(run=cmd_windows)
 
     p = sub.add_parser("demo", help="explain a bundled digit with a bundled model; write a heatmap")
     p.add_argument("--rules", default="lrp-epsilon")

@@ -739,3 +739,28 @@ def concept_panels(full: np.ndarray, maps: np.ndarray, channels, clip: float | N
         panels.append(Panel(colours(np.clip(m2 / common, -1, 1)), f"channel {c}\nsum {m2.sum():.3g}", -common,
                             common, bar=i == len(shares) - 1))
     return panels
+
+
+def window_grid(tiles: np.ndarray, titles: list[str], path: str | Path, inputs=(), columns: int = 8,
+                title: str = "", what: str = "-o") -> Path:
+    """Grey tiles [K, 1, L, F] in [0, 1] (``run/windows.py``: one averaged window per unit) as a grid,
+    ``columns`` a row, each tile drawn at its own aspect (L steps high, F wide)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    k, _, steps, width = tiles.shape
+    rows = -(-k // columns)
+    tile_w = 1.4
+    tile_h = tile_w * steps / width + 0.22
+    fig = Figure(figsize=(tile_w * columns, tile_h * rows + (0.35 if title else 0.05)), layout="constrained")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i < k:
+            ax.imshow(tiles[i, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
+            ax.set_title(titles[i], fontsize=7)
+    return save_figure(fig, path, inputs, what)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RULE_FILES = sorted((ROOT / "rules").glob("*.rules"))
 MODELS = [ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_mlp.onnx",
           ROOT / "models" / "digits_resnet.onnx", ROOT / "tests" / "data" / "mnist-8.onnx",
-          ROOT / "tests" / "data" / "resnet20_cifar10.onnx"]
+          ROOT / "tests" / "data" / "resnet20_cifar10.onnx", ROOT / "models" / "mnist_lstm.onnx"]
 
 #: op types that CUDA has no float kernel for at any opset the table's rows use (the user's forward
 #: node stays on the CPU; rulegraph's backward of it is made of ops CUDA has)

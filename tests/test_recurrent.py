@@ -175,6 +175,35 @@ def test_unrolled_forward_equals_onnxruntime(case):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if not c.lens], ids=lambda c: c.id)
+def test_recorded_step_states_are_the_outputs(case):
+    """``Graph.recurrent[node].states``: h after step t of direction d is onnxruntime's ``Y[t, d]``; the
+    state after the direction's last step is ``Y_h[d]`` (and ``Y_c[d]``)."""
+    model = recurrent_model(case, elem=TensorProto.FLOAT)
+    feeds = feeds_of(model, np.random.default_rng(0), np.float32)
+    graph = G.load(model)
+    record = graph.recurrent[f"the_{case.op}"]
+    assert (record.op, record.steps, record.hidden, record.outputs) == (case.op, T, H, case.outputs)
+    both = case.direction == "bidirectional"
+    assert record.directions == (("forward", "reverse") if both else (case.direction,))
+    assert set(record.states) == ({"h", "c"} if case.op == "LSTM" else {"h"})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph.model)
+    names = [t for per_dir in record.states.values() for steps in per_dir for t in steps]
+    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in set(names))
+    got = ort_run(probe, feeds)
+    want = onnxruntime_reference(case, feeds)
+    y = want["Y"] if not case.layout else want["Y"].transpose(1, 2, 0, 3)  # [T, D, B, H]
+    finals = {"h": want["Y_h"], "c": want.get("Y_c")}
+    for d, direction in enumerate(record.directions):
+        last = T - 1 if direction == "forward" else 0
+        for t in range(T):
+            np.testing.assert_allclose(got[record.states["h"][d][t]], y[t, d], rtol=1e-5, atol=1e-6)
+        for key, steps in record.states.items():
+            final = finals[key] if not case.layout else finals[key].transpose(1, 0, 2)
+            np.testing.assert_allclose(got[steps[d][last]], final[d], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 @pytest.mark.parametrize("case, output", [(c, o) for c in CASES for o in c.outputs],
                          ids=[f"{c.id}-{o}" for c in CASES for o in c.outputs])
 def test_unrolled_vjp_central_difference(case, output):

@@ -52,7 +52,7 @@ from .domains import check_ops, split_biases, with_stand_ins
 from .kinds import OpKinds, op_key
 from .legacy_resize import restore_legacy_resize
 from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
-from .recurrent import expand_recurrent
+from .recurrent import Unrolled, expand_recurrent
 from . import large
 from .static_shapes import partial_values, unused_shape_nodes
 
@@ -110,6 +110,8 @@ class Graph:
     consumers: dict[str, list[Node]] = field(default_factory=dict)
     #: token sources: embedding lookup output -> the integer graph input holding its token ids
     sources: dict[str, str] = field(default_factory=dict)
+    #: recurrent node name -> its per-step state tensors after unrolling (``recurrent.Unrolled``)
+    recurrent: dict = field(default_factory=dict)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -165,11 +167,14 @@ def load_proto(proto: onnx.ModelProto, precision: str, ranks: dict[str, int] | N
     constants = _collect_constants(proto)
     nodes_proto = _fold_constants(proto, constants)
     proto = _rebuild(proto, nodes_proto, constants)
-    if expand_recurrent(proto, constants):
+    unrolled: dict[str, Unrolled] = {}
+    if expand_recurrent(proto, constants, unrolled):
         proto = _rebuild(proto, list(proto.graph.node), constants)
     _name_batch(proto)
     proto = _fold_static_shapes(proto, constants)
-    return _build(proto, constants, op_kinds)
+    graph = _build(proto, constants, op_kinds)
+    graph.recurrent = unrolled
+    return graph
 
 
 def _fold_static_shapes(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> onnx.ModelProto:

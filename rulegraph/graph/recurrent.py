@@ -27,6 +27,8 @@ refused by name.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -69,9 +71,25 @@ class _Emitter:
         return output
 
 
-def expand_recurrent(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> bool:
+@dataclass(frozen=True)
+class Unrolled:
+    """What one recurrent node became: per state (``"h"``, and ``"c"`` for an LSTM), per direction
+    (``directions``, ONNX's order), per step ``t`` the tensor holding that state after step ``t``."""
+
+    op: str
+    directions: tuple[str, ...]
+    steps: int
+    hidden: int
+    states: dict[str, tuple[tuple[str, ...], ...]]
+    #: the node's outputs as exported (Y, Y_h, Y_c; "" where absent)
+    outputs: tuple[str, ...] = ()
+
+
+def expand_recurrent(proto: onnx.ModelProto, constants: dict[str, np.ndarray],
+                     unrolled: dict[str, Unrolled] | None = None) -> bool:
     """Replace every LSTM, GRU and RNN node of ``proto`` by its unrolled primitives (new weights
-    go into ``constants``); False when there is none."""
+    go into ``constants``); False when there is none. ``unrolled`` receives each node's per-step
+    state tensors by node name."""
     if not any(n.op_type in GATES and n.domain in ("", "ai.onnx") for n in proto.graph.node):
         return False
     inferred = large.infer_shapes(proto, strict_mode=False, data_prop=True)
@@ -82,7 +100,11 @@ def expand_recurrent(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -
     nodes: list[onnx.NodeProto] = []
     for node in proto.graph.node:
         if node.op_type in GATES and node.domain in ("", "ai.onnx"):
-            nodes.extend(_Recurrent(node, shapes, constants, taken).expand())
+            recurrent = _Recurrent(node, shapes, constants, taken)
+            nodes.extend(recurrent.expand())
+            if unrolled is not None:
+                unrolled[node.name] = Unrolled(node.op_type, tuple(recurrent.dirs), recurrent.steps,
+                                               recurrent.H, recurrent.states, tuple(node.output))
         else:
             nodes.append(node)
     del proto.graph.node[:]
@@ -178,6 +200,8 @@ class _Recurrent:
         finals: dict[str, list[str]] = {"h": [], "c": []}
         per_step: list[list[str]] = [[] for _ in range(self.steps)]
         masks = self._masks()
+        states: dict[str, list[list[str]]] = {"h": [[""] * self.steps for _ in self.dirs],
+                                              "c": [[""] * self.steps for _ in self.dirs]}
         for d, direction in enumerate(self.dirs):
             h, c = self._initial(5, d, "h0"), self._initial(6, d, "c0") if self.op == "LSTM" else None
             order = range(self.steps) if direction == "forward" else range(self.steps - 1, -1, -1)
@@ -188,9 +212,11 @@ class _Recurrent:
                 y, h = self._carry(masks[t], h_new, h, f"d{d}t{t}/h")
                 if c_new is not None:
                     _, c = self._carry(masks[t], c_new, c, f"d{d}t{t}/c")
+                states["h"][d][t], states["c"][d][t] = h, c
                 per_step[t].append(y)
             finals["h"].append(h)
             finals["c"].append(c)
+        self.states = {k: tuple(map(tuple, v)) for k, v in states.items() if k == "h" or self.op == "LSTM"}
         time_axis, dir_axis = (1, 2) if self.layout else (0, 1)
         if _output(outputs, 0):
             steps = [self._stack(ys, [time_axis, dir_axis], dir_axis, f"t{t}/y")
