@@ -201,6 +201,15 @@ def _spatial_attrs(ctx: VjpContext, kernel: list[int]) -> tuple[list, list, list
     return strides, dilations, pads[:n], pads[n:]
 
 
+def _spatial_sizes(graph, tensor: str, n: int) -> tuple | None:
+    """``tensor``'s shape with its ``n`` trailing (spatial) sizes known, the batch and channel
+    dimensions possibly symbolic; None when a spatial size is not known."""
+    shape = graph.shapes.get(tensor)
+    if shape is None or len(shape) != n + 2 or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    return tuple(shape)
+
+
 def conv_input_vjp(ctx: VjpContext, g: str, weight: np.ndarray, group: int, strides, dilations,
                    pads_begin, pads_end, x: str, y: str) -> str:
     """Cotangent of a Conv's input ``x`` for a constant ``weight`` [M, C/G, *K].
@@ -221,7 +230,7 @@ def conv_input_vjp(ctx: VjpContext, g: str, weight: np.ndarray, group: int, stri
         w = np.ascontiguousarray(np.flip(w, axis=tuple(range(2, 2 + n))))
         return t.op("Conv", g, t.const(w, hint="w_flip"), group=group, dilations=list(dilations),
                     pads=full_begin + full_end, kernel_shape=kernel)
-    xs, ys = ctx.graph.static_shape(x), ctx.graph.static_shape(y)
+    xs, ys = _spatial_sizes(ctx.graph, x, n), _spatial_sizes(ctx.graph, y, n)
     if ctx.node.attr("ceil_mode", 0):
         ys = None  # onnx shape inference keeps a last window that starts in the end padding; runtimes drop it
     if xs is not None and ys is not None:
