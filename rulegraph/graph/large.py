@@ -60,7 +60,15 @@ def _shell(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _big(tensor: onnx.TensorProto) -> bool:
-    return tensor.ByteSize() > INLINE_BYTES
+    """More than ``INLINE_BYTES`` of values, from the dims and element size (asking protobuf for the
+    message's size walks it); strings, whose size is in their bytes, by the message's size."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return tensor.ByteSize() > INLINE_BYTES
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return count * itemsize > INLINE_BYTES
 
 
 def without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
