@@ -70,6 +70,39 @@ class BasicBlock(nn.Module):
         return out
 
 
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-50/101/152 block: 1×1 reduce, 3×3 (stride here, as torchvision's
+    "ResNet V1.5"), 1×1 expand ×4, shortcut."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        distinct_relus: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
 class ResNet(nn.Module):
     def __init__(
         self,
@@ -161,6 +194,14 @@ def resnet18(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)
+    return model.eval()
+
+
+def resnet50(num_classes: int = 1000, seed: int = 0) -> nn.Module:
+    """torchvision-compatible ResNet-50 (Bottleneck, ``[3, 4, 6, 3]``), random seeded weights, eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
     return model.eval()
 
 

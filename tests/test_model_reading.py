@@ -313,14 +313,14 @@ def test_misfit_seed_is_the_users_error_with_the_whole_message(seed, pattern):
 
 
 def broken_explainer(at_creation: bool) -> Explainer:
-    """An explainer whose compiled model has one node of the Relu's backward fed a [7] operand: a
-    broadcast onnxruntime refuses at session creation (a constant) or only at run time (an input
-    of unknown length)."""
+    """An explainer whose compiled model has one node of the Relu's backward (the mask's product) fed
+    a [7] operand: a broadcast onnxruntime refuses at session creation (a constant) or only at run
+    time (an input of unknown length)."""
     explainer = Explainer(mlp(), "gradient")
     compiled = explainer.compiled()
     g = compiled.model.graph
     node = next(n for n in g.node if compiled.origins.get(n.output[0]) == "the backward of node 'relu' (Relu)"
-                and n.op_type == "Where")
+                and n.op_type == "Mul")
     if at_creation:
         g.initializer.append(numpy_helper.from_array(np.ones(7, np.float32), "seven"))
     else:  # the first 7 entries of x, flattened: the length is known only when x is
@@ -330,7 +330,7 @@ def broken_explainer(at_creation: bool) -> Explainer:
         g.initializer.extend([numpy_helper.from_array(np.array([0]), "zero"),
                               numpy_helper.from_array(np.array([1]), "one"),
                               numpy_helper.from_array(np.array([7]), "seven_end")])
-    node.input[2] = "seven"
+    node.input[1] = "seven"
     return explainer
 
 

@@ -195,6 +195,14 @@ CONV = [
        strides=[3, 3], pads=[0, 0, 1, 1]),
     op("Conv-1d-stride2-pads", "Conv", ["x", "w"], {"x": [2, 3, 10]}, {"w": weight(2, 3, 4)},
        strides=[2], pads=[2, 1]),
+    # ResNet's shapes: the 1×1 stride-2 shortcut leaves the last row and column uncovered (output
+    # padding); the 7×7 stride-2 stem overshoots by two (end pads of the transposed conv)
+    op("Conv-1x1-stride2-shortcut", "Conv", ["x", "w"], {"x": [2, 3, 8, 8]}, {"w": weight(4, 3, 1, 1)},
+       strides=[2, 2]),
+    op("Conv-7x7-stride2-stem", "Conv", ["x", "w"], {"x": [1, 3, 12, 12]}, {"w": weight(4, 3, 7, 7)},
+       strides=[2, 2], pads=[3, 3, 3, 3]),
+    op("Conv-stride3-shortfall2", "Conv", ["x", "w"], {"x": [1, 2, 11, 9]}, {"w": weight(3, 2, 2, 2)},
+       strides=[3, 3]),
 ]
 
 # ConvTranspose and Resize in float64 on the reference (tests/test_vjp_upsampling.py: every attribute

@@ -52,7 +52,7 @@ def _straight_through(ctx: VjpContext, g: list[str | None]) -> list[str | None]:
     half = t.op("Mul", t.op("Sub", bounds[1], bounds[0]), t.scalar(0.5 / (float(info.max) - float(info.min))))
     inside = t.op("And", t.op("GreaterOrEqual", x, t.op("Sub", bounds[0], half)),
                   t.op("LessOrEqual", x, t.op("Add", bounds[1], half)))
-    return [t.op("Where", inside, g[0], t.scalar(0.0))]
+    return [t.gate(inside, g[0])]
 
 
 #: fused op types whose VJP is not their members' chain

@@ -166,8 +166,7 @@ def _zeros_for(ctx: VjpContext, tensor: str) -> str:
 
 
 def _where_positive(t: Tape, cond_of: str, g: str, strict: bool = True) -> str:
-    cond = t.op("Greater" if strict else "GreaterOrEqual", cond_of, t.scalar(0.0))
-    return t.op("Where", cond, g, t.scalar(0.0))
+    return t.gate(t.op("Greater" if strict else "GreaterOrEqual", cond_of, t.scalar(0.0)), g)
 
 
 def _spatial_attrs(ctx: VjpContext, kernel: list[int]) -> tuple[list, list, list, list]:
@@ -202,6 +201,15 @@ def _spatial_attrs(ctx: VjpContext, kernel: list[int]) -> tuple[list, list, list
     return strides, dilations, pads[:n], pads[n:]
 
 
+def _spatial_sizes(graph, tensor: str, n: int) -> tuple | None:
+    """``tensor``'s shape with its ``n`` trailing (spatial) sizes known, the batch and channel
+    dimensions possibly symbolic; None when a spatial size is not known."""
+    shape = graph.shapes.get(tensor)
+    if shape is None or len(shape) != n + 2 or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    return tuple(shape)
+
+
 def conv_input_vjp(ctx: VjpContext, g: str, weight: np.ndarray, group: int, strides, dilations,
                    pads_begin, pads_end, x: str, y: str) -> str:
     """Cotangent of a Conv's input ``x`` for a constant ``weight`` [M, C/G, *K].
@@ -222,13 +230,22 @@ def conv_input_vjp(ctx: VjpContext, g: str, weight: np.ndarray, group: int, stri
         w = np.ascontiguousarray(np.flip(w, axis=tuple(range(2, 2 + n))))
         return t.op("Conv", g, t.const(w, hint="w_flip"), group=group, dilations=list(dilations),
                     pads=full_begin + full_end, kernel_shape=kernel)
-    ct = t.op("ConvTranspose", g, t.const(weight, hint="w"), group=group, dilations=list(dilations),
-              strides=list(strides), pads=list(pads_begin) + [0] * n, kernel_shape=kernel)
-    xs, ys = ctx.graph.static_shape(x), ctx.graph.static_shape(y)
+    xs, ys = _spatial_sizes(ctx.graph, x, n), _spatial_sizes(ctx.graph, y, n)
     if ctx.node.attr("ceil_mode", 0):
         ys = None  # onnx shape inference keeps a last window that starts in the end padding; runtimes drop it
     if xs is not None and ys is not None:
         extent = [strides[i] * (ys[2 + i] - 1) + dk[i] - pads_begin[i] for i in range(n)]
+        surplus = [e - s for e, s in zip(extent, xs[2:])]
+        if all(-strides[i] < surplus[i] for i in range(n)):
+            # the input's size in one node: the surplus trimmed by end pads, a shortfall (rows no
+            # window reaches: they get nothing) added as output_padding
+            return t.op("ConvTranspose", g, t.const(weight, hint="w"), group=group,
+                        dilations=list(dilations), strides=list(strides), kernel_shape=kernel,
+                        pads=list(pads_begin) + [max(d, 0) for d in surplus],
+                        output_padding=[max(-d, 0) for d in surplus] if min(surplus) < 0 else None)
+    ct = t.op("ConvTranspose", g, t.const(weight, hint="w"), group=group, dilations=list(dilations),
+              strides=list(strides), pads=list(pads_begin) + [0] * n, kernel_shape=kernel)
+    if xs is not None and ys is not None:
         if all(e >= s for e, s in zip(extent, xs[2:])):
             if extent == list(xs[2:]):
                 return ct
@@ -950,7 +967,7 @@ def _hard_sigmoid(ctx, g):
     beta = ctx.node.attr("beta", 0.5)
     z = t.op("Add", t.op("Mul", ctx.x, t.scalar(alpha)), t.scalar(beta))
     inside = t.op("And", t.op("Greater", z, t.scalar(0.0)), t.op("Less", z, t.scalar(1.0)))
-    return [t.op("Where", inside, t.op("Mul", g[0], t.scalar(alpha)), t.scalar(0.0))]
+    return [t.gate(inside, t.op("Mul", g[0], t.scalar(alpha)))]
 
 
 @vjp("HardSwish", kind=NONLINEAR)
@@ -977,7 +994,7 @@ def _clip(ctx, g):
         if b is not None:
             cond = t.op(op, x, b)
             inside = cond if inside is None else t.op("And", inside, cond)
-    gx = g[0] if inside is None else t.op("Where", inside, g[0], zero)
+    gx = g[0] if inside is None else t.gate(inside, g[0])
     grads = [gx, None, None]
     at_lo = None
     if lo is not None:
@@ -1063,7 +1080,7 @@ def _thresholded_relu(ctx, g):
     """``y = x`` where ``x > α``, else 0 (mask ``x > α``)."""
     t = ctx.tape
     above = t.op("Greater", ctx.x, t.scalar(ctx.node.attr("alpha", 1.0)))
-    return [t.op("Where", above, g[0], t.scalar(0.0))]
+    return [t.gate(above, g[0])]
 
 
 @vjp("Shrink", kind=NONLINEAR)
@@ -1071,7 +1088,7 @@ def _shrink(ctx, g):
     """``y = x ∓ bias`` where ``|x| > λ``, else 0 (mask ``|x| > λ``)."""
     t = ctx.tape
     outside = t.op("Greater", t.op("Abs", ctx.x), t.scalar(ctx.node.attr("lambd", 0.5)))
-    return [t.op("Where", outside, g[0], t.scalar(0.0))]
+    return [t.gate(outside, g[0])]
 
 
 @vjp("Pow", kind=NONLINEAR, first_input_only=True)

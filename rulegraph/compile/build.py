@@ -45,6 +45,7 @@ from ..graph import large
 from ..graph.model_check import SEED, TARGET, checkable, explainer_metadata
 from ..graph.read import Graph, Node
 from ..lang.ruleset import RuleSet
+from . import mixed
 from .context import RuleContext
 from .plan import assign, find_start, path_nodes
 from .targets import StartSpec, batch_dim, relocate, start_spec
@@ -97,8 +98,11 @@ class Compiled:
 def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                       start_tensor: str | None = None, seed_mode: bool = False,
                       node_sums: bool = False, class_axis: int | None = None,
-                      at: tuple[str, ...] = ()) -> Compiled:
+                      at: tuple[str, ...] = (), relevance_dtype=None) -> Compiled:
     """Build the explainer model (forward + relevance pass) and check it with onnx.checker.
+
+    ``relevance_dtype``: the backward's float type when it is not the start tensor's (float32 for
+    an fp16/bf16 model read in its own type: ``mixed.py``).
 
     ``node_sums`` adds, per node on the path, three [N] outputs (docs/rules.md, conservation
     classes): Σ of the conserved view over what the node gives its inputs, over its outputs'
@@ -121,7 +125,8 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
         raise CoverageError(f"{ruleset.source}: {len(problems)} node(s) cannot be explained:\n  - "
                             + "\n  - ".join(problems))
 
-    dtype = helper.tensor_dtype_to_np_dtype(graph.dtypes.get(start, TensorProto.FLOAT))
+    forward_dtype = helper.tensor_dtype_to_np_dtype(graph.dtypes.get(start, TensorProto.FLOAT))
+    dtype = np.dtype(relevance_dtype) if relevance_dtype is not None else forward_dtype
     taken = _names_in(graph)
     tape = Tape(graph.opset, taken, float_dtype=dtype, prefix=free_prefix(taken))
     compiled = Compiled(graph.model, graph, ruleset, start, seed_mode, axes, target_input=free_name(TARGET, taken),
@@ -180,6 +185,9 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     compiled.baseline_inputs = {x: baseline_of[x] for x in graph.float_inputs() if x in baseline_of}
     extra_inputs, typed_outputs = _target_io(graph, axes, seed_mode, compiled)
     compiled.model = _assemble(graph, tape, extra_outputs, outputs, compiled, extra_inputs, typed_outputs)
+    if dtype != forward_dtype:
+        tape.context = "the boundary between the half-precision forward and the float32 backward"
+        mixed.keep_backward_in_float32(compiled.model, {n.name for n in tape.nodes}, graph.dtypes, tape.fresh)
     compiled.origins = {**tape.origins, compiled.target_input: "rulegraph's target input",
                         compiled.seed_input: "rulegraph's seed input",
                         compiled.positions_input: "rulegraph's positions input",

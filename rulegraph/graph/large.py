@@ -6,7 +6,8 @@ cannot exceed 2 GiB; for a large model
 
 - ``infer_shapes`` (and ``onnx.checker``, through ``without_weights``) runs on a shell copy whose big
   initializers (over ``INLINE_BYTES``) are graph inputs of the same type and shape: a weight's values
-  never decide a shape, small initializers (shape tensors, axes) stay for data propagation;
+  never decide a shape, small initializers (shape tensors, axes) stay for data propagation (every
+  model takes this path: it is also the fast one);
 - ``write`` stores the big initializers' bytes in one data file beside the model, one tensor at a time,
   and the model itself as a shell that names each tensor's location, offset and length (ONNX external
   data). The model in memory is left unchanged (``onnx.save`` with external data would clear it).
@@ -59,14 +60,22 @@ def _shell(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _big(tensor: onnx.TensorProto) -> bool:
-    return tensor.ByteSize() > INLINE_BYTES
+    """More than ``INLINE_BYTES`` of values, from the dims and element size (asking protobuf for the
+    message's size walks it); strings, whose size is in their bytes, by the message's size."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return tensor.ByteSize() > INLINE_BYTES
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return count * itemsize > INLINE_BYTES
 
 
 def without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` itself when it is not large; else a shell whose big initializers are graph inputs of
-    their type and shape (what shape inference and ``onnx.checker`` need of a weight)."""
-    if not is_large(proto):
-        return proto
+    """A shell of ``proto`` whose big initializers are graph inputs of their type and shape (what shape
+    inference and ``onnx.checker`` need of a weight). Done for every model, not only large ones:
+    shape inference and the checker serialize the model they get, and a weight's bytes would
+    otherwise be copied in and out of protobuf at each call (seconds for a BERT-base)."""
     shell = _shell(proto)
     declared = {i.name for i in shell.graph.input}
     for tensor in proto.graph.initializer:

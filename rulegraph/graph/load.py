@@ -17,11 +17,14 @@ def load(model: str | Path | onnx.ModelProto, op_kinds: OpKinds, fuse: bool = Tr
     """Read a model from a path or a ModelProto (which is copied, never modified), each node's kind
     from ``op_kinds`` (``rulegraph.load`` gives the backward's op table); ``fuse=False``
     keeps multi-node patterns as their separate nodes. ``precision="fp32"`` computes an fp16 or
-    bf16 model in float32 (its weights upcast exactly); ``"native"`` keeps its own type. ``ranks``
+    bf16 model in float32 (its weights upcast exactly); ``"native"`` (and ``"mixed"``, whose backward
+    the compiler keeps in float32) keeps its own type. ``ranks``
     gives inputs declared without a shape their rank (the first run's arrays;
     ``model_check.declare_missing_ranks``). Every ``ModelError`` names the file."""
-    if precision not in ("fp32", "native"):
-        raise ValueError(f"precision must be 'fp32' or 'native', got {precision!r}")
+    if precision not in ("fp32", "native", "mixed"):
+        raise ValueError(f"precision must be 'fp32', 'mixed' or 'native', got {precision!r}")
+    if precision == "mixed":   # the graph in its own type; the compiler keeps the backward in float32
+        precision = "native"
     proto = read_model(model)
     where = "" if isinstance(model, onnx.ModelProto) else f"{model}: "
     try:

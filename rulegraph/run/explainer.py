@@ -55,7 +55,9 @@ class Explainer:
     (``"lrp-epsilon"``) or a RuleSet. ``output`` names the model output to explain (default: the
     first); ``start`` names any intermediate tensor to start at instead. An fp16/bf16 model is
     explained in float32 (``precision="fp32"``, its weights upcast exactly, the attribution in
-    float32) unless ``precision="native"`` asks for its own type throughout. ``class_axis``: the
+    float32); ``precision="mixed"`` runs its forward in its own type and the relevance pass in float32
+    (``compile/mixed.py``: the GPU's fast half forward, no underflow in ε, denominators and ratios);
+    ``precision="native"`` asks for its own type throughout. ``class_axis``: the
     start tensor's class axis where the default (final Softmax's axis, else by rank) does not apply.
     ``strict_device``: a node without a kernel on the requested provider (CUDA) is an error rather
     than a silent run on the CPU with copies across the device boundary.
@@ -90,8 +92,9 @@ class Explainer:
         ``at``: tensors whose latent relevance is an extra output (``Compiled.at_attribution``)."""
         key = (seed_mode, node_sums) + ((at,) if at else ())
         if key not in self._compiled:
-            self._compiled[key] = compile_explainer(self.graph, self.ruleset, self.output, self.start,
-                                                    seed_mode, node_sums, self.class_axis, at=at)
+            self._compiled[key] = compile_explainer(
+                self.graph, self.ruleset, self.output, self.start, seed_mode, node_sums, self.class_axis,
+                at=at, relevance_dtype=np.float32 if self._precision == "mixed" else None)
         return self._compiled[key]
 
     @property

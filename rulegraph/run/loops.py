@@ -189,9 +189,10 @@ def integrated_gradients(explainer, x, target, params, baseline=None):
     result = explainer.explain(points, target=np.tile(targets, k_steps + 2))
     n = len(targets)
     w = weights.reshape((-1, 1) + (1,) * (feeds[floats[0]].ndim - 1))
+    # in the backward's type (float32 under precision="mixed", where the inputs are half)
     saliency = {k: (w * result.saliency[k][: k_steps * n].reshape(k_steps, n, *feeds[k].shape[1:])).sum(axis=0)
-                .astype(feeds[k].dtype) for k in floats}
-    attribution = {k: (feeds[k] - base[k]) * saliency[k] for k in floats}
+                .astype(result.saliency[k].dtype) for k in floats}
+    attribution = {k: (feeds[k] - base[k]).astype(saliency[k].dtype) * saliency[k] for k in floats}
     start = result.start.reshape(len(result.start), result.start.shape[1], -1)[:, :, 0]
     picked = start[np.arange(len(start)), np.tile(targets, k_steps + 2)][k_steps * n:]
     ends = {name: value[k_steps * n:] for name, value in result.outputs.items()}
