@@ -13,8 +13,12 @@ from dataclasses import replace
 
 from ..backward.gradient_form import FORMS, GRADIENT_FORMS, GRADIENT_X_INPUT, STANDARD
 from ..backward.rules import RULES
+from ..graph.kinds import MAX, ROUTE
 from ..errors import CoverageError, RulegraphError
 from ..lang.ruleset import RuleSet
+
+#: the kinds where the relevance quantity's ``gradient`` rule has a Gradient × Input form
+GRADIENT_KINDS = frozenset({MAX, ROUTE})
 
 __all__ = ["FORMS", "GRADIENT_X_INPUT", "STANDARD", "check_form", "emitter", "pass_ruleset"]
 
@@ -40,15 +44,26 @@ def pass_ruleset(ruleset: RuleSet, form: str, assignments) -> RuleSet:
         raise RulegraphError(f"{where} starts at the output's relevance y ⊙ onehot; 'start one' has no "
                              "Gradient × Input form (drop it, or compile with form 'standard')")
     problems = [f"{a.node}: '{a.binding.selector} -> {a.binding.rule}' at {a.binding.location} binds rule "
-                f"'{a.binding.rule.name}', which has no Gradient × Input form"
-                for a in assignments
-                if not RULES[a.binding.rule.name].starts_pass and a.binding.rule.name not in GRADIENT_FORMS]
+                f"'{a.binding.rule.name}', which has no Gradient × Input form{_on(a.node.kind, a.binding.rule.name)}"
+                for a in assignments if not _has_form(a.binding.rule.name, a.node.kind)]
     if problems:
         have = ", ".join(sorted(GRADIENT_FORMS))
         raise CoverageError(f"{where}: {len(problems)} node(s) cannot be compiled in it:\n  - "
                             + "\n  - ".join(problems) + f"\n(rules with one: {have}; or compile with form "
                             f"{STANDARD!r})")
     return replace(ruleset, quantity="importance", start=None)
+
+
+def _has_form(name: str, kind: str) -> bool:
+    """``gradient`` under relevance is ``a(x) = VJP(a(y))``: a Gradient × Input form on max and route
+    ops only (a selection), not where the gradient is a map of ``a`` rather than of ``g``."""
+    if RULES[name].starts_pass:
+        return True
+    return name in GRADIENT_FORMS and (name != "gradient" or kind in GRADIENT_KINDS)
+
+
+def _on(kind: str, name: str) -> str:
+    return f" on a {kind} op (only on {' and '.join(sorted(GRADIENT_KINDS))} ops)" if name == "gradient" else ""
 
 
 def emitter(name: str, form: str):
