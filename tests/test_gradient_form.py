@@ -6,7 +6,8 @@ compile/form.py, backward/gradient_form.py; LXT's efficient AttnLRP, Arras et al
    product of two activations, Tanh, mean over tokens, classifier): both forms equal it, and the
    bias shares are its.
 2. What has no Gradient × Input form is refused, naming the node and the rule.
-3. Equality with the standard compilation of ``lrp-transformer`` at ε = 0 on BERT-, GPT-2- and
+3. ``rulegraph explain --form gradient-x-input`` on a ReLU CNN under ``lrp-epsilon``: LRP-0.
+4. Equality with the standard compilation of ``lrp-transformer`` at ε = 0 on BERT-, GPT-2- and
    Llama-style models from transformers configs with random weights, both exporters: token maps,
    bias shares and a latent relevance to 1e-5 relative; conservation to 1e-3. Against the bundled
    file's ε = 1e-6 the maps differ by that ε's effect (measured, printed).
@@ -31,6 +32,10 @@ from rulegraph.run import rulefiles as dsl
 
 GXI = "gradient-x-input"
 RNG = np.random.default_rng(3)
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def transformer_rules(eps: str = "0") -> rulegraph.RuleSet:
@@ -173,8 +178,47 @@ def test_an_unknown_form_is_named():
         rulegraph.Explainer(block(), "lrp-transformer", form="efficient")
 
 
+def test_the_docs_table_lists_every_rule_with_a_form():
+    import re
+
+    from rulegraph.backward.gradient_form import GRADIENT_FORMS
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "rules.md").read_text()
+    table = re.search(r"<!-- gradient-form-table -->\n(.*?)\n<!-- /gradient-form-table -->", page, re.S).group(1)
+    rows = [line.split("|")[1].strip().strip("`") for line in table.splitlines()[2:]]
+    assert rows == list(GRADIENT_FORMS)
+
+
 # --------------------------------------------------------------------------------------------------
-# 3. equal to the standard compilation on BERT-, GPT-2- and Llama-style models
+# 3. the command line
+
+ROOT = Path(__file__).resolve().parent.parent
+CNN, SAMPLE = ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_sample.npz"
+
+
+def test_cli_form_on_a_cnn_equals_lrp_epsilon_at_epsilon_zero(tmp_path):
+    """ReLU CNN under lrp-epsilon: the form equals LRP-0 (the same file with ε = 0)."""
+    from rulegraph.cli import main
+
+    out = tmp_path / "r.npy"
+    assert main(["explain", str(CNN), "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--target", "3",
+                 "--form", GXI, "--out", str(out)]) == 0
+    text = (dsl.bundled_rules_dir() / "lrp-epsilon.rules").read_text().replace("eps = 1e-6", "eps = 0")
+    x = np.load(SAMPLE)["x"]
+    want = rulegraph.Explainer(CNN, dsl.parse(text, source="lrp-0.rules")).explain(x, target=[3] * len(x)).map
+    assert _relative(np.load(out), want) < 1e-5
+
+
+def test_cli_refuses_the_form_with_ray(tmp_path, capsys):
+    from rulegraph.cli import main
+
+    assert main(["explain", str(CNN), "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--form", GXI,
+                 "--ray", "-o", str(tmp_path / "out")]) == 2
+    assert "--form gradient-x-input compiles a rule file for one process: drop it with --ray" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. equal to the standard compilation on BERT-, GPT-2- and Llama-style models
 
 torch = pytest.importorskip("torch", reason="the transformers models are built in torch ([crosscheck] extra)")
 transformers = pytest.importorskip("transformers", reason="BERT, GPT-2 and Llama configs come from transformers")
@@ -235,10 +279,6 @@ def models(tmp_path_factory):
             paths[family, exporter] = tm.export_token_model(net, ids, mask, folder / f"{family}_{exporter}.onnx",
                                                             dynamo)
     return paths, {"ids": ids.numpy(), "mask": mask.numpy()}
-
-
-def _relative(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def _latent(path) -> str:
