@@ -150,8 +150,8 @@ def test_the_form_saves_the_divisions_of_the_epsilon_rule(form):
 # 2. refusals
 
 RELEVANCE_HEAD = "rulegraph 1\nquantity relevance\nbias blame\n"
-REST = ("bilinear -> uniform(softmax_constant = 1)\nroute -> gradient\nLayerNormalization -> layernorm_linear\n"
-        "Softmax -> softmax_taylor\n")
+REST = ("bilinear -> uniform(softmax_constant = 1)\nroute -> gradient\n"
+        "LayerNormalization -> layernorm_linear\nSoftmax -> softmax_taylor\n")
 
 
 @pytest.mark.parametrize(("rules", "error", "message"), [
@@ -184,7 +184,8 @@ def test_the_docs_table_lists_every_rule_with_a_form():
     from rulegraph.backward.gradient_form import GRADIENT_FORMS
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "rules.md").read_text()
-    table = re.search(r"<!-- gradient-form-table -->\n(.*?)\n<!-- /gradient-form-table -->", page, re.S).group(1)
+    marker = "gradient-form-table"
+    table = re.search(rf"<!-- {marker} -->\n(.*?)\n<!-- /{marker} -->", page, re.S).group(1)
     rows = [line.split("|")[1].strip().strip("`") for line in table.splitlines()[2:]]
     assert rows == list(GRADIENT_FORMS)
 
@@ -214,14 +215,15 @@ def test_cli_refuses_the_form_with_ray(tmp_path, capsys):
 
     assert main(["explain", str(CNN), "--rules", "lrp-epsilon", "--input", str(SAMPLE), "--form", GXI,
                  "--ray", "-o", str(tmp_path / "out")]) == 2
-    assert "--form gradient-x-input compiles a rule file for one process: drop it with --ray" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--form gradient-x-input compiles a rule file for one process: drop it with --ray" in err
 
 
 # --------------------------------------------------------------------------------------------------
 # 4. equal to the standard compilation on BERT-, GPT-2- and Llama-style models
 
 torch = pytest.importorskip("torch", reason="the transformers models are built in torch ([crosscheck] extra)")
-transformers = pytest.importorskip("transformers", reason="BERT, GPT-2 and Llama configs come from transformers")
+transformers = pytest.importorskip("transformers", reason="the BERT, GPT-2 and Llama configs")
 pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_models as tm  # noqa: E402
@@ -276,8 +278,8 @@ def models(tmp_path_factory):
         torch.manual_seed(0)
         net = build().eval()
         for exporter, dynamo in EXPORTERS.items():
-            paths[family, exporter] = tm.export_token_model(net, ids, mask, folder / f"{family}_{exporter}.onnx",
-                                                            dynamo)
+            path = folder / f"{family}_{exporter}.onnx"
+            paths[family, exporter] = tm.export_token_model(net, ids, mask, path, dynamo)
     return paths, {"ids": ids.numpy(), "mask": mask.numpy()}
 
 
@@ -300,8 +302,9 @@ def test_equal_to_the_standard_compilation_at_epsilon_zero(models, family, expor
     bundled = rulegraph.Explainer(paths[family, exporter], "lrp-transformer").explain(feeds, target=target)
     assert efficient.map.shape == (2, LENGTH) and np.isfinite(efficient.map).all()
     error = _relative(efficient.map, standard.map)
+    delta = np.abs(efficient.relative_delta).max()
     print(f"\n{family}/{exporter}: efficient vs standard at ε = 0 {error:.1e}, vs the bundled ε = 1e-6 "
-          f"{_relative(efficient.map, bundled.map):.1e}; relative delta {np.abs(efficient.relative_delta).max():.1e}")
+          f"{_relative(efficient.map, bundled.map):.1e}; relative delta {delta:.1e}")
     assert error < 1e-5
     assert _relative(efficient.at[latent], standard.at[latent]) < 1e-5
     assert sorted(efficient.bias_shares) == sorted(standard.bias_shares)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..graph.kinds import MAX, ROUTE
 from . import basic
 from .attention import attention_parts, heads_of, present_back, unrepeat
 from .contrib import NORMS, norm_axes, norm_stats, norm_sum
@@ -82,15 +81,6 @@ def _ignore(ctx) -> list[str | None]:
     x, zero = ctx.x, t.scalar(0.0)
     ratio = t.op("Where", t.op("Equal", x, zero), zero, t.op("Div", ctx.y, x))
     return [t.op("Mul", ctx.a_out[0], ratio)] + [None] * (len(ctx.node.inputs) - 1)
-
-
-def _gradient(ctx) -> list[str | None]:
-    """``gradient`` on max and route ops: the same gradient, its constants' parts blamed as ``c ⊙ g``."""
-    if ctx.kind not in (MAX, ROUTE):
-        raise ctx.fail(f"rule 'gradient' on a {ctx.kind} op under the relevance quantity is "
-                       "a(x) = VJP(a(y)), which has no Gradient × Input form; compile with "
-                       f"form=\"{STANDARD}\", or bind the node to a rule that has one")
-    return basic.gradient(ctx)
 
 
 def _keep(ctx, index: int) -> list[str | None]:
@@ -256,7 +246,7 @@ def _cp_attention(ctx) -> list[str | None]:
 GRADIENT_FORMS: dict[str, Callable] = {
     "normalized": _normalized,
     "ignore": _ignore,
-    "gradient": _gradient,
+    "gradient": basic.gradient,   # on max and route ops only (compile/form.py refuses the rest)
     "uniform": _uniform,
     "gate": _gate,
     "block": _block,

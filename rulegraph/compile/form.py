@@ -44,7 +44,8 @@ def pass_ruleset(ruleset: RuleSet, form: str, assignments) -> RuleSet:
         raise RulegraphError(f"{where} starts at the output's relevance y ⊙ onehot; 'start one' has no "
                              "Gradient × Input form (drop it, or compile with form 'standard')")
     problems = [f"{a.node}: '{a.binding.selector} -> {a.binding.rule}' at {a.binding.location} binds rule "
-                f"'{a.binding.rule.name}', which has no Gradient × Input form{_on(a.node.kind, a.binding.rule.name)}"
+                f"'{a.binding.rule.name}', which has no Gradient × Input form"
+                f"{_on(a.node.kind, a.binding.rule.name)}"
                 for a in assignments if not _has_form(a.binding.rule.name, a.node.kind)]
     if problems:
         have = ", ".join(sorted(GRADIENT_FORMS))
@@ -63,7 +64,9 @@ def _has_form(name: str, kind: str) -> bool:
 
 
 def _on(kind: str, name: str) -> str:
-    return f" on a {kind} op (only on {' and '.join(sorted(GRADIENT_KINDS))} ops)" if name == "gradient" else ""
+    if name != "gradient":
+        return ""
+    return f" on a {kind} op (only on {' and '.join(sorted(GRADIENT_KINDS))} ops)"
 
 
 def emitter(name: str, form: str):
