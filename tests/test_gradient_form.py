@@ -147,6 +147,77 @@ def test_the_form_saves_the_divisions_of_the_epsilon_rule(form):
 
 
 # --------------------------------------------------------------------------------------------------
+# 1b. every rule's form against the standard compilation at ε = 0, op by op (onnxruntime, float32)
+
+S, E, CLASSES = 5, 8, 3
+F32 = TensorProto.FLOAT
+
+
+def _w(*shape) -> np.ndarray:
+    return RNG.normal(size=shape).astype(np.float32)
+
+
+#: row -> (nodes from x [N, S, E] to h [N, S, E], constants, extra opsets); each model then ends in
+#: ReduceMean over S and a Gemm to CLASSES logits
+OPS = {
+    "attention-op": ([helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
+                      helper.make_node("MatMul", ["x", "wv"], ["v"]),
+                      helper.make_node("Attention", ["q", "k", "v"], ["h"], q_num_heads=4, kv_num_heads=2,
+                                       is_causal=1)],
+                     {"wq": _w(E, E), "wk": _w(E, 4), "wv": _w(E, 4)}, 23),
+    "skip-layernorm": ([helper.make_node("MatMul", ["x", "w"], ["skip"]),
+                        helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta", "bias"],
+                                         ["y", "", "", "s"], domain="com.microsoft"),
+                        helper.make_node("Add", ["y", "s"], ["h"])],
+                       {"w": _w(E, E), "gamma": _w(E), "beta": _w(E) * 0.1, "bias": _w(E) * 0.1}, 17),
+    "simplified-layernorm": ([helper.make_node("SimplifiedLayerNormalization", ["x", "gamma"], ["h"], axis=-1)],
+                             {"gamma": _w(E)}, 17),
+    "rms-norm": ([helper.make_node("RMSNormalization", ["x", "gamma"], ["h"], axis=-1)], {"gamma": _w(E)}, 23),
+    "group-norm": ([helper.make_node("GroupNormalization", ["x", "gamma", "beta"], ["h"], num_groups=1)],
+                   {"gamma": _w(S), "beta": _w(S) * 0.1}, 21),
+    "softmax": ([helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Softmax", ["z"], ["p"], axis=-1),
+                 helper.make_node("MatMul", ["p", "w2"], ["h"])], {"w": _w(E, E), "w2": _w(E, E)}, 17),
+    "div": ([helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("MatMul", ["x", "w2"], ["z"]),
+             helper.make_node("Exp", ["z"], ["b"]), helper.make_node("Div", ["a", "b"], ["h"])],
+            {"w": _w(E, E), "w2": _w(E, E) * 0.3}, 17),
+    "sigmoid-gate": ([helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Sigmoid", ["z"], ["g"]),
+                      helper.make_node("Mul", ["x", "g"], ["h"])], {"w": _w(E, E)}, 17),
+    "sigmoid": ([helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Sigmoid", ["z"], ["h"])],
+                {"w": _w(E, E)}, 17),
+}
+HEAD = {"wc": _w(E, CLASSES), "bc": _w(CLASSES) * 0.1}
+
+
+def op_model(row: str) -> onnx.ModelProto:
+    nodes, consts, opset = OPS[row]
+    nodes = nodes + [helper.make_node("ReduceMean", ["h", "axes"], ["m"], keepdims=0),
+                     helper.make_node("Gemm", ["m", "wc", "bc"], ["logits"])]
+    inits = [numpy_helper.from_array(v, k) for k, v in {**consts, **HEAD}.items()]
+    inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"))
+    graph = helper.make_graph(nodes, row, [helper.make_tensor_value_info("x", F32, ["N", S, E])],
+                              [helper.make_tensor_value_info("logits", F32, ["N", CLASSES])], inits)
+    opsets = [helper.make_opsetid("", max(opset, 18)), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+@pytest.mark.parametrize("bias", ["blame", "ignore"])
+@pytest.mark.parametrize("row", list(OPS))
+def test_each_rule_in_the_form_equals_the_standard_at_epsilon_zero(row, bias):
+    text = (dsl.bundled_rules_dir() / "lrp-transformer.rules").read_text().replace("eps = 1e-6", "eps = 0")
+    ruleset = dsl.parse(text.replace("bias     blame", f"bias {bias}"), source=f"t-{bias}.rules")
+    x = RNG.normal(size=(4, S, E)).astype(np.float32)
+    target = [0, 1, 2, 0]
+    quiet = {"target": target, "max_amplification": None}   # ε = 0 on random weights: large cancelling maps
+    standard = rulegraph.Explainer(op_model(row), ruleset).explain(x, **quiet)
+    form = rulegraph.Explainer(op_model(row), ruleset, form=GXI).explain(x, **quiet)
+    assert np.isfinite(form.map).all() and np.abs(standard.map).max() > 0
+    assert _relative(form.map, standard.map) < 1e-5
+    assert sorted(form.bias_shares) == sorted(standard.bias_shares)
+    for name, share in standard.bias_shares.items():
+        np.testing.assert_allclose(form.bias_shares[name], share, rtol=1e-4, atol=1e-5 * np.abs(share).max())
+
+
+# --------------------------------------------------------------------------------------------------
 # 2. refusals
 
 RELEVANCE_HEAD = "rulegraph 1\nquantity relevance\nbias blame\n"

@@ -189,8 +189,8 @@ def _skip_norm(ctx) -> list[str | None]:
     c = t.op("Mul", inv_std, ctx.node.inputs[form.gamma])
     ignore = ctx.bias_policy == "ignore"
 
-    def m(x: str) -> str:  # M x
-        return t.op("Mul", c, t.op("Sub", x, t.reduce("ReduceMean", x, axes)) if form.centered else x)
+    def m(b: str) -> str:  # M b of the 1-D bias b: the Skip forms normalize over the last axis, b's only one
+        return t.op("Mul", c, t.op("Sub", b, t.reduce("ReduceMean", b, [-1])) if form.centered else b)
 
     transposed = []
     if ctx.a_out[0] is not None:
