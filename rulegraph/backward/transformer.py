@@ -324,8 +324,8 @@ def _norm_linear(ctx) -> list[str | None]:
                   for i, v in zip((form.beta, form.bias), norm_biases(ctx)))
     c = t.op("Mul", inv_std, ctx.node.inputs[form.gamma])
 
-    def m(x: str) -> str:  # M x
-        return t.op("Mul", c, t.op("Sub", x, t.reduce("ReduceMean", x, axes)) if form.centered else x)
+    def m(b: str) -> str:  # M b of the 1-D bias b: the Skip forms normalize over the last axis, b's only one
+        return t.op("Mul", c, t.op("Sub", b, t.reduce("ReduceMean", b, [-1])) if form.centered else b)
 
     ignore, eps = ctx.bias_policy == "ignore", ctx.params["eps"]
 

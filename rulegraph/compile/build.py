@@ -47,6 +47,7 @@ from ..graph.read import Graph, Node
 from ..lang.ruleset import RuleSet
 from . import mixed
 from .context import RuleContext
+from .form import STANDARD, emitter, pass_ruleset
 from .plan import assign, find_start, path_nodes
 from .targets import StartSpec, batch_dim, relocate, start_spec
 
@@ -85,6 +86,8 @@ class Compiled:
     at_numbers: dict[str, str] = field(default_factory=dict)
     at_attribution: dict[str, str] = field(default_factory=dict)
     seed: str = ""   # the tensor ``a(start)`` the pass starts from (``_seed``)
+    #: ``"standard"``, or ``"gradient-x-input"``: the pass carries ``g`` with ``a = t ⊙ g`` (``form.py``)
+    form: str = STANDARD
 
     @property
     def input_names(self) -> list[str]:
@@ -98,7 +101,7 @@ class Compiled:
 def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                       start_tensor: str | None = None, seed_mode: bool = False,
                       node_sums: bool = False, class_axis: int | None = None,
-                      at: tuple[str, ...] = (), relevance_dtype=None) -> Compiled:
+                      at: tuple[str, ...] = (), form: str = STANDARD, relevance_dtype=None) -> Compiled:
     """Build the explainer model (forward + relevance pass) and check it with onnx.checker.
 
     ``relevance_dtype``: the backward's float type when it is not the start tensor's (float32 for
@@ -124,14 +127,15 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     if problems:
         raise CoverageError(f"{ruleset.source}: {len(problems)} node(s) cannot be explained:\n  - "
                             + "\n  - ".join(problems))
+    user_rules, ruleset = ruleset, pass_ruleset(ruleset, form, assignments)
 
     forward_dtype = helper.tensor_dtype_to_np_dtype(graph.dtypes.get(start, TensorProto.FLOAT))
     dtype = np.dtype(relevance_dtype) if relevance_dtype is not None else forward_dtype
     taken = _names_in(graph)
     tape = Tape(graph.opset, taken, float_dtype=dtype, prefix=free_prefix(taken))
-    compiled = Compiled(graph.model, graph, ruleset, start, seed_mode, axes, target_input=free_name(TARGET, taken),
+    compiled = Compiled(graph.model, graph, user_rules, start, seed_mode, axes, target_input=free_name(TARGET, taken),
                         seed_input=free_name(SEED, taken), positions_input=free_name(POSITIONS, taken),
-                        class_output=free_name(CLASS, taken))
+                        class_output=free_name(CLASS, taken), form=form)
     rows = _rows(tape, graph, axes)
     extra_outputs: dict[str, dict[int, str]] = {}
 
@@ -161,7 +165,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
         spec = RULES[binding.rule.name]
         ctx = RuleContext(base, a_out, dict(binding.rule.params), ruleset, bias_sink, baseline_of)
         try:
-            result = checked(f"rule '{spec.name}' on {node}", node, spec.emit(ctx))
+            result = checked(f"rule '{spec.name}' on {node}", node, emitter(spec.name, form)(ctx))
         except RulegraphError:
             raise
         except (ValueError, KeyError, TypeError, IndexError) as exc:

@@ -12,6 +12,7 @@ import onnx
 from ..backward import ops
 from ..compile import targets as targets_mod
 from ..compile.build import Compiled, compile_explainer
+from ..compile.form import check_form
 from ..compile.layers import resolve_tensor
 from ..compile.plan import find_start
 from ..compile.targets import Target, TargetError
@@ -60,17 +61,21 @@ class Explainer:
     ``precision="native"`` asks for its own type throughout. ``class_axis``: the
     start tensor's class axis where the default (final Softmax's axis, else by rank) does not apply.
     ``strict_device``: a node without a kernel on the requested provider (CUDA) is an error rather
-    than a silent run on the CPU with copies across the device boundary.
+    than a silent run on the CPU with copies across the device boundary. ``form="gradient-x-input"``
+    compiles a relevance rule file as Gradient × Input with modified local Jacobians (LXT's efficient
+    AttnLRP; ``compile/form.py``): the same attribution at ε = 0, without the per-layer divisions.
     """
 
     def __init__(self, model: str | Path | onnx.ModelProto, rules: str | Path | RuleSet,
                  providers: list[str] | None = None, output: str | None = None,
                  start: str | None = None, threads: int = 0, precision: str = "fp32",
-                 class_axis: int | None = None, preprocess=None, strict_device: bool = False):
+                 class_axis: int | None = None, preprocess=None, strict_device: bool = False,
+                 form: str = "standard"):
         self.graph = ops.load(model, precision=precision)
         self._model, self._precision = model, precision
         self._where = "the model" if isinstance(model, onnx.ModelProto) else f"model {model}"
         self.ruleset = _load_rules(rules)
+        self.form = check_form(form)
         self.providers = providers
         self.output = output
         self.start = start
@@ -94,7 +99,7 @@ class Explainer:
         if key not in self._compiled:
             self._compiled[key] = compile_explainer(
                 self.graph, self.ruleset, self.output, self.start, seed_mode, node_sums, self.class_axis,
-                at=at, relevance_dtype=np.float32 if self._precision == "mixed" else None)
+                at=at, form=self.form, relevance_dtype=np.float32 if self._precision == "mixed" else None)
         return self._compiled[key]
 
     @property
