@@ -1,7 +1,8 @@
 """Models over protobuf's 2 GiB (graph/large.py): with ``large.LARGE_BYTES`` lowered, small models take
-the large-model path end to end (external data read, shape inference on a shell, sessions from a
-temporary file with external data, the explainer saved with its weights beside it). Oracle: the same
-model on the in-memory path, bit for bit; onnx's own shape inference; onnx's own external-data reader."""
+the large-model path end to end (external data read into held arrays, shape inference on a shell,
+sessions given the held arrays by reference, the explainer saved with its weights beside it). Oracle:
+the same model on the in-memory path, bit for bit; onnx's own shape inference; onnx's own external-data
+reader."""
 
 from __future__ import annotations
 
@@ -47,17 +48,19 @@ def _external_copy(path: Path, folder: Path) -> Path:
 
 @pytest.fixture
 def large_path(monkeypatch):
-    """Every model is large; counts the models written with external data for a session or a save."""
+    """Every model is large; records the held arrays given to each session by reference."""
     monkeypatch.setattr(large, "LARGE_BYTES", 0)
-    written = []
-    real = large.write
+    monkeypatch.setattr(large, "SHARE_BYTES", 0)
+    shared = []
+    real = large.session_parts
 
-    def counting(proto, path, *args, **kwargs):
-        written.append(Path(path))
-        return real(proto, path, *args, **kwargs)
+    def recording(proto, *args, **kwargs):
+        path, arrays = real(proto, *args, **kwargs)
+        shared.append(arrays)
+        return path, arrays
 
-    monkeypatch.setattr(large, "write", counting)
-    return written
+    monkeypatch.setattr(large, "session_parts", recording)
+    return shared
 
 
 def _outputs(session, feeds: dict) -> dict[str, np.ndarray]:
@@ -79,7 +82,16 @@ def test_large_path_equals_in_memory_path(model, rules, tmp_path, large_path, mo
 
     explainer = Explainer(_external_copy(model, tmp_path), rules)
     got = explainer.explain(x)
-    assert large_path, "the session was not made from a file with external data"
+    assert large_path, "no session was made from held weights"
+    # the weights are held once: the sessions share the graph's own arrays (those MatMul and Gather
+    # read), the model holds stubs for every big one
+    constants = {id(v) for v in explainer.graph.constants.values()}
+    held = {id(a) for a in explainer.compiled().held}
+    assert any(large_path)
+    for arrays in large_path:
+        assert all(id(a) in constants | held for a in arrays.values())
+    stubs = [t for t in explainer.compiled().model.graph.initializer if t.ByteSize() > large.INLINE_BYTES]
+    assert stubs == [] and any(large.is_held(t) for t in explainer.compiled().model.graph.initializer)
     for field in ("attribution", "saliency", "outputs"):
         assert getattr(got, field).keys() == getattr(expected, field).keys()
         for name, value in getattr(expected, field).items():
@@ -99,6 +111,7 @@ def test_large_path_equals_in_memory_path(model, rules, tmp_path, large_path, mo
     # the saved file with its data: same weights as the compiled explainer in memory (onnx's reader)
     full = onnx.load(str(saved))
     weights = {t.name: numpy_helper.to_array(t) for t in compiled.model.graph.initializer}
+    weights = {t.name: large.value(t) for t in explainer.compiled().model.graph.initializer} | weights
     assert {t.name for t in full.graph.initializer} == set(weights)
     for t in full.graph.initializer:
         assert np.array_equal(numpy_helper.to_array(t), weights[t.name], equal_nan=True), t.name
@@ -183,13 +196,17 @@ def test_checker_and_digest_never_take_the_whole_large_model(monkeypatch):
     monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checked.append(m) or real(m, *a, **k))
     explainer = Explainer(ROOT / "models" / "digits_cnn.onnx", "lrp-epsilon")
     compiled = explainer.compiled()
-    big = {t.name for t in compiled.model.graph.initializer if t.ByteSize() > large.INLINE_BYTES}
+    big = {t.name for t in compiled.model.graph.initializer if large.is_held(t)}
     assert big and checked
     for model in checked:
         assert big.isdisjoint(t.name for t in model.graph.initializer)
     pieces = list(large.serialized(compiled.model))
     assert len(pieces) == 1 + len(compiled.model.graph.initializer)
-    assert max(len(p) for p in pieces) < compiled.model.ByteSize()
+    # the digest's pieces are those of the model with its values in it (held or not, one digest)
+    whole = large.inline(compiled.model)
+    assert not large.holds(whole)
+    assert pieces == list(large.serialized(whole))
+    assert max(len(p) for p in pieces) < whole.ByteSize()
 
 
 @pytest.mark.parametrize(("flag", "external"), [([], False), (["--external-data"], True)])

@@ -84,6 +84,8 @@ class Compiled:
     at_numbers: dict[str, str] = field(default_factory=dict)
     at_attribution: dict[str, str] = field(default_factory=dict)
     seed: str = ""   # the tensor ``a(start)`` the pass starts from (``_seed``)
+    #: the arrays of the big constants the backward added to a large model, held by ``model``'s stubs
+    held: list = field(default_factory=list, repr=False)
 
     @property
     def input_names(self) -> list[str]:
@@ -124,6 +126,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     dtype = helper.tensor_dtype_to_np_dtype(graph.dtypes.get(start, TensorProto.FLOAT))
     taken = _names_in(graph)
     tape = Tape(graph.opset, taken, float_dtype=dtype, prefix=free_prefix(taken))
+    tape.hold = large.holds(graph.model)
     compiled = Compiled(graph.model, graph, ruleset, start, seed_mode, axes, target_input=free_name(TARGET, taken),
                         seed_input=free_name(SEED, taken), positions_input=free_name(POSITIONS, taken),
                         class_output=free_name(CLASS, taken))
@@ -180,6 +183,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     compiled.baseline_inputs = {x: baseline_of[x] for x in graph.float_inputs() if x in baseline_of}
     extra_inputs, typed_outputs = _target_io(graph, axes, seed_mode, compiled)
     compiled.model = _assemble(graph, tape, extra_outputs, outputs, compiled, extra_inputs, typed_outputs)
+    compiled.held = tape.held
     compiled.origins = {**tape.origins, compiled.target_input: "rulegraph's target input",
                         compiled.seed_input: "rulegraph's seed input",
                         compiled.positions_input: "rulegraph's positions input",

@@ -207,6 +207,7 @@ class Explainer:
         if external_data is None:
             external_data = large.is_large(model)
         if not external_data:
+            model = large.inline(model)
             return write_with(path, lambda tmp: onnx.save(model, str(tmp)), "explainer")
         data = Path(path).with_name(Path(path).name + ".data")
         check_output(data, model_files(model_path, [path]) + rule_files(rules_path), what="explainer data")
