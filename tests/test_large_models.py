@@ -92,6 +92,11 @@ def test_large_path_equals_in_memory_path(model, rules, tmp_path, large_path, mo
         assert all(id(a) in constants | held for a in arrays.values())
     stubs = [t for t in explainer.compiled().model.graph.initializer if t.ByteSize() > large.INLINE_BYTES]
     assert stubs == [] and any(large.is_held(t) for t in explainer.compiled().model.graph.initializer)
+    # onnxruntime runs on those arrays' own memory (OrtValues over their buffers)
+    arrays = {**explainer.graph.constants, **{n: large.value(t) for t in explainer.compiled().model.graph.initializer
+                                               if large.is_held(t) for n in [t.name]}}
+    shared = explainer.session()._rulegraph_weights
+    assert all(value.data_ptr() == arrays[name].ctypes.data for name, value in shared.items())
     for field in ("attribution", "saliency", "outputs"):
         assert getattr(got, field).keys() == getattr(expected, field).keys()
         for name, value in getattr(expected, field).items():
@@ -224,3 +229,27 @@ def test_cli_compile_external_data(flag, external, tmp_path):
     got = _outputs(plain, feeds)
     for name, value in expected.items():
         assert np.array_equal(got[name], value), name
+
+
+@pytest.mark.parametrize("source", ["proto", "file"])
+def test_large_model_with_weights_inside_is_held(source, tmp_path, large_path):
+    """A large model whose weights are inside the protobuf (a ModelProto, or one file) is held too."""
+    model = ROOT / "models" / "digits_cnn.onnx"
+    x = _input(onnx.load(str(model)))
+    with pytest.MonkeyPatch.context() as small:
+        small.setattr(large, "LARGE_BYTES", 1 << 40)
+        expected = Explainer(model, "lrp-epsilon").explain(x)
+    explainer = Explainer(onnx.load(str(model)) if source == "proto" else model, "lrp-epsilon")
+    assert large.holds(explainer.graph.model) and large.holds(explainer.compiled().model)
+    got = explainer.explain(x)
+    assert any(large_path)
+    for name, value in expected.attribution.items():
+        assert np.array_equal(got.attribution[name], value), name
+    assert np.array_equal(got.delta, expected.delta)
+    # saved without external data: the held values are written into the one file
+    path = explainer.save(tmp_path / "e.onnx", external_data=False)
+    assert not (tmp_path / "e.onnx.data").exists()
+    plain = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds, _, _, _, _ = explainer._pass_feeds(x, "argmax", None, False)
+    for name, value in _outputs(explainer.session(), feeds).items():
+        assert np.array_equal(_outputs(plain, feeds)[name], value), name
