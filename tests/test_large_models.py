@@ -253,3 +253,52 @@ def test_large_model_with_weights_inside_is_held(source, tmp_path, large_path):
     feeds, _, _, _, _ = explainer._pass_feeds(x, "argmax", None, False)
     for name, value in _outputs(explainer.session(), feeds).items():
         assert np.array_equal(_outputs(plain, feeds)[name], value), name
+
+
+SMOOTHGRAD = 'rulegraph 1\ninclude "lrp-epsilon"\nloop smoothgrad(samples = 4)\n'
+
+
+@pytest.mark.parametrize("what", ["explainer", "loop", "cam"])
+def test_held_below_the_large_size(what, tmp_path, monkeypatch):
+    """Over ``HOLD_BYTES`` (lowered) but under ``LARGE_BYTES``: weights held, one file saved, the same
+    numbers as the in-memory path, and the explainer's digest unchanged (its pieces' bytes)."""
+    from rulegraph.run.cam import Cam
+
+    model = ROOT / "models" / "digits_cnn.onnx"
+    rules = tmp_path / "smooth.rules"
+    rules.write_text(SMOOTHGRAD)
+    x = _input(onnx.load(str(model)))
+
+    def build():
+        if what == "cam":
+            return Cam(model, "gradcam")
+        return Explainer(model, rules if what == "loop" else "lrp-epsilon")
+
+    def outputs(built, folder):
+        folder.mkdir()
+        if what == "cam":
+            path = built.save(folder / "m.onnx")
+            compiled = built.compiled()
+        else:
+            path = built.save(folder / "m.onnx")
+            compiled = built.saved()
+        assert sorted(p.name for p in folder.iterdir()) == ["m.onnx"]
+        plain = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in plain.get_inputs()]
+        feeds = {names[0]: x, names[1]: np.array([1, 0], dtype=np.int64)}
+        if len(names) > 2:   # SmoothGrad's noise [S, N, ...], float64
+            feeds[names[2]] = np.random.default_rng(2).standard_normal((4, *x.shape))
+        return compiled, _outputs(plain, feeds)
+
+    reference = build()
+    expected_model, expected = outputs(reference, tmp_path / "memory")
+    monkeypatch.setattr(large, "HOLD_BYTES", 0)
+    monkeypatch.setattr(large, "SHARE_BYTES", 0)
+    held = build()
+    got_model, got = outputs(held, tmp_path / "held")
+    assert large.holds(got_model.model) and not large.is_large(got_model.model)
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
+    if what == "explainer":
+        assert list(large.serialized(got_model.model)) == list(large.serialized(expected_model.model))
+        assert np.array_equal(held.explain(x).map, reference.explain(x).map)

@@ -39,6 +39,9 @@ from onnx import numpy_helper
 LARGE_BYTES = 1 << 30
 #: initializers up to this size stay inside the model (shape inference, the saved shell)
 INLINE_BYTES = 1 << 10
+#: initializer bytes above which a model's big weights are held once, as arrays (``to_hold``): below
+#: the large-model size, so that models of a few hundred MB are not copied in protobufs either
+HOLD_BYTES = 1 << 26
 
 
 #: onnxruntime's prepacking in sessions of held weights: on, the answers equal the in-memory path's bit
@@ -167,6 +170,12 @@ def is_large(proto: onnx.ModelProto) -> bool:
     return initializer_bytes(proto) > LARGE_BYTES
 
 
+def to_hold(proto: onnx.ModelProto) -> bool:
+    """Whether a model read holds its big weights as arrays: over ``HOLD_BYTES`` of weights (or
+    ``LARGE_BYTES``, where that is lower), or already holding some."""
+    return holds(proto) or initializer_bytes(proto) > min(HOLD_BYTES, LARGE_BYTES)
+
+
 def _copy_fields(source, target, skip: str) -> None:
     """Every set field of ``source`` but ``skip`` into the empty message ``target``."""
     for field, value in source.ListFields():
@@ -193,9 +202,9 @@ def _big(tensor: onnx.TensorProto) -> bool:
 
 
 def without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` itself when it is not large; else a shell whose big initializers are graph inputs of
-    their type and shape (what shape inference and ``onnx.checker`` need of a weight)."""
-    if not is_large(proto):
+    """``proto`` itself when it is not large and holds no weights; else a shell whose big initializers
+    are graph inputs of their type and shape (what shape inference and ``onnx.checker`` need of a weight)."""
+    if not (is_large(proto) or holds(proto)):
         return proto
     shell = _shell(proto)
     declared = {i.name for i in shell.graph.input}
@@ -217,8 +226,8 @@ def infer_shapes(proto: onnx.ModelProto, **options) -> onnx.ModelProto:
 def serialized(proto: onnx.ModelProto):
     """``proto``'s deterministic serialization in pieces each under 2 GiB (for a digest): the whole
     model when it is not large, else the shell then each initializer."""
-    if not is_large(proto):
-        yield proto.SerializeToString(deterministic=True)
+    if not is_large(proto):   # held weights: the bytes the model with its values would have
+        yield inline(proto).SerializeToString(deterministic=True)
         return
     yield _shell(proto).SerializeToString(deterministic=True)
     for tensor in proto.graph.initializer:   # a held stub as the tensor with its values would be
@@ -301,9 +310,13 @@ def session_parts(proto: onnx.ModelProto, folder: Path, share: bool = True) -> t
     shell = onnx.ModelProto()
     shell.CopyFrom(proto)
     consumers: dict[str, set[str]] = {}
-    for node in shell.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, set()).add(node.op_type)
+    graphs = [shell.graph]
+    while graphs:   # subgraphs (a loop model's body) read the outer weights too
+        for node in graphs.pop().node:
+            for name in node.input:
+                consumers.setdefault(name, set()).add(node.op_type)
+            for attr in node.attribute:
+                graphs.extend(([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
     arrays, offset = {}, 0
     data = folder / "weights.data"
     with open(data, "wb") as out:
@@ -313,7 +326,8 @@ def session_parts(proto: onnx.ModelProto, folder: Path, share: bool = True) -> t
             array = _array_of(tensor)
             del tensor.external_data[:]
             entries = [("location", data.name)]
-            if share and array.nbytes >= SHARE_BYTES and consumers.get(tensor.name, set()) <= SHAREABLE_CONSUMERS:
+            readers = consumers.get(tensor.name, {"?"})
+            if share and array.nbytes >= SHARE_BYTES and readers <= SHAREABLE_CONSUMERS:
                 arrays[tensor.name] = array
             else:
                 out.write(memoryview(array.reshape(-1).view(np.uint8)))

@@ -222,7 +222,7 @@ def read_model(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        if large.is_large(copy):
+        if large.to_hold(copy):
             large.hold_big(copy)
         return copy
     path = Path(model)
@@ -233,7 +233,7 @@ def read_model(model) -> onnx.ModelProto:
     except Exception as exc:
         raise ModelError(f"{path}: cannot read the ONNX model: {exc}") from exc
     _load_external_data(proto, path)
-    if large.is_large(proto):
+    if large.to_hold(proto):
         large.hold_big(proto)
     return proto
 
@@ -247,7 +247,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
     tensors = [t for t in every if t.data_location == onnx.TensorProto.EXTERNAL]
     for tensor in tensors:
         _check_external(tensor, folder, path)
-    if tensors and large.is_large(proto):   # the big weights straight into arrays, held once
+    if tensors and large.to_hold(proto):   # the big weights straight into arrays, held once
         large.read_held(proto, folder)
         tensors = [t for t in every if t.data_location == onnx.TensorProto.EXTERNAL and not large.is_held(t)]
         try:
@@ -428,7 +428,7 @@ def _rebuild(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], constants) -> 
     used = {name for node in nodes for name in node.input} | {o.name for o in proto.graph.output}
     graph = proto.graph
     inputs = [i for i in graph.input if i.name not in constants]
-    held = large.is_large(proto)   # big constants stay arrays, the model holds stubs (graph/large.py)
+    held = large.to_hold(proto)   # big constants stay arrays, the model holds stubs (graph/large.py)
     initializers = [large.initializer(v, name, held) for name, v in constants.items() if name in used]
     new_graph = helper.make_graph(nodes, graph.name or "model", inputs, list(graph.output), initializers)
     # the lowest IR version that holds these opsets: runtimes lag behind the onnx package's newest IR

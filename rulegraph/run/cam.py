@@ -21,6 +21,7 @@ from ..compile.cam import GRADIENT_FREE, METHODS, CamModel, compile_cam
 from ..compile.layers import resolve_tensor
 from ..compile.targets import TargetError
 from ..errors import RulegraphError
+from ..graph import large
 from . import rulefiles as dsl
 from . import runtime
 from .explainer import Explainer, _run_in_chunks
@@ -104,7 +105,7 @@ class Cam:
         """Write the CAM model (standalone ONNX; any ONNX runtime runs it)."""
         model_path = self._model if isinstance(self._model, (str, Path)) else None
         path = check_output(path, model_files(model_path, [path]) if model_path else [], what="CAM model")
-        model = self.compiled().model
+        model = large.inline(self.compiled().model)   # held weights written into the file
         if self.preprocess is not None:
             from . import preprocess as preprocessing
 
