@@ -301,4 +301,12 @@ def test_held_below_the_large_size(what, tmp_path, monkeypatch):
         assert np.array_equal(got[name], value), name
     if what == "explainer":
         assert list(large.serialized(got_model.model)) == list(large.serialized(expected_model.model))
+        # the file written tensor by tensor reads back as the model with its values (onnx's reader)
+        back = onnx.load(str(tmp_path / "held" / "m.onnx"))
+        values = {t.name: large.value(t) for t in got_model.model.graph.initializer}
+        assert sorted(t.name for t in back.graph.initializer) == sorted(values)
+        for t in back.graph.initializer:
+            assert np.array_equal(numpy_helper.to_array(t), values[t.name]), t.name
+        assert [n.SerializeToString() for n in back.graph.node] == \
+            [n.SerializeToString() for n in got_model.model.graph.node]
         assert np.array_equal(held.explain(x).map, reference.explain(x).map)

@@ -351,3 +351,24 @@ def inline(proto: onnx.ModelProto) -> onnx.ModelProto:
         if is_held(tensor):
             copy.graph.initializer[i].CopyFrom(numpy_helper.from_array(_array_of(tensor), tensor.name))
     return copy
+
+
+def write_whole(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``proto`` as one ONNX file with its held values inside, without a whole copy in memory:
+    the model without the held initializers, then one ``ModelProto`` per held tensor holding only
+    ``graph.initializer`` (protobuf merges a message field that occurs twice, so the file reads as the
+    one model; each tensor is copied once, while written)."""
+    shell = onnx.ModelProto()
+    shell.CopyFrom(proto)
+    held = [t for t in shell.graph.initializer if is_held(t)]
+    kept = [t for t in shell.graph.initializer if not is_held(t)]
+    arrays = [(t.name, _array_of(t)) for t in held]
+    del shell.graph.initializer[:]
+    shell.graph.initializer.extend(kept)
+    with open(path, "wb") as out:
+        out.write(shell.SerializeToString())
+        for name, array in arrays:
+            piece = onnx.ModelProto()
+            piece.graph.initializer.append(numpy_helper.from_array(array, name))
+            out.write(piece.SerializeToString())
+            del piece
