@@ -5,10 +5,12 @@ For each size (GB of float32 weights) builds a ``transformers`` Llama config of 
 re-saves it with every weight in ``model.onnx.data`` beside it. Then, in a child process of its own, one
 prompt of 16 tokens: read the model (``Explainer``), compile the gradient explainer, explain the last
 token's top logit, save the explainer (external data); printed per size as a table with the child's peak
-resident set size (``VmHWM``: ``ru_maxrss`` would carry the exporting parent's peak over ``exec``). A model over ``graph.large.LARGE_BYTES`` (1 GiB) takes the large-model
-path (weights held once as arrays, sessions given them by reference); ``--large`` lowers the threshold
-to 0 so every size takes it; ``--no-prepack`` sets ``large.PREPACK = False`` (onnxruntime keeps no
-packed copy of the MatMul weights; answers then differ from the in-memory path's by rounding).
+resident set size (``VmHWM``: ``ru_maxrss`` would carry the exporting parent's peak over ``exec``).
+Every size holds its weights once as arrays (over ``graph.large.HOLD_BYTES``, 64 MiB), sessions given
+them by reference; a model over ``graph.large.LARGE_BYTES`` (1 GiB) is also saved with external data;
+``--large`` lowers that threshold to 0 so every size takes it; ``--no-prepack`` sets
+``large.PREPACK = False`` (onnxruntime keeps no packed copy of the MatMul weights; answers then differ
+from the in-memory path's by rounding).
 
     python benchmarks/large_models.py                     # 0.1, 0.25, 0.5 GB
     python benchmarks/large_models.py --sizes 0.5 1 3     # needs about 5x the largest size in RAM
@@ -116,8 +118,8 @@ def main() -> None:
             model.parent.mkdir()
             size = export(hidden, model)
             out = Path(folder) / "explainer.onnx"
-            done = subprocess.run([sys.executable, "-c", CHILD, str(model), str(out), "1" if args.large else "0",
-                                   "0" if args.no_prepack else "1"],
+            flags = ["1" if args.large else "0", "0" if args.no_prepack else "1"]
+            done = subprocess.run([sys.executable, "-c", CHILD, str(model), str(out), *flags],
                                   capture_output=True, text=True)
             if done.returncode:
                 print(f"{size / 1e9:>10.2f} {hidden:>6} failed: {done.stderr.strip().splitlines()[-1]}")

@@ -746,7 +746,8 @@ def cmd_evaluate(args) -> int:
                                   scale=args.scale or 1.0, column=args.column)
     else:
         reader = Explainer(args.model, rules[0] if rules else "gradient", output=args.output)
-        parts = [load_input(path, reader, args.scale or 1.0, preprocess=spec) for path in args.input.split(",")]
+        parts = [load_input(path, reader, args.scale or 1.0, preprocess=spec)
+                 for path in args.input.split(",")]
         x = np.concatenate([_first_array(part) for part in parts])
         result = ev.evaluate(args.model, rules, x, target=target, metrics=metrics, settings=settings,
                              random=not args.no_random, output=args.output, show=args.show)

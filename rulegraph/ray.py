@@ -218,7 +218,8 @@ def explain_files(input_path: str, model, rules, out, actors: int = 2, num_gpus:
             if not ray.is_initialized():
                 ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
             ray.data.DataContext.get_current().execution_options.preserve_order = True
-            spans = None if not summaries else [(k * shard_size, k * shard_size + len(shards[k])) for k in pending]
+            spans = None if not summaries else [(k * shard_size, k * shard_size + len(shards[k]))
+                                                for k in pending]
             dataset = _dataset_of(input_path, explainer, ray, spans)
             mapped = explain(dataset, model, explainer.ruleset, target, column, batch_size, actors, num_gpus,
                              preprocess=preprocess, scale=scale, max_amplification=max_amplification,
@@ -228,7 +229,8 @@ def explain_files(input_path: str, model, rules, out, actors: int = 2, num_gpus:
                 cols = {k: np.asarray(v) for k, v in batch.items()}
                 ids = np.asarray([item.id for item in shards[index]])
                 if "id" in cols and cols["id"].astype(str).tolist() != ids.tolist():
-                    raise RulegraphError(f"{paths[index]}: Ray gave the rows out of order (a bug in rulegraph)")
+                    raise RulegraphError(f"{paths[index]}: Ray gave the rows out of order (a bug in "
+                                         f"rulegraph)")
                 cols.pop("id", None)
                 cols = {"id": ids.astype(str), **cols}
                 with atomic_write(paths[index], "shard") as tmp:

@@ -73,7 +73,8 @@ def test_random_draws_equal_each_batch_evaluated(tmp_path):
         names = [name for name, _ in parts[0].layers[method]]
         assert [name for name, _ in got.layers[method]] == names
         for i, (_, values) in enumerate(got.layers[method]):
-            assert np.array_equal(values, np.concatenate([p.layers[method][i][1] for p in parts])), (method, i)
+            expected = np.concatenate([p.layers[method][i][1] for p in parts])
+            assert np.array_equal(values, expected), (method, i)
 
 
 def test_limit_reads_only_the_first_samples():

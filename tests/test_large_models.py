@@ -93,8 +93,9 @@ def test_large_path_equals_in_memory_path(model, rules, tmp_path, large_path, mo
     stubs = [t for t in explainer.compiled().model.graph.initializer if t.ByteSize() > large.INLINE_BYTES]
     assert stubs == [] and any(large.is_held(t) for t in explainer.compiled().model.graph.initializer)
     # onnxruntime runs on those arrays' own memory (OrtValues over their buffers)
-    arrays = {**explainer.graph.constants, **{n: large.value(t) for t in explainer.compiled().model.graph.initializer
-                                               if large.is_held(t) for n in [t.name]}}
+    initializers = explainer.compiled().model.graph.initializer
+    arrays = dict(explainer.graph.constants)
+    arrays.update({t.name: large.value(t) for t in initializers if large.is_held(t)})
     shared = explainer.session()._rulegraph_weights
     assert all(value.data_ptr() == arrays[name].ctypes.data for name, value in shared.items())
     for field in ("attribution", "saliency", "outputs"):

@@ -139,8 +139,8 @@ def test_cli_ray_resumes_the_missing_shards(source, missing, local_ray, samples,
     capsys.readouterr()
     assert main([*argv, "--ray", "--actors", "2", "-o", str(tmp_path / "ray")]) == 0, capsys.readouterr().err
     finished = 3 - len(missing)
-    assert (f"17 samples in 3 shards ({finished} found finished)" if finished else "17 samples in 3 shards written") \
-        in capsys.readouterr().out
+    said = "17 samples in 3 shards " + (f"({finished} found finished)" if finished else "written")
+    assert said in capsys.readouterr().out
     remote = {p.name: p.read_bytes() for p in sorted((tmp_path / "ray").iterdir())}
     assert remote == local
 

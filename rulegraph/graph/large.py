@@ -301,7 +301,8 @@ def read_held(proto: onnx.ModelProto, folder: Path) -> None:
 SHAREABLE_CONSUMERS = frozenset({"MatMul", "Gather"})
 
 
-def session_parts(proto: onnx.ModelProto, folder: Path, share: bool = True) -> tuple[Path, dict[str, np.ndarray]]:
+def session_parts(proto: onnx.ModelProto, folder: Path,
+                  share: bool = True) -> tuple[Path, dict[str, np.ndarray]]:
     """For a session of a model with held stubs: the model written to ``folder`` and the held arrays
     to give the session by reference (``add_initializer``: their buffers, not copies), by name.
     Shared: the held arrays from ``SHARE_BYTES`` on that only ``SHAREABLE_CONSUMERS`` read (``share``:

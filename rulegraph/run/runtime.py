@@ -102,7 +102,8 @@ def session(model_bytes, providers: list[str] | None = None, threads: int = 0,
             what: str = "the model", strict: bool = False, profile: str | None = None):
     """A session for a serialized model (bytes), or for a ``ModelProto``: one whose weights are held
     arrays (``graph.large``) gets them by reference; another over ``large.LARGE_BYTES`` of weights is
-    written with external data to a temporary folder that onnxruntime reads it from. The Explainer keeps its sessions for its lifetime; none
+    written with external data to a temporary folder that onnxruntime reads it from. The Explainer
+    keeps its sessions for its lifetime; none
     is kept here, so a large model's memory goes with its Explainer. onnxruntime refusing the
     model is a ``ModelError`` naming ``what``, with onnxruntime's whole message. ``strict``:
     onnxruntime may not place a node on the CPU when another provider was asked for
