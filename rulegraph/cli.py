@@ -913,17 +913,30 @@ def cmd_evaluate(args) -> int:
             check_output(path, sources, (".json",) if option == "--json" else (".csv",) if option == "--csv"
                          else FIGURE_SUFFIXES, option)
     spec = preprocess_of(args)
-    reader = Explainer(args.model, rules[0] if rules else "gradient", output=args.output)
-    parts = [load_input(path, reader, args.scale or 1.0, preprocess=spec) for path in args.input.split(",")]
-    x = np.concatenate([_first_array(part) for part in parts])
     target = _parse_target(args.target)
     if isinstance(target, np.ndarray):
         raise RulegraphError("evaluate scores classes: --target is argmax or class indices (3 or 3,5)")
     settings = ev.Settings(patch_size=args.patch_size, regions=args.regions, features_in_step=args.step,
                            baseline=_baseline_of(args.baseline), seed=args.seed, softmax=not args.logits)
     metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
-    result = ev.evaluate(args.model, rules, x, target=target, metrics=metrics, settings=settings,
-                         random=not args.no_random, output=args.output, show=args.show)
+    if is_dataset_path(args.input) or args.batch_size or args.limit:   # streamed, batch by batch
+        from .run.evaluate_dataset import DEFAULT_BATCH_SIZE, evaluate_dataset
+
+        if args.plot:
+            raise RulegraphError("--plot needs the curves, which a dataset evaluation does not keep; "
+                                 "evaluate a batch file (.npy) for the plot")
+        result = evaluate_dataset(args.model, rules, args.input, target=target, metrics=metrics,
+                                  settings=settings, random=not args.no_random, output=args.output,
+                                  show=args.show, batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+                                  limit=args.limit, progress=False if args.quiet else None, preprocess=spec,
+                                  scale=args.scale or 1.0, column=args.column)
+    else:
+        reader = Explainer(args.model, rules[0] if rules else "gradient", output=args.output)
+        parts = [load_input(path, reader, args.scale or 1.0, preprocess=spec)
+                 for path in args.input.split(",")]
+        x = np.concatenate([_first_array(part) for part in parts])
+        result = ev.evaluate(args.model, rules, x, target=target, metrics=metrics, settings=settings,
+                             random=not args.no_random, output=args.output, show=args.show)
     print(result.text())
     print("ranking: " + " > ".join(result.ranking(args.rank_by)))
     if args.json:
@@ -1154,8 +1167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", required=True, help="rule files or bundled names, comma-separated "
                    "(lrp-epsilon,gradient); random attributions are added as the reference")
     p.add_argument("--output", help="the model output scored and explained (default: the first)")
-    p.add_argument("--input", required=True, help=".npy or .npz batch, or image files, comma-separated")
+    p.add_argument("--input", required=True, help=".npy or .npz batch, or image files, comma-separated; or a "
+                   "dataset (a folder, a quoted glob, a .parquet file), evaluated batch by batch")
     p.add_argument("--target", default="argmax", help="argmax, or class indices (3 or 3,5)")
+    p.add_argument("--batch-size", type=int, help="dataset: samples per batch (default 32); with a .npy/.npz "
+                   "file, streams it as a dataset")
+    p.add_argument("--limit", type=int, help="dataset: evaluate the first N samples only")
+    p.add_argument("--column", help="dataset on a parquet file: the column of images (bytes) or tensors")
+    p.add_argument("--quiet", action="store_true", help="dataset: no progress bar")
     _preprocess_options(p, bgr=True)
     p.add_argument("--metrics", help="metric families, comma-separated (default all): region, pixel, "
                    "deletion, road, correlation, random_logit, mprt")

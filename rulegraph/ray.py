@@ -4,8 +4,13 @@
 ``map_batches`` with the callable class ``ExplainBatch`` on an actor pool (``ActorPoolStrategy``),
 each actor compiling the explainer once and holding one onnxruntime session (CPU actors; with
 ``num_gpus`` per actor, GPU actors whose sessions take onnxruntime's CUDA provider where the
-``gpu`` extra is installed). The model travels to the actors as bytes, the rule set as a parsed
-``RuleSet``, so the workers need no access to the driver's files.
+``gpu`` extra is installed). A model given as a path is opened by each actor from that path (a
+file the workers can read: a local cluster, or shared storage), so a large model is never pickled;
+a ``ModelProto`` travels to the actors as bytes; the rule set as a parsed ``RuleSet``.
+
+``explain_files`` (``rulegraph explain --ray``) writes the local run's shard files and resumes like
+it: shards already in the output folder are checked (same samples) and skipped, and only the rows
+of the others go through Ray, so a rerun after an interruption gives identical files.
 
 The result has the columns of a local dataset run (``run/shards.py``: ``id`` when the dataset has
 an ``id`` or ``path`` column, ``target``, ``logit``, ``start_value``, ``delta``, ``attribution``
@@ -32,6 +37,7 @@ from .run.shards import (
     WRITERS,
     _check_manifest,
     _output_folder,
+    _resumed,
     _summary,
     _target_text,
     columns,
@@ -54,11 +60,12 @@ class ExplainBatch:
     """The callable class of ``map_batches``: one explainer (one onnxruntime session) per actor; a
     batch ``{column: values}`` in, the rows of a local run out."""
 
-    def __init__(self, model: bytes, rules, column: str | None, target="argmax", preprocess=None,
+    def __init__(self, model: bytes | str, rules, column: str | None, target="argmax", preprocess=None,
                  scale: float = 1.0, max_amplification: float | None = None, options: dict | None = None):
         import onnx
 
-        self.explainer = Explainer(onnx.load_from_string(model), rules, preprocess=preprocess, **(options or {}))
+        source = model if isinstance(model, str) else onnx.load_from_string(model)   # a path: opened here
+        self.explainer = Explainer(source, rules, preprocess=preprocess, **(options or {}))
         self.column, self.target, self.scale = column, target, scale
         self.max_amplification = max_amplification
 
@@ -115,20 +122,23 @@ def _cpus_per_actor(ray, actors: int) -> float:
 
 def explain(dataset, model, rules, target="argmax", column: str | None = None, batch_size: int = 64,
             actors: int = 2, num_gpus: float = 0, num_cpus: float | None = None, preprocess=None,
-            scale: float = 1.0, max_amplification: float | None = None, **explainer_options):
+            scale: float = 1.0, max_amplification: float | None = None, checked=None, **explainer_options):
     """``dataset`` (a ``ray.data.Dataset``) mapped through the explainer of ``model`` (a path or a
     ModelProto) and ``rules`` (a rule file, bundled name or RuleSet) on ``actors`` actors, each
     given ``num_gpus`` and ``num_cpus`` (default: 1, or a share that leaves one CPU of the cluster
     for reading); ``batch_size`` rows per explainer run. ``explainer_options`` go to ``Explainer``
-    (``output``, ``start``, ``class_axis``, ``providers``, ...). Returns a Dataset with the columns
-    of a local run (module docstring); nothing runs until it is consumed."""
+    (``output``, ``start``, ``class_axis``, ``providers``, ...); ``checked``: an Explainer of the same
+    model and rules the caller already made (the check is not repeated). Returns a Dataset with the
+    columns of a local run (module docstring); nothing runs until it is consumed."""
     ray = _ray()
     import onnx
 
     _target_text(target)
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else Path(model).read_bytes()
+    # a path travels as its text and each actor opens the file; a ModelProto as bytes
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(Path(model).resolve())
     ruleset = rules if not isinstance(rules, (str, Path)) else rulefiles.load(rules)
-    Explainer(onnx.load_from_string(data), ruleset, **explainer_options)  # bad model or rules: refused here
+    if checked is None:   # bad model or rules: refused here
+        Explainer(model if isinstance(model, onnx.ModelProto) else data, ruleset, **explainer_options)
     return dataset.map_batches(
         ExplainBatch, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model": data, "rules": ruleset, "column": column, "target": target,
@@ -138,11 +148,18 @@ def explain(dataset, model, rules, target="argmax", column: str | None = None, b
         num_cpus=_cpus_per_actor(ray, actors) if num_cpus is None else num_cpus)
 
 
-def _dataset_of(path: str, explainer, ray):
+def _dataset_of(path: str, explainer, ray, spans=None):
     """A Ray dataset of the CLI's ``--input``: a parquet file as it is, an image folder or glob as
-    rows of (relative ``id``, ``path``) whose images the actors read."""
+    rows of (relative ``id``, ``path``) whose images the actors read. ``spans``: only the rows in
+    these [start, end) ranges, in order (the shards still to write)."""
     if Path(path).suffix.lower() == ".parquet":
-        return ray.data.read_parquet(path)
+        dataset = ray.data.read_parquet(path)
+        if spans is None:
+            return dataset
+        cuts = sorted({i for span in spans for i in span})
+        pieces = dict(zip([0, *cuts], dataset.split_at_indices(cuts)))
+        kept = [pieces[start] for start, _ in spans]
+        return kept[0].union(*kept[1:]) if len(kept) > 1 else kept[0]
     if not is_dataset_path(path) and Path(path).suffix.lower() in (".npy", ".npz"):
         raise RulegraphError(f"--ray reads parquet files and folders of images; for {path} use "
                              f"ray.data.read_numpy in Python, or run without --ray")
@@ -153,6 +170,8 @@ def _dataset_of(path: str, explainer, ray):
             raise RulegraphError(f"--ray reads images from folders; {item.id.rsplit(':', 1)[0]} is an array file: "
                                  f"run without --ray")
         rows.append({"id": item.id, "path": str(_path_of(path, item.id))})
+    if spans is not None:
+        rows = [row for start, end in spans for row in rows[start:end]]
     return ray.data.from_items(rows)
 
 
@@ -169,8 +188,9 @@ def explain_files(input_path: str, model, rules, out, actors: int = 2, num_gpus:
                   column: str | None = None, max_amplification: float | None = None, progress: bool | None = None,
                   **explainer_options):
     """``rulegraph explain --ray``: the dataset at ``input_path`` explained on Ray, the rows gathered
-    in order by the driver and written as the shards of a local run (``run/shards.py``; one run into
-    ``out``, not resumed). Returns the run's ``Summary``."""
+    in order by the driver and written as the shards of a local run (``run/shards.py``); a rerun into
+    ``out`` skips the shards written (checking they hold the same samples) and sends Ray only the
+    rows of the others. Returns the run's ``Summary``."""
     import time
 
     ray = _ray()
@@ -179,36 +199,48 @@ def explain_files(input_path: str, model, rules, out, actors: int = 2, num_gpus:
         require("pyarrow.parquet", "a parquet output")
     explainer = Explainer(model, rules, preprocess=preprocess, **explainer_options)
     out = _output_folder(out, input_path)
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset = _dataset_of(input_path, explainer, ray)
-    first = next(iter(open_source(input_path, explainer, preprocess, scale, column=column).items), None)
-    if first is None:
+    items = list(open_source(input_path, explainer, preprocess, scale, column=column).items)
+    if not items:
         raise RulegraphError(f"{input_path}: the dataset is empty")
-    batch_size, shard_size = sizes(explainer, first.load(), batch_size, shard_size, memory_budget)
+    batch_size, shard_size = sizes(explainer, items[0].load(), batch_size, shard_size, memory_budget)
     _check_manifest(out, manifest(explainer, target, format, shard_size, batch_size,
                                   {"max_amplification": max_amplification}))
-    mapped = explain(dataset, model, explainer.ruleset, target, column, batch_size, actors, num_gpus,
-                     preprocess=preprocess, scale=scale, max_amplification=max_amplification,
-                     **explainer_options)
-    bar = progress_bar(dataset.count(), progress)
-    summaries, done = [], 0
-    name = Path(input_path).name
+    for stale in out.glob(".part-*.tmp*"):  # left by a process killed outright (atomic_write's temp files)
+        stale.unlink()
+    shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    paths = [Path(out) / f"part-{k:05d}.{format}" for k in range(len(shards))]
+    summaries = {k: _resumed(path, shards[k]) for k, path in enumerate(paths) if path.exists()}
+    pending = [k for k in range(len(shards)) if k not in summaries]
+    bar = progress_bar(len(items), progress)
+    bar.update(sum(len(shards[k]) for k in summaries))
     try:
-        for index, batch in enumerate(mapped.iter_batches(batch_size=shard_size, batch_format="numpy")):
-            cols = {k: np.asarray(v) for k, v in batch.items()}
-            rows = len(cols["target"])
-            ids = cols.pop("id") if "id" in cols else np.asarray([f"{name}:{done + i}" for i in range(rows)])
-            cols = {"id": ids.astype(str), **cols}
-            with atomic_write(Path(out) / f"part-{index:05d}.{format}", "shard") as tmp:
-                WRITERS[format](tmp, cols)
-            summaries.append({k: cols[k] for k in ("id", "start_value", "delta")})
-            done += rows
-            bar.update(rows)
+        if pending:
+            if not ray.is_initialized():
+                ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+            ray.data.DataContext.get_current().execution_options.preserve_order = True
+            spans = None if not summaries else [(k * shard_size, k * shard_size + len(shards[k]))
+                                                for k in pending]
+            dataset = _dataset_of(input_path, explainer, ray, spans)
+            mapped = explain(dataset, model, explainer.ruleset, target, column, batch_size, actors, num_gpus,
+                             preprocess=preprocess, scale=scale, max_amplification=max_amplification,
+                             checked=explainer, **explainer_options)
+            batches = mapped.iter_batches(batch_size=shard_size, batch_format="numpy")
+            for index, batch in zip(pending, batches):   # shards fall on the same rows as the local run's
+                cols = {k: np.asarray(v) for k, v in batch.items()}
+                ids = np.asarray([item.id for item in shards[index]])
+                if "id" in cols and cols["id"].astype(str).tolist() != ids.tolist():
+                    raise RulegraphError(f"{paths[index]}: Ray gave the rows out of order (a bug in "
+                                         f"rulegraph)")
+                cols.pop("id", None)
+                cols = {"id": ids.astype(str), **cols}
+                with atomic_write(paths[index], "shard") as tmp:
+                    WRITERS[format](tmp, cols)
+                summaries[index] = {k: cols[k] for k in ("id", "start_value", "delta")}
+                bar.update(len(ids))
     finally:
         bar.close()
-    return _summary(summaries, done, 0, time.perf_counter() - started, out)
+    return _summary([summaries[k] for k in range(len(shards))], len(items), len(shards) - len(pending),
+                    time.perf_counter() - started, out)
 
 
 __all__ = ["ExplainBatch", "explain", "explain_files"]

@@ -1,7 +1,8 @@
 """Models over protobuf's 2 GiB (graph/large.py): with ``large.LARGE_BYTES`` lowered, small models take
-the large-model path end to end (external data read, shape inference on a shell, sessions from a
-temporary file with external data, the explainer saved with its weights beside it). Oracle: the same
-model on the in-memory path, bit for bit; onnx's own shape inference; onnx's own external-data reader."""
+the large-model path end to end (external data read into held arrays, shape inference on a shell,
+sessions given the held arrays by reference, the explainer saved with its weights beside it). Oracle:
+the same model on the in-memory path, bit for bit; onnx's own shape inference; onnx's own external-data
+reader."""
 
 from __future__ import annotations
 
@@ -47,17 +48,19 @@ def _external_copy(path: Path, folder: Path) -> Path:
 
 @pytest.fixture
 def large_path(monkeypatch):
-    """Every model is large; counts the models written with external data for a session or a save."""
+    """Every model is large; records the held arrays given to each session by reference."""
     monkeypatch.setattr(large, "LARGE_BYTES", 0)
-    written = []
-    real = large.write
+    monkeypatch.setattr(large, "SHARE_BYTES", 0)
+    shared = []
+    real = large.session_parts
 
-    def counting(proto, path, *args, **kwargs):
-        written.append(Path(path))
-        return real(proto, path, *args, **kwargs)
+    def recording(proto, *args, **kwargs):
+        path, arrays = real(proto, *args, **kwargs)
+        shared.append(arrays)
+        return path, arrays
 
-    monkeypatch.setattr(large, "write", counting)
-    return written
+    monkeypatch.setattr(large, "session_parts", recording)
+    return shared
 
 
 def _outputs(session, feeds: dict) -> dict[str, np.ndarray]:
@@ -79,7 +82,22 @@ def test_large_path_equals_in_memory_path(model, rules, tmp_path, large_path, mo
 
     explainer = Explainer(_external_copy(model, tmp_path), rules)
     got = explainer.explain(x)
-    assert large_path, "the session was not made from a file with external data"
+    assert large_path, "no session was made from held weights"
+    # the weights are held once: the sessions share the graph's own arrays (those MatMul and Gather
+    # read), the model holds stubs for every big one
+    constants = {id(v) for v in explainer.graph.constants.values()}
+    held = {id(a) for a in explainer.compiled().held}
+    assert any(large_path)
+    for arrays in large_path:
+        assert all(id(a) in constants | held for a in arrays.values())
+    stubs = [t for t in explainer.compiled().model.graph.initializer if t.ByteSize() > large.INLINE_BYTES]
+    assert stubs == [] and any(large.is_held(t) for t in explainer.compiled().model.graph.initializer)
+    # onnxruntime runs on those arrays' own memory (OrtValues over their buffers)
+    initializers = explainer.compiled().model.graph.initializer
+    arrays = dict(explainer.graph.constants)
+    arrays.update({t.name: large.value(t) for t in initializers if large.is_held(t)})
+    shared = explainer.session()._rulegraph_weights
+    assert all(value.data_ptr() == arrays[name].ctypes.data for name, value in shared.items())
     for field in ("attribution", "saliency", "outputs"):
         assert getattr(got, field).keys() == getattr(expected, field).keys()
         for name, value in getattr(expected, field).items():
@@ -99,6 +117,7 @@ def test_large_path_equals_in_memory_path(model, rules, tmp_path, large_path, mo
     # the saved file with its data: same weights as the compiled explainer in memory (onnx's reader)
     full = onnx.load(str(saved))
     weights = {t.name: numpy_helper.to_array(t) for t in compiled.model.graph.initializer}
+    weights = {t.name: large.value(t) for t in explainer.compiled().model.graph.initializer} | weights
     assert {t.name for t in full.graph.initializer} == set(weights)
     for t in full.graph.initializer:
         assert np.array_equal(numpy_helper.to_array(t), weights[t.name], equal_nan=True), t.name
@@ -183,13 +202,17 @@ def test_checker_and_digest_never_take_the_whole_large_model(monkeypatch):
     monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checked.append(m) or real(m, *a, **k))
     explainer = Explainer(ROOT / "models" / "digits_cnn.onnx", "lrp-epsilon")
     compiled = explainer.compiled()
-    big = {t.name for t in compiled.model.graph.initializer if t.ByteSize() > large.INLINE_BYTES}
+    big = {t.name for t in compiled.model.graph.initializer if large.is_held(t)}
     assert big and checked
     for model in checked:
         assert big.isdisjoint(t.name for t in model.graph.initializer)
     pieces = list(large.serialized(compiled.model))
     assert len(pieces) == 1 + len(compiled.model.graph.initializer)
-    assert max(len(p) for p in pieces) < compiled.model.ByteSize()
+    # the digest's pieces are those of the model with its values in it (held or not, one digest)
+    whole = large.inline(compiled.model)
+    assert not large.holds(whole)
+    assert pieces == list(large.serialized(whole))
+    assert max(len(p) for p in pieces) < whole.ByteSize()
 
 
 @pytest.mark.parametrize(("flag", "external"), [([], False), (["--external-data"], True)])
@@ -207,3 +230,84 @@ def test_cli_compile_external_data(flag, external, tmp_path):
     got = _outputs(plain, feeds)
     for name, value in expected.items():
         assert np.array_equal(got[name], value), name
+
+
+@pytest.mark.parametrize("source", ["proto", "file"])
+def test_large_model_with_weights_inside_is_held(source, tmp_path, large_path):
+    """A large model whose weights are inside the protobuf (a ModelProto, or one file) is held too."""
+    model = ROOT / "models" / "digits_cnn.onnx"
+    x = _input(onnx.load(str(model)))
+    with pytest.MonkeyPatch.context() as small:
+        small.setattr(large, "LARGE_BYTES", 1 << 40)
+        expected = Explainer(model, "lrp-epsilon").explain(x)
+    explainer = Explainer(onnx.load(str(model)) if source == "proto" else model, "lrp-epsilon")
+    assert large.holds(explainer.graph.model) and large.holds(explainer.compiled().model)
+    got = explainer.explain(x)
+    assert any(large_path)
+    for name, value in expected.attribution.items():
+        assert np.array_equal(got.attribution[name], value), name
+    assert np.array_equal(got.delta, expected.delta)
+    # saved without external data: the held values are written into the one file
+    path = explainer.save(tmp_path / "e.onnx", external_data=False)
+    assert not (tmp_path / "e.onnx.data").exists()
+    plain = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds, _, _, _, _ = explainer._pass_feeds(x, "argmax", None, False)
+    for name, value in _outputs(explainer.session(), feeds).items():
+        assert np.array_equal(_outputs(plain, feeds)[name], value), name
+
+
+SMOOTHGRAD = 'rulegraph 1\ninclude "lrp-epsilon"\nloop smoothgrad(samples = 4)\n'
+
+
+@pytest.mark.parametrize("what", ["explainer", "loop", "cam"])
+def test_held_below_the_large_size(what, tmp_path, monkeypatch):
+    """Over ``HOLD_BYTES`` (lowered) but under ``LARGE_BYTES``: weights held, one file saved, the same
+    numbers as the in-memory path, and the explainer's digest unchanged (its pieces' bytes)."""
+    from rulegraph.run.cam import Cam
+
+    model = ROOT / "models" / "digits_cnn.onnx"
+    rules = tmp_path / "smooth.rules"
+    rules.write_text(SMOOTHGRAD)
+    x = _input(onnx.load(str(model)))
+
+    def build():
+        if what == "cam":
+            return Cam(model, "gradcam")
+        return Explainer(model, rules if what == "loop" else "lrp-epsilon")
+
+    def outputs(built, folder):
+        folder.mkdir()
+        if what == "cam":
+            path = built.save(folder / "m.onnx")
+            compiled = built.compiled()
+        else:
+            path = built.save(folder / "m.onnx")
+            compiled = built.saved()
+        assert sorted(p.name for p in folder.iterdir()) == ["m.onnx"]
+        plain = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in plain.get_inputs()]
+        feeds = {names[0]: x, names[1]: np.array([1, 0], dtype=np.int64)}
+        if len(names) > 2:   # SmoothGrad's noise [S, N, ...], float64
+            feeds[names[2]] = np.random.default_rng(2).standard_normal((4, *x.shape))
+        return compiled, _outputs(plain, feeds)
+
+    reference = build()
+    expected_model, expected = outputs(reference, tmp_path / "memory")
+    monkeypatch.setattr(large, "HOLD_BYTES", 0)
+    monkeypatch.setattr(large, "SHARE_BYTES", 0)
+    held = build()
+    got_model, got = outputs(held, tmp_path / "held")
+    assert large.holds(got_model.model) and not large.is_large(got_model.model)
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
+    if what == "explainer":
+        assert list(large.serialized(got_model.model)) == list(large.serialized(expected_model.model))
+        # the file written tensor by tensor reads back as the model with its values (onnx's reader)
+        back = onnx.load(str(tmp_path / "held" / "m.onnx"))
+        values = {t.name: large.value(t) for t in got_model.model.graph.initializer}
+        assert sorted(t.name for t in back.graph.initializer) == sorted(values)
+        for t in back.graph.initializer:
+            assert np.array_equal(numpy_helper.to_array(t), values[t.name], equal_nan=True), t.name
+        assert [n.SerializeToString() for n in back.graph.node] == \
+            [n.SerializeToString() for n in got_model.model.graph.node]
+        assert np.array_equal(held.explain(x).map, reference.explain(x).map)

@@ -88,6 +88,8 @@ def test_actor_pool_and_gpus_are_passed_to_map_batches(monkeypatch, samples):
     mapped = on_ray.explain(Dataset(), CNN, "gradient", batch_size=8, actors=3, num_gpus=0.5, num_cpus=1)
     assert mapped == "mapped"
     assert seen["fn"] is on_ray.ExplainBatch
+    # the actors open the model file: its path travels, not its bytes
+    assert seen["fn_constructor_kwargs"]["model"] == str(CNN.resolve())
     assert (seen["batch_size"], seen["num_gpus"], seen["num_cpus"], seen["batch_format"]) == (8, 0.5, 1, "numpy")
     assert isinstance(seen["compute"], ray.data.ActorPoolStrategy)
     assert (seen["compute"].min_size, seen["compute"].max_size) == (3, 3)
@@ -111,3 +113,47 @@ def test_cli_ray_writes_the_local_run_files(local_ray, samples, tmp_path, capsys
     local = {p.name: p.read_bytes() for p in sorted((tmp_path / "local").iterdir())}
     remote = {p.name: p.read_bytes() for p in sorted((tmp_path / "ray").iterdir())}
     assert remote == local
+
+
+@pytest.mark.parametrize("source", ["images", "parquet"])
+@pytest.mark.parametrize("missing", [[1, 2], [0, 2], [2], [0, 1, 2]], ids=["tail", "holes", "last", "all"])
+def test_cli_ray_resumes_the_missing_shards(source, missing, local_ray, samples, tmp_path, capsys):
+    """A rerun of ``explain --ray`` into a folder with finished shards writes only the others, and
+    the files equal an uninterrupted local run's byte for byte."""
+    if source == "images":
+        given = tmp_path / "images"
+        for i, sample in enumerate(samples):
+            folder = given / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:02d}.png").write_bytes(_png(sample))
+    else:
+        _, given, _ = _image_rows(samples, tmp_path)
+    argv = ["explain", str(CNN), "--rules", "lrp-epsilon", "--input", str(given), "--format", "npz",
+            "--shard-size", "6", "--batch-size", "3", "--quiet", "--max-amplification", "1e9"]
+    assert main([*argv, "-o", str(tmp_path / "local")]) == 0
+    local = {p.name: p.read_bytes() for p in sorted((tmp_path / "local").iterdir())}
+    (tmp_path / "ray").mkdir()
+    for name, data in local.items():   # an interrupted run: the manifest and the finished shards
+        if not any(name == f"part-{k:05d}.npz" for k in missing):
+            (tmp_path / "ray" / name).write_bytes(data)
+    capsys.readouterr()
+    assert main([*argv, "--ray", "--actors", "2", "-o", str(tmp_path / "ray")]) == 0, capsys.readouterr().err
+    finished = 3 - len(missing)
+    said = "17 samples in 3 shards " + (f"({finished} found finished)" if finished else "written")
+    assert said in capsys.readouterr().out
+    remote = {p.name: p.read_bytes() for p in sorted((tmp_path / "ray").iterdir())}
+    assert remote == local
+
+
+def test_cli_ray_refuses_a_shard_of_other_samples(local_ray, samples, tmp_path, capsys):
+    _, given, _ = _image_rows(samples, tmp_path)
+    argv = ["explain", str(CNN), "--rules", "lrp-epsilon", "--input", str(given), "--format", "npz",
+            "--shard-size", "6", "--batch-size", "3", "--quiet", "--max-amplification", "1e9",
+            "-o", str(tmp_path / "out")]
+    assert main(argv) == 0
+    (tmp_path / "out" / "part-00001.npz").replace(tmp_path / "out" / "part-00000.npz")
+    capsys.readouterr()
+    assert main([*argv, "--ray"]) == 2   # a RulegraphError: exit code 2
+    err = capsys.readouterr().err
+    assert "part-00000.npz holds other samples than the source gives now (from sample 0: 'img6' there, " \
+           "'img0' now)" in err

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..graph import large
 from ..graph.kinds import onnx_op_type
 
 
@@ -48,6 +49,10 @@ class Tape:
         self._counter = 0
         self._consts: dict[tuple, str] = {}
         self.scope = ""
+        #: big constants as held stubs over their arrays (a large model's backward: ``graph/large.py``)
+        self.hold = False
+        #: the arrays behind those stubs (the stubs do not keep them: whoever keeps the model keeps these)
+        self.held: list[np.ndarray] = []
         #: what the names made now stand for, in the user's terms (messages: "the backward of node ...")
         self.context = ""
         #: every name made -> its ``context`` then (to translate onnxruntime's messages)
@@ -72,7 +77,10 @@ class Tape:
     def const(self, value, dtype=None, hint: str = "c") -> str:
         """An initializer holding ``value``; small constants are shared."""
         array = np.asarray(value, dtype=dtype if dtype is not None else None)
-        if array.dtype == np.float64 and dtype is None:
+        if dtype is None and array.dtype.kind == "f" and (
+                array.dtype == np.float64 or array.dtype.itemsize < self.float_dtype.itemsize):
+            # float64 from numpy arithmetic, or a half weight under a float32 backward (mixed
+            # precision): the backward's type (a half value upcasts exactly)
             array = array.astype(self.float_dtype)
         key = None
         if array.size <= 16:
@@ -80,7 +88,10 @@ class Tape:
             if key in self._consts:
                 return self._consts[key]
         name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(array, name))
+        tensor = large.initializer(array, name, self.hold)
+        if large.is_held(tensor):
+            self.held.append(array)
+        self.initializers.append(tensor)
         if key is not None:
             self._consts[key] = name
         return name

@@ -88,6 +88,8 @@ class Compiled:
     seed: str = ""   # the tensor ``a(start)`` the pass starts from (``_seed``)
     #: ``"standard"``, or ``"gradient-x-input"``: the pass carries ``g`` with ``a = t ⊙ g`` (``form.py``)
     form: str = STANDARD
+    #: the arrays of the big constants the backward added to a large model, held by ``model``'s stubs
+    held: list = field(default_factory=list, repr=False)
 
     @property
     def input_names(self) -> list[str]:
@@ -133,6 +135,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     dtype = np.dtype(relevance_dtype) if relevance_dtype is not None else forward_dtype
     taken = _names_in(graph)
     tape = Tape(graph.opset, taken, float_dtype=dtype, prefix=free_prefix(taken))
+    tape.hold = large.holds(graph.model)
     compiled = Compiled(graph.model, graph, user_rules, start, seed_mode, axes, target_input=free_name(TARGET, taken),
                         seed_input=free_name(SEED, taken), positions_input=free_name(POSITIONS, taken),
                         class_output=free_name(CLASS, taken), form=form)
@@ -192,6 +195,7 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
     if dtype != forward_dtype:
         tape.context = "the boundary between the half-precision forward and the float32 backward"
         mixed.keep_backward_in_float32(compiled.model, {n.name for n in tape.nodes}, graph.dtypes, tape.fresh)
+    compiled.held = tape.held
     compiled.origins = {**tape.origins, compiled.target_input: "rulegraph's target input",
                         compiled.seed_input: "rulegraph's seed input",
                         compiled.positions_input: "rulegraph's positions input",

@@ -37,6 +37,7 @@ from onnx import TensorProto, helper
 
 from ..backward.emit import Tape, free_name, free_prefix
 from ..errors import ModelError, RulegraphError
+from ..graph import large
 from ..graph.read import Graph
 from ..lang.ruleset import RuleSet
 from .build import Compiled, _names_in, compile_explainer, prune
@@ -135,7 +136,7 @@ def compile_cam(graph: Graph, gradient: RuleSet, method: str, layer: str | None 
     model.graph.output.extend(kept + outputs)
     prune(model)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(large.without_weights(model))
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"the CAM model is not valid ONNX: {exc}") from exc
     return CamModel(model, compiled, method, tensor, cam_name, guided_name)

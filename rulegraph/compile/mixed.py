@@ -13,7 +13,8 @@ emitted (float32 by construction, but reading forward tensors and sometimes cons
 
 - every half tensor of the forward (activation, graph input or weight) that a backward node reads
   is read through one ``Cast`` to float32 (exact: every half value is a float32 value);
-- the backward's own constants and ``Cast`` targets in a half type become float32 (exact, as above);
+- the backward's own constants are float32 already (the tape upcasts a half weight it is given);
+  ``Cast`` targets and any constant left in a half type become float32 (exact, as above);
 - the explainer's outputs that the backward computes are declared float32.
 
 Nothing is rounded but the forward itself; onnxruntime refuses any mixed-type node at session
@@ -26,11 +27,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ..graph import large
+
 HALF_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 def _upcast_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+    return numpy_helper.from_array(large.value(tensor).astype(np.float32), tensor.name)
 
 
 def keep_backward_in_float32(model: onnx.ModelProto, backward_nodes: set[str], dtypes: dict[str, int],

@@ -15,12 +15,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ModelError, node_ref
+from . import large
 
 LEGACY_OPS = ("Upsample", "Resize")
 
 
 def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    values = {init.name: large.value(init) for init in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)

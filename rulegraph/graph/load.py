@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ModelError
+from . import large
 from .fuse import fuse_patterns
 from .kinds import OpKinds
 from .read import Graph, load_proto, read_model
@@ -25,12 +26,13 @@ def load(model: str | Path | onnx.ModelProto, op_kinds: OpKinds, fuse: bool = Tr
         raise ValueError(f"precision must be 'fp32', 'mixed' or 'native', got {precision!r}")
     if precision == "mixed":   # the graph in its own type; the compiler keeps the backward in float32
         precision = "native"
-    proto = read_model(model)
     where = "" if isinstance(model, onnx.ModelProto) else f"{model}: "
-    try:
-        graph = load_proto(proto, precision, ranks, op_kinds)
-    except ModelError as exc:
-        raise ModelError(f"{where}{exc}") from exc
+    with large.pinned():   # a large model's weights: held arrays, kept by the graph's constants after
+        proto = read_model(model)
+        try:
+            graph = load_proto(proto, precision, ranks, op_kinds)
+        except ModelError as exc:
+            raise ModelError(f"{where}{exc}") from exc
     if fuse:
         fuse_patterns(graph, op_kinds)
     return graph

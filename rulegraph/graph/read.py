@@ -227,6 +227,8 @@ def read_model(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        if large.to_hold(copy):
+            large.hold_big(copy)
         return copy
     path = Path(model)
     if not path.is_file():
@@ -236,6 +238,8 @@ def read_model(model) -> onnx.ModelProto:
     except Exception as exc:
         raise ModelError(f"{path}: cannot read the ONNX model: {exc}") from exc
     _load_external_data(proto, path)
+    if large.to_hold(proto):
+        large.hold_big(proto)
     return proto
 
 
@@ -248,7 +252,17 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
     tensors = [t for t in every if t.data_location == onnx.TensorProto.EXTERNAL]
     for tensor in tensors:
         _check_external(tensor, folder, path)
-    if tensors:
+    if tensors and large.to_hold(proto):   # the big weights straight into arrays, held once
+        large.read_held(proto, folder)
+        tensors = [t for t in every if t.data_location == onnx.TensorProto.EXTERNAL and not large.is_held(t)]
+        try:
+            for tensor in tensors:
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+        except Exception as exc:  # noqa: BLE001 (whatever onnx's reader says, in the user's terms)
+            raise ModelError(f"{path}: cannot read the external data: {exc}") from exc
+    elif tensors:
         try:
             onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
         except Exception as exc:  # noqa: BLE001 (whatever onnx's reader says, in the user's terms)
@@ -298,8 +312,8 @@ def _upcast_half(proto: onnx.ModelProto) -> None:
     graph = proto.graph
     for i, init in enumerate(graph.initializer):
         if init.data_type in HALF_TYPES:
-            graph.initializer[i].CopyFrom(numpy_helper.from_array(
-                numpy_helper.to_array(init).astype(np.float32), init.name))
+            graph.initializer[i].CopyFrom(large.initializer(large.value(init).astype(np.float32), init.name,
+                                                            large.is_held(init)))
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         if vi.type.tensor_type.elem_type in HALF_TYPES:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT
@@ -350,7 +364,7 @@ def _name_nodes(proto: onnx.ModelProto) -> None:
 
 
 def _collect_constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    constants = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    constants = {init.name: large.value(init) for init in proto.graph.initializer}
     return constants
 
 
@@ -419,7 +433,8 @@ def _rebuild(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], constants) -> 
     used = {name for node in nodes for name in node.input} | {o.name for o in proto.graph.output}
     graph = proto.graph
     inputs = [i for i in graph.input if i.name not in constants]
-    initializers = [numpy_helper.from_array(v, name) for name, v in constants.items() if name in used]
+    held = large.to_hold(proto)   # big constants stay arrays, the model holds stubs (graph/large.py)
+    initializers = [large.initializer(v, name, held) for name, v in constants.items() if name in used]
     new_graph = helper.make_graph(nodes, graph.name or "model", inputs, list(graph.output), initializers)
     # the lowest IR version that holds these opsets: runtimes lag behind the onnx package's newest IR
     ir_version = max(8, helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True))

@@ -21,6 +21,7 @@ from ..compile.cam import GRADIENT_FREE, METHODS, CamModel, compile_cam
 from ..compile.layers import resolve_tensor
 from ..compile.targets import TargetError
 from ..errors import RulegraphError
+from ..graph import large
 from . import rulefiles as dsl
 from . import runtime
 from .explainer import Explainer, _run_in_chunks
@@ -104,12 +105,13 @@ class Cam:
         """Write the CAM model (standalone ONNX; any ONNX runtime runs it)."""
         model_path = self._model if isinstance(self._model, (str, Path)) else None
         path = check_output(path, model_files(model_path, [path]) if model_path else [], what="CAM model")
-        model = self.compiled().model
+        model = self.compiled().model   # held weights: written into the file one by one
         if self.preprocess is not None:
             from . import preprocess as preprocessing
 
             model = preprocessing.to_metadata(model, self.preprocess)
-        return write_with(path, lambda tmp: onnx.save(model, str(tmp)), "CAM model")
+        save = large.write_whole if large.holds(model) else lambda m, tmp: onnx.save(m, str(tmp))
+        return write_with(path, lambda tmp: save(model, tmp), "CAM model")
 
 
 def cam(model, x, method: str = "gradcam", layer: str | None = None, target="argmax", **options) -> CamResult:

@@ -180,15 +180,29 @@ def evaluate(model, rules, x, target="argmax", metrics=None, settings: Settings 
     ``map_of``'s choice. The score is
     the softmax (``Settings.softmax``) of the tensor the rule files start at: the logits before a
     final Softmax."""
+    explainers, first = explainers_for(model, rules, output, random)
+    return evaluate_batch(model, explainers, first, x, target, metrics, settings, random, show)
+
+
+def explainers_for(model, rules, output: str | None = None, random: bool = True):
+    """(rule file -> its Explainer, the Explainer that scores: the first, or a gradient one)."""
     from .explainer import Explainer
 
-    settings = settings or Settings()
     names = [rules] if isinstance(rules, str | Path) else list(rules)
-    families = _families(metrics)
     explainers = {str(r): Explainer(model, r, output=output) for r in names}
     if not explainers and not random:
         raise RulegraphError("nothing to evaluate: give a rule file (or random=True)")
     first = next(iter(explainers.values())) if explainers else Explainer(model, "gradient", output=output)
+    return explainers, first
+
+
+def evaluate_batch(model, explainers: dict, first, x, target="argmax", metrics=None,
+                   settings: Settings | None = None, random: bool = True, show: str = "attribution",
+                   graph_model: onnx.ModelProto | None = None) -> Evaluation:
+    """``evaluate`` on the batch ``x`` with explainers made once (``explainers_for``); ``graph_model``:
+    the model proto MPRT randomizes (read from ``model`` when not given)."""
+    settings = settings or Settings()
+    families = _families(metrics)
     x = _input(first, x)
     start = first.spec.tensor  # the tensor the rule files explain: the logits before a final Softmax
     scorer = pert.Scorer(lambda xs: first.forward(xs)[start], settings.softmax, settings.budget)
@@ -209,7 +223,8 @@ def evaluate(model, rules, x, target="argmax", metrics=None, settings: Settings 
     if random:
         methods[RANDOM] = random_maps
     result = Evaluation(methods=list(methods), classes=classes)
-    graph_model = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    if graph_model is None:
+        graph_model = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     for name, explain in methods.items():
         a = explain(x, classes)
         result.scores[name], result.curves[name] = {}, {}

@@ -214,8 +214,9 @@ class Explainer:
             model = preprocessing.to_metadata(model, self.preprocess)
         if external_data is None:
             external_data = large.is_large(model)
-        if not external_data:
-            return write_with(path, lambda tmp: onnx.save(model, str(tmp)), "explainer")
+        if not external_data:   # held weights written into the file, one tensor at a time
+            save = large.write_whole if large.holds(model) else lambda m, tmp: onnx.save(m, str(tmp))
+            return write_with(path, lambda tmp: save(model, tmp), "explainer")
         data = Path(path).with_name(Path(path).name + ".data")
         check_output(data, model_files(model_path, [path]) + rule_files(rules_path), what="explainer data")
 

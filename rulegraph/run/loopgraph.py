@@ -32,6 +32,7 @@ from onnx import TensorProto, helper
 from ..backward.emit import Tape
 from ..compile.build import BASELINE_PREFIX, TARGET, prune
 from ..errors import InternalError, RulegraphError
+from ..graph import large
 from ..graph.model_check import explainer_metadata
 from .loops import quadrature, refuse_integrated_gradients
 
@@ -184,7 +185,7 @@ class _Builder:
         prune(model)
         model.metadata_props.append(explainer_metadata([o.name for o in self.graph.model.graph.output]))
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(large.without_weights(model))
         except onnx.checker.ValidationError as exc:
             raise InternalError(f"the loop model is not valid ONNX: {exc}") from exc
         return model

@@ -56,12 +56,33 @@ def _session(model_bytes, providers: tuple[str, ...], threads: int, strict: bool
         rt.set_default_logger_severity(4)
     if not isinstance(model_bytes, onnx.ModelProto):
         return rt.InferenceSession(model_bytes, sess_options=options, providers=list(providers))
+    if large.holds(model_bytes):
+        return _held_session(rt, model_bytes, options, providers)
     if not large.is_large(model_bytes):
         return rt.InferenceSession(model_bytes.SerializeToString(), sess_options=options, providers=list(providers))
     with tempfile.TemporaryDirectory(prefix="rulegraph-") as folder:   # protobuf's 2 GiB: external data
         path = Path(folder) / "model.onnx"
         large.write(model_bytes, path)
         return rt.InferenceSession(str(path), sess_options=options, providers=list(providers))
+
+
+def _held_session(rt, model: onnx.ModelProto, options, providers: tuple[str, ...]):
+    """A session of a model whose big weights are held arrays (``graph.large``): the MatMul and
+    embedding weights given by ``add_initializer`` over their own buffers (the session keeps their
+    OrtValues alive), the others (Conv's, which onnxruntime's optimizers rewrite) read by onnxruntime
+    from a temporary external-data file. onnxruntime copies no shared weight, except that its
+    prepacking keeps a packed copy of each MatMul weight; ``large.PREPACK = False`` turns that off
+    (weights held once; MatMul then rounds differently, by about 1e-7 relative)."""
+    if not large.PREPACK:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    with tempfile.TemporaryDirectory(prefix="rulegraph-") as folder:
+        path, arrays = large.session_parts(model, Path(folder))
+        values = {name: rt.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        for name, value in values.items():
+            options.add_initializer(name, value)
+        sess = rt.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    sess._rulegraph_weights = values
+    return sess
 
 
 _told_no_gpu = False
@@ -79,8 +100,10 @@ def _tell_if_no_gpu(sess, providers: tuple[str, ...]) -> None:
 
 def session(model_bytes, providers: list[str] | None = None, threads: int = 0,
             what: str = "the model", strict: bool = False, profile: str | None = None):
-    """A session for a serialized model (bytes), or for a ``ModelProto``: over ``large.LARGE_BYTES`` of
-    weights, written with external data to a temporary folder that onnxruntime reads it from. The Explainer keeps its sessions for its lifetime; none
+    """A session for a serialized model (bytes), or for a ``ModelProto``: one whose weights are held
+    arrays (``graph.large``) gets them by reference; another over ``large.LARGE_BYTES`` of weights is
+    written with external data to a temporary folder that onnxruntime reads it from. The Explainer
+    keeps its sessions for its lifetime; none
     is kept here, so a large model's memory goes with its Explainer. onnxruntime refusing the
     model is a ``ModelError`` naming ``what``, with onnxruntime's whole message. ``strict``:
     onnxruntime may not place a node on the CPU when another provider was asked for

@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import RulegraphError
+from ..graph import large
 
 #: op type -> the input slots a randomization changes (other ops: every float initializer input)
 RANDOMIZED_INPUTS = {"BatchNormalization": (1, 2), "InstanceNormalization": (1, 2),
@@ -117,7 +118,7 @@ def randomized(model: onnx.ModelProto, seed: int = 42):
             if name in done:
                 continue
             done.add(name)
-            value = numpy_helper.to_array(by_name[name])
+            value = large.value(by_name[name])
             sigma = float(value.std()) or 1.0 / np.sqrt(max(value.size, 1))
             by_name[name].CopyFrom(numpy_helper.from_array(
                 rng.normal(0.0, sigma, value.shape).astype(value.dtype), name))
