@@ -716,6 +716,12 @@ def library_of(family) -> str:
     return family.library if isinstance(family, Family) else "onnx"
 
 
+def selected(everything: dict, only: str | None, library: str | None) -> list[str]:
+    """The rows measured: ``only``'s names (comma-separated), else all, kept to ``library``'s rows."""
+    names = only.split(",") if only else list(everything)
+    return [n for n in names if not library or library_of(everything[n]) in library.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture names")
@@ -724,9 +730,7 @@ def main() -> None:
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     everything = {**ARCHITECTURES, **THIRD_PARTY}
-    names = args.only.split(",") if args.only else list(everything)
-    if args.library:
-        names = [n for n in names if library_of(everything[n]) in args.library.split(",")]
+    names = selected(everything, args.only, args.library)
     readme = ROOT / "README.md"
     rows = []
     for name in everything if (args.only or args.library) and args.write_readme else names:
