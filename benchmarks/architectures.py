@@ -9,17 +9,19 @@ for the transformers, and what fails and why where something does. Families: tor
 transformers models from tiny configs, hand-built torch op families, and real third-party ONNX
 models (tests/data, ../shared/models; no torch twin, so no gradient oracle).
 
-    python benchmarks/architectures.py [--only resnet18,vit] [--write-readme]
+    python benchmarks/architectures.py [--only resnet18,vit] [--library torchvision] [--write-readme]
 
 Needs torch and transformers (torchvision for its rows; none is part of the test extras). With
 --write-readme the table replaces the block between the `<!-- architectures -->` markers in
-README.md (with --only, only those architectures' rows are replaced). The rows of an architecture
-whose library is missing here are kept from the README, marked with what they were measured with.
+README.md (with --only or --library, only those architectures' rows are replaced). The rows of an
+architecture whose library is missing here are kept from the README, marked with what they were
+measured with.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import re
 import sys
@@ -56,6 +58,22 @@ def torchvision_model(name: str, size: int = 224):
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(weights=None).eval()
         return model, {"input": torch.randn(2, 3, size, size)}, None
+
+    return build
+
+
+def torchvision_segmentation(name: str, size: int = 128, classes: int = 4):
+    """A torchvision segmentation model (no weights, backbone included), its class map ``out``
+    [N, classes, size, size]."""
+
+    def build():
+        import torch
+        import torchvision
+
+        torch.manual_seed(0)
+        model = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None,
+                                                               num_classes=classes).eval()
+        return picked(model, lambda out: out["out"]), {"input": torch.randn(2, 3, size, size)}, None
 
     return build
 
@@ -266,7 +284,8 @@ class Family:
     region: tuple | None = None
 
     def target(self, net, inputs: dict):
-        """What the explainer is given: the classes, or the region's seed (the output's shape)."""
+        """The target as the autograd oracle takes it: the classes, or the region's seed (the
+        output's shape)."""
         if self.region is None:
             return list(self.targets)
         import torch
@@ -276,12 +295,24 @@ class Family:
         seed[(slice(None),) + self.region] = 1.0
         return seed
 
+    def explained(self, net, inputs: dict):
+        """The same target in the explainer's own forms: the classes, or ``Target(class,
+        region=...)`` for one class over a region (``target`` is its seed, the autograd oracle)."""
+        if self.region is None:
+            return self.target(net, inputs)
+        from rulegraph import Target
+
+        return Target(self.region[0], region=self.region[1:])
+
 
 def _tf(build, **kw) -> Family:
     return Family(build, "transformers", "lrp-transformer", **kw)
 
 
 IMAGE_TF = {"image_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+
+#: the torchvision segmentation rows explain class 1 over a 32 × 32 region of the 128 × 128 map
+TV_REGION = (1, slice(48, 80), slice(40, 72))
 
 ARCHITECTURES = {
     "resnet18": Family(torchvision_model("resnet18"), "torchvision"),
@@ -290,6 +321,11 @@ ARCHITECTURES = {
     "mobilenet_v3_small": Family(torchvision_model("mobilenet_v3_small"), "torchvision"),
     "efficientnet_b0": Family(torchvision_model("efficientnet_b0"), "torchvision"),
     "densenet121": Family(torchvision_model("densenet121"), "torchvision"),
+    "fcn_resnet50": Family(torchvision_segmentation("fcn_resnet50"), "torchvision", region=TV_REGION),
+    "deeplabv3_mobilenet_v3_large": Family(torchvision_segmentation("deeplabv3_mobilenet_v3_large"),
+                                           "torchvision", region=TV_REGION),
+    "lraspp_mobilenet_v3_large": Family(torchvision_segmentation("lraspp_mobilenet_v3_large"), "torchvision",
+                                        region=TV_REGION),
     "bert (transformers)": _tf(hf("BertConfig", "BertForSequenceClassification", token_ids, vocab_size=1000,
                                   hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=128, max_position_embeddings=64, num_labels=3)),
@@ -437,6 +473,15 @@ def export(net, inputs: dict, path: Path, dynamo: bool) -> None:
         torch.onnx.export(logits_module(net, len(names)), tuple(inputs.values()), str(path), **kwargs)
 
 
+def float64_twin(net, inputs: dict, embeddings):
+    """A float64 copy of ``net``, its float inputs in float64, and the copy's embeddings module: the
+    same target's gradient without float32 rounding (where a ReLU mask flips, the two differ)."""
+    memo: dict = {}
+    twin = copy.deepcopy(net, memo).double()
+    doubled = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    return twin, doubled, None if embeddings is None else memo[id(embeddings)]
+
+
 def autograd_gradient(net, inputs: dict, embeddings, targets):
     """(input name, what the `gradient` file should give for it): the saliency of a float input, or
     for token ids (no float input) Σ_e emb ⊙ ∂y/∂emb at the input embeddings' output. ``targets``:
@@ -470,7 +515,7 @@ def autograd_gradient(net, inputs: dict, embeddings, targets):
     return float_name, x.grad.numpy()
 
 
-STAGES = ("build", "export", "gradient", "lrp-epsilon", "lrp-transformer")
+STAGES = ("build", "export", "gradient", "float64 autograd", "lrp-epsilon", "lrp-transformer")
 
 
 def failure(stage: str, exc: BaseException) -> str:
@@ -506,16 +551,22 @@ def _row(name: str, family: Family, dynamo: bool) -> dict:
         out["opset"] = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         out["nodes"] = len(proto.graph.node)
         feeds = {k: v.numpy() for k, v in inputs.items()}
-        targets = family.target(net, inputs)
+        targets, explained = family.target(net, inputs), family.explained(net, inputs)
         try:
             name_in, expected = autograd_gradient(net, inputs, embeddings, targets)
-            result = Explainer(path, "gradient").explain(feeds, target=targets)
+            result = Explainer(path, "gradient").explain(feeds, target=explained)
             got = result.saliency.get(name_in, result.attribution.get(name_in))
             out["gradient_error"] = float(np.abs(got - expected).max() / np.abs(expected).max())
             del result
         except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
             out["fails"].append(failure("gradient", exc))
-        lrp_row(out, path, family.lrp, feeds, targets, None)
+        else:
+            try:
+                exact = autograd_gradient(*float64_twin(net, inputs, embeddings), targets)[1]
+                out["gradient_error64"] = float(np.abs(got - exact).max() / np.abs(exact).max())
+            except Exception as exc:  # noqa: BLE001 (a failure is a row of the table)
+                out["fails"].append(failure("float64 autograd", exc))
+        lrp_row(out, path, family.lrp, feeds, explained, None)
     return out
 
 
@@ -559,7 +610,8 @@ def third_party_row(name: str, model: ThirdParty) -> dict:
     recogniser, an SVTR with LayerNorm and attention)."""
     import onnx
 
-    out = {"architecture": name, "exporter": "third-party", "fails": [], "gradient_error": "—"}
+    out = {"architecture": name, "exporter": "third-party", "fails": [], "gradient_error": "—",
+           "gradient_error64": "—"}
     if not model.path.exists():
         raise ImportError(f"{model.path} is not here")
     proto = onnx.load(str(model.path))
@@ -593,10 +645,10 @@ def fmt(value) -> str:
 
 
 COLUMNS = ("architecture", "exporter", "opset", "nodes", "rules on the path (LRP file)",
-           "gradient vs autograd",
+           "gradient vs autograd", "gradient vs float64 autograd",
            "LRP conservation", "same at ε = 0", "smallest \\|logit\\|", "what fails (why)", "measured with")
-KEYS = ("architecture", "exporter", "opset", "nodes", "rules", "gradient_error", "conservation",
-        "conservation_eps0", "logit", "fails", "measured")
+KEYS = ("architecture", "exporter", "opset", "nodes", "rules", "gradient_error", "gradient_error64",
+        "conservation", "conservation_eps0", "logit", "fails", "measured")
 
 
 def merged(fails: list[str]) -> str:
@@ -660,21 +712,33 @@ def kept_rows(readme: str, name: str, library_missing: bool = True) -> list[list
     return kept
 
 
+def library_of(family) -> str:
+    return family.library if isinstance(family, Family) else "onnx"
+
+
+def selected(everything: dict, only: str | None, library: str | None) -> list[str]:
+    """The rows measured: ``only``'s names (comma-separated), else all, kept to ``library``'s rows."""
+    names = only.split(",") if only else list(everything)
+    return [n for n in names if not library or library_of(everything[n]) in library.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture names")
+    parser.add_argument("--library", help="comma-separated libraries whose rows are measured (torchvision, "
+                        "transformers, torch, onnx for the third-party models)")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     everything = {**ARCHITECTURES, **THIRD_PARTY}
-    names = args.only.split(",") if args.only else list(everything)
+    names = selected(everything, args.only, args.library)
     readme = ROOT / "README.md"
     rows = []
-    for name in everything if args.only and args.write_readme else names:
+    for name in everything if (args.only or args.library) and args.write_readme else names:
         if name not in names:   # --only with --write-readme: the other rows stay as they are
             rows += kept_rows(readme.read_text(), name, library_missing=False)
             continue
         family = everything[name]
-        library = family.library if isinstance(family, Family) else "onnx"
+        library = library_of(family)
         try:
             importlib.import_module(library)
         except ImportError as exc:
