@@ -73,3 +73,20 @@ def _import_with_stand_in() -> None:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+def composite(kind: str, canonizers=()):
+    """A Zennit composite by name: ``Epsilon`` (Epsilon(1e-6) on every Conv and Linear, Zennit's base
+    map elsewhere: Norm on sums and average pooling, Pass on activations), ``EpsilonPlusFlat`` or
+    ``EpsilonGammaBox`` (low -3, high 3: standardized pixels)."""
+    zennit = load_zennit()
+    composites, canonizers = zennit.composites, list(canonizers)
+    if kind == "Epsilon":
+        return composites.LayerMapComposite(
+            composites.layer_map_base() + [(zennit.types.Linear, zennit.rules.Epsilon(epsilon=1e-6))],
+            canonizers=canonizers)
+    if kind == "EpsilonPlusFlat":
+        return composites.EpsilonPlusFlat(canonizers=canonizers)
+    if kind == "EpsilonGammaBox":
+        return composites.EpsilonGammaBox(low=-3.0, high=3.0, canonizers=canonizers)
+    raise ValueError(f"unknown composite {kind!r}: Epsilon, EpsilonPlusFlat or EpsilonGammaBox")

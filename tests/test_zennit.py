@@ -105,14 +105,24 @@ def test_composite_matches_zennit_epsilon_plus_flat(torch, zennit, tm, tmp_path)
     assert err.max() <= ZENNIT_RTOL
 
 
-def test_composite_matches_zennit_on_the_benchmark_resnet18_with_its_canonizer(torch, zennit, tm, tmp_path):
+#: (bundled rule file, composite of ``benchmarks/zennit_shim.py``): pairs that benchmarks/compare.py times
+RESNET_ROWS = [("lrp-composite", "EpsilonPlusFlat"), ("lrp-epsilon", "Epsilon")]
+
+
+@pytest.mark.parametrize(("rules", "kind"), RESNET_ROWS)
+def test_rules_match_zennit_on_resnet18_with_its_canonizer(torch, zennit, tm, tmp_path, rules, kind):
     """``benchmarks/resnet.py``'s ResNet-18 (torchvision's layout and attribute names) with Zennit's
     own ``ResNetCanonizer`` (BatchNorm merged, each residual ``+`` a Sum): the shim's stand-in block
     class lets it canonize our BasicBlock as torchvision's. BatchNorm statistics are random, so the
-    folded biases are not 0; the exporter folds the same BatchNorms into the convolutions."""
+    folded biases are not 0; the exporter folds the same BatchNorms into the convolutions.
+
+    BatchNorm eps is 0 here: Zennit's merge leaves each BatchNorm as an "identity" that keeps its
+    eps, ``x / sqrt(1 + eps)``, a factor 1 - 5e-6 per BatchNorm (eps 1e-5) that its relevance and
+    its logits pass through; over ResNet-18's BatchNorms that is 3e-4 of the ε row's max (3e-5 of
+    the composite's), while with eps 0 both sides compute the same function (8e-7 and 3e-5)."""
     bench = _load("rulegraph_test_zennit_resnet", BENCHMARKS / "resnet.py")
-    zennit = _load("rulegraph_test_zennit_shim", BENCHMARKS / "zennit_shim.py").load_zennit(
-        basic=(bench.BasicBlock,))
+    shim = _load("rulegraph_test_zennit_shim", BENCHMARKS / "zennit_shim.py")
+    zennit = shim.load_zennit(basic=(bench.BasicBlock,))
     net = bench.resnet18(num_classes=10)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(21)
@@ -122,15 +132,16 @@ def test_composite_matches_zennit_on_the_benchmark_resnet18_with_its_canonizer(t
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.data.uniform_(0.5, 1.5)
                 m.bias.data.uniform_(-0.2, 0.2)
+                m.eps = 0.0  # see the docstring
     x = np.random.default_rng(4).uniform(0, 1, (2, 3, 32, 32)).astype(np.float32)
     path = tm.export_onnx(net, torch.tensor(x), tmp_path / "resnet18.onnx", dynamo=False)
-    composite = zennit.composites.EpsilonPlusFlat(canonizers=[zennit.torchvision.ResNetCanonizer()])
+    composite = shim.composite(kind, [zennit.torchvision.ResNetCanonizer()])
     with zennit.attribution.Gradient(model=net, composite=composite) as attributor:
         assert any(hasattr(m, "canonizer_sum") for m in net.modules()), "the canonizer did not apply"
         _, reference = attributor(torch.tensor(x), lambda out: out * torch.eye(10)[TARGETS])
     reference = reference.detach().numpy()
-    result = rulegraph.Explainer(path, "lrp-composite").explain(x, target=TARGETS)
+    result = rulegraph.Explainer(path, rules).explain(x, target=TARGETS, max_amplification=None)
     err = row_errors(result.map, reference)
-    print(f"\n[crosscheck] lrp-composite vs zennit EpsilonPlusFlat + ResNetCanonizer on ResNet-18: "
+    print(f"\n[crosscheck] {rules} vs zennit {kind} + ResNetCanonizer on ResNet-18: "
           f"max rel err {err.max():.2e}; relative delta {np.abs(result.relative_delta).max():.1e}")
     assert err.max() <= ZENNIT_RTOL
