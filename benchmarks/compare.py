@@ -1,7 +1,10 @@
 """rulegraph beside Zennit, Captum and torch autograd on the same model, batch and CPU threads.
 
-One interleaved run per model (each round calls every contender once, so machine load hits all
-alike), after a warm-up; medians in milliseconds and the ratio to the onnxruntime forward pass.
+Interleaved runs (each round calls every contender once, so machine load hits all alike), after a
+warm-up; medians in milliseconds and the ratio to the onnxruntime forward pass. On the CNNs the
+contenders run in groups (``CNN_GROUPS``: a rulegraph row beside the references computing the same
+thing), each group interleaved with the forward and its ratios taken to that forward, one group's
+models in memory at a time. The forward is a plain onnxruntime session on the exported file;
 rulegraph runs its compiled explainer (forward + relevance pass in one onnxruntime session; the
 whole ``explain()`` call); the others run the torch model the ONNX file was exported from.
 
@@ -9,8 +12,8 @@ Pairs computing the same thing (same rules, same batch, same threads) are printe
 N× faster": LRP-ε against Zennit's ε composite (Epsilon on every linear layer, Norm on sums and
 average pooling), ``lrp-composite`` against Zennit's EpsilonPlusFlat, ``epsilon-gamma-box.rules``
 against Zennit's EpsilonGammaBox(-3, 3) and integrated gradients (32 Gauss-Legendre points, one
-batched run) against Captum's IG with 32 steps (internal batch = the batch). Zennit runs as its
-documented use, ``with Gradient(model, composite)`` per call, with ``ResNetCanonizer`` on ResNet-18
+run per row: 34 images) against Captum's IG with 32 steps (internal batch = the batch). Zennit
+runs as its documented use, ``with Gradient(model, composite)`` per call, with ``ResNetCanonizer`` on ResNet-18
 (BatchNorm merged into the convolutions, as the exporter folds it for rulegraph).
 
 ``--peak-rss`` also measures each contender's peak resident memory in a process of its own (so
@@ -28,6 +31,7 @@ for attention or LayerNorm, so BERT has no Zennit rows.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -45,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rulegraph import Explainer
+from rulegraph.run import runtime
 
 GAMMA_BOX_RULES = ROOT / "benchmarks" / "epsilon-gamma-box.rules"
 IG_STEPS = 32
@@ -57,6 +62,15 @@ SAME_THING = [("rulegraph lrp-epsilon", "zennit Epsilon", 3.0),
               ("rulegraph lrp-composite", "zennit EpsilonPlusFlat", None),
               ("rulegraph epsilon-gamma-box", "zennit EpsilonGammaBox", 5.0),
               (f"rulegraph IG-{IG_STEPS}", f"captum IG-{IG_STEPS}", 3.0)]
+#: contenders timed together, each group interleaved beside the onnxruntime forward; one group lives
+#: at a time (one rulegraph explainer: VGG-16 at batch 8 holds about 6 GB)
+CNN_GROUPS = [["rulegraph gradient", "torch autograd", "captum Saliency"],
+              ["rulegraph lrp-epsilon", "zennit Epsilon", "captum LRP"],
+              ["rulegraph lrp-composite", "zennit EpsilonPlusFlat"],
+              ["rulegraph epsilon-gamma-box", "zennit EpsilonGammaBox"],
+              [f"rulegraph IG-{IG_STEPS}", f"captum IG-{IG_STEPS}"]]
+#: integrated gradients on these only: a loop batch of 34 VGG-16 images does not fit a shared 23 GB machine
+IG_MODELS = ("resnet18",)
 #: contenders whose peak memory ``--peak-rss`` measures (rulegraph / Zennit is the issue's ratio, ≤ 0.5)
 PEAK_ROWS = ["onnxruntime forward", "rulegraph lrp-epsilon", "rulegraph lrp-composite",
              "rulegraph epsilon-gamma-box", "torch autograd", "zennit Epsilon", "zennit EpsilonPlusFlat",
@@ -152,11 +166,19 @@ def cnn_builders(s: ImageSetup) -> dict:
     def rulegraph_ig():
         explainer = Explainer(s.path, "integrated-gradients", providers=["CPUExecutionProvider"],
                               threads=s.threads)
-        return lambda: explainer.explain(s.xs, target=target, loop="integrated_gradients", steps=IG_STEPS)
+
+        def run():  # row by row: a loop batch of IG_STEPS + 2 images (Captum: internal batch = the batch)
+            for i in range(s.batch):
+                explainer.explain(s.xs[i:i + 1], target=target[:1], loop="integrated_gradients",
+                                  steps=IG_STEPS)
+        return run
 
     def forward():
-        explainer = Explainer(s.path, "gradient", providers=["CPUExecutionProvider"], threads=s.threads)
-        return lambda: explainer.forward(s.xs)
+        import onnx
+
+        model = onnx.load(str(s.path)).SerializeToString()
+        session = runtime.session(model, ["CPUExecutionProvider"], s.threads)
+        return lambda: session.run(None, {"input": s.xs})
 
     def autograd():
         def run():
@@ -208,15 +230,30 @@ def have_zennit() -> bool:
     return importlib.util.find_spec("zennit") is not None
 
 
-def cnn_contenders(name: str, batch: int, threads: int, folder: Path, skip: tuple[str, ...] = ()) -> dict:
+def cnn_times(name: str, batch: int, threads: int, folder: Path, repeat: int,
+              skip: tuple[str, ...] = ()) -> dict[str, tuple[float, float]]:
+    """label -> (median seconds, / the forward of its group), group by group (CNN_GROUPS)."""
     setup = ImageSetup(name, batch, threads, folder)
     setup.write()
     builders = cnn_builders(setup)
     if not have_zennit():
         print("(zennit not installed: no Zennit rows; pip install --no-deps zennit==0.5.1)")
         skip += ("zennit",)
-    return {label: build() for label, build in builders.items()
-            if label == "onnxruntime forward" or not label.startswith(skip)}
+    if name not in IG_MODELS:
+        print(f"({name}: no integrated-gradients rows, see IG_MODELS)")
+        skip += ("rulegraph IG", "captum IG")
+    forward = builders["onnxruntime forward"]()
+    out, forwards = {}, []
+    for group in CNN_GROUPS:
+        fns = {label: builders[label]() for label in group if not label.startswith(skip)}
+        if not fns:
+            continue
+        times = interleaved({"onnxruntime forward": forward, **fns}, repeat)
+        forwards.append(times["onnxruntime forward"])
+        out.update({label: (times[label], times[label] / times["onnxruntime forward"]) for label in fns})
+        del fns
+        gc.collect()
+    return {"onnxruntime forward": (statistics.median(forwards), 1.0), **out}
 
 
 def bert_contenders(batch: int, threads: int, folder: Path) -> dict:
@@ -318,16 +355,16 @@ def print_peaks(peaks: dict[str, dict]) -> None:
                   f"{calling} (target <= 0.5)")
 
 
-def print_times(name: str, times: dict[str, float], batch: int, threads: int, repeat: int) -> None:
-    base = times["onnxruntime forward"]
-    print(f"\n{name}, batch {batch}, {threads} threads (median of {repeat}, interleaved)")
+def print_times(name: str, rows: dict[str, tuple[float, float]], batch: int, threads: int,
+                repeat: int) -> None:
+    print(f"\n{name}, batch {batch}, {threads} threads (median of {repeat}, interleaved with the forward)")
     print(f"{'contender':<30} {'ms':>10} {'/ forward':>10}")
-    for label, seconds in times.items():
-        print(f"{label:<30} {seconds * 1e3:10.1f} {seconds / base:10.2f}")
+    for label, (seconds, ratio) in rows.items():
+        print(f"{label:<30} {seconds * 1e3:10.1f} {ratio:10.2f}")
     for ours, theirs, target in SAME_THING:
-        if ours in times and theirs in times:
+        if ours in rows and theirs in rows:
             goal = "" if target is None else f" (target >= {target:g}x)"
-            print(f"{ours} is {times[theirs] / times[ours]:.2f}x faster than {theirs}{goal}")
+            print(f"{ours} is {rows[theirs][0] / rows[ours][0]:.2f}x faster than {theirs}{goal}")
 
 
 def main() -> int:
@@ -350,12 +387,13 @@ def main() -> int:
     warnings.simplefilter("ignore")  # Captum's note that it set requires_grad on the input, every call
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            contenders = (bert_contenders(args.batch, args.threads, Path(tmp)) if name == "bert"
-                          else cnn_contenders(name, args.batch, args.threads, Path(tmp),
-                                              tuple(filter(None, args.skip.split(",")))))
-            times = interleaved(contenders, args.repeat)
-            del contenders
-            print_times(name, times, args.batch, args.threads, args.repeat)
+            if name == "bert":
+                times = interleaved(bert_contenders(args.batch, args.threads, Path(tmp)), args.repeat)
+                rows = {label: (t, t / times["onnxruntime forward"]) for label, t in times.items()}
+            else:
+                rows = cnn_times(name, args.batch, args.threads, Path(tmp), args.repeat,
+                                 tuple(filter(None, args.skip.split(","))))
+            print_times(name, rows, args.batch, args.threads, args.repeat)
             if args.peak_rss and name != "bert":
                 print_peaks(peak_rss(name, args.batch, args.threads, Path(tmp)))
             sys.stdout.flush()

@@ -18,6 +18,7 @@ import beside this torch, so the ``zennit`` fixture imports it through ``benchma
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,14 @@ def zennit(torch):
         pytest.skip("zennit is not installed (pip install --no-deps zennit==0.5.1: it requires torchvision, "
                     "so it is not in the crosscheck extra)")
     return _load("rulegraph_test_zennit_shim", BENCHMARKS / "zennit_shim.py").load_zennit()
+
+
+def test_the_torchvision_stand_in_is_gone_once_zennit_is_imported(zennit):
+    """The stand-in lives in ``sys.modules`` only while zennit imports (the dynamo exporter looks
+    for torchvision itself): every ``torchvision`` module left there is a real one, with a spec."""
+    assert zennit.torchvision.ResNetCanonizer is not None
+    left = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "torchvision"}
+    assert all(getattr(module, "__spec__", None) is not None for module in left.values()), sorted(left)
 
 
 def _residual_net(torch, zennit):
