@@ -4,6 +4,11 @@ For each model: the plain forward pass on onnxruntime, and rulegraph's compiled 
 + relevance pass in one session) on the same batch. The physical floor of one backward pass is
 about 2 (the backward of a layer costs about its forward). When torch and captum are installed,
 the same model's Captum Saliency time is printed too, as rulegraph / Captum on the same threads.
+When zennit is installed (``pip install --no-deps zennit==0.5.1``), resnet18's sessions for LRP-ε,
+``lrp-composite`` and ``benchmarks/epsilon-gamma-box.rules`` run interleaved with Zennit's ε,
+EpsilonPlusFlat and EpsilonGammaBox on the torch model the ONNX file was exported from (same
+threads, ResNetCanonizer; see benchmarks/compare.py), printed as ratios to the forward and as
+"rulegraph is N× faster than Zennit".
 
     python benchmarks/speed.py [--threads 2] [--batch 8] [--repeat 20] [--skip-resnet]
 """
@@ -11,6 +16,7 @@ the same model's Captum Saliency time is printed too, as rulegraph / Captum on t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -51,18 +57,27 @@ def interleaved(fns, repeat: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def measure(name: str, model_path: Path, x: np.ndarray, rules: str, threads: int, repeat: int) -> dict:
-    model = onnx.load(str(model_path))
-    forward = runtime.session(model.SerializeToString(), ["CPUExecutionProvider"], threads)
-    input_name = forward.get_inputs()[0].name
+def forward_runner(model_path: Path, x: np.ndarray, threads: int):
+    """The plain forward pass of the model on ``x``, one onnxruntime session."""
+    forward = runtime.session(onnx.load(str(model_path)).SerializeToString(), ["CPUExecutionProvider"], threads)
+    feeds = {forward.get_inputs()[0].name: x}
+    return lambda: forward.run(None, feeds)
+
+
+def session_runner(model_path: Path, x: np.ndarray, rules: str, threads: int):
+    """(the compiled explainer's session run on ``x``, arg-max targets, attributions only; the Explainer)."""
     explainer = Explainer(model_path, rules, providers=["CPUExecutionProvider"], threads=threads)
     compiled = explainer.compiled()
     session = runtime.session(compiled.model.SerializeToString(), ["CPUExecutionProvider"], threads)
-    feeds = {input_name: x, TARGET: np.full(len(x), -1, dtype=np.int64)}
+    feeds = {explainer.graph.inputs[0]: x, TARGET: np.full(len(x), -1, dtype=np.int64)}
     outputs = list(compiled.attribution.values())
+    return (lambda: session.run(outputs, feeds)), explainer
+
+
+def measure(name: str, model_path: Path, x: np.ndarray, rules: str, threads: int, repeat: int) -> dict:
+    run, explainer = session_runner(model_path, x, rules, threads)
     t_forward, t_explain, t_api = interleaved(
-        [lambda: forward.run(None, {input_name: x}), lambda: session.run(outputs, feeds),
-         lambda: explainer.explain(x)], repeat)
+        [forward_runner(model_path, x, threads), run, lambda: explainer.explain(x)], repeat)
     row = {"model": name, "rules": rules, "batch": len(x), "forward_ms": 1e3 * t_forward,
            "explain_ms": 1e3 * t_explain, "ratio": t_explain / t_forward, "api_ms": 1e3 * t_api}
     return row
@@ -82,6 +97,35 @@ def captum_saliency_time(torch_model, x: np.ndarray, threads: int, repeat: int) 
     return median_time(lambda: saliency.attribute(xt, target=target, abs=False), repeat)
 
 
+#: (rulegraph rule file, Zennit composite computing the same rules, the issue's target speed-up or None)
+ZENNIT_PAIRS = [("lrp-epsilon", "Epsilon", 3.0), ("lrp-composite", "EpsilonPlusFlat", None),
+                (str(ROOT / "benchmarks" / "epsilon-gamma-box.rules"), "EpsilonGammaBox", 5.0)]
+
+
+def zennit_comparison(model_path: Path, x: np.ndarray, threads: int, repeat: int) -> list[str]:
+    """resnet18's explainer sessions interleaved with Zennit on the same torch model; printable lines."""
+    if importlib.util.find_spec("zennit") is None or importlib.util.find_spec("torch") is None:
+        return ["resnet18 vs Zennit skipped: needs torch and zennit (pip install --no-deps zennit==0.5.1)"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare import ImageSetup, cnn_builders
+
+    setup = ImageSetup("resnet18", len(x), threads, model_path.parent)
+    setup.path, setup.__dict__["xs"] = model_path, x  # the ONNX file and input measured here
+    builders = cnn_builders(setup)
+    fns = {"forward": forward_runner(model_path, x, threads)}
+    for rules, kind, _ in ZENNIT_PAIRS:
+        fns[f"rulegraph {Path(rules).stem}"] = session_runner(model_path, x, rules, threads)[0]
+        fns[f"zennit {kind}"] = builders[f"zennit {kind}"]()
+    times = dict(zip(fns, interleaved(list(fns.values()), repeat)))
+    lines = [f"resnet18 b{len(x)} vs Zennit (same threads, interleaved, median of {repeat}; ms, / forward):"]
+    lines += [f"  {label:<30} {1e3 * t:10.1f} {t / times['forward']:8.2f}" for label, t in times.items()]
+    for rules, kind, target in ZENNIT_PAIRS:
+        speedup = times[f"zennit {kind}"] / times[f"rulegraph {Path(rules).stem}"]
+        goal = "" if target is None else f" (target >= {target:g}x)"
+        lines.append(f"  rulegraph {Path(rules).stem} is {speedup:.2f}x faster than Zennit {kind}{goal}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -90,7 +134,7 @@ def main() -> None:
     parser.add_argument("--skip-resnet", action="store_true")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    rows = []
+    rows, zennit_lines = [], []
     digits = np.load(ROOT / "models" / "digits_sample.npz")["x"]
     digits = np.concatenate([digits] * (args.batch // len(digits) + 1))[: args.batch]
     for name in ("digits_cnn", "digits_resnet"):
@@ -119,6 +163,7 @@ def main() -> None:
                 x = rng.normal(size=(args.batch, 3, 224, 224)).astype(np.float32)
                 for rules in ("gradient", "lrp-epsilon"):
                     rows.append(measure("resnet18", path, x, rules, args.threads, max(3, args.repeat // 4)))
+                zennit_lines = zennit_comparison(path, x, args.threads, max(3, args.repeat // 4))
     print(f"threads {args.threads}, batch {args.batch}, CPU onnxruntime; median of repeated runs")
     print(f"{'model':<14} {'rules':<12} {'forward ms':>10} {'explain ms':>10} {'explain/forward':>16} {'explain() ms':>12}")
     for r in rows:
@@ -128,6 +173,7 @@ def main() -> None:
         name, t, row = captum_row
         print(f"{name}: rulegraph gradient {row['explain_ms']:.2f} ms vs Captum Saliency (torch autograd, "
               f"forward + backward) {1e3 * t:.2f} ms -> rulegraph / Captum = {row['explain_ms'] / (1e3 * t):.3f}")
+    print("\n".join(zennit_lines))
 
 
 if __name__ == "__main__":
