@@ -16,13 +16,24 @@ ties, layer order), not the random weights.
 from __future__ import annotations
 
 import io
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
 torch = pytest.importorskip("torch", reason="the Quantus comparison needs torch (crosscheck extra)")
+# Quantus imports Zennit where it is installed, and Zennit imports torchvision, which has no wheel for
+# this torch: Zennit first, through the stand-in the Zennit cross-check uses (benchmarks/zennit_shim.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+try:
+    from zennit_shim import load_zennit
+
+    load_zennit()
+except ImportError:
+    pass
 quantus = pytest.importorskip("quantus",
                               reason="the Quantus comparison needs quantus==0.6.0 (crosscheck extra)")
 
