@@ -42,7 +42,8 @@ def export_resnet50(path: Path) -> Path:
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(resnet50(), (torch.randn(2, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(resnet50(), (torch.randn(2, 3, 224, 224),), str(path), dynamo=False,
+                          opset_version=17,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     return path
@@ -79,7 +80,7 @@ def measure(path: Path, rules: str, repeat: int) -> dict:
         explainer = Explainer(path, rules, providers=["CPUExecutionProvider"], threads=2)
         compiled, wall, cpu = timed(explainer.compiled)
         stages["compile"].append((wall, cpu))
-        proto = compiled.model.SerializeToString()
+        proto = compiled.model   # a ModelProto: big weights may be held arrays (graph.large)
         _, wall, cpu = timed(lambda: runtime.session(proto, ["CPUExecutionProvider"], 2))
         stages["session"].append((wall, cpu))
     return {stage: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
@@ -93,7 +94,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="cProfile one compile of each row")
     args = parser.parse_args()
-    print(f"{'model':<10} {'rules':<16} {'nodes':>6} {'compile s':>10} {'(cpu)':>7} {'session s':>10} {'(cpu)':>7}")
+    print(f"{'model':<10} {'rules':<16} {'nodes':>6} {'compile s':>10} {'(cpu)':>7} "
+          f"{'session s':>10} {'(cpu)':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             path = EXPORTS[name](Path(tmp) / f"{name}.onnx")
@@ -106,7 +108,8 @@ def main() -> None:
                     import pstats
 
                     profiler = cProfile.Profile()
-                    profiler.runcall(lambda: Explainer(path, rules, providers=["CPUExecutionProvider"]).compiled())
+                    profiler.runcall(
+                        lambda: Explainer(path, rules, providers=["CPUExecutionProvider"]).compiled())
                     pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
                 row = measure(path, rules, args.repeat)
                 (cw, cc), (sw, sc) = row["compile"], row["session"]

@@ -47,7 +47,8 @@ def main() -> int:
         act = reader.forward(x)[start].astype(np.float64)
         return act.reshape(act.shape[0], act.shape[1], -1).mean(axis=2)[:, channels]
 
-    photo_means = np.concatenate([channel_means(preprocess(p, spec)) for p in photos(Path(args.model).parent)])
+    photo_means = np.concatenate([channel_means(preprocess(p, spec))
+                                  for p in photos(Path(args.model).parent)])
     result = visualize(args.model, args.layer, channels, preprocess=args.preprocess, steps=args.steps, seed=0)
     inputs = to_model(result.images.astype(np.float32), preprocess_affine(spec, 3), "NCHW").astype(np.float32)
     at_result = np.array([channel_means(inputs[i:i + 1])[0, i] for i in range(len(channels))])

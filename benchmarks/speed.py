@@ -68,7 +68,7 @@ def session_runner(model_path: Path, x: np.ndarray, rules: str, threads: int):
     """(the compiled explainer's session run on ``x``, arg-max targets, attributions only; the Explainer)."""
     explainer = Explainer(model_path, rules, providers=["CPUExecutionProvider"], threads=threads)
     compiled = explainer.compiled()
-    session = runtime.session(compiled.model.SerializeToString(), ["CPUExecutionProvider"], threads)
+    session = runtime.session(compiled.model, ["CPUExecutionProvider"], threads)  # held weights: a proto
     feeds = {explainer.graph.inputs[0]: x, TARGET: np.full(len(x), -1, dtype=np.int64)}
     outputs = list(compiled.attribution.values())
     return (lambda: session.run(outputs, feeds)), explainer

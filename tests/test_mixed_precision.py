@@ -43,7 +43,8 @@ def exact_cnn(dtype, pool: bool = True, scale: float = 1.0) -> onnx.ModelProto:
              helper.make_node("Relu", ["c"], ["r"], name="relu")]
     last = "r"
     if pool:
-        nodes.append(helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"))
+        nodes.append(helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2],
+                                      name="pool"))
         last = "p"
     nodes += [helper.make_node("Flatten", [last], ["f"], name="flat"),
               helper.make_node("Gemm", ["f", "w2", "b2"], ["logits"], name="dense")]
@@ -65,7 +66,8 @@ RULE_FILES = ["gradient", "gradient-x-input", "lrp-epsilon", "lrp-0", "lrp-zplus
 @pytest.mark.parametrize("rules", RULE_FILES)
 def test_mixed_equals_float32_where_the_half_forward_is_exact(rules):
     x = exact_inputs()
-    mixed = Explainer(exact_cnn(np.float16), rules, precision="mixed").explain(x.astype(np.float16), target=TARGETS)
+    mixed = Explainer(exact_cnn(np.float16), rules, precision="mixed").explain(x.astype(np.float16),
+                                                                               target=TARGETS)
     full = Explainer(exact_cnn(np.float32), rules).explain(x, target=TARGETS)
     assert mixed.map.dtype == np.float32
     np.testing.assert_array_equal(mixed.map, full.map)

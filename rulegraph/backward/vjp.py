@@ -336,7 +336,14 @@ def _matmul(ctx, g):
         raise ctx.fail("MatMul operands of unknown rank")
     bc = ctx.const(1)
     if ctx.active[0] and not ctx.active[1] and bc is not None and rb == 2 and ra >= 2:
-        return [t.op("MatMul", g[0], t.const(np.ascontiguousarray(bc.T), hint="wT")), None]
+        if bc.dtype != t.float_dtype:   # a half weight under a float32 backward: upcast once, here
+            return [t.op("MatMul", g[0], t.const(np.ascontiguousarray(bc.T), hint="wT")), None]
+        # g·Wᵀ as a Gemm on the forward's own weight (transB): no transposed copy of W in the
+        # explainer, its file or its session (onnxruntime packs B for either orientation)
+        if ra == 2:
+            return [t.op("Gemm", g[0], b, transB=1), None]
+        rows = t.op("Reshape", g[0], t.ints([-1, bc.shape[1]]))
+        return [t.reshape_like(t.op("Gemm", rows, b, transB=1), a), None]
     # general case: promote 1-D operands, multiply by the transposes, sum out broadcast axes
     a2 = t.unsqueeze(a, [0]) if ra == 1 else a
     b2 = t.unsqueeze(b, [1]) if rb == 1 else b
@@ -387,7 +394,10 @@ def _gemm(ctx, g):
     out: list[str | None] = [None] * len(node.inputs)
     bc = ctx.const(1)
     if ctx.active[0]:
-        if bc is not None:
+        if bc is not None and bc.dtype == t.float_dtype:
+            # α·g·B'ᵀ on the forward's own B (B'ᵀ = Bᵀ, or B itself under transB): no copy of B
+            da = t.op("Gemm", g[0], b, alpha=alpha if alpha != 1.0 else None, transB=0 if trans_b else 1)
+        elif bc is not None:
             w = bc if trans_b else bc.T  # B'ᵀ
             da = t.op("MatMul", g[0], t.const(np.ascontiguousarray(alpha * w), hint="wT"))
         else:

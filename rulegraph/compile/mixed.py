@@ -50,7 +50,8 @@ def keep_backward_in_float32(model: onnx.ModelProto, backward_nodes: set[str], d
         if init.name in half_initializers and init.name not in read_by_forward:
             g.initializer[k].CopyFrom(_upcast_tensor(init))
             half_initializers.discard(init.name)
-    forward_half = {name for name, t in dtypes.items() if t in HALF_TYPES and name not in produced_by_backward}
+    forward_half = {name for name, t in dtypes.items()
+                    if t in HALF_TYPES and name not in produced_by_backward}
     forward_half |= half_initializers
     forward_half |= {i.name for i in g.input if i.type.tensor_type.elem_type in HALF_TYPES}
     casts: dict[str, str] = {}

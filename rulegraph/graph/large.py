@@ -309,7 +309,7 @@ def read_held(proto: onnx.ModelProto, folder: Path) -> None:
 
 #: op types whose weight input onnxruntime's graph optimizers leave as it is (they may read, fold or
 #: reorder the weights of others, Conv's for one, which they cannot do to a shared initializer)
-SHAREABLE_CONSUMERS = frozenset({"MatMul", "Gather"})
+SHAREABLE_CONSUMERS = frozenset({"MatMul", "Gemm", "Gather"})
 
 
 def session_parts(proto: onnx.ModelProto, folder: Path,

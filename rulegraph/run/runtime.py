@@ -67,12 +67,12 @@ def _session(model_bytes, providers: tuple[str, ...], threads: int, strict: bool
 
 
 def _held_session(rt, model: onnx.ModelProto, options, providers: tuple[str, ...]):
-    """A session of a model whose big weights are held arrays (``graph.large``): the MatMul and
+    """A session of a model whose big weights are held arrays (``graph.large``): the MatMul, Gemm and
     embedding weights given by ``add_initializer`` over their own buffers (the session keeps their
     OrtValues alive), the others (Conv's, which onnxruntime's optimizers rewrite) read by onnxruntime
     from a temporary external-data file. onnxruntime copies no shared weight, except that its
-    prepacking keeps a packed copy of each MatMul weight; ``large.PREPACK = False`` turns that off
-    (weights held once; MatMul then rounds differently, by about 1e-7 relative)."""
+    prepacking keeps a packed copy of each MatMul and Gemm weight; ``large.PREPACK = False`` turns
+    that off (weights held once; MatMul then rounds differently, by about 1e-7 relative)."""
     if not large.PREPACK:
         options.add_session_config_entry("session.disable_prepacking", "1")
     with tempfile.TemporaryDirectory(prefix="rulegraph-") as folder:
