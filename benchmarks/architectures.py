@@ -397,13 +397,19 @@ ARCHITECTURES = {
 
 @dataclass(frozen=True)
 class ThirdParty:
-    """A real exported model (no torch twin): its file, a batch of 2 and what is explained."""
+    """A real exported model (no torch twin): its file, a batch of 2 and what is explained. A model
+    that an ONNX tool makes from another (quantization, onnxruntime's transformer optimizer) has
+    ``build(folder) -> (path, feeds)`` instead of a file, the tool as its ``exporter`` and the
+    ``library`` it needs."""
 
-    path: Path
+    path: Path | None
     shape: tuple
     target: Callable = lambda: [1, 2]
     start: Callable | None = None
     lrp: str = "lrp-epsilon"
+    build: Callable | None = None
+    exporter: str = "third-party"
+    library: str = "onnx"
 
 
 def _pixel_seed():
@@ -422,6 +428,53 @@ def _rec_target():
     return Target("argmax", at=5)
 
 
+def _qdq_digits_cnn(folder: Path):
+    """The bundled digits CNN quantized to int8 QDQ by ``onnxruntime.quantization.quantize_static``,
+    calibrated on the bundled digits."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    digits = np.load(ROOT / "models" / "digits_sample.npz")["x"]
+
+    class Digits(CalibrationDataReader):
+        def __init__(self):
+            self.rows = iter([{"input": digits[i:i + 1]} for i in range(len(digits))])
+
+        def get_next(self):
+            return next(self.rows, None)
+
+    path = folder / "digits_cnn_qdq.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(str(ROOT / "models" / "digits_cnn.onnx"), str(path), Digits(),
+                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8)
+    return path, {"input": digits[:2]}
+
+
+def _optimized_bert(folder: Path):
+    """A 2-layer BERT (random weights) exported by torch, then fused by onnxruntime's transformer
+    optimizer into its contrib ops (SkipLayerNormalization, FastGelu, ...)."""
+    import torch
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=3)
+    model = BertForSequenceClassification(config).eval()
+    ids = torch.randint(5, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    exported, optimized = folder / "bert.onnx", folder / "bert_optimized.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (ids, mask), str(exported), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask")})
+        optimize_model(str(exported), model_type="bert", num_heads=4, hidden_size=64,
+                       opt_level=0).save_model_to_file(str(optimized))
+    return optimized, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+
+
 DATA = ROOT / "tests" / "data"
 SHARED = ROOT.parent / "shared" / "models"   # ../shared/models beside the checkout
 THIRD_PARTY = {
@@ -434,6 +487,11 @@ THIRD_PARTY = {
                                       target=_rec_target, lrp="lrp-transformer"),
     "PP-OCR direction classifier": ThirdParty(DATA / "ppocr" / "ch_ppocr_mobile_v2.0_cls_infer.onnx",
                                               (2, 3, 48, 192), target=lambda: [0, 1]),
+    "digits CNN int8 QDQ": ThirdParty(None, (), build=_qdq_digits_cnn, exporter="quantize_static",
+                                       library="onnxruntime"),
+    "BERT optimized (onnxruntime)": ThirdParty(
+        None, (), target=lambda: [0, 2], lrp="lrp-transformer", build=_optimized_bert,
+        exporter="optimize_model", library="transformers"),
 }
 
 def logits_module(net, n_inputs: int):
@@ -605,19 +663,25 @@ def leak(explainer, feeds, target) -> str:
 
 
 def third_party_row(name: str, model: ThirdParty) -> dict:
-    """A real exported model: no torch twin, so the gradient column is "—" (the gradient file is
-    still run; a failure of it is recorded); LRP file `lrp-epsilon` (`lrp-transformer` for the
-    recogniser, an SVTR with LayerNorm and attention)."""
+    """A real exported model, or one an ONNX tool made (``ThirdParty.build``): no torch twin, so the
+    gradient column is "—" (the gradient file is still run; a failure of it is recorded); LRP file
+    `lrp-epsilon` (`lrp-transformer` for the recogniser, an SVTR with LayerNorm and attention, and
+    the optimized BERT)."""
     import onnx
 
-    out = {"architecture": name, "exporter": "third-party", "fails": [], "gradient_error": "—",
+    out = {"architecture": name, "exporter": model.exporter, "fails": [], "gradient_error": "—",
            "gradient_error64": "—"}
-    if not model.path.exists():
-        raise ImportError(f"{model.path} is not here")
-    proto = onnx.load(str(model.path))
+    folder = tempfile.TemporaryDirectory()
+    if model.build is not None:
+        path, feeds = model.build(Path(folder.name))
+    else:
+        path = model.path
+        if not path.exists():
+            raise ImportError(f"{path} is not here")
+        feeds = np.random.default_rng(0).standard_normal(model.shape).astype(np.float32)
+    proto = onnx.load(str(path))
     out["opset"] = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     out["nodes"] = len(proto.graph.node)
-    feeds = np.random.default_rng(0).standard_normal(model.shape).astype(np.float32)
     start = model.start(proto) if model.start else None
     try:
         Explainer(proto, "gradient", start=start).explain(feeds, target=model.target())
@@ -678,7 +742,7 @@ def measured_with(library: str) -> str:
     import importlib
     import onnxruntime
 
-    modules = ("onnx",) if library == "onnx" else dict.fromkeys(("torch", library))
+    modules = ("onnx",) if library in ("onnx", "onnxruntime") else dict.fromkeys(("torch", library))
     versions = [f"{m} {importlib.import_module(m).__version__}" for m in modules]
     return f"{date.today().isoformat()}, " + ", ".join(versions + [f"onnxruntime {onnxruntime.__version__}"])
 
@@ -713,7 +777,7 @@ def kept_rows(readme: str, name: str, library_missing: bool = True) -> list[list
 
 
 def library_of(family) -> str:
-    return family.library if isinstance(family, Family) else "onnx"
+    return family.library
 
 
 def selected(everything: dict, only: str | None, library: str | None) -> list[str]:
