@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +27,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from compare import interleaved  # noqa: E402  (one interleaved median for every benchmark)
 from rulegraph import Explainer  # noqa: E402
 from rulegraph.run import rulefiles as dsl  # noqa: E402
 
@@ -51,19 +52,6 @@ def bert_base(batch: int, tokens: int, layers: int, path: Path) -> dict[str, np.
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     np.savez(path.with_suffix(".npz"), **feeds)
     return feeds
-
-
-def interleaved(fns: dict, repeat: int) -> dict[str, float]:
-    """Median seconds per contender over ``repeat`` rounds, after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> int:
