@@ -25,9 +25,13 @@ def test_quadrature_integrates_polynomials(method):
     assert (weights * alphas).sum() == pytest.approx(0.5, abs=1e-2 if method in ("riemann_left", "riemann_right") else 1e-6)
 
 
-def test_integrated_gradients_is_one_batched_call(ort_runs):
-    result = Explainer(CNN, "gradient").explain(X, target=TARGETS, loop="integrated_gradients", steps=64)
-    assert len(ort_runs) == 1
+def test_integrated_gradients_is_one_batched_pass_and_one_forward(ort_runs):
+    """The path's points in one relevance pass; x and x' (completeness) through the forward alone."""
+    explainer = Explainer(CNN, "gradient")
+    explainer.forward(X)   # the forward session exists before counting
+    ort_runs.clear()
+    result = explainer.explain(X, target=TARGETS, loop="integrated_gradients", steps=64)
+    assert len(ort_runs) == 2
     assert result.map.shape == X.shape
     # completeness: Σ attribution → f(x) − f(x') as the quadrature converges
     assert np.abs(result.delta).max() < 1e-2 * np.abs(result.start_value).max()

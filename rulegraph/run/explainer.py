@@ -327,7 +327,8 @@ class Explainer:
         ``baseline`` (difference quantity): an array, a dict per input, or a baseline name
         (``zeros``, ``mean``, ``blur``, ``file:<path>``); default: the rule file's ``baseline``.
         ``loop`` (``integrated_gradients``, ``smoothgrad``, ``occlusion``, with ``loop_params``)
-        runs a loop around the pass as one batched run; default: the rule file's ``loop`` header.
+        runs a loop around the pass as one batched run (integrated gradients: its two ends x and x′
+        through the forward alone, a second run); default: the rule file's ``loop`` header.
         ``max_amplification``: warn (``RulegraphWarning``) when a row's Σ|attribution| / |start value|
         exceeds it (amplification.py; None: never; not for loops). ``at``: tensor or node names (one,
         or a list) whose latent relevance the same run also gives (``Result.at``, ``Result.at_numbers``)."""

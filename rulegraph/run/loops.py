@@ -178,25 +178,27 @@ def integrated_gradients(explainer, x, target, params, baseline=None):
     _check_batch("integrated_gradients", feeds, len(alphas) + 2, "steps")
     base = {k: make_baseline(_baseline_choice(explainer, baseline, k), feeds[k]) for k in floats}
     k_steps = len(alphas)
-    points = {}
-    for k, v in feeds.items():  # the path, then x and x' themselves (for the completeness check)
+    points, ends = {}, {}
+    for k, v in feeds.items():  # the path; x and x' themselves need only the forward (completeness)
         if k in base:
             shape = (-1,) + (1,) * v.ndim
             path = base[k][None] + alphas.reshape(shape).astype(v.dtype) * (v - base[k])[None]
-            points[k] = np.concatenate([path.reshape(-1, *v.shape[1:]), v, base[k]])
+            points[k] = path.reshape(-1, *v.shape[1:])
+            ends[k] = np.concatenate([v, base[k]])
         else:
-            points[k] = _rows({k: v}, k_steps + 2)[k]
-    result = explainer.explain(points, target=np.tile(targets, k_steps + 2))
+            points[k] = _rows({k: v}, k_steps)[k]
+            ends[k] = _rows({k: v}, 2)[k]
+    result = explainer.explain(points, target=np.tile(targets, k_steps))
     n = len(targets)
     w = weights.reshape((-1, 1) + (1,) * (feeds[floats[0]].ndim - 1))
     # in the backward's type (float32 under precision="mixed", where the inputs are half)
-    saliency = {k: (w * result.saliency[k][: k_steps * n].reshape(k_steps, n, *feeds[k].shape[1:])).sum(axis=0)
+    saliency = {k: (w * result.saliency[k].reshape(k_steps, n, *feeds[k].shape[1:])).sum(axis=0)
                 .astype(result.saliency[k].dtype) for k in floats}
     attribution = {k: (feeds[k] - base[k]).astype(saliency[k].dtype) * saliency[k] for k in floats}
-    start = result.start.reshape(len(result.start), result.start.shape[1], -1)[:, :, 0]
-    picked = start[np.arange(len(start)), np.tile(targets, k_steps + 2)][k_steps * n:]
-    ends = {name: value[k_steps * n:] for name, value in result.outputs.items()}
-    ends[explainer.compiled().start_tensor] = result.start[k_steps * n:]
+    ends = explainer.forward(ends)
+    start = ends[explainer.compiled().start_tensor]
+    flat = start.reshape(len(start), start.shape[1], -1)[:, :, 0]
+    picked = flat[np.arange(2 * n), np.tile(targets, 2)]
     return _result(explainer, attribution, saliency, picked[:n] - picked[n:], ends, n, targets)
 
 
