@@ -21,7 +21,7 @@ peaks do not mix): the process peak (imports, model, compile, the calls) and the
 calling (after setup; ``/proc/self/clear_refs``), each contender called twice at the same batch.
 
     python benchmarks/compare.py [--models resnet18,vgg16,bert] [--threads 2] [--batch 8] [--repeat 5]
-                                 [--peak-rss] [--skip "captum,rulegraph IG"]
+                                 [--peak-rss | --peak-rss-only] [--skip "captum,rulegraph IG"]
 
 Needs torch and captum (the [crosscheck] extra), transformers for the BERT row, zennit for its rows
 (``pip install --no-deps zennit==0.5.1``; printed as missing otherwise). Zennit 0.5.1 has no rules
@@ -375,6 +375,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip", default="", help="leave out the rows starting with these (comma-separated)")
     parser.add_argument("--peak-rss", action="store_true", help="also each contender's peak RSS, own process")
+    parser.add_argument("--peak-rss-only", action="store_true",
+                        help="only the peak RSS (no timing: memory does not suffer from a loaded machine)")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -387,6 +389,10 @@ def main() -> int:
     warnings.simplefilter("ignore")  # Captum's note that it set requires_grad on the input, every call
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
+            if args.peak_rss_only:
+                ImageSetup(name, args.batch, args.threads, Path(tmp)).write()
+                print_peaks(peak_rss(name, args.batch, args.threads, Path(tmp)))
+                continue
             if name == "bert":
                 times = interleaved(bert_contenders(args.batch, args.threads, Path(tmp)), args.repeat)
                 rows = {label: (t, t / times["onnxruntime forward"]) for label, t in times.items()}

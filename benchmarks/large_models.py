@@ -6,7 +6,7 @@ re-saves it with every weight in ``model.onnx.data`` beside it. Then, in a child
 prompt of 16 tokens: read the model (``Explainer``), compile the gradient explainer, explain the last
 token's top logit, save the explainer (external data); printed per size as a table with the child's peak
 resident set size (``VmHWM``: ``ru_maxrss`` would carry the exporting parent's peak over ``exec``).
-Every size holds its weights once as arrays (over ``graph.large.HOLD_BYTES``, 64 MiB), sessions given
+Every size holds its weights once as arrays (over ``graph.large.HOLD_BYTES``, 1 MiB), sessions given
 them by reference; a model over ``graph.large.LARGE_BYTES`` (1 GiB) is also saved with external data;
 ``--large`` lowers that threshold to 0 so every size takes it; ``--no-prepack`` sets
 ``large.PREPACK = False`` (onnxruntime keeps no packed copy of the MatMul weights; answers then differ

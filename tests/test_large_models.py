@@ -74,6 +74,7 @@ def test_large_path_equals_in_memory_path(model, rules, tmp_path, large_path, mo
     x = _input(proto)
     with monkeypatch.context() as small:
         small.setattr(large, "LARGE_BYTES", 1 << 40)
+        small.setattr(large, "HOLD_BYTES", 1 << 40)
         reference = Explainer(model, rules)
         expected = reference.explain(x)
         feeds, compiled, _, _, _ = reference._pass_feeds(x, "argmax", None, False)
@@ -311,3 +312,33 @@ def test_held_below_the_large_size(what, tmp_path, monkeypatch):
         assert [n.SerializeToString() for n in back.graph.node] == \
             [n.SerializeToString() for n in got_model.model.graph.node]
         assert np.array_equal(held.explain(x).map, reference.explain(x).map)
+
+
+def test_a_model_of_a_few_megabytes_holds_its_weights_once(tmp_path, monkeypatch):
+    """Over ``HOLD_BYTES`` (1 MiB) of weights, any model holds them as arrays: the graph's constants
+    are the arrays, the compiled explainer's big initializers are stubs over them, and the answers
+    equal those of the same model read into protobufs."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((256, 1024)).astype(np.float32)   # 1 MiB
+    w2 = rng.standard_normal((1024, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    explainer = Explainer(path, "lrp-epsilon")
+    got = explainer.explain(x, target=[0, 1, 2])
+    assert large.holds(explainer.compiled().model) and not large.is_large(explainer.compiled().model)
+    assert explainer.graph.constants["w1"] is large.value(
+        next(t for t in explainer.compiled().model.graph.initializer if t.name == "w1"))
+    monkeypatch.setattr(large, "HOLD_BYTES", 1 << 40)
+    in_protobuf = Explainer(path, "lrp-epsilon")
+    assert not large.holds(in_protobuf.compiled().model)
+    expected = in_protobuf.explain(x, target=[0, 1, 2])
+    np.testing.assert_array_equal(got.attribution["x"], expected.attribution["x"])
+    np.testing.assert_array_equal(got.delta, expected.delta)

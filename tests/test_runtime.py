@@ -124,3 +124,16 @@ def test_ops_names_the_nodes_cuda_has_no_kernel_for(tmp_path, capsys, summary):
     assert capsys.readouterr().out.splitlines()[-1] == (
         "CUDA: 1 node(s) of the model have no CUDA kernel and run on the CPU under CUDA (onnxruntime copies "
         "across the device boundary): " + CELU_LINE)
+
+
+def test_cpu_sessions_plan_no_memory_pattern():
+    """The memory pattern (one planned block for every intermediate) about doubled the explainer's
+    peak while calling; CPU sessions run without it, a session asking for CUDA keeps onnxruntime's
+    default."""
+    assert not runtime.session(CNN.read_bytes(), ["CPUExecutionProvider"]).get_session_options().enable_mem_pattern
+    assert not Explainer(CNN, "gradient", providers=["CPUExecutionProvider"]).session() \
+        .get_session_options().enable_mem_pattern
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cuda = runtime._session(CNN.read_bytes(), ("CUDAExecutionProvider", "CPUExecutionProvider"), 0)
+    assert cuda.get_session_options().enable_mem_pattern

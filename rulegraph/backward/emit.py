@@ -36,6 +36,12 @@ def free_name(name: str, names) -> str:
     return candidate
 
 
+#: ops never shared between two requests: Identity names a distinct output (graph outputs, loop
+#: values), the random ops draw anew
+NOT_SHARED = frozenset({"Identity", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                        "Multinomial", "Bernoulli", "Dropout"})
+
+
 class Tape:
     """Collects the nodes and constants of the backward pass."""
 
@@ -48,6 +54,8 @@ class Tape:
         self._prefix = prefix
         self._counter = 0
         self._consts: dict[tuple, str] = {}
+        #: (domain, op, inputs, outputs, attributes) -> the outputs of the node emitted for it
+        self._emitted: dict[tuple, tuple[str, ...]] = {}
         self.scope = ""
         #: big constants as held stubs over their arrays (a large model's backward: ``graph/large.py``)
         self.hold = False
@@ -105,11 +113,25 @@ class Tape:
 
     # nodes ---------------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str | None, outputs: int = 1, domain: str = "", **attrs):
-        """Emit one node; returns its output name (or a list when ``outputs > 1``)."""
+        """Emit one node; returns its output name (or a list when ``outputs > 1``). A node equal to one
+        emitted before (op, inputs, attributes) is not emitted again: the earlier outputs are returned
+        (the rules ask for the same shape, mask or reshape of one tensor many times; on small models
+        onnxruntime's cost is per node)."""
+        node = helper.make_node(op_type, ["" if i is None else i for i in inputs], ["?"] * outputs,
+                                domain=domain, **{k: v for k, v in attrs.items() if v is not None})
+        key = None
+        if op_type not in NOT_SHARED:
+            key = (domain, op_type, tuple(node.input), outputs,
+                   tuple(a.SerializeToString() for a in node.attribute))
+            if key in self._emitted:
+                names = self._emitted[key]
+                return names[0] if outputs == 1 else list(names)
         names = [self.fresh(op_type) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(
-            op_type, ["" if i is None else i for i in inputs], names, name=names[0], domain=domain,
-            **{k: v for k, v in attrs.items() if v is not None}))
+        node.output[:] = names
+        node.name = names[0]
+        self.nodes.append(node)
+        if key is not None:
+            self._emitted[key] = tuple(names)
         return names[0] if outputs == 1 else names
 
     def copy_node(self, node, inputs: Sequence[str | None], outputs: int | None = None):

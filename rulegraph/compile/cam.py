@@ -29,7 +29,7 @@ activations), rescaled each time: after ``EIGEN_SQUARINGS`` steps it is ``v vᵀ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -65,6 +65,8 @@ class CamModel:
     layer: str
     cam_output: str
     guided_output: str | None = None
+    #: the arrays behind held stubs the model took from a second pass (guided backprop's), kept alive
+    held: list = field(default_factory=list, repr=False)
 
     @property
     def input_names(self) -> list[str]:
@@ -118,12 +120,13 @@ def compile_cam(graph: Graph, gradient: RuleSet, method: str, layer: str | None 
     cam = _normalize(tape, raw, x, cam_name)
     outputs = [helper.make_tensor_value_info(cam_name, TensorProto.FLOAT, [graph.dim(x, 0), graph.dim(x, 2),
                                                                           graph.dim(x, 3)])]
-    guided_name = None
+    guided_name, held = None, []
     if method == "guided-gradcam":
         if guided is None:
             raise RulegraphError("guided-gradcam needs the guided backprop rule file (guided=)")
-        saliency = _merge(model, tape, graph, compile_explainer(graph, guided, output, start, False, False,
-                                                               class_axis), taken)
+        second = compile_explainer(graph, guided, output, start, False, False, class_axis)
+        held = second.held
+        saliency = _merge(model, tape, graph, second, taken)
         guided_name = free_name(GUIDED_OUTPUT, taken)
         tape.nodes.append(helper.make_node("Mul", [saliency, tape.unsqueeze(cam, [1])], [guided_name],
                                            name=guided_name))
@@ -139,7 +142,7 @@ def compile_cam(graph: Graph, gradient: RuleSet, method: str, layer: str | None 
         onnx.checker.check_model(large.without_weights(model))
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"the CAM model is not valid ONNX: {exc}") from exc
-    return CamModel(model, compiled, method, tensor, cam_name, guided_name)
+    return CamModel(model, compiled, method, tensor, cam_name, guided_name, held + tape.held)
 
 
 def _as_grid(tape: Tape, graph: Graph, tensor: str, grad: str) -> tuple[str, str]:

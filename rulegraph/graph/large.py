@@ -40,9 +40,11 @@ from onnx import numpy_helper
 LARGE_BYTES = 1 << 30
 #: initializers up to this size stay inside the model (shape inference, the saved shell)
 INLINE_BYTES = 1 << 10
-#: initializer bytes above which a model's big weights are held once, as arrays (``to_hold``): below
-#: the large-model size, so that models of a few hundred MB are not copied in protobufs either
-HOLD_BYTES = 1 << 26
+#: initializer bytes above which a model's big weights are held once, as arrays (``to_hold``): far
+#: below the large-model size, so that no model's weights are copied in protobufs (the loaded graph,
+#: the compiled explainer, the serialized bytes, the session: a ResNet-18 explainer's process peaked at
+#: 13× its 45 MB of weights before, 6× after; benchmarks/compare.py --peak-rss)
+HOLD_BYTES = 1 << 20
 
 
 #: onnxruntime's prepacking in sessions of held weights: on, the answers equal the in-memory path's bit
