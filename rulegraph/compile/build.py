@@ -49,7 +49,6 @@ from . import mixed
 from .context import RuleContext
 from .form import STANDARD, emitter, pass_ruleset
 from .plan import assign, find_start, path_nodes
-from .remat import rematerialize
 from .targets import StartSpec, batch_dim, relocate, start_spec
 
 POSITIONS = "rulegraph/positions"
@@ -192,8 +191,6 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
                         for name in sums if name})
     compiled.baseline_inputs = {x: baseline_of[x] for x in graph.float_inputs() if x in baseline_of}
     extra_inputs, typed_outputs = _target_io(graph, axes, seed_mode, compiled)
-    kept = set(outputs) | set(graph.outputs) | {o.name for o in typed_outputs}
-    tape.nodes = rematerialize(graph.model.graph.node, tape.nodes, kept, tape.fresh)
     compiled.model = _assemble(graph, tape, extra_outputs, outputs, compiled, extra_inputs, typed_outputs)
     if dtype != forward_dtype:
         tape.context = "the boundary between the half-precision forward and the float32 backward"
