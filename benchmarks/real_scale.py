@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated family names (default: every torch/transformers one)")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else [n for n, f in ARCHITECTURES.items()
-                                                     if f.library in ("torch", "transformers")]
+                                                     if f.library in ("torch", "transformers", "torchvision")]
     warnings.simplefilter("ignore")
     print(f"| family (logits scaled to std {LOGIT_STD:g}) | LRP file | smallest \\|logit\\| | conservation | "
           "same at ε = 0 | leaks most at ε = 1e-6 |")
