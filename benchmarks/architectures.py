@@ -264,6 +264,15 @@ def torch_init(module) -> None:
         module.reset_parameters()
 
 
+def torch_init_linear(module) -> None:
+    """torch's own initialization of linear layers too: LeViT's (weights ~ N(0, 0.02) through
+    Linear + BatchNorm1d blocks) gives logits ~1e-9."""
+    import torch
+
+    if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+        module.reset_parameters()
+
+
 def randn(*shape):
     def make():
         import torch
@@ -310,6 +319,12 @@ def _tf(build, **kw) -> Family:
 
 
 IMAGE_TF = {"image_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+
+TEXT_TF = {"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 128, "max_position_embeddings": 64, "num_labels": 3}
+AUDIO_TF = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+            "conv_dim": (16, 16), "conv_stride": (5, 2), "conv_kernel": (10, 3), "num_conv_pos_embeddings": 16,
+            "num_conv_pos_embedding_groups": 4, "classifier_proj_size": 16, "num_labels": 4}
 
 #: the torchvision segmentation rows explain class 1 over a 32 × 32 region of the 128 × 128 map
 TV_REGION = (1, slice(48, 80), slice(40, 72))
@@ -381,6 +396,88 @@ ARCHITECTURES = {
                                        hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
                                        num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32,
                                        num_labels=4), region=(1, slice(2, 6), slice(2, 6))),
+    # more transformers families: encoders, decoders, vision and speech models from tiny configs
+    "roberta (transformers)": _tf(hf("RobertaConfig", "RobertaForSequenceClassification", token_ids, **TEXT_TF)),
+    "xlm-roberta (transformers)": _tf(hf("XLMRobertaConfig", "XLMRobertaForSequenceClassification", token_ids,
+                                         **TEXT_TF)),
+    "distilbert (transformers)": _tf(hf("DistilBertConfig", "DistilBertForSequenceClassification", token_ids,
+                                        vocab_size=1000, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                        max_position_embeddings=64, num_labels=3)),
+    "albert (transformers)": _tf(hf("AlbertConfig", "AlbertForSequenceClassification", token_ids,
+                                    embedding_size=32, **TEXT_TF)),
+    "electra (transformers)": _tf(hf("ElectraConfig", "ElectraForSequenceClassification", token_ids,
+                                     embedding_size=32, **TEXT_TF)),
+    "deberta-v2 (transformers)": _tf(hf("DebertaV2Config", "DebertaV2ForSequenceClassification", token_ids,
+                                        relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                        position_buckets=8, **TEXT_TF)),
+    "mpnet (transformers)": _tf(hf("MPNetConfig", "MPNetForSequenceClassification", token_ids, **TEXT_TF)),
+    "mobilebert (transformers)": _tf(hf("MobileBertConfig", "MobileBertForSequenceClassification", token_ids,
+                                        **{**TEXT_TF, "intermediate_size": 64}, embedding_size=32,
+                                        intra_bottleneck_size=32, true_hidden_size=32,
+                                        num_feedforward_networks=2)),
+    "gpt-neo (transformers)": _tf(hf("GPTNeoConfig", "GPTNeoForCausalLM", lambda: token_ids(mask=False),
+                                     pick=lambda out: out.logits[:, -1], vocab_size=1000,
+                                     max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
+                                     intermediate_size=128, attention_types=[[["global", "local"], 1]],
+                                     window_size=8)),
+    "gpt-j (transformers)": _tf(hf("GPTJConfig", "GPTJForCausalLM", lambda: token_ids(mask=False),
+                                   pick=lambda out: out.logits[:, -1], vocab_size=1000, n_positions=64,
+                                   n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
+    "opt (transformers)": _tf(causal_lm("OPTConfig", "OPTForCausalLM", ffn_dim=128, word_embed_proj_dim=64,
+                                     pad_token_id=0)),
+    "bloom (transformers)": _tf(hf("BloomConfig", "BloomForCausalLM", lambda: token_ids(mask=False),
+                                   pick=lambda out: out.logits[:, -1], vocab_size=1000, hidden_size=64,
+                                   n_layer=2, n_head=4)),
+    "falcon (transformers)": _tf(causal_lm("FalconConfig", "FalconForCausalLM", num_kv_heads=1)),
+    "phi (transformers)": _tf(causal_lm("PhiConfig", "PhiForCausalLM", num_key_value_heads=4)),
+    "phi3 (transformers)": _tf(causal_lm("Phi3Config", "Phi3ForCausalLM", num_key_value_heads=4,
+                                         pad_token_id=0)),
+    "gemma (transformers)": _tf(causal_lm("GemmaConfig", "GemmaForCausalLM", head_dim=16)),
+    "gemma2 (transformers)": _tf(causal_lm("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, sliding_window=8)),
+    "gemma3 text (transformers)": _tf(causal_lm("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16,
+                                                sliding_window=8)),
+    "stablelm (transformers)": _tf(causal_lm("StableLmConfig", "StableLmForCausalLM")),
+    "olmo (transformers)": _tf(causal_lm("OlmoConfig", "OlmoForCausalLM", pad_token_id=0, eos_token_id=1)),
+    "granite (transformers)": _tf(causal_lm("GraniteConfig", "GraniteForCausalLM")),
+    "mixtral (transformers)": _tf(causal_lm("MixtralConfig", "MixtralForCausalLM", num_local_experts=4,
+                                            num_experts_per_tok=2)),
+    "mixtral with eager experts and attention (transformers)": _tf(causal_lm(
+        "MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
+        experts_implementation="eager", attn_implementation="eager")),
+    "qwen2-moe with eager experts and attention (transformers)": _tf(causal_lm(
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, experts_implementation="eager", attn_implementation="eager")),
+    "beit (transformers)": _tf(hf("BeitConfig", "BeitForImageClassification", image(), patch_size=8,
+                                  hidden_size=64, use_relative_position_bias=True, num_labels=10, **IMAGE_TF)),
+    "dinov2 (transformers)": _tf(hf("Dinov2Config", "Dinov2ForImageClassification", image(), patch_size=8,
+                                    hidden_size=64, mlp_ratio=2, num_labels=10,
+                                    **{k: v for k, v in IMAGE_TF.items() if k != "intermediate_size"})),
+    "levit (transformers)": _tf(hf("LevitConfig", "LevitForImageClassification", image(64), image_size=64,
+                                   hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+                                   key_dim=[8, 8, 8], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2],
+                                   num_labels=10, init=torch_init_linear)),
+    "poolformer (transformers)": _tf(hf("PoolFormerConfig", "PoolFormerForImageClassification", image(),
+                                        hidden_sizes=[16, 32], depths=[1, 1], num_encoder_blocks=2,
+                                        patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1], mlp_ratio=2.0,
+                                        num_labels=10)),
+    "regnet (transformers)": _tf(hf("RegNetConfig", "RegNetForImageClassification", image(), embedding_size=16,
+                                    hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=10)),
+    "resnet (transformers)": _tf(hf("ResNetConfig", "ResNetForImageClassification", image(), embedding_size=16,
+                                    hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=10)),
+    "cvt (transformers)": _tf(hf("CvtConfig", "CvtForImageClassification", image(), embed_dim=[16, 32, 64],
+                                 num_heads=[1, 2, 4], depth=[1, 2, 3], mlp_ratio=[2.0, 2.0, 2.0],
+                                 num_labels=10)),
+    "yolos (transformers)": _tf(hf("YolosConfig", "YolosForObjectDetection", image(), image_size=[32, 32],
+                                   patch_size=8, hidden_size=64, num_detection_tokens=5, num_labels=6,
+                                   pick=lambda out: out.logits[:, 0],
+                                   **{k: v for k, v in IMAGE_TF.items() if k != "image_size"})),
+    "hubert (transformers)": _tf(hf("HubertConfig", "HubertForSequenceClassification",
+                                    lambda: {"input_values": randn(2, 800)()}, **AUDIO_TF)),
+    "data2vec-audio (transformers)": _tf(hf("Data2VecAudioConfig", "Data2VecAudioForSequenceClassification",
+                                            lambda: {"input_values": randn(2, 800)()}, **AUDIO_TF)),
+    "wavlm (transformers)": _tf(hf("WavLMConfig", "WavLMForSequenceClassification",
+                                   lambda: {"input_values": randn(2, 800)()}, num_buckets=16,
+                                   max_bucket_distance=32, **AUDIO_TF)),
     "u-net (torch)": Family(handmade("unet", randn(2, 3, 16, 16)), "torch",
                             region=(1, slice(4, 8), slice(6, 10))),
     "1-d cnn on audio (torch)": Family(handmade("audio-1d-cnn", randn(2, 1, 1600)), "torch"),
@@ -535,6 +632,7 @@ def float64_twin(net, inputs: dict, embeddings):
     """A float64 copy of ``net``, its float inputs in float64, and the copy's embeddings module: the
     same target's gradient without float32 rounding (where a ReLU mask flips, the two differ)."""
     memo: dict = {}
+    net.train().eval()   # drops what modules cache in eval mode (LeViT's attention biases: not leaves)
     twin = copy.deepcopy(net, memo).double()
     doubled = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     return twin, doubled, None if embeddings is None else memo[id(embeddings)]
