@@ -510,6 +510,18 @@ ROUTE = [
        {"pads": ints(1, 0, 0, 0, 2, 1)}),
     op("Dropout-training-mode-false", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.3), "t": np.array(False)}),
     op("Dropout-training-ratio-0", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.0), "t": np.array(True)}),
+    # a mixture-of-experts router (Mixtral, Qwen2-MoE): the k largest gate scores weigh the experts
+    nodes("TopK-axis1", [N("TopK", ["x", "k"], ["y", "i"], axis=1)], X234, {"k": ints(2)}, sample=distinct),
+    nodes("TopK-last-axis-k1", [N("TopK", ["x", "k"], ["y", "i"])], X234, {"k": ints(1)}, sample=distinct),
+    nodes("TopK-opset11-smallest-unsorted-negative-axis", [N("TopK", ["x", "k"], ["y", "i"], axis=-2,
+                                                             largest=0, sorted=0)],
+          X234, {"k": ints(2)}, opset=11, sample=distinct),
+    nodes("TopK-opset10", [N("TopK", ["x", "k"], ["y", "i"], axis=0)], X234, {"k": ints(1)}, opset=10,
+          sample=distinct),
+    nodes("TopK-opset1-k-attribute", [N("TopK", ["x"], ["y", "i"], k=3)], X234, opset=1, sample=distinct),
+    nodes("TopK-values-and-indices-used", [N("TopK", ["x", "k"], ["v", "i"], axis=-1),
+                                           N("GatherElements", ["x", "i"], ["g"], axis=-1),
+                                           N("Mul", ["v", "g"], ["y"])], X234, {"k": ints(2)}, sample=distinct),
 ]
 
 # `distinct`: values of all operands are distinct, so the maximum is never a tie

@@ -1300,6 +1300,19 @@ def _select(ctx, g):
     return [_scatter_back(ctx, taken, g[0], "add")] + [None] * (len(ctx.node.inputs) - 1)
 
 
+@vjp("TopK", kind=ROUTE)
+def _top_k(ctx, g):
+    """``values, indices = TopK(x, k)``: a selection along ``axis`` by the forward's own ``indices``
+    (distinct per row, so a plain scatter): ``g`` of the values goes back to where each came from.
+    ``k`` is an integer and ``indices`` an integer output: neither takes a gradient."""
+    t = ctx.tape
+    if g[0] is None:
+        return [None] * len(ctx.node.inputs)
+    indices = ctx.request_output(ctx.node, 1)
+    gx = t.op("ScatterElements", t.zeros_like(ctx.x), indices, g[0], axis=ctx.node.attr("axis", -1))
+    return [gx] + [None] * (len(ctx.node.inputs) - 1)
+
+
 def _shape_of_parts(ctx: VjpContext, parts: list) -> str:
     """An int64 shape tensor from parts: ints, or ``(start, end, divisor)``, a slice of ``x``'s shape
     divided by ``divisor``."""
