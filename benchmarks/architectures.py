@@ -279,6 +279,19 @@ def torch_init_linear(module) -> None:
         module.reset_parameters()
 
 
+def kaiming_init(module) -> None:
+    """torchvision's initialization of its MobileNets (He-normal convolutions, fan out): with torch's
+    default (variance × 1/3 a layer) the 17 blocks of transformers' MobileNetV2 give logits ~1e-9."""
+    import torch
+
+    if isinstance(module, torch.nn.Conv2d):
+        torch.nn.init.kaiming_normal_(module.weight, mode="fan_out")
+        if module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+    elif isinstance(module, torch.nn.BatchNorm2d):
+        module.reset_parameters()
+
+
 def randn(*shape):
     def make():
         import torch
@@ -497,7 +510,7 @@ ARCHITECTURES = {
                                    d_model=64, n_layer=2, n_head=4, d_inner=128, num_labels=3)),
     "nystromformer (transformers)": _tf(hf("NystromformerConfig", "NystromformerForSequenceClassification",
                                            token_ids, num_landmarks=4, segment_means_seq_len=12,
-                                           conv_kernel_size=None, **TEXT_TF)),
+                                           **TEXT_TF)),
     "modernbert (transformers)": _tf(hf("ModernBertConfig", "ModernBertForSequenceClassification", token_ids,
                                         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
                                         sep_token_id=2, local_attention=8, **TEXT_TF)),
@@ -512,7 +525,7 @@ ARCHITECTURES = {
     "codegen (transformers)": _tf(hf("CodeGenConfig", "CodeGenForCausalLM", lambda: token_ids(mask=False),
                                      pick=lambda out: out.logits[:, -1], vocab_size=1000, n_positions=64,
                                      n_ctx=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
-    "biogpt (transformers)": _tf(causal_lm("BioGptConfig", "BioGptForCausalLM")),
+    "biogpt (transformers)": _tf(causal_lm("BioGptConfig", "BioGptForCausalLM", pad_token_id=0)),
     "cohere (transformers)": _tf(causal_lm("CohereConfig", "CohereForCausalLM", pad_token_id=0, bos_token_id=1,
                                            eos_token_id=2)),
     "starcoder2 (transformers)": _tf(causal_lm("Starcoder2Config", "Starcoder2ForCausalLM", sliding_window=8)),
@@ -540,12 +553,12 @@ ARCHITECTURES = {
     "mobilevitv2 (transformers)": _tf(hf("MobileViTV2Config", "MobileViTV2ForImageClassification", image(64),
                                          image_size=64, width_multiplier=0.25, num_labels=10, init=torch_init)),
     "mobilenet_v2 (transformers)": _tf(hf("MobileNetV2Config", "MobileNetV2ForImageClassification", image(),
-                                          image_size=32, depth_multiplier=0.25, num_labels=10, init=torch_init)),
+                                          image_size=32, depth_multiplier=0.25, num_labels=10, init=kaiming_init)),
     "efficientnet (transformers)": _tf(hf("EfficientNetConfig", "EfficientNetForImageClassification", image(),
                                           image_size=32, width_coefficient=0.25, depth_coefficient=0.2,
-                                          hidden_dim=64, num_labels=10, init=torch_init)),
-    "bit (transformers)": _tf(hf("BitConfig", "BitForImageClassification", image(), embedding_size=16,
-                                 hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),
+                                          hidden_dim=320, num_labels=10, init=torch_init)),
+    "bit (transformers)": _tf(hf("BitConfig", "BitForImageClassification", image(), embedding_size=32,
+                                 hidden_sizes=[32, 64], depths=[1, 1], layer_type="preactivation", num_labels=10)),
     "focalnet (transformers)": _tf(hf("FocalNetConfig", "FocalNetForImageClassification", image(), image_size=32,
                                       patch_size=4, embed_dim=16, depths=[1, 1], focal_levels=[2, 2],
                                       focal_windows=[3, 3], num_labels=10)),

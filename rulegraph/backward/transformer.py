@@ -26,7 +26,7 @@ numbers mean nothing, and the checker predicts no conservation there.
 
 from __future__ import annotations
 
-from ..graph.kinds import BILINEAR, NORMALIZING, ROUTE
+from ..graph.kinds import BILINEAR, NORMALIZING
 from ..graph.read import Graph
 from .table import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
 from .attention import attention_parts, heads_of, present_back, unrepeat
@@ -56,15 +56,30 @@ def _normalized_output(ctx) -> str:
 
 
 def produced_by(graph: Graph, tensor: str, op_types: frozenset[str]) -> bool:
-    """Is ``tensor`` the output of one of ``op_types``, possibly moved by route ops (Reshape, ...)?"""
-    while (node := graph.producer.get(tensor)) is not None:
-        if node.op_type in op_types:
-            return True
+    """Is ``tensor`` computed from outputs of ``op_types`` only: such an output, moved by route ops
+    (Reshape, ...), or the output of any op whose every activation input is such a tensor (Mixtral's
+    router: the top-k softmax weights divided by their sum)? A walk over the producers, each tensor
+    decided once; it stops at the first input that is not."""
+    known: dict[str, bool] = {}
+    stack = [tensor]
+    while stack:
+        name = stack[-1]
+        node = graph.producer.get(name)
+        if node is None or node.op_type in op_types:
+            known[name] = node is not None
+            stack.pop()
+            continue
         active = [i for i in node.inputs if i in graph.active]
-        if node.kind != ROUTE or len(active) != 1:
-            return False
-        tensor = active[0]
-    return False
+        pending = [i for i in active if i not in known]
+        if not active or any(known.get(i) is False for i in active):
+            known[name] = False
+        elif pending:
+            stack.append(pending[0])
+            continue
+        else:
+            known[name] = True
+        stack.pop()
+    return known[tensor]
 
 
 SOFTMAX = frozenset({"Softmax"})
@@ -110,8 +125,9 @@ def uniform(ctx) -> list[str | None]:
     An Einsum of ``n`` active operands (multilinear, so ``Σ xₖ ⊙ VJPₖ(s) = s ⊙ y`` for each) gives each
     ``a(xₖ) = xₖ ⊙ VJPₖ(s) / n``; a constant operand gets nothing.
 
-    ``softmax_constant = 1``: where one operand is a Softmax output (through route ops only: the
-    attention weights of ``softmax(QKᵀ)·V``), that operand is held constant and the other takes all
+    ``softmax_constant = 1``: where one operand is computed from Softmax outputs only (the attention
+    weights of ``softmax(QKᵀ)·V`` through route ops; a mixture-of-experts router's top-k weights
+    renormalized by their sum), that operand is held constant and the other takes all
     the relevance by the ε-rule, as ``gate`` does (CP-LRP, Ali et al. 2022); the Softmax, and Q and
     K behind it, get nothing. ``gate_constant = 1`` does the same for an operand computed by a
     Sigmoid or HardSigmoid (the squeeze-excitation gate of MobileNetV3 and EfficientNet).
