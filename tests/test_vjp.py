@@ -510,6 +510,12 @@ ROUTE = [
        {"pads": ints(1, 0, 0, 0, 2, 1)}),
     op("Dropout-training-mode-false", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.3), "t": np.array(False)}),
     op("Dropout-training-ratio-0", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.0), "t": np.array(True)}),
+    # negative amounts crop (RWKV's time shift, ZeroPad2d((0, 0, 1, -1))), mixed with padding
+    op("Pad-crop-and-pad", "Pad", ["x", "pads"], X234, {"pads": ints(0, 1, -1, 0, -1, 2)}),
+    op("Pad-opset18-axes-crop", "Pad", ["x", "pads", "", "axes"], X234, {"pads": ints(-1, 1, 0, -2),
+                                                                          "axes": ints(1, -1)}, opset=18),
+    op("Pad-crop-activation-value", "Pad", ["x", "pads", "x1"], {"x": [2, 3, 4], "x1": []},
+       {"pads": ints(0, -1, 1, 0, 0, -1)}),
     # a mixture-of-experts router (Mixtral, Qwen2-MoE): the k largest gate scores weigh the experts
     nodes("TopK-axis1", [N("TopK", ["x", "k"], ["y", "i"], axis=1)], X234, {"k": ints(2)}, sample=distinct),
     nodes("TopK-last-axis-k1", [N("TopK", ["x", "k"], ["y", "i"])], X234, {"k": ints(1)}, sample=distinct),

@@ -1253,15 +1253,19 @@ def _pad(ctx, g):
     axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
     n = len(axes)
     begin, end = [int(p) for p in pads[:n]], [int(p) for p in pads[n:]]
-    if min(begin + end) < 0:
-        raise ctx.fail("Pad with negative amounts (cropping) is not supported")
-    ends = [-e if e else INT64_MAX for e in end]
-    gx = t.op("Slice", g[0], t.ints(begin), t.ints(ends), t.ints(axes))
+    # the padded elements are sliced off g; a negative amount crops x (RWKV's time shift,
+    # ZeroPad2d((0, 0, 1, -1))): the cropped elements get zeros back, a Pad of the slice
+    ends = [-e if e > 0 else INT64_MAX for e in end]
+    kept = t.op("Slice", g[0], t.ints([max(b, 0) for b in begin]), t.ints(ends), t.ints(axes))
+    cropped = [0] * (2 * rank)   # all axes: the Pad of opsets before 18 has no axes input
+    for axis, b, e in zip(axes, begin, end):
+        cropped[axis], cropped[rank + axis] = max(-b, 0), max(-e, 0)
+    gx = kept if not any(cropped) else t.op("Pad", kept, t.ints(cropped), t.scalar(0.0))
     grads = [gx] + [None] * (len(ctx.node.inputs) - 1)
     # an activation pad value: every padded element is it. A constant one gets no part, also where a
     # route rule asks for the parts of constants (context.py): it is not a per-row bias
     if len(ctx.active) > 2 and ctx.active[2] and ctx.node.inputs[2] in ctx.graph.active:
-        padded = t.op("Sub", t.reduce_sum(g[0], None, keepdims=False), t.reduce_sum(gx, None, keepdims=False))
+        padded = t.op("Sub", t.reduce_sum(g[0], None, keepdims=False), t.reduce_sum(kept, None, keepdims=False))
         grads[2] = t.reshape_like(padded, ctx.node.inputs[2])
     return grads
 
