@@ -10,6 +10,12 @@ each reproduced on the smallest torch model that shows it, exported by both torc
    torch), the biases taking the rest. Before, the renormalizing ``Div`` was refused ("a quotient
    a/b is not linear in its divisor b"): its numerator was seen as a Softmax output, its divisor
    (a sum of the same weights) not.
+2. Norms of activations (SwinV2's cosine attention ``q / ‖q‖`` by ``F.normalize``, ConvNeXtV2's global
+   response normalization ``x ⊙ ‖x‖ / mean ‖x‖``): ``ReduceL2`` had no rule in ``lrp-transformer``
+   (CoverageError). Now the normalizing factor is held constant (``uniform(norm_constant = 1)``, the
+   norm itself ``block``), as LayerNorm's σ is: the gradient file equals autograd, lrp-transformer
+   conserves, and at ε = 0 it is Gradient × Input of the model with the attention weights and the
+   norms detached.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ TARGET = [0, 2]
 
 #: lrp-transformer with every ε at 0: LRP-0, exact up to float32 rounding
 LRP_TRANSFORMER_EPS0 = ('rulegraph 1\ninclude "lrp-transformer"\nlinear -> normalized(eps = 0)\n'
-                        "bilinear -> uniform(eps = 0, softmax_constant = 1, gate_constant = 1)\n")
+                        "bilinear -> uniform(eps = 0, softmax_constant = 1, gate_constant = 1, norm_constant = 1)\n")
 
 
 class Router(nn.Module):
@@ -101,3 +107,63 @@ def test_moe_router_lrp0_is_gradient_x_input_with_the_weights_held(router, expor
     result = rulegraph.Explainer(paths[exporter], rules).explain(x.numpy(), target=TARGET)
     got = result.attribution["input"]
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+class CosineGRN(nn.Module):
+    """Tokens [N, T, 6] -> hidden 8 -> SwinV2's cosine attention (``F.normalize`` of q and k, a
+    constant logit scale) as a residual -> ConvNeXtV2's GRN over the tokens (``vector_norm``, divided
+    by its mean over channels; ``γ ⊙ (h ⊙ n) + β + h``) -> mean over tokens, 3 classes. ``held``: the
+    attention weights and the GRN factor ``n`` detached (the model LRP explains)."""
+
+    def __init__(self, held: bool = False):
+        super().__init__()
+        self.held = held
+        self.embed, self.qkv, self.head = nn.Linear(6, 8), nn.Linear(8, 24), nn.Linear(8, 3)
+        self.gamma, self.beta = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = self.embed(x)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        scores = nn.functional.normalize(q, dim=-1) @ nn.functional.normalize(k, dim=-1).transpose(1, 2)
+        weights = torch.softmax(scores * 10.0, -1)
+        h = h + (weights.detach() if self.held else weights) @ v
+        norm = torch.linalg.vector_norm(h, dim=1, keepdim=True)
+        n = norm / (norm.mean(-1, keepdim=True) + 1e-6)
+        h = self.gamma * (h * (n.detach() if self.held else n)) + self.beta + h
+        return self.head(h.mean(1))
+
+
+@pytest.fixture(scope="module")
+def cosine_grn(tmp_path_factory):
+    net = tm.seeded(CosineGRN)
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+    folder = tmp_path_factory.mktemp("cosine_grn")
+    return net, x, {name: tm.export_onnx(net, x, folder / f"{name}.onnx", dynamo)
+                    for name, dynamo in EXPORTERS.items()}
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_norms_gradient_equals_autograd(cosine_grn, exporter):
+    net, x, paths = cosine_grn
+    result = rulegraph.Explainer(paths[exporter], "gradient").explain(x.numpy(), target=TARGET)
+    expected = _input_gradient(net, x)
+    assert np.abs(result.saliency["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_norms_lrp_transformer_conserves(cosine_grn, exporter):
+    _, x, paths = cosine_grn
+    result = rulegraph.Explainer(paths[exporter], "lrp-transformer").explain(x.numpy(), target=TARGET)
+    assert np.isfinite(result.map).all()
+    assert np.abs(result.relative_delta).max() < 1e-3
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_norms_lrp0_is_gradient_x_input_with_the_norms_held(cosine_grn, exporter):
+    net, x, paths = cosine_grn
+    held = CosineGRN(held=True)
+    held.load_state_dict(net.state_dict())
+    expected = x.numpy() * _input_gradient(held.eval(), x)
+    rules = dsl.parse(LRP_TRANSFORMER_EPS0, source="lrp-transformer-eps0.rules")
+    result = rulegraph.Explainer(paths[exporter], rules).explain(x.numpy(), target=TARGET)
+    assert np.abs(result.attribution["input"] - expected).max() <= 1e-4 * np.abs(expected).max()

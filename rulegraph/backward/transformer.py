@@ -84,6 +84,15 @@ def produced_by(graph: Graph, tensor: str, op_types: frozenset[str]) -> bool:
 
 SOFTMAX = frozenset({"Softmax"})
 GATES = frozenset({"Sigmoid", "HardSigmoid"})  # squeeze-excitation gates x·σ(s(x))
+#: norms of an activation: SwinV2's cosine attention q / ‖q‖, ConvNeXtV2's response normalization
+NORMS_HELD = frozenset({"ReduceL1", "ReduceL2", "ReduceSumSquare"})
+#: the uniform rule's parameters that hold an operand constant, and the op types each one holds
+HOLDS = {"softmax_constant": SOFTMAX, "gate_constant": GATES, "norm_constant": NORMS_HELD}
+
+
+def held_op_types(params) -> frozenset[str]:
+    """The op types whose outputs (and what is computed from them only) ``uniform`` holds constant."""
+    return frozenset().union(*(ops for name, ops in HOLDS.items() if params.get(name)))
 
 
 def _product(ctx, name: str) -> None:
@@ -102,7 +111,7 @@ def _keep(ctx, index: int) -> list[str | None]:
 
 
 def _uniform_conservation(op_type: str, params) -> str:
-    held = params.get("softmax_constant") or params.get("gate_constant")
+    held = held_op_types(params)
     return EXACT if op_type in ("Mul", "Div") and not held else APPROXIMATE
 
 
@@ -110,7 +119,9 @@ def _uniform_conservation(op_type: str, params) -> str:
       params=[_EPS, Param("softmax_constant", 0.0, _zero_or_one,
                           "1: an operand computed by a Softmax is held constant (CP-LRP)"),
               Param("gate_constant", 0.0, _zero_or_one,
-                    "1: an operand computed by a Sigmoid or HardSigmoid (a gate) is held constant")])
+                    "1: an operand computed by a Sigmoid or HardSigmoid (a gate) is held constant"),
+              Param("norm_constant", 0.0, _zero_or_one,
+                    "1: an operand computed from norms (ReduceL1, ReduceL2, ReduceSumSquare) is held constant")])
 def uniform(ctx) -> list[str | None]:
     """The uniform rule for products of two activations (Achtibat et al. 2024, AttnLRP).
 
@@ -130,11 +141,13 @@ def uniform(ctx) -> list[str | None]:
     renormalized by their sum), that operand is held constant and the other takes all
     the relevance by the ε-rule, as ``gate`` does (CP-LRP, Ali et al. 2022); the Softmax, and Q and
     K behind it, get nothing. ``gate_constant = 1`` does the same for an operand computed by a
-    Sigmoid or HardSigmoid (the squeeze-excitation gate of MobileNetV3 and EfficientNet).
+    Sigmoid or HardSigmoid (the squeeze-excitation gate of MobileNetV3 and EfficientNet), and
+    ``norm_constant = 1`` for an operand computed from norms of an activation (SwinV2's cosine
+    attention ``q / ‖q‖``, ConvNeXtV2's ``x ⊙ ‖x‖ / mean ‖x‖``): the normalizing factor is a constant,
+    as AttnLRP holds LayerNorm's ``σ``.
     """
     _product(ctx, "uniform")
-    held = (SOFTMAX if ctx.params["softmax_constant"] else frozenset()) | (
-        GATES if ctx.params["gate_constant"] else frozenset())
+    held = held_op_types(ctx.params)
     if held:
         constant = [produced_by(ctx.graph, x, held) for x in ctx.node.inputs[:2]]
         if constant.count(True) == 1:
