@@ -729,6 +729,16 @@ def export(net, inputs: dict, path: Path, dynamo: bool) -> None:
         torch.onnx.export(logits_module(net, len(names)), tuple(inputs.values()), str(path), **kwargs)
 
 
+def runs_in_onnxruntime(path: Path, feeds: dict) -> None:
+    """The exported model's own forward in onnxruntime (raises where the exporter wrote an invalid
+    model: the legacy export of Mamba gives Tile a 2-D ``repeats``)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
 def float64_twin(net, inputs: dict, embeddings):
     """A float64 copy of ``net``, its float inputs in float64, and the copy's embeddings module: the
     same target's gradient without float32 rounding (where a ReLU mask flips, the two differ)."""
@@ -841,6 +851,12 @@ def _row(name: str, family: Family, dynamo: bool) -> dict:
         out["opset"] = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         out["nodes"] = len(proto.graph.node)
         feeds = {k: v.numpy() for k, v in inputs.items()}
+        try:
+            runs_in_onnxruntime(path, feeds)
+        except Exception as exc:  # noqa: BLE001 (an invalid export is a result, not a crash)
+            why = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Non-zero status code returned while )?", "", str(exc))
+            out["fails"].append(f"export: the exported model does not run in onnxruntime: {why[:160]}")
+            return out
         targets, explained = family.target(net, inputs), family.explained(net, inputs)
         try:
             name_in, expected = autograd_gradient(net, inputs, embeddings, targets)
