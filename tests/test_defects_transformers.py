@@ -16,6 +16,9 @@ each reproduced on the smallest torch model that shows it, exported by both torc
    norm itself ``block``), as LayerNorm's σ is: the gradient file equals autograd, lrp-transformer
    conserves, and at ε = 0 it is Gradient × Input of the model with the attention weights and the
    norms detached.
+3. Token ids read time-major (XLNet: ``ids.transpose(0, 1)`` before the lookup): the Transpose
+   between the ids and the embedding lookup now keeps it a token source, its order undone on the
+   per-token attribution, which equals autograd's gradient × input per token.
 """
 
 from __future__ import annotations
@@ -167,3 +170,38 @@ def test_norms_lrp0_is_gradient_x_input_with_the_norms_held(cosine_grn, exporter
     rules = dsl.parse(LRP_TRANSFORMER_EPS0, source="lrp-transformer-eps0.rules")
     result = rulegraph.Explainer(paths[exporter], rules).explain(x.numpy(), target=TARGET)
     assert np.abs(result.attribution["input"] - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+class TimeMajorTokens(nn.Module):
+    """Token ids [N, T] read time-major as XLNet reads them (``ids.transpose(0, 1)``, then the
+    lookup: [T, N, 8]), a position-dependent mix over time, 3 classes. Before, the lookup was not
+    a token source (the Transpose between ids and lookup) and the model had no float input to
+    explain ("output 'logits' does not depend on a float input")."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(50, 8), nn.Linear(7, 1), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.embed(ids.transpose(0, 1)))              # [T, N, 8]
+        return self.head(self.mix(h.permute(1, 2, 0)).squeeze(-1))   # [N, 8, T] -> [N, 8] -> [N, 3]
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_time_major_token_ids_gradient_x_input_equals_autograd(tmp_path, exporter):
+    net = tm.seeded(TimeMajorTokens).eval()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    path = tm.export_onnx(net, ids, tmp_path / "tokens.onnx", EXPORTERS[exporter])
+    result = rulegraph.Explainer(path, "gradient").explain(ids.numpy(), target=TARGET)
+    captured = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        captured["emb"] = output
+
+    net.embed.register_forward_hook(keep)
+    net(ids)[[0, 1], TARGET].sum().backward()
+    emb = captured["emb"]
+    expected = (emb * emb.grad).sum(-1).transpose(0, 1).detach().numpy()    # [N, T], per token
+    assert result.attribution["input"].shape == tuple(ids.shape)
+    assert np.abs(result.attribution["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
