@@ -774,8 +774,11 @@ def autograd_gradient(net, inputs: dict, embeddings, targets):
             net(*inputs.values())[rows].sum().backward()
         finally:
             handle.remove()
-        emb = captured["emb"]
-        return next(iter(inputs)), (emb * emb.grad).sum(-1).detach().numpy()
+        emb, ids = captured["emb"], next(iter(inputs.values()))
+        per_token = (emb * emb.grad).sum(-1).detach()
+        if per_token.shape != ids.shape and per_token.T.shape == ids.shape:   # XLNet looks up time-major
+            per_token = per_token.T
+        return next(iter(inputs)), per_token.numpy()
     float_name = next(k for k, v in inputs.items() if v.is_floating_point())
     x = inputs[float_name].clone().requires_grad_(True)
     net(*[x if k == float_name else v for k, v in inputs.items()])[rows].sum().backward()

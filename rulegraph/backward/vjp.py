@@ -304,6 +304,84 @@ def _cumsum(ctx, g):
     return [back, None]
 
 
+@vjp("DFT", kind=LINEAR)
+def _dft(ctx, g):
+    """``y = DFT(x)`` along one signal axis, the last axis holding (real) or (real, imaginary): a
+    real-linear map whose adjoint is the conjugate transpose of ``F`` (``F_jk = e^{-2πi·jk/n}``), so
+    ``∂x = n · IDFT(g)`` for the forward transform and ``DFT(g) / n`` for the inverse (onnx's IDFT
+    carries the 1/n). A onesided output (the first n/2 + 1 bins of a real signal) is padded with
+    zero bins to n first; a real input takes the real part. ``dft_length`` must be absent or the
+    signal's own length (no zero-padding or truncation of the signal)."""
+    t = ctx.tape
+    if any(ctx.active[1:]):
+        raise ctx.fail("DFT's dft_length and axis must be integers, not activations")
+    rank, shape = ctx.graph.rank(ctx.x), _dims(ctx.graph, ctx.x)
+    if shape is None or shape[-1] not in (1, 2):
+        raise ctx.fail("the DFT input's last axis (1: real, 2: complex) must be known when the model is read")
+    if t.opset >= 20:
+        axis = ctx.const(2)
+        axis = -2 if axis is None else int(axis)
+    else:
+        axis = ctx.node.attr("axis", 1)
+    axis %= rank
+    n = shape[axis] if isinstance(shape[axis], int) else None
+    length = ctx.const(1)
+    if length is not None and int(length) != n:
+        raise ctx.fail(f"DFT with dft_length {int(length)} on a signal of length {n} (zero-padded or truncated) "
+                       "is not supported")
+    if len(ctx.node.inputs) > 1 and ctx.node.inputs[1] and length is None:
+        raise ctx.fail("DFT's dft_length computed at run time is not supported")
+    inverse, real = bool(ctx.node.attr("inverse", 0)), shape[-1] == 1
+    grad = g[0]
+    if ctx.node.attr("onesided", 0):
+        if n is None or inverse:
+            raise ctx.fail("a onesided DFT needs a forward transform of a signal of static length")
+        pads = [0] * (2 * rank)
+        pads[rank + axis] = n - (n // 2 + 1)
+        grad = t.op("Pad", grad, t.ints(pads))
+    if n is None:
+        n_value = t.op("Cast", t.shape(ctx.x, start=axis, end=axis + 1), to=t.float_type)
+    else:
+        n_value = t.scalar(float(n))
+    if t.opset >= 20:
+        back = t.op("DFT", grad, "", t.const(np.array(axis, dtype=np.int64), hint="axis"), inverse=int(not inverse))
+    else:
+        back = t.op("DFT", grad, axis=axis, inverse=int(not inverse))
+    back = t.op("Div" if inverse else "Mul", back, n_value)
+    if real:
+        back = t.op("Slice", back, t.ints([0]), t.ints([1]), t.ints([-1]))
+    return [back] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("Col2Im", kind=LINEAR)
+def _col2im(ctx, g):
+    """``y = Col2Im(x)``: the columns ``x [N, C·kh·kw, L]`` summed into the image (torch's ``fold``;
+    MobileViTV2 folds its patches back). Its adjoint is im2col of ``g``: a convolution with the same
+    strides, pads and dilations whose ``C·kh·kw`` one-hot kernels (groups of ``C``) each pick one
+    kernel position of one channel, flattened to ``[N, C·kh·kw, L]``."""
+    t = ctx.tape
+    if any(ctx.active[1:]):
+        raise ctx.fail("Col2Im's image and block shapes must be integers, not activations")
+    block = ctx.const(2)
+    dims = _dims(ctx.graph, ctx.x)
+    if block is None or dims is None or not isinstance(dims[1], int):
+        raise ctx.fail("Col2Im needs a constant block_shape and a static column axis")
+    block = [int(b) for b in block]
+    size = int(np.prod(block))
+    if dims[1] % size:
+        raise ctx.fail(f"Col2Im's {dims[1]} columns are not a multiple of the block size {size}")
+    channels = dims[1] // size
+    kernels = np.zeros((channels * size, 1, *block))
+    for c in range(channels):
+        for k, position in enumerate(np.ndindex(*block)):
+            kernels[(c * size + k, 0, *position)] = 1.0
+    rank = len(block)
+    attrs = {"strides": ctx.node.attr("strides", [1] * rank), "dilations": ctx.node.attr("dilations", [1] * rank),
+             "pads": ctx.node.attr("pads", [0] * 2 * rank), "group": channels, "kernel_shape": block}
+    cols = t.op("Conv", g[0], t.const(kernels), **attrs)
+    return [t.reshape_like(cols, ctx.x), None, None]
+
+
 @vjp("Mul", kind=LINEAR, bilinear=True)
 def _mul(ctx, g):
     t = ctx.tape
