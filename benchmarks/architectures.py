@@ -509,7 +509,7 @@ ARCHITECTURES = {
     "xlnet (transformers)": _tf(hf("XLNetConfig", "XLNetForSequenceClassification", token_ids, vocab_size=1000,
                                    d_model=64, n_layer=2, n_head=4, d_inner=128, num_labels=3)),
     "nystromformer (transformers)": _tf(hf("NystromformerConfig", "NystromformerForSequenceClassification",
-                                           token_ids, num_landmarks=4, segment_means_seq_len=12,
+                                           lambda: token_ids(mask=False), num_landmarks=4, segment_means_seq_len=12,
                                            **TEXT_TF)),
     "modernbert (transformers)": _tf(hf("ModernBertConfig", "ModernBertForSequenceClassification", token_ids,
                                         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
@@ -517,7 +517,8 @@ ARCHITECTURES = {
     "bart (transformers)": _tf(hf("BartConfig", "BartForSequenceClassification", lambda: ended(token_ids()),
                                   vocab_size=1000, d_model=64, encoder_layers=2, decoder_layers=2,
                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
-                                  decoder_ffn_dim=128, max_position_embeddings=64, num_labels=3)),
+                                  decoder_ffn_dim=128, max_position_embeddings=64, num_labels=3,
+                                  embeddings=lambda model: model.model.encoder.embed_tokens)),
     "gpt-neox (transformers)": _tf(causal_lm("GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=0.25)),
     "gpt-bigcode (transformers)": _tf(hf("GPTBigCodeConfig", "GPTBigCodeForCausalLM", lambda: token_ids(mask=False),
                                          pick=lambda out: out.logits[:, -1], vocab_size=1000, n_positions=64,
@@ -540,7 +541,8 @@ ARCHITECTURES = {
                                   context_length=64, use_cache=False)),
     "recurrent gemma (transformers)": _tf(causal_lm("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM",
                                                     head_dim=16, lru_width=64, attention_window_size=8,
-                                                    block_types=["recurrent", "attention"], num_key_value_heads=1)),
+                                                    block_types=["recurrent", "attention"], num_key_value_heads=1,
+                                                    use_cache=False)),
     "swinv2 (transformers)": _tf(hf("Swinv2Config", "Swinv2ForImageClassification", image(), image_size=32,
                                     patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
                                     num_labels=10)),
@@ -742,8 +744,14 @@ def runs_in_onnxruntime(path: Path, feeds: dict) -> None:
 def float64_twin(net, inputs: dict, embeddings):
     """A float64 copy of ``net``, its float inputs in float64, and the copy's embeddings module: the
     same target's gradient without float32 rounding (where a ReLU mask flips, the two differ)."""
+    import torch
+
     memo: dict = {}
     net.train().eval()   # drops what modules cache in eval mode (LeViT's attention biases: not leaves)
+    for module in net.modules():   # state a forward leaves behind (RecurrentGemma's recurrent_states)
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(module, key, value.detach())
     twin = copy.deepcopy(net, memo).double()
     doubled = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     return twin, doubled, None if embeddings is None else memo[id(embeddings)]
