@@ -279,19 +279,6 @@ def torch_init_linear(module) -> None:
         module.reset_parameters()
 
 
-def kaiming_init(module) -> None:
-    """torchvision's initialization of its MobileNets (He-normal convolutions, fan out): with torch's
-    default (variance × 1/3 a layer) the 17 blocks of transformers' MobileNetV2 give logits ~1e-9."""
-    import torch
-
-    if isinstance(module, torch.nn.Conv2d):
-        torch.nn.init.kaiming_normal_(module.weight, mode="fan_out")
-        if module.bias is not None:
-            torch.nn.init.zeros_(module.bias)
-    elif isinstance(module, torch.nn.BatchNorm2d):
-        module.reset_parameters()
-
-
 def randn(*shape):
     def make():
         import torch
@@ -541,8 +528,7 @@ ARCHITECTURES = {
                                   context_length=64, use_cache=False)),
     "recurrent gemma (transformers)": _tf(causal_lm("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM",
                                                     head_dim=16, lru_width=64, attention_window_size=8,
-                                                    block_types=["recurrent", "attention"], num_key_value_heads=1,
-                                                    use_cache=False)),
+                                                    block_types=["recurrent", "attention"], num_key_value_heads=1)),
     "swinv2 (transformers)": _tf(hf("Swinv2Config", "Swinv2ForImageClassification", image(), image_size=32,
                                     patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
                                     num_labels=10)),
@@ -554,13 +540,8 @@ ARCHITECTURES = {
                                     mlp_ratios=[2, 2], num_labels=10)),
     "mobilevitv2 (transformers)": _tf(hf("MobileViTV2Config", "MobileViTV2ForImageClassification", image(64),
                                          image_size=64, width_multiplier=0.25, num_labels=10, init=torch_init)),
-    "mobilenet_v2 (transformers)": _tf(hf("MobileNetV2Config", "MobileNetV2ForImageClassification", image(),
-                                          image_size=32, depth_multiplier=0.25, num_labels=10, init=kaiming_init)),
-    "efficientnet (transformers)": _tf(hf("EfficientNetConfig", "EfficientNetForImageClassification", image(),
-                                          image_size=32, width_coefficient=0.25, depth_coefficient=0.2,
-                                          hidden_dim=320, num_labels=10, init=torch_init)),
     "bit (transformers)": _tf(hf("BitConfig", "BitForImageClassification", image(), embedding_size=32,
-                                 hidden_sizes=[32, 64], depths=[1, 1], layer_type="preactivation", num_labels=10)),
+                                 hidden_sizes=[32, 64], depths=[1, 1], num_groups=4, global_padding="SAME", num_labels=10)),
     "focalnet (transformers)": _tf(hf("FocalNetConfig", "FocalNetForImageClassification", image(), image_size=32,
                                       patch_size=4, embed_dim=16, depths=[1, 1], focal_levels=[2, 2],
                                       focal_windows=[3, 3], num_labels=10)),
