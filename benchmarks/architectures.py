@@ -329,7 +329,8 @@ IMAGE_TF = {"image_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, 
 TEXT_TF = {"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 128, "max_position_embeddings": 64, "num_labels": 3}
 AUDIO_TF = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-            "conv_dim": (16, 16), "conv_stride": (5, 2), "conv_kernel": (10, 3), "num_conv_pos_embeddings": 16,
+            "conv_dim": (16, 16), "conv_stride": (5, 2), "conv_kernel": (10, 3),
+            "num_conv_pos_embeddings": 16,
             "num_conv_pos_embedding_groups": 4, "classifier_proj_size": 16, "num_labels": 4}
 
 #: the torchvision segmentation rows explain class 1 over a 32 × 32 region of the 128 × 128 map
@@ -403,7 +404,8 @@ ARCHITECTURES = {
                                        num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32,
                                        num_labels=4), region=(1, slice(2, 6), slice(2, 6))),
     # more transformers families: encoders, decoders, vision and speech models from tiny configs
-    "roberta (transformers)": _tf(hf("RobertaConfig", "RobertaForSequenceClassification", token_ids, **TEXT_TF)),
+    "roberta (transformers)": _tf(hf("RobertaConfig", "RobertaForSequenceClassification", token_ids,
+                                     **TEXT_TF)),
     "xlm-roberta (transformers)": _tf(hf("XLMRobertaConfig", "XLMRobertaForSequenceClassification", token_ids,
                                          **TEXT_TF)),
     "distilbert (transformers)": _tf(hf("DistilBertConfig", "DistilBertForSequenceClassification", token_ids,
@@ -439,7 +441,8 @@ ARCHITECTURES = {
     "phi3 (transformers)": _tf(causal_lm("Phi3Config", "Phi3ForCausalLM", num_key_value_heads=4,
                                          pad_token_id=0)),
     "gemma (transformers)": _tf(causal_lm("GemmaConfig", "GemmaForCausalLM", head_dim=16)),
-    "gemma2 (transformers)": _tf(causal_lm("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, sliding_window=8)),
+    "gemma2 (transformers)": _tf(causal_lm("Gemma2Config", "Gemma2ForCausalLM", head_dim=16,
+                                           sliding_window=8)),
     "gemma3 text (transformers)": _tf(causal_lm("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16,
                                                 sliding_window=8)),
     "stablelm (transformers)": _tf(causal_lm("StableLmConfig", "StableLmForCausalLM")),
@@ -451,10 +454,12 @@ ARCHITECTURES = {
         "MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
         experts_implementation="eager", attn_implementation="eager")),
     "qwen2-moe with eager experts and attention (transformers)": _tf(causal_lm(
-        "Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32,
         shared_expert_intermediate_size=64, experts_implementation="eager", attn_implementation="eager")),
     "beit (transformers)": _tf(hf("BeitConfig", "BeitForImageClassification", image(), patch_size=8,
-                                  hidden_size=64, use_relative_position_bias=True, num_labels=10, **IMAGE_TF)),
+                                  hidden_size=64, use_relative_position_bias=True, num_labels=10,
+                                  **IMAGE_TF)),
     "dinov2 (transformers)": _tf(hf("Dinov2Config", "Dinov2ForImageClassification", image(), patch_size=8,
                                     hidden_size=64, mlp_ratio=2, num_labels=10,
                                     **{k: v for k, v in IMAGE_TF.items() if k != "intermediate_size"})),
@@ -466,9 +471,11 @@ ARCHITECTURES = {
                                         hidden_sizes=[16, 32], depths=[1, 1], num_encoder_blocks=2,
                                         patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1], mlp_ratio=2.0,
                                         num_labels=10)),
-    "regnet (transformers)": _tf(hf("RegNetConfig", "RegNetForImageClassification", image(), embedding_size=16,
+    "regnet (transformers)": _tf(hf("RegNetConfig", "RegNetForImageClassification", image(),
+                                    embedding_size=16,
                                     hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=10)),
-    "resnet (transformers)": _tf(hf("ResNetConfig", "ResNetForImageClassification", image(), embedding_size=16,
+    "resnet (transformers)": _tf(hf("ResNetConfig", "ResNetForImageClassification", image(),
+                                    embedding_size=16,
                                     hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=10)),
     "cvt (transformers)": _tf(hf("CvtConfig", "CvtForImageClassification", image(), embed_dim=[16, 32, 64],
                                  num_heads=[1, 2, 4], depth=[1, 2, 3], mlp_ratio=[2.0, 2.0, 2.0],
@@ -484,19 +491,24 @@ ARCHITECTURES = {
     "wavlm (transformers)": _tf(hf("WavLMConfig", "WavLMForSequenceClassification",
                                    lambda: {"input_values": randn(2, 800)()}, num_buckets=16,
                                    max_bucket_distance=32, **AUDIO_TF)),
-    "funnel (transformers)": _tf(hf("FunnelConfig", "FunnelForSequenceClassification", token_ids, vocab_size=1000,
+    "funnel (transformers)": _tf(hf("FunnelConfig", "FunnelForSequenceClassification", token_ids,
+                                    vocab_size=1000,
                                     block_sizes=[1, 1], d_model=64, n_head=4, d_head=16, d_inner=128,
                                     num_labels=3)),
     "convbert (transformers)": _tf(hf("ConvBertConfig", "ConvBertForSequenceClassification", token_ids,
                                       embedding_size=32, conv_kernel_size=3, **TEXT_TF)),
-    "squeezebert (transformers)": _tf(hf("SqueezeBertConfig", "SqueezeBertForSequenceClassification", token_ids,
+    "squeezebert (transformers)": _tf(hf("SqueezeBertConfig", "SqueezeBertForSequenceClassification",
+                                         token_ids,
                                          embedding_size=64, **TEXT_TF)),
-    "fnet (transformers)": _tf(hf("FNetConfig", "FNetForSequenceClassification", lambda: token_ids(mask=False),
+    "fnet (transformers)": _tf(hf("FNetConfig", "FNetForSequenceClassification",
+                                  lambda: token_ids(mask=False),
                                   **{k: v for k, v in TEXT_TF.items() if k != "num_attention_heads"})),
-    "xlnet (transformers)": _tf(hf("XLNetConfig", "XLNetForSequenceClassification", token_ids, vocab_size=1000,
+    "xlnet (transformers)": _tf(hf("XLNetConfig", "XLNetForSequenceClassification", token_ids,
+                                   vocab_size=1000,
                                    d_model=64, n_layer=2, n_head=4, d_inner=128, num_labels=3)),
     "nystromformer (transformers)": _tf(hf("NystromformerConfig", "NystromformerForSequenceClassification",
-                                           lambda: token_ids(mask=False), num_landmarks=4, segment_means_seq_len=12,
+                                           lambda: token_ids(mask=False), num_landmarks=4,
+                                           segment_means_seq_len=12,
                                            **TEXT_TF)),
     "modernbert (transformers)": _tf(hf("ModernBertConfig", "ModernBertForSequenceClassification", token_ids,
                                         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
@@ -507,17 +519,21 @@ ARCHITECTURES = {
                                   decoder_ffn_dim=128, max_position_embeddings=64, num_labels=3,
                                   embeddings=lambda model: model.model.encoder.embed_tokens)),
     "gpt-neox (transformers)": _tf(causal_lm("GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=0.25)),
-    "gpt-bigcode (transformers)": _tf(hf("GPTBigCodeConfig", "GPTBigCodeForCausalLM", lambda: token_ids(mask=False),
+    "gpt-bigcode (transformers)": _tf(hf("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                                         lambda: token_ids(mask=False),
                                          pick=lambda out: out.logits[:, -1], vocab_size=1000, n_positions=64,
                                          n_embd=64, n_layer=2, n_head=4)),
     "codegen (transformers)": _tf(hf("CodeGenConfig", "CodeGenForCausalLM", lambda: token_ids(mask=False),
                                      pick=lambda out: out.logits[:, -1], vocab_size=1000, n_positions=64,
                                      n_ctx=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
     "biogpt (transformers)": _tf(causal_lm("BioGptConfig", "BioGptForCausalLM", pad_token_id=0)),
-    "cohere (transformers)": _tf(causal_lm("CohereConfig", "CohereForCausalLM", pad_token_id=0, bos_token_id=1,
+    "cohere (transformers)": _tf(causal_lm("CohereConfig", "CohereForCausalLM", pad_token_id=0,
+                                           bos_token_id=1,
                                            eos_token_id=2)),
-    "starcoder2 (transformers)": _tf(causal_lm("Starcoder2Config", "Starcoder2ForCausalLM", sliding_window=8)),
-    "nemotron (transformers)": _tf(causal_lm("NemotronConfig", "NemotronForCausalLM", head_dim=16, pad_token_id=0,
+    "starcoder2 (transformers)": _tf(causal_lm("Starcoder2Config", "Starcoder2ForCausalLM",
+                                               sliding_window=8)),
+    "nemotron (transformers)": _tf(causal_lm("NemotronConfig", "NemotronForCausalLM", head_dim=16,
+                                             pad_token_id=0,
                                              bos_token_id=1, eos_token_id=2)),
     "mamba (transformers)": _tf(hf("MambaConfig", "MambaForCausalLM", lambda: token_ids(mask=False),
                                    pick=lambda out: out.logits[:, -1], vocab_size=1000, hidden_size=64,
@@ -528,27 +544,34 @@ ARCHITECTURES = {
                                   context_length=64, use_cache=False)),
     "recurrent gemma (transformers)": _tf(causal_lm("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM",
                                                     head_dim=16, lru_width=64, attention_window_size=8,
-                                                    block_types=["recurrent", "attention"], num_key_value_heads=1)),
+                                                    block_types=["recurrent", "attention"],
+                                                    num_key_value_heads=1)),
     "swinv2 (transformers)": _tf(hf("Swinv2Config", "Swinv2ForImageClassification", image(), image_size=32,
-                                    patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                                    patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                    window_size=4,
                                     num_labels=10)),
     "convnextv2 (transformers)": _tf(hf("ConvNextV2Config", "ConvNextV2ForImageClassification", image(),
                                         hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10)),
     "pvt-v2 (transformers)": _tf(hf("PvtV2Config", "PvtV2ForImageClassification", image(), image_size=32,
-                                    num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                    num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                    hidden_sizes=[16, 32],
                                     patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
                                     mlp_ratios=[2, 2], num_labels=10)),
     "mobilevitv2 (transformers)": _tf(hf("MobileViTV2Config", "MobileViTV2ForImageClassification", image(64),
-                                         image_size=64, width_multiplier=0.25, num_labels=10, init=torch_init)),
+                                         image_size=64, width_multiplier=0.25, num_labels=10,
+                                         init=torch_init)),
     "bit (transformers)": _tf(hf("BitConfig", "BitForImageClassification", image(), embedding_size=32,
-                                 hidden_sizes=[32, 64], depths=[1, 1], num_groups=4, global_padding="SAME", num_labels=10)),
-    "focalnet (transformers)": _tf(hf("FocalNetConfig", "FocalNetForImageClassification", image(), image_size=32,
+                                 hidden_sizes=[32, 64], depths=[1, 1], num_groups=4, global_padding="SAME",
+                                 num_labels=10)),
+    "focalnet (transformers)": _tf(hf("FocalNetConfig", "FocalNetForImageClassification", image(),
+                                      image_size=32,
                                       patch_size=4, embed_dim=16, depths=[1, 1], focal_levels=[2, 2],
                                       focal_windows=[3, 3], num_labels=10)),
     "ast (transformers)": _tf(hf("ASTConfig", "ASTForAudioClassification",
                                  lambda: {"input_values": randn(2, 32, 16)()}, hidden_size=64,
                                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                 patch_size=8, frequency_stride=4, time_stride=4, max_length=32, num_mel_bins=16,
+                                 patch_size=8, frequency_stride=4, time_stride=4, max_length=32,
+                                 num_mel_bins=16,
                                  num_labels=4)),
     "unispeech-sat (transformers)": _tf(hf("UniSpeechSatConfig", "UniSpeechSatForSequenceClassification",
                                            lambda: {"input_values": randn(2, 800)()}, **AUDIO_TF)),
@@ -775,8 +798,8 @@ def autograd_gradient(net, inputs: dict, embeddings, targets):
 
 
 #: the note of a row whose gradient column compares ∂y/∂emb (``scale_invariant_tokens``)
-SCALE_INVARIANT = ("gradient column: ∂y/∂emb at the token embeddings, which enter a LayerNorm directly (there "
-                   "gradient × input per token is 0)")
+SCALE_INVARIANT = ("gradient column: ∂y/∂emb at the token embeddings, which enter a LayerNorm directly "
+                   "(there gradient × input per token is 0)")
 
 
 def scale_invariant_tokens(net, inputs: dict, embeddings, targets, always: bool = False):
@@ -846,7 +869,8 @@ def _row(name: str, family: Family, dynamo: bool) -> dict:
         try:
             runs_in_onnxruntime(path, feeds)
         except Exception as exc:  # noqa: BLE001 (an invalid export is a result, not a crash)
-            why = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Non-zero status code returned while )?", "", str(exc))
+            prefix = r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Non-zero status code returned while )?"
+            why = re.sub(prefix, "", str(exc))
             out["fails"].append(f"export: the exported model does not run in onnxruntime: {why[:160]}")
             return out
         targets, explained = family.target(net, inputs), family.explained(net, inputs)
@@ -946,7 +970,8 @@ def without_eps(transformer: bool):
     if not transformer:
         return "lrp-0"
     return dsl.parse('rulegraph 1\ninclude "lrp-transformer"\nlinear -> normalized(eps = 0)\n'
-                     "bilinear -> uniform(eps = 0, softmax_constant = 1, gate_constant = 1, norm_constant = 1)\n"
+                     "bilinear -> uniform(eps = 0, softmax_constant = 1, gate_constant = 1, "
+                     "norm_constant = 1)\n"
                      "LayerNormalization -> layernorm_linear(eps = 0)\nSoftmax -> softmax_taylor(eps = 0)\n",
                      source="lrp-transformer-eps0.rules")
 

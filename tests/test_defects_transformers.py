@@ -43,7 +43,8 @@ TARGET = [0, 2]
 
 #: lrp-transformer with every ε at 0: LRP-0, exact up to float32 rounding
 LRP_TRANSFORMER_EPS0 = ('rulegraph 1\ninclude "lrp-transformer"\nlinear -> normalized(eps = 0)\n'
-                        "bilinear -> uniform(eps = 0, softmax_constant = 1, gate_constant = 1, norm_constant = 1)\n")
+                        "bilinear -> uniform(eps = 0, softmax_constant = 1, gate_constant = 1, "
+                        "norm_constant = 1)\n")
 
 
 class Router(nn.Module):

@@ -63,7 +63,8 @@ BINDINGS = {
               "normalizing": "unsupported", **CNN_NORMS(0)},
     "lrp-epsilon": {"linear": "normalized(eps = 1e-06)", "nonlinear": "ignore", "max": "gradient",
                     "route": "gradient",
-                    "bilinear": "uniform(eps = 1e-06, softmax_constant = 1, gate_constant = 1, norm_constant = 0)",
+                    "bilinear": "uniform(eps = 1e-06, softmax_constant = 1, gate_constant = 1, "
+                                "norm_constant = 0)",
                     "normalizing": "unsupported", **CNN_NORMS(1e-06)},
     "deconvnet": {"linear": "gradient", "nonlinear": "repeat", "max": "gradient", "route": "gradient",
                   "bilinear": "gradient", "normalizing": "gradient"},

@@ -522,7 +522,8 @@ ROUTE = [
     op("DFT-real-onesided-even", "DFT", ["x"], {"x": [2, 6, 1]}, onesided=1),
     op("DFT-real-onesided-odd", "DFT", ["x"], {"x": [2, 3, 5, 1]}, axis=2, onesided=1),
     op("DFT-dft-length-equal", "DFT", ["x", "len"], {"x": [2, 4, 2]}, {"len": np.array(4)}),
-    op("DFT-opset20-axis-input", "DFT", ["x", "", "axis"], {"x": [2, 5, 3, 2]}, {"axis": np.array(-3)}, opset=20),
+    op("DFT-opset20-axis-input", "DFT", ["x", "", "axis"], {"x": [2, 5, 3, 2]}, {"axis": np.array(-3)},
+       opset=20),
     op("DFT-opset20-default-axis-real", "DFT", ["x"], {"x": [2, 3, 4, 1]}, opset=20),
     nodes("DFT-fnet-real-part", [N("DFT", ["x"], ["f"], axis=1), N("DFT", ["f"], ["ff"], axis=2),
                                  N("Slice", ["ff", "zero", "one", "last"], ["y"])],
@@ -533,7 +534,8 @@ ROUTE = [
     op("Col2Im-overlap", "Col2Im", ["x", "image", "block"], {"x": [2, 18, 9]},
        {"image": ints(4, 5), "block": ints(3, 3)}, opset=18, pads=[1, 0, 0, 0]),
     op("Col2Im-dilated-strided", "Col2Im", ["x", "image", "block"], {"x": [1, 8, 9]},
-       {"image": ints(5, 6), "block": ints(2, 2)}, opset=18, dilations=[2, 1], strides=[1, 2], pads=[0, 0, 0, 1]),
+       {"image": ints(5, 6), "block": ints(2, 2)}, opset=18, dilations=[2, 1], strides=[1, 2],
+       pads=[0, 0, 0, 1]),
     # a mixture-of-experts router (Mixtral, Qwen2-MoE): the k largest gate scores weigh the experts
     nodes("TopK-axis1", [N("TopK", ["x", "k"], ["y", "i"], axis=1)], X234, {"k": ints(2)}, sample=distinct),
     nodes("TopK-last-axis-k1", [N("TopK", ["x", "k"], ["y", "i"])], X234, {"k": ints(1)}, sample=distinct),
@@ -545,7 +547,8 @@ ROUTE = [
     nodes("TopK-opset1-k-attribute", [N("TopK", ["x"], ["y", "i"], k=3)], X234, opset=1, sample=distinct),
     nodes("TopK-values-and-indices-used", [N("TopK", ["x", "k"], ["v", "i"], axis=-1),
                                            N("GatherElements", ["x", "i"], ["g"], axis=-1),
-                                           N("Mul", ["v", "g"], ["y"])], X234, {"k": ints(2)}, sample=distinct),
+                                           N("Mul", ["v", "g"], ["y"])],
+          X234, {"k": ints(2)}, sample=distinct),
 ]
 
 # `distinct`: values of all operands are distinct, so the maximum is never a tie

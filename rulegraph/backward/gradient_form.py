@@ -45,8 +45,8 @@ from .transformer import (
     _layernorm_has_bias,
     _layernorm_inputs,
     _product,
-    norm_biases,
     held_op_types,
+    norm_biases,
     produced_by,
 )
 from .vjp import _layer_norm_stats, _reduce_where_one, layer_norm_axes

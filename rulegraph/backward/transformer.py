@@ -121,7 +121,8 @@ def _uniform_conservation(op_type: str, params) -> str:
               Param("gate_constant", 0.0, _zero_or_one,
                     "1: an operand computed by a Sigmoid or HardSigmoid (a gate) is held constant"),
               Param("norm_constant", 0.0, _zero_or_one,
-                    "1: an operand computed from norms (ReduceL1, ReduceL2, ReduceSumSquare) is held constant")])
+                    "1: an operand computed from norms (ReduceL1, ReduceL2, ReduceSumSquare) is held "
+                    "constant")])
 def uniform(ctx) -> list[str | None]:
     """The uniform rule for products of two activations (Achtibat et al. 2024, AttnLRP).
 

@@ -327,8 +327,8 @@ def _dft(ctx, g):
     n = shape[axis] if isinstance(shape[axis], int) else None
     length = ctx.const(1)
     if length is not None and int(length) != n:
-        raise ctx.fail(f"DFT with dft_length {int(length)} on a signal of length {n} (zero-padded or truncated) "
-                       "is not supported")
+        raise ctx.fail(f"DFT with dft_length {int(length)} on a signal of length {n} (zero-padded or "
+                       "truncated) is not supported")
     if len(ctx.node.inputs) > 1 and ctx.node.inputs[1] and length is None:
         raise ctx.fail("DFT's dft_length computed at run time is not supported")
     inverse, real = bool(ctx.node.attr("inverse", 0)), shape[-1] == 1
@@ -344,7 +344,8 @@ def _dft(ctx, g):
     else:
         n_value = t.scalar(float(n))
     if t.opset >= 20:
-        back = t.op("DFT", grad, "", t.const(np.array(axis, dtype=np.int64), hint="axis"), inverse=int(not inverse))
+        axis_input = t.const(np.array(axis, dtype=np.int64), hint="axis")
+        back = t.op("DFT", grad, "", axis_input, inverse=int(not inverse))
     else:
         back = t.op("DFT", grad, axis=axis, inverse=int(not inverse))
     back = t.op("Div" if inverse else "Mul", back, n_value)
@@ -376,8 +377,8 @@ def _col2im(ctx, g):
         for k, position in enumerate(np.ndindex(*block)):
             kernels[(c * size + k, 0, *position)] = 1.0
     rank = len(block)
-    attrs = {"strides": ctx.node.attr("strides", [1] * rank), "dilations": ctx.node.attr("dilations", [1] * rank),
-             "pads": ctx.node.attr("pads", [0] * 2 * rank), "group": channels, "kernel_shape": block}
+    attrs = {"strides": ctx.node.attr("strides", [1] * rank), "pads": ctx.node.attr("pads", [0] * 2 * rank),
+             "dilations": ctx.node.attr("dilations", [1] * rank), "group": channels, "kernel_shape": block}
     cols = t.op("Conv", g[0], t.const(kernels), **attrs)
     return [t.reshape_like(cols, ctx.x), None, None]
 
@@ -1343,7 +1344,8 @@ def _pad(ctx, g):
     # an activation pad value: every padded element is it. A constant one gets no part, also where a
     # route rule asks for the parts of constants (context.py): it is not a per-row bias
     if len(ctx.active) > 2 and ctx.active[2] and ctx.node.inputs[2] in ctx.graph.active:
-        padded = t.op("Sub", t.reduce_sum(g[0], None, keepdims=False), t.reduce_sum(kept, None, keepdims=False))
+        padded = t.op("Sub", t.reduce_sum(g[0], None, keepdims=False),
+                      t.reduce_sum(kept, None, keepdims=False))
         grads[2] = t.reshape_like(padded, ctx.node.inputs[2])
     return grads
 

@@ -426,7 +426,8 @@ def _back_to_ids(tape: Tape, graph: Graph, number: str, indices: str, ids: str) 
         producer = graph.producer[indices]
         if producer.op_type == "Transpose":
             perm = producer.attr("perm") or list(range(graph.rank(producer.inputs[0]) or 0))[::-1]
-            number = tape.op("Transpose", tape.reshape_like(number, indices), perm=[int(i) for i in np.argsort(perm)])
+            inverse = [int(i) for i in np.argsort(perm)]
+            number = tape.op("Transpose", tape.reshape_like(number, indices), perm=inverse)
         indices = producer.inputs[0]
     return tape.reshape_like(number, ids)
 
