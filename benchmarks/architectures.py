@@ -803,10 +803,11 @@ SCALE_INVARIANT = ("gradient column: ∂y/∂emb at the token embeddings, which 
 
 
 def scale_invariant_tokens(net, inputs: dict, embeddings, targets, always: bool = False):
-    """∂y/∂emb at the token embeddings [N, T, E] where they enter a LayerNorm directly (Funnel, BLOOM,
+    """∂y/∂emb at the token embeddings [N, T, E] where they enter a LayerNorm directly (Funnel,
     ModernBERT): a LayerNorm is scale-invariant, so Σ_e emb ⊙ ∂y/∂emb = 0 for every token and the
-    per-token gradient × input is float rounding on both sides; None elsewhere (the per-token sum is
-    under 1e-4 of Σ_e |emb ⊙ ∂y/∂emb| there). ``always``: the gradient whatever the sum."""
+    per-token gradient × input is float rounding on both sides. Detected as every per-token sum under
+    1e-4 of the largest Σ_e |emb ⊙ ∂y/∂emb| (BLOOM's LayerNorm ε keeps its sums at a few percent:
+    not caught); None elsewhere. ``always``: the gradient whatever the sums."""
     if embeddings is None:
         return None
     import torch
