@@ -306,12 +306,13 @@ def _cumsum(ctx, g):
 
 @vjp("DFT", kind=LINEAR)
 def _dft(ctx, g):
-    """``y = DFT(x)`` along one signal axis, the last axis holding (real) or (real, imaginary): a
-    real-linear map whose adjoint is the conjugate transpose of ``F`` (``F_jk = e^{-2πi·jk/n}``), so
-    ``∂x = n · IDFT(g)`` for the forward transform and ``DFT(g) / n`` for the inverse (onnx's IDFT
-    carries the 1/n). A onesided output (the first n/2 + 1 bins of a real signal) is padded with
-    zero bins to n first; a real input takes the real part. ``dft_length`` must be absent or the
-    signal's own length (no zero-padding or truncation of the signal)."""
+    """``y = DFT(x)`` along one signal axis of static length ``n``, the last axis holding (real) or
+    (real, imaginary): a real-linear map. With ``C_jk = cos 2πjk/n``, ``S_jk = sin 2πjk/n`` the
+    transform is ``F = C − iS`` (its inverse ``(C + iS) / n``), and the adjoint of ``σ = ±1``,
+    scale ``s`` is ``∂x_re = s (Cᵀ g_re − σ Sᵀ g_im)``, ``∂x_im = s (σ Sᵀ g_re + Cᵀ g_im)``: MatMuls
+    with constant matrices along the axis (CUDA has no DFT kernel). A onesided output (the first
+    ``n/2 + 1`` bins of a real signal) takes those rows of ``C`` and ``S``; a real input takes the real
+    part. ``dft_length`` must be absent or the signal's own length."""
     t = ctx.tape
     if any(ctx.active[1:]):
         raise ctx.fail("DFT's dft_length and axis must be integers, not activations")
@@ -325,32 +326,32 @@ def _dft(ctx, g):
         axis = ctx.node.attr("axis", 1)
     axis %= rank
     n = shape[axis] if isinstance(shape[axis], int) else None
-    length = ctx.const(1)
-    if length is not None and int(length) != n:
-        raise ctx.fail(f"DFT with dft_length {int(length)} on a signal of length {n} (zero-padded or "
-                       "truncated) is not supported")
-    if len(ctx.node.inputs) > 1 and ctx.node.inputs[1] and length is None:
-        raise ctx.fail("DFT's dft_length computed at run time is not supported")
-    inverse, real = bool(ctx.node.attr("inverse", 0)), shape[-1] == 1
-    grad = g[0]
-    if ctx.node.attr("onesided", 0):
-        if n is None or inverse:
-            raise ctx.fail("a onesided DFT needs a forward transform of a signal of static length")
-        pads = [0] * (2 * rank)
-        pads[rank + axis] = n - (n // 2 + 1)
-        grad = t.op("Pad", grad, t.ints(pads))
     if n is None:
-        n_value = t.op("Cast", t.shape(ctx.x, start=axis, end=axis + 1), to=t.float_type)
+        raise ctx.fail("a DFT along an axis whose length is not known when the model is read is not supported")
+    length = ctx.const(1)
+    if (len(ctx.node.inputs) > 1 and ctx.node.inputs[1]) and (length is None or int(length) != n):
+        raise ctx.fail(f"DFT with a dft_length other than the signal's length {n} (zero-padded or truncated) "
+                       "is not supported")
+    inverse, onesided = ctx.node.attr("inverse", 0), ctx.node.attr("onesided", 0)
+    if onesided and inverse:
+        raise ctx.fail("an inverse onesided DFT (irfft) is not supported")
+    bins = n // 2 + 1 if onesided else n
+    angle = 2 * np.pi * np.outer(np.arange(bins), np.arange(n)) / n
+    sign, scale = (-1.0, 1.0 / n) if inverse else (1.0, 1.0)
+    cos, sin = t.const(scale * np.cos(angle)), t.const(sign * scale * np.sin(angle))
+    perm = [d for d in range(rank) if d != axis] + [axis]
+    back_perm = [int(i) for i in np.argsort(perm)]
+
+    def along(part: str, matrix: str) -> str:
+        return t.op("Transpose", t.op("MatMul", t.op("Transpose", part, perm=perm), matrix), perm=back_perm)
+
+    g_re = t.op("Slice", g[0], t.ints([0]), t.ints([1]), t.ints([-1]))
+    g_im = t.op("Slice", g[0], t.ints([1]), t.ints([2]), t.ints([-1]))
+    x_re = t.op("Sub", along(g_re, cos), along(g_im, sin))
+    if shape[-1] == 1:
+        back = x_re
     else:
-        n_value = t.scalar(float(n))
-    if t.opset >= 20:
-        axis_input = t.const(np.array(axis, dtype=np.int64), hint="axis")
-        back = t.op("DFT", grad, "", axis_input, inverse=int(not inverse))
-    else:
-        back = t.op("DFT", grad, axis=axis, inverse=int(not inverse))
-    back = t.op("Div" if inverse else "Mul", back, n_value)
-    if real:
-        back = t.op("Slice", back, t.ints([0]), t.ints([1]), t.ints([-1]))
+        back = t.op("Concat", x_re, t.op("Add", along(g_re, sin), along(g_im, cos)), axis=-1)
     return [back] + [None] * (len(ctx.node.inputs) - 1)
 
 
