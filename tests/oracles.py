@@ -133,7 +133,25 @@ class LRN(OpRun):
         return ((x / (bias + alpha / size * square_sum) ** beta).astype(x.dtype),)
 
 
-REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN]
+class Pad(OpRun):
+    """The reference Pad hands its amounts to ``np.pad``, which refuses negative ones; ONNX (and
+    onnxruntime) crop there. Constant mode: crop by the negative amounts, then pad by the others."""
+
+    op_domain = ""
+
+    def _run(self, data, pads, constant_value=None, axes=None, mode=None):
+        if mode not in (None, "constant", b"constant"):
+            raise NotImplementedError(f"Pad mode {mode} in the test oracle")
+        rank = data.ndim
+        axes = range(rank) if axes is None else [int(a) % rank for a in axes]
+        full = np.zeros((2, rank), dtype=np.int64)
+        full[:, list(axes)] = np.asarray(pads).reshape(2, -1)
+        crop = tuple(slice(max(-b, 0), data.shape[i] - max(-e, 0)) for i, (b, e) in enumerate(full.T))
+        value = 0 if constant_value is None else np.asarray(constant_value).item()
+        return (np.pad(data[crop], np.maximum(full, 0).T, constant_values=value).astype(data.dtype),)
+
+
+REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad]
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,

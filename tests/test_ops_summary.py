@@ -122,7 +122,8 @@ OFF_PATH = [
     ("lrp-epsilon", [
         ("MatMul", "linear", 1, 1, 1, 1, 0, ["normalized(eps = 1e-06)"]),
         ("SiLU", "nonlinear", 1, 2, 1, 1, 0, ["ignore"]),
-        ("Mul", "bilinear", 1, 1, 1, 1, 0, ["uniform(eps = 1e-06, softmax_constant = 1, gate_constant = 1)"]),
+        ("Mul", "bilinear", 1, 1, 1, 1, 0,
+         ["uniform(eps = 1e-06, softmax_constant = 1, gate_constant = 1, norm_constant = 0)"]),
         ("Mul", "linear", 1, 1, 1, 1, 0, ["normalized(eps = 1e-06)"]),
         *OFF_PATH,
         ("Reshape", "route", 1, 1, 1, 1, 0, ["gradient"]),

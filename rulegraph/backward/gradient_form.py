@@ -41,12 +41,11 @@ from .attention import attention_parts, heads_of, present_back, unrepeat
 from .contrib import NORMS, norm_axes, norm_stats, norm_sum
 from .normalization import norm_form
 from .transformer import (
-    GATES,
-    SOFTMAX,
     VIEWED_NORMS,
     _layernorm_has_bias,
     _layernorm_inputs,
     _product,
+    held_op_types,
     norm_biases,
     produced_by,
 )
@@ -94,10 +93,9 @@ def _keep(ctx, index: int) -> list[str | None]:
 
 def _uniform(ctx) -> list[str | None]:
     """``uniform``: each active factor's gradient ``/ n``; a Div's divisor with its sign flipped; an
-    operand held constant (``softmax_constant``, ``gate_constant``) as ``gate`` does."""
+    operand held constant (``softmax_constant``, ``gate_constant``, ``norm_constant``) as ``gate`` does."""
     _product(ctx, "uniform")
-    held = (SOFTMAX if ctx.params["softmax_constant"] else frozenset()) | (
-        GATES if ctx.params["gate_constant"] else frozenset())
+    held = held_op_types(ctx.params)
     if held:
         constant = [produced_by(ctx.graph, x, held) for x in ctx.node.inputs[:2]]
         if constant.count(True) == 1:

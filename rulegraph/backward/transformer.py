@@ -26,7 +26,7 @@ numbers mean nothing, and the checker predicts no conservation there.
 
 from __future__ import annotations
 
-from ..graph.kinds import BILINEAR, NORMALIZING, ROUTE
+from ..graph.kinds import BILINEAR, NORMALIZING
 from ..graph.read import Graph
 from .table import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
 from .attention import attention_parts, heads_of, present_back, unrepeat
@@ -56,19 +56,43 @@ def _normalized_output(ctx) -> str:
 
 
 def produced_by(graph: Graph, tensor: str, op_types: frozenset[str]) -> bool:
-    """Is ``tensor`` the output of one of ``op_types``, possibly moved by route ops (Reshape, ...)?"""
-    while (node := graph.producer.get(tensor)) is not None:
-        if node.op_type in op_types:
-            return True
+    """Is ``tensor`` computed from outputs of ``op_types`` only: such an output, moved by route ops
+    (Reshape, ...), or the output of any op whose every activation input is such a tensor (Mixtral's
+    router: the top-k softmax weights divided by their sum)? A walk over the producers, each tensor
+    decided once; it stops at the first input that is not."""
+    known: dict[str, bool] = {}
+    stack = [tensor]
+    while stack:
+        name = stack[-1]
+        node = graph.producer.get(name)
+        if node is None or node.op_type in op_types:
+            known[name] = node is not None
+            stack.pop()
+            continue
         active = [i for i in node.inputs if i in graph.active]
-        if node.kind != ROUTE or len(active) != 1:
-            return False
-        tensor = active[0]
-    return False
+        pending = [i for i in active if i not in known]
+        if not active or any(known.get(i) is False for i in active):
+            known[name] = False
+        elif pending:
+            stack.append(pending[0])
+            continue
+        else:
+            known[name] = True
+        stack.pop()
+    return known[tensor]
 
 
 SOFTMAX = frozenset({"Softmax"})
 GATES = frozenset({"Sigmoid", "HardSigmoid"})  # squeeze-excitation gates x·σ(s(x))
+#: norms of an activation: SwinV2's cosine attention q / ‖q‖, ConvNeXtV2's response normalization
+NORMS_HELD = frozenset({"ReduceL1", "ReduceL2", "ReduceSumSquare"})
+#: the uniform rule's parameters that hold an operand constant, and the op types each one holds
+HOLDS = {"softmax_constant": SOFTMAX, "gate_constant": GATES, "norm_constant": NORMS_HELD}
+
+
+def held_op_types(params) -> frozenset[str]:
+    """The op types whose outputs (and what is computed from them only) ``uniform`` holds constant."""
+    return frozenset().union(*(ops for name, ops in HOLDS.items() if params.get(name)))
 
 
 def _product(ctx, name: str) -> None:
@@ -87,7 +111,7 @@ def _keep(ctx, index: int) -> list[str | None]:
 
 
 def _uniform_conservation(op_type: str, params) -> str:
-    held = params.get("softmax_constant") or params.get("gate_constant")
+    held = held_op_types(params)
     return EXACT if op_type in ("Mul", "Div") and not held else APPROXIMATE
 
 
@@ -95,7 +119,10 @@ def _uniform_conservation(op_type: str, params) -> str:
       params=[_EPS, Param("softmax_constant", 0.0, _zero_or_one,
                           "1: an operand computed by a Softmax is held constant (CP-LRP)"),
               Param("gate_constant", 0.0, _zero_or_one,
-                    "1: an operand computed by a Sigmoid or HardSigmoid (a gate) is held constant")])
+                    "1: an operand computed by a Sigmoid or HardSigmoid (a gate) is held constant"),
+              Param("norm_constant", 0.0, _zero_or_one,
+                    "1: an operand computed from norms (ReduceL1, ReduceL2, ReduceSumSquare) is held "
+                    "constant")])
 def uniform(ctx) -> list[str | None]:
     """The uniform rule for products of two activations (Achtibat et al. 2024, AttnLRP).
 
@@ -110,15 +137,18 @@ def uniform(ctx) -> list[str | None]:
     An Einsum of ``n`` active operands (multilinear, so ``Σ xₖ ⊙ VJPₖ(s) = s ⊙ y`` for each) gives each
     ``a(xₖ) = xₖ ⊙ VJPₖ(s) / n``; a constant operand gets nothing.
 
-    ``softmax_constant = 1``: where one operand is a Softmax output (through route ops only: the
-    attention weights of ``softmax(QKᵀ)·V``), that operand is held constant and the other takes all
+    ``softmax_constant = 1``: where one operand is computed from Softmax outputs only (the attention
+    weights of ``softmax(QKᵀ)·V`` through route ops; a mixture-of-experts router's top-k weights
+    renormalized by their sum), that operand is held constant and the other takes all
     the relevance by the ε-rule, as ``gate`` does (CP-LRP, Ali et al. 2022); the Softmax, and Q and
     K behind it, get nothing. ``gate_constant = 1`` does the same for an operand computed by a
-    Sigmoid or HardSigmoid (the squeeze-excitation gate of MobileNetV3 and EfficientNet).
+    Sigmoid or HardSigmoid (the squeeze-excitation gate of MobileNetV3 and EfficientNet), and
+    ``norm_constant = 1`` for an operand computed from norms of an activation (SwinV2's cosine
+    attention ``q / ‖q‖``, ConvNeXtV2's ``x ⊙ ‖x‖ / mean ‖x‖``): the normalizing factor is a constant,
+    as AttnLRP holds LayerNorm's ``σ``.
     """
     _product(ctx, "uniform")
-    held = (SOFTMAX if ctx.params["softmax_constant"] else frozenset()) | (
-        GATES if ctx.params["gate_constant"] else frozenset())
+    held = held_op_types(ctx.params)
     if held:
         constant = [produced_by(ctx.graph, x, held) for x in ctx.node.inputs[:2]]
         if constant.count(True) == 1:

@@ -304,6 +304,86 @@ def _cumsum(ctx, g):
     return [back, None]
 
 
+@vjp("DFT", kind=LINEAR)
+def _dft(ctx, g):
+    """``y = DFT(x)`` along one signal axis of static length ``n``, the last axis holding (real) or
+    (real, imaginary): a real-linear map. With ``C_jk = cos 2πjk/n``, ``S_jk = sin 2πjk/n`` the
+    transform is ``F = C − iS`` (its inverse ``(C + iS) / n``), and the adjoint of ``σ = ±1``,
+    scale ``s`` is ``∂x_re = s (Cᵀ g_re − σ Sᵀ g_im)``, ``∂x_im = s (σ Sᵀ g_re + Cᵀ g_im)``: MatMuls
+    with constant matrices along the axis (CUDA has no DFT kernel). A onesided output (the first
+    ``n/2 + 1`` bins of a real signal) takes those rows of ``C`` and ``S``; a real input takes the real
+    part. ``dft_length`` must be absent or the signal's own length."""
+    t = ctx.tape
+    if any(ctx.active[1:]):
+        raise ctx.fail("DFT's dft_length and axis must be integers, not activations")
+    rank, shape = ctx.graph.rank(ctx.x), _dims(ctx.graph, ctx.x)
+    if shape is None or shape[-1] not in (1, 2):
+        raise ctx.fail("the DFT input's last axis (1: real, 2: complex) must be known when the model is read")
+    if t.opset >= 20:
+        axis = ctx.const(2)
+        axis = -2 if axis is None else int(axis)
+    else:
+        axis = ctx.node.attr("axis", 1)
+    axis %= rank
+    n = shape[axis] if isinstance(shape[axis], int) else None
+    if n is None:
+        raise ctx.fail("a DFT along an axis whose length is not known when the model is read is not supported")
+    length = ctx.const(1)
+    if (len(ctx.node.inputs) > 1 and ctx.node.inputs[1]) and (length is None or int(length) != n):
+        raise ctx.fail(f"DFT with a dft_length other than the signal's length {n} (zero-padded or truncated) "
+                       "is not supported")
+    inverse, onesided = ctx.node.attr("inverse", 0), ctx.node.attr("onesided", 0)
+    if onesided and inverse:
+        raise ctx.fail("an inverse onesided DFT (irfft) is not supported")
+    bins = n // 2 + 1 if onesided else n
+    angle = 2 * np.pi * np.outer(np.arange(bins), np.arange(n)) / n
+    sign, scale = (-1.0, 1.0 / n) if inverse else (1.0, 1.0)
+    cos, sin = t.const(scale * np.cos(angle)), t.const(sign * scale * np.sin(angle))
+    perm = [d for d in range(rank) if d != axis] + [axis]
+    back_perm = [int(i) for i in np.argsort(perm)]
+
+    def along(part: str, matrix: str) -> str:
+        return t.op("Transpose", t.op("MatMul", t.op("Transpose", part, perm=perm), matrix), perm=back_perm)
+
+    g_re = t.op("Slice", g[0], t.ints([0]), t.ints([1]), t.ints([-1]))
+    g_im = t.op("Slice", g[0], t.ints([1]), t.ints([2]), t.ints([-1]))
+    x_re = t.op("Sub", along(g_re, cos), along(g_im, sin))
+    if shape[-1] == 1:
+        back = x_re
+    else:
+        back = t.op("Concat", x_re, t.op("Add", along(g_re, sin), along(g_im, cos)), axis=-1)
+    return [back] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("Col2Im", kind=LINEAR)
+def _col2im(ctx, g):
+    """``y = Col2Im(x)``: the columns ``x [N, C·kh·kw, L]`` summed into the image (torch's ``fold``;
+    MobileViTV2 folds its patches back). Its adjoint is im2col of ``g``: a convolution with the same
+    strides, pads and dilations whose ``C·kh·kw`` one-hot kernels (groups of ``C``) each pick one
+    kernel position of one channel, flattened to ``[N, C·kh·kw, L]``."""
+    t = ctx.tape
+    if any(ctx.active[1:]):
+        raise ctx.fail("Col2Im's image and block shapes must be integers, not activations")
+    block = ctx.const(2)
+    dims = _dims(ctx.graph, ctx.x)
+    if block is None or dims is None or not isinstance(dims[1], int):
+        raise ctx.fail("Col2Im needs a constant block_shape and a static column axis")
+    block = [int(b) for b in block]
+    size = int(np.prod(block))
+    if dims[1] % size:
+        raise ctx.fail(f"Col2Im's {dims[1]} columns are not a multiple of the block size {size}")
+    channels = dims[1] // size
+    kernels = np.zeros((channels * size, 1, *block))
+    for c in range(channels):
+        for k, position in enumerate(np.ndindex(*block)):
+            kernels[(c * size + k, 0, *position)] = 1.0
+    rank = len(block)
+    attrs = {"strides": ctx.node.attr("strides", [1] * rank), "pads": ctx.node.attr("pads", [0] * 2 * rank),
+             "dilations": ctx.node.attr("dilations", [1] * rank), "group": channels, "kernel_shape": block}
+    cols = t.op("Conv", g[0], t.const(kernels), **attrs)
+    return [t.reshape_like(cols, ctx.x), None, None]
+
+
 @vjp("Mul", kind=LINEAR, bilinear=True)
 def _mul(ctx, g):
     t = ctx.tape
@@ -1253,15 +1333,20 @@ def _pad(ctx, g):
     axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
     n = len(axes)
     begin, end = [int(p) for p in pads[:n]], [int(p) for p in pads[n:]]
-    if min(begin + end) < 0:
-        raise ctx.fail("Pad with negative amounts (cropping) is not supported")
-    ends = [-e if e else INT64_MAX for e in end]
-    gx = t.op("Slice", g[0], t.ints(begin), t.ints(ends), t.ints(axes))
+    # the padded elements are sliced off g; a negative amount crops x (RWKV's time shift,
+    # ZeroPad2d((0, 0, 1, -1))): the cropped elements get zeros back, a Pad of the slice
+    ends = [-e if e > 0 else INT64_MAX for e in end]
+    kept = t.op("Slice", g[0], t.ints([max(b, 0) for b in begin]), t.ints(ends), t.ints(axes))
+    cropped = [0] * (2 * rank)   # all axes: the Pad of opsets before 18 has no axes input
+    for axis, b, e in zip(axes, begin, end):
+        cropped[axis], cropped[rank + axis] = max(-b, 0), max(-e, 0)
+    gx = kept if not any(cropped) else t.op("Pad", kept, t.ints(cropped), t.scalar(0.0))
     grads = [gx] + [None] * (len(ctx.node.inputs) - 1)
     # an activation pad value: every padded element is it. A constant one gets no part, also where a
     # route rule asks for the parts of constants (context.py): it is not a per-row bias
     if len(ctx.active) > 2 and ctx.active[2] and ctx.node.inputs[2] in ctx.graph.active:
-        padded = t.op("Sub", t.reduce_sum(g[0], None, keepdims=False), t.reduce_sum(gx, None, keepdims=False))
+        padded = t.op("Sub", t.reduce_sum(g[0], None, keepdims=False),
+                      t.reduce_sum(kept, None, keepdims=False))
         grads[2] = t.reshape_like(padded, ctx.node.inputs[2])
     return grads
 
@@ -1298,6 +1383,19 @@ def _select(ctx, g):
         raise ctx.fail(f"the {ctx.node.op_type} repeats or indices must be integers, not activations")
     taken = ctx.tape.copy_node(ctx.node, [_positions(ctx)] + ctx.node.inputs[1:])
     return [_scatter_back(ctx, taken, g[0], "add")] + [None] * (len(ctx.node.inputs) - 1)
+
+
+@vjp("TopK", kind=ROUTE)
+def _top_k(ctx, g):
+    """``values, indices = TopK(x, k)``: a selection along ``axis`` by the forward's own ``indices``
+    (distinct per row, so a plain scatter): ``g`` of the values goes back to where each came from.
+    ``k`` is an integer and ``indices`` an integer output: neither takes a gradient."""
+    t = ctx.tape
+    if g[0] is None:
+        return [None] * len(ctx.node.inputs)
+    indices = ctx.request_output(ctx.node, 1)
+    gx = t.op("ScatterElements", t.zeros_like(ctx.x), indices, g[0], axis=ctx.node.attr("axis", -1))
+    return [gx] + [None] * (len(ctx.node.inputs) - 1)
 
 
 def _shape_of_parts(ctx: VjpContext, parts: list) -> str:

@@ -413,9 +413,23 @@ def _token_attribution(tape: Tape, graph: Graph, a, view: _Views) -> dict[str, s
                 raise ModelError(f"the rank of the embedding lookup '{emb}' is unknown")
             summed = tape.reduce_sum(view(emb, tape.sum(a[emb])), list(range(rank - table.ndim + 1, rank)),
                                      keepdims=False)
-            per_lookup.append(tape.reshape_like(summed, ids))
+            per_lookup.append(_back_to_ids(tape, graph, summed, graph.producer[emb].inputs[1], ids))
         out[ids] = tape.op("Identity", tape.sum(per_lookup)) if per_lookup else tape.zeros_like(ids)
     return out
+
+
+def _back_to_ids(tape: Tape, graph: Graph, number: str, indices: str, ids: str) -> str:
+    """``number``, shaped like a lookup's ``indices``, shaped like the token ids: the ops between them
+    (``read.TOKEN_ROUTES``) undone, the last first; a Transpose by its inverse permutation, the
+    others keep the order (a reshape)."""
+    while indices != ids:
+        producer = graph.producer[indices]
+        if producer.op_type == "Transpose":
+            perm = producer.attr("perm") or list(range(graph.rank(producer.inputs[0]) or 0))[::-1]
+            inverse = [int(i) for i in np.argsort(perm)]
+            number = tape.op("Transpose", tape.reshape_like(number, indices), perm=inverse)
+        indices = producer.inputs[0]
+    return tape.reshape_like(number, ids)
 
 
 def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list | None], compiled: Compiled,

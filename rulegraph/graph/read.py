@@ -29,8 +29,9 @@ Between 3 and 4, recurrent nodes (LSTM, GRU, RNN) are unrolled into their per-st
 (``recurrent.py``): the model proto holds the primitives too, the outputs keep their names.
 
 Token sources: a Gather (axis 0) whose data is a float constant (an embedding table) and whose
-indices are an integer graph input (token ids), directly or through ops that keep every value in
-order (``TOKEN_ROUTES``: Reshape, Squeeze, Cast, ...), is where the relevance pass finishes for that
+indices are an integer graph input (token ids), directly or through ops that keep every value
+(``TOKEN_ROUTES``: Reshape, Squeeze, Cast, ...; a Transpose, XLNet's ids read time-major, whose order
+the attribution undoes), is where the relevance pass finishes for that
 input: its output is active, and the attribution of the ids is the number per token, summed over
 the embedding axes (``Graph.sources``; ``compile/build.py``). Lookups whose indices are constant or are
 computed from shapes (position ids from Range) are no sources: they get nothing.
@@ -64,8 +65,9 @@ NOT_FOLDABLE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "
 #: Ops whose integer output carries their float input's number: a QuantizeLinear, read with the
 #: DequantizeLinear after it as one straight-through node (``fuse.py``, the qdq pattern)
 QUANTIZERS = frozenset({"QuantizeLinear"})
-#: Ops between token ids and their embedding lookup that keep every value, in order.
-TOKEN_ROUTES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
+#: Ops between token ids and their embedding lookup that keep every value (a Transpose reorders them;
+#: the per-token attribution is transposed back, ``compile/build.py``).
+TOKEN_ROUTES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Transpose"})
 
 
 @dataclass

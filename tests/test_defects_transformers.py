@@ -1,0 +1,208 @@
+"""Defects found on the transformers rows of the architecture table (benchmarks/architectures.py),
+each reproduced on the smallest torch model that shows it, exported by both torch exporters
+(``dynamo=False``: TorchScript, opset 17; ``dynamo=True``: torch.export, opset 18), batch 2.
+
+1. A mixture-of-experts router (Mixtral; Qwen2-MoE with ``norm_topk_prob``): softmax over the
+   experts, the top k (``TopK``, unknown to rulegraph before) renormalized by their sum, weighing
+   the chosen experts' outputs. The gradient file equals autograd; under ``lrp-transformer`` the
+   routing weights are held constant as attention weights are (CP-LRP), so the model is linear in
+   its input and LRP at ε = 0 is Gradient × Input of that linear model (the weights detached in
+   torch), the biases taking the rest. Before, the renormalizing ``Div`` was refused ("a quotient
+   a/b is not linear in its divisor b"): its numerator was seen as a Softmax output, its divisor
+   (a sum of the same weights) not.
+2. Norms of activations (SwinV2's cosine attention ``q / ‖q‖`` by ``F.normalize``, ConvNeXtV2's global
+   response normalization ``x ⊙ ‖x‖ / mean ‖x‖``): ``ReduceL2`` had no rule in ``lrp-transformer``
+   (CoverageError). Now the normalizing factor is held constant (``uniform(norm_constant = 1)``, the
+   norm itself ``block``), as LayerNorm's σ is: the gradient file equals autograd, lrp-transformer
+   conserves, and at ε = 0 it is Gradient × Input of the model with the attention weights and the
+   norms detached.
+3. Token ids read time-major (XLNet: ``ids.transpose(0, 1)`` before the lookup): the Transpose
+   between the ids and the embedding lookup now keeps it a token source, its order undone on the
+   per-token attribution, which equals autograd's gradient × input per token.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rulegraph
+from rulegraph.run import rulefiles as dsl
+
+torch = pytest.importorskip("torch", reason="the defects are reproduced on torch models ([crosscheck] extra)")
+pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+nn = torch.nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch_models as tm  # noqa: E402
+
+EXPORTERS = {"torchscript": False, "dynamo": True}
+TARGET = [0, 2]
+
+#: lrp-transformer with every ε at 0: LRP-0, exact up to float32 rounding
+LRP_TRANSFORMER_EPS0 = ('rulegraph 1\ninclude "lrp-transformer"\nlinear -> normalized(eps = 0)\n'
+                        "bilinear -> uniform(eps = 0, softmax_constant = 1, gate_constant = 1, "
+                        "norm_constant = 1)\n")
+
+
+class Router(nn.Module):
+    """Tokens [N, T, 6] -> hidden 8 -> a dense bank of 4 experts (one Linear, [N, T, 4, 8]); the
+    router's softmax over the experts, its top 2 divided by their sum, weigh the two chosen experts
+    (GatherElements by the top-k indices); mean over tokens, 3 classes. ``held``: the routing
+    weights detached (the model LRP explains)."""
+
+    def __init__(self, held: bool = False):
+        super().__init__()
+        self.held = held
+        self.embed, self.gate = nn.Linear(6, 8), nn.Linear(8, 4, bias=False)
+        self.experts, self.head = nn.Linear(8, 4 * 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        weights, chosen = torch.softmax(self.gate(h), -1).topk(2, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        if self.held:
+            weights = weights.detach()
+        experts = self.experts(h).unflatten(-1, (4, 8))
+        picked = experts.gather(2, chosen[..., None].expand(-1, -1, -1, 8))
+        return self.head((weights[..., None] * picked).sum(2).mean(1))
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    net = tm.seeded(Router)
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+    folder = tmp_path_factory.mktemp("router")
+    return net, x, {name: tm.export_onnx(net, x, folder / f"{name}.onnx", dynamo)
+                    for name, dynamo in EXPORTERS.items()}
+
+
+def _input_gradient(net, x) -> np.ndarray:
+    xg = x.clone().requires_grad_(True)
+    net(xg)[[0, 1], TARGET].sum().backward()
+    return xg.grad.numpy()
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_moe_router_gradient_equals_autograd(router, exporter):
+    net, x, paths = router
+    result = rulegraph.Explainer(paths[exporter], "gradient").explain(x.numpy(), target=TARGET)
+    expected = _input_gradient(net, x)
+    assert np.abs(result.saliency["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_moe_router_lrp_transformer_conserves(router, exporter):
+    _, x, paths = router
+    result = rulegraph.Explainer(paths[exporter], "lrp-transformer").explain(x.numpy(), target=TARGET)
+    assert np.isfinite(result.map).all()
+    assert np.abs(result.relative_delta).max() < 1e-3
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_moe_router_lrp0_is_gradient_x_input_with_the_weights_held(router, exporter):
+    net, x, paths = router
+    held = Router(held=True)
+    held.load_state_dict(net.state_dict())
+    expected = x.numpy() * _input_gradient(held.eval(), x)
+    rules = dsl.parse(LRP_TRANSFORMER_EPS0, source="lrp-transformer-eps0.rules")
+    result = rulegraph.Explainer(paths[exporter], rules).explain(x.numpy(), target=TARGET)
+    got = result.attribution["input"]
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+class CosineGRN(nn.Module):
+    """Tokens [N, T, 6] -> hidden 8 -> SwinV2's cosine attention (``F.normalize`` of q and k, a
+    constant logit scale) as a residual -> ConvNeXtV2's GRN over the tokens (``vector_norm``, divided
+    by its mean over channels; ``γ ⊙ (h ⊙ n) + β + h``) -> mean over tokens, 3 classes. ``held``: the
+    attention weights and the GRN factor ``n`` detached (the model LRP explains)."""
+
+    def __init__(self, held: bool = False):
+        super().__init__()
+        self.held = held
+        self.embed, self.qkv, self.head = nn.Linear(6, 8), nn.Linear(8, 24), nn.Linear(8, 3)
+        self.gamma, self.beta = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = self.embed(x)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        scores = nn.functional.normalize(q, dim=-1) @ nn.functional.normalize(k, dim=-1).transpose(1, 2)
+        weights = torch.softmax(scores * 10.0, -1)
+        h = h + (weights.detach() if self.held else weights) @ v
+        norm = torch.linalg.vector_norm(h, dim=1, keepdim=True)
+        n = norm / (norm.mean(-1, keepdim=True) + 1e-6)
+        h = self.gamma * (h * (n.detach() if self.held else n)) + self.beta + h
+        return self.head(h.mean(1))
+
+
+@pytest.fixture(scope="module")
+def cosine_grn(tmp_path_factory):
+    net = tm.seeded(CosineGRN)
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+    folder = tmp_path_factory.mktemp("cosine_grn")
+    return net, x, {name: tm.export_onnx(net, x, folder / f"{name}.onnx", dynamo)
+                    for name, dynamo in EXPORTERS.items()}
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_norms_gradient_equals_autograd(cosine_grn, exporter):
+    net, x, paths = cosine_grn
+    result = rulegraph.Explainer(paths[exporter], "gradient").explain(x.numpy(), target=TARGET)
+    expected = _input_gradient(net, x)
+    assert np.abs(result.saliency["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_norms_lrp_transformer_conserves(cosine_grn, exporter):
+    _, x, paths = cosine_grn
+    result = rulegraph.Explainer(paths[exporter], "lrp-transformer").explain(x.numpy(), target=TARGET)
+    assert np.isfinite(result.map).all()
+    assert np.abs(result.relative_delta).max() < 1e-3
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_norms_lrp0_is_gradient_x_input_with_the_norms_held(cosine_grn, exporter):
+    net, x, paths = cosine_grn
+    held = CosineGRN(held=True)
+    held.load_state_dict(net.state_dict())
+    expected = x.numpy() * _input_gradient(held.eval(), x)
+    rules = dsl.parse(LRP_TRANSFORMER_EPS0, source="lrp-transformer-eps0.rules")
+    result = rulegraph.Explainer(paths[exporter], rules).explain(x.numpy(), target=TARGET)
+    assert np.abs(result.attribution["input"] - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+class TimeMajorTokens(nn.Module):
+    """Token ids [N, T] read time-major as XLNet reads them (``ids.transpose(0, 1)``, then the
+    lookup: [T, N, 8]), a position-dependent mix over time, 3 classes. Before, the lookup was not
+    a token source (the Transpose between ids and lookup) and the model had no float input to
+    explain ("output 'logits' does not depend on a float input")."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(50, 8), nn.Linear(7, 1), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.embed(ids.transpose(0, 1)))              # [T, N, 8]
+        return self.head(self.mix(h.permute(1, 2, 0)).squeeze(-1))   # [N, 8, T] -> [N, 8] -> [N, 3]
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_time_major_token_ids_gradient_x_input_equals_autograd(tmp_path, exporter):
+    net = tm.seeded(TimeMajorTokens).eval()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    path = tm.export_onnx(net, ids, tmp_path / "tokens.onnx", EXPORTERS[exporter])
+    result = rulegraph.Explainer(path, "gradient").explain(ids.numpy(), target=TARGET)
+    captured = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        captured["emb"] = output
+
+    net.embed.register_forward_hook(keep)
+    net(ids)[[0, 1], TARGET].sum().backward()
+    emb = captured["emb"]
+    expected = (emb * emb.grad).sum(-1).transpose(0, 1).detach().numpy()    # [N, T], per token
+    assert result.attribution["input"].shape == tuple(ids.shape)
+    assert np.abs(result.attribution["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
