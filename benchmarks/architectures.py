@@ -50,13 +50,34 @@ MARK_BEGIN, MARK_END = "<!-- architectures -->", "<!-- /architectures -->"
 # the token-embedding module whose output the gradient is read at, or None for float inputs)
 
 
-def torchvision_model(name: str, size: int = 224):
+def torchvision_model(name: str, size: int = 224, **kwargs):
+    """A torchvision classifier (no weights; ``kwargs`` to its constructor) on 2 × 3 × size × size."""
+
     def build():
         import torch
         import torchvision
 
         torch.manual_seed(0)
-        model = getattr(torchvision.models, name)(weights=None).eval()
+        model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+        return model, {"input": torch.randn(2, 3, size, size)}, None
+
+    return build
+
+
+def timm_model(name: str, size: int = 64, **kwargs):
+    """A timm classifier with random weights (seed 0) and 10 classes on 2 × 3 × size × size
+    (``kwargs`` to ``timm.create_model``). A classifier that timm initializes to zero (MLP-Mixer,
+    ResMLP) gets torch's own initialization instead, or every logit would be 0."""
+
+    def build():
+        import timm
+        import torch
+
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+        head = model.get_classifier()
+        if isinstance(head, torch.nn.Linear) and not head.weight.any():
+            head.reset_parameters()
         return model, {"input": torch.randn(2, 3, size, size)}, None
 
     return build
@@ -326,6 +347,18 @@ ARCHITECTURES = {
                                            "torchvision", region=TV_REGION),
     "lraspp_mobilenet_v3_large": Family(torchvision_segmentation("lraspp_mobilenet_v3_large"), "torchvision",
                                         region=TV_REGION),
+    "resnext50_32x4d": Family(torchvision_model("resnext50_32x4d", 64), "torchvision"),
+    "wide_resnet50_2": Family(torchvision_model("wide_resnet50_2", 64), "torchvision"),
+    "regnet_y_400mf": Family(torchvision_model("regnet_y_400mf", 64), "torchvision"),
+    "mnasnet0_5": Family(torchvision_model("mnasnet0_5", 64), "torchvision"),
+    "shufflenet_v2_x0_5": Family(torchvision_model("shufflenet_v2_x0_5", 64), "torchvision"),
+    "googlenet": Family(torchvision_model("googlenet", 64, aux_logits=False, init_weights=True), "torchvision"),
+    "mobilenet_v2": Family(torchvision_model("mobilenet_v2", 64), "torchvision"),
+    "convnext_tiny": Family(torchvision_model("convnext_tiny", 64), "torchvision", "lrp-transformer"),
+    "efficientnet_v2_s": Family(torchvision_model("efficientnet_v2_s", 64), "torchvision"),
+    "swin_t": Family(torchvision_model("swin_t"), "torchvision", "lrp-transformer"),
+    "vit_b_16": Family(torchvision_model("vit_b_16"), "torchvision", "lrp-transformer"),
+    "maxvit_t": Family(torchvision_model("maxvit_t"), "torchvision", "lrp-transformer"),
     "bert (transformers)": _tf(hf("BertConfig", "BertForSequenceClassification", token_ids, vocab_size=1000,
                                   hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=128, max_position_embeddings=64, num_labels=3)),
@@ -392,6 +425,32 @@ ARCHITECTURES = {
     "groupnorm cnn (torch)": Family(handmade("groupnorm-cnn", randn(2, 3, 16, 16)), "torch"),
     "fcn head (torch)": Family(handmade("fcn-head", randn(2, 3, 24, 24)), "torch",
                                region=(2, slice(8, 16), slice(8, 16))),
+    # timm
+    "seresnext26t_32x4d (timm)": Family(timm_model("seresnext26t_32x4d"), "timm"),
+    "regnety_002 (timm)": Family(timm_model("regnety_002"), "timm"),
+    "mixnet_s (timm)": Family(timm_model("mixnet_s"), "timm"),
+    "ghostnet_050 (timm)": Family(timm_model("ghostnet_050"), "timm"),
+    "rexnet_100 (timm)": Family(timm_model("rexnet_100"), "timm"),
+    "dla46_c (timm)": Family(timm_model("dla46_c"), "timm"),
+    "hrnet_w18_small (timm)": Family(timm_model("hrnet_w18_small"), "timm"),
+    "cspdarknet53 (timm)": Family(timm_model("cspdarknet53"), "timm"),
+    "repvgg_a0 (timm)": Family(timm_model("repvgg_a0"), "timm"),
+    "nf_resnet26 (timm)": Family(timm_model("nf_resnet26"), "timm"),
+    "inception_v3 (timm)": Family(timm_model("inception_v3", 96), "timm"),
+    "convnext_atto (timm)": Family(timm_model("convnext_atto"), "timm", "lrp-transformer"),
+    "poolformer_s12 (timm)": Family(timm_model("poolformer_s12"), "timm", "lrp-transformer"),
+    "resmlp_12_224 (timm)": Family(timm_model("resmlp_12_224", 224), "timm"),
+    "vit_tiny_patch16_224 (timm)": Family(timm_model("vit_tiny_patch16_224", 224), "timm", "lrp-transformer"),
+    "deit_tiny_distilled_patch16_224 (timm)": Family(timm_model("deit_tiny_distilled_patch16_224", 224), "timm",
+                                                     "lrp-transformer"),
+    "swin_tiny_patch4_window7_224 (timm)": Family(timm_model("swin_tiny_patch4_window7_224", 224), "timm",
+                                                  "lrp-transformer"),
+    "levit_128s (timm)": Family(timm_model("levit_128s", 224), "timm", "lrp-transformer"),
+    "pvt_v2_b0 (timm)": Family(timm_model("pvt_v2_b0"), "timm", "lrp-transformer"),
+    "maxvit_rmlp_pico_rw_256 (timm)": Family(timm_model("maxvit_rmlp_pico_rw_256", 256), "timm",
+                                             "lrp-transformer"),
+    "mobilevitv2_050 (timm)": Family(timm_model("mobilevitv2_050"), "timm", "lrp-transformer"),
+    "efficientformer_l1 (timm)": Family(timm_model("efficientformer_l1", 224), "timm", "lrp-transformer"),
 }
 
 
@@ -535,9 +594,21 @@ def float64_twin(net, inputs: dict, embeddings):
     """A float64 copy of ``net``, its float inputs in float64, and the copy's embeddings module: the
     same target's gradient without float32 rounding (where a ReLU mask flips, the two differ)."""
     memo: dict = {}
+    drop_caches(net)
     twin = copy.deepcopy(net, memo).double()
     doubled = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     return twin, doubled, None if embeddings is None else memo[id(embeddings)]
+
+
+def drop_caches(net) -> None:
+    """Empty the dicts of tensors a module computed from its parameters in a forward (timm's LeViT
+    caches its attention biases in eval mode): they cannot be deep-copied, and a float64 copy must
+    compute them again in float64."""
+    for module in net.modules():
+        for value in vars(module).values():
+            if isinstance(value, dict) and value and all(getattr(t, "grad_fn", None) is not None
+                                                         for t in value.values()):
+                value.clear()
 
 
 def autograd_gradient(net, inputs: dict, embeddings, targets):
