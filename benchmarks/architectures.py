@@ -5,13 +5,14 @@ For each architecture and exporter: opset, node count, how many nodes on the rel
 rule kind covers, whether the `gradient` rule file matches torch.autograd (max error relative to
 the largest gradient; for token models gradient × input per token at the token embeddings), the
 end-to-end conservation error of the LRP file (bias blamed): `lrp-epsilon`, or `lrp-transformer`
-for the transformers, and what fails and why where something does. Families: torchvision and
-transformers models from tiny configs, hand-built torch op families, and real third-party ONNX
-models (tests/data, ../shared/models; no torch twin, so no gradient oracle).
+for the transformers (and any model with LayerNorm or attention), and what fails and why where
+something does. Families: torchvision and timm models (random weights), transformers models from
+tiny configs, hand-built torch op families, and real third-party ONNX models (tests/data,
+../shared/models; no torch twin, so no gradient oracle).
 
-    python benchmarks/architectures.py [--only resnet18,vit] [--library torchvision] [--write-readme]
+    python benchmarks/architectures.py [--only resnet18,vit] [--library torchvision,timm] [--write-readme]
 
-Needs torch and transformers (torchvision for its rows; none is part of the test extras). With
+Needs torch and transformers (torchvision and timm for their rows; none is part of the test extras). With
 --write-readme the table replaces the block between the `<!-- architectures -->` markers in
 README.md (with --only or --library, only those architectures' rows are replaced). The rows of an
 architecture whose library is missing here are kept from the README, marked with what they were
@@ -861,7 +862,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture names")
     parser.add_argument("--library", help="comma-separated libraries whose rows are measured (torchvision, "
-                        "transformers, torch, onnx for the third-party models)")
+                        "timm, transformers, torch, onnx for the third-party models)")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     everything = {**ARCHITECTURES, **THIRD_PARTY}
