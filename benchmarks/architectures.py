@@ -452,6 +452,9 @@ ARCHITECTURES = {
                                              "lrp-transformer"),
     "mobilevitv2_050 (timm)": Family(timm_model("mobilevitv2_050"), "timm", "lrp-transformer"),
     "efficientformer_l1 (timm)": Family(timm_model("efficientformer_l1", 224), "timm", "lrp-transformer"),
+    "efficientvit_b0 (timm)": Family(timm_model("efficientvit_b0"), "timm", "lrp-transformer"),
+    "edgenext_xx_small (timm)": Family(timm_model("edgenext_xx_small"), "timm", "lrp-transformer"),
+    "xcit_nano_12_p16_224 (timm)": Family(timm_model("xcit_nano_12_p16_224", 224), "timm", "lrp-transformer"),
 }
 
 
