@@ -220,7 +220,7 @@ SELECTED = [
                            "densenet121", "fcn_resnet50", "deeplabv3_mobilenet_v3_large",
                            "lraspp_mobilenet_v3_large", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf",
                            "mnasnet0_5", "shufflenet_v2_x0_5", "googlenet", "mobilenet_v2", "convnext_tiny",
-                           "efficientnet_v2_s", "swin_t", "vit_b_16", "maxvit_t"]),
+                           "swin_t", "maxvit_t"]),
     (None, "timm", [n for n in bench.ARCHITECTURES if n.endswith(" (timm)")]),
     (None, "onnx", [n for n, m in bench.THIRD_PARTY.items() if m.build is None]),
     (None, "onnxruntime", ["digits CNN int8 QDQ"]),
