@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..graph.kinds import DEFAULT_DOMAINS, NONLINEAR, NORMALIZING, ROUTE, onnx_op_type
+from ..graph.kinds import DEFAULT_DOMAINS, NONLINEAR, ROUTE, onnx_op_type
 from ..graph.read import Graph, Node
 from .emit import Tape
 from .reverse import checked, walk_back
@@ -30,8 +30,6 @@ member_vjp = registrar(MEMBER_VJPS)
 fused_kind("SiLU", NONLINEAR)
 #: QuantizeLinear → DequantizeLinear of an activation, read in float (``graph/fuse.py``, qdq)
 fused_kind("QuantizeDequantize", ROUTE)
-#: x / max(‖x‖₂, ε) (``graph/fuse.py``, l2norm): a normalization, as LayerNormalization
-fused_kind("LpNormalization", NORMALIZING)
 
 
 def _straight_through(ctx: VjpContext, g: list[str | None]) -> list[str | None]:

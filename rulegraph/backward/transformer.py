@@ -31,7 +31,7 @@ from ..graph.read import Graph
 from .table import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
 from .attention import attention_parts, heads_of, present_back, unrepeat
 from .contrib import NORMS, norm_axes, norm_stats, norm_sum
-from .normalization import norm_form
+from .normalization import lp_norm, norm_form
 from .vjp import _layer_norm_stats, _reduce_where_one, layer_norm_axes, unbroadcast
 
 _EPS = Param("eps", 1e-6, _stabilizer, "the stabilizer epsilon")
@@ -210,9 +210,11 @@ def _layernorm_has_bias(ctx) -> bool:
 
 
 def l2_factor(ctx) -> str:
-    """``c = 1/max(‖x‖, ε)`` of a fused L2 normalization: the reciprocal of its Div's divisor, a
-    tensor of the forward pass."""
-    return ctx.tape.op("Reciprocal", ctx.node.members[-1].inputs[1])
+    """``c = 1/‖x‖_p`` of an LpNormalization: for a fused F.normalize the reciprocal of its Div's
+    divisor ``max(‖x‖₂, ε)``, a tensor of the forward pass."""
+    if ctx.node.members:
+        return ctx.tape.op("Reciprocal", ctx.node.members[-1].inputs[1])
+    return ctx.tape.op("Reciprocal", lp_norm(ctx))
 
 
 #: the normalizations ``layernorm_linear`` reads through their view (``normalization.norm_form``)
