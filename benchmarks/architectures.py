@@ -5,13 +5,14 @@ For each architecture and exporter: opset, node count, how many nodes on the rel
 rule kind covers, whether the `gradient` rule file matches torch.autograd (max error relative to
 the largest gradient; for token models gradient × input per token at the token embeddings), the
 end-to-end conservation error of the LRP file (bias blamed): `lrp-epsilon`, or `lrp-transformer`
-for the transformers, and what fails and why where something does. Families: torchvision and
-transformers models from tiny configs, hand-built torch op families, and real third-party ONNX
-models (tests/data, ../shared/models; no torch twin, so no gradient oracle).
+for the transformers (and any model with LayerNorm or attention), and what fails and why where
+something does. Families: torchvision and timm models (random weights), transformers models from
+tiny configs, hand-built torch op families, and real third-party ONNX models (tests/data,
+../shared/models; no torch twin, so no gradient oracle).
 
-    python benchmarks/architectures.py [--only resnet18,vit] [--library torchvision] [--write-readme]
+    python benchmarks/architectures.py [--only resnet18,vit] [--library torchvision,timm] [--write-readme]
 
-Needs torch and transformers (torchvision for its rows; none is part of the test extras). With
+Needs torch and transformers (torchvision and timm for their rows; none is part of the test extras). With
 --write-readme the table replaces the block between the `<!-- architectures -->` markers in
 README.md (with --only or --library, only those architectures' rows are replaced). The rows of an
 architecture whose library is missing here are kept from the README, marked with what they were
@@ -50,13 +51,34 @@ MARK_BEGIN, MARK_END = "<!-- architectures -->", "<!-- /architectures -->"
 # the token-embedding module whose output the gradient is read at, or None for float inputs)
 
 
-def torchvision_model(name: str, size: int = 224):
+def torchvision_model(name: str, size: int = 224, **kwargs):
+    """A torchvision classifier (no weights; ``kwargs`` to its constructor) on 2 × 3 × size × size."""
+
     def build():
         import torch
         import torchvision
 
         torch.manual_seed(0)
-        model = getattr(torchvision.models, name)(weights=None).eval()
+        model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+        return model, {"input": torch.randn(2, 3, size, size)}, None
+
+    return build
+
+
+def timm_model(name: str, size: int = 64, **kwargs):
+    """A timm classifier with random weights (seed 0) and 10 classes on 2 × 3 × size × size
+    (``kwargs`` to ``timm.create_model``). A classifier that timm initializes to zero (MLP-Mixer,
+    ResMLP) gets torch's own initialization instead, or every logit would be 0."""
+
+    def build():
+        import timm
+        import torch
+
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+        head = model.get_classifier()
+        if isinstance(head, torch.nn.Linear) and not head.weight.any():
+            head.reset_parameters()
         return model, {"input": torch.randn(2, 3, size, size)}, None
 
     return build
@@ -348,6 +370,16 @@ ARCHITECTURES = {
                                            "torchvision", region=TV_REGION),
     "lraspp_mobilenet_v3_large": Family(torchvision_segmentation("lraspp_mobilenet_v3_large"), "torchvision",
                                         region=TV_REGION),
+    "resnext50_32x4d": Family(torchvision_model("resnext50_32x4d", 64), "torchvision"),
+    "wide_resnet50_2": Family(torchvision_model("wide_resnet50_2", 64), "torchvision"),
+    "regnet_y_400mf": Family(torchvision_model("regnet_y_400mf", 64), "torchvision"),
+    "mnasnet0_5": Family(torchvision_model("mnasnet0_5", 64), "torchvision"),
+    "shufflenet_v2_x0_5": Family(torchvision_model("shufflenet_v2_x0_5", 64), "torchvision"),
+    "googlenet": Family(torchvision_model("googlenet", 64, aux_logits=False, init_weights=True), "torchvision"),
+    "mobilenet_v2": Family(torchvision_model("mobilenet_v2", 64), "torchvision"),
+    "convnext_tiny": Family(torchvision_model("convnext_tiny", 64), "torchvision", "lrp-transformer"),
+    "swin_t": Family(torchvision_model("swin_t"), "torchvision", "lrp-transformer"),
+    "maxvit_t": Family(torchvision_model("maxvit_t"), "torchvision", "lrp-transformer"),
     "bert (transformers)": _tf(hf("BertConfig", "BertForSequenceClassification", token_ids, vocab_size=1000,
                                   hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=128, max_position_embeddings=64, num_labels=3)),
@@ -596,6 +628,35 @@ ARCHITECTURES = {
     "groupnorm cnn (torch)": Family(handmade("groupnorm-cnn", randn(2, 3, 16, 16)), "torch"),
     "fcn head (torch)": Family(handmade("fcn-head", randn(2, 3, 24, 24)), "torch",
                                region=(2, slice(8, 16), slice(8, 16))),
+    # timm
+    "seresnext26t_32x4d (timm)": Family(timm_model("seresnext26t_32x4d"), "timm"),
+    "regnety_002 (timm)": Family(timm_model("regnety_002"), "timm"),
+    "mixnet_s (timm)": Family(timm_model("mixnet_s"), "timm"),
+    "ghostnet_050 (timm)": Family(timm_model("ghostnet_050"), "timm"),
+    "rexnet_100 (timm)": Family(timm_model("rexnet_100"), "timm"),
+    "dla46_c (timm)": Family(timm_model("dla46_c"), "timm"),
+    "hrnet_w18_small (timm)": Family(timm_model("hrnet_w18_small"), "timm"),
+    "cspdarknet53 (timm)": Family(timm_model("cspdarknet53"), "timm"),
+    "repvgg_a0 (timm)": Family(timm_model("repvgg_a0"), "timm"),
+    "nf_resnet26 (timm)": Family(timm_model("nf_resnet26"), "timm"),
+    "inception_v3 (timm)": Family(timm_model("inception_v3", 96), "timm"),
+    "convnext_atto (timm)": Family(timm_model("convnext_atto"), "timm", "lrp-transformer"),
+    "poolformer_s12 (timm)": Family(timm_model("poolformer_s12"), "timm", "lrp-transformer"),
+    "resmlp_12_224 (timm)": Family(timm_model("resmlp_12_224", 224), "timm"),
+    "vit_tiny_patch16_224 (timm)": Family(timm_model("vit_tiny_patch16_224", 224), "timm", "lrp-transformer"),
+    "deit_tiny_distilled_patch16_224 (timm)": Family(timm_model("deit_tiny_distilled_patch16_224", 224), "timm",
+                                                     "lrp-transformer"),
+    "swin_tiny_patch4_window7_224 (timm)": Family(timm_model("swin_tiny_patch4_window7_224", 224), "timm",
+                                                  "lrp-transformer"),
+    "levit_128s (timm)": Family(timm_model("levit_128s", 224), "timm", "lrp-transformer"),
+    "pvt_v2_b0 (timm)": Family(timm_model("pvt_v2_b0"), "timm", "lrp-transformer"),
+    "maxvit_rmlp_pico_rw_256 (timm)": Family(timm_model("maxvit_rmlp_pico_rw_256", 256), "timm",
+                                             "lrp-transformer"),
+    "mobilevitv2_050 (timm)": Family(timm_model("mobilevitv2_050"), "timm", "lrp-transformer"),
+    "efficientformer_l1 (timm)": Family(timm_model("efficientformer_l1", 224), "timm", "lrp-transformer"),
+    "efficientvit_b0 (timm)": Family(timm_model("efficientvit_b0"), "timm", "lrp-transformer"),
+    "edgenext_xx_small (timm)": Family(timm_model("edgenext_xx_small"), "timm", "lrp-transformer"),
+    "xcit_nano_12_p16_224 (timm)": Family(timm_model("xcit_nano_12_p16_224", 224), "timm", "lrp-transformer"),
 }
 
 
@@ -751,6 +812,7 @@ def float64_twin(net, inputs: dict, embeddings):
     import torch
 
     memo: dict = {}
+    drop_caches(net)
     net.train().eval()   # drops what modules cache in eval mode (LeViT's attention biases: not leaves)
     for module in net.modules():   # state a forward leaves behind (RecurrentGemma's recurrent_states)
         for key, value in list(vars(module).items()):
@@ -759,6 +821,17 @@ def float64_twin(net, inputs: dict, embeddings):
     twin = copy.deepcopy(net, memo).double()
     doubled = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     return twin, doubled, None if embeddings is None else memo[id(embeddings)]
+
+
+def drop_caches(net) -> None:
+    """Empty the dicts of tensors a module computed from its parameters in a forward (timm's LeViT
+    caches its attention biases in eval mode): they cannot be deep-copied, and a float64 copy must
+    compute them again in float64."""
+    for module in net.modules():
+        for value in vars(module).values():
+            if isinstance(value, dict) and value and all(getattr(t, "grad_fn", None) is not None
+                                                         for t in value.values()):
+                value.clear()
 
 
 def autograd_gradient(net, inputs: dict, embeddings, targets):
@@ -1065,7 +1138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture names")
     parser.add_argument("--library", help="comma-separated libraries whose rows are measured (torchvision, "
-                        "transformers, torch, onnx for the third-party models)")
+                        "timm, transformers, torch, onnx for the third-party models)")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     everything = {**ARCHITECTURES, **THIRD_PARTY}

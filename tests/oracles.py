@@ -133,6 +133,7 @@ class LRN(OpRun):
         return ((x / (bias + alpha / size * square_sum) ** beta).astype(x.dtype),)
 
 
+<<<<<<< HEAD
 class Pad(OpRun):
     """The reference Pad hands its amounts to ``np.pad``, which refuses negative ones; ONNX (and
     onnxruntime) crop there. Constant mode: crop by the negative amounts, then pad by the others."""
@@ -152,6 +153,21 @@ class Pad(OpRun):
 
 
 REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad]
+=======
+class LpNormalization(OpRun):
+    """The reference LpNormalization sums ``x^p`` without the absolute value, so its p = 1 norm is
+    ``Σ x`` (onnxruntime's is ``Σ |x|``, the op's definition); this one takes ``(Σ |x|^p)^(1/p)``."""
+
+    op_domain = ""
+
+    def _run(self, x, axis=None, p=None):
+        axis, p = -1 if axis is None else axis, 2 if p is None else p
+        norm = (np.abs(x) ** p).sum(axis=axis, keepdims=True) ** (1.0 / p)
+        return (np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm)).astype(x.dtype),)
+
+
+REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, LpNormalization]
+>>>>>>> timmrows
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,

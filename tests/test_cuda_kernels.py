@@ -34,7 +34,7 @@ MODELS = [ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_mlp.onn
 
 #: op types that CUDA has no float kernel for at any opset the table's rows use (the user's forward
 #: node stays on the CPU; rulegraph's backward of it is made of ops CUDA has)
-FORWARD_FALLBACKS = {"Celu", "Col2Im", "DFT", "GroupNormalization", "Mean", "Mish"}
+FORWARD_FALLBACKS = {"Celu", "Col2Im", "DFT", "GroupNormalization", "LpNormalization", "Mean", "Mish"}
 
 
 # the registry as data ---------------------------------------------------------------------------

@@ -19,6 +19,10 @@ model that shows it, exported by both torch exporters (``dynamo=False``: TorchSc
    autograd with the ReLU6 masks pinned to onnxruntime's float32 forward; unpinned they differ where
    masks flip between the two precisions (counted and printed; README, "Comparing gradients with
    other tools").
+5. EfficientViT's linear attention pads its values with a row of ones: a Pad whose constant value is
+   not 0 is a bias at the padded elements (their relevance is its share, reported per row), not a
+   leak; LRP-0 conserves, the gradient is autograd's, and ``Pad(h, value=c)`` explains as
+   ``Pad(h, 0) + frame`` does.
 """
 
 from __future__ import annotations
@@ -471,3 +475,97 @@ def test_deep_relu6_gradient_equals_float64_autograd_with_the_masks_pinned(mobil
     assert error(ours, pinned) < 1e-5
     if flips == 0:  # no flip: nothing else can differ
         assert error(ours, free) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. a constant pad value that is not 0: EfficientViT's linear attention pads its values with ones
+
+
+class OnesPaddedAttention(nn.Module):
+    """EfficientViT's LiteMLA in small: ReLU linear attention over the tokens of a strided Conv, the
+    values padded with a row of ones (``F.pad(v, (0, 0, 0, 1), value=1)``), so that one product
+    ``[v; 1] kᵀ q`` gives the numerators and, in its last row, the normalizer they are divided by."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.qkv = nn.Conv2d(8, 24, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(torch.relu(self.embed(x))).flatten(2).chunk(3, dim=1)   # [N, 8, T] each
+        v = nn.functional.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)          # [N, 9, T]
+        out = (v @ k.transpose(-1, -2)) @ torch.relu(q)
+        out = out[:, :-1] / (out[:, -1:] + 1e-3)
+        return self.head(out.mean(-1))
+
+
+class FramePadded(nn.Module):
+    """Conv -> a frame of ``value`` around the feature map -> Conv -> mean -> Linear. With ``pad``
+    the frame is ``F.pad(h, value=value)``; without, the same function as a zero pad plus a constant
+    frame added (an Add with a constant: a bias under the linear rules)."""
+
+    def __init__(self, pad: bool, value: float = 0.5) -> None:
+        super().__init__()
+        self.pad, self.value = pad, value
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 4, 3)
+        self.head = nn.Linear(4, 3)
+        frame = nn.functional.pad(torch.zeros(1, 6, 6, 6), (1, 1, 1, 1), value=value)
+        self.register_buffer("frame", frame)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))                                                  # [N, 6, 6, 6]
+        if self.pad:
+            h = nn.functional.pad(h, (1, 1, 1, 1), value=self.value)
+        else:
+            h = nn.functional.pad(h, (1, 1, 1, 1)) + self.frame
+        return self.head(torch.relu(self.conv2(h)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def ones_padded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ones_padded")
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    nets = {"attention": tm.seeded(OnesPaddedAttention), "frame": tm.seeded(FramePadded, pad=True)}
+    nets["frame as a bias"] = tm.seeded(FramePadded, pad=False)
+    paths = {(name, exporter): tm.export_onnx(net, x, folder / f"{name}-{exporter}.onnx", dynamo)
+             for name, net in nets.items() for exporter, dynamo in EXPORTERS.items()}
+    return nets, x, paths
+
+
+PADDED = [(name, exporter) for name in ("attention", "frame") for exporter in EXPORTERS]
+
+
+@pytest.mark.parametrize(("name", "exporter"), PADDED)
+def test_a_nonzero_pad_value_is_a_bias_and_lrp_0_conserves(ones_padded, name, exporter):
+    """LRP-0 with the biases blamed: Σ attribution + Σ bias shares = the logit (the padded elements'
+    relevance is the Pad's bias share, not a leak)."""
+    nets, x, paths = ones_padded
+    explainer = rulegraph.Explainer(paths[name, exporter], "lrp-0")
+    result = explainer.explain(x.numpy(), target=[0, 2])
+    np.testing.assert_allclose(result.outputs["logits"], nets[name](x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    pads = {n.name for n in explainer.graph.nodes if n.op_type == "Pad"}
+    assert any(node in pads and np.abs(share).max() > 1e-3 for node, share in result.bias_shares.items())
+    assert np.abs(result.relative_delta).max() < 1e-5
+
+
+@pytest.mark.parametrize(("name", "exporter"), PADDED)
+def test_a_nonzero_pad_value_leaves_the_gradient_as_autograd(ones_padded, name, exporter):
+    nets, x, paths = ones_padded
+    result = rulegraph.Explainer(paths[name, exporter], "gradient").explain(x.numpy(), target=[0, 2])
+    xg = x.clone().requires_grad_(True)
+    nets[name](xg)[[0, 1], [0, 2]].sum().backward()
+    expected = xg.grad.numpy()
+    assert np.abs(result.saliency["input"] - expected).max() / np.abs(expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_a_pad_with_a_value_explains_as_a_zero_pad_plus_a_constant_frame(ones_padded, exporter):
+    """Two graphs of one function (RULES.md §4): ``Pad(h, value=c)`` and ``Pad(h, 0) + frame``; under
+    LRP-0 the frame's bias share is the relevance at the padded elements, so attribution and bias
+    total are equal."""
+    _, x, paths = ones_padded
+    padded, added = (rulegraph.Explainer(paths[name, exporter], "lrp-0").explain(x.numpy(), target=[0, 2])
+                     for name in ("frame", "frame as a bias"))
+    np.testing.assert_allclose(padded.map, added.map, rtol=1e-5, atol=1e-7 * np.abs(added.map).max())
+    np.testing.assert_allclose(sum(padded.bias_shares.values()), sum(added.bias_shares.values()), rtol=1e-5)

@@ -136,6 +136,32 @@ def test_float64_twin_gradient_matches_float64_central_differences(name, library
         assert abs(got[index] - want) <= 1e-6 * max(1.0, np.abs(got).max()), (index, got[index], want)
 
 
+def test_float64_twin_of_a_module_that_caches_tensors_computed_from_its_parameters():
+    """timm's LeViT and EfficientFormer cache their attention biases (computed from parameters) in
+    eval mode: the twin drops the cache (a deep copy refuses non-leaf tensors) and computes it again
+    in float64. Oracle: ∂(x W)[n, t]/∂x = W[:, t] with W = w[idx]."""
+
+    class Cached(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))
+            self.register_buffer("idx", torch.tensor([2, 0, 1, 3]))
+            self.cache = {}
+
+        def forward(self, x):
+            if "w" not in self.cache:
+                self.cache["w"] = self.w[self.idx]
+            return x @ self.cache["w"]
+
+    net, inputs, target = Cached().eval(), {"input": torch.randn(2, 4)}, [0, 2]
+    bench.autograd_gradient(net, inputs, None, target)   # fills the cache with a non-leaf tensor
+    twin, doubled, _ = bench.float64_twin(net, inputs, None)
+    _, got = bench.autograd_gradient(twin, doubled, None, target)
+    assert twin.cache["w"].dtype == torch.float64
+    want = net.w.detach().double()[net.idx][:, target].T.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-15)
+
+
 OLD_README = f"""text
 {bench.MARK_BEGIN}
 | architecture | exporter | opset | nodes | rules on the path (LRP file) | gradient vs autograd \
@@ -192,7 +218,10 @@ def test_the_failures_of_a_row_are_one_phrase_per_cause(fails, cell):
 SELECTED = [
     (None, "torchvision", ["resnet18", "vgg11_bn", "squeezenet1_1", "mobilenet_v3_small", "efficientnet_b0",
                            "densenet121", "fcn_resnet50", "deeplabv3_mobilenet_v3_large",
-                           "lraspp_mobilenet_v3_large"]),
+                           "lraspp_mobilenet_v3_large", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf",
+                           "mnasnet0_5", "shufflenet_v2_x0_5", "googlenet", "mobilenet_v2", "convnext_tiny",
+                           "swin_t", "maxvit_t"]),
+    (None, "timm", [n for n in bench.ARCHITECTURES if n.endswith(" (timm)")]),
     (None, "onnx", [n for n, m in bench.THIRD_PARTY.items() if m.build is None]),
     (None, "onnxruntime", ["digits CNN int8 QDQ"]),
     ("resnet18,u-net (torch),bert (transformers)", "torchvision,torch", ["resnet18", "u-net (torch)"]),

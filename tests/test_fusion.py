@@ -164,6 +164,14 @@ FUSED = [
      [n("Pow", ["x", "two"], "x2"), n("ReduceMean", ["x2"], "ms", axes=[-1]), n("Add", ["ms", "eps"], "mse"),
       n("Sqrt", ["mse"], "r"), n("Div", ["x", "r"], "y")], LN_CONSTS, 17, X,
      [("RMSNormalization", ["x2", "ms", "mse", "r", "y"])]),
+    ("l2norm-torchscript",  # F.normalize(x, dim=-1): ReduceL2, Clip(min = ε), Expand to x's shape, Div
+     [n("ReduceL2", ["x"], "nrm", axes=[-1], keepdims=1), n("Clip", ["nrm", "tiny"], "cl"),
+      n("Expand", ["cl", "shape"], "ex"), n("Div", ["x", "ex"], "y")],
+     {"tiny": c(1e-12), "shape": np.array(X, dtype=np.int64)}, 17, X,
+     [("LpNormalization", ["nrm", "cl", "ex", "y"])]),
+    ("l2norm-opset18-max-no-expand",
+     [n("ReduceL2", ["x", "axes0"], "nrm", keepdims=1), n("Max", ["tiny", "nrm"], "cl"), n("Div", ["x", "cl"], "y")],
+     {"tiny": c(1e-12), "axes0": np.array([0], dtype=np.int64)}, 18, X, [("LpNormalization", ["nrm", "cl", "y"])]),
 ]
 
 # patterns whose decomposed form has an op without a kind (Pow, Sqrt): only the fused graph compiles
@@ -216,7 +224,7 @@ def test_fused(name, nodes, consts, opset, shape, expected):
     graph = G.load(model)
     assert groups(graph) == expected
     fused = [node for node in graph.nodes if node.members]
-    normalizing = ("LayerNormalization", "RMSNormalization", "Softmax")
+    normalizing = ("LayerNormalization", "RMSNormalization", "Softmax", "LpNormalization")
     assert all(node.kind == ("normalizing" if node.op_type in normalizing else "nonlinear") for node in fused)
     assert [o.name for o in graph.model.graph.node] == [node.name for node in nodes]  # the proto keeps them
     rng = rng_for(name)

@@ -2,7 +2,9 @@
 an RMSNorm + scaled-dot-product-attention (causal, grouped-query) + Einsum block, exported by torch's
 exporters at the opsets where they write these ops (the TorchScript exporter writes GroupNorm as a
 reshaped InstanceNormalization and cannot export RMSNorm; torch.export at opset 18 decomposes
-RMSNorm and attention, at opset 23 writes RMSNormalization, GroupNormalization and Attention).
+RMSNorm and attention, at opset 23 writes RMSNormalization, GroupNormalization and Attention), and
+XCiT's cross-covariance attention, whose F.normalize both exporters write as ReduceL2, Clip, Expand,
+Div (read as one LpNormalization, its 1/‖x‖ held constant under ``lrp-transformer``).
 
 Oracles: torch autograd of ``<logits, seed>`` for the gradient; the LRP files' conservation
 (attribution plus blamed biases equal to the explained logit, to 1e-3) and ``rulegraph check``."""
@@ -64,11 +66,30 @@ class RMSAttentionBlock(nn.Module):
         return self.out((x + mixed).mean(1))
 
 
+class CrossCovarianceAttention(nn.Module):
+    """XCiT's (and EdgeNeXt's) cross-covariance attention in small: queries and keys L2-normalized
+    over the tokens (``F.normalize``, which torch writes as ReduceL2, Clip, Expand, Div), a
+    channel-by-channel attention map, a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, 3)
+        self.temperature = nn.Parameter(torch.full((1, 1), 2.0))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).transpose(1, 2).chunk(3, dim=1)          # [b, D, T] each
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attention = ((q @ k.transpose(1, 2)) * self.temperature).softmax(-1)   # [b, D, D]
+        h = x + self.proj((attention @ v).transpose(1, 2))
+        return self.out(h.mean(1))
+
+
 #: net -> (class, input shape, LRP file, [(exporter, opset)])
 NETS = {
     "groupnorm_cnn": (GroupNormCNN, (3, 6, 6), "lrp-epsilon",
                       [("torchscript", 17), ("dynamo", 18), ("dynamo", 23)]),
     "rms_attention": (RMSAttentionBlock, (T, D), "lrp-transformer", [("dynamo", 18), ("dynamo", 23)]),
+    "xca": (CrossCovarianceAttention, (T, D), "lrp-transformer", [("torchscript", 17), ("dynamo", 18)]),
 }
 CASES = [pytest.param(net, exporter, opset, id=f"{net}-{exporter}-{opset}")
          for net, (_, _, _, ways) in NETS.items() for exporter, opset in ways]
@@ -113,6 +134,8 @@ EXPECTED_OPS = {
     ("groupnorm_cnn", "dynamo", 23): {"GroupNormalization", "InstanceNormalization"},
     ("rms_attention", "dynamo", 18): {"Einsum"},
     ("rms_attention", "dynamo", 23): {"RMSNormalization", "Attention", "Einsum"},
+    ("xca", "torchscript", 17): {"ReduceL2"},
+    ("xca", "dynamo", 18): {"ReduceL2"},
 }
 
 

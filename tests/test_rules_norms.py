@@ -230,3 +230,28 @@ def test_unused_normalization_binding_is_warned_in_a_users_file_only(source, war
     ruleset = dsl.load(source) if source == "lrp-epsilon" else dsl.parse(text, source=source)
     unused = [d for d in check(m, ruleset).diagnostics if d.code == "unused-binding"]
     assert [d.where.split(":")[0] for d in unused] == ([source] if warned else [])
+
+
+# layernorm_linear on an L2 normalization, native LpNormalization and fused F.normalize ---------------
+
+LP_CASES = {
+    # id: (nodes, constants, opset, p)
+    "native-p2": ([node("LpNormalization", ["x"], "y", axis=-1, p=2)], {}, 17, 2),
+    "native-p1": ([node("LpNormalization", ["x"], "y", axis=-1, p=1)], {}, 17, 1),
+    "fused-normalize": ([node("ReduceL2", ["x"], "n", axes=[-1], keepdims=1), node("Clip", ["n", "tiny"], "c"),
+                         node("Div", ["x", "c"], "y")], {"tiny": np.array(1e-12)}, 17, 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LP_CASES))
+def test_layernorm_linear_on_an_lp_normalization(case):
+    """``y = c ⊙ x``, ``c = 1/‖x‖_p`` held constant: ``a(x) = x ⊙ c ⊙ a(y)/blip(y)``; no bias."""
+    nodes, consts, opset, p = LP_CASES[case]
+    shape = [2, 3, 5]
+    x, g = RNG.normal(size=shape), RNG.normal(size=shape)
+    m = model(nodes, {"x": shape}, consts, opset=opset)
+    out = seeded(m, rules("normalizing -> layernorm_linear(eps = 1e-3)\nlinear -> normalized(eps = 1e-3)\n"
+                          "nonlinear -> ignore\nbilinear -> uniform\n"), {"x": x}, g)
+    c = 1.0 / (np.abs(x) ** p).sum(-1, keepdims=True) ** (1.0 / p)
+    np.testing.assert_allclose(out["R"]["x"], x * c * g / blip(x * c, 1e-3), rtol=1e-9, atol=1e-12)
+    assert out["bias"] == {}

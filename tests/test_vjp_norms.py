@@ -1,4 +1,4 @@
-"""VJP rows of Einsum, ScatterND, ScatterElements, the normalizations (Instance, Group, RMS, LRN)
+"""VJP rows of Einsum, ScatterND, ScatterElements, the normalizations (Instance, Group, RMS, LRN, Lp)
 and Attention, against central finite differences (the oracle of tests/test_vjp.py: float64 on the
 ONNX reference evaluator), one row per path through the VJP and per opset where the op's signature
 changed; and the forms each op refuses, by name."""
@@ -166,6 +166,9 @@ NORMS = [
     op("LRN-size3", "LRN", ["x"], {"x": [2, 5, 3, 2]}, opset=12, size=3, alpha=0.5, beta=0.75, bias=1.5),
     op("LRN-size4-even", "LRN", ["x"], {"x": [2, 6, 3]}, opset=13, size=4, alpha=0.3, beta=0.6),
     op("LRN-size1", "LRN", ["x"], {"x": [1, 3, 2, 2]}, opset=13, size=1, alpha=0.2),
+    op("LpNormalization-p2-last", "LpNormalization", ["x"], {"x": [2, 3, 4]}, opset=17, axis=-1, p=2),
+    op("LpNormalization-p2-axis1", "LpNormalization", ["x"], {"x": [2, 3, 4]}, opset=17, axis=1, p=2),
+    op("LpNormalization-p1-axis0", "LpNormalization", ["x"], {"x": [3, 4]}, opset=17, axis=0, p=1),
 ]
 
 QKV4 = {"x": [2, 2, 3, 4], "x1": [2, 2, 5, 4], "x2": [2, 2, 5, 3]}   # Q, K, V: [B, H, S, d]

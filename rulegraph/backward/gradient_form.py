@@ -23,7 +23,7 @@ The modified Jacobians, per rule (``GRADIENT_FORMS``):
   linearisation, remainder blamed, is the gradient); under ``bias ignore`` ``g`` is scaled by
   ``y / Σ_i J_ji x_i`` first;
 - ``layernorm_linear``: the gradient with ``γ/σ`` held constant, ``c ⊙ g − mean(c ⊙ g)`` (RMS: no
-  mean); the Skip forms pass it to each summed input;
+  mean; an L2 normalization: ``c ⊙ g``, ``c = 1/max(‖x‖, ε)``); the Skip forms pass it to each summed input;
 - ``cp_attention``: ``Pᵀ g`` to the values, nothing to Q, K and the mask;
 - ``block``: nothing.
 
@@ -46,6 +46,7 @@ from .transformer import (
     _layernorm_inputs,
     _product,
     held_op_types,
+    l2_factor,
     norm_biases,
     produced_by,
 )
@@ -138,6 +139,8 @@ def _softmax_taylor(ctx) -> list[str | None]:
 def _layernorm_linear(ctx) -> list[str | None]:
     """``layernorm_linear``: ``g(x) = Mᵀ s``, ``Mᵀs = c ⊙ s − mean(c ⊙ s)``, ``c = γ/σ`` constant,
     ``s = g`` (β takes ``β ⊙ g``), or ``s = g ⊙ y / (y − β)`` under ``bias ignore``."""
+    if ctx.node.op_type == "LpNormalization":   # y = x ⊙ c: g(x) = c ⊙ g
+        return [ctx.tape.op("Mul", _scaled(ctx, ctx.a_out[0], None), l2_factor(ctx))]
     if ctx.node.op_type in VIEWED_NORMS:
         return _viewed_norm(ctx)
     if ctx.node.op_type in NORMS:

@@ -1,4 +1,5 @@
-"""InstanceNormalization, GroupNormalization (opset 18 and 21), RMSNormalization (opset 23) and LRN:
+"""InstanceNormalization, GroupNormalization (opset 18 and 21), RMSNormalization (opset 23), LRN and
+LpNormalization:
 their VJPs and kind (normalizing, as LayerNormalization), and the form the ``layernorm_linear`` rule
 reads (``norm_form``).
 
@@ -108,6 +109,26 @@ def _normalization(ctx, g):
     if form.centered:
         inner = t.op("Sub", inner, t.reduce("ReduceMean", gh, form.axes))
     return [form.back(t, t.op("Mul", inner, inv_std), ctx.x)] + [None] * (len(ctx.node.inputs) - 1)
+
+
+def lp_norm(ctx: VjpContext) -> str:
+    """``‖x‖_p`` over the LpNormalization's ``axis``, keeping it (p = 1 or 2)."""
+    p = ctx.node.attr("p", 2)
+    if p not in (1, 2):
+        raise ctx.fail(f"LpNormalization with p = {p} is not defined (ONNX allows p = 1 or 2)")
+    return ctx.tape.reduce("ReduceL1" if p == 1 else "ReduceL2", ctx.x, [ctx.node.attr("axis", -1)])
+
+
+@vjp("LpNormalization", kind=NORMALIZING)
+def _lp_normalization(ctx, g):
+    """``y = x / ‖x‖_p`` over ``axis`` (no ε, as the op): ``a(x) = (g − s ⊙ Σ_axis(g ⊙ y)) / ‖x‖_p``
+    with ``s = y`` for p = 2 and ``s = sign(x)`` for p = 1. A fused F.normalize (``graph/fuse.py``)
+    differentiates through its members instead."""
+    t = ctx.tape
+    n, axis = lp_norm(ctx), ctx.node.attr("axis", -1)
+    s = ctx.y if ctx.node.attr("p", 2) == 2 else t.op("Sign", ctx.x)
+    dot = t.reduce_sum(t.op("Mul", g[0], ctx.y), [axis], keepdims=True)
+    return [t.op("Div", t.op("Sub", g[0], t.op("Mul", s, dot)), n)]
 
 
 def _channel_window(ctx: VjpContext, v: str, before: int, after: int) -> str:

@@ -31,7 +31,7 @@ from ..graph.read import Graph
 from .table import APPROXIMATE, EXACT, LEAKS_BIAS, Param, _classes, _stabilizer, rule
 from .attention import attention_parts, heads_of, present_back, unrepeat
 from .contrib import NORMS, norm_axes, norm_stats, norm_sum
-from .normalization import norm_form
+from .normalization import lp_norm, norm_form
 from .vjp import _layer_norm_stats, _reduce_where_one, layer_norm_axes, unbroadcast
 
 _EPS = Param("eps", 1e-6, _stabilizer, "the stabilizer epsilon")
@@ -239,13 +239,21 @@ def _layernorm_has_bias(ctx) -> bool:
     return _layernorm_inputs(ctx)[1] is not None
 
 
+def l2_factor(ctx) -> str:
+    """``c = 1/‖x‖_p`` of an LpNormalization: for a fused F.normalize the reciprocal of its Div's
+    divisor ``max(‖x‖₂, ε)``, a tensor of the forward pass."""
+    if ctx.node.members:
+        return ctx.tape.op("Reciprocal", ctx.node.members[-1].inputs[1])
+    return ctx.tape.op("Reciprocal", lp_norm(ctx))
+
+
 #: the normalizations ``layernorm_linear`` reads through their view (``normalization.norm_form``)
 VIEWED_NORMS = frozenset({"InstanceNormalization", "GroupNormalization", "RMSNormalization"})
 
 
 @rule("layernorm_linear", {NORMALIZING}, params=[_EPS], bias_in_denominator=True,
       has_bias=_layernorm_has_bias, conservation=_classes(relevance={NORMALIZING: APPROXIMATE}),
-      op_types={"LayerNormalization", *VIEWED_NORMS, *NORMS})
+      op_types={"LayerNormalization", "LpNormalization", *VIEWED_NORMS, *NORMS})
 def layernorm_linear(ctx) -> list[str | None]:
     """LayerNormalization with its normalising factor held constant (Ali et al. 2022, the LN-rule;
     Achtibat et al. 2024): ``y = (x − mean(x)) ⊙ c + β`` with ``c = γ / σ(x)`` constant is the linear
@@ -259,7 +267,13 @@ def layernorm_linear(ctx) -> list[str | None]:
 
     Instance, Group and RMS normalization likewise, through their view (``normalization.py``):
     ``Mᵀg = unview(v(γ ⊙ g)/σ − mean_A(v(γ ⊙ g)/σ))``, without the mean for RMS (not centered).
+    An L2 normalization ``y = x ⊙ c``, ``c = 1/max(‖x‖, ε)`` (fused F.normalize): ``Mᵀg = c ⊙ g``.
     """
+    if ctx.node.op_type == "LpNormalization":
+        t = ctx.tape
+        eps = ctx.params["eps"]
+        s = t.op("Div", ctx.a_out[0], t.blip(ctx.y, eps)) if eps > 0 else t.safe_div(ctx.a_out[0], ctx.y)
+        return [t.op("Mul", ctx.x, t.op("Mul", s, l2_factor(ctx)))]
     if ctx.node.op_type in VIEWED_NORMS:
         return _viewed_norm_linear(ctx)
     if ctx.node.op_type in NORMS:

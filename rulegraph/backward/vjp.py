@@ -1342,13 +1342,27 @@ def _pad(ctx, g):
         cropped[axis], cropped[rank + axis] = max(-b, 0), max(-e, 0)
     gx = kept if not any(cropped) else t.op("Pad", kept, t.ints(cropped), t.scalar(0.0))
     grads = [gx] + [None] * (len(ctx.node.inputs) - 1)
-    # an activation pad value: every padded element is it. A constant one gets no part, also where a
-    # route rule asks for the parts of constants (context.py): it is not a per-row bias
-    if len(ctx.active) > 2 and ctx.active[2] and ctx.node.inputs[2] in ctx.graph.active:
-        padded = t.op("Sub", t.reduce_sum(g[0], None, keepdims=False),
-                      t.reduce_sum(kept, None, keepdims=False))
-        grads[2] = t.reshape_like(padded, ctx.node.inputs[2])
+    if len(ctx.active) > 2 and ctx.active[2]:
+        if ctx.node.inputs[2] in ctx.graph.active:   # an activation pad value: every padded element is it
+            # a constant one gets no part here, also where a route rule asks for the parts of
+            # constants (context.py): a zero pad value is no per-row bias
+            padded = t.op("Sub", t.reduce_sum(g[0], None, keepdims=False),
+                          t.reduce_sum(kept, None, keepdims=False))
+            grads[2] = t.reshape_like(padded, ctx.node.inputs[2])
+        elif not _zero(ctx.const(2)):
+            # asked for the parts of constants (context.py): a non-zero constant pad value (EfficientViT
+            # pads its values with ones) is a bias at the padded elements; its part there is g's, per
+            # element (0 elsewhere), so that it is summed per row
+            full = [0] * (2 * rank)
+            for axis, b, e in zip(axes, begin, end):
+                full[axis], full[rank + axis] = max(b, 0), max(e, 0)
+            grads[2] = t.op("Sub", g[0], t.op("Pad", kept, t.ints(full)))
     return grads
+
+
+def _zero(value) -> bool:
+    """A constant pad value that is 0 (or absent); None (computed at run time) is not."""
+    return value is not None and not np.any(value)
 
 
 @vjp("Expand", kind=ROUTE)

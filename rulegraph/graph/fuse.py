@@ -481,6 +481,38 @@ def _rmsnorm(graph: Graph, square: Node) -> Match:
                  {"axis": -len(axes), "epsilon": eps})
 
 
+@pattern("l2norm", "LpNormalization", "ReduceL2")
+def _l2norm(graph: Graph, norm: Node) -> Match:
+    """LpNormalization(x, p = 2) = x / max(‖x‖₂, ε) over one axis: torch's F.normalize (XCiT's and
+    EdgeNeXt's cross-covariance attention), both exporters.
+
+    Written as ReduceL2 keeping dims, Clip(min = ε) (or Max with a constant ε), Expand where
+    present, then Div(x, ·).
+    """
+    x = norm.inputs[0]
+    rank = graph.rank(x)
+    if rank is None or x not in graph.active:
+        raise NoMatch(f"'{x}' is not an activation of known rank")
+    axes = _mean_axes(graph, norm, rank)
+    if len(axes) != 1:
+        raise NoMatch(f"{norm} reduces axes {axes}, not one axis as LpNormalization does")
+    clamp = _only_user(graph, norm.outputs[0], "Clip", "Max")
+    bounds = clamp.inputs[1:] if clamp.op_type == "Clip" else [_other(clamp, norm.outputs[0])]
+    eps = _scalar(graph, bounds[0]) if bounds and bounds[0] else None
+    if eps is None or eps < 0 or (clamp.op_type == "Clip" and len(bounds) > 1 and bounds[1]):
+        raise NoMatch(f"{clamp} does not bound the norm below by a constant ε >= 0 only")
+    members = [norm, clamp]
+    divisor = _only_user(graph, clamp.outputs[0], "Expand", "Div")
+    if divisor.op_type == "Expand":
+        members.append(divisor)
+        divisor = _only_user(graph, divisor.outputs[0], "Div")
+    if divisor.inputs != [x, members[-1].outputs[0]]:
+        raise NoMatch(f"{divisor} does not divide '{x}' by its norm")
+    members.append(divisor)
+    return Match("l2norm", "LpNormalization", members, [x], divisor.outputs[0],
+                 {"axis": axes[0], "p": 2})
+
+
 # --------------------------------------------------------------------------------------------------
 # Softmax with a NaN guard
 
