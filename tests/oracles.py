@@ -133,7 +133,6 @@ class LRN(OpRun):
         return ((x / (bias + alpha / size * square_sum) ** beta).astype(x.dtype),)
 
 
-<<<<<<< HEAD
 class Pad(OpRun):
     """The reference Pad hands its amounts to ``np.pad``, which refuses negative ones; ONNX (and
     onnxruntime) crop there. Constant mode: crop by the negative amounts, then pad by the others."""
@@ -152,8 +151,6 @@ class Pad(OpRun):
         return (np.pad(data[crop], np.maximum(full, 0).T, constant_values=value).astype(data.dtype),)
 
 
-REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad]
-=======
 class LpNormalization(OpRun):
     """The reference LpNormalization sums ``x^p`` without the absolute value, so its p = 1 norm is
     ``Σ x`` (onnxruntime's is ``Σ |x|``, the op's definition); this one takes ``(Σ |x|^p)^(1/p)``."""
@@ -166,8 +163,7 @@ class LpNormalization(OpRun):
         return (np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm)).astype(x.dtype),)
 
 
-REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, LpNormalization]
->>>>>>> timmrows
+REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad, LpNormalization]
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,
