@@ -85,32 +85,6 @@ def _input_gradient(net, x) -> np.ndarray:
     return xg.grad.numpy()
 
 
-@pytest.mark.parametrize("exporter", list(EXPORTERS))
-def test_moe_router_gradient_equals_autograd(router, exporter):
-    net, x, paths = router
-    result = rulegraph.Explainer(paths[exporter], "gradient").explain(x.numpy(), target=TARGET)
-    expected = _input_gradient(net, x)
-    assert np.abs(result.saliency["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
-
-
-@pytest.mark.parametrize("exporter", list(EXPORTERS))
-def test_moe_router_lrp_transformer_conserves(router, exporter):
-    _, x, paths = router
-    result = rulegraph.Explainer(paths[exporter], "lrp-transformer").explain(x.numpy(), target=TARGET)
-    assert np.isfinite(result.map).all()
-    assert np.abs(result.relative_delta).max() < 1e-3
-
-
-@pytest.mark.parametrize("exporter", list(EXPORTERS))
-def test_moe_router_lrp0_is_gradient_x_input_with_the_weights_held(router, exporter):
-    net, x, paths = router
-    held = Router(held=True)
-    held.load_state_dict(net.state_dict())
-    expected = x.numpy() * _input_gradient(held.eval(), x)
-    rules = dsl.parse(LRP_TRANSFORMER_EPS0, source="lrp-transformer-eps0.rules")
-    result = rulegraph.Explainer(paths[exporter], rules).explain(x.numpy(), target=TARGET)
-    got = result.attribution["input"]
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
 class CosineGRN(nn.Module):
@@ -146,33 +120,6 @@ def cosine_grn(tmp_path_factory):
                     for name, dynamo in EXPORTERS.items()}
 
 
-@pytest.mark.parametrize("exporter", list(EXPORTERS))
-def test_norms_gradient_equals_autograd(cosine_grn, exporter):
-    net, x, paths = cosine_grn
-    result = rulegraph.Explainer(paths[exporter], "gradient").explain(x.numpy(), target=TARGET)
-    expected = _input_gradient(net, x)
-    assert np.abs(result.saliency["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
-
-
-@pytest.mark.parametrize("exporter", list(EXPORTERS))
-def test_norms_lrp_transformer_conserves(cosine_grn, exporter):
-    _, x, paths = cosine_grn
-    result = rulegraph.Explainer(paths[exporter], "lrp-transformer").explain(x.numpy(), target=TARGET)
-    assert np.isfinite(result.map).all()
-    assert np.abs(result.relative_delta).max() < 1e-3
-
-
-@pytest.mark.parametrize("exporter", list(EXPORTERS))
-def test_norms_lrp0_is_gradient_x_input_with_the_norms_held(cosine_grn, exporter):
-    net, x, paths = cosine_grn
-    held = CosineGRN(held=True)
-    held.load_state_dict(net.state_dict())
-    expected = x.numpy() * _input_gradient(held.eval(), x)
-    rules = dsl.parse(LRP_TRANSFORMER_EPS0, source="lrp-transformer-eps0.rules")
-    result = rulegraph.Explainer(paths[exporter], rules).explain(x.numpy(), target=TARGET)
-    assert np.abs(result.attribution["input"] - expected).max() <= 1e-4 * np.abs(expected).max()
-
-
 class TimeMajorTokens(nn.Module):
     """Token ids [N, T] read time-major as XLNet reads them (``ids.transpose(0, 1)``, then the
     lookup: [T, N, 8]), a position-dependent mix over time, 3 classes. Before, the lookup was not
@@ -206,3 +153,39 @@ def test_time_major_token_ids_gradient_x_input_equals_autograd(tmp_path, exporte
     expected = (emb * emb.grad).sum(-1).transpose(0, 1).detach().numpy()    # [N, T], per token
     assert result.attribution["input"].shape == tuple(ids.shape)
     assert np.abs(result.attribution["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+#: (fixture, the module class built with its held parts detached): the MoE router's top-k weights,
+#: the cosine attention's and GRN's norms
+HELD_CASES = [("router", lambda: Router(held=True)), ("cosine_grn", lambda: CosineGRN(held=True))]
+CASE_IDS = [name for name, _ in HELD_CASES]
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+@pytest.mark.parametrize(("case", "held_net"), HELD_CASES, ids=CASE_IDS)
+def test_gradient_equals_autograd(case, held_net, exporter, request):
+    net, x, paths = request.getfixturevalue(case)
+    result = rulegraph.Explainer(paths[exporter], "gradient").explain(x.numpy(), target=TARGET)
+    expected = _input_gradient(net, x)
+    assert np.abs(result.saliency["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+@pytest.mark.parametrize(("case", "held_net"), HELD_CASES, ids=CASE_IDS)
+def test_lrp_transformer_conserves(case, held_net, exporter, request):
+    _, x, paths = request.getfixturevalue(case)
+    result = rulegraph.Explainer(paths[exporter], "lrp-transformer").explain(x.numpy(), target=TARGET)
+    assert np.isfinite(result.map).all()
+    assert np.abs(result.relative_delta).max() < 1e-3
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+@pytest.mark.parametrize(("case", "held_net"), HELD_CASES, ids=CASE_IDS)
+def test_lrp0_is_gradient_x_input_with_the_held_parts_detached(case, held_net, exporter, request):
+    net, x, paths = request.getfixturevalue(case)
+    held = held_net()
+    held.load_state_dict(net.state_dict())
+    expected = x.numpy() * _input_gradient(held.eval(), x)
+    rules = dsl.parse(LRP_TRANSFORMER_EPS0, source="lrp-transformer-eps0.rules")
+    result = rulegraph.Explainer(paths[exporter], rules).explain(x.numpy(), target=TARGET)
+    assert np.abs(result.attribution["input"] - expected).max() <= 1e-4 * np.abs(expected).max()
