@@ -135,18 +135,21 @@ class LRN(OpRun):
 
 class Pad(OpRun):
     """The reference Pad hands its amounts to ``np.pad``, which refuses negative ones; ONNX (and
-    onnxruntime) crop there. Constant mode: crop by the negative amounts, then pad by the others."""
+    onnxruntime) crop there. Constant mode: crop by the negative amounts, then pad by the others;
+    ``reflect``, ``edge`` and ``wrap`` are numpy's modes of the same names."""
 
     op_domain = ""
 
     def _run(self, data, pads, constant_value=None, axes=None, mode=None):
-        if mode not in (None, "constant", b"constant"):
-            raise NotImplementedError(f"Pad mode {mode} in the test oracle")
+        mode = "constant" if mode is None else mode.decode() if isinstance(mode, bytes) else mode
         rank = data.ndim
         axes = range(rank) if axes is None else [int(a) % rank for a in axes]
         full = np.zeros((2, rank), dtype=np.int64)
         full[:, list(axes)] = np.asarray(pads).reshape(2, -1)
         crop = tuple(slice(max(-b, 0), data.shape[i] - max(-e, 0)) for i, (b, e) in enumerate(full.T))
+        if mode != "constant":
+            assert (full >= 0).all(), "negative amounts in a border mode"
+            return (np.pad(data, full.T, mode=mode).astype(data.dtype),)
         value = 0 if constant_value is None else np.asarray(constant_value).item()
         return (np.pad(data[crop], np.maximum(full, 0).T, constant_values=value).astype(data.dtype),)
 

@@ -471,6 +471,15 @@ ROUTE = [
                                                                    "value": np.array(0.5)}),
     op("Pad-opset18-axes", "Pad", ["x", "pads", "", "axes"], X234, {"pads": ints(1, 2, 0, 1), "axes": ints(1, -1)},
        opset=18),
+    # the border modes copy input elements (TResNet's anti-aliasing blur, ReflectionPad2d, ReplicationPad2d)
+    op("Pad-reflect", "Pad", ["x", "pads"], X234, {"pads": ints(0, 2, 1, 0, 1, 3)}, mode="reflect"),
+    op("Pad-edge", "Pad", ["x", "pads"], X234, {"pads": ints(1, 2, 0, 0, 3, 2)}, mode="edge"),
+    op("Pad-reflect-value-input", "Pad", ["x", "pads", "value"], X234, {"pads": ints(0, 1, 2, 0, 1, 1),
+                                                                         "value": np.array(0.5)}, mode="reflect"),
+    op("Pad-opset18-axes-reflect", "Pad", ["x", "pads", "", "axes"], {"x": [2, 3, 5, 4]},
+       {"pads": ints(2, 1, 3, 1), "axes": ints(-2, 3)}, opset=18, mode="reflect"),
+    op("Pad-opset19-wrap", "Pad", ["x", "pads", "", "axes"], X234, {"pads": ints(2, 1, 1, 3), "axes": ints(1, 2)},
+       opset=19, mode="wrap"),
     op("Gather-duplicates-axis1", "Gather", ["x", "idx"], {"x": [3, 5, 4]}, {"idx": ints(0, 4, 4, -1, 2, 0)},
        axis=1),
     op("Gather-2d-indices-axis0", "Gather", ["x", "idx"], {"x": [4, 3]}, {"idx": np.array([[1, 1], [3, 0]])}),
@@ -599,7 +608,6 @@ def test_scalar_start_tensor():
 
 UNSUPPORTED = [
     op("Conv-activation-weights", "Conv", ["x", "x1"], {"x": [1, 2, 5, 5], "x1": [3, 2, 3, 3]}),
-    op("Pad-reflect", "Pad", ["x", "pads"], X234, {"pads": ints(0, 1, 1, 0, 1, 1)}, mode="reflect"),
     op("Dropout-training-mode", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.3), "t": np.array(True)}),
     op("Dropout-training-mode-default-ratio", "Dropout", ["x", "", "t"], X234, {"t": np.array(True)}),
 ]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import InternalError, ModelError
 from ..graph.kinds import LINEAR, MAX, NONLINEAR, NORMALIZING, ROUTE
@@ -1323,11 +1323,11 @@ def _pad(ctx, g):
     t = ctx.tape
     mode = ctx.node.attr("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        raise ctx.fail(f"Pad mode '{mode}' is not supported (only constant padding is a route)")
     pads = ctx.const(1)
     if pads is None:
         raise ctx.fail("Pad amounts computed at run time are not supported")
+    if mode != "constant":
+        return [_copied_back(ctx, g[0])] + [None] * (len(ctx.node.inputs) - 1)
     rank = ctx.graph.rank(ctx.x)
     axes = ctx.const(3)
     axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
@@ -1358,6 +1358,18 @@ def _pad(ctx, g):
                 full[axis], full[rank + axis] = max(b, 0), max(e, 0)
             grads[2] = t.op("Sub", g[0], t.op("Pad", kept, t.ints(full)))
     return grads
+
+
+def _copied_back(ctx: VjpContext, g: str) -> str:
+    """The VJP of a Pad that copies input elements into the border (``reflect``, ``edge``, ``wrap``):
+    each output element of ``g`` is added into the input position it copies. The positions are the
+    same Pad applied to each element's flat index, carried in float64 (exact to 2⁵³; onnxruntime's
+    CUDA Pad has no integer kernel), then a ScatterElements with ``reduction = add``."""
+    t = ctx.tape
+    index = t.op("Cast", _positions(ctx), to=TensorProto.DOUBLE)
+    copied = t.copy_node(ctx.node, [index] + ctx.node.inputs[1:2] + [""] * (len(ctx.node.inputs) > 2)
+                         + ctx.node.inputs[3:])
+    return _scatter_back(ctx, t.op("Cast", copied, to=TensorProto.INT64), g, "add")
 
 
 def _zero(value) -> bool:
