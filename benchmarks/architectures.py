@@ -1045,7 +1045,7 @@ def without_eps(transformer: bool):
         return "lrp-0"
     return dsl.parse('rulegraph 1\ninclude "lrp-transformer"\nlinear -> normalized(eps = 0)\n'
                      "bilinear -> uniform(eps = 0, softmax_constant = 1, gate_constant = 1, "
-                     "norm_constant = 1)\n"
+                     "norm_constant = 1, exp_constant = 1)\n"
                      "LayerNormalization -> layernorm_linear(eps = 0)\nSoftmax -> softmax_taylor(eps = 0)\n",
                      source="lrp-transformer-eps0.rules")
 

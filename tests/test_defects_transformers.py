@@ -16,7 +16,15 @@ each reproduced on the smallest torch model that shows it, exported by both torc
    norm itself ``block``), as LayerNorm's σ is: the gradient file equals autograd, lrp-transformer
    conserves, and at ε = 0 it is Gradient × Input of the model with the attention weights and the
    norms detached.
-3. Token ids read time-major (XLNet: ``ids.transpose(0, 1)`` before the lookup): the Transpose
+3. Softmax written out by hand: attention weights ``exp(s − max) / Σ exp(s − max)`` and RWKV's WKV
+   recurrence (running maximum, numerator and denominator of exponentials). Under
+   ``lrp-transformer`` the products of exponentials and values split half and half, and the half
+   sent into the exponentials ran into their arguments ``k − max``, which are 0 at the maximum:
+   RWKV's row lost five times the logit at ε = 0. Now an operand computed from Exp outputs is held
+   constant (``uniform(exp_constant = 1)``), as a Softmax's output is: the model is linear in its
+   values, lrp-transformer conserves, and at ε = 0 it is Gradient × Input of the model with the
+   exponentials detached.
+4. Token ids read time-major (XLNet: ``ids.transpose(0, 1)`` before the lookup): the Transpose
    between the ids and the embedding lookup now keeps it a token source, its order undone on the
    per-token attribution, which equals autograd's gradient × input per token.
 """
@@ -44,7 +52,7 @@ TARGET = [0, 2]
 #: lrp-transformer with every ε at 0: LRP-0, exact up to float32 rounding
 LRP_TRANSFORMER_EPS0 = ('rulegraph 1\ninclude "lrp-transformer"\nlinear -> normalized(eps = 0)\n'
                         "bilinear -> uniform(eps = 0, softmax_constant = 1, gate_constant = 1, "
-                        "norm_constant = 1)\n")
+                        "norm_constant = 1, exp_constant = 1)\n")
 
 
 class Router(nn.Module):
@@ -120,6 +128,51 @@ def cosine_grn(tmp_path_factory):
                     for name, dynamo in EXPORTERS.items()}
 
 
+class HandSoftmax(nn.Module):
+    """Tokens [N, T, 6] -> hidden 8 -> attention with its softmax written out (``exp(s − max)``
+    divided by its sum) as a residual -> RWKV's WKV over time (transformers' ``RwkvSelfAttention``
+    CPU path: running maximum ``m``, numerator and denominator states of ``exp`` weights, output
+    ``num / den``) -> mean over tokens, 3 classes. ``held``: every exponential detached."""
+
+    def __init__(self, held: bool = False):
+        super().__init__()
+        self.held = held
+        self.embed, self.qkv, self.kv, self.head = nn.Linear(6, 8), nn.Linear(8, 24), nn.Linear(8, 16), nn.Linear(8, 3)
+        self.decay, self.first = nn.Parameter(-torch.rand(8)), nn.Parameter(torch.randn(8))
+
+    def exp(self, x):
+        return torch.exp(x).detach() if self.held else torch.exp(x)
+
+    def forward(self, x):
+        h = self.embed(x)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        scores = q @ k.transpose(1, 2)
+        e = self.exp(scores - scores.amax(-1, keepdim=True))
+        h = h + (e / e.sum(-1, keepdim=True)) @ v
+        key, value = self.kv(h).chunk(2, -1)
+        num = den = torch.zeros_like(key[:, 0])
+        m = torch.full_like(key[:, 0], -1e38)
+        out = []
+        for t in range(key.shape[1]):
+            kt, vt = key[:, t], value[:, t]
+            mo = torch.maximum(m, kt + self.first)
+            e1, e2 = self.exp(m - mo), self.exp(kt + self.first - mo)
+            out.append((e1 * num + e2 * vt) / (e1 * den + e2))
+            ms = torch.maximum(m + self.decay, kt)
+            e1, e2 = self.exp(m + self.decay - ms), self.exp(kt - ms)
+            num, den, m = e1 * num + e2 * vt, e1 * den + e2, ms
+        return self.head(torch.stack(out, 1).mean(1))
+
+
+@pytest.fixture(scope="module")
+def hand_softmax(tmp_path_factory):
+    net = tm.seeded(HandSoftmax)
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+    folder = tmp_path_factory.mktemp("hand_softmax")
+    return net, x, {name: tm.export_onnx(net, x, folder / f"{name}.onnx", dynamo)
+                    for name, dynamo in EXPORTERS.items()}
+
+
 class TimeMajorTokens(nn.Module):
     """Token ids [N, T] read time-major as XLNet reads them (``ids.transpose(0, 1)``, then the
     lookup: [T, N, 8]), a position-dependent mix over time, 3 classes. Before, the lookup was not
@@ -156,8 +209,9 @@ def test_time_major_token_ids_gradient_x_input_equals_autograd(tmp_path, exporte
 
 
 #: (fixture, the module class built with its held parts detached): the MoE router's top-k weights,
-#: the cosine attention's and GRN's norms
-HELD_CASES = [("router", lambda: Router(held=True)), ("cosine_grn", lambda: CosineGRN(held=True))]
+#: the cosine attention's and GRN's norms, the exponentials of a hand-written softmax and of RWKV's WKV
+HELD_CASES = [("router", lambda: Router(held=True)), ("cosine_grn", lambda: CosineGRN(held=True)),
+              ("hand_softmax", lambda: HandSoftmax(held=True))]
 CASE_IDS = [name for name, _ in HELD_CASES]
 
 

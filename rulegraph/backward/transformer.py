@@ -86,8 +86,11 @@ SOFTMAX = frozenset({"Softmax"})
 GATES = frozenset({"Sigmoid", "HardSigmoid"})  # squeeze-excitation gates x·σ(s(x))
 #: norms of an activation: SwinV2's cosine attention q / ‖q‖, ConvNeXtV2's response normalization
 NORMS_HELD = frozenset({"ReduceL1", "ReduceL2", "ReduceSumSquare"})
+#: exponentials: a hand-written softmax exp(x − max) / Σ exp (RWKV's WKV), a state-space decay exp(ΔA)
+EXPS = frozenset({"Exp"})
 #: the uniform rule's parameters that hold an operand constant, and the op types each one holds
-HOLDS = {"softmax_constant": SOFTMAX, "gate_constant": GATES, "norm_constant": NORMS_HELD}
+HOLDS = {"softmax_constant": SOFTMAX, "gate_constant": GATES, "norm_constant": NORMS_HELD,
+         "exp_constant": EXPS}
 
 
 def held_op_types(params) -> frozenset[str]:
@@ -122,7 +125,10 @@ def _uniform_conservation(op_type: str, params) -> str:
                     "1: an operand computed by a Sigmoid or HardSigmoid (a gate) is held constant"),
               Param("norm_constant", 0.0, _zero_or_one,
                     "1: an operand computed from norms (ReduceL1, ReduceL2, ReduceSumSquare) is held "
-                    "constant")])
+                    "constant"),
+              Param("exp_constant", 0.0, _zero_or_one,
+                    "1: an operand computed from Exp outputs (a hand-written softmax's weights, a "
+                    "state-space decay) is held constant")])
 def uniform(ctx) -> list[str | None]:
     """The uniform rule for products of two activations (Achtibat et al. 2024, AttnLRP).
 
@@ -145,7 +151,13 @@ def uniform(ctx) -> list[str | None]:
     Sigmoid or HardSigmoid (the squeeze-excitation gate of MobileNetV3 and EfficientNet), and
     ``norm_constant = 1`` for an operand computed from norms of an activation (SwinV2's cosine
     attention ``q / ‖q‖``, ConvNeXtV2's ``x ⊙ ‖x‖ / mean ‖x‖``): the normalizing factor is a constant,
-    as AttnLRP holds LayerNorm's ``σ``.
+    as AttnLRP holds LayerNorm's ``σ``. ``exp_constant = 1`` holds an operand computed from Exp
+    outputs only: the weights ``exp(x − m) / Σ exp(x − m)`` of a softmax written out by hand (RWKV's
+    WKV, whose running numerator and denominator are sums of such products), as CP-LRP holds a
+    Softmax's, and a state-space model's decay ``exp(ΔA)``, which MambaLRP (Jafari et al. 2024,
+    "MambaLRP: Explaining selective state space sequence models", NeurIPS) holds constant so that
+    the recurrence is linear in its state; the exponentials and what computed their arguments get
+    nothing.
     """
     _product(ctx, "uniform")
     held = held_op_types(ctx.params)
