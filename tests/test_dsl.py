@@ -59,12 +59,13 @@ BINDINGS = {
     "gradient-x-input": {"linear": "gradient", "nonlinear": "slope", "max": "gradient", "route": "gradient",
                          "bilinear": "gradient", "normalizing": "gradient"},
     "lrp-0": {"linear": "normalized(eps = 0)", "nonlinear": "ignore", "max": "gradient", "route": "gradient",
-              "bilinear": "uniform(eps = 0, softmax_constant = 1, gate_constant = 1, norm_constant = 0)",
+              "bilinear": "uniform(eps = 0, softmax_constant = 1, gate_constant = 1, exp_constant = 1, "
+                          "norm_constant = 0)",
               "normalizing": "unsupported", **CNN_NORMS(0)},
     "lrp-epsilon": {"linear": "normalized(eps = 1e-06)", "nonlinear": "ignore", "max": "gradient",
                     "route": "gradient",
                     "bilinear": "uniform(eps = 1e-06, softmax_constant = 1, gate_constant = 1, "
-                                "norm_constant = 0)",
+                                "exp_constant = 1, norm_constant = 0)",
                     "normalizing": "unsupported", **CNN_NORMS(1e-06)},
     "deconvnet": {"linear": "gradient", "nonlinear": "repeat", "max": "gradient", "route": "gradient",
                   "bilinear": "gradient", "normalizing": "gradient"},

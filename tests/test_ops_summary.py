@@ -123,7 +123,7 @@ OFF_PATH = [
         ("MatMul", "linear", 1, 1, 1, 1, 0, ["normalized(eps = 1e-06)"]),
         ("SiLU", "nonlinear", 1, 2, 1, 1, 0, ["ignore"]),
         ("Mul", "bilinear", 1, 1, 1, 1, 0,
-         ["uniform(eps = 1e-06, softmax_constant = 1, gate_constant = 1, norm_constant = 0)"]),
+         ["uniform(eps = 1e-06, softmax_constant = 1, gate_constant = 1, exp_constant = 1, norm_constant = 0)"]),
         ("Mul", "linear", 1, 1, 1, 1, 0, ["normalized(eps = 1e-06)"]),
         *OFF_PATH,
         ("Reshape", "route", 1, 1, 1, 1, 0, ["gradient"]),
