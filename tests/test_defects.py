@@ -23,6 +23,13 @@ model that shows it, exported by both torch exporters (``dynamo=False``: TorchSc
    not 0 is a bias at the padded elements (their relevance is its share, reported per row), not a
    leak; LRP-0 conserves, the gradient is autograd's, and ``Pad(h, value=c)`` explains as
    ``Pad(h, 0) + frame`` does.
+6. A fill value (``masked_fill(mask, c)``: ``Where`` with a constant branch) is a bias at the filled
+   elements, reported per row: its share was summed to the fill's own shape (a scalar, over the
+   batch too) and onnxruntime refused the explainer. Found on timm's VGG-11, whose
+   ``adaptive_avg_pool2d`` to a size that does not divide the input is decomposed by the dynamo
+   exporter into Gathers and ``Where`` fills. And a Pad in ``reflect`` or ``edge`` mode (TResNet's
+   anti-aliasing blur, ``ReflectionPad2d``, ``ReplicationPad2d``) was refused: it is a route whose
+   border elements are copies, their gradient added back to the elements copied.
 """
 
 from __future__ import annotations
@@ -569,3 +576,59 @@ def test_a_pad_with_a_value_explains_as_a_zero_pad_plus_a_constant_frame(ones_pa
                      for name in ("frame", "frame as a bias"))
     np.testing.assert_allclose(padded.map, added.map, rtol=1e-5, atol=1e-7 * np.abs(added.map).max())
     np.testing.assert_allclose(sum(padded.bias_shares.values()), sum(added.bias_shares.values()), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. a constant fill (Where with a constant branch), non-dividing adaptive pooling, border-mode Pads
+
+
+class Filled(nn.Module):
+    """Conv -> ReLU -> a constant fill of the masked positions (``masked_fill(mask, value)``) ->
+    ``adaptive_avg_pool2d`` from 6 × 6 to 4 × 4 (4 does not divide 6: overlapping windows) -> a
+    reflect, then an edge Pad -> Conv -> mean -> Linear."""
+
+    def __init__(self, value: float = 0.5) -> None:
+        super().__init__()
+        self.value = value
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 4, 3)
+        self.head = nn.Linear(4, 3)
+        self.register_buffer("mask", torch.rand(1, 6, 6, 6, generator=torch.Generator().manual_seed(2)) < 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x)).masked_fill(self.mask, self.value)              # [N, 6, 6, 6]
+        h = nn.functional.adaptive_avg_pool2d(h, 4)                                    # [N, 6, 4, 4]
+        h = nn.functional.pad(nn.functional.pad(h, (1, 1, 1, 1), mode="reflect"), (0, 1, 1, 0), mode="replicate")
+        return self.head(torch.relu(self.conv2(h)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    """The dynamo export (the legacy exporter cannot export a non-dividing adaptive pooling)."""
+    net = tm.seeded(Filled)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return net, x, tm.export_onnx(net, x, tmp_path_factory.mktemp("filled") / "filled.onnx", True)
+
+
+def test_a_constant_fill_is_a_bias_per_row_and_lrp_0_is_gradient_x_input(filled):
+    """LRP-0 with the biases blamed conserves per row, the fill's Where takes a bias share, and on this
+    ReLU network LRP-0 equals Gradient × Input (RULES.md §6)."""
+    net, x, path = filled
+    explainer = rulegraph.Explainer(path, "lrp-0")
+    assert {"Where", "Pad"} <= {n.op_type for n in explainer.graph.nodes}
+    result = explainer.explain(x.numpy(), target=[0, 2])
+    wheres = {n.name for n in explainer.graph.nodes if n.op_type == "Where"}
+    assert any(node in wheres and np.abs(share).max() > 1e-3 for node, share in result.bias_shares.items())
+    assert np.abs(result.relative_delta).max() < 1e-5
+    xg = x.clone().requires_grad_(True)
+    net(xg)[[0, 1], [0, 2]].sum().backward()
+    expected = (x * xg.grad).numpy()
+    assert np.abs(result.attribution["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_a_constant_fill_and_border_pads_leave_the_gradient_as_autograd(filled):
+    net, x, path = filled
+    result = rulegraph.Explainer(path, "gradient").explain(x.numpy(), target=[0, 2])
+    xg = x.clone().requires_grad_(True)
+    net(xg)[[0, 1], [0, 2]].sum().backward()
+    expected = xg.grad.numpy()
+    assert np.abs(result.saliency["input"] - expected).max() / np.abs(expected).max() < 1e-5

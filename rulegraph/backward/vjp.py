@@ -1385,13 +1385,15 @@ def _expand(ctx, g):
 @vjp("Where", kind=ROUTE)
 def _where(ctx, g):
     """``y = Where(c, a, b)``: ``g`` where c holds to ``a``, elsewhere to ``b`` (c is boolean, never
-    active)."""
+    active). A branch that is not an activation (a fill value, asked for by a route rule as the part of
+    a constant, context.py) gets its part per output element, not summed to its own shape: a scalar
+    fill would otherwise sum over the batch, and a bias is reported per row."""
     t = ctx.tape
     zero = t.scalar(0.0)
-    c, a, b = ctx.node.inputs
-    return [None,
-            unbroadcast(ctx, t.op("Where", c, g[0], zero), ctx.y, a) if ctx.active[1] else None,
-            unbroadcast(ctx, t.op("Where", c, zero, g[0]), ctx.y, b) if ctx.active[2] else None]
+    c = ctx.node.inputs[0]
+    parts = [t.op("Where", c, g[0], zero), t.op("Where", c, zero, g[0])]
+    return [None] + [None if not active else part if x not in ctx.graph.active else unbroadcast(ctx, part, ctx.y, x)
+                     for x, active, part in zip(ctx.node.inputs[1:], ctx.active[1:], parts)]
 
 
 @vjp("Cast", kind=ROUTE)
