@@ -26,7 +26,8 @@ each reproduced on the smallest torch model that shows it, exported by both torc
    exponentials detached.
 4. Token ids read time-major (XLNet: ``ids.transpose(0, 1)`` before the lookup): the Transpose
    between the ids and the embedding lookup now keeps it a token source, its order undone on the
-   per-token attribution, which equals autograd's gradient × input per token.
+   per-token attribution, which equals autograd's gradient × input per token. Likewise a Slice that
+   keeps every id (XLM's ``input_ids[:, -length:]``).
 """
 
 from __future__ import annotations
@@ -188,9 +189,31 @@ class TimeMajorTokens(nn.Module):
         return self.head(self.mix(h.permute(1, 2, 0)).squeeze(-1))   # [N, 8, T] -> [N, 8] -> [N, 3]
 
 
+class SlicedTokens(nn.Module):
+    """Token ids cut to their own length before the lookup, as XLM does (``ids[:, -length:]``; the
+    TorchScript export keeps the Slice, its starts from ``Shape``), a mix over time, 3 classes.
+    Before, the Slice between ids and lookup hid the token source ("output 'logits' does not depend
+    on a float input")."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(50, 8), nn.Linear(7, 1), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.embed(ids[:, -ids.shape[1]:]))                         # [N, T, 8]
+        return self.head(self.mix(h.transpose(1, 2)).squeeze(-1))
+
+
+#: (model, how its embeddings' gradient × input per token is laid out as [N, T])
+TOKEN_MODELS = {"time-major": (TimeMajorTokens, lambda per_token: per_token.transpose(0, 1)),
+                "sliced": (SlicedTokens, lambda per_token: per_token)}
+
+
 @pytest.mark.parametrize("exporter", list(EXPORTERS))
-def test_time_major_token_ids_gradient_x_input_equals_autograd(tmp_path, exporter):
-    net = tm.seeded(TimeMajorTokens).eval()
+@pytest.mark.parametrize("model", list(TOKEN_MODELS))
+def test_token_ids_read_through_a_route_gradient_x_input_equals_autograd(tmp_path, model, exporter):
+    cls, layout = TOKEN_MODELS[model]
+    net = tm.seeded(cls).eval()
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
     path = tm.export_onnx(net, ids, tmp_path / "tokens.onnx", EXPORTERS[exporter])
     result = rulegraph.Explainer(path, "gradient").explain(ids.numpy(), target=TARGET)
@@ -203,7 +226,7 @@ def test_time_major_token_ids_gradient_x_input_equals_autograd(tmp_path, exporte
     net.embed.register_forward_hook(keep)
     net(ids)[[0, 1], TARGET].sum().backward()
     emb = captured["emb"]
-    expected = (emb * emb.grad).sum(-1).transpose(0, 1).detach().numpy()    # [N, T], per token
+    expected = layout((emb * emb.grad).sum(-1)).detach().numpy()    # [N, T], per token
     assert result.attribution["input"].shape == tuple(ids.shape)
     assert np.abs(result.attribution["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
 

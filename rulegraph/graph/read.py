@@ -31,7 +31,7 @@ Between 3 and 4, recurrent nodes (LSTM, GRU, RNN) are unrolled into their per-st
 Token sources: a Gather (axis 0) whose data is a float constant (an embedding table) and whose
 indices are an integer graph input (token ids), directly or through ops that keep every value
 (``TOKEN_ROUTES``: Reshape, Squeeze, Cast, ...; a Transpose, XLNet's ids read time-major, whose order
-the attribution undoes), is where the relevance pass finishes for that
+the attribution undoes; a Slice that keeps every id, XLM's ``input_ids[:, -length:]``), is where the relevance pass finishes for that
 input: its output is active, and the attribution of the ids is the number per token, summed over
 the embedding axes (``Graph.sources``; ``compile/build.py``). Lookups whose indices are constant or are
 computed from shapes (position ids from Range) are no sources: they get nothing.
@@ -603,7 +603,32 @@ def token_ids(graph: Graph, node: Node) -> str | None:
     tensor = node.inputs[1]
     while tensor not in graph.inputs:
         producer = graph.producer.get(tensor)
-        if producer is None or producer.op_type not in TOKEN_ROUTES or not producer.inputs:
+        if producer is None or not producer.inputs or (producer.op_type not in TOKEN_ROUTES
+                                                       and not whole_slice(graph, producer)):
             return None
         tensor = producer.inputs[0]
     return None if graph.is_float(tensor) else tensor
+
+
+def whole_slice(graph: Graph, node: Node) -> bool:
+    """Is ``node`` a Slice that keeps every element in order (XLM's ``input_ids[:, -length:]`` on ids
+    of that length): constant starts, ends, axes and steps 1 covering each sliced axis of a
+    statically known size?"""
+    if node.op_type != "Slice" or len(node.inputs) < 3:
+        return False
+    starts, ends, axes, steps = (graph.constants.get(t) if t else None
+                                 for t in (node.inputs[1:] + ["", "", ""])[:4])
+    shape = graph.shapes.get(node.inputs[0])
+    if starts is None or ends is None or shape is None:
+        return False
+    axes = range(len(starts)) if axes is None else [int(a) % len(shape) for a in axes]
+    if steps is not None and np.any(steps != 1):
+        return False
+    for axis, start, end in zip(axes, starts, ends):
+        size = shape[axis]
+        if not isinstance(size, int):
+            return False
+        start, end = int(start) + size * (start < 0), int(end) + size * (end < 0)
+        if max(start, 0) != 0 or min(end, size) != size:
+            return False
+    return True
