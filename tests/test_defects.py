@@ -7,7 +7,10 @@ model that shows it, exported by both torch exporters (``dynamo=False``: TorchSc
    with ``N`` from the input, not over axis 0 of the BN's output), and a reduction whose axes are
    an input (opset 18) keeps the batch when it does not reduce axis 0.
 2. Swin: the window padding's amounts come from ``Shape`` of an activation whose shape is static
-   but for the batch; the reader folds that shape arithmetic to constants (``graph/static_shapes``).
+   but for the batch; the reader folds that shape arithmetic to constants (``graph/static_shapes``),
+   except downstream of sequence ops, whose inferred shapes onnx and onnxruntime disagree on
+   (Longformer). Amounts that stay computed at run time (Longformer's number of global tokens) are
+   sliced off by the amounts onnxruntime computes.
    The legacy export used to be refused (``Pad amounts computed at run time``), the dynamo export
    lost the batch at a Slice with axes as an input and at torch's ``as_strided`` pooling.
 3. GPT-2 with a left-padded row (sdpa and eager attention): the NaN-guarded Softmax of a fully
@@ -190,12 +193,50 @@ def test_shape_arithmetic_on_static_dims_folds_to_constants(axis, pads):
 
 
 def test_shape_arithmetic_on_the_batch_is_not_folded():
-    """The batch dimension is never a constant: the pads stay computed, and the Pad is refused."""
+    """The batch dimension is never a constant: the pads stay computed (by 5 for a batch of 2), and the
+    Pad's VJP slices by the amounts onnxruntime computes."""
     graph = G.load(padding_model(0))
     assert "Shape" in [n.op_type for n in graph.nodes]
-    with pytest.raises(rulegraph.RulegraphError, match="Pad amounts computed at run time"):
-        rulegraph.Explainer(padding_model(0), "gradient").explain(np.ones((2, 5, 6), np.float32),
-                                                                  target=np.ones((2, 5, 6)))
+    x = np.random.default_rng(0).normal(size=(2, 5, 6)).astype(np.float32)
+    result = rulegraph.Explainer(padding_model(0), "gradient").explain(x, target=np.ones((2, 5, 11)))
+    np.testing.assert_array_equal(result.saliency["x"], (x > 0).astype(np.float32))
+
+
+def sequence_shape_model():
+    """x [N, 4] -> the indices of its entries (NonZero, [2, k]) split into columns by SplitToSequence
+    with a scalar ``split`` of 1 and ``keepdims = 0`` -> ``Shape(Shape(SequenceAt(·, 0)))`` -> x times
+    the number of entries of that rank (1). onnx infers the element as [k, 1] (its spec ignores ``keepdims`` where
+    ``split`` is given), onnxruntime gives [k]: rank 1 at run time, 2 by inference (Longformer's
+    global-attention indices, as torch exports ``unbind``)."""
+    nodes = [helper.make_node("Greater", ["x", "low"], ["all"]),
+             helper.make_node("NonZero", ["all"], ["where"]),
+             helper.make_node("Transpose", ["where"], ["pairs"], perm=[1, 0]),
+             helper.make_node("SplitToSequence", ["pairs", "split"], ["columns"], axis=1, keepdims=0),
+             helper.make_node("SequenceAt", ["columns", "first"], ["rows"]),
+             helper.make_node("Shape", ["rows"], ["size"]),
+             helper.make_node("Shape", ["size"], ["rank"]),
+             helper.make_node("ConstantOfShape", ["rank"], ["ones"],
+                              value=numpy_helper.from_array(np.ones(1, np.float32))),
+             helper.make_node("ReduceSum", ["ones"], ["count"], keepdims=0),
+             helper.make_node("Mul", ["x", "count"], ["y"])]
+    consts = {"low": np.array(-np.inf, np.float32), "split": np.array(1, np.int64),
+              "first": np.array(0, np.int64)}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_shapes_onnx_and_onnxruntime_disagree_on_are_not_folded():
+    """A shape inferred downstream of a sequence op is not folded into a constant: folded, the rank 2
+    doubled the explainer's forward and gradient without a word (and made Longformer's fail)."""
+    model = sequence_shape_model()
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+    expected = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    result = rulegraph.Explainer(model, "gradient").explain(x, target=np.ones((2, 4)))
+    np.testing.assert_array_equal(result.outputs["y"], expected)
+    np.testing.assert_array_equal(result.outputs["y"], x)
+    np.testing.assert_array_equal(result.saliency["x"], np.ones((2, 4), np.float32))
 
 
 @pytest.fixture(scope="module")

@@ -471,6 +471,25 @@ ROUTE = [
                                                                    "value": np.array(0.5)}),
     op("Pad-opset18-axes", "Pad", ["x", "pads", "", "axes"], X234, {"pads": ints(1, 2, 0, 1), "axes": ints(1, -1)},
        opset=18),
+    # amounts computed at run time (Longformer pads by its number of global tokens): from a value of x
+    # (1 whatever x is, as onnxruntime computes it: never folded), with a negative amount that crops
+    nodes("Pad-run-time-amounts", [
+        N("ReduceMax", ["x"], ["m"], keepdims=0),
+        N("Less", ["m", "big"], ["small"]),
+        N("Cast", ["small"], ["one"], to=TensorProto.INT64),
+        N("Reshape", ["one", "shape1"], ["s1"]),
+        N("Concat", ["zeros2", "s1", "zeros2", "crop"], ["pads"], axis=0),
+        N("Pad", ["x", "pads"], ["y"])], X234,
+        {"big": np.array(1e9), "shape1": ints(1), "zeros2": ints(0, 0), "crop": ints(-1)}),
+    nodes("Pad-opset18-run-time-amounts-axes", [
+        N("ReduceMax", ["x"], ["m"], keepdims=0),
+        N("Less", ["m", "big"], ["small"]),
+        N("Cast", ["small"], ["one"], to=TensorProto.INT64),
+        N("Reshape", ["one", "shape1"], ["s1"]),
+        N("Add", ["s1", "s1"], ["s2"]),
+        N("Concat", ["s2", "minus", "s1", "s2"], ["pads"], axis=0),
+        N("Pad", ["x", "pads", "", "axes"], ["y"])], X234,
+        {"big": np.array(1e9), "shape1": ints(1), "minus": ints(-1), "axes": ints(1, -1)}, opset=18),
     # the border modes copy input elements (TResNet's anti-aliasing blur, ReflectionPad2d, ReplicationPad2d)
     op("Pad-reflect", "Pad", ["x", "pads"], X234, {"pads": ints(0, 2, 1, 0, 1, 3)}, mode="reflect"),
     op("Pad-edge", "Pad", ["x", "pads"], X234, {"pads": ints(1, 2, 0, 0, 3, 2)}, mode="edge"),

@@ -1323,14 +1323,16 @@ def _pad(ctx, g):
     t = ctx.tape
     mode = ctx.node.attr("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    pads = ctx.const(1)
-    if pads is None:
-        raise ctx.fail("Pad amounts computed at run time are not supported")
     if mode != "constant":
         return [_copied_back(ctx, g[0])] + [None] * (len(ctx.node.inputs) - 1)
+    pads = ctx.const(1)
     rank = ctx.graph.rank(ctx.x)
     axes = ctx.const(3)
+    if len(ctx.node.inputs) > 3 and ctx.node.inputs[3] and axes is None:
+        raise ctx.fail("Pad axes computed at run time are not supported")
     axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    if pads is None:   # Longformer pads by the number of global tokens, a run-time value
+        return [_unpadded_at_run_time(ctx, g[0], axes)] + [None] * (len(ctx.node.inputs) - 1)
     n = len(axes)
     begin, end = [int(p) for p in pads[:n]], [int(p) for p in pads[n:]]
     # the padded elements are sliced off g; a negative amount crops x (RWKV's time shift,
@@ -1358,6 +1360,24 @@ def _pad(ctx, g):
                 full[axis], full[rank + axis] = max(b, 0), max(e, 0)
             grads[2] = t.op("Sub", g[0], t.op("Pad", kept, t.ints(full)))
     return grads
+
+
+def _unpadded_at_run_time(ctx: VjpContext, g: str, axes: list[int]) -> str:
+    """The VJP of a constant-mode Pad whose amounts ``[b…, e…]`` are computed at run time: ``g`` sliced
+    to ``[max(b, 0), dim − max(e, 0))`` on the padded axes, then padded with zeros by ``max(−b, 0)``,
+    ``max(−e, 0)`` where the amounts cropped ``x``."""
+    t, n = ctx.tape, len(axes)
+    pads, zero = ctx.node.inputs[1], t.ints([0])
+    begin = t.op("Slice", pads, t.ints([0]), t.ints([n]))
+    end = t.op("Slice", pads, t.ints([n]), t.ints([2 * n]))
+    size = t.op("Gather", t.shape(g), t.ints(axes))
+    kept = t.op("Slice", g, t.op("Max", begin, zero), t.op("Sub", size, t.op("Max", end, zero)), t.ints(axes))
+    cropped = t.op("Concat", t.op("Max", t.op("Neg", begin), zero), t.op("Max", t.op("Neg", end), zero), axis=0)
+    rank = ctx.graph.rank(ctx.x)
+    if axes != list(range(rank)):   # amounts for every axis (a Pad before opset 18 has no axes input)
+        at = t.ints(axes + [rank + a for a in axes])
+        cropped = t.op("ScatterElements", t.ints([0] * (2 * rank)), at, cropped, axis=0)
+    return t.op("Pad", kept, cropped, t.scalar(0.0))
 
 
 def _copied_back(ctx: VjpContext, g: str) -> str:

@@ -135,6 +135,23 @@ def unused_shape_nodes(proto: onnx.ModelProto, tracked: set[str]) -> list[onnx.N
         nodes = kept
 
 
+#: ops whose outputs' inferred shapes onnx and onnxruntime may disagree on: SplitToSequence with
+#: ``keepdims = 0`` and a ``split`` input (onnx keeps the axis, as its spec says; onnxruntime drops
+#: it for splits of size 1: Longformer's global-attention indices), and the control flow ops
+UNTRUSTED_SHAPES = frozenset({"SplitToSequence", "SequenceAt", "SequenceConstruct", "SequenceInsert",
+                              "SequenceErase", "ConcatFromSequence", "Loop", "Scan", "If"})
+
+
+def _untrusted(proto: onnx.ModelProto) -> set[str]:
+    """The tensors computed from an output of ``UNTRUSTED_SHAPES``: their inferred shapes are not
+    folded into constants (a wrong rank there would be baked into the model)."""
+    untrusted: set[str] = set()
+    for node in proto.graph.node:
+        if node.op_type in UNTRUSTED_SHAPES or any(i in untrusted for i in node.input):
+            untrusted.update(o for o in node.output if o)
+    return untrusted
+
+
 def partial_values(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> tuple[dict, set[str]]:
     """(outputs of Shape and carrier nodes whose entries are all known, from the inferred shapes of the
     model's tensors, by name; every tensor tracked as a partial value). The nodes that compute the
@@ -144,7 +161,9 @@ def partial_values(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> 
     except Exception:  # noqa: BLE001 (the reader's own inference names the failure)
         return {}, set()
     graph = inferred.graph
-    dims = {vi.name: _dims(vi.type) for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    untrusted = _untrusted(proto)
+    dims = {vi.name: _dims(vi.type) for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
+            if vi.name not in untrusted}
     dims.update({name: list(value.shape) for name, value in constants.items()})
     parts: dict[str, Partial] = {}
     found: dict[str, np.ndarray] = {}
