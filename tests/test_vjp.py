@@ -71,6 +71,46 @@ def positive(low: float = 0.3, scale: float = 1.0) -> Callable:
     return sample
 
 
+def uniform(low: float, high: float) -> Callable:
+    """Samples uniform in ``[low, high]``: a domain such as ``|x| < 1`` (Asin, Atanh), kept off its ends."""
+    def sample(rng, shapes):
+        return {k: rng.uniform(low, high, s) for k, s in shapes.items()}
+    return sample
+
+
+def off_grid(step: float = 1.0, offset: float = 0.0, margin: float = 0.05, scale: float = 3.0) -> Callable:
+    """Normal samples at least ``margin·step`` away from every jump ``offset + k·step`` of a rounding
+    (Floor and Ceil: the integers; Round: the half-integers)."""
+    def sample(rng, shapes):
+        feeds = {}
+        for k, s in shapes.items():
+            x = scale * rng.standard_normal(s)
+            frac = np.mod(x - offset, step) / step
+            feeds[k] = x + step * (np.clip(frac, margin, 1 - margin) - frac)
+        return feeds
+    return sample
+
+
+def mod_pairs(low: float = 0.5) -> Callable:
+    """A dividend and a divisor (``|b| >= low``) whose quotient is at least 0.1 from an integer: Mod
+    has its jumps where ``a/b`` is one. A constant divisor (one input only): ``b = 1.3``."""
+    def sample(rng, shapes):
+        names = list(shapes)
+        if len(names) > 1:
+            b = rng.standard_normal(shapes[names[1]])
+            b = np.sign(b) * (low + np.abs(b))
+        else:
+            b = np.array(1.3)
+        q = 3 * rng.standard_normal(shapes[names[0]])
+        frac = np.mod(q, 1.0)
+        q = q + np.clip(frac, 0.1, 0.9) - frac
+        feeds = {names[0]: q * b}
+        if len(names) > 1:
+            feeds[names[1]] = b
+        return feeds
+    return sample
+
+
 def clip_bounds(lo: float | None, hi: float | None = None, kinks=()) -> Callable:
     """``x`` normal away from the bounds; inputs after ``x`` get ``lo`` then ``hi`` (the bounds that
     are activations)."""
@@ -431,6 +471,48 @@ ELEMENTWISE = [
        {"lo": np.array(-0.5)}, sample=clip_bounds(0.3, kinks=(-0.5,))),
 ]
 
+# elementwise ops of rulegraph/backward/elementwise.py: inverse and hyperbolic functions inside their
+# domains; the roundings and Mod sampled away from their jumps (their derivative there is 0, resp. 1 and
+# −k, and the finite difference sees the same)
+MORE_ELEMENTWISE = [
+    op("Tan", "Tan", ["x"], X234, sample=uniform(-1.3, 1.3)),
+    op("Tan-opset22", "Tan", ["x"], X234, opset=22, sample=uniform(-1.3, 1.3)),
+    op("Asin", "Asin", ["x"], X234, sample=uniform(-0.95, 0.95)),
+    op("Asin-opset22", "Asin", ["x"], X234, opset=22, sample=uniform(-0.95, 0.95)),
+    op("Acos", "Acos", ["x"], X234, sample=uniform(-0.95, 0.95)),
+    op("Acos-opset22", "Acos", ["x"], X234, opset=22, sample=uniform(-0.95, 0.95)),
+    op("Atan", "Atan", ["x"], X234, sample=normal(2.0)),
+    op("Atan-opset22", "Atan", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Sinh", "Sinh", ["x"], X234, sample=normal(2.0)),
+    op("Sinh-opset22", "Sinh", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Cosh", "Cosh", ["x"], X234, sample=normal(2.0)),
+    op("Cosh-opset22", "Cosh", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Asinh", "Asinh", ["x"], X234, sample=normal(3.0)),
+    op("Asinh-opset22", "Asinh", ["x"], X234, opset=22, sample=normal(3.0)),
+    op("Acosh", "Acosh", ["x"], X234, sample=positive(1.1, 2.0)),
+    op("Acosh-opset22", "Acosh", ["x"], X234, opset=22, sample=positive(1.1, 2.0)),
+    op("Atanh", "Atanh", ["x"], X234, sample=uniform(-0.95, 0.95)),
+    op("Atanh-opset22", "Atanh", ["x"], X234, opset=22, sample=uniform(-0.95, 0.95)),
+    op("Swish-opset24-default", "Swish", ["x"], X234, opset=24, sample=normal(3.0)),
+    op("Swish-opset24-alpha", "Swish", ["x"], X234, opset=24, sample=normal(3.0), alpha=1.702),
+    op("Ceil", "Ceil", ["x"], X234, sample=off_grid()),
+    op("Floor", "Floor", ["x"], X234, sample=off_grid()),
+    op("Floor-opset13", "Floor", ["x"], X234, opset=13, sample=off_grid()),
+    op("Round", "Round", ["x"], X234, sample=off_grid(offset=0.5)),
+    op("Round-opset22", "Round", ["x"], X234, opset=22, sample=off_grid(offset=0.5)),
+    op("Sign", "Sign", ["x"], X234, sample=away(0.0)),
+    nodes("Floor-then-Mul", [N("Floor", ["x"], ["f"]), N("Mul", ["f", "x1"], ["y"])],
+          {"x": [2, 3, 4], "x1": [2, 3, 4]}, sample=off_grid()),
+    op("Mod-fmod-activations", "Mod", ["x", "x1"], X234 | {"x1": [2, 3, 4]}, sample=mod_pairs(), fmod=1),
+    op("Mod-fmod-broadcast-divisor", "Mod", ["x", "x1"], X234 | {"x1": [3, 1]}, sample=mod_pairs(), fmod=1),
+    op("Mod-fmod-const-divisor", "Mod", ["x", "c"], X234, {"c": np.array(1.3)}, sample=mod_pairs(), fmod=1),
+    op("Mod-opset28-fmod", "Mod", ["x", "x1"], X234 | {"x1": [4]}, opset=28, sample=mod_pairs(), fmod=1),
+    op("Mod-opset28-floor", "Mod", ["x", "x1"], X234 | {"x1": [2, 3, 4]}, opset=28, sample=mod_pairs()),
+    op("CastLike-double", "CastLike", ["x", "like"], X234, {"like": np.zeros(1)}, opset=15),
+    op("CastLike-opset21", "CastLike", ["x", "like"], X234, {"like": np.zeros(1)}, opset=21),
+    op("CastLike-opset25-like-activation", "CastLike", ["x", "x1"], X234 | {"x1": [2]}, opset=25),
+]
+
 ROUTE = [
     op("Reshape", "Reshape", ["x", "shape"], X234, {"shape": ints(4, -1)}),
     op("Reshape-zero-dim", "Reshape", ["x", "shape"], X234, {"shape": ints(0, 0, 2, 2)}),
@@ -578,7 +660,8 @@ NORMALIZING = [
     op("LogSoftmax-axis-1", "LogSoftmax", ["x"], X234, axis=-1),
 ]
 
-CASES = GEMM + MATMUL + CONV + UPSAMPLING + POOL + REDUCE + BN + ARITHMETIC + ELEMENTWISE + ROUTE + MAX + NORMALIZING
+CASES = (GEMM + MATMUL + CONV + UPSAMPLING + POOL + REDUCE + BN + ARITHMETIC + ELEMENTWISE + MORE_ELEMENTWISE
+         + ROUTE + MAX + NORMALIZING)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
