@@ -166,7 +166,80 @@ class LpNormalization(OpRun):
         return (np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm)).astype(x.dtype),)
 
 
-REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad, LpNormalization]
+def window_sums(v: np.ndarray, kernel, strides=None, dilations=None, pads=None, auto_pad=None,
+                ceil_mode=0) -> np.ndarray:
+    """Σ of ``v [N, C, ...]`` over each pooling window: zeros in the padding, nothing past it (a
+    ceil_mode window that overhangs the padded input sums what it covers; one that would start in
+    the end padding is dropped, as onnxruntime and onnx's shape inference do)."""
+    n = len(kernel)
+    strides, dilations = strides or [1] * n, dilations or [1] * n
+    pads = list(pads or [0] * (2 * n))
+    mode = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad or "NOTSET"
+    dk = [d * (k - 1) + 1 for d, k in zip(dilations, kernel)]
+    sizes = v.shape[2:]
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        totals = [max(0, (-(-size // s) - 1) * s + k - size) for size, s, k in zip(sizes, strides, dk)]
+        small = [t // 2 for t in totals]
+        big = [t - t // 2 for t in totals]
+        pads = small + big if mode == "SAME_UPPER" else big + small
+    elif mode == "VALID":
+        pads = [0] * (2 * n)
+    out = []
+    for i in range(n):
+        span = sizes[i] + pads[i] + pads[n + i] - dk[i]
+        count = (-(-span // strides[i]) if ceil_mode else span // strides[i]) + 1
+        if ceil_mode and (count - 1) * strides[i] >= sizes[i] + pads[i]:
+            count -= 1
+        out.append(count)
+    ends = [max(pads[n + i], (out[i] - 1) * strides[i] + dk[i] - sizes[i] - pads[i]) for i in range(n)]
+    padded = np.pad(v, [(0, 0), (0, 0)] + [(pads[i], ends[i]) for i in range(n)])
+    total = np.zeros(v.shape[:2] + tuple(out), dtype=v.dtype)
+    for offset in np.ndindex(*kernel):
+        window = tuple(slice(o * d, o * d + (c - 1) * s + 1, s)
+                       for o, d, c, s in zip(offset, dilations, out, strides))
+        total += padded[(slice(None), slice(None)) + window]
+    return total
+
+
+class LpPool(OpRun):
+    """The reference LpPool takes ``kernel size × AveragePool(|x|^p)``, whose ceil_mode windows that
+    overhang are averaged over the cells they cover: not their sum. This one sums each window."""
+
+    op_domain = ""
+
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, p=None, pads=None,
+             strides=None):
+        p = 2 if p is None else p
+        total = window_sums(np.abs(x) ** p, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode or 0)
+        return ((total ** (1.0 / p)).astype(x.dtype),)
+
+
+class GlobalLpPool(OpRun):
+    """onnx.reference has no GlobalLpPool: ``(Σ |x|^p)^(1/p)`` over the spatial axes, kept."""
+
+    op_domain = ""
+
+    def _run(self, x, p=None):
+        p = 2 if p is None else p
+        axes = tuple(range(2, x.ndim))
+        return (((np.abs(x) ** p).sum(axis=axes, keepdims=True) ** (1.0 / p)).astype(x.dtype),)
+
+
+class MeanVarianceNormalization(OpRun):
+    """The reference MeanVarianceNormalization runs its function body, whose float32 constants fail
+    on a float64 input; this one computes ``(x − μ)/(√(E[x²] − μ²) + 10⁻⁹)`` in the input's type."""
+
+    op_domain = ""
+
+    def _run(self, x, axes=None):
+        axes = tuple([0, 2, 3] if axes is None else axes)
+        mean = x.mean(axis=axes, keepdims=True)
+        std = np.sqrt((x * x).mean(axis=axes, keepdims=True) - mean * mean)
+        return ((x - mean) / (std + 1e-9),)
+
+
+REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad,
+                   LpNormalization, LpPool, GlobalLpPool, MeanVarianceNormalization]
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,

@@ -36,7 +36,8 @@ MODELS = [ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_mlp.onn
 #: node stays on the CPU, or, for a function op such as CastLike or Swish, runs as its body where
 #: onnxruntime inlines it; rulegraph's backward of it is made of ops CUDA has)
 FORWARD_FALLBACKS = {"Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "CastLike", "Celu", "Col2Im", "Cosh",
-                     "DFT", "GroupNormalization", "LpNormalization", "Mean", "Mish", "Sinh", "Swish", "Tan"}
+                     "CumProd", "DFT", "GlobalLpPool", "GroupNormalization", "LpNormalization", "LpPool",
+                     "Mean", "MeanVarianceNormalization", "Mish", "Sinh", "Swish", "Tan"}
 
 
 # the registry as data ---------------------------------------------------------------------------

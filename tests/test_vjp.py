@@ -134,6 +134,14 @@ def distinct(rng, shapes):
     return feeds
 
 
+def with_zeros(share: float = 0.3) -> Callable:
+    """Normal samples with about ``share`` of the elements exactly 0 (a product's VJP at zeros: several
+    in one scan, one, none). A product is a polynomial: the finite difference needs no margin."""
+    def sample(rng, shapes):
+        return {k: np.where(rng.random(s) < share, 0.0, rng.standard_normal(s)) for k, s in shapes.items()}
+    return sample
+
+
 # cases --------------------------------------------------------------------------------------------
 
 
@@ -155,6 +163,15 @@ def op(id: str, op_type: str, args, inputs, consts=None, opset=17, sample=NORMAL
 def nodes(id: str, node_list, inputs, consts=None, opset=17, sample=NORMAL) -> Case:
     """A few-node row; the last node writes ``y``."""
     return Case(id, make_model(node_list, inputs, consts, opset=opset), sample)
+
+
+def without(attribute: str, case: Case) -> Case:
+    """``case`` with ``attribute`` dropped from its first node (its default then applies)."""
+    node = case.model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != attribute]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    return case
 
 
 N = helper.make_node
@@ -366,6 +383,55 @@ REDUCE = [
     op("ReduceMin-all-axes", "ReduceMin", ["x"], X234, sample=distinct),
     op("ReduceMax-opset18-two-axes-input", "ReduceMax", ["x", "axes"], X234, {"axes": ints(-1, 0)}, opset=18,
        sample=distinct),
+]
+
+# reductions and windows of rulegraph/backward/{vjp,lp_pool,cumprod,normalization}.py, per opset signature
+MORE_REDUCE = [
+    op("ReduceLogSum-opset11-negative-axes", "ReduceLogSum", ["x"], X234, opset=11, sample=positive(),
+       axes=[-1, 0]),
+    op("ReduceLogSum-opset13-attr-axes-keepdims0", "ReduceLogSum", ["x"], X234, opset=13, sample=positive(),
+       axes=[1], keepdims=0),
+    op("ReduceLogSum-all-axes", "ReduceLogSum", ["x"], X234, sample=positive()),
+    op("ReduceLogSum-opset18-axes-input", "ReduceLogSum", ["x", "axes"], X234, {"axes": ints(0, 2)}, opset=18,
+       sample=positive()),
+    op("ReduceLogSum-opset18-noop-empty-axes", "ReduceLogSum", ["x"], X234, opset=18, sample=positive(),
+       noop_with_empty_axes=1),
+    op("ReduceLogSum-opset28-axes-input-keepdims0", "ReduceLogSum", ["x", "axes"], X234, {"axes": ints(-2)},
+       opset=28, sample=positive(), keepdims=0),
+    # onnx's strict shape inference fails on the default axes (its function body reads the absent
+    # attribute): the model is built with them written, then the attribute dropped
+    without("axes", op("MeanVarianceNormalization-default-axes", "MeanVarianceNormalization", ["x"],
+                       {"x": [2, 3, 4, 5]}, opset=13, axes=[0, 2, 3])),
+    op("MeanVarianceNormalization-opset13-axes-2", "MeanVarianceNormalization", ["x"], X234, opset=13,
+       axes=[2]),
+    op("MeanVarianceNormalization-axes-0-1", "MeanVarianceNormalization", ["x"], X234, axes=[0, 1]),
+    # p = 1: |x| has its kink at 0; p = 2, 3 are smooth where the window is not all 0
+    op("LpPool-p2-default", "LpPool", ["x"], {"x": [2, 2, 5, 5]}, kernel_shape=[2, 2]),
+    op("LpPool-p1-strides-pads", "LpPool", ["x"], {"x": [1, 2, 7, 6]}, sample=away(0.0), kernel_shape=[3, 3],
+       strides=[2, 2], pads=[1, 0, 1, 1], p=1),
+    op("LpPool-p3-same-upper", "LpPool", ["x"], {"x": [1, 2, 7, 6]}, kernel_shape=[3, 2], strides=[2, 2],
+       auto_pad="SAME_UPPER", p=3),
+    op("LpPool-opset11-1d-p3", "LpPool", ["x"], {"x": [2, 3, 9]}, opset=11, kernel_shape=[3], strides=[2],
+       pads=[1, 1], p=3),
+    op("LpPool-opset18-dilations-ceil-mode", "LpPool", ["x"], {"x": [1, 2, 8, 7]}, opset=18,
+       kernel_shape=[2, 2], strides=[2, 2], dilations=[2, 1], ceil_mode=1),
+    op("LpPool-opset22-p1-ceil-mode-pads", "LpPool", ["x"], {"x": [1, 2, 6, 7]}, opset=22, sample=away(0.0),
+       kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 1], ceil_mode=1, p=1),
+    op("GlobalLpPool-p2", "GlobalLpPool", ["x"], {"x": [2, 3, 4, 5]}),
+    op("GlobalLpPool-p1", "GlobalLpPool", ["x"], {"x": [2, 3, 4, 5]}, sample=away(0.0), p=1),
+    op("GlobalLpPool-opset22-p3-1d", "GlobalLpPool", ["x"], {"x": [2, 3, 6]}, opset=22, p=3),
+    op("CumProd-axis1", "CumProd", ["x", "axis"], X234, {"axis": np.array(1)}, opset=26),
+    op("CumProd-exclusive", "CumProd", ["x", "axis"], X234, {"axis": np.array(-1)}, opset=26, exclusive=1),
+    op("CumProd-reverse-int32-axis", "CumProd", ["x", "axis"], X234, {"axis": np.array(2, dtype=np.int32)},
+       opset=26, reverse=1),
+    op("CumProd-exclusive-reverse", "CumProd", ["x", "axis"], X234, {"axis": np.array(0)}, opset=26,
+       exclusive=1, reverse=1),
+    op("CumProd-zeros", "CumProd", ["x", "axis"], {"x": [4, 6]}, {"axis": np.array(1)}, opset=26,
+       sample=with_zeros()),
+    op("CumProd-zeros-exclusive-reverse", "CumProd", ["x", "axis"], {"x": [4, 6]}, {"axis": np.array(-1)},
+       opset=26, sample=with_zeros(), exclusive=1, reverse=1),
+    op("CumProd-zeros-reverse", "CumProd", ["x", "axis"], {"x": [6, 4]}, {"axis": np.array(0)},
+       opset=26, sample=with_zeros(), reverse=1),
 ]
 
 # ReduceProd with exact zeros: windows with no zero, one zero (the product of the rest) and two zeros (0)
@@ -660,8 +726,8 @@ NORMALIZING = [
     op("LogSoftmax-axis-1", "LogSoftmax", ["x"], X234, axis=-1),
 ]
 
-CASES = (GEMM + MATMUL + CONV + UPSAMPLING + POOL + REDUCE + BN + ARITHMETIC + ELEMENTWISE + MORE_ELEMENTWISE
-         + ROUTE + MAX + NORMALIZING)
+CASES = (GEMM + MATMUL + CONV + UPSAMPLING + POOL + REDUCE + MORE_REDUCE + BN + ARITHMETIC + ELEMENTWISE
+         + MORE_ELEMENTWISE + ROUTE + MAX + NORMALIZING)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:

@@ -1,5 +1,5 @@
-"""InstanceNormalization, GroupNormalization (opset 18 and 21), RMSNormalization (opset 23), LRN and
-LpNormalization:
+"""InstanceNormalization, GroupNormalization (opset 18 and 21), RMSNormalization (opset 23), LRN,
+LpNormalization and MeanVarianceNormalization:
 their VJPs and kind (normalizing, as LayerNormalization), and the form the ``layernorm_linear`` rule
 reads (``norm_form``).
 
@@ -157,3 +157,17 @@ def _lrn(ctx, g):
     back = _channel_window(ctx, through, after, before)
     correction = t.op("Mul", t.op("Mul", x, back), t.scalar(2.0 * beta * alpha / size))
     return [t.op("Sub", t.op("Mul", g[0], factor), correction)]
+
+
+@vjp("MeanVarianceNormalization", kind=NORMALIZING)
+def _mean_variance_normalization(ctx, g):
+    """``y = c / s`` over ``axes`` (default 0, 2, 3), ``c = x − μ``, ``s = σ + ε``, ``σ = √mean(c²)``,
+    ``ε = 10⁻⁹`` added outside the root (the op's function body): with ``dσ = mean(c ⊙ dx)/σ``,
+    ``a(x) = (g − mean(g) − y ⊙ mean(g ⊙ c)/σ) / s``."""
+    t, x = ctx.tape, ctx.x
+    axes = [int(a) for a in ctx.node.attr("axes", [0, 2, 3])]
+    centered = t.op("Sub", x, t.reduce("ReduceMean", x, axes))
+    sigma = t.op("Sqrt", t.reduce("ReduceMean", t.op("Mul", centered, centered), axes))
+    spread = t.op("Div", t.reduce("ReduceMean", t.op("Mul", g[0], centered), axes), sigma)
+    inner = t.op("Sub", t.op("Sub", g[0], t.reduce("ReduceMean", g[0], axes)), t.op("Mul", ctx.y, spread))
+    return [t.op("Div", inner, t.op("Add", sigma, t.scalar(1e-9)))]
