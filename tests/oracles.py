@@ -238,8 +238,26 @@ class MeanVarianceNormalization(OpRun):
         return ((x - mean) / (std + 1e-9),)
 
 
+class MaxUnpool(OpRun):
+    """The reference MaxUnpool places the flat indices in the size that kernel, strides and pads give
+    and pads that to ``output_shape``; the indices are MaxPool's, over the pooled input, whose size
+    ``output_shape`` gives: onnxruntime writes them into a zero tensor of that shape."""
+
+    op_domain = ""
+
+    def _run(self, x, indices, output_shape=None, kernel_shape=None, pads=None, strides=None):
+        if output_shape is None:
+            n = len(kernel_shape)
+            strides, pads = strides or [1] * n, pads or [0] * (2 * n)
+            output_shape = list(x.shape[:2]) + [(x.shape[2 + i] - 1) * strides[i] - pads[i] - pads[n + i]
+                                                + kernel_shape[i] for i in range(n)]
+        y = np.zeros(int(np.prod(output_shape)), dtype=x.dtype)
+        y[indices.ravel()] = x.ravel()
+        return (y.reshape(tuple(int(d) for d in output_shape)),)
+
+
 REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad,
-                   LpNormalization, LpPool, GlobalLpPool, MeanVarianceNormalization]
+                   LpNormalization, LpPool, GlobalLpPool, MeanVarianceNormalization, MaxUnpool]
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,

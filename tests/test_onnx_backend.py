@@ -367,6 +367,10 @@ EXCEPTIONS = {
     "test_elu_example": ("kink", "one-sided differences 1.901 and 1.611"),
     # x = 2 sits on a jump of Floor
     "test_floor_example": ("kink", "one-sided differences -3.995e+05 and 0"),
+    # two values of one row 0.0014 apart (float32: no double kernel): the step swaps the maximum
+    "test_hardmax_axis_1": ("kink", "one-sided differences 0 and -561.9"),
+    # x = [3, 3, 3, 1]: a tie of the maximum, where Hardmax jumps
+    "test_hardmax_one_hot": ("kink", "one-sided differences 216.4 and -491.6"),
     "test_l1normalization_axis_last": ("kink", "one-sided differences -0.07843 and 0.09327"),
     "test_l2normalization_axis_0": ("not finite", "the VJP has non-finite values"),
     "test_leakyrelu_example": ("kink", "one-sided differences -2.031 and -0.1942"),

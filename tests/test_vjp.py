@@ -708,6 +708,53 @@ ROUTE = [
           X234, {"k": ints(2)}, sample=distinct),
 ]
 
+# routes of rulegraph/backward/routes.py: k and the sequence lengths as constants, a constant condition,
+# crop and pad per axis, MaxUnpool of MaxPool's own indices (SegNet), with and without output_shape
+MORE_ROUTE = [
+    op("Trilu-upper", "Trilu", ["x"], {"x": [2, 4, 5]}, opset=14),
+    op("Trilu-lower-k-negative", "Trilu", ["x", "k"], {"x": [2, 4, 5]}, {"k": np.array(-1)}, opset=14,
+       upper=0),
+    op("Trilu-upper-k2", "Trilu", ["x", "k"], {"x": [3, 5]}, {"k": np.array(2)}, opset=14),
+    op("ReverseSequence-time-major", "ReverseSequence", ["x", "lens"], {"x": [4, 3, 2]},
+       {"lens": ints(4, 1, 3)}, opset=10, batch_axis=1, time_axis=0),
+    op("ReverseSequence-batch-major", "ReverseSequence", ["x", "lens"], {"x": [3, 5, 2]},
+       {"lens": ints(2, 5, 0)}, opset=10, batch_axis=0, time_axis=1),
+    op("ReverseSequence-opset28", "ReverseSequence", ["x", "lens"], {"x": [2, 4]}, {"lens": ints(3, 4)},
+       opset=28),
+    op("Compress-axis1", "Compress", ["x", "cond"], X234, {"cond": np.array([True, False, True])}, axis=1),
+    op("Compress-flat-short-condition", "Compress", ["x", "cond"], X234,
+       {"cond": np.array([False, True, True, False, True])}),
+    op("Compress-opset11-negative-axis", "Compress", ["x", "cond"], X234,
+       {"cond": np.array([0, 1, 1, 0]) > 0}, opset=11, axis=-1),
+    op("Compress-opset28-axis0", "Compress", ["x", "cond"], X234, {"cond": np.array([False, True])}, opset=28,
+       axis=0),
+    op("CenterCropPad-crop-and-pad", "CenterCropPad", ["x", "shape"], {"x": [2, 5, 4]},
+       {"shape": ints(2, 2, 7)}, opset=18),
+    op("CenterCropPad-odd-differences", "CenterCropPad", ["x", "shape"], {"x": [2, 6, 3]},
+       {"shape": ints(3, 6)}, opset=18, axes=[1, 2]),
+    op("CenterCropPad-negative-axes-hwc", "CenterCropPad", ["x", "shape"], {"x": [5, 4, 3]},
+       {"shape": ints(6, 2)}, opset=18, axes=[-3, -2]),
+    nodes("MaxUnpool-of-MaxPool", [N("MaxPool", ["x"], ["p", "i"], kernel_shape=[2, 2], strides=[2, 2]),
+                                   N("MaxUnpool", ["p", "i"], ["y"], kernel_shape=[2, 2], strides=[2, 2])],
+          {"x": [2, 3, 4, 6]}, sample=distinct),
+    # onnx infers no shape from an output_shape input: a Reshape to it gives the output its shape
+    nodes("MaxUnpool-output-shape", [N("MaxPool", ["x"], ["p", "i"], kernel_shape=[2, 2], strides=[2, 2]),
+                                     N("MaxUnpool", ["p", "i", "size"], ["u"], kernel_shape=[2, 2],
+                                       strides=[2, 2]),
+                                     N("Reshape", ["u", "size"], ["y"])],
+          {"x": [1, 2, 5, 5]}, {"size": ints(1, 2, 5, 5)}, sample=distinct),
+    nodes("MaxUnpool-opset22-pads", [N("MaxPool", ["x"], ["p", "i"], kernel_shape=[3, 3], strides=[2, 2],
+                                       pads=[1, 1, 1, 1]),
+                                     N("MaxUnpool", ["p", "i", "size"], ["u"], kernel_shape=[3, 3],
+                                       strides=[2, 2], pads=[1, 1, 1, 1]),
+                                     N("Reshape", ["u", "size"], ["y"])],
+          {"x": [1, 2, 5, 6]}, {"size": ints(1, 2, 6, 7)}, opset=22, sample=distinct),
+    op("MaxUnpool-constant-indices", "MaxUnpool", ["x", "i"], {"x": [1, 2, 2, 2]},
+       {"i": np.array([[[[1, 2], [9, 14]], [[16, 18], [27, 31]]]])}, kernel_shape=[2, 2], strides=[2, 2]),
+    op("Hardmax", "Hardmax", ["x"], X234, sample=distinct, axis=1),
+    op("Hardmax-opset11", "Hardmax", ["x"], X234, opset=11, sample=distinct),
+]
+
 # `distinct`: values of all operands are distinct, so the maximum is never a tie
 MAX = [
     op("Min-3-broadcast", "Min", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [3, 1], "x2": [4]}, sample=distinct),
@@ -727,7 +774,7 @@ NORMALIZING = [
 ]
 
 CASES = (GEMM + MATMUL + CONV + UPSAMPLING + POOL + REDUCE + MORE_REDUCE + BN + ARITHMETIC + ELEMENTWISE
-         + MORE_ELEMENTWISE + ROUTE + MAX + NORMALIZING)
+         + MORE_ELEMENTWISE + ROUTE + MORE_ROUTE + MAX + NORMALIZING)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
