@@ -21,6 +21,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops._op import OpRunUnaryNum
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ConvTranspose
+from onnx.reference.ops.op_grid_sample import GridSample as _GridSample
 from onnx.reference.ops.op_max_pool import MaxPool as _MaxPool
 
 from rulegraph.backward import ops as G
@@ -256,8 +257,19 @@ class MaxUnpool(OpRun):
         return (y.reshape(tuple(int(d) for d in output_shape)),)
 
 
+class GridSample(_GridSample):
+    """The reference GridSample knows opset 20's mode names only; opset 16's ``bilinear`` and
+    ``bicubic`` are ``linear`` and ``cubic``, its default ``bilinear``."""
+
+    def _run(self, X, grid, mode=None, padding_mode=None, align_corners=None):
+        mode = mode or self.mode
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+        return super()._run(X, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+
+
 REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad,
-                   LpNormalization, LpPool, GlobalLpPool, MeanVarianceNormalization, MaxUnpool]
+                   LpNormalization, LpPool, GlobalLpPool, MeanVarianceNormalization, MaxUnpool, GridSample]
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,

@@ -755,6 +755,36 @@ MORE_ROUTE = [
     op("Hardmax-opset11", "Hardmax", ["x"], X234, opset=11, sample=distinct),
 ]
 
+# GridSample with a constant grid (linear in X): every mode under each padding, both opset signatures,
+# align_corners, a volumetric input; the grid reaches past the borders (±1.3)
+GW = np.random.default_rng(16)
+
+
+def grid(*shape) -> np.ndarray:
+    return GW.uniform(-1.3, 1.3, shape)
+
+
+def _grid_rows() -> list[Case]:
+    rows = []
+    for opset, mode, padding, corners in [
+            (16, "bilinear", "zeros", 0), (16, "bilinear", "border", 1), (16, "bilinear", "reflection", 0),
+            (16, "nearest", "reflection", 1), (16, "bicubic", "zeros", 1), (16, "bicubic", "border", 0),
+            (20, "linear", "reflection", 1), (20, "nearest", "zeros", 0), (20, "cubic", "reflection", 0),
+            (22, "cubic", "reflection", 1), (22, "nearest", "border", 0), (22, "linear", "zeros", 1)]:
+        rows.append(op(f"GridSample-opset{opset}-{mode}-{padding}-corners{corners}", "GridSample",
+                       ["x", "grid"], {"x": [2, 3, 4, 5]}, {"grid": grid(2, 3, 6, 2)}, opset=opset, mode=mode,
+                       padding_mode=padding, align_corners=corners))
+    rows.append(op("GridSample-opset16-defaults", "GridSample", ["x", "grid"], {"x": [1, 2, 5, 4]},
+                   {"grid": grid(1, 4, 3, 2)}, opset=16))
+    for mode, padding in [("linear", "border"), ("nearest", "reflection"), ("cubic", "zeros")]:
+        rows.append(op(f"GridSample-opset20-volumetric-{mode}-{padding}", "GridSample", ["x", "grid"],
+                       {"x": [1, 2, 3, 4, 5]}, {"grid": grid(1, 2, 3, 4, 3)}, opset=20, mode=mode,
+                       padding_mode=padding))
+    return rows
+
+
+SAMPLING = _grid_rows()
+
 # `distinct`: values of all operands are distinct, so the maximum is never a tie
 MAX = [
     op("Min-3-broadcast", "Min", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [3, 1], "x2": [4]}, sample=distinct),
@@ -774,7 +804,7 @@ NORMALIZING = [
 ]
 
 CASES = (GEMM + MATMUL + CONV + UPSAMPLING + POOL + REDUCE + MORE_REDUCE + BN + ARITHMETIC + ELEMENTWISE
-         + MORE_ELEMENTWISE + ROUTE + MORE_ROUTE + MAX + NORMALIZING)
+         + MORE_ELEMENTWISE + ROUTE + MORE_ROUTE + SAMPLING + MAX + NORMALIZING)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -806,6 +836,8 @@ UNSUPPORTED = [
     op("Conv-activation-weights", "Conv", ["x", "x1"], {"x": [1, 2, 5, 5], "x1": [3, 2, 3, 3]}),
     op("Dropout-training-mode", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.3), "t": np.array(True)}),
     op("Dropout-training-mode-default-ratio", "Dropout", ["x", "", "t"], X234, {"t": np.array(True)}),
+    op("GridSample-activation-grid", "GridSample", ["x", "x1"], {"x": [1, 2, 4, 5], "x1": [1, 3, 3, 2]},
+       opset=16),
 ]
 
 
