@@ -268,8 +268,25 @@ class GridSample(_GridSample):
         return super()._run(X, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
 
+class AffineGrid(OpRun):
+    """The reference AffineGrid returns float32 whatever θ's type: too coarse for a finite difference.
+    ``grid[n, o] = θ[n] (x, y[, z], 1)`` over the base grid, in θ's type."""
+
+    op_domain = ""
+
+    def _run(self, theta, size, align_corners=None):
+        sizes = [int(d) for d in size[2:]]
+        axes = [np.linspace(-1.0, 1.0, n) if align_corners else (np.arange(n) + 0.5) * 2 / n - 1
+                for n in sizes]
+        mesh = np.meshgrid(*axes, indexing="ij")
+        base = np.stack([m for m in reversed(mesh)] + [np.ones(sizes)], axis=-1)    # [..., r + 1]
+        grid = np.einsum("nij,...j->n...i", theta, base)
+        return (grid.astype(theta.dtype),)
+
+
 REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad,
-                   LpNormalization, LpPool, GlobalLpPool, MeanVarianceNormalization, MaxUnpool, GridSample]
+                   LpNormalization, LpPool, GlobalLpPool, MeanVarianceNormalization, MaxUnpool, GridSample,
+                   AffineGrid]
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,

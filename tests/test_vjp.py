@@ -783,7 +783,20 @@ def _grid_rows() -> list[Case]:
     return rows
 
 
-SAMPLING = _grid_rows()
+SAMPLING = _grid_rows() + [
+    # a spatial transformer's grid from its θ [N, 2, 3] (2-D) or [N, 3, 4] (volumetric)
+    op("AffineGrid-2d", "AffineGrid", ["x", "size"], {"x": [2, 2, 3]}, {"size": ints(2, 3, 4, 5)}, opset=20),
+    op("AffineGrid-2d-align-corners", "AffineGrid", ["x", "size"], {"x": [2, 2, 3]},
+       {"size": ints(2, 1, 3, 6)}, opset=20, align_corners=1),
+    op("AffineGrid-3d", "AffineGrid", ["x", "size"], {"x": [1, 3, 4]}, {"size": ints(1, 2, 3, 4, 2)},
+       opset=20),
+    op("AffineGrid-3d-align-corners", "AffineGrid", ["x", "size"], {"x": [2, 3, 4]},
+       {"size": ints(2, 1, 2, 3, 4)}, opset=20, align_corners=1),
+    nodes("AffineGrid-then-GridSample-constant-theta", [N("AffineGrid", ["theta", "size"], ["grid"]),
+                                                        N("GridSample", ["x", "grid"], ["y"])],
+          {"x": [2, 3, 5, 6]}, {"theta": np.array([[[0.9, -0.2, 0.1], [0.3, 1.1, -0.2]]] * 2),
+                                "size": ints(2, 3, 4, 4)}, opset=20),
+]
 
 # `distinct`: values of all operands are distinct, so the maximum is never a tie
 MAX = [

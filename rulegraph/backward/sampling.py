@@ -1,4 +1,6 @@
-"""GridSample: ``Y[n, c, o] = Σ_i A[n, o, i] X[n, c, i]``, each output point ``o`` interpolating the
+"""GridSample and AffineGrid.
+
+GridSample: ``Y[n, c, o] = Σ_i A[n, o, i] X[n, c, i]``, each output point ``o`` interpolating the
 input at the location its grid entry gives (nearest, linear or cubic; zeros, border or reflection
 padding; align_corners). For a constant grid it is linear in ``X``, without bias (``f(0) = 0``).
 
@@ -75,3 +77,31 @@ def _grid_sample(ctx, g):
     zeros = t.op("Reshape", t.zeros_like(ctx.x), t.ints([0, 0, -1]))
     gx = t.op("ScatterElements", zeros, where, updates, axis=2, reduction="add")
     return [t.reshape_like(gx, ctx.x), None]
+
+
+def affine_base(sizes: list[int], align_corners: int) -> np.ndarray:
+    """AffineGrid's homogeneous base grid ``B [Π sizes, r + 1]``: rows ``(x, y[, z], 1)`` in row-major
+    order of the spatial axes, ``x`` along the last; each axis's coordinates ``−1 + (2i + 1)/n``, or
+    ``−1 + 2i/(n − 1)`` with align_corners."""
+    axes = [np.linspace(-1.0, 1.0, n) if align_corners else (2 * np.arange(n) + 1) / n - 1.0 for n in sizes]
+    mesh = np.meshgrid(*axes, indexing="ij")
+    columns = [m.ravel() for m in reversed(mesh)] + [np.ones(int(np.prod(sizes)))]
+    return np.stack(columns, axis=1)
+
+
+@vjp("AffineGrid", kind=LINEAR)
+def _affine_grid(ctx, g):
+    """``grid[n, o] = θ[n] · B[o]`` (``affine_base``), linear in ``θ``: ``∂θ[n] = Σ_o g[n, o]ᵀ B[o]``,
+    one MatMul with the constant ``B``. Needs the size input constant (the base grid is built when
+    the model is read)."""
+    t = ctx.tape
+    size = ctx.const(1)
+    if size is None or ctx.active[1]:
+        raise ctx.fail("AffineGrid needs a constant size input; export with a fixed output size")
+    spatial = [int(d) for d in size[2:]]
+    if ctx.node.attr("align_corners", 0) and min(spatial) < 2:
+        raise ctx.fail("AffineGrid with align_corners over an axis of size 1 has no base grid (its step "
+                       "2/(n − 1) divides by 0); use align_corners = 0")
+    base = t.const(affine_base(spatial, ctx.node.attr("align_corners", 0)).astype(t.float_dtype), hint="base")
+    rows = t.op("Reshape", g[0], t.ints([0, -1, len(spatial)]))                 # [N, Ō, r]
+    return [t.op("MatMul", t.op("Transpose", rows, perm=[0, 2, 1]), base), None]
