@@ -21,6 +21,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops._op import OpRunUnaryNum
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ConvTranspose
+from onnx.reference.ops.op_grid_sample import GridSample as _GridSample
 from onnx.reference.ops.op_max_pool import MaxPool as _MaxPool
 
 from rulegraph.backward import ops as G
@@ -166,7 +167,126 @@ class LpNormalization(OpRun):
         return (np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm)).astype(x.dtype),)
 
 
-REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad, LpNormalization]
+def window_sums(v: np.ndarray, kernel, strides=None, dilations=None, pads=None, auto_pad=None,
+                ceil_mode=0) -> np.ndarray:
+    """Σ of ``v [N, C, ...]`` over each pooling window: zeros in the padding, nothing past it (a
+    ceil_mode window that overhangs the padded input sums what it covers; one that would start in
+    the end padding is dropped, as onnxruntime and onnx's shape inference do)."""
+    n = len(kernel)
+    strides, dilations = strides or [1] * n, dilations or [1] * n
+    pads = list(pads or [0] * (2 * n))
+    mode = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad or "NOTSET"
+    dk = [d * (k - 1) + 1 for d, k in zip(dilations, kernel)]
+    sizes = v.shape[2:]
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        totals = [max(0, (-(-size // s) - 1) * s + k - size) for size, s, k in zip(sizes, strides, dk)]
+        small = [t // 2 for t in totals]
+        big = [t - t // 2 for t in totals]
+        pads = small + big if mode == "SAME_UPPER" else big + small
+    elif mode == "VALID":
+        pads = [0] * (2 * n)
+    out = []
+    for i in range(n):
+        span = sizes[i] + pads[i] + pads[n + i] - dk[i]
+        count = (-(-span // strides[i]) if ceil_mode else span // strides[i]) + 1
+        if ceil_mode and (count - 1) * strides[i] >= sizes[i] + pads[i]:
+            count -= 1
+        out.append(count)
+    ends = [max(pads[n + i], (out[i] - 1) * strides[i] + dk[i] - sizes[i] - pads[i]) for i in range(n)]
+    padded = np.pad(v, [(0, 0), (0, 0)] + [(pads[i], ends[i]) for i in range(n)])
+    total = np.zeros(v.shape[:2] + tuple(out), dtype=v.dtype)
+    for offset in np.ndindex(*kernel):
+        window = tuple(slice(o * d, o * d + (c - 1) * s + 1, s)
+                       for o, d, c, s in zip(offset, dilations, out, strides))
+        total += padded[(slice(None), slice(None)) + window]
+    return total
+
+
+class LpPool(OpRun):
+    """The reference LpPool takes ``kernel size × AveragePool(|x|^p)``, whose ceil_mode windows that
+    overhang are averaged over the cells they cover: not their sum. This one sums each window."""
+
+    op_domain = ""
+
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, p=None, pads=None,
+             strides=None):
+        p = 2 if p is None else p
+        total = window_sums(np.abs(x) ** p, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode or 0)
+        return ((total ** (1.0 / p)).astype(x.dtype),)
+
+
+class GlobalLpPool(OpRun):
+    """onnx.reference has no GlobalLpPool: ``(Σ |x|^p)^(1/p)`` over the spatial axes, kept."""
+
+    op_domain = ""
+
+    def _run(self, x, p=None):
+        p = 2 if p is None else p
+        axes = tuple(range(2, x.ndim))
+        return (((np.abs(x) ** p).sum(axis=axes, keepdims=True) ** (1.0 / p)).astype(x.dtype),)
+
+
+class MeanVarianceNormalization(OpRun):
+    """The reference MeanVarianceNormalization runs its function body, whose float32 constants fail
+    on a float64 input; this one computes ``(x − μ)/(√(E[x²] − μ²) + 10⁻⁹)`` in the input's type."""
+
+    op_domain = ""
+
+    def _run(self, x, axes=None):
+        axes = tuple([0, 2, 3] if axes is None else axes)
+        mean = x.mean(axis=axes, keepdims=True)
+        std = np.sqrt((x * x).mean(axis=axes, keepdims=True) - mean * mean)
+        return ((x - mean) / (std + 1e-9),)
+
+
+class MaxUnpool(OpRun):
+    """The reference MaxUnpool places the flat indices in the size that kernel, strides and pads give
+    and pads that to ``output_shape``; the indices are MaxPool's, over the pooled input, whose size
+    ``output_shape`` gives: onnxruntime writes them into a zero tensor of that shape."""
+
+    op_domain = ""
+
+    def _run(self, x, indices, output_shape=None, kernel_shape=None, pads=None, strides=None):
+        if output_shape is None:
+            n = len(kernel_shape)
+            strides, pads = strides or [1] * n, pads or [0] * (2 * n)
+            output_shape = list(x.shape[:2]) + [(x.shape[2 + i] - 1) * strides[i] - pads[i] - pads[n + i]
+                                                + kernel_shape[i] for i in range(n)]
+        y = np.zeros(int(np.prod(output_shape)), dtype=x.dtype)
+        y[indices.ravel()] = x.ravel()
+        return (y.reshape(tuple(int(d) for d in output_shape)),)
+
+
+class GridSample(_GridSample):
+    """The reference GridSample knows opset 20's mode names only; opset 16's ``bilinear`` and
+    ``bicubic`` are ``linear`` and ``cubic``, its default ``bilinear``."""
+
+    def _run(self, X, grid, mode=None, padding_mode=None, align_corners=None):
+        mode = mode or self.mode
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+        return super()._run(X, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+
+
+class AffineGrid(OpRun):
+    """The reference AffineGrid returns float32 whatever θ's type: too coarse for a finite difference.
+    ``grid[n, o] = θ[n] (x, y[, z], 1)`` over the base grid, in θ's type."""
+
+    op_domain = ""
+
+    def _run(self, theta, size, align_corners=None):
+        sizes = [int(d) for d in size[2:]]
+        axes = [np.linspace(-1.0, 1.0, n) if align_corners else (np.arange(n) + 0.5) * 2 / n - 1
+                for n in sizes]
+        mesh = np.meshgrid(*axes, indexing="ij")
+        base = np.stack([m for m in reversed(mesh)] + [np.ones(sizes)], axis=-1)    # [..., r + 1]
+        grid = np.einsum("nij,...j->n...i", theta, base)
+        return (grid.astype(theta.dtype),)
+
+
+REFERENCE_FIXES = [Erf, Gelu, ConvTranspose, MaxPool, GatherElements, GroupNormalization, LRN, Pad,
+                   LpNormalization, LpPool, GlobalLpPool, MeanVarianceNormalization, MaxUnpool, GridSample,
+                   AffineGrid]
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Mapping[str, Sequence], consts=None,

@@ -33,8 +33,12 @@ MODELS = [ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_mlp.onn
           ROOT / "tests" / "data" / "resnet20_cifar10.onnx", ROOT / "models" / "mnist_lstm.onnx"]
 
 #: op types that CUDA has no float kernel for at any opset the table's rows use (the user's forward
-#: node stays on the CPU; rulegraph's backward of it is made of ops CUDA has)
-FORWARD_FALLBACKS = {"Celu", "Col2Im", "DFT", "GroupNormalization", "LpNormalization", "Mean", "Mish"}
+#: node stays on the CPU, or, for a function op such as CastLike or Swish, runs as its body where
+#: onnxruntime inlines it; rulegraph's backward of it is made of ops CUDA has)
+FORWARD_FALLBACKS = {"Acos", "Acosh", "AffineGrid", "Asin", "Asinh", "Atan", "Atanh", "CastLike", "Celu",
+                     "CenterCropPad", "Col2Im", "Cosh", "CumProd", "DFT", "GlobalLpPool",
+                     "GroupNormalization", "Hardmax", "LpNormalization", "LpPool", "MaxUnpool", "Mean",
+                     "MeanVarianceNormalization", "Mish", "Sinh", "Swish", "Tan"}
 
 
 # the registry as data ---------------------------------------------------------------------------

@@ -174,6 +174,29 @@ def test_layernorm_linear_on_other_normalizations(case, bias):
         np.testing.assert_allclose(relevance.reshape(len(x), -1).sum(1) + share, conserved, rtol=1e-9)
 
 
+@pytest.mark.parametrize("axes", [None, [1]])
+def test_layernorm_linear_on_mean_variance_normalization(axes):
+    """``c = 1/(σ + 10⁻⁹)`` held constant over the axes (default 0, 2, 3), centered, no bias:
+    ``a(x) = x ⊙ (c ⊙ q − mean(c ⊙ q))``, ``q = a(y)/blip(y)``; conserves up to ε."""
+    shape = [2, 3, 4, 3]
+    x, g = RNG.normal(size=shape), RNG.normal(size=shape)
+    m = model([node("MeanVarianceNormalization", ["x"], "y", axes=[0, 2, 3] if axes is None else axes)],
+              {"x": shape}, {}, opset=13)
+    if axes is None:   # the default (onnx's strict shape inference needs the attribute written)
+        del m.graph.node[0].attribute[:]
+    m.graph.ClearField("output")
+    m.graph.output.append(onnx.helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, shape))
+    out = seeded(m, rules("normalizing -> layernorm_linear(eps = 1e-3)\n"), {"x": x}, g)
+    over = (0, 2, 3) if axes is None else tuple(axes)
+    mu = x.mean(axis=over, keepdims=True)
+    c = 1 / (np.sqrt(((x - mu) ** 2).mean(axis=over, keepdims=True)) + 1e-9)
+    y = (x - mu) * c
+    q = g / blip(y, 1e-3)
+    want = x * (c * q - (c * q).mean(axis=over, keepdims=True))
+    np.testing.assert_allclose(out["R"]["x"], want, rtol=1e-9, atol=1e-12)
+    assert want.sum() == pytest.approx((q * y).sum(), rel=1e-9)
+
+
 # cp_attention on the Attention op -------------------------------------------------------------------
 
 

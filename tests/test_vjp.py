@@ -71,6 +71,46 @@ def positive(low: float = 0.3, scale: float = 1.0) -> Callable:
     return sample
 
 
+def uniform(low: float, high: float) -> Callable:
+    """Samples uniform in ``[low, high]``: a domain such as ``|x| < 1`` (Asin, Atanh), kept off its ends."""
+    def sample(rng, shapes):
+        return {k: rng.uniform(low, high, s) for k, s in shapes.items()}
+    return sample
+
+
+def off_grid(step: float = 1.0, offset: float = 0.0, margin: float = 0.05, scale: float = 3.0) -> Callable:
+    """Normal samples at least ``margin·step`` away from every jump ``offset + k·step`` of a rounding
+    (Floor and Ceil: the integers; Round: the half-integers)."""
+    def sample(rng, shapes):
+        feeds = {}
+        for k, s in shapes.items():
+            x = scale * rng.standard_normal(s)
+            frac = np.mod(x - offset, step) / step
+            feeds[k] = x + step * (np.clip(frac, margin, 1 - margin) - frac)
+        return feeds
+    return sample
+
+
+def mod_pairs(low: float = 0.5) -> Callable:
+    """A dividend and a divisor (``|b| >= low``) whose quotient is at least 0.1 from an integer: Mod
+    has its jumps where ``a/b`` is one. A constant divisor (one input only): ``b = 1.3``."""
+    def sample(rng, shapes):
+        names = list(shapes)
+        if len(names) > 1:
+            b = rng.standard_normal(shapes[names[1]])
+            b = np.sign(b) * (low + np.abs(b))
+        else:
+            b = np.array(1.3)
+        q = 3 * rng.standard_normal(shapes[names[0]])
+        frac = np.mod(q, 1.0)
+        q = q + np.clip(frac, 0.1, 0.9) - frac
+        feeds = {names[0]: q * b}
+        if len(names) > 1:
+            feeds[names[1]] = b
+        return feeds
+    return sample
+
+
 def clip_bounds(lo: float | None, hi: float | None = None, kinks=()) -> Callable:
     """``x`` normal away from the bounds; inputs after ``x`` get ``lo`` then ``hi`` (the bounds that
     are activations)."""
@@ -94,6 +134,14 @@ def distinct(rng, shapes):
     return feeds
 
 
+def with_zeros(share: float = 0.3) -> Callable:
+    """Normal samples with about ``share`` of the elements exactly 0 (a product's VJP at zeros: several
+    in one scan, one, none). A product is a polynomial: the finite difference needs no margin."""
+    def sample(rng, shapes):
+        return {k: np.where(rng.random(s) < share, 0.0, rng.standard_normal(s)) for k, s in shapes.items()}
+    return sample
+
+
 # cases --------------------------------------------------------------------------------------------
 
 
@@ -115,6 +163,15 @@ def op(id: str, op_type: str, args, inputs, consts=None, opset=17, sample=NORMAL
 def nodes(id: str, node_list, inputs, consts=None, opset=17, sample=NORMAL) -> Case:
     """A few-node row; the last node writes ``y``."""
     return Case(id, make_model(node_list, inputs, consts, opset=opset), sample)
+
+
+def without(attribute: str, case: Case) -> Case:
+    """``case`` with ``attribute`` dropped from its first node (its default then applies)."""
+    node = case.model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != attribute]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    return case
 
 
 N = helper.make_node
@@ -328,6 +385,55 @@ REDUCE = [
        sample=distinct),
 ]
 
+# reductions and windows of rulegraph/backward/{vjp,lp_pool,cumprod,normalization}.py, per opset signature
+MORE_REDUCE = [
+    op("ReduceLogSum-opset11-negative-axes", "ReduceLogSum", ["x"], X234, opset=11, sample=positive(),
+       axes=[-1, 0]),
+    op("ReduceLogSum-opset13-attr-axes-keepdims0", "ReduceLogSum", ["x"], X234, opset=13, sample=positive(),
+       axes=[1], keepdims=0),
+    op("ReduceLogSum-all-axes", "ReduceLogSum", ["x"], X234, sample=positive()),
+    op("ReduceLogSum-opset18-axes-input", "ReduceLogSum", ["x", "axes"], X234, {"axes": ints(0, 2)}, opset=18,
+       sample=positive()),
+    op("ReduceLogSum-opset18-noop-empty-axes", "ReduceLogSum", ["x"], X234, opset=18, sample=positive(),
+       noop_with_empty_axes=1),
+    op("ReduceLogSum-opset28-axes-input-keepdims0", "ReduceLogSum", ["x", "axes"], X234, {"axes": ints(-2)},
+       opset=28, sample=positive(), keepdims=0),
+    # onnx's strict shape inference fails on the default axes (its function body reads the absent
+    # attribute): the model is built with them written, then the attribute dropped
+    without("axes", op("MeanVarianceNormalization-default-axes", "MeanVarianceNormalization", ["x"],
+                       {"x": [2, 3, 4, 5]}, opset=13, axes=[0, 2, 3])),
+    op("MeanVarianceNormalization-opset13-axes-2", "MeanVarianceNormalization", ["x"], X234, opset=13,
+       axes=[2]),
+    op("MeanVarianceNormalization-axes-0-1", "MeanVarianceNormalization", ["x"], X234, axes=[0, 1]),
+    # p = 1: |x| has its kink at 0; p = 2, 3 are smooth where the window is not all 0
+    op("LpPool-p2-default", "LpPool", ["x"], {"x": [2, 2, 5, 5]}, kernel_shape=[2, 2]),
+    op("LpPool-p1-strides-pads", "LpPool", ["x"], {"x": [1, 2, 7, 6]}, sample=away(0.0), kernel_shape=[3, 3],
+       strides=[2, 2], pads=[1, 0, 1, 1], p=1),
+    op("LpPool-p3-same-upper", "LpPool", ["x"], {"x": [1, 2, 7, 6]}, kernel_shape=[3, 2], strides=[2, 2],
+       auto_pad="SAME_UPPER", p=3),
+    op("LpPool-opset11-1d-p3", "LpPool", ["x"], {"x": [2, 3, 9]}, opset=11, kernel_shape=[3], strides=[2],
+       pads=[1, 1], p=3),
+    op("LpPool-opset18-dilations-ceil-mode", "LpPool", ["x"], {"x": [1, 2, 8, 7]}, opset=18,
+       kernel_shape=[2, 2], strides=[2, 2], dilations=[2, 1], ceil_mode=1),
+    op("LpPool-opset22-p1-ceil-mode-pads", "LpPool", ["x"], {"x": [1, 2, 6, 7]}, opset=22, sample=away(0.0),
+       kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 1], ceil_mode=1, p=1),
+    op("GlobalLpPool-p2", "GlobalLpPool", ["x"], {"x": [2, 3, 4, 5]}),
+    op("GlobalLpPool-p1", "GlobalLpPool", ["x"], {"x": [2, 3, 4, 5]}, sample=away(0.0), p=1),
+    op("GlobalLpPool-opset22-p3-1d", "GlobalLpPool", ["x"], {"x": [2, 3, 6]}, opset=22, p=3),
+    op("CumProd-axis1", "CumProd", ["x", "axis"], X234, {"axis": np.array(1)}, opset=26),
+    op("CumProd-exclusive", "CumProd", ["x", "axis"], X234, {"axis": np.array(-1)}, opset=26, exclusive=1),
+    op("CumProd-reverse-int32-axis", "CumProd", ["x", "axis"], X234, {"axis": np.array(2, dtype=np.int32)},
+       opset=26, reverse=1),
+    op("CumProd-exclusive-reverse", "CumProd", ["x", "axis"], X234, {"axis": np.array(0)}, opset=26,
+       exclusive=1, reverse=1),
+    op("CumProd-zeros", "CumProd", ["x", "axis"], {"x": [4, 6]}, {"axis": np.array(1)}, opset=26,
+       sample=with_zeros()),
+    op("CumProd-zeros-exclusive-reverse", "CumProd", ["x", "axis"], {"x": [4, 6]}, {"axis": np.array(-1)},
+       opset=26, sample=with_zeros(), exclusive=1, reverse=1),
+    op("CumProd-zeros-reverse", "CumProd", ["x", "axis"], {"x": [6, 4]}, {"axis": np.array(0)},
+       opset=26, sample=with_zeros(), reverse=1),
+]
+
 # ReduceProd with exact zeros: windows with no zero, one zero (the product of the rest) and two zeros (0)
 PROD_ZEROS = np.array([[1.5, -0.7, 0.9], [0.0, 1.3, -1.1], [0.0, 0.8, 0.0], [2.0, 0.0, -0.6]])
 
@@ -429,6 +535,48 @@ ELEMENTWISE = [
     op("Clip-activation-min-only", "Clip", ["x", "x1"], {"x": [2, 3, 4], "x1": []}, sample=clip_bounds(-0.3)),
     op("Clip-const-min-activation-max", "Clip", ["x", "lo", "x1"], {"x": [2, 3, 4], "x1": []},
        {"lo": np.array(-0.5)}, sample=clip_bounds(0.3, kinks=(-0.5,))),
+]
+
+# elementwise ops of rulegraph/backward/elementwise.py: inverse and hyperbolic functions inside their
+# domains; the roundings and Mod sampled away from their jumps (their derivative there is 0, resp. 1 and
+# −k, and the finite difference sees the same)
+MORE_ELEMENTWISE = [
+    op("Tan", "Tan", ["x"], X234, sample=uniform(-1.3, 1.3)),
+    op("Tan-opset22", "Tan", ["x"], X234, opset=22, sample=uniform(-1.3, 1.3)),
+    op("Asin", "Asin", ["x"], X234, sample=uniform(-0.95, 0.95)),
+    op("Asin-opset22", "Asin", ["x"], X234, opset=22, sample=uniform(-0.95, 0.95)),
+    op("Acos", "Acos", ["x"], X234, sample=uniform(-0.95, 0.95)),
+    op("Acos-opset22", "Acos", ["x"], X234, opset=22, sample=uniform(-0.95, 0.95)),
+    op("Atan", "Atan", ["x"], X234, sample=normal(2.0)),
+    op("Atan-opset22", "Atan", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Sinh", "Sinh", ["x"], X234, sample=normal(2.0)),
+    op("Sinh-opset22", "Sinh", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Cosh", "Cosh", ["x"], X234, sample=normal(2.0)),
+    op("Cosh-opset22", "Cosh", ["x"], X234, opset=22, sample=normal(2.0)),
+    op("Asinh", "Asinh", ["x"], X234, sample=normal(3.0)),
+    op("Asinh-opset22", "Asinh", ["x"], X234, opset=22, sample=normal(3.0)),
+    op("Acosh", "Acosh", ["x"], X234, sample=positive(1.1, 2.0)),
+    op("Acosh-opset22", "Acosh", ["x"], X234, opset=22, sample=positive(1.1, 2.0)),
+    op("Atanh", "Atanh", ["x"], X234, sample=uniform(-0.95, 0.95)),
+    op("Atanh-opset22", "Atanh", ["x"], X234, opset=22, sample=uniform(-0.95, 0.95)),
+    op("Swish-opset24-default", "Swish", ["x"], X234, opset=24, sample=normal(3.0)),
+    op("Swish-opset24-alpha", "Swish", ["x"], X234, opset=24, sample=normal(3.0), alpha=1.702),
+    op("Ceil", "Ceil", ["x"], X234, sample=off_grid()),
+    op("Floor", "Floor", ["x"], X234, sample=off_grid()),
+    op("Floor-opset13", "Floor", ["x"], X234, opset=13, sample=off_grid()),
+    op("Round", "Round", ["x"], X234, sample=off_grid(offset=0.5)),
+    op("Round-opset22", "Round", ["x"], X234, opset=22, sample=off_grid(offset=0.5)),
+    op("Sign", "Sign", ["x"], X234, sample=away(0.0)),
+    nodes("Floor-then-Mul", [N("Floor", ["x"], ["f"]), N("Mul", ["f", "x1"], ["y"])],
+          {"x": [2, 3, 4], "x1": [2, 3, 4]}, sample=off_grid()),
+    op("Mod-fmod-activations", "Mod", ["x", "x1"], X234 | {"x1": [2, 3, 4]}, sample=mod_pairs(), fmod=1),
+    op("Mod-fmod-broadcast-divisor", "Mod", ["x", "x1"], X234 | {"x1": [3, 1]}, sample=mod_pairs(), fmod=1),
+    op("Mod-fmod-const-divisor", "Mod", ["x", "c"], X234, {"c": np.array(1.3)}, sample=mod_pairs(), fmod=1),
+    op("Mod-opset28-fmod", "Mod", ["x", "x1"], X234 | {"x1": [4]}, opset=28, sample=mod_pairs(), fmod=1),
+    op("Mod-opset28-floor", "Mod", ["x", "x1"], X234 | {"x1": [2, 3, 4]}, opset=28, sample=mod_pairs()),
+    op("CastLike-double", "CastLike", ["x", "like"], X234, {"like": np.zeros(1)}, opset=15),
+    op("CastLike-opset21", "CastLike", ["x", "like"], X234, {"like": np.zeros(1)}, opset=21),
+    op("CastLike-opset25-like-activation", "CastLike", ["x", "x1"], X234 | {"x1": [2]}, opset=25),
 ]
 
 ROUTE = [
@@ -579,6 +727,96 @@ ROUTE = [
           X234, {"k": ints(2)}, sample=distinct),
 ]
 
+# routes of rulegraph/backward/routes.py: k and the sequence lengths as constants, a constant condition,
+# crop and pad per axis, MaxUnpool of MaxPool's own indices (SegNet), with and without output_shape
+MORE_ROUTE = [
+    op("Trilu-upper", "Trilu", ["x"], {"x": [2, 4, 5]}, opset=14),
+    op("Trilu-lower-k-negative", "Trilu", ["x", "k"], {"x": [2, 4, 5]}, {"k": np.array(-1)}, opset=14,
+       upper=0),
+    op("Trilu-upper-k2", "Trilu", ["x", "k"], {"x": [3, 5]}, {"k": np.array(2)}, opset=14),
+    op("ReverseSequence-time-major", "ReverseSequence", ["x", "lens"], {"x": [4, 3, 2]},
+       {"lens": ints(4, 1, 3)}, opset=10, batch_axis=1, time_axis=0),
+    op("ReverseSequence-batch-major", "ReverseSequence", ["x", "lens"], {"x": [3, 5, 2]},
+       {"lens": ints(2, 5, 0)}, opset=10, batch_axis=0, time_axis=1),
+    op("ReverseSequence-opset28", "ReverseSequence", ["x", "lens"], {"x": [2, 4]}, {"lens": ints(3, 4)},
+       opset=28),
+    op("Compress-axis1", "Compress", ["x", "cond"], X234, {"cond": np.array([True, False, True])}, axis=1),
+    op("Compress-flat-short-condition", "Compress", ["x", "cond"], X234,
+       {"cond": np.array([False, True, True, False, True])}),
+    op("Compress-opset11-negative-axis", "Compress", ["x", "cond"], X234,
+       {"cond": np.array([0, 1, 1, 0]) > 0}, opset=11, axis=-1),
+    op("Compress-opset28-axis0", "Compress", ["x", "cond"], X234, {"cond": np.array([False, True])}, opset=28,
+       axis=0),
+    op("CenterCropPad-crop-and-pad", "CenterCropPad", ["x", "shape"], {"x": [2, 5, 4]},
+       {"shape": ints(2, 2, 7)}, opset=18),
+    op("CenterCropPad-odd-differences", "CenterCropPad", ["x", "shape"], {"x": [2, 6, 3]},
+       {"shape": ints(3, 6)}, opset=18, axes=[1, 2]),
+    op("CenterCropPad-negative-axes-hwc", "CenterCropPad", ["x", "shape"], {"x": [5, 4, 3]},
+       {"shape": ints(6, 2)}, opset=18, axes=[-3, -2]),
+    nodes("MaxUnpool-of-MaxPool", [N("MaxPool", ["x"], ["p", "i"], kernel_shape=[2, 2], strides=[2, 2]),
+                                   N("MaxUnpool", ["p", "i"], ["y"], kernel_shape=[2, 2], strides=[2, 2])],
+          {"x": [2, 3, 4, 6]}, sample=distinct),
+    # onnx infers no shape from an output_shape input: a Reshape to it gives the output its shape
+    nodes("MaxUnpool-output-shape", [N("MaxPool", ["x"], ["p", "i"], kernel_shape=[2, 2], strides=[2, 2]),
+                                     N("MaxUnpool", ["p", "i", "size"], ["u"], kernel_shape=[2, 2],
+                                       strides=[2, 2]),
+                                     N("Reshape", ["u", "size"], ["y"])],
+          {"x": [1, 2, 5, 5]}, {"size": ints(1, 2, 5, 5)}, sample=distinct),
+    nodes("MaxUnpool-opset22-pads", [N("MaxPool", ["x"], ["p", "i"], kernel_shape=[3, 3], strides=[2, 2],
+                                       pads=[1, 1, 1, 1]),
+                                     N("MaxUnpool", ["p", "i", "size"], ["u"], kernel_shape=[3, 3],
+                                       strides=[2, 2], pads=[1, 1, 1, 1]),
+                                     N("Reshape", ["u", "size"], ["y"])],
+          {"x": [1, 2, 5, 6]}, {"size": ints(1, 2, 6, 7)}, opset=22, sample=distinct),
+    op("MaxUnpool-constant-indices", "MaxUnpool", ["x", "i"], {"x": [1, 2, 2, 2]},
+       {"i": np.array([[[[1, 2], [9, 14]], [[16, 18], [27, 31]]]])}, kernel_shape=[2, 2], strides=[2, 2]),
+    op("Hardmax", "Hardmax", ["x"], X234, sample=distinct, axis=1),
+    op("Hardmax-opset11", "Hardmax", ["x"], X234, opset=11, sample=distinct),
+]
+
+# GridSample with a constant grid (linear in X): every mode under each padding, both opset signatures,
+# align_corners, a volumetric input; the grid reaches past the borders (±1.3)
+GW = np.random.default_rng(16)
+
+
+def grid(*shape) -> np.ndarray:
+    return GW.uniform(-1.3, 1.3, shape)
+
+
+def _grid_rows() -> list[Case]:
+    rows = []
+    for opset, mode, padding, corners in [
+            (16, "bilinear", "zeros", 0), (16, "bilinear", "border", 1), (16, "bilinear", "reflection", 0),
+            (16, "nearest", "reflection", 1), (16, "bicubic", "zeros", 1), (16, "bicubic", "border", 0),
+            (20, "linear", "reflection", 1), (20, "nearest", "zeros", 0), (20, "cubic", "reflection", 0),
+            (22, "cubic", "reflection", 1), (22, "nearest", "border", 0), (22, "linear", "zeros", 1)]:
+        rows.append(op(f"GridSample-opset{opset}-{mode}-{padding}-corners{corners}", "GridSample",
+                       ["x", "grid"], {"x": [2, 3, 4, 5]}, {"grid": grid(2, 3, 6, 2)}, opset=opset, mode=mode,
+                       padding_mode=padding, align_corners=corners))
+    rows.append(op("GridSample-opset16-defaults", "GridSample", ["x", "grid"], {"x": [1, 2, 5, 4]},
+                   {"grid": grid(1, 4, 3, 2)}, opset=16))
+    for mode, padding in [("linear", "border"), ("nearest", "reflection"), ("cubic", "zeros")]:
+        rows.append(op(f"GridSample-opset20-volumetric-{mode}-{padding}", "GridSample", ["x", "grid"],
+                       {"x": [1, 2, 3, 4, 5]}, {"grid": grid(1, 2, 3, 4, 3)}, opset=20, mode=mode,
+                       padding_mode=padding))
+    return rows
+
+
+SAMPLING = _grid_rows() + [
+    # a spatial transformer's grid from its θ [N, 2, 3] (2-D) or [N, 3, 4] (volumetric)
+    op("AffineGrid-2d", "AffineGrid", ["x", "size"], {"x": [2, 2, 3]}, {"size": ints(2, 3, 4, 5)}, opset=20),
+    op("AffineGrid-2d-align-corners", "AffineGrid", ["x", "size"], {"x": [2, 2, 3]},
+       {"size": ints(2, 1, 3, 6)}, opset=20, align_corners=1),
+    op("AffineGrid-3d", "AffineGrid", ["x", "size"], {"x": [1, 3, 4]}, {"size": ints(1, 2, 3, 4, 2)},
+       opset=20),
+    op("AffineGrid-3d-align-corners", "AffineGrid", ["x", "size"], {"x": [2, 3, 4]},
+       {"size": ints(2, 1, 2, 3, 4)}, opset=20, align_corners=1),
+    nodes("AffineGrid-then-GridSample-constant-theta", [N("AffineGrid", ["theta", "size"], ["grid"]),
+                                                        N("GridSample", ["x", "grid"], ["y"])],
+          {"x": [2, 3, 5, 6]}, {"theta": np.array([[[0.9, -0.2, 0.1], [0.3, 1.1, -0.2]]] * 2),
+                                "size": ints(2, 3, 4, 4)}, opset=20),
+]
+
 # `distinct`: values of all operands are distinct, so the maximum is never a tie
 MAX = [
     op("Min-3-broadcast", "Min", ["x", "x1", "x2"], {"x": [2, 3, 4], "x1": [3, 1], "x2": [4]}, sample=distinct),
@@ -597,7 +835,8 @@ NORMALIZING = [
     op("LogSoftmax-axis-1", "LogSoftmax", ["x"], X234, axis=-1),
 ]
 
-CASES = GEMM + MATMUL + CONV + UPSAMPLING + POOL + REDUCE + BN + ARITHMETIC + ELEMENTWISE + ROUTE + MAX + NORMALIZING
+CASES = (GEMM + MATMUL + CONV + UPSAMPLING + POOL + REDUCE + MORE_REDUCE + BN + ARITHMETIC + ELEMENTWISE
+         + MORE_ELEMENTWISE + ROUTE + MORE_ROUTE + SAMPLING + MAX + NORMALIZING)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -629,6 +868,8 @@ UNSUPPORTED = [
     op("Conv-activation-weights", "Conv", ["x", "x1"], {"x": [1, 2, 5, 5], "x1": [3, 2, 3, 3]}),
     op("Dropout-training-mode", "Dropout", ["x", "r", "t"], X234, {"r": np.array(0.3), "t": np.array(True)}),
     op("Dropout-training-mode-default-ratio", "Dropout", ["x", "", "t"], X234, {"t": np.array(True)}),
+    op("GridSample-activation-grid", "GridSample", ["x", "x1"], {"x": [1, 2, 4, 5], "x1": [1, 3, 3, 2]},
+       opset=16),
 ]
 
 

@@ -1,5 +1,5 @@
-"""InstanceNormalization, GroupNormalization (opset 18 and 21), RMSNormalization (opset 23), LRN and
-LpNormalization:
+"""InstanceNormalization, GroupNormalization (opset 18 and 21), RMSNormalization (opset 23), LRN,
+LpNormalization and MeanVarianceNormalization:
 their VJPs and kind (normalizing, as LayerNormalization), and the form the ``layernorm_linear`` rule
 reads (``norm_form``).
 
@@ -40,6 +40,8 @@ class NormForm:
     scale: str | None
     bias: str | None
     epsilon: float
+    #: ε added to the root, ``σ = √var + ε`` (MeanVarianceNormalization), not under it
+    outside: bool = False
 
     def to_view(self, t: Tape, x: str) -> str:
         return x if self.view is None else t.op("Reshape", x, self.view)
@@ -51,7 +53,10 @@ class NormForm:
         """(v̂, 1/σ) of the view ``v``."""
         centered = t.op("Sub", v, t.reduce("ReduceMean", v, self.axes)) if self.centered else v
         variance = t.reduce("ReduceMean", t.op("Mul", centered, centered), self.axes)
-        inv_std = t.op("Reciprocal", t.op("Sqrt", t.op("Add", variance, t.scalar(self.epsilon))))
+        if self.outside:
+            inv_std = t.op("Reciprocal", t.op("Add", t.op("Sqrt", variance), t.scalar(self.epsilon)))
+        else:
+            inv_std = t.op("Reciprocal", t.op("Sqrt", t.op("Add", variance, t.scalar(self.epsilon))))
         return t.op("Mul", centered, inv_std), inv_std
 
 
@@ -72,11 +77,15 @@ def _rank(ctx: VjpContext) -> int:
 
 
 def norm_form(ctx: VjpContext) -> NormForm:
-    """The view, axes, scale and bias of an Instance, Group or RMS normalization node."""
+    """The view, axes, scale and bias of an Instance, Group, RMS or mean-variance normalization node
+    (the last for ``layernorm_linear``: its VJP is its own, ε being outside the root)."""
     if any(ctx.active[1:]):
         raise ctx.fail(f"{ctx.node.op_type} with a scale or bias computed from the input is not supported; "
                        "rulegraph needs them constant")
     t, op, rank = ctx.tape, ctx.node.op_type, _rank(ctx)
+    if op == "MeanVarianceNormalization":
+        axes = sorted(int(a) % rank for a in ctx.node.attr("axes", [0, 2, 3]))
+        return NormForm(None, axes, True, None, None, 1e-9, outside=True)
     epsilon = ctx.node.attr("epsilon", 1e-5)
     scale, bias = _operand(ctx, 1), _operand(ctx, 2)
     if op == "InstanceNormalization":
@@ -157,3 +166,17 @@ def _lrn(ctx, g):
     back = _channel_window(ctx, through, after, before)
     correction = t.op("Mul", t.op("Mul", x, back), t.scalar(2.0 * beta * alpha / size))
     return [t.op("Sub", t.op("Mul", g[0], factor), correction)]
+
+
+@vjp("MeanVarianceNormalization", kind=NORMALIZING)
+def _mean_variance_normalization(ctx, g):
+    """``y = c / s`` over ``axes`` (default 0, 2, 3), ``c = x − μ``, ``s = σ + ε``, ``σ = √mean(c²)``,
+    ``ε = 10⁻⁹`` added outside the root (the op's function body): with ``dσ = mean(c ⊙ dx)/σ``,
+    ``a(x) = (g − mean(g) − y ⊙ mean(g ⊙ c)/σ) / s``."""
+    t, x = ctx.tape, ctx.x
+    axes = [int(a) for a in ctx.node.attr("axes", [0, 2, 3])]
+    centered = t.op("Sub", x, t.reduce("ReduceMean", x, axes))
+    sigma = t.op("Sqrt", t.reduce("ReduceMean", t.op("Mul", centered, centered), axes))
+    spread = t.op("Div", t.reduce("ReduceMean", t.op("Mul", g[0], centered), axes), sigma)
+    inner = t.op("Sub", t.op("Sub", g[0], t.reduce("ReduceMean", g[0], axes)), t.op("Mul", ctx.y, spread))
+    return [t.op("Div", inner, t.op("Add", sigma, t.scalar(1e-9)))]

@@ -14,7 +14,8 @@ from .. import graph
 from ..graph.kinds import OpKinds
 from ..graph.read import Graph
 from . import contrib, fused  # noqa: F401  (declare the contrib ops' VJPs and the fused-only ops' kinds)
-from . import attention, einsum, normalization  # noqa: F401  (register their VJPs)
+from . import attention, cumprod, einsum, elementwise, lp_pool, normalization  # noqa: F401  (their VJPs)
+from . import routes, sampling  # noqa: F401  (their VJPs)
 from .scatter import KIND_BY_ATTRIBUTE
 from .vjp import BILINEAR_WHEN_ALL_ACTIVE, NONLINEAR_IN_FIRST_INPUT_ONLY, OP_KINDS, VJPS
 

@@ -260,7 +260,8 @@ def l2_factor(ctx) -> str:
 
 
 #: the normalizations ``layernorm_linear`` reads through their view (``normalization.norm_form``)
-VIEWED_NORMS = frozenset({"InstanceNormalization", "GroupNormalization", "RMSNormalization"})
+VIEWED_NORMS = frozenset({"InstanceNormalization", "GroupNormalization", "RMSNormalization",
+                          "MeanVarianceNormalization"})
 
 
 @rule("layernorm_linear", {NORMALIZING}, params=[_EPS], bias_in_denominator=True,
@@ -278,7 +279,8 @@ def layernorm_linear(ctx) -> list[str | None]:
     LayerNorms alike.
 
     Instance, Group and RMS normalization likewise, through their view (``normalization.py``):
-    ``Mᵀg = unview(v(γ ⊙ g)/σ − mean_A(v(γ ⊙ g)/σ))``, without the mean for RMS (not centered).
+    ``Mᵀg = unview(v(γ ⊙ g)/σ − mean_A(v(γ ⊙ g)/σ))``, without the mean for RMS (not centered);
+    MeanVarianceNormalization over its axes, ``c = 1/(σ + ε)`` (no γ, no β).
     An L2 normalization ``y = x ⊙ c``, ``c = 1/max(‖x‖, ε)`` (fused F.normalize): ``Mᵀg = c ⊙ g``.
     """
     if ctx.node.op_type == "LpNormalization":

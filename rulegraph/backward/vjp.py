@@ -837,6 +837,12 @@ def _reduce_log_sum_exp(ctx, g):
     return _reduction(ctx, g, lambda ctx, y, axes: ctx.tape.op("Exp", ctx.tape.op("Sub", ctx.x, y)))
 
 
+@vjp("ReduceLogSum", kind=NORMALIZING)
+def _reduce_log_sum(ctx, g):
+    """``y = log Σ x``: ``1/Σx = exp(−y)`` (``1/x`` where ``noop_with_empty_axes`` keeps x)."""
+    return _reduction(ctx, g, lambda ctx, y, axes: ctx.tape.op("Exp", ctx.tape.op("Neg", y)))
+
+
 def _product_of_others(ctx: VjpContext, y: str, axes: list[int] | None) -> str:
     """``∂y/∂xᵢ = Π_{j≠i} xⱼ``, exact with zeros: ``y/xᵢ`` without zeros in the window; with one zero, the
     product of the rest at the zero and 0 elsewhere; with two or more, 0."""
