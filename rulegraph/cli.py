@@ -24,7 +24,7 @@ from .check.checks import check
 from .check.measured import sample_inputs
 from .compile.cam import METHODS as CAM_METHODS
 from .compile.form import FORMS
-from .compile.plan import assign, find_start, path_nodes
+from .compile.plan import HELD, assign, find_start, path_nodes
 from .compile.summary import summarize
 from .compile.targets import Target
 from .compile.unmatched import warn_unmatched
@@ -559,7 +559,9 @@ def cmd_ops(args) -> int:
     print(f"{'node':<{width}}  {'op type':<{op_width}} {'kind':<12} rule")
     missing = 0
     for r in rows:
-        if r.problem:
+        if r.held:
+            rule = HELD
+        elif r.problem:
             missing += 1
             rule = "!! " + r.problem
         else:

@@ -33,6 +33,12 @@ model that shows it, exported by both torch exporters (``dynamo=False``: TorchSc
    exporter into Gathers and ``Where`` fills. And a Pad in ``reflect`` or ``edge`` mode (TResNet's
    anti-aliasing blur, ``ReflectionPad2d``, ``ReplicationPad2d``) was refused: it is a route whose
    border elements are copies, their gradient added back to the elements copied.
+7. ResNeSt's and SKNet's split attention: a Softmax over the branches weighs them, as a Sigmoid
+   weighs a squeeze-excitation gate. The CNN files hold that weight constant (``uniform(
+   softmax_constant = 1)``), so no relevance reaches the Softmax, but they were refused for it
+   ("does not explain normalizing ops"). Nodes that only held operands read now need no rule
+   (``rulegraph ops`` shows them held); LRP-0 is Gradient × Input of the model with the branch
+   weights detached.
 """
 
 from __future__ import annotations
@@ -673,3 +679,66 @@ def test_a_constant_fill_and_border_pads_leave_the_gradient_as_autograd(filled):
     net(xg)[[0, 1], [0, 2]].sum().backward()
     expected = xg.grad.numpy()
     assert np.abs(result.saliency["input"] - expected).max() / np.abs(expected).max() < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. split attention: a Softmax over branches, held constant by the CNN files
+
+
+class SplitAttention(nn.Module):
+    """ResNeSt's split attention in small: a grouped Conv gives 2 branches of 4 channels, their sum
+    pooled -> Linear -> ReLU -> Linear -> a Softmax over the branches per channel weighs them ->
+    mean -> Linear. ``held``: the branch weights detached (the model the CNN files explain)."""
+
+    def __init__(self, held: bool = False) -> None:
+        super().__init__()
+        self.held = held
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, groups=1)
+        self.fc1, self.fc2, self.head = nn.Conv2d(4, 6, 1), nn.Conv2d(6, 8, 1), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))                                             # [N, 8, H, W]
+        branches = h.reshape(h.shape[0], 2, 4, *h.shape[2:])                     # [N, 2, 4, H, W]
+        pooled = branches.sum(1).mean((2, 3), keepdim=True)                      # [N, 4, 1, 1]
+        logits = self.fc2(torch.relu(self.fc1(pooled))).reshape(h.shape[0], 2, 4, 1, 1)
+        weights = torch.softmax(logits, dim=1)
+        out = (branches * (weights.detach() if self.held else weights)).sum(1)   # [N, 4, H, W]
+        return self.head(out.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def split_attention(tmp_path_factory):
+    net = tm.seeded(SplitAttention)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    folder = tmp_path_factory.mktemp("split_attention")
+    return net, x, {name: tm.export_onnx(net, x, folder / f"{name}.onnx", dynamo)
+                    for name, dynamo in EXPORTERS.items()}
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_split_attention_softmax_is_held_and_lrp_0_is_gradient_x_input_of_the_held_model(split_attention,
+                                                                                        exporter):
+    net, x, paths = split_attention
+    explainer = rulegraph.Explainer(paths[exporter], "lrp-0")
+    result = explainer.explain(x.numpy(), target=[0, 2])
+    assert np.abs(result.relative_delta).max() < 1e-5
+    held = SplitAttention(held=True)
+    held.load_state_dict(net.state_dict())
+    xg = x.clone().requires_grad_(True)
+    held.eval()(xg)[[0, 1], [0, 2]].sum().backward()
+    expected = (x * xg.grad).numpy()
+    assert np.abs(result.attribution["input"] - expected).max() <= 1e-5 * np.abs(expected).max()
+    epsilon = rulegraph.Explainer(paths[exporter], "lrp-epsilon").explain(x.numpy(), target=[0, 2])
+    assert np.abs(epsilon.relative_delta).max() < 1e-3
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_split_attention_softmax_shows_as_held_in_ops(split_attention, exporter):
+    from rulegraph.compile.plan import HELD, assign, find_start, path_nodes
+    _, _, paths = split_attention
+    graph = G.load(paths[exporter])
+    ruleset = rulegraph.run.rulefiles.load("lrp-epsilon")
+    rows = assign(graph, ruleset, path_nodes(graph, find_start(graph, ruleset, None, None)))
+    softmax = [r for r in rows if r.node.op_type == "Softmax"]
+    assert softmax and all(r.held and r.problem is None for r in softmax)
+    assert not any(r.problem for r in rows)

@@ -98,6 +98,22 @@ def held_op_types(params) -> frozenset[str]:
     return frozenset().union(*(ops for name, ops in HOLDS.items() if params.get(name)))
 
 
+def held_operands(graph: Graph, node, rule_call) -> set[int]:
+    """The operands of a product ``node`` that ``rule_call`` (a ``uniform`` with a hold, or ``gate``)
+    holds constant: they get no relevance, nor does what only they read (the Softmax of a ResNeSt
+    split attention weighing its branches, as a Sigmoid weighs a squeeze-excitation gate)."""
+    if node.op_type not in ("Mul", "Div", "MatMul", "Einsum") or len(node.inputs) < 2:
+        return set()
+    if rule_call.name == "gate":
+        keep = rule_call.params.get("keep")
+        return set() if keep is None else {1 - int(keep)}
+    if rule_call.name != "uniform":
+        return set()
+    held = held_op_types(rule_call.params)
+    constant = [produced_by(graph, x, held) for x in node.inputs[:2]] if held else []
+    return {constant.index(True)} if constant.count(True) == 1 else set()
+
+
 def _product(ctx, name: str) -> None:
     if ctx.node.op_type not in ("Mul", "Div", "MatMul", "Einsum"):
         raise ctx.fail(f"rule '{name}' is defined for Mul, Div, MatMul and Einsum of activations, "

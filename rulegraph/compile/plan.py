@@ -8,11 +8,16 @@ from dataclasses import dataclass
 from ..backward import unsupported
 from ..backward.ops import VJPS
 from ..backward.rules import APPROXIMATE, EXACT, LEAKS_BIAS, RULES
+from ..backward.transformer import held_operands
 from ..errors import RulegraphError
 from ..graph.kinds import NORMALIZING, ROUTE
 from ..graph.read import Graph, Node
 from ..lang.ruleset import AmbiguousBinding, Binding, NodeInfo, RuleSet
 from .refusal import refusal
+
+
+#: what ``rulegraph ops`` shows for a node whose relevance is held constant by the products it feeds
+HELD = "held constant (gets nothing)"
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,9 @@ class Assignment:
     binding: Binding | None
     on_path: bool
     problem: str | None = None
+    #: on the path, but only through operands that products' rules hold constant: it gets nothing and
+    #: needs no rule
+    held: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,7 +95,25 @@ def assign(graph: Graph, ruleset: RuleSet, nodes: list[Node], infos=None) -> lis
         if problem is None and binding is not None and binding.rule.name == unsupported.NAME:
             problem = refusal(n, binding, ruleset.source)
         out.append(Assignment(n, binding, True, problem))
-    return out
+    reached = _reached(graph, out)
+    return [a if a.node.name in reached else Assignment(a.node, a.binding, True, held=True) for a in out]
+
+
+def _reached(graph: Graph, assignments: list[Assignment]) -> set[str]:
+    """The nodes that relevance reaches: walking back from the path's end, a product passes nothing to
+    an operand its rule holds constant (``transformer.held_operands``), so the nodes only such an
+    operand reads get nothing and need no rule (ResNeSt's and SKNet's branch Softmax under a CNN file)."""
+    if not assignments:
+        return set()
+    needed = set(assignments[-1].node.outputs)
+    reached: set[str] = set()
+    for a in reversed(assignments):
+        if not any(o in needed for o in a.node.outputs if o):
+            continue
+        reached.add(a.node.name)
+        held = held_operands(graph, a.node, a.binding.rule) if a.binding is not None else set()
+        needed.update(t for i, t in enumerate(a.node.inputs) if i not in held and t in graph.active)
+    return reached
 
 
 def _accepting(kind: str | None, op_type: str | None = None) -> list[str]:

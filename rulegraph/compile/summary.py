@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..graph.read import Graph
 from ..lang.ruleset import RuleSet
-from .plan import assign, path_nodes
+from .plan import HELD, assign, path_nodes
 
 
 @dataclass
@@ -104,9 +104,9 @@ def summarize(graph: Graph, ruleset: RuleSet, start: str) -> Summary:
             row.off_path += 1
             continue
         row.on_path += 1
-        if a.problem is None and a.binding is not None:
+        if a.held or a.problem is None and a.binding is not None:
             row.with_rule += 1
-            rule = str(a.binding.rule)
+            rule = HELD if a.held else str(a.binding.rule)
             if rule not in row.rules:
                 row.rules.append(rule)
     return Summary(ruleset.source, start, list(rows.values()))
