@@ -110,10 +110,10 @@ def test_custom_domain_is_refused_naming_the_node():
 
 def test_unknown_op_is_named():
     model = mlp()
-    model.graph.node[1].op_type = "Hardmax"
+    model.graph.node[1].op_type = "Det"
     from rulegraph import CoverageError
 
-    with pytest.raises(CoverageError, match=r"node 'relu' \(Hardmax\): rulegraph does not know op type"):
+    with pytest.raises(CoverageError, match=r"node 'relu' \(Det\): rulegraph does not know op type"):
         Explainer(model, "gradient").explain(X)
 
 

@@ -54,6 +54,7 @@ from .kinds import OpKinds, op_key
 from .legacy_resize import restore_legacy_resize
 from .model_check import byte_size, check_structure, check_valid, declare_missing_ranks
 from .recurrent import Unrolled, expand_recurrent
+from .slots import inactive_reads
 from . import large
 from .static_shapes import partial_values, unused_shape_nodes
 
@@ -578,9 +579,12 @@ def _mark_active(graph: Graph, op_kinds: OpKinds) -> None:
     and at the outputs of token sources (module docstring)."""
     active = set(graph.float_inputs())
     graph.sources = {}
+    slots: dict = {}
     for n in graph.nodes:
         flags = [t in active for t in n.inputs]
-        if any(flags):
+        if any(flags) and inactive_reads(graph, n, active, slots):
+            pass   # reads an active tensor's constant slots only (a class token): a constant (slots.py)
+        elif any(flags):
             for o in n.outputs:
                 if o and (graph.is_float(o) or (o not in graph.dtypes and n.op_type in op_kinds)
                           or n.op_type in QUANTIZERS):
