@@ -63,6 +63,14 @@ LRP_TRANSFORMER_EPS0 = ('rulegraph 1\ninclude "lrp-transformer"\nlinear -> norma
                         "norm_constant = 1, exp_constant = 1)\n")
 
 
+def _exported(cls, folder: Path):
+    """(the seeded model, an input [2, 5, 6], its export by each exporter)."""
+    net = tm.seeded(cls)
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+    return net, x, {name: tm.export_onnx(net, x, folder / f"{name}.onnx", dynamo)
+                    for name, dynamo in EXPORTERS.items()}
+
+
 class Router(nn.Module):
     """Tokens [N, T, 6] -> hidden 8 -> a dense bank of 4 experts (one Linear, [N, T, 4, 8]); the
     router's softmax over the experts, its top 2 divided by their sum, weigh the two chosen experts
@@ -88,11 +96,7 @@ class Router(nn.Module):
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory):
-    net = tm.seeded(Router)
-    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
-    folder = tmp_path_factory.mktemp("router")
-    return net, x, {name: tm.export_onnx(net, x, folder / f"{name}.onnx", dynamo)
-                    for name, dynamo in EXPORTERS.items()}
+    return _exported(Router, tmp_path_factory.mktemp("router"))
 
 
 def _input_gradient(net, x) -> np.ndarray:
@@ -129,11 +133,7 @@ class CosineGRN(nn.Module):
 
 @pytest.fixture(scope="module")
 def cosine_grn(tmp_path_factory):
-    net = tm.seeded(CosineGRN)
-    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
-    folder = tmp_path_factory.mktemp("cosine_grn")
-    return net, x, {name: tm.export_onnx(net, x, folder / f"{name}.onnx", dynamo)
-                    for name, dynamo in EXPORTERS.items()}
+    return _exported(CosineGRN, tmp_path_factory.mktemp("cosine_grn"))
 
 
 class HandSoftmax(nn.Module):
@@ -174,11 +174,7 @@ class HandSoftmax(nn.Module):
 
 @pytest.fixture(scope="module")
 def hand_softmax(tmp_path_factory):
-    net = tm.seeded(HandSoftmax)
-    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
-    folder = tmp_path_factory.mktemp("hand_softmax")
-    return net, x, {name: tm.export_onnx(net, x, folder / f"{name}.onnx", dynamo)
-                    for name, dynamo in EXPORTERS.items()}
+    return _exported(HandSoftmax, tmp_path_factory.mktemp("hand_softmax"))
 
 
 class FramesWithClassToken(nn.Module):
