@@ -33,8 +33,8 @@ each reproduced on the smallest torch model that shows it, exported by both torc
    the first rows' class token, the same constant for every sample). Taken for active, every
    sample's class-token relevance flowed into the first rows, which belong to other samples: the
    per-sample sums missed by 1.7 of the logit. Now a Slice or Gather that reads only constant
-   slots of an active tensor is a constant (``graph/slots.py``). The TorchScript export computes
-   the class token's Expand shape at run time, its slot is not known, and it still misses.
+   slots of an active tensor is a constant (``graph/slots.py``); in the TorchScript export the class
+   token's Expand shape is computed at run time, its size read from the shape's known entries.
 """
 
 from __future__ import annotations
@@ -196,12 +196,15 @@ class FramesWithClassToken(nn.Module):
         return self.head(torch.relu(self.mix(h)).mean(1))
 
 
-def test_a_class_token_read_from_a_constant_slot_is_a_constant(tmp_path):
-    """Dynamo's export: LRP-0 conserves per sample (before: 0.3 of the logit moved between samples),
-    the Gather of the class token is no active node, and the gradient is autograd's."""
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_a_class_token_read_from_a_constant_slot_is_a_constant(tmp_path, exporter):
+    """LRP-0 conserves per sample (before: 0.3 of the logit moved between samples), the Gather of the
+    class token is no active node, and the gradient is autograd's. The TorchScript export computes
+    the class token's Expand shape at run time (``Where(Equal(shape, -1), 1, shape)``): its size
+    along the tokens is read from the shape's known entries."""
     net = tm.seeded(FramesWithClassToken).eval()
     x = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1))
-    path = tm.export_onnx(net, x, tmp_path / "frames.onnx", True)
+    path = tm.export_onnx(net, x, tmp_path / "frames.onnx", EXPORTERS[exporter])
     explainer = rulegraph.Explainer(path, "lrp-0")
     result = explainer.explain(x.numpy(), target=TARGET)
     assert np.abs(result.relative_delta).max() < 1e-5

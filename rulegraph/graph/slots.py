@@ -17,32 +17,57 @@ what they add downstream is a bias, as any constant's.
 
 from __future__ import annotations
 
+from .static_shapes import partial_entries
+
 # Graph and Node (read.py) appear in annotations only: read.py imports this module
 
 #: elementwise ops that keep each position where their other operands are inactive
 KEEP_POSITIONS = frozenset({"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Cast"})
 
 
-def _static(graph: Graph, tensor: str, axis: int) -> int | None:
+def _static(graph: Graph, tensor: str, axis: int, slots: dict) -> int | None:
+    """The size of ``tensor`` along ``axis`` where it is known: inferred, or for an Expand of a constant
+    (a class token ``expand(n, -1, -1)``, its target shape computed at run time) from the constant's
+    size and the target's known entries."""
     size = graph.dim(tensor, axis) if graph.rank(tensor) is not None else None
-    return size if isinstance(size, int) and size > 0 else None
+    if isinstance(size, int) and size > 0:
+        return size
+    node = graph.producer.get(tensor)
+    rank = graph.rank(tensor)
+    if node is None or node.op_type != "Expand" or node.inputs[0] not in graph.constants or rank is None:
+        return None
+    source = graph.constants[node.inputs[0]]
+    at = axis - (rank - source.ndim)
+    if at >= 0 and source.shape[at] != 1:
+        return int(source.shape[at])
+    if None not in slots:   # the known entries of shape arithmetic, computed once per model
+        slots[None] = partial_entries(graph.model, graph.constants)
+    target = slots[None].get(node.inputs[1])
+    if target is None or target.values.shape != (rank,) or not target.known[axis]:
+        return None
+    return int(target.values[axis]) if target.values[axis] >= 1 else None
 
 
-def _concat(graph: Graph, node: Node, active: set[str]) -> tuple[int, frozenset[int], int] | None:
-    """(axis, the positions that come from inactive operands, the axis' size) of a Concat, or None."""
+def _concat(graph: Graph, node: Node, active: set[str], slots: dict) -> tuple | None:
+    """(axis, the positions that come from inactive operands, the axis' size or None where unknown) of
+    a Concat, or None. Sizes after the last inactive operand may be unknown (the patch tokens behind a
+    class token)."""
     rank = graph.rank(node.outputs[0])
     if rank is None:
         return None
     axis = node.attr("axis", 0) % rank
-    positions, at = set(), 0
+    positions: set[int] = set()
+    at: int | None = 0
     for tensor in node.inputs:
-        size = _static(graph, tensor, axis)
-        if size is None:
-            return None
+        size = _static(graph, tensor, axis, slots)
         if tensor not in active:
+            if at is None or size is None:
+                return None
             positions.update(range(at, at + size))
-        at += size
-    return (axis, frozenset(positions), at) if positions and len(positions) < at else None
+        at = None if at is None or size is None else at + size
+    if not positions or at is not None and len(positions) == at:
+        return None
+    return axis, frozenset(positions), at
 
 
 def _axis_after(node: Node, graph: Graph, axis: int) -> int | None:
@@ -62,7 +87,7 @@ def inactive_reads(graph: Graph, node: Node, active: set[str], slots: dict) -> b
     if not out:
         return False
     if node.op_type == "Concat":
-        found = _concat(graph, node, active)
+        found = _concat(graph, node, active, slots)
         if found:
             slots[out] = found
         return False
@@ -80,7 +105,10 @@ def inactive_reads(graph: Graph, node: Node, active: set[str], slots: dict) -> b
         if indices is None or rank is None:
             return False
         if node.attr("axis", 0) % rank == axis:
-            return all(int(i) % size in positions for i in indices.reshape(-1))
+            flat = [int(i) for i in indices.reshape(-1)]
+            if size is None and min(flat, default=0) < 0:
+                return False
+            return all((i % size if size else i) in positions for i in flat)
         after = _axis_after(node, graph, axis)
         if after is not None:
             slots[out] = (after, positions, size)
@@ -110,5 +138,10 @@ def _slice(graph: Graph, node: Node, slot: tuple[int, frozenset[int], int], slot
     step = 1 if steps is None else int(steps[k])
     if starts is None or ends is None or step == 0:
         return False
-    kept = range(*slice(int(starts[k]), int(ends[k]), step).indices(size))
+    start, end = int(starts[k]), int(ends[k])
+    if size is None:   # a slot axis of unknown size: only a forward slice from the front is known
+        if step < 0 or start < 0 or end < 0 or end > max(positions) + 1:
+            return False
+        size = end
+    kept = range(*slice(start, end, step).indices(size))
     return len(kept) > 0 and all(i in positions for i in kept)

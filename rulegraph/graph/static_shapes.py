@@ -23,8 +23,11 @@ from onnx import helper
 
 from . import large
 
-#: ops whose output entries are entries of their first input (selected or moved, never computed)
-CARRIERS = frozenset({"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast"})
+#: ops whose output entries are entries of their first input (selected or moved, never computed), and
+#: the comparison and choice torch's TorchScript export writes for ``expand(n, -1, -1)``'s shape
+#: (``Where(Equal(shape, -1), 1, shape)``): an entry is known where the entries it is made of are
+CARRIERS = frozenset({"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast",
+                      "Equal", "Where"})
 
 
 class Partial:
@@ -81,6 +84,15 @@ def _carry(node: onnx.NodeProto, parts: list[Partial | None], constants) -> Part
     op = node.op_type
     if op == "Identity":
         return first
+    if op == "Equal":
+        other = parts[1]
+        return None if other is None else Partial(first.values == other.values, first.known & other.known)
+    if op == "Where":
+        x, y = parts[1], parts[2]
+        if x is None or y is None:
+            return None
+        chosen = np.where(first.values, x.known, y.known)
+        return Partial(np.where(first.values, x.values, y.values), first.known & chosen)
     if op == "Cast":
         dtype = helper.tensor_dtype_to_np_dtype(attrs["to"])
         return Partial(first.values.astype(dtype), first.known) if dtype.kind in "iuf" else None
@@ -152,6 +164,23 @@ def _untrusted(proto: onnx.ModelProto) -> set[str]:
     return untrusted
 
 
+def _unknown(shape: list[int | None] | None) -> Partial | None:
+    """A short integer vector of static length computed at run time (``N · frames`` beside constant
+    entries in a Concat): every entry unknown."""
+    if shape is None or len(shape) != 1 or shape[0] is None or shape[0] > 8:
+        return None
+    return Partial(np.zeros(shape[0], dtype=np.int64), np.zeros(shape[0], dtype=bool))
+
+
+def _short_concat(node: onnx.NodeProto, constants: dict[str, np.ndarray], dims: dict) -> bool:
+    """A Concat of short integer vectors, some constant, the others of static length (a shape
+    ``[N · frames, -1, -1]`` for Expand): its constant entries are known."""
+    if node.op_type != "Concat" or not any(i in constants for i in node.input):
+        return False
+    return all(constants[i].ndim == 1 and constants[i].size <= 8 if i in constants
+               else _unknown(dims.get(i)) is not None for i in node.input)
+
+
 def partial_values(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> tuple[dict, set[str]]:
     """(outputs of Shape and carrier nodes whose entries are all known, from the inferred shapes of the
     model's tensors, by name; every tensor tracked as a partial value). The nodes that compute the
@@ -160,29 +189,40 @@ def partial_values(proto: onnx.ModelProto, constants: dict[str, np.ndarray]) -> 
         inferred = large.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 (the reader's own inference names the failure)
         return {}, set()
+    parts = partial_entries(proto, constants, inferred)
+    found = {name: part.values for name, part in parts.items() if part.known.all()}
+    return found, set(parts)
+
+
+def partial_entries(proto: onnx.ModelProto, constants: dict[str, np.ndarray],
+                    inferred: onnx.ModelProto | None = None) -> dict[str, Partial]:
+    """Every integer tensor on shape arithmetic whose entries are partly known, by name (module
+    docstring): the outputs of Shape and of the carriers reading them."""
+    if inferred is None:
+        try:
+            inferred = large.infer_shapes(proto, strict_mode=False, data_prop=True)
+        except Exception:  # noqa: BLE001 (the reader's own inference names the failure)
+            return {}
     graph = inferred.graph
     untrusted = _untrusted(proto)
     dims = {vi.name: _dims(vi.type) for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
             if vi.name not in untrusted}
     dims.update({name: list(value.shape) for name, value in constants.items()})
     parts: dict[str, Partial] = {}
-    found: dict[str, np.ndarray] = {}
     for node in proto.graph.node:
         if node.op_type == "Shape" and len(node.input) == 1:
             shape = dims.get(node.input[0])
             part = None if shape is None else _shape(node, shape)
-        elif node.op_type in CARRIERS and any(i in parts for i in node.input):
-            inputs = [parts.get(i) or (Partial.constant(constants[i]) if i in constants else None)
-                      for i in node.input]
+        elif node.op_type in CARRIERS and (any(i in parts for i in node.input)
+                                           or _short_concat(node, constants, dims)):
+            inputs = [parts.get(i) or (Partial.constant(constants[i]) if i in constants
+                                       else _unknown(dims.get(i))) for i in node.input]
             try:
                 part = _carry(node, inputs, constants)
             except (ValueError, IndexError, TypeError):  # entries the op refuses: onnxruntime will say so
                 part = None
         else:
             continue
-        if part is None:
-            continue
-        parts[node.output[0]] = part
-        if part.known.all():
-            found[node.output[0]] = part.values
-    return found, set(parts)
+        if part is not None:
+            parts[node.output[0]] = part
+    return parts
