@@ -808,7 +808,7 @@ THIRD_PARTY = {
 }
 
 def logits_module(net, n_inputs: int):
-    """``net`` with named positional inputs a (, b) for the exporters."""
+    """``net`` with named positional inputs a (, b, c) for the exporters."""
     import torch
 
     class One(torch.nn.Module):
@@ -823,7 +823,11 @@ def logits_module(net, n_inputs: int):
         def forward(self, a, b):
             return self.net(a, b)
 
-    return (One if n_inputs == 1 else Two)().eval()
+    class Three(One):   # an encoder-decoder: ids, their mask, the decoder's ids
+        def forward(self, a, b, c):
+            return self.net(a, b, c)
+
+    return {1: One, 2: Two, 3: Three}[n_inputs]().eval()
 
 
 def export(net, inputs: dict, path: Path, dynamo: bool) -> None:
@@ -836,7 +840,7 @@ def export(net, inputs: dict, path: Path, dynamo: bool) -> None:
         if dynamo:
             kwargs["opset_version"] = 18
             batch = torch.export.Dim("batch", min=1, max=64)
-            kwargs["dynamic_shapes"] = {arg: {0: batch} for arg in "ab"[: len(names)]}
+            kwargs["dynamic_shapes"] = {arg: {0: batch} for arg in "abc"[: len(names)]}
             kwargs["external_data"] = False
         else:
             kwargs["opset_version"] = 17
