@@ -68,7 +68,7 @@ def torchvision_model(name: str, size: int = 224, **kwargs):
 def timm_model(name: str, size: int = 64, **kwargs):
     """A timm classifier with random weights (seed 0) and 10 classes on 2 × 3 × size × size
     (``kwargs`` to ``timm.create_model``). A classifier that timm initializes to zero (MLP-Mixer,
-    ResMLP) gets torch's own initialization instead, or every logit would be 0."""
+    ResMLP, Sequencer's head) gets torch's own initialization instead, or every logit would be 0."""
 
     def build():
         import timm
@@ -76,9 +76,9 @@ def timm_model(name: str, size: int = 64, **kwargs):
 
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
-        head = model.get_classifier()
-        if isinstance(head, torch.nn.Linear) and not head.weight.any():
-            head.reset_parameters()
+        for head in model.get_classifier().modules():   # a Linear, or one inside a ClassifierHead
+            if isinstance(head, torch.nn.Linear) and not head.weight.any():
+                head.reset_parameters()
         return model, {"input": torch.randn(2, 3, size, size)}, None
 
     return build
@@ -705,6 +705,7 @@ ARCHITECTURES = {
     "botnet26t_256 (timm)": Family(timm_model("botnet26t_256", 256), "timm", "lrp-transformer"),
     "crossvit_tiny_240 (timm)": Family(timm_model("crossvit_tiny_240", 240), "timm", "lrp-transformer"),
     "cait_xxs24_224 (timm)": Family(timm_model("cait_xxs24_224", 224), "timm", "lrp-transformer"),
+    "sequencer2d_s (timm)": Family(timm_model("sequencer2d_s"), "timm", "lrp-transformer"),
 }
 
 

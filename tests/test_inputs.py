@@ -186,6 +186,17 @@ def test_npy_and_npz_readers_return_the_arrays(tmp_path):
     np.testing.assert_array_equal(arrays["y"], np.arange(3))
 
 
+def test_an_npz_of_a_newer_zip_format_is_a_clear_error(tmp_path):
+    """A central directory that needs zip version 6.4 (found by tests/test_fuzz_inputs.py): Python's
+    zipfile raises NotImplementedError, which is a clear error here, not a traceback."""
+    data = bytearray(npz_bytes(x=X[:2]))
+    central = data.rindex(b"PK\x01\x02")
+    data[central + 6] = 64   # version needed to extract
+    (tmp_path / "a.npz").write_bytes(bytes(data))
+    with pytest.raises(RulegraphError, match="is not a readable .npz archive"):
+        read_npz(tmp_path / "a.npz")
+
+
 # ---- arrays given to the API ---------------------------------------------------------------------
 
 def two_inputs():

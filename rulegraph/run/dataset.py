@@ -251,7 +251,7 @@ def _npz_shapes(path: Path) -> dict:
     """The shape of each array of a .npz, from the headers alone (checked as ``inputs.read_npz`` does)."""
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:   # a newer zip format
         raise RulegraphError(f"{path} is not a readable .npz archive ({exc}); write it with np.savez") from None
     shapes = {}
     with archive:
@@ -262,7 +262,7 @@ def _npz_shapes(path: Path) -> dict:
             try:
                 with archive.open(member) as handle:
                     shape, dtype, header = _read_header(handle, where)
-            except (zipfile.BadZipFile, OSError) as exc:
+            except (zipfile.BadZipFile, OSError, NotImplementedError) as exc:
                 raise RulegraphError(f"{where} cannot be read ({exc})") from None
             _check_dtype(where, dtype)
             _expect_size(where, shape, dtype, member.file_size - header)

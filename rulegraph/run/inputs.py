@@ -79,7 +79,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:   # a newer zip format
         raise RulegraphError(f"{path} is not a readable .npz archive ({exc}); write it with "
                              f"np.savez") from None
     arrays = {}

@@ -409,7 +409,7 @@ def _resumed(path: Path, shard) -> dict[str, np.ndarray]:
     """A finished shard's summary columns, after checking that it holds the samples it should."""
     try:
         found = _shard_summary(path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise RulegraphError(f"{path} cannot be read ({exc}); delete it and run again") from None
     expected = [item.id for item in shard]
     if found["id"].tolist() != expected:
