@@ -49,7 +49,7 @@ from . import mixed
 from .context import RuleContext
 from .form import STANDARD, emitter, pass_ruleset
 from .plan import assign, find_start, path_nodes
-from .targets import StartSpec, batch_dim, relocate, start_spec
+from .targets import StartSpec, batch_axes, batch_dim, relocate, start_spec
 
 POSITIONS = "rulegraph/positions"
 CLASS = "rulegraph/class"   # output: int64 [N], the class explained per row
@@ -248,13 +248,24 @@ def _row_dims(graph: Graph, spec: StartSpec) -> list:
 
 def _batch_first(tape: Tape, graph: Graph, x: str, like: str) -> str:
     """``x``, shaped like the graph tensor ``like``, with the batch axis moved first where ``like``
-    carries it elsewhere (time-major ``[T, N, H]`` of a recurrent op): the axis of the batch symbol,
-    found once in its declared shape."""
+    carries it elsewhere (time-major ``[T, N, H]`` of a recurrent op, a fused qkv ``[3, N, H, T, D]``):
+    the axis of the batch symbol, found once in its declared shape, or followed from the inputs."""
     batch, shape = batch_dim(graph), graph.shapes.get(like)
-    if not isinstance(batch, str) or not shape or list(shape).count(batch) != 1 or shape[0] == batch:
+    if isinstance(batch, str) and shape and list(shape).count(batch) == 1:
+        axis = list(shape).index(batch)
+    else:   # no batch symbol in the inferred shape (a TorchScript export's unk dims): followed from the inputs
+        axis = _batch_axes(graph).get(like, 0)
+    rank = graph.rank(like)
+    if axis == 0 or rank is None:
         return x
-    axis = list(shape).index(batch)
-    return tape.op("Transpose", x, perm=[axis] + [i for i in range(len(shape)) if i != axis])
+    return tape.op("Transpose", x, perm=[axis] + [i for i in range(rank) if i != axis])
+
+
+def _batch_axes(graph: Graph) -> dict[str, int]:
+    """``targets.batch_axes`` of ``graph``, computed once per graph."""
+    if getattr(graph, "_batch_axes", None) is None:
+        graph._batch_axes = batch_axes(graph)
+    return graph._batch_axes
 
 
 def _row_sum(tape: Tape, x: str, rows: str) -> str:

@@ -111,6 +111,58 @@ def batch_dim(graph: Graph) -> int | str | None:
     return None
 
 
+def batch_axes(graph: Graph) -> dict[str, int]:
+    """Where each active tensor carries the batch axis, followed from the inputs (axis 0) through the
+    ops that move axes: Transpose (a fused qkv ``[N, T, 3, H, D] -> [3, N, H, T, D]``), Gather of one
+    index, Squeeze and Unsqueeze; a Reshape or Flatten keeps it only first (folded outermost). Other
+    ops keep it where their output has their input's rank, and axis 0 always. A tensor missing here
+    has no axis known (it is taken as batch-first)."""
+    axes = {t: 0 for t in graph.inputs if graph.rank(t)}
+    axes.update({t: 0 for t in graph.sources})
+    for node in graph.nodes:
+        source = next((t for t in node.inputs if t in axes), None)
+        if source is None:
+            continue
+        b, rank = axes[source], graph.rank(source)
+        out = node.outputs[0] if node.outputs else None
+        if not out or rank is None:
+            continue
+        moved = _moved_axis(graph, node, b, rank)
+        if moved is not None:
+            axes[out] = moved
+    return axes
+
+
+def _moved_axis(graph: Graph, node, b: int, rank: int) -> int | None:
+    op = node.op_type
+    if op == "Transpose":
+        perm = node.attr("perm") or list(range(rank))[::-1]
+        return list(perm).index(b)
+    if op == "Gather":
+        indices = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        g = node.attr("axis", 0) % rank
+        if indices is None or g == b:
+            return None
+        return b if g > b else b + indices.ndim - 1
+    if op in ("Squeeze", "Unsqueeze"):
+        given = node.attr("axes")
+        if given is None and len(node.inputs) > 1 and node.inputs[1] in graph.constants:
+            given = graph.constants[node.inputs[1]].reshape(-1).tolist()
+        if not given:
+            return None
+        if op == "Unsqueeze":   # the axes index the output
+            for a in sorted(int(a) % (rank + len(given)) for a in given):
+                b += a <= b
+            return b
+        removed = [int(a) % rank for a in given]
+        return None if b in removed else b - sum(a < b for a in removed)
+    if b == 0:
+        return 0
+    if op in ("Reshape", "Flatten"):
+        return None
+    return b if graph.rank(node.outputs[0]) == rank else None
+
+
 #: ops that move or mix the batch axis when they act on axis 0
 AXIS_OPS = frozenset({"Concat", "Gather", "Split", "Slice", "Softmax", "LogSoftmax", "Flatten", "CumSum"})
 
