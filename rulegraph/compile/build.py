@@ -253,7 +253,7 @@ def _batch_first(tape: Tape, graph: Graph, x: str, like: str) -> str:
     batch, shape = batch_dim(graph), graph.shapes.get(like)
     if isinstance(batch, str) and shape and list(shape).count(batch) == 1:
         axis = list(shape).index(batch)
-    else:   # no batch symbol in the inferred shape (a TorchScript export's unk dims): followed from the inputs
+    else:   # no batch symbol in the inferred shape (TorchScript's unk dims): followed from the inputs
         axis = _batch_axes(graph).get(like, 0)
     rank = graph.rank(like)
     if axis == 0 or rank is None:
