@@ -168,6 +168,18 @@ def wrong_dims():
     return mlp(x_shape=("N", 5))
 
 
+def with_a_branch():
+    """The Relu inside an If whose branches both compute it (control flow, as a TorchScript export of
+    scripted code writes it)."""
+    model = mlp()
+    branch = helper.make_graph([helper.make_node("Relu", ["h"], ["r"])], "branch", [],
+                               [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    model.graph.node[1].CopyFrom(helper.make_node("If", ["cond"], ["y"], name="relu", then_branch=branch,
+                                                  else_branch=branch))
+    return model
+
+
 REFUSED = [
     ("missing initializer", with_node(inputs=("h_missing",)),
      r"node 'relu' \(Relu\) reads tensor 'h_missing'"),
@@ -178,6 +190,7 @@ REFUSED = [
     ("compiled explainer", compiled_again(), r"already a rulegraph explainer .*'y' are the original model's"),
     ("explainer without metadata", compiled_again_without_metadata(), r"already a rulegraph explainer"),
     ("dims onnxruntime rejects", wrong_dims(), r"onnxruntime refuses .*mm"),
+    ("control flow", with_a_branch(), r"node 'relu' \(If\) has a subgraph .*dynamo=True"),
     ("initializer as a scalar", resized_initializer([]),
      r"initializer 'W' holds 48 bytes, but its shape \[\] needs 4"),
     ("initializer too large", resized_initializer([4, 4]), r"'W'.* 48 bytes.*64"),

@@ -340,7 +340,9 @@ def _check_subgraphs(proto: onnx.ModelProto) -> None:
     for node in proto.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise ModelError(f"{node_ref(node.name, node.op_type)} has a subgraph (control flow); "
-                             "rulegraph explains straight-line graphs: export with the branch resolved")
+                             "rulegraph explains straight-line graphs: export with the branch resolved and loops "
+                             "unrolled (torch: torch.onnx.export(..., dynamo=True) traces them into plain "
+                             "ops)")
 
 
 def _upgrade(proto: onnx.ModelProto) -> onnx.ModelProto:
