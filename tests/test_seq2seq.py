@@ -74,7 +74,8 @@ def seq2seq(tmp_path_factory):
     transformers.logging.set_verbosity_error()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (2, 9), generator=generator)
-    feeds = {"ids": ids, "mask": torch.ones_like(ids), "decoder_ids": torch.randint(3, VOCAB, (2, 5), generator=generator)}
+    decoder_ids = torch.randint(3, VOCAB, (2, 5), generator=generator)
+    feeds = {"ids": ids, "mask": torch.ones_like(ids), "decoder_ids": decoder_ids}
     folder = tmp_path_factory.mktemp("seq2seq")
     nets, paths = {}, {}
     for name, build in MODELS.items():
@@ -87,7 +88,7 @@ def seq2seq(tmp_path_factory):
 
 def _per_token_autograd(net, feeds) -> dict[str, np.ndarray]:
     """Gradient × input per token at the encoder's and the decoder's embedding lookups."""
-    model = net.model.get_encoder().embed_tokens, net.model.get_decoder().embed_tokens
+    lookups = net.model.get_encoder().embed_tokens, net.model.get_decoder().embed_tokens
     caught = {}
 
     def keep(key):
@@ -96,7 +97,7 @@ def _per_token_autograd(net, feeds) -> dict[str, np.ndarray]:
             caught[key] = output
         return hook
 
-    handles = [module.register_forward_hook(keep(key)) for key, module in zip(("ids", "decoder_ids"), model)]
+    handles = [module.register_forward_hook(keep(key)) for key, module in zip(("ids", "decoder_ids"), lookups)]
     try:
         with torch.enable_grad():
             net(*feeds.values())[[0, 1], TARGET].sum().backward()
