@@ -38,8 +38,9 @@ each reproduced on the smallest torch model that shows it, exported by both torc
 6. Per-node sums (``rulegraph check``, ``node_sums``) across a fused qkv (timm's ViT, TimeSformer:
    ``[N, T, 3, H, D] -> [3, N, H, T, D]``) where the export's inferred shapes lost the batch symbol:
    the sums were taken over rows of the q/k/v axis and showed gaps of 0.6 of the logit at nodes
-   that conserve. The batch axis is now followed from the inputs through Transpose, Gather,
-   Squeeze and Unsqueeze (``targets.batch_axes``).
+   that conserve; likewise after a bidirectional LSTM's ``[T, N, 2, H] -> [T, N, 2H]`` (Sequencer2D).
+   The batch axis is now followed from the inputs through Transpose, Gather, Squeeze, Unsqueeze,
+   Split and the Reshapes that keep the axes up to it (``targets.batch_axes``).
 """
 
 from __future__ import annotations
@@ -330,10 +331,27 @@ class FusedQKV(nn.Module):
         return self.head((h + out).mean(1))
 
 
+class BiLSTMTokens(nn.Module):
+    """Tokens [N, 5, 6] -> Linear -> each token as a sequence of 2 steps ``[N·5, 2, 6]`` (Sequencer2D's
+    rows: the batch folded with a run-time reshape) -> a bidirectional LSTM (time-major ``[T, N·5, 2,
+    H]`` in ONNX, reshaped to ``[T, N·5, 2H]``) -> back to [N, 5, 16] -> mean -> 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(6, 12), nn.Linear(16, 3)
+        self.rnn = nn.LSTM(6, 4, batch_first=True, bidirectional=True)
+
+    def forward(self, x):
+        n = x.shape[0]
+        steps = self.embed(x).reshape(n * 5, 2, 6)
+        return self.head(self.rnn(steps)[0].reshape(n, 5, 16).mean(1))
+
+
 @pytest.mark.parametrize("exporter", list(EXPORTERS))
-def test_per_node_sums_follow_the_batch_through_a_fused_qkv(tmp_path, exporter):
+@pytest.mark.parametrize("model", [FusedQKV, BiLSTMTokens], ids=["fused qkv", "bidirectional LSTM"])
+def test_per_node_sums_follow_the_batch_through_a_fused_qkv(tmp_path, model, exporter):
     """At ε = 0 every node conserves per sample: the per-node gaps are float rounding."""
-    net = tm.seeded(FusedQKV).eval()
+    net = tm.seeded(model).eval()
     x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
     path = tm.export_onnx(net, x, tmp_path / "qkv.onnx", EXPORTERS[exporter])
     rules = dsl.parse(LRP_TRANSFORMER_EPS0, source="lrp-transformer-eps0.rules")

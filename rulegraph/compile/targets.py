@@ -114,7 +114,8 @@ def batch_dim(graph: Graph) -> int | str | None:
 def batch_axes(graph: Graph) -> dict[str, int]:
     """Where each active tensor carries the batch axis, followed from the inputs (axis 0) through the
     ops that move axes: Transpose (a fused qkv ``[N, T, 3, H, D] -> [3, N, H, T, D]``), Gather of one
-    index, Squeeze and Unsqueeze; a Reshape or Flatten keeps it only first (folded outermost). Other
+    index, Squeeze and Unsqueeze; a Reshape or Flatten keeps it first (folded outermost), or where the
+    axes up to it are kept (a bidirectional LSTM's ``[T, N, 2, H] -> [T, N, 2H]``). Other
     ops keep it where their output has their input's rank, and axis 0 always. A tensor missing here
     has no axis known (it is taken as batch-first)."""
     axes = {t: 0 for t in graph.inputs if graph.rank(t)}
@@ -128,8 +129,8 @@ def batch_axes(graph: Graph) -> dict[str, int]:
         if not out or rank is None:
             continue
         moved = _moved_axis(graph, node, b, rank)
-        if moved is not None:
-            axes[out] = moved
+        if moved is not None:   # every output: a Split's parts keep the axis where they are not cut on it
+            axes.update({o: moved for o in node.outputs if o})
     return axes
 
 
@@ -156,10 +157,15 @@ def _moved_axis(graph: Graph, node, b: int, rank: int) -> int | None:
             return b
         removed = [int(a) % rank for a in given]
         return None if b in removed else b - sum(a < b for a in removed)
+    if op in ("Split", "Concat") and node.attr("axis", 0) % rank == b:
+        return None
     if b == 0:
         return 0
-    if op in ("Reshape", "Flatten"):
-        return None
+    if op in ("Reshape", "Flatten"):   # kept where the axes up to the batch are kept (trailing axes merged)
+        before, after = graph.shapes.get(node.inputs[0]), graph.shapes.get(node.outputs[0])
+        kept = before and after and len(after) > b and all(
+            x is not None and x == y for x, y in zip(before[:b + 1], after[:b + 1]))
+        return b if kept else None
     return b if graph.rank(node.outputs[0]) == rank else None
 
 
