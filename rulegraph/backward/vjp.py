@@ -1393,8 +1393,10 @@ def _copied_back(ctx: VjpContext, g: str) -> str:
     CUDA Pad has no integer kernel), then a ScatterElements with ``reduction = add``."""
     t = ctx.tape
     index = t.op("Cast", _positions(ctx), to=TensorProto.DOUBLE)
-    copied = t.copy_node(ctx.node, [index] + ctx.node.inputs[1:2] + [""] * (len(ctx.node.inputs) > 2)
-                         + ctx.node.inputs[3:])
+    inputs = [index] + ctx.node.inputs[1:2]
+    if len(ctx.node.inputs) > 2:   # no constant value (it would be float, not double), the same axes
+        inputs += [""] + ctx.node.inputs[3:]
+    copied = t.copy_node(ctx.node, inputs)
     return _scatter_back(ctx, t.op("Cast", copied, to=TensorProto.INT64), g, "add")
 
 
@@ -1417,9 +1419,14 @@ def _where(ctx, g):
     t = ctx.tape
     zero = t.scalar(0.0)
     c = ctx.node.inputs[0]
-    parts = [t.op("Where", c, g[0], zero), t.op("Where", c, zero, g[0])]
-    return [None] + [None if not active else part if x not in ctx.graph.active else unbroadcast(ctx, part, ctx.y, x)
-                     for x, active, part in zip(ctx.node.inputs[1:], ctx.active[1:], parts)]
+
+    def branch(index: int, part: str) -> str | None:
+        x = ctx.node.inputs[index]
+        if not ctx.active[index]:
+            return None
+        return unbroadcast(ctx, part, ctx.y, x) if x in ctx.graph.active else part
+
+    return [None, branch(1, t.op("Where", c, g[0], zero)), branch(2, t.op("Where", c, zero, g[0]))]
 
 
 @vjp("Cast", kind=ROUTE)

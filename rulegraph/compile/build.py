@@ -175,9 +175,10 @@ def compile_explainer(graph: Graph, ruleset: RuleSet, output: str | None = None,
             raise ModelError(f"{node}: rule '{spec.name}' failed: {exc}") from exc
         if node_sums:
             compiled.node_sums[node.name], compiled.node_abs_sums[node.name] = _node_sums(
-                tape, view, node, a_out, result, bias_terms.get(node.name, []), graph, rows)
+                tape, view, node, a_out, result, bias_terms.get(node.name, []), graph, rows, moved)
         return result
 
+    moved = batch_axes(graph) if node_sums else {}   # where tensors carry the batch (node sums only)
     compiled.seed = _seed(tape, graph, ruleset, axes, seed_mode, compiled, view, rows)
     seeds = {start: [compiled.seed]}
     a = walk_back(tape, [assignment.node for assignment in assignments], seeds, graph.active, apply_rule)
@@ -212,7 +213,8 @@ def _names_in(graph: Graph) -> set[str]:
     return names | set(graph.constants)
 
 
-def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, graph: Graph, rows: str):
+def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, graph: Graph, rows: str,
+               moved: dict[str, int]):
     """((Σ view over what the node gives its inputs, Σ view over its outputs, Σ bias shares),
     (Σ |view| over what it gives its inputs, Σ |view| over its outputs)), each [N]; None where
     there is nothing to sum. The magnitudes measure the node's amplification (amplification.py)."""
@@ -221,8 +223,9 @@ def _node_sums(tape: Tape, view: _Views, node: Node, a_out, a_in, bias_shares, g
         views = [(view(t, v), t) for t, v in pairs if v is not None and t in graph.active]
         if not views:
             return None, None
-        signed = [_row_sum(tape, _batch_first(tape, graph, v, t), rows) for v, t in views]
-        magnitude = [_row_sum(tape, tape.op("Abs", _batch_first(tape, graph, v, t)), rows) for v, t in views]
+        firsts = [_batch_first(tape, graph, v, t, moved) for v, t in views]
+        signed = [_row_sum(tape, v, rows) for v in firsts]
+        magnitude = [_row_sum(tape, tape.op("Abs", v), rows) for v in firsts]
         return tuple(tape.sum(terms) if len(terms) > 1 else tape.op("Identity", terms[0])
                      for terms in (signed, magnitude))
 
@@ -246,26 +249,20 @@ def _row_dims(graph: Graph, spec: StartSpec) -> list:
     return [batch if batch is not None else "N"]
 
 
-def _batch_first(tape: Tape, graph: Graph, x: str, like: str) -> str:
+def _batch_first(tape: Tape, graph: Graph, x: str, like: str, moved: dict[str, int]) -> str:
     """``x``, shaped like the graph tensor ``like``, with the batch axis moved first where ``like``
     carries it elsewhere (time-major ``[T, N, H]`` of a recurrent op, a fused qkv ``[3, N, H, T, D]``):
-    the axis of the batch symbol, found once in its declared shape, or followed from the inputs."""
+    the axis of the batch symbol, found once in its declared shape, or where ``moved``
+    (``targets.batch_axes``) followed it from the inputs."""
     batch, shape = batch_dim(graph), graph.shapes.get(like)
     if isinstance(batch, str) and shape and list(shape).count(batch) == 1:
         axis = list(shape).index(batch)
-    else:   # no batch symbol in the inferred shape (TorchScript's unk dims): followed from the inputs
-        axis = _batch_axes(graph).get(like, 0)
+    else:   # no batch symbol in the inferred shape (TorchScript's unk dims)
+        axis = moved.get(like, 0)
     rank = graph.rank(like)
     if axis == 0 or rank is None:
         return x
     return tape.op("Transpose", x, perm=[axis] + [i for i in range(rank) if i != axis])
-
-
-def _batch_axes(graph: Graph) -> dict[str, int]:
-    """``targets.batch_axes`` of ``graph``, computed once per graph."""
-    if getattr(graph, "_batch_axes", None) is None:
-        graph._batch_axes = batch_axes(graph)
-    return graph._batch_axes
 
 
 def _row_sum(tape: Tape, x: str, rows: str) -> str:

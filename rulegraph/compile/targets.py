@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import RulegraphError
 from ..graph.kinds import ROUTE
 from ..graph.read import Graph
+from ..graph.slots import axis_after_gather
 
 #: ops that keep a tensor's values in row-major order: a batch folded by them stays the outermost factor
 FLAT_ROUTES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
@@ -140,11 +141,7 @@ def _moved_axis(graph: Graph, node, b: int, rank: int) -> int | None:
         perm = node.attr("perm") or list(range(rank))[::-1]
         return list(perm).index(b)
     if op == "Gather":
-        indices = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
-        g = node.attr("axis", 0) % rank
-        if indices is None or g == b:
-            return None
-        return b if g > b else b + indices.ndim - 1
+        return axis_after_gather(graph, node, b)
     if op in ("Squeeze", "Unsqueeze"):
         given = node.attr("axes")
         if given is None and len(node.inputs) > 1 and node.inputs[1] in graph.constants:

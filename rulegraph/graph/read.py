@@ -584,13 +584,12 @@ def _mark_active(graph: Graph, op_kinds: OpKinds) -> None:
     slots: dict = {}
     for n in graph.nodes:
         flags = [t in active for t in n.inputs]
-        if any(flags) and inactive_reads(graph, n, active, slots):
-            pass   # reads an active tensor's constant slots only (a class token): a constant (slots.py)
-        elif any(flags):
-            for o in n.outputs:
-                if o and (graph.is_float(o) or (o not in graph.dtypes and n.op_type in op_kinds)
-                          or n.op_type in QUANTIZERS):
-                    active.add(o)
+        if any(flags):
+            # a read of an active tensor's constant slots only (a class token) is a constant (slots.py)
+            if not inactive_reads(graph, n, active, slots):
+                active.update(o for o in n.outputs if o and (
+                    graph.is_float(o) or (o not in graph.dtypes and n.op_type in op_kinds)
+                    or n.op_type in QUANTIZERS))
         elif (ids := token_ids(graph, n)) is not None:
             graph.sources[n.outputs[0]] = ids
             active.add(n.outputs[0])

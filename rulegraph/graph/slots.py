@@ -70,11 +70,11 @@ def _concat(graph: Graph, node: Node, active: set[str], slots: dict) -> tuple | 
     return axis, frozenset(positions), at
 
 
-def _axis_after(node: Node, graph: Graph, axis: int) -> int | None:
-    """The slot axis in the output of a Gather on another axis: the index's axes replace the
-    gathered one."""
+def axis_after_gather(graph: Graph, node: Node, axis: int) -> int | None:
+    """Where ``axis`` of a Gather's data is in its output, for a Gather on another axis by constant
+    indices (the indices' axes replace the gathered one); None when it gathers on ``axis`` itself."""
     gather_axis = node.attr("axis", 0) % graph.rank(node.inputs[0])
-    indices = graph.constants.get(node.inputs[1])
+    indices = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
     if indices is None or gather_axis == axis:
         return None
     return axis + indices.ndim - 1 if gather_axis < axis else axis
@@ -109,7 +109,7 @@ def inactive_reads(graph: Graph, node: Node, active: set[str], slots: dict) -> b
             if size is None and min(flat, default=0) < 0:
                 return False
             return all((i % size if size else i) in positions for i in flat)
-        after = _axis_after(node, graph, axis)
+        after = axis_after_gather(graph, node, axis)
         if after is not None:
             slots[out] = (after, positions, size)
         return False
