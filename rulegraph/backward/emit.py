@@ -65,6 +65,8 @@ class Tape:
         self.context = ""
         #: every name made -> its ``context`` then (to translate onnxruntime's messages)
         self.origins: dict[str, str] = {}
+        #: each ``blip`` made: its output -> (the tensor stabilized, ε) (``compile/simplify.py``)
+        self.blips: dict[str, tuple[str, float]] = {}
 
     @property
     def float_type(self) -> int:
@@ -208,7 +210,9 @@ class Tape:
             return d
         nonneg = self.indicator(self.op("GreaterOrEqual", d, self.scalar(0.0)))
         step = self.op("Sub", self.op("Mul", nonneg, self.scalar(2 * eps)), self.scalar(eps))
-        return self.op("Add", d, step)
+        out = self.op("Add", d, step)
+        self.blips[out] = (d, eps)
+        return out
 
     def safe_div(self, a: str, d: str) -> str:
         """``a / d`` with 0 where ``d = 0`` (a zero denominator carries nothing): ``a / (d + z) · (1 − z)``

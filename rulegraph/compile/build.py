@@ -45,7 +45,7 @@ from ..graph import large
 from ..graph.model_check import SEED, TARGET, checkable, explainer_metadata
 from ..graph.read import Graph, Node
 from ..lang.ruleset import RuleSet
-from . import mixed
+from . import mixed, simplify
 from .context import RuleContext
 from .form import STANDARD, emitter, pass_ruleset
 from .plan import assign, find_start, path_nodes
@@ -475,6 +475,7 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
             dims = shape if shape is not None else []
             g.output.append(helper.make_tensor_value_info(name, elem, dims))
             existing.add(name)
+    simplify.epsilon_ratios(g, tape)
     prune(model)
     model.metadata_props.append(explainer_metadata([o.name for o in graph.model.graph.output]))
     try:
