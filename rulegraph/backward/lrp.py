@@ -63,19 +63,32 @@ def _negative_bias(t, b: str) -> str:
     return t.op("Min", b, t.scalar(0.0))
 
 
-def _filled(t, like: str, value: float) -> str:
-    """A tensor shaped like ``like`` holding ``value`` everywhere (the inputs of flat, wsquare, zB)."""
-    return t.op("Expand", t.scalar(value), t.shape(like))
+def _filled(ctx, like: str, value: float) -> str:
+    """A tensor shaped like ``like`` holding ``value`` everywhere: the constant inputs of flat,
+    wsquare and zB. For a convolution one image of it (axis 0, the batch, of size 1): the same for
+    every image, so the convolution runs once and its output broadcasts over the batch. (A Gemm's or
+    MatMul's axis 0 may be the one it sums over.)"""
+    t = ctx.tape
+    shape = t.shape(like)
+    if ctx.node.op_type == "Conv":
+        shape = t.op("Concat", t.ints([1]), t.shape(like, start=1), axis=0)
+    return t.op("Expand", t.scalar(value), shape)
 
 
 def _modified_gradient(ctx, terms, bias: str | None, eps: float) -> tuple[str, str | None]:
     """``terms`` = [(in_k(x), L_k)]: returns ``(Σ_k in_k(x) ⊙ L_kᵀ(s), b_mod ⊙ s or None)``."""
     t = ctx.tape
     z = t.sum([variant.forward(x) for x, variant in terms] + ([bias] if bias is not None else []))
-    # where blip(z) = 0 (ε = 0: no contribution at all) the output's number is lost, as in normalized
-    s = t.op("Div", ctx.a_out[0], t.blip(z, eps)) if eps > 0 else t.safe_div(ctx.a_out[0], z)
+    s = _quotient(ctx, z, eps)
     relevance = t.sum([t.op("Mul", x, variant.transpose(s)) for x, variant in terms])
     return relevance, None if bias is None else t.op("Mul", bias, s)
+
+
+def _quotient(ctx, z: str, eps: float) -> str:
+    """``a(y) / blip(z)``; where ``z = 0`` at ε = 0 (no contribution at all) the output's number
+    is lost, as in normalized."""
+    t = ctx.tape
+    return t.op("Div", ctx.a_out[0], t.blip(z, eps)) if eps > 0 else t.safe_div(ctx.a_out[0], z)
 
 
 def _to_activation(ctx, variant, relevance: str, share: str | None) -> list[str | None]:
@@ -213,15 +226,20 @@ def zbox(ctx) -> list[str | None]:
     fixed at 1 (its box is the point 1), contributes ``b − b⁺ − b⁻ = 0``: it takes nothing under
     every policy (as in Zennit's ZBox, where the bias terms cancel). For inputs inside the box every
     term is ≥ 0, so it conserves up to ε.
+
+    The pass computes it as ``(x − l) ⊙ W⁺ᵀs + (x − h) ⊙ W⁻ᵀs`` (``W = W⁺ + W⁻``): two transposed
+    ops instead of three, the box's corners ``l`` and ``h`` through the op on one row.
     """
     _relevance_only(ctx, "zbox")
     t = ctx.tape
-    plain = _weights(ctx, lambda w: w)
+    low, high = ctx.params["low"], ctx.params["high"]
+    plain, positive, negative = (_weights(ctx, lambda w: w), _weights(ctx, _positive_part),
+                                 _weights(ctx, _negative_part))
     x = _activation(ctx, plain)
-    terms = [(x, plain),
-             (_filled(t, x, ctx.params["low"]), _weights(ctx, lambda w: -np.maximum(w, 0.0))),
-             (_filled(t, x, ctx.params["high"]), _weights(ctx, lambda w: -np.minimum(w, 0.0)))]
-    relevance, _ = _modified_gradient(ctx, terms, None, ctx.params["eps"])
+    corners = t.op("Add", positive.forward(_filled(ctx, x, low)), negative.forward(_filled(ctx, x, high)))
+    s = _quotient(ctx, t.op("Sub", plain.forward(x), corners), ctx.params["eps"])
+    relevance = t.op("Add", t.op("Mul", t.op("Sub", x, t.scalar(low)), positive.transpose(s)),
+                     t.op("Mul", t.op("Sub", x, t.scalar(high)), negative.transpose(s)))
     return _to_activation(ctx, plain, relevance, None)
 
 
@@ -236,7 +254,7 @@ def flat(ctx) -> list[str | None]:
     """
     _relevance_only(ctx, "flat")
     ones = _weights(ctx, np.ones_like)
-    relevance, _ = _modified_gradient(ctx, [(_filled(ctx.tape, _activation(ctx, ones), 1.0), ones)], None, 0.0)
+    relevance, _ = _modified_gradient(ctx, [(_filled(ctx, _activation(ctx, ones), 1.0), ones)], None, 0.0)
     return _to_activation(ctx, ones, relevance, None)
 
 
@@ -252,6 +270,6 @@ def wsquare(ctx) -> list[str | None]:
     _relevance_only(ctx, "wsquare")
     t = ctx.tape
     squared = _weights(ctx, np.square)
-    ones = _filled(t, _activation(ctx, squared), 1.0)
+    ones = _filled(ctx, _activation(ctx, squared), 1.0)
     relevance, share = _modified_gradient(ctx, [(ones, squared)], _bias(ctx, lambda t, b: t.op("Mul", b, b)), 0.0)
     return _to_activation(ctx, squared, relevance, share)
