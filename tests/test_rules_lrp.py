@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tables import bundled_where
 import rulegraph
 from rulegraph.backward import ops as G
 from rulegraph.check import check
+from rulegraph.compile.build import compile_explainer
 from rulegraph.compile.plan import assign, path_nodes
 from rulegraph.errors import ModelError, RuleSyntaxError
 from rulegraph.run import rulefiles as dsl
@@ -265,6 +267,36 @@ def test_gamma_zero_is_normalized(policy):
     for key in g["bias"]:
         np.testing.assert_allclose(g["bias"][key], n["bias"][key], rtol=1e-12)
 
+
+def _after_relu(model):
+    """``model`` with a Relu on its input: the linear op reads ``Relu(x)``."""
+    out = copy.deepcopy(model)
+    node = out.graph.node[0]
+    node.input[:] = ["x_relu" if i == "x" else i for i in node.input]
+    out.graph.node.insert(0, helper.make_node("Relu", ["x"], ["x_relu"], name="the_Relu"))
+    return out
+
+
+@pytest.mark.parametrize("written, rule, params", [r for r in RULE_ROWS if r[1] in ("zplus", "alpha_beta")],
+                         ids=[r[0] for r in RULE_ROWS if r[1] in ("zplus", "alpha_beta")])
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_rules_on_a_relu_output(case_name, written, rule, params):
+    """On a ReLU's output (``x⁺ = x``, ``x⁻ = 0``) zplus and alpha_beta skip the sign split and the
+    terms of ``x⁻``: the replica with ``x = Relu(x)`` (the ReLU passes relevance on), and no Relu or
+    Min of the rule's own in the explainer."""
+    case = CASES[case_name]
+    model = _after_relu(case.model)
+    a = RNG.normal(size=case.y_shape)
+    body = f"linear -> {written}\nnonlinear -> ignore"
+    out = seeded_pass(model, rules_text(body), case.x, a)
+    x = pos(case.x)
+    assert np.sum(x == 0) > 0
+    expected = np.stack([replica(rule, params, case, xi.ravel(), ai.ravel(), "blame")[0]
+                         for xi, ai in zip(x, a)]).reshape(case.x.shape)
+    np.testing.assert_allclose(out["R"], expected, rtol=1e-9, atol=1e-10)
+    compiled = compile_explainer(G.load(model), dsl.parse(rules_text(body), source="t.rules"), seed_mode=True)
+    split = [n.op_type for n in compiled.model.graph.node if n.op_type in ("Relu", "Min") and "x_relu" in n.input]
+    assert split == []
 
 def test_alpha1_beta0_is_zplus_on_nonnegative_inputs():
     """For inputs ≥ 0 (after a Relu) αβ(1, 0) and z⁺ coincide; for negative inputs z⁺ gives

@@ -104,6 +104,24 @@ def _activation(ctx, variant) -> str:
     return ctx.node.inputs[variant.activation_index]
 
 
+#: ops whose output is ≥ 0 where their inputs are (pooling a ReLU's output, moving it, joining such)
+_KEEP_SIGN = frozenset({"MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Flatten",
+                        "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze"})
+
+
+def _known_nonnegative(ctx, x: str) -> bool:
+    """Is ``x`` a ReLU's output, or one pooled, moved or joined by ``_KEEP_SIGN`` ops? Then ``x⁺ = x``
+    and ``x⁻ = 0``: the sign split of zplus and alpha_beta is skipped, and the terms of ``x⁻``, which
+    are 0, are not computed."""
+    node = ctx.graph.producer.get(x)
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Relu":
+        return True
+    data = node.inputs if node.op_type == "Concat" else node.inputs[:1]   # a constant part is not known ≥ 0
+    return node.op_type in _KEEP_SIGN and all(_known_nonnegative(ctx, i) for i in data)
+
+
 def _relevance_only(ctx, name: str) -> None:
     """zB, flat and w² compute the input's relevance itself, not ``x ⊙ something``."""
     if ctx.quantity != "relevance":
@@ -128,7 +146,8 @@ def zplus(ctx) -> list[str | None]:
     can shift it alive (merge it into the convolution first, as Zennit's canonizers do).
     """
     positive = _weights(ctx, _positive_part)
-    x = ctx.tape.op("Relu", _activation(ctx, positive))
+    x = _activation(ctx, positive)
+    x = x if _known_nonnegative(ctx, x) else ctx.tape.op("Relu", x)
     relevance, share = _modified_gradient(ctx, [(x, positive)], _bias(ctx, _positive_bias), ctx.params["eps"])
     return _to_activation(ctx, positive, relevance, share)
 
@@ -169,12 +188,19 @@ def alpha_beta(ctx) -> list[str | None]:
     alpha, beta, eps = ctx.params["alpha"], ctx.params["beta"], ctx.params["eps"]
     positive, negative = _weights(ctx, _positive_part), _weights(ctx, _negative_part)
     x = _activation(ctx, positive)
-    x_pos, x_neg = t.op("Relu", x), t.op("Min", x, t.scalar(0.0))
-    r_pos, b_pos = _modified_gradient(ctx, [(x_pos, positive), (x_neg, negative)], _bias(ctx, _positive_bias), eps)
+    if _known_nonnegative(ctx, x):   # x⁻ = 0: its terms are 0
+        x_pos, x_neg = x, None
+    else:
+        x_pos, x_neg = t.op("Relu", x), t.op("Min", x, t.scalar(0.0))
+
+    def terms(first, second):
+        return [(x_pos, first)] + ([(x_neg, second)] if x_neg is not None else [])
+
+    r_pos, b_pos = _modified_gradient(ctx, terms(positive, negative), _bias(ctx, _positive_bias), eps)
     relevance = t.op("Mul", t.scalar(alpha), r_pos)
     share = None if b_pos is None else t.op("Mul", t.scalar(alpha), b_pos)
     if beta > 0:
-        r_neg, b_neg = _modified_gradient(ctx, [(x_pos, negative), (x_neg, positive)], _bias(ctx, _negative_bias), eps)
+        r_neg, b_neg = _modified_gradient(ctx, terms(negative, positive), _bias(ctx, _negative_bias), eps)
         relevance = t.op("Sub", relevance, t.op("Mul", t.scalar(beta), r_neg))
         if share is not None:
             share = t.op("Sub", share, t.op("Mul", t.scalar(beta), b_neg))
