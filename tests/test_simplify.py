@@ -150,3 +150,45 @@ def test_a_relevance_read_elsewhere_keeps_its_value(monkeypatch):
     want = Explainer(path, "lrp-epsilon").explain(x, target=1, at=[relu])
     a = want.at_numbers[relu]
     assert np.abs(got.at_numbers[relu] - a).max() <= 1e-6 * np.abs(a).max()
+
+
+def _pooled_cnn():
+    """x[2,2,8,8] -> Conv -> Relu -> MaxPool(3, stride 2, pad 1: overlapping windows) -> Conv ->
+    Relu -> MaxPool(2) -> Flatten -> Gemm -> y[2,3]; zero biases and a zero image give windows of
+    tied zeros."""
+    rng = np.random.default_rng(11)
+    w1, w2, w3 = rng.normal(size=(3, 2, 3, 3)), rng.normal(size=(4, 3, 3, 3)), rng.normal(size=(3, 16))
+    b1, b2, b3 = np.array([0.0, 0.2, -0.3]), np.zeros(4), rng.normal(size=3) * 0.1
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["z1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["z1"], ["a1"]),
+             helper.make_node("MaxPool", ["a1"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["p1", "w2", "b2"], ["z2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["z2"], ["a2"]),
+             helper.make_node("MaxPool", ["a2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p2"], ["f"]),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1)]
+    return make_model(nodes, {"x": [2, 2, 8, 8]}, {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": w3, "b3": b3})
+
+
+def test_pooled_relu_denominators(monkeypatch):
+    """A ReLU before a MaxPool: the relevance at its input is MaxPool's scatter, which vanishes where
+    the ReLU's output does, so only the denominator changes; float64, ties of zeros included, the
+    same numbers as the unrewritten pass, and no stabilizer left on either ReLU's input."""
+    from rulegraph.backward import ops as G
+    from rulegraph.compile.build import compile_explainer
+    from rulegraph.run import rulefiles as dsl
+
+    model = _pooled_cnn()
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 2, 8, 8))
+    x[1] = 0.0
+    seed = rng.normal(size=(2, 3))
+    rules = RULES + "max -> gradient\nroute -> gradient\n"
+    compiled = compile_explainer(G.load(model), dsl.parse(rules, source="t.rules"), seed_mode=True)
+    stabilized = [n.input[0] for n in compiled.model.graph.node if n.op_type == "GreaterOrEqual"]
+    assert "z1" not in stabilized and "z2" not in stabilized
+    got = seeded_pass(model, rules, x, seed)
+    _without_rewrite(monkeypatch)
+    want = seeded_pass(model, rules, x, seed)
+    assert np.abs(got["R"] - want["R"]).max() <= 1e-12 * np.abs(want["R"]).max()
+    assert np.abs(got["bias_total"] - want["bias_total"]).max() <= 1e-12 * np.abs(want["bias_total"]).max()

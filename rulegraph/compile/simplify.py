@@ -20,6 +20,12 @@ the emitted graph, so every rule file gets them where the pattern holds and noth
 it does not. The numbers differ from the unrewritten pass by rounding alone (the same real value,
 the products and quotient taken in another order).
 
+**ReLU denominators.** Where the relevance at ``z`` is not such a product but still vanishes
+wherever ``a = Relu(z)`` does (MaxPool's backward scatters ``p ⊙ c`` onto the arg-max positions,
+and ``p``, the pooled ``a``, is ``a`` there), the denominator alone is replaced:
+``n / (z + ε·sign z) = n / (a + ε)``, one pass over ``a`` instead of the stabilizer's four over
+``z`` (where ``a > 0`` both are ``z + ε``; elsewhere ``n = 0``).
+
 The rewrite depends on the rules' graph alone, not on what else the explainer outputs: where a
 term or the relevance itself is also read elsewhere (a per-node sum of ``rulegraph check``, an
 ``at=`` output), it is still computed for that reader, and the map is the same number for number
@@ -35,7 +41,8 @@ from ..backward.emit import Tape
 
 def epsilon_ratios(graph: onnx.GraphProto, tape: Tape) -> int:
     """Rewrite each ``(Σₖ f ⊙ cₖ) / blip(z, ε)`` in ``graph`` (the assembled explainer) with
-    ``f = z`` or ``f = Relu(z)`` to ``(Σₖ cₖ) ⊙ |f| / (|f| + ε)`` (``Relu(z)`` needs no ``Abs``);
+    ``f = z`` or ``f = Relu(z)`` to ``(Σₖ cₖ) ⊙ |f| / (|f| + ε)`` (``Relu(z)`` needs no ``Abs``),
+    and each ``n / blip(z, ε)`` whose ``n`` vanishes where ``a = Relu(z)`` does to ``n / (a + ε)``;
     returns how many were rewritten. The nodes left unread are dropped by ``build.prune``."""
     if not tape.blips:
         return 0
@@ -51,11 +58,15 @@ def epsilon_ratios(graph: onnx.GraphProto, tape: Tape) -> int:
             continue
         f, eps, factors = found
         first, tape.context = len(tape.nodes), tape.origins.get(node.output[0], "")
-        size = f if f in relu_outputs else tape.op("Abs", f)
-        ratio = tape.op("Div", size, tape.op("Add", size, tape.scalar(eps)))
-        total = tape.sum(factors)
+        if factors is None:   # the denominator alone
+            replaced = onnx.helper.make_node("Div", [node.input[0], tape.op("Add", f, tape.scalar(eps))],
+                                             [node.output[0]], name=node.name)
+        else:
+            size = f if f in relu_outputs else tape.op("Abs", f)
+            ratio = tape.op("Div", size, tape.op("Add", size, tape.scalar(eps)))
+            replaced = onnx.helper.make_node("Mul", [tape.sum(factors), ratio], [node.output[0]], name=node.name)
         nodes.extend(tape.nodes[first:])
-        nodes.append(onnx.helper.make_node("Mul", [total, ratio], [node.output[0]], name=node.name))
+        nodes.append(replaced)
         rewritten += 1
     tape.context = ""
     if rewritten:
@@ -68,7 +79,8 @@ def epsilon_ratios(graph: onnx.GraphProto, tape: Tape) -> int:
 def _match(node, blips, relu_of, producer):
     """``(f, ε, [c₁, ...])`` where ``node`` is ``Div(Σₖ f ⊙ cₖ, blip(z, ε))`` with ``f`` the same
     ``z`` or ``Relu(z)`` in every product (the sum a Sum or an Add of products, or one product);
-    else None."""
+    ``(a, ε, None)`` where each term is such a product with ``a = Relu(z)`` or MaxPool's scatter
+    of a product with ``a``'s pooled values (``_pooled_product``); else None."""
     if node.op_type != "Div" or node.domain not in ("", "ai.onnx") or node.input[1] not in blips:
         return None
     z, eps = blips[node.input[1]]
@@ -83,6 +95,10 @@ def _match(node, blips, relu_of, producer):
         factors = [_other_factor(producer.get(term), f) for term in terms] if f else [None]
         if None not in factors:
             return f, eps, factors
+    a = relu_of.get(z)
+    if a is not None and all(_other_factor(producer.get(term), a) is not None or _pooled_product(term, a, producer)
+                             for term in terms):
+        return a, eps, None
     return None
 
 
@@ -91,3 +107,53 @@ def _other_factor(product, f: str) -> str | None:
     if product is None or product.op_type != "Mul" or product.domain not in ("", "ai.onnx") or f not in product.input:
         return None
     return product.input[1] if product.input[0] == f else product.input[0]
+
+
+#: ops that change a tensor's shape and keep its elements in order (row-major)
+_RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def _pooled_product(term: str, a: str, producer) -> bool:
+    """Is ``term`` MaxPool's backward (``vjp.py``, ``_scatter_back``) of products ``q ⊙ c`` (or
+    their sum) whose ``q`` is the pool's output ``p = MaxPool(a)`` (reshaped or not), scattered onto
+    the flat arg-max indices of that same pool in a zero tensor? Then each number lands where ``a``
+    equals its ``p``, and the result vanishes where ``a`` does."""
+    scatter = producer.get(_through(term, producer))
+    if scatter is None or scatter.op_type != "ScatterElements" or len(scatter.input) != 3:
+        return False
+    zeros = producer.get(_through(scatter.input[0], producer))
+    if zeros is None or zeros.op_type != "ConstantOfShape" or not _zero_fill(zeros):
+        return False
+    pool = producer.get(_through(scatter.input[1], producer))
+    if pool is None or pool.op_type != "MaxPool" or pool.input[0] != a or len(pool.output) < 2:
+        return False
+    if _through(scatter.input[1], producer) != pool.output[1]:
+        return False
+    return _times(scatter.input[2], pool.output[0], producer)
+
+
+def _times(name: str, p: str, producer) -> bool:
+    """Is ``name`` (through ``_RESHAPES``) a product with ``p`` (reshaped or not), or a sum of such?"""
+    node = producer.get(_through(name, producer))
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Mul":
+        return any(_through(q, producer) == p for q in node.input)
+    return node.op_type in ("Sum", "Add") and all(_times(term, p, producer) for term in node.input)
+
+
+def _through(name: str, producer) -> str:
+    """``name`` followed back through ``_RESHAPES`` to the tensor they reshape."""
+    node = producer.get(name)
+    while node is not None and node.op_type in _RESHAPES and node.domain in ("", "ai.onnx"):
+        name = node.input[0]
+        node = producer.get(name)
+    return name
+
+
+def _zero_fill(node) -> bool:
+    """Does this ConstantOfShape fill with 0 (its default)?"""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return not onnx.numpy_helper.to_array(attr.t).any()
+    return True
