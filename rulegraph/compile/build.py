@@ -43,7 +43,7 @@ from ..backward.vjp import VjpContext
 from ..errors import CoverageError, InternalError, ModelError, RulegraphError
 from ..graph import large
 from ..graph.model_check import SEED, TARGET, checkable, explainer_metadata
-from ..graph.read import Graph, Node
+from ..graph.read import Graph, Node, sort_nodes
 from ..lang.ruleset import RuleSet
 from . import mixed, simplify
 from .context import RuleContext
@@ -475,7 +475,8 @@ def _assemble(graph: Graph, tape: Tape, extra_outputs, outputs: dict[str, list |
             dims = shape if shape is not None else []
             g.output.append(helper.make_tensor_value_info(name, elem, dims))
             existing.add(name)
-    simplify.epsilon_ratios(g, tape)
+    if simplify.epsilon_ratios(g, tape):
+        sort_nodes(model)
     prune(model)
     model.metadata_props.append(explainer_metadata([o.name for o in graph.model.graph.output]))
     try:

@@ -43,7 +43,9 @@ def epsilon_ratios(graph: onnx.GraphProto, tape: Tape) -> int:
     """Rewrite each ``(Σₖ f ⊙ cₖ) / blip(z, ε)`` in ``graph`` (the assembled explainer) with
     ``f = z`` or ``f = Relu(z)`` to ``(Σₖ cₖ) ⊙ |f| / (|f| + ε)`` (``Relu(z)`` needs no ``Abs``),
     and each ``n / blip(z, ε)`` whose ``n`` vanishes where ``a = Relu(z)`` does to ``n / (a + ε)``;
-    returns how many were rewritten. The nodes left unread are dropped by ``build.prune``."""
+    returns how many were rewritten. The nodes left unread are dropped by ``build.prune``. A
+    rewritten quotient may read a node the tape had made later (the tape shares equal nodes), so
+    the caller sorts a rewritten graph (``read.sort_nodes``)."""
     if not tape.blips:
         return 0
     producer = {o: n for n in graph.node for o in n.output if o}
@@ -91,11 +93,11 @@ def _match(node, blips, relu_of, producer):
     summed = producer.get(numerator)
     if summed is not None and summed.op_type in ("Sum", "Add"):
         terms = list(summed.input)
-    for f in (z, relu_of.get(z)):
-        factors = [_other_factor(producer.get(term), f) for term in terms] if f else [None]
+    a = relu_of.get(z)
+    for f in (z, a) if a is not None else (z,):
+        factors = [_other_factor(producer.get(term), f) for term in terms]
         if None not in factors:
             return f, eps, factors
-    a = relu_of.get(z)
     if a is not None and all(_other_factor(producer.get(term), a) is not None or _pooled_product(term, a, producer)
                              for term in terms):
         return a, eps, None
